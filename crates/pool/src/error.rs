@@ -1,0 +1,357 @@
+//! One error type for the engine. Every variant a user can cause carries a
+//! sentence saying what to do, and maps to a documented exit code
+//! ([`Error::exit_code`]); kernel errors keep their errno matchable.
+
+use std::{io, path::PathBuf};
+
+/// The engine's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Exit codes of the `thinlayer` binary (documented in README.md).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// The operation failed: a kernel, tool or I/O error.
+    pub const FAILED: i32 = 1;
+    /// Bad usage or input: flags, sizes, names.
+    pub const USAGE: i32 = 2;
+    /// No such pool or layer.
+    pub const NOT_FOUND: i32 = 3;
+    /// Conflict: exists already, has children, mounted, busy, locked.
+    pub const CONFLICT: i32 = 4;
+    /// The host cannot do it: not root, no device-mapper, no dm-thin, no tool.
+    pub const ENVIRONMENT: i32 = 5;
+    /// The pool (or the filesystem under it) is out of space.
+    pub const NO_SPACE: i32 = 6;
+    /// The records or the pool metadata are damaged.
+    pub const DAMAGED: i32 = 7;
+}
+
+/// Everything that can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller is not root.
+    #[error(
+        "thinlayer must run as root to manage device-mapper and loop devices; run it with sudo"
+    )]
+    NotRoot,
+
+    /// The kernel has no device-mapper at all.
+    #[error(
+        "this kernel has no device-mapper ({detail}); load it with `modprobe dm-thin-pool`, \
+         or on a host without it run thinlayer inside the project's VM: `tools/vm/run thinlayer ...`"
+    )]
+    NoDeviceMapper {
+        /// What was tried and how it failed.
+        detail: String,
+    },
+
+    /// device-mapper is there, the thin-pool target is not.
+    #[error(
+        "this kernel's device-mapper has no thin-pool target; load it with `modprobe dm-thin-pool`, \
+         or run thinlayer inside the project's VM: `tools/vm/run thinlayer ...`"
+    )]
+    NoThinPool,
+
+    /// A program thinlayer runs is not installed.
+    #[error("`{tool}` is not installed or not on PATH; install {package} (tools/setup does)")]
+    ToolMissing {
+        /// The program.
+        tool: String,
+        /// The Debian package that has it.
+        package: String,
+    },
+
+    /// A program thinlayer ran failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Tool {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// The tail of what it printed.
+        stderr: String,
+    },
+
+    /// A size flag is malformed or out of range.
+    #[error("bad size `{input}`: {reason}")]
+    InvalidSize {
+        /// What the user gave.
+        input: String,
+        /// The rule it broke.
+        reason: String,
+    },
+
+    /// A name or id is malformed.
+    #[error("bad name `{name}`: {reason}")]
+    InvalidName {
+        /// What the user gave.
+        name: String,
+        /// The rule it broke.
+        reason: String,
+    },
+
+    /// Any other bad argument.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// `pool create` on a root that already has a pool.
+    #[error(
+        "a pool already exists under {root}; use it, or remove it first with `thinlayer --root {root} pool destroy`"
+    )]
+    PoolExists {
+        /// The root directory.
+        root: PathBuf,
+    },
+
+    /// No pool under the root.
+    #[error("no pool under {root}; create one with `thinlayer --root {root} pool create`")]
+    NoPool {
+        /// The root directory.
+        root: PathBuf,
+    },
+
+    /// The pool exists but its devices are not active.
+    #[error(
+        "the pool under {root} is not active; bring it up with `thinlayer --root {root} pool activate`"
+    )]
+    PoolInactive {
+        /// The root directory.
+        root: PathBuf,
+    },
+
+    /// A layer id is taken.
+    #[error(
+        "layer `{0}` already exists; pick another id or remove it with `thinlayer layer rm {0}`"
+    )]
+    LayerExists(String),
+
+    /// No such layer.
+    #[error("no layer `{0}`; `thinlayer layer ls` lists them")]
+    UnknownLayer(String),
+
+    /// The layer has children.
+    #[error("layer `{id}` has children ({children}); remove them first")]
+    HasChildren {
+        /// The layer.
+        id: String,
+        /// Its children's ids.
+        children: String,
+    },
+
+    /// The layer (or pool) is mounted.
+    #[error("{what} is mounted at {mountpoints}; unmount it first with `thinlayer umount {hint}`")]
+    Mounted {
+        /// What is mounted.
+        what: String,
+        /// Where.
+        mountpoints: String,
+        /// What to pass to `thinlayer umount`.
+        hint: String,
+    },
+
+    /// A device is open or in use by someone.
+    #[error("{what} is busy: {detail}")]
+    Busy {
+        /// The device.
+        what: String,
+        /// Who holds it, as far as can be told, and what to do.
+        detail: String,
+    },
+
+    /// Another thinlayer process holds the root's lock.
+    #[error(
+        "another thinlayer command is working on {root} (lock {lock}); wait for it, or pass --wait to queue"
+    )]
+    Locked {
+        /// The root.
+        root: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+
+    /// The pool is out of data or metadata space.
+    #[error(
+        "the pool is out of {what} space ({detail}); grow it with `thinlayer pool extend`, or remove layers"
+    )]
+    NoSpace {
+        /// `data` or `metadata`.
+        what: String,
+        /// Used/total figures.
+        detail: String,
+    },
+
+    /// A record failed to load: checksum, version or parse.
+    #[error("record {path} is damaged: {reason}")]
+    Record {
+        /// The record file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// `thin_check` found the pool metadata damaged.
+    #[error(
+        "the pool metadata {path} failed thin_check: {detail}; repair it with `thinlayer pool repair` (the damaged copy is kept)"
+    )]
+    MetadataDamaged {
+        /// The metadata file.
+        path: PathBuf,
+        /// thin_check's words.
+        detail: String,
+    },
+
+    /// The records and the kernel disagree in a way the engine will not guess about.
+    #[error("records and kernel disagree: {0}")]
+    Inconsistent(String),
+
+    /// An I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, on which path.
+        context: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A device-mapper call failed.
+    #[error("device-mapper: {context}: {source}")]
+    Dm {
+        /// What was being done.
+        context: String,
+        /// The crate's error.
+        #[source]
+        source: devicemapper::DmError,
+    },
+
+    /// A step failed and undoing it failed too: both are reported.
+    #[error("{error}; undoing it also failed: {undo}")]
+    Rollback {
+        /// The first error.
+        error: Box<Error>,
+        /// The undo's error.
+        undo: Box<Error>,
+    },
+}
+
+impl Error {
+    /// The exit code the binary uses for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::NotRoot
+            | Error::NoDeviceMapper { .. }
+            | Error::NoThinPool
+            | Error::ToolMissing { .. } => exit::ENVIRONMENT,
+            Error::InvalidSize { .. } | Error::InvalidName { .. } | Error::InvalidArgument(_) => {
+                exit::USAGE
+            }
+            Error::NoPool { .. } | Error::UnknownLayer(_) => exit::NOT_FOUND,
+            Error::PoolExists { .. }
+            | Error::PoolInactive { .. }
+            | Error::LayerExists(_)
+            | Error::HasChildren { .. }
+            | Error::Mounted { .. }
+            | Error::Busy { .. }
+            | Error::Locked { .. } => exit::CONFLICT,
+            Error::NoSpace { .. } => exit::NO_SPACE,
+            Error::Record { .. } | Error::MetadataDamaged { .. } | Error::Inconsistent(_) => {
+                exit::DAMAGED
+            }
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc_enospc()) => {
+                exit::NO_SPACE
+            }
+            Error::Rollback { error, .. } => error.exit_code(),
+            Error::Tool { .. } | Error::Io { .. } | Error::Dm { .. } => exit::FAILED,
+        }
+    }
+
+    /// The errno of a failed device-mapper ioctl, if that is what this is.
+    pub fn dm_errno(&self) -> Option<nix::errno::Errno> {
+        match self {
+            Error::Dm {
+                source: devicemapper::DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, e)),
+                ..
+            } => Some(**e),
+            _ => None,
+        }
+    }
+}
+
+fn libc_enospc() -> i32 {
+    nix::errno::Errno::ENOSPC as i32
+}
+
+/// Adds context to an `io::Result`.
+pub trait IoContext<T> {
+    /// Wraps the error with `context()`'s text.
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
+    }
+}
+
+/// Adds context to a `DmResult`.
+pub trait DmContext<T> {
+    /// Wraps the error with `context()`'s text.
+    fn dm_ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> DmContext<T> for devicemapper::DmResult<T> {
+    fn dm_ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error::Dm {
+            context: context(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_errors_say_how_to_get_dm() {
+        let e = Error::NoDeviceMapper {
+            detail: "no /dev/mapper/control".into(),
+        };
+        assert_eq!(e.exit_code(), exit::ENVIRONMENT);
+        assert!(e.to_string().contains("tools/vm/run"));
+        assert!(
+            Error::NoThinPool
+                .to_string()
+                .contains("modprobe dm-thin-pool")
+        );
+    }
+
+    #[test]
+    fn codes_are_distinct_per_family() {
+        let codes = [
+            Error::InvalidArgument("x".into()).exit_code(),
+            Error::UnknownLayer("x".into()).exit_code(),
+            Error::LayerExists("x".into()).exit_code(),
+            Error::NotRoot.exit_code(),
+            Error::NoSpace {
+                what: "data".into(),
+                detail: String::new(),
+            }
+            .exit_code(),
+            Error::Inconsistent("x".into()).exit_code(),
+        ];
+        let mut sorted = codes.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), codes.len());
+        let enospc = Error::Io {
+            context: "write".into(),
+            source: io::Error::from_raw_os_error(libc_enospc()),
+        };
+        assert_eq!(enospc.exit_code(), exit::NO_SPACE);
+    }
+}

@@ -1,0 +1,408 @@
+//! Layers: thin snapshots of a parent layer or of the pool's base device.
+//!
+//! A layer's thin device is in the kernel only while it is mounted (or
+//! being snapshotted from a mounted state): `mount` activates it, `umount`
+//! tears it down. So snapshotting an unmounted parent is one pool message,
+//! with no suspend, and the kernel's device list holds only what is in use.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+use crate::{
+    error::{Error, IoContext, Result},
+    kernel, mounts,
+    names::{self, Role},
+    pool::{Action, LayerRecord, Pending, Pool, RECORD_LAYER, now_unix},
+    record,
+};
+
+/// A layer as `layer ls` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerInfo {
+    /// The layer id.
+    pub id: String,
+    /// Its parent, if not the base device.
+    pub parent: Option<String>,
+    /// Its thin id in the pool.
+    pub thin_id: u32,
+    /// Its device node while active.
+    pub devnode: Option<PathBuf>,
+    /// Where it is mounted.
+    pub mountpoints: Vec<PathBuf>,
+    /// Bytes its thin device maps, own and shared (only while active).
+    pub mapped_bytes: Option<u64>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+}
+
+impl Pool {
+    /// Every layer record, ordered by thin id (creation order).
+    ///
+    /// # Errors
+    /// I/O and damaged-record errors.
+    pub fn layer_records(&self) -> Result<Vec<LayerRecord>> {
+        let dir = self.layout().layers_dir();
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).ctx(|| format!("list {}", dir.display())),
+        };
+        for entry in entries {
+            let path = entry.ctx(|| format!("list {}", dir.display()))?.path();
+            if path.extension().is_some_and(|e| e == "rec") {
+                out.push(record::read::<LayerRecord>(&path, RECORD_LAYER)?);
+            }
+        }
+        out.sort_by_key(|l| l.thin_id);
+        Ok(out)
+    }
+
+    /// The record of layer `id`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::InvalidName`], damaged records.
+    pub fn layer(&self, id: &str) -> Result<LayerRecord> {
+        names::check_id("layer", id)?;
+        let path = self.layout().layer_record(id);
+        match record::read(&path, RECORD_LAYER) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::UnknownLayer(id.to_owned()))
+            }
+            r => r,
+        }
+    }
+
+    /// Layers with their kernel state (active device, mounts, mapped bytes).
+    ///
+    /// # Errors
+    /// Environment, kernel and record errors.
+    pub fn layers(&mut self) -> Result<Vec<LayerInfo>> {
+        let records = self.layer_records()?;
+        let active = self.pool_device()?.is_some();
+        let prefix = names::name_prefix(&self.record().pool_id);
+        let present = if active {
+            self.kernel()?.names_with_prefix(&prefix)?
+        } else {
+            Default::default()
+        };
+        let all_mounts = if present.is_empty() {
+            Vec::new()
+        } else {
+            mounts::all()?
+        };
+        let mut out = Vec::with_capacity(records.len());
+        for l in records {
+            let name = self.name(Role::Thin(l.thin_id));
+            let (devnode, mountpoints, mapped_bytes) = if present.contains(&name.to_string()) {
+                let kernel = self.kernel()?;
+                match kernel.device(&name)? {
+                    Some(dev) => (
+                        Some(kernel::devnode(dev)),
+                        all_mounts
+                            .iter()
+                            .filter(|m| m.device == dev)
+                            .map(|m| m.mountpoint.clone())
+                            .collect(),
+                        kernel
+                            .thin_mapped_sectors(&name)?
+                            .map(|s| s * crate::units::SECTOR),
+                    ),
+                    None => (None, Vec::new(), None),
+                }
+            } else {
+                (None, Vec::new(), None)
+            };
+            out.push(LayerInfo {
+                id: l.id,
+                parent: l.parent,
+                thin_id: l.thin_id,
+                devnode,
+                mountpoints,
+                mapped_bytes,
+                created_unix: l.created_unix,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Refuses when the pool cannot take a new thin device: out of data
+    /// space, metadata nearly full, or read-only.
+    fn check_space(&mut self) -> Result<()> {
+        let pool = self.name(Role::Pool);
+        let w = self.kernel()?.pool_status(&pool)?;
+        let (used_d, total_d) = (w.usage.used_data.0, w.usage.total_data.0);
+        let (used_m, total_m) = (w.usage.used_meta.0, w.usage.total_meta.0);
+        if w.summary != devicemapper::ThinPoolStatusSummary::Good || used_d >= total_d {
+            return Err(Error::NoSpace {
+                what: "data".into(),
+                detail: format!("{used_d} of {total_d} blocks used, mode {:?}", w.summary),
+            });
+        }
+        // A snapshot needs a few metadata blocks; keep 1% spare for the kernel.
+        if (used_m + 8) * 100 >= total_m * 99 {
+            return Err(Error::NoSpace {
+                what: "metadata".into(),
+                detail: format!("{used_m} of {total_m} blocks used"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates layer `id` as a thin snapshot of `parent` (or of the base
+    /// device): copy-on-write at the pool's block size.
+    ///
+    /// # Errors
+    /// [`Error::LayerExists`], [`Error::UnknownLayer`] (parent),
+    /// [`Error::NoSpace`], [`Error::PoolInactive`], kernel errors.
+    pub fn create_layer(&mut self, id: &str, parent: Option<&str>) -> Result<LayerRecord> {
+        names::check_id("layer", id)?;
+        if self.layout().layer_record(id).exists() {
+            return Err(Error::LayerExists(id.to_owned()));
+        }
+        let origin = match parent {
+            Some(p) => self.layer(p)?.thin_id,
+            None => self.record().base_thin_id,
+        };
+        self.require_active()?;
+        self.recover()?;
+        self.check_space()?;
+
+        let t = self.record().transaction_id;
+        let thin_id = self.record().next_thin_id;
+        kernel::thin_id_of(thin_id)?;
+        let pool = self.name(Role::Pool);
+        let origin_name = self.name(Role::Thin(origin));
+        self.begin(Pending::CreateLayer {
+            id: id.to_owned(),
+            thin_id,
+            parent: parent.map(str::to_owned),
+        })?;
+
+        let kernel = self.kernel()?;
+        let origin_active = kernel.device(&origin_name)?.is_some();
+        let made = kernel
+            .create_snap(
+                &pool,
+                thin_id,
+                origin,
+                origin_active.then_some(&*origin_name),
+            )
+            .and_then(|()| {
+                kernel.set_transaction_id(&pool, t, t + 1).map_err(|e| {
+                    match kernel.pool_message(&pool, &format!("delete {thin_id}")) {
+                        Ok(()) => e,
+                        Err(undo) => Error::Rollback {
+                            error: Box::new(e),
+                            undo: Box::new(undo),
+                        },
+                    }
+                })
+            });
+        if let Err(e) = made {
+            // Nothing reached the kernel's transaction: forget the intent.
+            // The thin id stays used up; ids are never handed out twice.
+            self.commit(t)?;
+            return Err(e);
+        }
+        let layer = LayerRecord {
+            id: id.to_owned(),
+            thin_id,
+            parent: parent.map(str::to_owned),
+            created_unix: now_unix(),
+        };
+        record::write(&self.layout().layer_record(id), RECORD_LAYER, &layer)?;
+        self.commit(t + 1)?;
+        Ok(layer)
+    }
+
+    /// Records `op` as begun and uses up a thin id if it makes one.
+    fn begin(&mut self, op: Pending) -> Result<()> {
+        let rec = self.record_mut();
+        if let Pending::CreateLayer { thin_id, .. } = op {
+            rec.next_thin_id = thin_id + 1;
+        }
+        rec.pending = Some(op);
+        self.write_record()
+    }
+
+    /// Removes layer `id`: its device, its thin id (the pool's blocks it
+    /// alone held go free), its record.
+    ///
+    /// # Errors
+    /// [`Error::HasChildren`], [`Error::Mounted`], [`Error::Busy`],
+    /// [`Error::UnknownLayer`], kernel errors.
+    pub fn remove_layer(&mut self, id: &str) -> Result<()> {
+        let layer = self.layer(id)?;
+        let children: Vec<String> = self
+            .layer_records()?
+            .into_iter()
+            .filter(|l| l.parent.as_deref() == Some(id))
+            .map(|l| l.id)
+            .collect();
+        if !children.is_empty() {
+            return Err(Error::HasChildren {
+                id: id.to_owned(),
+                children: children.join(", "),
+            });
+        }
+        self.require_active()?;
+        self.recover()?;
+        let name = self.name(Role::Thin(layer.thin_id));
+        if let Some(dev) = self.kernel()?.device(&name)? {
+            let points = mounts::mountpoints_of(dev)?;
+            if !points.is_empty() {
+                return Err(Error::Mounted {
+                    what: format!("layer `{id}`"),
+                    mountpoints: display_paths(&points),
+                    hint: id.to_owned(),
+                });
+            }
+            // Busy here (a process holds the device) fails before anything
+            // is recorded.
+            self.kernel()?.remove(&name)?;
+        }
+        let t = self.record().transaction_id;
+        self.begin(Pending::RemoveLayer {
+            id: id.to_owned(),
+            thin_id: layer.thin_id,
+        })?;
+        let pool = self.name(Role::Pool);
+        let kernel = self.kernel()?;
+        kernel.pool_message(&pool, &format!("delete {}", layer.thin_id))?;
+        kernel.set_transaction_id(&pool, t, t + 1)?;
+        record::remove(&self.layout().layer_record(id))?;
+        self.commit(t + 1)
+    }
+
+    /// Activates layer `id`'s thin device if needed and mounts it at `dir`
+    /// (created if missing). Returns the device node.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::PoolInactive`], mount errors.
+    pub fn mount_layer(
+        &mut self,
+        id: &str,
+        dir: &Path,
+        readonly: bool,
+    ) -> Result<(PathBuf, Action)> {
+        let layer = self.layer(id)?;
+        let pool_dev = self.require_active()?;
+        fs::create_dir_all(dir).ctx(|| format!("create mount point {}", dir.display()))?;
+        let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
+        let name = self.name(Role::Thin(layer.thin_id));
+        let uuid = self.uuid(Role::Thin(layer.thin_id));
+        let sectors = self.record().base_size.sectors();
+        let fs_type = self.record().fs;
+        let kernel = self.kernel()?;
+        let (dev, activated) = match kernel.device(&name)? {
+            Some(dev) => (dev, false),
+            None => (
+                kernel.activate_thin(&name, &uuid, pool_dev, layer.thin_id, sectors)?,
+                true,
+            ),
+        };
+        let node = kernel::devnode(dev);
+        if !activated && mounts::mountpoints_of(dev)?.contains(&dir) {
+            return Ok((node, Action::AlreadyDone));
+        }
+        if let Err(e) = mounts::mount(
+            &node,
+            &dir,
+            fs_type.name(),
+            readonly,
+            fs_type.mount_options(),
+        ) {
+            if activated {
+                if let Err(undo) = self.kernel()?.remove(&name) {
+                    return Err(Error::Rollback {
+                        error: Box::new(e),
+                        undo: Box::new(undo),
+                    });
+                }
+            }
+            return Err(e);
+        }
+        Ok((node, Action::Done))
+    }
+
+    /// Unmounts a layer (every mount of it) given its id, or one mount
+    /// given its directory; the layer's device is torn down once nothing
+    /// mounts it. Returns the directories unmounted.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`] when `target` is neither a layer nor a
+    /// mount of this pool; [`Error::Busy`].
+    pub fn umount(&mut self, target: &str) -> Result<Vec<PathBuf>> {
+        let by_id =
+            names::check_id("layer", target).is_ok() && self.layout().layer_record(target).exists();
+        let prefix = names::name_prefix(&self.record().pool_id);
+        let pool_id = self.record().pool_id.clone();
+        let kernel = self.kernel()?;
+        let mut ours = Vec::new();
+        for name in kernel.names_with_prefix(&prefix)? {
+            if let Some(Role::Thin(thin_id)) = names::parse_role(&pool_id, &name) {
+                let n = devicemapper::DmNameBuf::new(name).expect("valid: listed by the kernel");
+                if let Some(dev) = kernel.device(&n)? {
+                    ours.push((thin_id, n, dev));
+                }
+            }
+        }
+        let all = mounts::all()?;
+        let (selected, dirs): (Vec<_>, Vec<PathBuf>) = if by_id {
+            let thin_id = self.layer(target)?.thin_id;
+            let sel: Vec<_> = ours.into_iter().filter(|(t, ..)| *t == thin_id).collect();
+            let dirs = all
+                .iter()
+                .filter(|m| sel.iter().any(|(_, _, d)| *d == m.device))
+                .map(|m| m.mountpoint.clone())
+                .collect();
+            (sel, dirs)
+        } else {
+            let dir =
+                fs::canonicalize(target).map_err(|_| Error::UnknownLayer(target.to_owned()))?;
+            let Some(entry) = all.iter().rev().find(|m| m.mountpoint == dir) else {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not mounted; `thinlayer layer ls` shows the layers' mounts",
+                    dir.display()
+                )));
+            };
+            let sel: Vec<_> = ours
+                .into_iter()
+                .filter(|(.., d)| *d == entry.device)
+                .collect();
+            if sel.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a layer of this pool; unmount it with umount(8)",
+                    dir.display()
+                )));
+            }
+            (sel, vec![dir])
+        };
+        for d in dirs.iter().rev() {
+            mounts::umount(d)?;
+        }
+        let kernel = self.kernel()?;
+        for (_, name, dev) in selected {
+            if mounts::mountpoints_of(dev)?.is_empty() {
+                kernel.remove(&name)?;
+            }
+        }
+        Ok(dirs)
+    }
+
+    fn record_mut(&mut self) -> &mut crate::pool::PoolRecord {
+        self.record_mut_inner()
+    }
+}
+
+fn display_paths(p: &[PathBuf]) -> String {
+    p.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,30 @@
+//! thinlayer's engine: a device-mapper thin-pool whose data and metadata
+//! live in sparse loopback files, a formatted base thin device, and layers
+//! that are thin snapshots of their parents (copy-on-write at the pool's
+//! block size), with crash-safe records under a root directory.
+//!
+//! Data path: CLI -> [`Pool`] -> [`kernel`] (ioctls through the
+//! `devicemapper` crate) + [`record`] -> result. Kernel step first, record
+//! second; a failed record undoes the kernel step; an interrupted pair is
+//! settled by [`Pool::recover`] from the pool's transaction id.
+//!
+//! Never: a dmsetup process, a mocked kernel in a test that claims dm-thin
+//! behaviour, a thin id reused.
+
+pub mod cmd;
+pub mod error;
+pub mod kernel;
+mod layer;
+pub mod lock;
+pub mod loopback;
+pub mod mounts;
+pub mod names;
+pub mod pool;
+pub mod record;
+pub mod units;
+
+pub use error::{Error, Result, exit};
+pub use layer::LayerInfo;
+pub use lock::LockMode;
+pub use pool::{Action, CreateOptions, FsType, LayerRecord, Pool, PoolRecord, PoolStatus};
+pub use units::{BlockSize, Bytes};

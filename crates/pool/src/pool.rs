@@ -1,0 +1,988 @@
+//! The pool: a dm thin-pool over two sparse files (data and metadata) on
+//! loop devices, its base thin device, and its records under the root.
+//!
+//! ```text
+//! ROOT/pool.rec          the pool record (sizes, ids, transaction id, pending op)
+//! ROOT/layers/ID.rec     one record per layer
+//! ROOT/data.img          sparse data file      -> loop -> linear tl1-P-data
+//! ROOT/metadata.img      sparse metadata file  -> loop -> linear tl1-P-meta
+//!                                                   thin-pool tl1-P-pool
+//! ROOT/lock              flock(2) target
+//! ```
+//!
+//! Every change that touches both the kernel and the records is a small
+//! transaction tied to the pool's kernel transaction id: the intent is
+//! recorded first (`pending`), then the kernel steps run and move the
+//! kernel's id from T to T+1, then the records are committed at T+1. After
+//! a crash, [`Pool::recover`] compares the two ids and rolls the pending
+//! operation forward (kernel at T+1) or back (kernel at T).
+//!
+//! What must never happen: a thin id reused while the pool's metadata may
+//! still hold it (ids come from a counter that only grows); a record saying
+//! a layer exists whose thin id the kernel never created.
+
+use std::{
+    fs::{self, OpenOptions},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cmd::Tool,
+    error::{Error, IoContext, Result},
+    kernel::{self, Kernel, PoolSpec},
+    lock::{self, LockMode, RootLock},
+    loopback, mounts,
+    names::{self, PoolId, Role},
+    record,
+    units::{self, BlockSize, Bytes},
+};
+
+/// The filesystem on the base device, and so in every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    /// ext4, made with lazy inode tables that dm-thin reads back as zeros.
+    Ext4,
+    /// XFS; snapshots mount with `nouuid`.
+    Xfs,
+}
+
+impl FsType {
+    /// The kernel's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+
+    /// Mount options every thin device of this type gets.
+    ///
+    /// ext4: `noinit_itable` keeps the kernel from zeroing inode tables in
+    /// each snapshot (they read back as zeros from unprovisioned blocks).
+    /// XFS: `nouuid`, since a snapshot shares its origin's UUID.
+    pub fn mount_options(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "noinit_itable",
+            FsType::Xfs => "nouuid",
+        }
+    }
+
+    fn mkfs(self) -> Tool {
+        match self {
+            FsType::Ext4 => Tool::MkfsExt4,
+            FsType::Xfs => Tool::MkfsXfs,
+        }
+    }
+
+    /// The smallest base device the filesystem tools accept.
+    fn min_size(self) -> Bytes {
+        match self {
+            FsType::Ext4 => Bytes(16 << 20),
+            FsType::Xfs => Bytes(300 << 20),
+        }
+    }
+}
+
+impl std::str::FromStr for FsType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<FsType> {
+        match s {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown filesystem `{other}`; use ext4 or xfs"
+            ))),
+        }
+    }
+}
+
+/// What `pool create` was asked for.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Size of the sparse data file (the pool's capacity).
+    pub data_size: Bytes,
+    /// Size of the metadata file; defaulted from the data and block sizes.
+    pub metadata_size: Option<Bytes>,
+    /// The pool's block size: the copy-on-write unit.
+    pub block_size: BlockSize,
+    /// The filesystem of the base device.
+    pub fs: FsType,
+    /// Virtual size of the base device and so of every layer.
+    pub base_size: Bytes,
+    /// Percent of data or metadata used at which status warns.
+    pub low_water_percent: u8,
+}
+
+impl Default for CreateOptions {
+    fn default() -> CreateOptions {
+        CreateOptions {
+            data_size: Bytes(20 << 30),
+            metadata_size: None,
+            block_size: BlockSize::DEFAULT,
+            fs: FsType::Ext4,
+            base_size: Bytes(10 << 30),
+            low_water_percent: 80,
+        }
+    }
+}
+
+/// The pool record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PoolRecord {
+    /// The id in every dm name of this pool.
+    pub pool_id: PoolId,
+    /// Data file size.
+    pub data_size: Bytes,
+    /// Metadata file size.
+    pub metadata_size: Bytes,
+    /// Copy-on-write unit.
+    pub block_size: BlockSize,
+    /// Filesystem of the base device.
+    pub fs: FsType,
+    /// Virtual size of every thin device.
+    pub base_size: Bytes,
+    /// The base device's thin id.
+    pub base_thin_id: u32,
+    /// The next thin id to hand out; only grows.
+    pub next_thin_id: u32,
+    /// The kernel transaction id the records match.
+    pub transaction_id: u64,
+    /// Warn at this percent used.
+    pub low_water_percent: u8,
+    /// An operation begun and not yet committed.
+    #[serde(default)]
+    pub pending: Option<Pending>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+}
+
+/// An operation recorded as begun, for recovery after a crash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Pending {
+    /// `layer create`.
+    CreateLayer {
+        /// The layer id.
+        id: String,
+        /// Its thin id.
+        thin_id: u32,
+        /// Its parent layer.
+        parent: Option<String>,
+    },
+    /// `layer rm`.
+    RemoveLayer {
+        /// The layer id.
+        id: String,
+        /// Its thin id.
+        thin_id: u32,
+    },
+}
+
+/// A layer record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// The layer id.
+    pub id: String,
+    /// Its thin device id in the pool.
+    pub thin_id: u32,
+    /// The layer it snapshots; `None` for a snapshot of the base device.
+    pub parent: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+}
+
+/// What an idempotent verb did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// It changed something.
+    Done,
+    /// It was already so; no action taken.
+    AlreadyDone,
+}
+
+/// The paths under a root.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// The root directory.
+    pub root: PathBuf,
+}
+
+impl Layout {
+    /// `ROOT/pool.rec`.
+    pub fn pool_record(&self) -> PathBuf {
+        self.root.join("pool.rec")
+    }
+    /// `ROOT/layers`.
+    pub fn layers_dir(&self) -> PathBuf {
+        self.root.join("layers")
+    }
+    /// `ROOT/layers/ID.rec`.
+    pub fn layer_record(&self, id: &str) -> PathBuf {
+        self.layers_dir().join(format!("{id}.rec"))
+    }
+    /// `ROOT/data.img`.
+    pub fn data_file(&self) -> PathBuf {
+        self.root.join("data.img")
+    }
+    /// `ROOT/metadata.img`.
+    pub fn metadata_file(&self) -> PathBuf {
+        self.root.join("metadata.img")
+    }
+}
+
+/// An open pool: its record, loaded under the root's lock.
+pub struct Pool {
+    layout: Layout,
+    rec: PoolRecord,
+    kernel: Option<Kernel>,
+    _lock: RootLock,
+}
+
+pub(crate) const RECORD_POOL: &str = "pool";
+pub(crate) const RECORD_LAYER: &str = "layer";
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn check_create_options(o: &CreateOptions) -> Result<Bytes> {
+    let min_data = Bytes(o.block_size.bytes().0 * 16);
+    if o.data_size < min_data {
+        return Err(Error::InvalidSize {
+            input: o.data_size.to_string(),
+            reason: format!("the data size must hold at least 16 pool blocks ({min_data})"),
+        });
+    }
+    if o.base_size < o.fs.min_size() {
+        return Err(Error::InvalidSize {
+            input: o.base_size.to_string(),
+            reason: format!(
+                "{} needs a base device of at least {}",
+                o.fs.name(),
+                o.fs.min_size()
+            ),
+        });
+    }
+    if !o.base_size.0.is_multiple_of(4096) {
+        return Err(Error::InvalidSize {
+            input: o.base_size.to_string(),
+            reason: "the base size must be a multiple of 4K".into(),
+        });
+    }
+    if !(1..=99).contains(&o.low_water_percent) {
+        return Err(Error::InvalidArgument(format!(
+            "low-water mark {}% is out of range; use 1 to 99",
+            o.low_water_percent
+        )));
+    }
+    let meta = o
+        .metadata_size
+        .unwrap_or_else(|| units::default_metadata_size(o.data_size, o.block_size, 100_000));
+    if !(units::MIN_METADATA..=units::MAX_METADATA).contains(&meta.0) || !meta.0.is_multiple_of(4096) {
+        return Err(Error::InvalidSize {
+            input: meta.to_string(),
+            reason: format!(
+                "the metadata size must be a multiple of 4K from {} to {}",
+                Bytes(units::MIN_METADATA),
+                Bytes(units::MAX_METADATA)
+            ),
+        });
+    }
+    Ok(meta)
+}
+
+/// Undo steps collected while creating a pool, run in reverse on failure.
+struct Undo<'a> {
+    kernel: &'a Kernel,
+    devices: Vec<devicemapper::DmNameBuf>,
+    files: Vec<PathBuf>,
+}
+
+impl Undo<'_> {
+    fn run(self, error: Error) -> Error {
+        let mut failures = Vec::new();
+        for name in self.devices.iter().rev() {
+            if let Err(e) = self.kernel.remove_if_present(name) {
+                failures.push(e.to_string());
+            }
+        }
+        for f in self.files.iter().rev() {
+            if let Err(e) = fs::remove_file(f) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    failures.push(format!("remove {}: {e}", f.display()));
+                }
+            }
+        }
+        if failures.is_empty() {
+            error
+        } else {
+            Error::Rollback {
+                error: Box::new(error),
+                undo: Box::new(Error::Inconsistent(failures.join("; "))),
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Creates a pool under `root`: the sparse files, loop devices,
+    /// thin-pool and a formatted base device. Checks everything it can
+    /// (sizes, root, device-mapper, dm-thin, mkfs) before it creates
+    /// anything; a failure half-way removes what it made.
+    ///
+    /// # Errors
+    /// [`Error::PoolExists`], the environment errors, bad sizes, kernel and
+    /// tool errors.
+    pub fn create(root: &Path, opts: &CreateOptions, wait: bool) -> Result<Pool> {
+        let metadata_size = check_create_options(opts)?;
+        let kernel = Kernel::open()?;
+        opts.fs.mkfs().find()?;
+        Tool::ThinCheck.find()?;
+        let layout = Layout {
+            root: root.to_owned(),
+        };
+        if layout.pool_record().exists() {
+            return Err(Error::PoolExists {
+                root: root.to_owned(),
+            });
+        }
+        record::create_dir(root)?;
+        let lock = lock::lock(root, LockMode::Exclusive, wait)?;
+        if layout.pool_record().exists() {
+            return Err(Error::PoolExists {
+                root: root.to_owned(),
+            });
+        }
+        record::sweep_temp(root)?;
+        let data_size =
+            Bytes(opts.data_size.blocks_of(opts.block_size) * opts.block_size.bytes().0);
+        let rec = PoolRecord {
+            pool_id: PoolId::generate(&root.to_string_lossy()),
+            data_size,
+            metadata_size,
+            block_size: opts.block_size,
+            fs: opts.fs,
+            base_size: opts.base_size,
+            base_thin_id: 0,
+            next_thin_id: 1,
+            transaction_id: 1,
+            low_water_percent: opts.low_water_percent,
+            pending: None,
+            created_unix: now_unix(),
+        };
+        let mut undo = Undo {
+            kernel: &kernel,
+            devices: Vec::new(),
+            files: Vec::new(),
+        };
+        match Self::build(&kernel, &layout, &rec, &mut undo) {
+            Ok(()) => {}
+            Err(e) => return Err(undo.run(e)),
+        }
+        drop(undo);
+        Ok(Pool {
+            layout,
+            rec,
+            kernel: Some(kernel),
+            _lock: lock,
+        })
+    }
+
+    fn build(
+        kernel: &Kernel,
+        layout: &Layout,
+        rec: &PoolRecord,
+        undo: &mut Undo<'_>,
+    ) -> Result<()> {
+        for (file, size) in [
+            (layout.data_file(), rec.data_size),
+            (layout.metadata_file(), rec.metadata_size),
+        ] {
+            // create_new: never overwrite a file we did not make. A new file
+            // is all zeros, so the kernel formats fresh metadata (it keeps
+            // old metadata when the superblock is not zero).
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&file)
+                .ctx(|| format!("create {}", file.display()))?;
+            undo.files.push(file.clone());
+            f.set_len(size.0)
+                .and_then(|()| f.sync_all())
+                .ctx(|| format!("size {} to {size}", file.display()))?;
+        }
+        let (meta_dev, data_dev) = Self::start_pool(kernel, layout, rec, |name| {
+            undo.devices.push(name.to_owned());
+        })?;
+        let _ = (meta_dev, data_dev);
+        let pool = names::dm_name(&rec.pool_id, Role::Pool);
+        let pool_dev = kernel
+            .device(&pool)?
+            .ok_or_else(|| Error::Inconsistent(format!("{pool:?} vanished after creation")))?;
+        kernel.pool_message(&pool, &format!("create_thin {}", rec.base_thin_id))?;
+        let base = names::dm_name(&rec.pool_id, Role::Thin(rec.base_thin_id));
+        undo.devices.push(base.clone());
+        let dev = kernel.activate_thin(
+            &base,
+            &names::dm_uuid(&rec.pool_id, Role::Thin(rec.base_thin_id)),
+            pool_dev,
+            rec.base_thin_id,
+            rec.base_size.sectors(),
+        )?;
+        let node = kernel::devnode(dev);
+        match rec.fs {
+            FsType::Ext4 => rec.fs.mkfs().run(&[
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-b".as_ref(),
+                "4096".as_ref(),
+                "-E".as_ref(),
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1".as_ref(),
+                "-L".as_ref(),
+                "thinlayer".as_ref(),
+                node.as_os_str(),
+            ])?,
+            FsType::Xfs => rec.fs.mkfs().run(&[
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "-K".as_ref(),
+                "-L".as_ref(),
+                "thinlayer".as_ref(),
+                node.as_os_str(),
+            ])?,
+        };
+        kernel.remove(&base)?;
+        kernel.set_transaction_id(&pool, 0, rec.transaction_id)?;
+        record::create_dir(&layout.layers_dir())?;
+        undo.files.push(layout.pool_record());
+        record::write(&layout.pool_record(), RECORD_POOL, rec)
+    }
+
+    /// Loop devices, linear devices and the thin-pool from the record.
+    /// `made` is told the name of each dm device as it is created.
+    fn start_pool(
+        kernel: &Kernel,
+        layout: &Layout,
+        rec: &PoolRecord,
+        mut made: impl FnMut(&devicemapper::DmName),
+    ) -> Result<(devicemapper::Device, devicemapper::Device)> {
+        let id = &rec.pool_id;
+        let meta_loop = loopback::attach(&layout.metadata_file())?;
+        let data_loop = loopback::attach(&layout.data_file())?;
+        let meta_name = names::dm_name(id, Role::Meta);
+        let meta = kernel.create_linear(
+            &meta_name,
+            &names::dm_uuid(id, Role::Meta),
+            meta_loop.device,
+            rec.metadata_size.sectors(),
+        )?;
+        made(&meta_name);
+        let data_name = names::dm_name(id, Role::Data);
+        let data = kernel.create_linear(
+            &data_name,
+            &names::dm_uuid(id, Role::Data),
+            data_loop.device,
+            rec.data_size.sectors(),
+        )?;
+        made(&data_name);
+        let pool_name = names::dm_name(id, Role::Pool);
+        kernel.create_pool(
+            &pool_name,
+            &names::dm_uuid(id, Role::Pool),
+            &pool_spec(rec, meta, data),
+        )?;
+        made(&pool_name);
+        // The linear devices hold the loop devices open now; dropping our
+        // handles leaves autoclear to detach them when the pool goes.
+        drop((meta_loop, data_loop));
+        Ok((meta, data))
+    }
+
+    /// Opens the pool under `root`, taking the root's lock in `mode`.
+    ///
+    /// # Errors
+    /// [`Error::NoPool`], [`Error::Locked`], damaged records.
+    pub fn open(root: &Path, mode: LockMode, wait: bool) -> Result<Pool> {
+        let layout = Layout {
+            root: root.to_owned(),
+        };
+        if !layout.pool_record().exists() {
+            return Err(Error::NoPool {
+                root: root.to_owned(),
+            });
+        }
+        let lock = lock::lock(root, mode, wait)?;
+        let rec: PoolRecord = match record::read(&layout.pool_record(), RECORD_POOL) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                // Destroyed while we waited for the lock.
+                return Err(Error::NoPool {
+                    root: root.to_owned(),
+                });
+            }
+            r => r?,
+        };
+        if mode == LockMode::Exclusive {
+            record::sweep_temp(root)?;
+            record::sweep_temp(&layout.layers_dir())?;
+        }
+        Ok(Pool {
+            layout,
+            rec,
+            kernel: None,
+            _lock: lock,
+        })
+    }
+
+    /// The pool record as loaded.
+    pub fn record(&self) -> &PoolRecord {
+        &self.rec
+    }
+
+    /// The root's paths.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub(crate) fn kernel(&mut self) -> Result<&Kernel> {
+        if self.kernel.is_none() {
+            self.kernel = Some(Kernel::open()?);
+        }
+        Ok(self.kernel.as_ref().expect("set just above"))
+    }
+
+    pub(crate) fn name(&self, role: Role) -> devicemapper::DmNameBuf {
+        names::dm_name(&self.rec.pool_id, role)
+    }
+
+    pub(crate) fn uuid(&self, role: Role) -> devicemapper::DmUuidBuf {
+        names::dm_uuid(&self.rec.pool_id, role)
+    }
+
+    pub(crate) fn write_record(&self) -> Result<()> {
+        record::write(&self.layout.pool_record(), RECORD_POOL, &self.rec)
+    }
+
+    /// The pool device's number if it is active.
+    ///
+    /// # Errors
+    /// Environment and kernel errors.
+    pub fn pool_device(&mut self) -> Result<Option<devicemapper::Device>> {
+        let name = self.name(Role::Pool);
+        self.kernel()?.device(&name)
+    }
+
+    /// The pool device's number; an error that says how to activate when it
+    /// is not active.
+    ///
+    /// # Errors
+    /// [`Error::PoolInactive`], environment and kernel errors.
+    pub fn require_active(&mut self) -> Result<devicemapper::Device> {
+        self.pool_device()?.ok_or_else(|| Error::PoolInactive {
+            root: self.layout.root.clone(),
+        })
+    }
+
+    /// Brings the pool's loop and dm devices back from the records, after
+    /// `thin_check` passes on the metadata; then finishes any operation a
+    /// crash interrupted.
+    ///
+    /// # Errors
+    /// [`Error::MetadataDamaged`], environment and kernel errors.
+    pub fn activate(&mut self) -> Result<Action> {
+        if self.pool_device()?.is_some() {
+            self.recover()?;
+            return Ok(Action::AlreadyDone);
+        }
+        // Leftovers of an activation that died half-way.
+        let pool_id = self.rec.pool_id.clone();
+        let kernel = self.kernel()?;
+        for role in [Role::Data, Role::Meta] {
+            kernel.remove_if_present(&names::dm_name(&pool_id, role))?;
+        }
+        check_metadata(&self.layout.metadata_file())?;
+        let kernel = self.kernel.as_ref().expect("opened above");
+        let mut made = Vec::new();
+        let started =
+            Self::start_pool(kernel, &self.layout, &self.rec, |n| made.push(n.to_owned()));
+        if let Err(e) = started {
+            let undo = Undo {
+                kernel,
+                devices: made,
+                files: Vec::new(),
+            };
+            return Err(undo.run(e));
+        }
+        self.recover()?;
+        Ok(Action::Done)
+    }
+
+    /// Tears down every dm device of the pool and (by autoclear) its loop
+    /// devices, keeping all data. Refuses while any layer is mounted.
+    ///
+    /// # Errors
+    /// [`Error::Mounted`], [`Error::Busy`], kernel errors.
+    pub fn deactivate(&mut self) -> Result<Action> {
+        let prefix = names::name_prefix(&self.rec.pool_id);
+        let pool_id = self.rec.pool_id.clone();
+        let kernel = self.kernel()?;
+        let present = kernel.names_with_prefix(&prefix)?;
+        if present.is_empty() {
+            return Ok(Action::AlreadyDone);
+        }
+        let mut thins: Vec<(String, devicemapper::Device)> = Vec::new();
+        for name in &present {
+            if let Some(Role::Thin(_)) = names::parse_role(&pool_id, name) {
+                let dm_name = devicemapper::DmNameBuf::new(name.clone())
+                    .expect("listed by the kernel: a valid name");
+                if let Some(dev) = kernel.device(&dm_name)? {
+                    thins.push((name.clone(), dev));
+                }
+            }
+        }
+        let all = mounts::all()?;
+        let mounted: Vec<String> = all
+            .iter()
+            .filter(|m| thins.iter().any(|(_, d)| *d == m.device))
+            .map(|m| m.mountpoint.display().to_string())
+            .collect();
+        if !mounted.is_empty() {
+            return Err(Error::Mounted {
+                what: "a layer of this pool".into(),
+                mountpoints: mounted.join(", "),
+                hint: mounted[0].clone(),
+            });
+        }
+        for (name, _) in &thins {
+            let n =
+                devicemapper::DmNameBuf::new(name.clone()).expect("valid: listed by the kernel");
+            kernel.remove_if_present(&n)?;
+        }
+        for role in [Role::Pool, Role::Data, Role::Meta] {
+            kernel.remove_if_present(&names::dm_name(&pool_id, role))?;
+        }
+        Ok(Action::Done)
+    }
+
+    /// Removes the pool: its devices, files and records. Refuses while
+    /// layers exist unless `force`, which first unmounts every mount of the
+    /// pool's devices.
+    ///
+    /// # Errors
+    /// [`Error::HasChildren`] (layers remain), [`Error::Busy`], kernel errors.
+    pub fn destroy(mut self, force: bool) -> Result<()> {
+        let layers = self.layer_records()?;
+        if !layers.is_empty() && !force {
+            let ids: Vec<&str> = layers.iter().map(|l| l.id.as_str()).collect();
+            return Err(Error::HasChildren {
+                id: format!("the pool under {}", self.layout.root.display()),
+                children: format!(
+                    "{} layer(s): {}; remove them or pass --force",
+                    ids.len(),
+                    ids.join(", ")
+                ),
+            });
+        }
+        if force {
+            self.unmount_everything()?;
+        }
+        self.deactivate()?;
+        for l in &layers {
+            record::remove(&self.layout.layer_record(&l.id))?;
+        }
+        record::remove(&self.layout.pool_record())?;
+        for f in [self.layout.data_file(), self.layout.metadata_file()] {
+            record::remove(&f)?;
+        }
+        let _ = fs::remove_dir(self.layout.layers_dir());
+        let _ = fs::remove_file(self.layout.root.join("lock"));
+        // Only succeeds when nothing else lives in the root.
+        let _ = fs::remove_dir(&self.layout.root);
+        Ok(())
+    }
+
+    fn unmount_everything(&mut self) -> Result<()> {
+        let prefix = names::name_prefix(&self.rec.pool_id);
+        let kernel = self.kernel()?;
+        let mut devices = Vec::new();
+        for name in kernel.names_with_prefix(&prefix)? {
+            let n = devicemapper::DmNameBuf::new(name).expect("valid: listed by the kernel");
+            if let Some(d) = kernel.device(&n)? {
+                devices.push(d);
+            }
+        }
+        let mut points: Vec<PathBuf> = mounts::all()?
+            .into_iter()
+            .filter(|m| devices.contains(&m.device))
+            .map(|m| m.mountpoint)
+            .collect();
+        points.reverse();
+        for p in points {
+            mounts::umount(&p)?;
+        }
+        Ok(())
+    }
+
+    /// Finishes or undoes an operation a crash interrupted, by comparing
+    /// the kernel's transaction id with the record's; checks that the two
+    /// agree. Needs the pool active; a no-op when it is not.
+    ///
+    /// # Errors
+    /// [`Error::Inconsistent`] when the ids disagree in a way no pending
+    /// operation explains; kernel errors.
+    pub fn recover(&mut self) -> Result<()> {
+        if self.pool_device()?.is_none() {
+            return Ok(());
+        }
+        let pool = self.name(Role::Pool);
+        let t = self.rec.transaction_id;
+        let kt = self.kernel()?.pool_status(&pool)?.transaction_id;
+        match self.rec.pending.clone() {
+            None if kt == t => Ok(()),
+            None => Err(Error::Inconsistent(format!(
+                "the pool's kernel transaction id is {kt} but the records are at {t}: \
+                 the metadata or the records were replaced; run `thinlayer pool check`"
+            ))),
+            Some(Pending::CreateLayer {
+                id,
+                thin_id,
+                parent,
+            }) if kt == t + 1 => {
+                tracing::info!(%id, thin_id, "recovery: rolling layer create forward");
+                let layer = LayerRecord {
+                    id: id.clone(),
+                    thin_id,
+                    parent,
+                    created_unix: now_unix(),
+                };
+                record::write(&self.layout.layer_record(&id), RECORD_LAYER, &layer)?;
+                self.commit(t + 1)
+            }
+            Some(Pending::CreateLayer { id, thin_id, .. }) if kt == t => {
+                tracing::info!(%id, thin_id, "recovery: rolling layer create back");
+                let name = self.name(Role::Thin(thin_id));
+                let kernel = self.kernel()?;
+                kernel.remove_if_present(&name)?;
+                // The thin id may or may not have been made before the crash.
+                if let Err(e) = kernel.pool_message(&pool, &format!("delete {thin_id}")) {
+                    tracing::debug!(thin_id, error = %e, "thin id was not created");
+                }
+                record::remove(&self.layout.layer_record(&id))?;
+                self.commit(t)
+            }
+            Some(Pending::RemoveLayer { id, thin_id }) if kt == t || kt == t + 1 => {
+                tracing::info!(%id, thin_id, "recovery: finishing layer removal");
+                let name = self.name(Role::Thin(thin_id));
+                let kernel = self.kernel()?;
+                kernel.remove_if_present(&name)?;
+                if kt == t {
+                    if let Err(e) = kernel.pool_message(&pool, &format!("delete {thin_id}")) {
+                        tracing::debug!(thin_id, error = %e, "thin id was already deleted");
+                    }
+                    kernel.set_transaction_id(&pool, t, t + 1)?;
+                }
+                record::remove(&self.layout.layer_record(&id))?;
+                self.commit(t + 1)
+            }
+            Some(p) => Err(Error::Inconsistent(format!(
+                "an interrupted {p:?} left the kernel at transaction {kt} and the records at {t}; \
+                 run `thinlayer pool check`"
+            ))),
+        }
+    }
+
+    /// Records the pool at transaction `t` with nothing pending.
+    pub(crate) fn commit(&mut self, t: u64) -> Result<()> {
+        self.rec.transaction_id = t;
+        self.rec.pending = None;
+        self.write_record()
+    }
+
+    /// The pool's state: the record's figures, and the kernel's when active.
+    ///
+    /// # Errors
+    /// Environment and kernel errors.
+    pub fn status(&mut self) -> Result<PoolStatus> {
+        let layers = self.layer_records()?.len();
+        let active = self.pool_device()?.is_some();
+        let mut warnings = Vec::new();
+        let kernel_status = if active {
+            let pool = self.name(Role::Pool);
+            let prefix = names::name_prefix(&self.rec.pool_id);
+            let kernel = self.kernel()?;
+            let w = kernel.pool_status(&pool)?;
+            let active_thins = kernel
+                .names_with_prefix(&prefix)?
+                .iter()
+                .filter(|n| matches!(names::parse_role(&self.rec.pool_id, n), Some(Role::Thin(_))))
+                .count();
+            let k = KernelStatus {
+                transaction_id: w.transaction_id,
+                data_used_blocks: w.usage.used_data.0,
+                data_total_blocks: w.usage.total_data.0,
+                metadata_used_blocks: w.usage.used_meta.0,
+                metadata_total_blocks: w.usage.total_meta.0,
+                mode: match w.summary {
+                    devicemapper::ThinPoolStatusSummary::Good => "rw",
+                    devicemapper::ThinPoolStatusSummary::ReadOnly => "ro",
+                    devicemapper::ThinPoolStatusSummary::OutOfSpace => "out_of_data_space",
+                }
+                .into(),
+                needs_check: w.needs_check,
+                discard_passdown: w.discard_passdown,
+                error_if_no_space: w.no_space_policy == devicemapper::ThinPoolNoSpacePolicy::Error,
+                active_thin_devices: active_thins,
+            };
+            let pct = u64::from(self.rec.low_water_percent);
+            for (what, used, total) in [
+                ("data", k.data_used_blocks, k.data_total_blocks),
+                ("metadata", k.metadata_used_blocks, k.metadata_total_blocks),
+            ] {
+                if total > 0 && used * 100 >= total * pct {
+                    warnings.push(format!(
+                        "{what} is {}% full (low-water mark {pct}%): extend the pool or remove layers",
+                        used * 100 / total
+                    ));
+                }
+            }
+            if k.needs_check {
+                warnings.push("the kernel flagged the metadata as needing a check: deactivate and run `thinlayer pool check`".into());
+            }
+            if k.mode != "rw" {
+                warnings.push(format!("the pool is in {} mode", k.mode));
+            }
+            if k.transaction_id != self.rec.transaction_id {
+                warnings.push(format!(
+                    "kernel transaction id {} differs from the records' {}: an operation was interrupted; any change command recovers it",
+                    k.transaction_id, self.rec.transaction_id
+                ));
+            }
+            Some(k)
+        } else {
+            None
+        };
+        Ok(PoolStatus {
+            root: self.layout.root.clone(),
+            pool_id: self.rec.pool_id.to_string(),
+            active,
+            fs: self.rec.fs,
+            block_size_bytes: self.rec.block_size.bytes().0,
+            data_size_bytes: self.rec.data_size.0,
+            metadata_size_bytes: self.rec.metadata_size.0,
+            base_size_bytes: self.rec.base_size.0,
+            layers,
+            transaction_id: self.rec.transaction_id,
+            low_water_percent: self.rec.low_water_percent,
+            pending: self.rec.pending.clone(),
+            kernel: kernel_status,
+            warnings,
+        })
+    }
+}
+
+/// The thin-pool table parameters for a record and its linear devices.
+pub(crate) fn pool_spec(
+    rec: &PoolRecord,
+    meta: devicemapper::Device,
+    data: devicemapper::Device,
+) -> PoolSpec {
+    let total = rec.data_size.blocks_of(rec.block_size);
+    PoolSpec {
+        meta,
+        data,
+        data_sectors: total * rec.block_size.sectors(),
+        block_sectors: rec.block_size.sectors(),
+        low_water_blocks: total * (100 - u64::from(rec.low_water_percent)) / 100,
+        // A full pool fails writes at once instead of queueing them (the
+        // anchors' hung containers); the engine then says how to extend.
+        features: vec!["error_if_no_space".into()],
+    }
+}
+
+/// Runs `thin_check` on a metadata file through a read-only loop device
+/// (the tools open with `O_DIRECT`, which a tmpfs file refuses).
+///
+/// # Errors
+/// [`Error::MetadataDamaged`] with thin_check's words.
+pub fn check_metadata(file: &Path) -> Result<()> {
+    let lp = loopback::attach_readonly(file)?;
+    match Tool::ThinCheck.run(&["-q".as_ref(), lp.path.as_os_str()]) {
+        Ok(_) => Ok(()),
+        Err(Error::Tool { stderr, status, .. }) => Err(Error::MetadataDamaged {
+            path: file.to_owned(),
+            detail: if stderr.is_empty() { status } else { stderr },
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// `pool status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolStatus {
+    /// The root directory.
+    pub root: PathBuf,
+    /// The pool id in the dm names.
+    pub pool_id: String,
+    /// Whether the pool's devices are up.
+    pub active: bool,
+    /// The filesystem of every layer.
+    pub fs: FsType,
+    /// The copy-on-write unit.
+    pub block_size_bytes: u64,
+    /// Data capacity.
+    pub data_size_bytes: u64,
+    /// Metadata capacity.
+    pub metadata_size_bytes: u64,
+    /// Virtual size of each thin device.
+    pub base_size_bytes: u64,
+    /// How many layers the records hold.
+    pub layers: usize,
+    /// The records' transaction id.
+    pub transaction_id: u64,
+    /// Warn at this percent used.
+    pub low_water_percent: u8,
+    /// An interrupted operation, if any.
+    pub pending: Option<Pending>,
+    /// What the kernel reports, when active.
+    pub kernel: Option<KernelStatus>,
+    /// Low water, needs_check, read-only...
+    pub warnings: Vec<String>,
+}
+
+/// The kernel's view of an active pool.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelStatus {
+    /// The pool metadata's transaction id.
+    pub transaction_id: u64,
+    /// Data blocks in use.
+    pub data_used_blocks: u64,
+    /// Data blocks in all.
+    pub data_total_blocks: u64,
+    /// Metadata blocks (4 KiB) in use.
+    pub metadata_used_blocks: u64,
+    /// Metadata blocks in all.
+    pub metadata_total_blocks: u64,
+    /// `rw`, `ro` or `out_of_data_space`.
+    pub mode: String,
+    /// The metadata's needs_check flag.
+    pub needs_check: bool,
+    /// Whether discards reach the data file.
+    pub discard_passdown: bool,
+    /// Whether a full pool fails writes (rather than queueing them).
+    pub error_if_no_space: bool,
+    /// Thin devices now in the kernel.
+    pub active_thin_devices: usize,
+}
+
+impl Pool {
+    pub(crate) fn record_mut_inner(&mut self) -> &mut PoolRecord {
+        &mut self.rec
+    }
+}

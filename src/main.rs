@@ -1,0 +1,457 @@
+//! `thinlayer`: the command line over the engine in `crates/pool`.
+//!
+//! Each verb is one short function: parse flags into the engine's options,
+//! call the engine once, print the result (text, or JSON with `--json`),
+//! and map errors to the exit codes documented in README.md. Broken pipes
+//! exit 0.
+
+use std::{
+    io::{self, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use thinlayer_pool::{
+    Action, BlockSize, Bytes, CreateOptions, Error, FsType, LockMode, Pool, PoolStatus, exit,
+};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the operation failed (kernel, tool or I/O error)
+  2  bad usage or input (flags, sizes, names)
+  3  no such pool or layer
+  4  conflict: exists, has children, mounted, busy, locked
+  5  the host cannot: not root, no device-mapper, no dm-thin, missing tool
+  6  out of space
+  7  damaged records or pool metadata";
+
+/// Block-level thin-provisioning snapshots for container storage.
+#[derive(Parser, Debug)]
+#[command(name = "thinlayer", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// Directory holding the pool's files and records.
+    #[arg(
+        long,
+        global = true,
+        env = "THINLAYER_ROOT",
+        default_value = "/var/lib/thinlayer"
+    )]
+    root: PathBuf,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Wait for another thinlayer command on this root instead of failing.
+    #[arg(long, global = true)]
+    wait: bool,
+    /// Log what is done (repeat for more); RUST_LOG also works.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create, inspect, activate and remove the pool.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Create, list and remove layers (thin snapshots).
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Mount a layer's filesystem at DIR (created if missing).
+    Mount {
+        /// The layer.
+        id: String,
+        /// Where to mount it.
+        dir: PathBuf,
+        /// Mount read-only.
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Unmount a layer (by id: every mount of it) or one mount (by DIR).
+    Umount {
+        /// A layer id or a mount directory.
+        target: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCommand {
+    /// Create the pool: sparse files, loop devices, thin-pool, base filesystem.
+    Create(CreateArgs),
+    /// Show capacity, usage and state, read from the kernel.
+    Status,
+    /// Bring the pool's devices back from the records (after a reboot).
+    Activate,
+    /// Tear down the pool's devices, keeping all data.
+    Deactivate,
+    /// Remove the pool, its files and records.
+    Destroy {
+        /// Also remove its layers, unmounting them first.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Capacity of the sparse data file (K, M, G, T: powers of 1024).
+    #[arg(long, default_value = "20G", value_parser = parse_bytes)]
+    data_size: Bytes,
+    /// Size of the metadata file [default: from data and block size].
+    #[arg(long, value_parser = parse_bytes)]
+    metadata_size: Option<Bytes>,
+    /// Copy-on-write unit: a multiple of 64K from 64K to 1G.
+    #[arg(long, default_value = "64K", value_parser = parse_block)]
+    block_size: BlockSize,
+    /// Filesystem of the base device and so of every layer.
+    #[arg(long, default_value = "ext4", value_parser = parse_fs)]
+    fs: FsType,
+    /// Virtual size of the base device and of every layer.
+    #[arg(long, default_value = "10G", value_parser = parse_bytes)]
+    base_size: Bytes,
+    /// Warn in `pool status` at this percent of data or metadata used.
+    #[arg(long, default_value_t = 80)]
+    low_water: u8,
+}
+
+#[derive(Subcommand, Debug)]
+enum LayerCommand {
+    /// Create a layer: a thin snapshot of PARENT, or of the base device.
+    Create {
+        /// The new layer's id.
+        id: String,
+        /// The layer to snapshot.
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Remove a layer that has no children and is not mounted.
+    Rm {
+        /// The layer.
+        id: String,
+    },
+    /// List layers with their devices and mounts.
+    Ls,
+}
+
+fn parse_bytes(s: &str) -> Result<Bytes, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_block(s: &str) -> Result<BlockSize, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_fs(s: &str) -> Result<FsType, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+/// What a verb prints: text for people, a JSON value for programs.
+struct Output {
+    text: String,
+    json: serde_json::Value,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let json = cli.json;
+    let result = run(cli);
+    let code = match result {
+        Ok(out) => {
+            let printed = if json {
+                writeln!(io::stdout(), "{:#}", out.json)
+            } else if out.text.is_empty() {
+                Ok(())
+            } else {
+                write!(io::stdout(), "{}", out.text)
+            };
+            match printed {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => exit::FAILED,
+                _ => exit::OK,
+            }
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            if json {
+                let _ = writeln!(
+                    io::stderr(),
+                    "{}",
+                    json!({"error": e.to_string(), "exit_code": code})
+                );
+            } else {
+                let _ = writeln!(io::stderr(), "thinlayer: error: {e}");
+            }
+            code
+        }
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .without_time()
+        .init();
+}
+
+fn run(cli: Cli) -> thinlayer_pool::Result<Output> {
+    let root = cli.root.as_path();
+    match cli.command {
+        Command::Pool(PoolCommand::Create(a)) => pool_create(root, &a, cli.wait),
+        Command::Pool(PoolCommand::Status) => pool_status(root, cli.wait),
+        Command::Pool(PoolCommand::Activate) => pool_activate(root, cli.wait),
+        Command::Pool(PoolCommand::Deactivate) => pool_deactivate(root, cli.wait),
+        Command::Pool(PoolCommand::Destroy { force }) => pool_destroy(root, force, cli.wait),
+        Command::Layer(LayerCommand::Create { id, parent }) => {
+            layer_create(root, &id, parent.as_deref(), cli.wait)
+        }
+        Command::Layer(LayerCommand::Rm { id }) => layer_rm(root, &id, cli.wait),
+        Command::Layer(LayerCommand::Ls) => layer_ls(root, cli.wait),
+        Command::Mount { id, dir, readonly } => mount(root, &id, &dir, readonly, cli.wait),
+        Command::Umount { target } => umount(root, &target, cli.wait),
+    }
+}
+
+fn said(action: Action, done: String, already: String) -> Output {
+    let (text, did) = match action {
+        Action::Done => (done, true),
+        Action::AlreadyDone => (already, false),
+    };
+    Output {
+        json: json!({"changed": did, "message": text}),
+        text: format!("{text}\n"),
+    }
+}
+
+fn pool_create(root: &Path, a: &CreateArgs, wait: bool) -> thinlayer_pool::Result<Output> {
+    let opts = CreateOptions {
+        data_size: a.data_size,
+        metadata_size: a.metadata_size,
+        block_size: a.block_size,
+        fs: a.fs,
+        base_size: a.base_size,
+        low_water_percent: a.low_water,
+    };
+    let pool = Pool::create(root, &opts, wait)?;
+    let r = pool.record();
+    Ok(Output {
+        text: format!(
+            "created pool {} under {}: data {}, metadata {}, block size {}, base {} {}\n",
+            r.pool_id,
+            root.display(),
+            r.data_size,
+            r.metadata_size,
+            r.block_size,
+            r.fs.name(),
+            r.base_size
+        ),
+        json: serde_json::to_value(r).expect("plain data"),
+    })
+}
+
+fn pool_status(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
+    let st = Pool::open(root, LockMode::Shared, wait)?.status()?;
+    Ok(Output {
+        text: status_text(&st),
+        json: serde_json::to_value(&st).expect("plain data"),
+    })
+}
+
+fn percent(used: u64, total: u64) -> String {
+    if total == 0 {
+        return "-".into();
+    }
+    format!("{}.{}%", used * 100 / total, (used * 1000 / total) % 10)
+}
+
+fn status_text(st: &PoolStatus) -> String {
+    let mut s = format!(
+        "pool {} under {}: {}\n  filesystem {}, block size {}, base size {}\n  data file {}, metadata file {}\n  layers {}, records at transaction {}\n",
+        st.pool_id,
+        st.root.display(),
+        if st.active { "active" } else { "inactive" },
+        st.fs.name(),
+        Bytes(st.block_size_bytes),
+        Bytes(st.base_size_bytes),
+        Bytes(st.data_size_bytes),
+        Bytes(st.metadata_size_bytes),
+        st.layers,
+        st.transaction_id,
+    );
+    if let Some(k) = &st.kernel {
+        s += &format!(
+            "  data used     {} of {} blocks ({})\n  metadata used {} of {} blocks ({})\n  kernel transaction {}, mode {}, thin devices active {}\n  discard passdown {}, full pool {}, low-water mark {}%\n",
+            k.data_used_blocks,
+            k.data_total_blocks,
+            percent(k.data_used_blocks, k.data_total_blocks),
+            k.metadata_used_blocks,
+            k.metadata_total_blocks,
+            percent(k.metadata_used_blocks, k.metadata_total_blocks),
+            k.transaction_id,
+            k.mode,
+            k.active_thin_devices,
+            if k.discard_passdown { "on" } else { "off" },
+            if k.error_if_no_space {
+                "fails writes"
+            } else {
+                "queues writes"
+            },
+            st.low_water_percent,
+        );
+    } else {
+        s += "  (activate the pool to see usage: thinlayer pool activate)\n";
+    }
+    if let Some(p) = &st.pending {
+        s += &format!("  interrupted operation: {p:?}\n");
+    }
+    for w in &st.warnings {
+        s += &format!("warning: {w}\n");
+    }
+    s
+}
+
+fn pool_activate(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
+    let action = Pool::open(root, LockMode::Exclusive, wait)?.activate()?;
+    Ok(said(
+        action,
+        format!("activated the pool under {}", root.display()),
+        format!(
+            "the pool under {} is already active; no action taken",
+            root.display()
+        ),
+    ))
+}
+
+fn pool_deactivate(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
+    let action = Pool::open(root, LockMode::Exclusive, wait)?.deactivate()?;
+    Ok(said(
+        action,
+        format!("deactivated the pool under {} (data kept)", root.display()),
+        format!(
+            "the pool under {} is not active; no action taken",
+            root.display()
+        ),
+    ))
+}
+
+fn pool_destroy(root: &Path, force: bool, wait: bool) -> thinlayer_pool::Result<Output> {
+    Pool::open(root, LockMode::Exclusive, wait)?.destroy(force)?;
+    Ok(said(
+        Action::Done,
+        format!("destroyed the pool under {}", root.display()),
+        String::new(),
+    ))
+}
+
+fn layer_create(
+    root: &Path,
+    id: &str,
+    parent: Option<&str>,
+    wait: bool,
+) -> thinlayer_pool::Result<Output> {
+    let layer = Pool::open(root, LockMode::Exclusive, wait)?.create_layer(id, parent)?;
+    Ok(Output {
+        text: format!(
+            "created layer {} (thin id {}) from {}\n",
+            layer.id,
+            layer.thin_id,
+            layer.parent.as_deref().unwrap_or("the base device")
+        ),
+        json: serde_json::to_value(&layer).expect("plain data"),
+    })
+}
+
+fn layer_rm(root: &Path, id: &str, wait: bool) -> thinlayer_pool::Result<Output> {
+    Pool::open(root, LockMode::Exclusive, wait)?.remove_layer(id)?;
+    Ok(said(
+        Action::Done,
+        format!("removed layer {id}"),
+        String::new(),
+    ))
+}
+
+fn layer_ls(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
+    // Shared lock: listing must not wait behind, or block, another reader.
+    let layers = Pool::open(root, LockMode::Shared, wait)?.layers()?;
+    let mut text = format!(
+        "{:<24} {:<24} {:>7}  {:<12} {:>10}  MOUNTED AT\n",
+        "ID", "PARENT", "THIN-ID", "DEVICE", "MAPPED"
+    );
+    for l in &layers {
+        text += &format!(
+            "{:<24} {:<24} {:>7}  {:<12} {:>10}  {}\n",
+            l.id,
+            l.parent.as_deref().unwrap_or("-"),
+            l.thin_id,
+            l.devnode
+                .as_ref()
+                .map_or("-".into(), |d| d.display().to_string()),
+            l.mapped_bytes.map_or("-".into(), |b| Bytes(b).to_string()),
+            l.mountpoints
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    Ok(Output {
+        text,
+        json: serde_json::to_value(&layers).expect("plain data"),
+    })
+}
+
+fn mount(
+    root: &Path,
+    id: &str,
+    dir: &Path,
+    readonly: bool,
+    wait: bool,
+) -> thinlayer_pool::Result<Output> {
+    let (node, action) =
+        Pool::open(root, LockMode::Exclusive, wait)?.mount_layer(id, dir, readonly)?;
+    let mut out = said(
+        action,
+        format!(
+            "mounted layer {id} ({}) at {}",
+            node.display(),
+            dir.display()
+        ),
+        format!(
+            "layer {id} is already mounted at {}; no action taken",
+            dir.display()
+        ),
+    );
+    out.json["device"] = json!(node);
+    Ok(out)
+}
+
+fn umount(root: &Path, target: &str, wait: bool) -> thinlayer_pool::Result<Output> {
+    let dirs = Pool::open(root, LockMode::Exclusive, wait)?.umount(target)?;
+    let action = if dirs.is_empty() {
+        Action::AlreadyDone
+    } else {
+        Action::Done
+    };
+    let list = dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(said(
+        action,
+        format!("unmounted {list}"),
+        format!("{target} is not mounted; no action taken"),
+    ))
+}
