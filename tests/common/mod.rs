@@ -1,0 +1,189 @@
+//! Shared harness of the CLI tests: a scratch root per test, the built
+//! binary, and helpers to run it and read its JSON.
+//!
+//! `vm_` tests need a kernel with dm-thin and run in the VM harness
+//! (`tools/vm/run`, which `tools/test` drives); the host run skips them by
+//! name. They never skip themselves: without dm-thin they fail, saying why.
+//! Every scratch pool is destroyed on drop unless `NO_TEST_CLEAN_UP=1`.
+
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+/// The built `thinlayer`.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_thinlayer")
+}
+
+/// Fails the test (rather than skipping it) where dm-thin is missing.
+pub fn require_dm_thin() {
+    assert!(
+        Path::new("/dev/mapper/control").exists(),
+        "vm_ tests need a kernel with dm-thin: run them with `tools/vm/run` (tools/test does)"
+    );
+}
+
+/// A scratch root for one test, destroyed (with its pool) on drop.
+pub struct Scratch {
+    /// The pool root.
+    pub root: PathBuf,
+    /// A directory for mount points.
+    pub mnt: PathBuf,
+}
+
+impl Scratch {
+    /// A fresh scratch directory named for the test.
+    pub fn new(name: &str) -> Scratch {
+        let base = std::env::temp_dir().join(format!("tl-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(base.join("mnt")).unwrap();
+        Scratch {
+            root: base.join("root"),
+            mnt: base.join("mnt"),
+        }
+    }
+
+    /// Runs `thinlayer --root ROOT ARGS...`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .output()
+            .expect("run thinlayer")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "thinlayer {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and asserts exit code `code` and that stderr contains `needle`.
+    pub fn fails(&self, args: &[&str], code: i32, needle: &str) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "thinlayer {args:?}: want exit {code}, got {}: {stderr}",
+            out.status
+        );
+        assert!(stderr.contains(needle), "thinlayer {args:?}: stderr lacks `{needle}`: {stderr}");
+        stderr
+    }
+
+    /// Runs with `--json` and parses stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("JSON output")
+    }
+
+    /// A mount point under the scratch directory.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.mnt.join(name)
+    }
+
+    /// Creates a small pool with `extra` flags.
+    pub fn create_pool(&self, extra: &[&str]) {
+        let mut a = vec!["pool", "create", "--data-size", "2G", "--base-size", "512M"];
+        a.extend_from_slice(extra);
+        self.ok(&a);
+    }
+
+    /// Pool data blocks in use, from the kernel.
+    pub fn used_data_blocks(&self) -> u64 {
+        self.json(&["pool", "status"])["kernel"]["data_used_blocks"]
+            .as_u64()
+            .expect("an active pool reports data_used_blocks")
+    }
+
+    /// Mounts `layer` at the scratch mount point of the same name.
+    pub fn mount(&self, layer: &str) -> PathBuf {
+        let d = self.dir(layer);
+        self.ok(&["mount", layer, d.to_str().unwrap()]);
+        d
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("NO_TEST_CLEAN_UP").is_some() {
+            eprintln!("NO_TEST_CLEAN_UP: keeping {}", self.root.display());
+            return;
+        }
+        if self.root.join("pool.rec").exists() {
+            let _ = self.run(&["pool", "activate"]);
+            let out = self.run(&["pool", "destroy", "--force"]);
+            if !out.status.success() && !std::thread::panicking() {
+                panic!("cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        if let Some(base) = self.root.parent() {
+            let _ = fs::remove_dir_all(base);
+        }
+    }
+}
+
+/// Names of every dm device in the kernel (from sysfs).
+pub fn dm_devices() -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        if let Ok(name) = fs::read_to_string(e.path().join("dm/name")) {
+            out.push(name.trim().to_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Backing files of every loop device (from sysfs).
+pub fn loop_backing_files() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        if let Ok(f) = fs::read_to_string(e.path().join("loop/backing_file")) {
+            out.push(PathBuf::from(f.trim()));
+        }
+    }
+    out
+}
+
+/// Runs a program, asserting success; returns stdout.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so contents are checkable.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
