@@ -509,11 +509,13 @@ impl Pool {
     /// Opens the pool under `root`, taking the root's lock in `mode`.
     ///
     /// # Errors
-    /// [`Error::NoPool`], [`Error::Locked`], damaged records.
+    /// [`Error::NotRoot`], [`Error::NoPool`], [`Error::Locked`], damaged
+    /// records.
     pub fn open(root: &Path, mode: LockMode, wait: bool) -> Result<Pool> {
         let layout = Layout {
             root: root.to_owned(),
         };
+        kernel::require_root()?;
         if !layout.pool_record().exists() {
             return Err(Error::NoPool {
                 root: root.to_owned(),
