@@ -33,7 +33,10 @@ fn sizes_the_kernel_would_refuse_fail_before_touching_anything() {
     let cases: &[(&[&str], &str)] = &[
         (&["--data-size", "512K"], "at least 16 pool blocks"),
         (&["--base-size", "1M"], "base device of at least"),
-        (&["--fs", "xfs", "--base-size", "100M"], "base device of at least"),
+        (
+            &["--fs", "xfs", "--base-size", "100M"],
+            "base device of at least",
+        ),
         (&["--metadata-size", "1M"], "metadata size must be"),
         (&["--low-water", "100"], "out of range"),
     ];
@@ -69,7 +72,10 @@ fn unknown_flags_and_verbs_are_usage_errors() {
     s.fails(&["layer", "create"], 2, "required");
     let out = s.run(&["--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("Exit codes:") && help.contains("5  the host cannot"), "{help}");
+    assert!(
+        help.contains("Exit codes:") && help.contains("5  the host cannot"),
+        "{help}"
+    );
 }
 
 /// On a host whose kernel has no device-mapper (these development and CI

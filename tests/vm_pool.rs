@@ -40,7 +40,15 @@ fn walk(dir: &Path) -> Vec<String> {
             out.extend(walk(&p));
         } else if !p.ends_with("lock") {
             let m = e.metadata().unwrap();
-            out.push(format!("{} {}", p.display(), if p.extension().is_some_and(|x| x == "rec") { m.len() } else { 0 }));
+            out.push(format!(
+                "{} {}",
+                p.display(),
+                if p.extension().is_some_and(|x| x == "rec") {
+                    m.len()
+                } else {
+                    0
+                }
+            ));
         }
     }
     out
@@ -58,9 +66,15 @@ fn vm_pool_create_formats_the_base_and_reports_kernel_status() {
     assert_eq!(st["kernel"]["data_total_blocks"], 16384, "1G of 64K blocks");
     assert_eq!(st["kernel"]["error_if_no_space"], true);
     assert_eq!(st["kernel"]["transaction_id"], st["transaction_id"]);
-    assert_eq!(st["kernel"]["active_thin_devices"], 0, "the base is torn down after mkfs");
+    assert_eq!(
+        st["kernel"]["active_thin_devices"], 0,
+        "the base is torn down after mkfs"
+    );
     let used = st["kernel"]["data_used_blocks"].as_u64().unwrap();
-    assert!(used > 0 && used < 200, "mkfs of a lazy ext4 wrote {used} blocks");
+    assert!(
+        used > 0 && used < 200,
+        "mkfs of a lazy ext4 wrote {used} blocks"
+    );
     // Data and metadata files are sparse.
     let data = fs::metadata(s.root.join("data.img")).unwrap();
     assert_eq!(data.len(), 1 << 30);
@@ -74,11 +88,21 @@ fn vm_pool_create_formats_the_base_and_reports_kernel_status() {
     let ls = s.json(&["layer", "ls"]);
     let dev = ls[0]["devnode"].as_str().unwrap().to_owned();
     let mut sb = [0u8; 2];
-    fs::File::open(&dev).unwrap().read_exact_at(&mut sb, 1024 + 56).unwrap();
-    assert_eq!(u16::from_le_bytes(sb), 0xEF53, "ext4 superblock magic on {dev}");
+    fs::File::open(&dev)
+        .unwrap()
+        .read_exact_at(&mut sb, 1024 + 56)
+        .unwrap();
+    assert_eq!(
+        u16::from_le_bytes(sb),
+        0xEF53,
+        "ext4 superblock magic on {dev}"
+    );
     assert_eq!(ls[0]["mountpoints"][0], d.to_str().unwrap());
     s.ok(&["umount", "l1"]);
-    assert_eq!(s.json(&["layer", "ls"])[0]["devnode"], serde_json::Value::Null);
+    assert_eq!(
+        s.json(&["layer", "ls"])[0]["devnode"],
+        serde_json::Value::Null
+    );
 }
 
 #[test]
@@ -100,7 +124,11 @@ fn vm_layer_chain_of_three_shares_parent_files_and_cow_keeps_parents() {
     s.ok(&["layer", "create", "l3", "--parent", "l2"]);
     let d3 = s.mount("l3");
     assert_eq!(fs::read(d3.join("big")).unwrap(), big, "l3 sees l1's file");
-    assert_eq!(fs::read(d3.join("small")).unwrap(), b"from l2", "l3 sees l2's change");
+    assert_eq!(
+        fs::read(d3.join("small")).unwrap(),
+        b"from l2",
+        "l3 sees l2's change"
+    );
     assert_eq!(fs::read(d3.join("only-l2")).unwrap(), b"l2 file");
     // Write into the child: overwrite 4K in the middle of the big file.
     let f = OpenOptions::new().write(true).open(d3.join("big")).unwrap();
@@ -113,18 +141,30 @@ fn vm_layer_chain_of_three_shares_parent_files_and_cow_keeps_parents() {
     // The parents' bytes are unchanged, read back from their devices.
     let r1 = s.dir("l1-ro");
     s.ok(&["mount", "l1", r1.to_str().unwrap(), "--readonly"]);
-    assert_eq!(fs::read(r1.join("big")).unwrap(), big, "l1 unchanged by l3's write");
+    assert_eq!(
+        fs::read(r1.join("big")).unwrap(),
+        big,
+        "l1 unchanged by l3's write"
+    );
     assert_eq!(fs::read(r1.join("small")).unwrap(), b"from l1");
     assert!(!r1.join("only-l2").exists());
     s.ok(&["umount", "l1"]);
     let d2 = s.mount("l2");
-    assert_eq!(fs::read(d2.join("big")).unwrap(), big, "l2 unchanged by l3's write");
+    assert_eq!(
+        fs::read(d2.join("big")).unwrap(),
+        big,
+        "l2 unchanged by l3's write"
+    );
     assert_eq!(fs::read(d2.join("small")).unwrap(), b"from l2");
     s.ok(&["umount", "l2"]);
     let d3 = s.mount("l3");
     let mut changed = big.clone();
     changed[4 * MIB..4 * MIB + 4096].fill(0xAB);
-    assert_eq!(fs::read(d3.join("big")).unwrap(), changed, "l3 keeps its write");
+    assert_eq!(
+        fs::read(d3.join("big")).unwrap(),
+        changed,
+        "l3 keeps its write"
+    );
     assert_eq!(fs::read(d3.join("small")).unwrap(), b"from l3");
     s.ok(&["umount", "l3"]);
 }
@@ -132,7 +172,10 @@ fn vm_layer_chain_of_three_shares_parent_files_and_cow_keeps_parents() {
 /// The physical byte offset of `file`'s block `n` on its ext4 device.
 fn ext4_offset(dev: &str, file: &str, n: u64) -> u64 {
     let out = sh("debugfs", &["-R", &format!("bmap /{file} {n}"), dev]);
-    let block: u64 = out.trim().parse().unwrap_or_else(|_| panic!("debugfs bmap said {out:?}"));
+    let block: u64 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("debugfs bmap said {out:?}"));
     assert!(block > 0, "block {n} of {file} is mapped");
     block * 4096
 }
@@ -146,15 +189,24 @@ fn vm_a_4k_write_into_a_child_allocates_one_pool_block_not_the_file() {
     let d1 = s.mount("l1");
     let before_file = s.used_data_blocks();
     write_file(&d1.join("big"), &pattern(7, 64 * MIB));
-    let dev1 = s.json(&["layer", "ls"])[0]["devnode"].as_str().unwrap().to_owned();
+    let dev1 = s.json(&["layer", "ls"])[0]["devnode"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     s.ok(&["umount", "l1"]);
     let file_blocks = s.used_data_blocks() - before_file;
-    assert!(file_blocks >= 1024, "64 MiB took {file_blocks} blocks of 64K");
+    assert!(
+        file_blocks >= 1024,
+        "64 MiB took {file_blocks} blocks of 64K"
+    );
 
     s.ok(&["layer", "create", "l2", "--parent", "l1"]);
     // Find where block 300 of the file lives (same offset in the snapshot).
     let d2 = s.mount("l2");
-    let dev2 = s.json(&["layer", "ls"])[1]["devnode"].as_str().unwrap().to_owned();
+    let dev2 = s.json(&["layer", "ls"])[1]["devnode"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let offset = ext4_offset(&dev2, "big", 300);
     let _ = dev1;
     // Leave the device active but unmounted, then write 4 KiB straight to it.
@@ -165,8 +217,15 @@ fn vm_a_4k_write_into_a_child_allocates_one_pool_block_not_the_file() {
     f.sync_all().unwrap();
     drop(f);
     let after = s.used_data_blocks();
-    println!("raw 4 KiB write into the child: {} pool block(s) (the file holds {file_blocks})", after - before);
-    assert_eq!(after - before, 1, "a 4 KiB write breaks sharing of exactly one 64K block");
+    println!(
+        "raw 4 KiB write into the child: {} pool block(s) (the file holds {file_blocks})",
+        after - before
+    );
+    assert_eq!(
+        after - before,
+        1,
+        "a 4 KiB write breaks sharing of exactly one 64K block"
+    );
     s.ok(&["umount", "l2"]);
 
     // Through the filesystem, journal and inode updates add a few blocks;
@@ -181,7 +240,10 @@ fn vm_a_4k_write_into_a_child_allocates_one_pool_block_not_the_file() {
     s.ok(&["umount", "l2"]);
     let through_fs = s.used_data_blocks() - before;
     println!("4 KiB write through ext4 into the child: {through_fs} pool block(s)");
-    assert!((1..=16).contains(&through_fs), "{through_fs} blocks for a 4 KiB write");
+    assert!(
+        (1..=16).contains(&through_fs),
+        "{through_fs} blocks for a 4 KiB write"
+    );
 
     // The parent still reads its original bytes at both places.
     let d1 = s.mount("l1");
@@ -239,7 +301,10 @@ fn vm_deactivate_then_activate_restores_every_layer_and_metadata_checks_clean() 
 
     // thin_check on the metadata, through a read-only loop device.
     let meta = s.root.join("metadata.img");
-    let lp = sh("/usr/sbin/losetup", &["-f", "--show", "-r", meta.to_str().unwrap()]);
+    let lp = sh(
+        "/usr/sbin/losetup",
+        &["-f", "--show", "-r", meta.to_str().unwrap()],
+    );
     let lp = lp.trim();
     let check = Command::new("thin_check").arg(lp).output().unwrap();
     sh("/usr/sbin/losetup", &["-d", lp]);
@@ -257,7 +322,11 @@ fn vm_deactivate_then_activate_restores_every_layer_and_metadata_checks_clean() 
     assert_eq!(s.used_data_blocks(), used);
     let d = s.mount("l2");
     for (name, data) in &want {
-        assert_eq!(&fs::read(d.join(name)).unwrap(), data, "{name} after reactivation");
+        assert_eq!(
+            &fs::read(d.join(name)).unwrap(),
+            data,
+            "{name} after reactivation"
+        );
     }
     s.ok(&["umount", "l2"]);
     let again = s.ok(&["pool", "activate"]);
@@ -284,11 +353,19 @@ fn vm_bad_inputs_get_their_error_and_change_nothing() {
     s.fails(&["layer", "create", "../evil"], 2, "layer id");
     s.fails(&["layer", "create", "bad name"], 2, "layer id");
     s.fails(&["layer", "create", "parent"], 4, "already exists");
-    s.fails(&["layer", "create", "x", "--parent", "nope"], 3, "no layer `nope`");
+    s.fails(
+        &["layer", "create", "x", "--parent", "nope"],
+        3,
+        "no layer `nope`",
+    );
     s.fails(&["layer", "rm", "nope"], 3, "no layer `nope`");
     s.fails(&["layer", "rm", "parent"], 4, "has children (child)");
     s.fails(&["layer", "rm", "child"], 4, "is mounted at");
-    s.fails(&["mount", "nope", s.dir("n").to_str().unwrap()], 3, "no layer");
+    s.fails(
+        &["mount", "nope", s.dir("n").to_str().unwrap()],
+        3,
+        "no layer",
+    );
     s.fails(&["umount", "/"], 2, "not a layer of this pool");
     assert_eq!(state(&s), before, "a refused command changed something");
 
@@ -333,7 +410,10 @@ fn vm_removing_layers_returns_their_blocks_and_ids_are_not_reused() {
     let a_id = s.json(&["layer", "ls"])[0]["thin_id"].as_u64().unwrap();
     s.ok(&["layer", "rm", "a"]);
     let after = s.used_data_blocks();
-    assert!(after <= base + 2, "blocks back to the pool: {base} -> {after}");
+    assert!(
+        after <= base + 2,
+        "blocks back to the pool: {base} -> {after}"
+    );
     s.ok(&["layer", "create", "b"]);
     let b_id = s.json(&["layer", "ls"])[0]["thin_id"].as_u64().unwrap();
     assert!(b_id > a_id, "thin id {a_id} reused as {b_id}");
@@ -356,7 +436,10 @@ fn vm_xfs_pool_mounts_two_snapshots_of_one_origin_at_once() {
     assert_eq!(fs::read(a.join("shared")).unwrap(), b"c1 wrote");
     assert_eq!(fs::read(b.join("shared")).unwrap(), b"c2 wrote");
     let fstypes = fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(fstypes.contains(&format!("{} xfs", a.display())), "{fstypes}");
+    assert!(
+        fstypes.contains(&format!("{} xfs", a.display())),
+        "{fstypes}"
+    );
     s.ok(&["umount", "c1"]);
     s.ok(&["umount", "c2"]);
 }
@@ -380,7 +463,12 @@ fn vm_concurrent_layer_creates_all_succeed_with_distinct_thin_ids() {
         assert!(c.wait().unwrap().success());
     }
     let ls = s.json(&["layer", "ls"]);
-    let mut ids: Vec<u64> = ls.as_array().unwrap().iter().map(|l| l["thin_id"].as_u64().unwrap()).collect();
+    let mut ids: Vec<u64> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["thin_id"].as_u64().unwrap())
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 8);

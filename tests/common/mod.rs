@@ -82,7 +82,10 @@ impl Scratch {
             "thinlayer {args:?}: want exit {code}, got {}: {stderr}",
             out.status
         );
-        assert!(stderr.contains(needle), "thinlayer {args:?}: stderr lacks `{needle}`: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "thinlayer {args:?}: stderr lacks `{needle}`: {stderr}"
+        );
         stderr
     }
 
@@ -164,7 +167,10 @@ pub fn loop_backing_files() -> Vec<PathBuf> {
 
 /// Runs a program, asserting success; returns stdout.
 pub fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {args:?} failed: {}{}",

@@ -273,10 +273,19 @@ impl Kernel {
             .map(|_| ())
             .dm_ctx(|| format!("remove {name}"))
             .map_err(|e| match e.dm_errno() {
-                Some(Errno::EBUSY) => Error::Busy {
-                    what: format!("device {name}"),
-                    detail: "it is open (mounted, or held by a process); unmount it or stop the holder and retry".into(),
-                },
+                Some(Errno::EBUSY) => {
+                    let holders = match self.device(name) {
+                        Ok(Some(dev)) => crate::holders::of_device(dev),
+                        _ => Vec::new(),
+                    };
+                    Error::Busy {
+                        what: format!("device {name}"),
+                        detail: crate::holders::describe(
+                            &holders,
+                            "it is open (mounted, or held by a process); unmount it or stop the holder and retry",
+                        ),
+                    }
+                }
                 _ => e,
             })
     }

@@ -13,6 +13,7 @@
 
 pub mod cmd;
 pub mod error;
+pub mod holders;
 pub mod kernel;
 mod layer;
 pub mod lock;

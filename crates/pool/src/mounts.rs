@@ -128,9 +128,11 @@ pub fn umount(dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EBUSY) => Err(Error::Busy {
             what: dir.display().to_string(),
-            detail: "a process has a file or its working directory under it; \
-                     `fuser -vm DIR` names it; stop it and retry"
-                .into(),
+            detail: crate::holders::describe(
+                &crate::holders::under_mount(dir),
+                "a process has a file or its working directory under it; \
+                 `fuser -vm DIR` names it; stop it and retry",
+            ),
         }),
         Err(e) => Err(std::io::Error::from(e)).ctx(|| format!("unmount {}", dir.display())),
     }

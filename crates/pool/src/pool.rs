@@ -286,7 +286,9 @@ fn check_create_options(o: &CreateOptions) -> Result<Bytes> {
     let meta = o
         .metadata_size
         .unwrap_or_else(|| units::default_metadata_size(o.data_size, o.block_size, 100_000));
-    if !(units::MIN_METADATA..=units::MAX_METADATA).contains(&meta.0) || !meta.0.is_multiple_of(4096) {
+    if !(units::MIN_METADATA..=units::MAX_METADATA).contains(&meta.0)
+        || !meta.0.is_multiple_of(4096)
+    {
         return Err(Error::InvalidSize {
             input: meta.to_string(),
             reason: format!(

@@ -1,0 +1,108 @@
+//! Busy devices name who holds them: a process with the device open, a
+//! process working inside a mount, and a mount namespace that still mounts
+//! the device after the host unmounted it (the leak behind the anchors'
+//! "device or resource busy").
+
+mod common;
+
+use std::{
+    fs,
+    process::{Command, Stdio},
+    thread::sleep,
+    time::Duration,
+};
+
+use common::Scratch;
+
+fn devnode(s: &Scratch, id: &str) -> String {
+    let ls = s.json(&["layer", "ls"]);
+    ls.as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == id)
+        .and_then(|l| l["devnode"].as_str())
+        .unwrap_or_else(|| panic!("{id} is not active: {ls}"))
+        .to_owned()
+}
+
+#[test]
+fn vm_removing_a_layer_a_process_holds_open_names_that_process() {
+    common::require_dm_thin();
+    let s = Scratch::new("busy-open");
+    s.create_pool(&[]);
+    s.ok(&["layer", "create", "held"]);
+    let d = s.mount("held");
+    let node = devnode(&s, "held");
+    // Unmount behind thinlayer's back so the device stays active, then hold it.
+    common::sh("umount", &[d.to_str().unwrap()]);
+    let mut holder = Command::new("sleep")
+        .arg("120")
+        .stdin(fs::File::open(&node).unwrap())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(200));
+    let err = s.fails(&["layer", "rm", "held"], 4, "is busy");
+    println!("{err}");
+    assert!(
+        err.contains(&format!("pid {} (sleep)", holder.id())),
+        "{err}"
+    );
+    assert_eq!(
+        s.json(&["layer", "ls"]).as_array().unwrap().len(),
+        1,
+        "nothing removed"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    s.ok(&["layer", "rm", "held"]);
+}
+
+#[test]
+fn vm_unmounting_under_a_working_process_names_it() {
+    common::require_dm_thin();
+    let s = Scratch::new("busy-cwd");
+    s.create_pool(&[]);
+    s.ok(&["layer", "create", "l"]);
+    let d = s.mount("l");
+    let mut holder = Command::new("sleep")
+        .arg("120")
+        .current_dir(&d)
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(200));
+    let err = s.fails(&["umount", "l"], 4, "is busy");
+    println!("{err}");
+    assert!(
+        err.contains(&format!("pid {} (sleep)", holder.id())),
+        "{err}"
+    );
+    assert!(err.contains("working directory"), "{err}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    s.ok(&["umount", "l"]);
+}
+
+#[test]
+fn vm_a_mount_namespace_that_still_mounts_a_layer_is_named() {
+    common::require_dm_thin();
+    let s = Scratch::new("busy-ns");
+    s.create_pool(&[]);
+    s.ok(&["layer", "create", "l"]);
+    s.mount("l");
+    // A process in a private copy of our mount namespace keeps the mount.
+    let mut holder = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sleep", "120"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("unshare (busybox or util-linux) in the VM");
+    sleep(Duration::from_millis(500));
+    let err = s.fails(&["umount", "l"], 4, "is busy");
+    println!("{err}");
+    assert!(err.contains("mount namespace"), "{err}");
+    assert!(err.contains(&format!("pid {}", holder.id())), "{err}");
+    let err = s.fails(&["layer", "rm", "l"], 4, "mount namespace");
+    assert!(err.contains(&format!("pid {}", holder.id())), "{err}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    s.ok(&["layer", "rm", "l"]);
+}
