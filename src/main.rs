@@ -5,6 +5,8 @@
 //! and map errors to the exit codes documented in README.md. Broken pipes
 //! exit 0.
 
+mod store_cli;
+
 use std::{
     io::{self, Write},
     path::{Path, PathBuf},
@@ -15,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use thinlayer_pool::{
     Action, BlockSize, Bytes, CreateOptions, Error, FsType, LockMode, Pool, PoolStatus, exit,
+    space::{self, ExtendReport, ExtendRequest, SizeChange, WatchOptions},
 };
 
 const EXIT_CODES: &str = "\
@@ -76,6 +79,12 @@ enum Command {
         /// A layer id or a mount directory.
         target: String,
     },
+    /// Import, list and remove images.
+    #[command(subcommand)]
+    Image(store_cli::ImageCommand),
+    /// Create, mount, diff, commit and remove containers.
+    #[command(subcommand)]
+    Container(store_cli::ContainerCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,12 +97,26 @@ enum PoolCommand {
     Activate,
     /// Tear down the pool's devices, keeping all data.
     Deactivate,
+    /// Grow the data and/or metadata online (layers may stay mounted).
+    Extend(ExtendArgs),
+    /// Extend the pool by itself when its use crosses a threshold.
+    Watch(WatchArgs),
     /// Remove the pool, its files and records.
     Destroy {
         /// Also remove its layers, unmounting them first.
         #[arg(long)]
         force: bool,
     },
+    /// Check records against the kernel and the pool metadata (exit 7 on findings).
+    Check,
+    /// Settle what a crash left; --force also removes devices and thin ids no record knows.
+    Recover {
+        /// Also remove thin devices and thin ids that no record knows.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rebuild damaged metadata of an inactive pool with thin_repair (the damaged copy is kept).
+    Repair,
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +141,35 @@ struct CreateArgs {
     low_water: u8,
 }
 
+#[derive(Args, Debug)]
+struct ExtendArgs {
+    /// New data size: +SIZE grows by SIZE, SIZE grows to SIZE (never shrinks).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_change)]
+    data_size: Option<SizeChange>,
+    /// New metadata size: +SIZE or SIZE, as for --data-size.
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_change)]
+    metadata_size: Option<SizeChange>,
+}
+
+#[derive(Args, Debug)]
+struct WatchArgs {
+    /// Extend when data or metadata use reaches this percent.
+    #[arg(long, default_value_t = 70)]
+    threshold: u8,
+    /// Grow by this percent of the current size each time.
+    #[arg(long, default_value_t = 20)]
+    extend_percent: u16,
+    /// Never grow the data past this size.
+    #[arg(long, value_parser = parse_bytes)]
+    max_data_size: Option<Bytes>,
+    /// Check (and extend) once, then exit.
+    #[arg(long)]
+    once: bool,
+    /// Exit after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
 #[derive(Subcommand, Debug)]
 enum LayerCommand {
     /// Create a layer: a thin snapshot of PARENT, or of the base device.
@@ -127,7 +179,12 @@ enum LayerCommand {
         /// The layer to snapshot.
         #[arg(long)]
         parent: Option<String>,
+        /// Apply this layer tar (plain, gzip or zstd; `-` for stdin) into it.
+        #[arg(long)]
+        from_tar: Option<String>,
     },
+    #[command(flatten)]
+    Tar(store_cli::LayerTarCommand),
     /// Remove a layer that has no children and is not mounted.
     Rm {
         /// The layer.
@@ -141,6 +198,10 @@ fn parse_bytes(s: &str) -> Result<Bytes, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
 
+fn parse_change(s: &str) -> Result<SizeChange, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 fn parse_block(s: &str) -> Result<BlockSize, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
@@ -150,12 +211,18 @@ fn parse_fs(s: &str) -> Result<FsType, String> {
 }
 
 /// What a verb prints: text for people, a JSON value for programs.
-struct Output {
-    text: String,
-    json: serde_json::Value,
+pub(crate) struct Output {
+    pub(crate) text: String,
+    pub(crate) json: serde_json::Value,
 }
 
 fn main() -> ExitCode {
+    if thinlayer_pool::fault::list_requested() {
+        for p in thinlayer_pool::fault::ALL {
+            println!("{p}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let json = cli.json;
@@ -206,21 +273,57 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn run(cli: Cli) -> thinlayer_pool::Result<Output> {
+fn run(cli: Cli) -> thinlayer_store::Result<Output> {
+    let root = cli.root.as_path();
+    let (json, wait) = (cli.json, cli.wait);
+    match cli.command {
+        Command::Image(c) => return store_cli::image(root, c, json, wait),
+        Command::Container(c) => return store_cli::container(root, c, wait),
+        Command::Layer(LayerCommand::Tar(store_cli::LayerTarCommand::Apply {
+            id,
+            tar,
+            parent,
+        })) => {
+            return store_cli::apply(root, &id, &tar, parent.as_deref(), wait);
+        }
+        Command::Layer(LayerCommand::Create {
+            id,
+            parent,
+            from_tar: Some(tar),
+        }) => return store_cli::apply(root, &id, &tar, parent.as_deref(), wait),
+        Command::Layer(LayerCommand::Tar(store_cli::LayerTarCommand::Export { id, output })) => {
+            return store_cli::export(root, &id, &output, wait);
+        }
+        _ => {}
+    }
+    Ok(run_pool(cli)?)
+}
+
+fn run_pool(cli: Cli) -> thinlayer_pool::Result<Output> {
     let root = cli.root.as_path();
     match cli.command {
         Command::Pool(PoolCommand::Create(a)) => pool_create(root, &a, cli.wait),
         Command::Pool(PoolCommand::Status) => pool_status(root, cli.wait),
         Command::Pool(PoolCommand::Activate) => pool_activate(root, cli.wait),
         Command::Pool(PoolCommand::Deactivate) => pool_deactivate(root, cli.wait),
+        Command::Pool(PoolCommand::Extend(a)) => pool_extend(root, &a, cli.wait),
+        Command::Pool(PoolCommand::Watch(a)) => pool_watch(root, &a, cli.json),
         Command::Pool(PoolCommand::Destroy { force }) => pool_destroy(root, force, cli.wait),
-        Command::Layer(LayerCommand::Create { id, parent }) => {
+        Command::Pool(PoolCommand::Check) => pool_check(root, cli.json, cli.wait),
+        Command::Pool(PoolCommand::Recover { force }) => {
+            pool_recover(root, force, cli.json, cli.wait)
+        }
+        Command::Pool(PoolCommand::Repair) => pool_repair(root, cli.wait),
+        Command::Layer(LayerCommand::Create { id, parent, .. }) => {
             layer_create(root, &id, parent.as_deref(), cli.wait)
         }
         Command::Layer(LayerCommand::Rm { id }) => layer_rm(root, &id, cli.wait),
         Command::Layer(LayerCommand::Ls) => layer_ls(root, cli.wait),
         Command::Mount { id, dir, readonly } => mount(root, &id, &dir, readonly, cli.wait),
         Command::Umount { target } => umount(root, &target, cli.wait),
+        Command::Image(_) | Command::Container(_) | Command::Layer(LayerCommand::Tar(_)) => {
+            unreachable!("dispatched to the store above")
+        }
     }
 }
 
@@ -346,6 +449,66 @@ fn pool_deactivate(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
     ))
 }
 
+fn extend_text(r: &ExtendReport) -> String {
+    format!(
+        "data {} -> {}, metadata {} -> {}",
+        r.old_data_size, r.new_data_size, r.old_metadata_size, r.new_metadata_size
+    )
+}
+
+fn pool_extend(root: &Path, a: &ExtendArgs, wait: bool) -> thinlayer_pool::Result<Output> {
+    let req = ExtendRequest {
+        data: a.data_size,
+        metadata: a.metadata_size,
+    };
+    let r = Pool::open(root, LockMode::Exclusive, wait)?.extend(&req)?;
+    let mut out = said(
+        if r.changed() {
+            Action::Done
+        } else {
+            Action::AlreadyDone
+        },
+        format!(
+            "extended the pool under {}: {}",
+            root.display(),
+            extend_text(&r)
+        ),
+        format!(
+            "the pool is already that size ({}); no action taken",
+            extend_text(&r)
+        ),
+    );
+    out.json["extend"] = serde_json::to_value(r).expect("plain data");
+    Ok(out)
+}
+
+fn pool_watch(root: &Path, a: &WatchArgs, json: bool) -> thinlayer_pool::Result<Output> {
+    let opts = WatchOptions {
+        threshold_percent: a.threshold,
+        extend_percent: a.extend_percent,
+        max_data_size: a.max_data_size,
+        once: a.once,
+        timeout: a.timeout.map(std::time::Duration::from_secs),
+        ..WatchOptions::default()
+    };
+    let mut n = 0u32;
+    let end = space::watch(root, &opts, |r| {
+        n += 1;
+        // Each extension is printed as it happens, not at exit.
+        let line = if json {
+            json!({"extended": r}).to_string()
+        } else {
+            format!("autoextended: {}", extend_text(r))
+        };
+        let _ = writeln!(io::stdout(), "{line}");
+        let _ = io::stdout().flush();
+    })?;
+    Ok(Output {
+        text: format!("watch ended ({end:?}) after {n} extension(s)\n"),
+        json: json!({"ended": end, "extensions": n}),
+    })
+}
+
 fn pool_destroy(root: &Path, force: bool, wait: bool) -> thinlayer_pool::Result<Output> {
     Pool::open(root, LockMode::Exclusive, wait)?.destroy(force)?;
     Ok(said(
@@ -353,6 +516,87 @@ fn pool_destroy(root: &Path, force: bool, wait: bool) -> thinlayer_pool::Result<
         format!("destroyed the pool under {}", root.display()),
         String::new(),
     ))
+}
+
+fn findings_text(findings: &[thinlayer_pool::check::Finding]) -> String {
+    let mut s = String::new();
+    for f in findings {
+        s += &format!("problem [{}]: {}\n  fix: {}\n", f.kind, f.detail, f.fix);
+    }
+    s
+}
+
+/// Prints a report that has findings (stdout), then fails with exit 7.
+fn with_findings(out: Output, count: usize, json: bool) -> thinlayer_pool::Result<Output> {
+    if count == 0 {
+        return Ok(out);
+    }
+    if json {
+        let _ = writeln!(io::stdout(), "{:#}", out.json);
+    } else {
+        let _ = write!(io::stdout(), "{}", out.text);
+    }
+    Err(Error::CheckFailed { count })
+}
+
+fn pool_check(root: &Path, json: bool, wait: bool) -> thinlayer_pool::Result<Output> {
+    // Exclusive: the check takes a metadata snapshot, and no change may
+    // run between its reads of records, kernel and metadata.
+    let r = Pool::open(root, LockMode::Exclusive, wait)?.check()?;
+    let mut text = format!(
+        "pool {} under {}: {}, {} layer(s), records at transaction {}, kernel at {}\n",
+        r.pool_id,
+        root.display(),
+        if r.active { "active" } else { "inactive" },
+        r.layers,
+        r.transaction_id,
+        r.kernel_transaction_id
+            .map_or("-".into(), |t| t.to_string()),
+    );
+    if r.is_clean() {
+        text += "clean: records, kernel devices and pool metadata agree; thin_check passes\n";
+    }
+    text += &findings_text(&r.findings);
+    let count = r.findings.len();
+    let out = Output {
+        text,
+        json: serde_json::to_value(&r).expect("plain data"),
+    };
+    with_findings(out, count, json)
+}
+
+fn pool_recover(
+    root: &Path,
+    force: bool,
+    json: bool,
+    wait: bool,
+) -> thinlayer_pool::Result<Output> {
+    let r = Pool::open(root, LockMode::Exclusive, wait)?.recover_all(force)?;
+    let mut text = String::new();
+    if r.actions.is_empty() {
+        text += "nothing to recover; no action taken\n";
+    }
+    for a in &r.actions {
+        text += &format!("{a}\n");
+    }
+    if r.findings.is_empty() {
+        text += "pool check: clean\n";
+    }
+    text += &findings_text(&r.findings);
+    let count = r.findings.len();
+    let out = Output {
+        text,
+        json: serde_json::to_value(&r).expect("plain data"),
+    };
+    with_findings(out, count, json)
+}
+
+fn pool_repair(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
+    let r = Pool::open(root, LockMode::Exclusive, wait)?.repair()?;
+    Ok(Output {
+        text: format!("{}\n", r.message),
+        json: serde_json::to_value(&r).expect("plain data"),
+    })
 }
 
 fn layer_create(

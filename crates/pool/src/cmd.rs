@@ -23,6 +23,10 @@ pub enum Tool {
     MkfsXfs,
     /// `thin_check`.
     ThinCheck,
+    /// `thin_dump`: the thin ids and transaction id in pool metadata.
+    ThinDump,
+    /// `thin_repair`: rebuilds damaged pool metadata into a fresh device.
+    ThinRepair,
 }
 
 impl Tool {
@@ -32,6 +36,8 @@ impl Tool {
             Tool::MkfsExt4 => "mkfs.ext4",
             Tool::MkfsXfs => "mkfs.xfs",
             Tool::ThinCheck => "thin_check",
+            Tool::ThinDump => "thin_dump",
+            Tool::ThinRepair => "thin_repair",
         }
     }
 
@@ -39,7 +45,7 @@ impl Tool {
         match self {
             Tool::MkfsExt4 => "e2fsprogs",
             Tool::MkfsXfs => "xfsprogs",
-            Tool::ThinCheck => "thin-provisioning-tools",
+            Tool::ThinCheck | Tool::ThinDump | Tool::ThinRepair => "thin-provisioning-tools",
         }
     }
 

@@ -172,7 +172,7 @@ pub enum Error {
 
     /// The pool is out of data or metadata space.
     #[error(
-        "the pool is out of {what} space ({detail}); grow it with `thinlayer pool extend`, or remove layers"
+        "the pool is out of {what} space ({detail}); grow it with `thinlayer pool extend --{what}-size +SIZE`, or remove layers"
     )]
     NoSpace {
         /// `data` or `metadata`.
@@ -199,6 +199,39 @@ pub enum Error {
         path: PathBuf,
         /// thin_check's words.
         detail: String,
+    },
+
+    /// A `pool create` was interrupted (a crash): its record is only an intent.
+    #[error(
+        "the pool under {root} was never finished: a crash interrupted `pool create`; \
+         run `thinlayer --root {root} pool create ...` again (it clears the leftovers first), \
+         or `thinlayer --root {root} pool recover` to clear them"
+    )]
+    InterruptedCreate {
+        /// The root directory.
+        root: PathBuf,
+    },
+
+    /// `thin_repair` could not rebuild the metadata.
+    #[error(
+        "thin_repair could not rebuild the pool metadata {path} ({detail}); nothing was changed; \
+         restore the metadata file from a backup, or keep the layers' data with `thin_dump --repair`"
+    )]
+    RepairFailed {
+        /// The metadata file, untouched.
+        path: PathBuf,
+        /// What thin_repair said.
+        detail: String,
+    },
+
+    /// `pool check` found problems; the report lists them.
+    #[error(
+        "pool check found {count} problem(s), listed in its report; \
+         `thinlayer pool recover` settles interrupted operations, each finding says what else to do"
+    )]
+    CheckFailed {
+        /// How many findings.
+        count: usize,
     },
 
     /// The records and the kernel disagree in a way the engine will not guess about.
@@ -255,9 +288,12 @@ impl Error {
             | Error::Busy { .. }
             | Error::Locked { .. } => exit::CONFLICT,
             Error::NoSpace { .. } => exit::NO_SPACE,
-            Error::Record { .. } | Error::MetadataDamaged { .. } | Error::Inconsistent(_) => {
-                exit::DAMAGED
-            }
+            Error::Record { .. }
+            | Error::MetadataDamaged { .. }
+            | Error::Inconsistent(_)
+            | Error::InterruptedCreate { .. }
+            | Error::RepairFailed { .. }
+            | Error::CheckFailed { .. } => exit::DAMAGED,
             Error::Io { source, .. } if source.raw_os_error() == Some(libc_enospc()) => {
                 exit::NO_SPACE
             }

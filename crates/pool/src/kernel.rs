@@ -415,6 +415,23 @@ impl Kernel {
         let _ = event_nr;
         Ok(info.event_nr())
     }
+
+    /// Arms the control fd for events (`DM_DEV_ARM_POLL`): from now on,
+    /// any dm device's event makes [`Kernel::control_fd`] poll readable.
+    ///
+    /// # Errors
+    /// device-mapper errors.
+    pub fn arm_events(&self) -> Result<()> {
+        self.dm
+            .arm_poll()
+            .map(|_| ())
+            .dm_ctx(|| "arm /dev/mapper/control for events".into())
+    }
+
+    /// The control fd, to poll for `POLLIN` after [`Kernel::arm_events`].
+    pub fn control_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.dm.file())
+    }
 }
 
 /// The parts of a thin-pool table.

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::{
     error::{Error, IoContext, Result},
-    kernel, mounts,
+    fault, kernel, mounts,
     names::{self, Role},
     pool::{Action, LayerRecord, Pending, Pool, RECORD_LAYER, now_unix},
     record,
@@ -161,6 +161,10 @@ impl Pool {
     /// [`Error::NoSpace`], [`Error::PoolInactive`], kernel errors.
     pub fn create_layer(&mut self, id: &str, parent: Option<&str>) -> Result<LayerRecord> {
         names::check_id("layer", id)?;
+        // Settle an interrupted operation first: it may be this very layer.
+        if self.pool_device()?.is_some() {
+            self.recover()?;
+        }
         if self.layout().layer_record(id).exists() {
             return Err(Error::LayerExists(id.to_owned()));
         }
@@ -182,6 +186,7 @@ impl Pool {
             thin_id,
             parent: parent.map(str::to_owned),
         })?;
+        fault::point("layer_create.after_intent");
 
         let kernel = self.kernel()?;
         let origin_active = kernel.device(&origin_name)?.is_some();
@@ -193,6 +198,7 @@ impl Pool {
                 origin_active.then_some(&*origin_name),
             )
             .and_then(|()| {
+                fault::point("layer_create.after_snapshot");
                 kernel.set_transaction_id(&pool, t, t + 1).map_err(|e| {
                     match kernel.pool_message(&pool, &format!("delete {thin_id}")) {
                         Ok(()) => e,
@@ -203,6 +209,7 @@ impl Pool {
                     }
                 })
             });
+        fault::point("layer_create.after_set_transaction_id");
         if let Err(e) = made {
             // Nothing reached the kernel's transaction: forget the intent.
             // The thin id stays used up; ids are never handed out twice.
@@ -216,6 +223,7 @@ impl Pool {
             created_unix: now_unix(),
         };
         record::write(&self.layout().layer_record(id), RECORD_LAYER, &layer)?;
+        fault::point("layer_create.after_record");
         self.commit(t + 1)?;
         Ok(layer)
     }
@@ -237,6 +245,11 @@ impl Pool {
     /// [`Error::HasChildren`], [`Error::Mounted`], [`Error::Busy`],
     /// [`Error::UnknownLayer`], kernel errors.
     pub fn remove_layer(&mut self, id: &str) -> Result<()> {
+        // Settle an interrupted operation first: it may be this very layer.
+        names::check_id("layer", id)?;
+        if self.pool_device()?.is_some() {
+            self.recover()?;
+        }
         let layer = self.layer(id)?;
         let children: Vec<String> = self
             .layer_records()?
@@ -266,16 +279,22 @@ impl Pool {
             // is recorded.
             self.kernel()?.remove(&name)?;
         }
+        fault::point("layer_rm.after_device_removal");
         let t = self.record().transaction_id;
         self.begin(Pending::RemoveLayer {
             id: id.to_owned(),
             thin_id: layer.thin_id,
         })?;
+        fault::point("layer_rm.after_intent");
+        self.discard_thin(layer.thin_id)?;
         let pool = self.name(Role::Pool);
         let kernel = self.kernel()?;
         kernel.pool_message(&pool, &format!("delete {}", layer.thin_id))?;
+        fault::point("layer_rm.after_delete");
         kernel.set_transaction_id(&pool, t, t + 1)?;
+        fault::point("layer_rm.after_set_transaction_id");
         record::remove(&self.layout().layer_record(id))?;
+        fault::point("layer_rm.after_record_removal");
         self.commit(t + 1)
     }
 
@@ -290,8 +309,11 @@ impl Pool {
         dir: &Path,
         readonly: bool,
     ) -> Result<(PathBuf, Action)> {
-        let layer = self.layer(id)?;
+        self.layer(id)?;
         let pool_dev = self.require_active()?;
+        // A layer half-removed by a crash must not be mounted.
+        self.recover()?;
+        let layer = self.layer(id)?;
         fs::create_dir_all(dir).ctx(|| format!("create mount point {}", dir.display()))?;
         let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
         let name = self.name(Role::Thin(layer.thin_id));
@@ -306,6 +328,7 @@ impl Pool {
                 true,
             ),
         };
+        fault::point("mount.after_activation");
         let node = kernel::devnode(dev);
         if !activated && mounts::mountpoints_of(dev)?.contains(&dir) {
             return Ok((node, Action::AlreadyDone));
@@ -327,6 +350,7 @@ impl Pool {
             }
             return Err(e);
         }
+        fault::point("mount.after_mount");
         Ok((node, Action::Done))
     }
 
@@ -384,8 +408,10 @@ impl Pool {
             (sel, vec![dir])
         };
         for d in dirs.iter().rev() {
+            crate::space::trim_before_umount(d);
             mounts::umount(d)?;
         }
+        fault::point("umount.after_umount");
         let kernel = self.kernel()?;
         for (_, name, dev) in selected {
             if mounts::mountpoints_of(dev)?.is_empty() {

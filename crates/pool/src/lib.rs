@@ -11,8 +11,10 @@
 //! Never: a dmsetup process, a mocked kernel in a test that claims dm-thin
 //! behaviour, a thin id reused.
 
+pub mod check;
 pub mod cmd;
 pub mod error;
+pub mod fault;
 pub mod holders;
 pub mod kernel;
 mod layer;
@@ -22,6 +24,7 @@ pub mod mounts;
 pub mod names;
 pub mod pool;
 pub mod record;
+pub mod space;
 pub mod units;
 
 pub use error::{Error, Result, exit};

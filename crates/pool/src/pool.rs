@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cmd::Tool,
     error::{Error, IoContext, Result},
+    fault,
     kernel::{self, Kernel, PoolSpec},
     lock::{self, LockMode, RootLock},
     loopback, mounts,
@@ -164,6 +165,10 @@ pub struct PoolRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Pending {
+    /// `pool create`, recorded before its first file or device: what a crash
+    /// leaves under a record in this state is leftovers, which the next
+    /// `pool create` (or `pool recover`, `pool destroy`) clears.
+    CreatePool,
     /// `layer create`.
     CreateLayer {
         /// The layer id.
@@ -180,6 +185,88 @@ pub enum Pending {
         /// Its thin id.
         thin_id: u32,
     },
+}
+
+impl Pending {
+    /// The operation in words, for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Pending::CreatePool => "pool create".into(),
+            Pending::CreateLayer { id, thin_id, .. } => {
+                format!("layer create of `{id}` (thin id {thin_id})")
+            }
+            Pending::RemoveLayer { id, thin_id } => {
+                format!("layer rm of `{id}` (thin id {thin_id})")
+            }
+        }
+    }
+}
+
+/// The fault points [`Pool::start_pool`] passes, for create or activate.
+struct StartPoints {
+    loops: &'static str,
+    meta: &'static str,
+    data: &'static str,
+    pool: &'static str,
+}
+
+const CREATE_POINTS: StartPoints = StartPoints {
+    loops: "pool_create.after_loops",
+    meta: "pool_create.after_meta_linear",
+    data: "pool_create.after_data_linear",
+    pool: "pool_create.after_pool",
+};
+
+const ACTIVATE_POINTS: StartPoints = StartPoints {
+    loops: "pool_activate.after_loops",
+    meta: "pool_activate.after_meta_linear",
+    data: "pool_activate.after_data_linear",
+    pool: "pool_activate.after_pool",
+};
+
+/// The record under `layout` if it is the intent of a `pool create` that
+/// never finished; `None` for a finished pool or an unreadable record.
+pub(crate) fn interrupted_create(layout: &Layout) -> Option<PoolRecord> {
+    let rec: PoolRecord = record::read(&layout.pool_record(), RECORD_POOL).ok()?;
+    (rec.pending == Some(Pending::CreatePool)).then_some(rec)
+}
+
+/// Removes what an interrupted `pool create` of `rec` left: every dm device
+/// of its pool id (thins first), the two files, and last its record. Safe
+/// only for a record in the [`Pending::CreatePool`] state: nothing under it
+/// was ever handed to a user. Returns what it removed.
+pub(crate) fn clear_interrupted_create(
+    kernel: &Kernel,
+    layout: &Layout,
+    rec: &PoolRecord,
+) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let mut present: Vec<String> = kernel
+        .names_with_prefix(&names::name_prefix(&rec.pool_id))?
+        .into_iter()
+        .collect();
+    // Thins before the pool, the pool before the linear devices under it.
+    present.sort_by_key(|n| match names::parse_role(&rec.pool_id, n) {
+        Some(Role::Thin(_)) | None => 0,
+        Some(Role::Pool) => 1,
+        Some(Role::Data) | Some(Role::Meta) => 2,
+    });
+    for name in present {
+        let n = devicemapper::DmNameBuf::new(name.clone()).expect("valid: listed by the kernel");
+        if kernel.remove_if_present(&n)? {
+            removed.push(format!("device {name}"));
+        }
+    }
+    for f in [layout.data_file(), layout.metadata_file()] {
+        if f.exists() {
+            record::remove(&f)?;
+            removed.push(format!("file {}", f.display()));
+        }
+    }
+    let _ = fs::remove_dir(layout.layers_dir());
+    record::remove(&layout.pool_record())?;
+    removed.push(format!("record {}", layout.pool_record().display()));
+    Ok(removed)
 }
 
 /// A layer record.
@@ -351,19 +438,27 @@ impl Pool {
         let layout = Layout {
             root: root.to_owned(),
         };
-        if layout.pool_record().exists() {
+        if layout.pool_record().exists() && interrupted_create(&layout).is_none() {
             return Err(Error::PoolExists {
                 root: root.to_owned(),
             });
         }
         record::create_dir(root)?;
         let lock = lock::lock(root, LockMode::Exclusive, wait)?;
-        if layout.pool_record().exists() {
-            return Err(Error::PoolExists {
-                root: root.to_owned(),
-            });
-        }
         record::sweep_temp(root)?;
+        if layout.pool_record().exists() {
+            match interrupted_create(&layout) {
+                Some(old) => {
+                    tracing::info!(pool_id = %old.pool_id, "clearing an interrupted pool create");
+                    clear_interrupted_create(&kernel, &layout, &old)?;
+                }
+                None => {
+                    return Err(Error::PoolExists {
+                        root: root.to_owned(),
+                    });
+                }
+            }
+        }
         let data_size =
             Bytes(opts.data_size.blocks_of(opts.block_size) * opts.block_size.bytes().0);
         let rec = PoolRecord {
@@ -385,6 +480,17 @@ impl Pool {
             devices: Vec::new(),
             files: Vec::new(),
         };
+        // The intent first: leftovers of a crash from here on sit under a
+        // record that says they are leftovers.
+        let intent = PoolRecord {
+            pending: Some(Pending::CreatePool),
+            ..rec.clone()
+        };
+        undo.files.push(layout.pool_record());
+        if let Err(e) = record::write(&layout.pool_record(), RECORD_POOL, &intent) {
+            return Err(undo.run(e));
+        }
+        fault::point("pool_create.after_intent");
         match Self::build(&kernel, &layout, &rec, &mut undo) {
             Ok(()) => {}
             Err(e) => return Err(undo.run(e)),
@@ -421,7 +527,8 @@ impl Pool {
                 .and_then(|()| f.sync_all())
                 .ctx(|| format!("size {} to {size}", file.display()))?;
         }
-        let (meta_dev, data_dev) = Self::start_pool(kernel, layout, rec, |name| {
+        fault::point("pool_create.after_files");
+        let (meta_dev, data_dev) = Self::start_pool(kernel, layout, rec, &CREATE_POINTS, |name| {
             undo.devices.push(name.to_owned());
         })?;
         let _ = (meta_dev, data_dev);
@@ -430,6 +537,7 @@ impl Pool {
             .device(&pool)?
             .ok_or_else(|| Error::Inconsistent(format!("{pool:?} vanished after creation")))?;
         kernel.pool_message(&pool, &format!("create_thin {}", rec.base_thin_id))?;
+        fault::point("pool_create.after_base_thin");
         let base = names::dm_name(&rec.pool_id, Role::Thin(rec.base_thin_id));
         undo.devices.push(base.clone());
         let dev = kernel.activate_thin(
@@ -439,6 +547,7 @@ impl Pool {
             rec.base_thin_id,
             rec.base_size.sectors(),
         )?;
+        fault::point("pool_create.after_base_activation");
         let node = kernel::devnode(dev);
         match rec.fs {
             FsType::Ext4 => rec.fs.mkfs().run(&[
@@ -461,11 +570,15 @@ impl Pool {
                 node.as_os_str(),
             ])?,
         };
+        fault::point("pool_create.after_mkfs");
         kernel.remove(&base)?;
+        fault::point("pool_create.after_base_teardown");
         kernel.set_transaction_id(&pool, 0, rec.transaction_id)?;
+        fault::point("pool_create.after_set_transaction_id");
         record::create_dir(&layout.layers_dir())?;
-        undo.files.push(layout.pool_record());
-        record::write(&layout.pool_record(), RECORD_POOL, rec)
+        record::write(&layout.pool_record(), RECORD_POOL, rec)?;
+        fault::point("pool_create.after_record");
+        Ok(())
     }
 
     /// Loop devices, linear devices and the thin-pool from the record.
@@ -474,11 +587,13 @@ impl Pool {
         kernel: &Kernel,
         layout: &Layout,
         rec: &PoolRecord,
+        points: &StartPoints,
         mut made: impl FnMut(&devicemapper::DmName),
     ) -> Result<(devicemapper::Device, devicemapper::Device)> {
         let id = &rec.pool_id;
         let meta_loop = loopback::attach(&layout.metadata_file())?;
         let data_loop = loopback::attach(&layout.data_file())?;
+        fault::point(points.loops);
         let meta_name = names::dm_name(id, Role::Meta);
         let meta = kernel.create_linear(
             &meta_name,
@@ -487,6 +602,7 @@ impl Pool {
             rec.metadata_size.sectors(),
         )?;
         made(&meta_name);
+        fault::point(points.meta);
         let data_name = names::dm_name(id, Role::Data);
         let data = kernel.create_linear(
             &data_name,
@@ -495,6 +611,7 @@ impl Pool {
             rec.data_size.sectors(),
         )?;
         made(&data_name);
+        fault::point(points.data);
         let pool_name = names::dm_name(id, Role::Pool);
         kernel.create_pool(
             &pool_name,
@@ -502,6 +619,7 @@ impl Pool {
             &pool_spec(rec, meta, data),
         )?;
         made(&pool_name);
+        fault::point(points.pool);
         // The linear devices hold the loop devices open now; dropping our
         // handles leaves autoclear to detach them when the pool goes.
         drop((meta_loop, data_loop));
@@ -587,8 +705,12 @@ impl Pool {
     /// is not active.
     ///
     /// # Errors
-    /// [`Error::PoolInactive`], environment and kernel errors.
+    /// [`Error::PoolInactive`], [`Error::InterruptedCreate`], environment
+    /// and kernel errors.
     pub fn require_active(&mut self) -> Result<devicemapper::Device> {
+        if self.rec.pending == Some(Pending::CreatePool) {
+            return Err(self.interrupted_create_error());
+        }
         self.pool_device()?.ok_or_else(|| Error::PoolInactive {
             root: self.layout.root.clone(),
         })
@@ -601,6 +723,9 @@ impl Pool {
     /// # Errors
     /// [`Error::MetadataDamaged`], environment and kernel errors.
     pub fn activate(&mut self) -> Result<Action> {
+        if self.rec.pending == Some(Pending::CreatePool) {
+            return Err(self.interrupted_create_error());
+        }
         if self.pool_device()?.is_some() {
             self.recover()?;
             return Ok(Action::AlreadyDone);
@@ -611,11 +736,13 @@ impl Pool {
         for role in [Role::Data, Role::Meta] {
             kernel.remove_if_present(&names::dm_name(&pool_id, role))?;
         }
+        fault::point("pool_activate.after_leftovers");
         check_metadata(&self.layout.metadata_file())?;
         let kernel = self.kernel.as_ref().expect("opened above");
         let mut made = Vec::new();
-        let started =
-            Self::start_pool(kernel, &self.layout, &self.rec, |n| made.push(n.to_owned()));
+        let started = Self::start_pool(kernel, &self.layout, &self.rec, &ACTIVATE_POINTS, |n| {
+            made.push(n.to_owned())
+        });
         if let Err(e) = started {
             let undo = Undo {
                 kernel,
@@ -668,9 +795,15 @@ impl Pool {
             let n =
                 devicemapper::DmNameBuf::new(name.clone()).expect("valid: listed by the kernel");
             kernel.remove_if_present(&n)?;
+            fault::point("pool_deactivate.after_thin_removal");
         }
         for role in [Role::Pool, Role::Data, Role::Meta] {
             kernel.remove_if_present(&names::dm_name(&pool_id, role))?;
+            fault::point(match role {
+                Role::Pool => "pool_deactivate.after_pool_removal",
+                Role::Data => "pool_deactivate.after_data_removal",
+                _ => "pool_deactivate.after_meta_removal",
+            });
         }
         Ok(Action::Done)
     }
@@ -736,18 +869,39 @@ impl Pool {
 
     /// Finishes or undoes an operation a crash interrupted, by comparing
     /// the kernel's transaction id with the record's; checks that the two
-    /// agree. Needs the pool active; a no-op when it is not.
+    /// agree. Needs the pool active; a no-op when it is not. Returns what
+    /// it did, in sentences (empty when nothing was interrupted).
     ///
     /// # Errors
     /// [`Error::Inconsistent`] when the ids disagree in a way no pending
-    /// operation explains; kernel errors.
-    pub fn recover(&mut self) -> Result<()> {
+    /// operation explains; [`Error::InterruptedCreate`]; kernel errors.
+    pub fn recover(&mut self) -> Result<Vec<String>> {
+        if self.rec.pending == Some(Pending::CreatePool) {
+            return Err(self.interrupted_create_error());
+        }
         if self.pool_device()?.is_none() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let pool = self.name(Role::Pool);
         let t = self.rec.transaction_id;
         let kt = self.kernel()?.pool_status(&pool)?.transaction_id;
+        let before = self.rec.pending.clone();
+        self.settle(&pool, t, kt)?;
+        Ok(match before {
+            None => Vec::new(),
+            Some(p) => vec![format!(
+                "settled an interrupted {} (kernel transaction {kt}, records {t}): {}",
+                p.describe(),
+                if kt > t {
+                    "rolled forward"
+                } else {
+                    "rolled back"
+                },
+            )],
+        })
+    }
+
+    fn settle(&mut self, pool: &devicemapper::DmName, t: u64, kt: u64) -> Result<()> {
         match self.rec.pending.clone() {
             None if kt == t => Ok(()),
             None => Err(Error::Inconsistent(format!(
@@ -775,7 +929,7 @@ impl Pool {
                 let kernel = self.kernel()?;
                 kernel.remove_if_present(&name)?;
                 // The thin id may or may not have been made before the crash.
-                if let Err(e) = kernel.pool_message(&pool, &format!("delete {thin_id}")) {
+                if let Err(e) = kernel.pool_message(pool, &format!("delete {thin_id}")) {
                     tracing::debug!(thin_id, error = %e, "thin id was not created");
                 }
                 record::remove(&self.layout.layer_record(&id))?;
@@ -787,10 +941,10 @@ impl Pool {
                 let kernel = self.kernel()?;
                 kernel.remove_if_present(&name)?;
                 if kt == t {
-                    if let Err(e) = kernel.pool_message(&pool, &format!("delete {thin_id}")) {
+                    if let Err(e) = kernel.pool_message(pool, &format!("delete {thin_id}")) {
                         tracing::debug!(thin_id, error = %e, "thin id was already deleted");
                     }
-                    kernel.set_transaction_id(&pool, t, t + 1)?;
+                    kernel.set_transaction_id(pool, t, t + 1)?;
                 }
                 record::remove(&self.layout.layer_record(&id))?;
                 self.commit(t + 1)
@@ -799,6 +953,12 @@ impl Pool {
                 "an interrupted {p:?} left the kernel at transaction {kt} and the records at {t}; \
                  run `thinlayer pool check`"
             ))),
+        }
+    }
+
+    pub(crate) fn interrupted_create_error(&self) -> Error {
+        Error::InterruptedCreate {
+            root: self.layout.root.clone(),
         }
     }
 
@@ -851,7 +1011,7 @@ impl Pool {
             ] {
                 if total > 0 && used * 100 >= total * pct {
                     warnings.push(format!(
-                        "{what} is {}% full (low-water mark {pct}%): extend the pool or remove layers",
+                        "{what} is {}% full (low-water mark {pct}%): extend it with `thinlayer pool extend --{what}-size +SIZE`, or remove layers",
                         used * 100 / total
                     ));
                 }
@@ -859,7 +1019,9 @@ impl Pool {
             if k.needs_check {
                 warnings.push("the kernel flagged the metadata as needing a check: deactivate and run `thinlayer pool check`".into());
             }
-            if k.mode != "rw" {
+            if k.mode == "out_of_data_space" || k.data_used_blocks >= k.data_total_blocks {
+                warnings.push(crate::space::out_of_space_hint("data"));
+            } else if k.mode != "rw" {
                 warnings.push(format!("the pool is in {} mode", k.mode));
             }
             if k.transaction_id != self.rec.transaction_id {

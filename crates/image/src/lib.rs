@@ -1,0 +1,26 @@
+//! OCI image layers on plain directory trees: the userspace half of putting
+//! images into thin snapshots.
+//!
+//! - [`apply_layer`] unpacks a layer tar (uncompressed, gzip or zstd) onto
+//!   the mounted snapshot of its parent, whiteouts and all, refusing hostile
+//!   archives.
+//! - [`changes`] compares a parent's tree with a child's (`docker diff`).
+//! - [`write_layer`] writes that difference as a layer tar, deterministically.
+//! - [`manifest`] describes a tree so two trees can be compared.
+//!
+//! What must never happen: a write outside the root the caller names, for any
+//! archive; a symlink followed while reading or writing a tree. The crate
+//! knows nothing of device-mapper: the caller makes, mounts and (on error)
+//! discards the snapshot.
+
+pub mod apply;
+pub mod diff;
+mod error;
+pub mod export;
+pub mod tree;
+
+pub use apply::{ApplyOptions, ApplyReport, apply_layer, tar_content_size};
+pub use diff::{Change, ChangeKind, changes};
+pub use error::{Error, Result};
+pub use export::{ExportReport, write_layer};
+pub use tree::{EntryDigest, Kind, Manifest, differences, manifest};

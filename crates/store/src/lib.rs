@@ -1,0 +1,727 @@
+//! thinlayer's image and container store, over the pool engine: image
+//! layers applied from OCI/Docker layer tars into thin snapshots,
+//! containers as an init layer plus a read-write snapshot, and their
+//! changes diffed, committed and exported back as layer tars.
+//!
+//! Data path: CLI -> [`Store`] -> [`thinlayer_pool::Pool`] (snapshots,
+//! mounts) + `thinlayer_image` (tar apply, diff, export) + records.
+//!
+//! What must never happen: a layer that looks complete and is not (see
+//! [`records`]); a refused or failed apply that leaves its snapshot or
+//! records behind (every apply rolls back on error); an import that applies
+//! a layer the pool already holds (layers are named by ChainID and reused).
+
+pub mod error;
+pub mod records;
+pub mod source;
+
+use std::{
+    fs,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use thinlayer_image::{apply, diff, export};
+use thinlayer_pool::{LockMode, Pool, record};
+
+use error::IoContext;
+pub use error::{Error, Result};
+use records::{ContainerRecord, ImageRecord, LayerKind, LayerMeta};
+
+const RECORD_META: &str = "layer-meta";
+const RECORD_IMAGE: &str = "image";
+const RECORD_CONTAINER: &str = "container";
+
+/// What a long operation reports as it goes.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    /// Starting layer `index` of `count` (`bytes` of blob).
+    Layer {
+        /// 1-based.
+        index: usize,
+        /// Layers in all.
+        count: usize,
+        /// Its id.
+        id: String,
+        /// Blob size.
+        bytes: u64,
+        /// Whether the pool already holds it.
+        reused: bool,
+    },
+    /// Bytes of the current layer's blob read so far.
+    Bytes(u64),
+}
+
+/// The result of an import.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImportReport {
+    /// The image's name.
+    pub name: String,
+    /// Layers applied now.
+    pub applied: usize,
+    /// Layers the pool already held.
+    pub reused: usize,
+    /// Pool layer ids bottom to top.
+    pub layers: Vec<String>,
+    /// Whether an identical image was already there.
+    pub already_present: bool,
+}
+
+/// One changed path, for `container diff`.
+pub use diff::Change;
+
+/// The store: a pool opened under its lock, and the store's directories.
+pub struct Store {
+    pool: Pool,
+    dir: PathBuf,
+}
+
+fn key(name: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(name.as_bytes())[..12])
+}
+
+/// Counts bytes read, reporting them.
+struct Counting<'a, R> {
+    inner: R,
+    n: u64,
+    progress: &'a dyn Fn(Progress),
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        (self.progress)(Progress::Bytes(self.n));
+        Ok(k)
+    }
+}
+
+impl Store {
+    /// Opens the pool under `root` in `mode` and the store beside it.
+    ///
+    /// # Errors
+    /// The pool's open errors.
+    pub fn open(root: &Path, mode: LockMode, wait: bool) -> Result<Store> {
+        let pool = Pool::open(root, mode, wait)?;
+        let dir = root.join("store");
+        if mode == LockMode::Exclusive {
+            for sub in ["layers", "images", "containers", "tmp", "mnt"] {
+                record::create_dir(&dir.join(sub)).map_err(Error::Pool)?;
+            }
+            for sub in ["layers", "images", "containers"] {
+                record::sweep_temp(&dir.join(sub))?;
+            }
+        }
+        Ok(Store { pool, dir })
+    }
+
+    /// The pool underneath.
+    pub fn pool(&mut self) -> &mut Pool {
+        &mut self.pool
+    }
+
+    fn meta_path(&self, id: &str) -> PathBuf {
+        self.dir.join("layers").join(format!("{}.rec", key(id)))
+    }
+    fn image_path(&self, name: &str) -> PathBuf {
+        self.dir.join("images").join(format!("{}.rec", key(name)))
+    }
+    fn container_path(&self, name: &str) -> PathBuf {
+        self.dir.join("containers").join(format!("{name}.rec"))
+    }
+
+    fn read_opt<T: serde::de::DeserializeOwned>(path: &Path, kind: &str) -> Result<Option<T>> {
+        match record::read(path, kind) {
+            Ok(v) => Ok(Some(v)),
+            Err(thinlayer_pool::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn read_all<T: serde::de::DeserializeOwned>(&self, sub: &str, kind: &str) -> Result<Vec<T>> {
+        let dir = self.dir.join(sub);
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "rec") {
+                out.push(record::read(&p, kind)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The store's facts about pool layer `id`, if any.
+    ///
+    /// # Errors
+    /// Damaged records.
+    pub fn layer_meta(&self, id: &str) -> Result<Option<LayerMeta>> {
+        Self::read_opt(&self.meta_path(id), RECORD_META)
+    }
+
+    fn scratch_dir(&self, purpose: &str) -> Result<PathBuf> {
+        let d = self
+            .dir
+            .join("tmp")
+            .join(format!("{purpose}-{}", std::process::id()));
+        fs::create_dir_all(&d).ctx(|| format!("create {}", d.display()))?;
+        Ok(d)
+    }
+
+    /// Creates layer `id` on `parent` and applies the layer tar `input`
+    /// into it. On any error the snapshot and its records are removed.
+    ///
+    /// # Errors
+    /// Hostile or broken tar, diff_id mismatch, pool full (with the space
+    /// the layer needs), pool errors.
+    pub fn apply_new_layer(
+        &mut self,
+        id: &str,
+        parent: Option<&str>,
+        input: impl Read,
+        expected_diff_id: Option<&str>,
+        kind: LayerKind,
+        size_hint: u64,
+    ) -> Result<LayerMeta> {
+        let mut meta = LayerMeta {
+            id: id.to_owned(),
+            kind,
+            diff_id: None,
+            complete: false,
+        };
+        if self.pool.layout().layer_record(id).exists() {
+            return Err(thinlayer_pool::Error::LayerExists(id.to_owned()).into());
+        }
+        record::write(&self.meta_path(id), RECORD_META, &meta)?;
+        if let Err(e) = self.pool.create_layer(id, parent) {
+            record::remove(&self.meta_path(id))?;
+            return Err(e.into());
+        }
+        let applied = self.apply_into(id, input, expected_diff_id, size_hint);
+        match applied {
+            Ok(diff_id) => {
+                meta.diff_id = Some(diff_id);
+                meta.complete = true;
+                record::write(&self.meta_path(id), RECORD_META, &meta)?;
+                Ok(meta)
+            }
+            Err(e) => Err(self.roll_back_layer(id, e)),
+        }
+    }
+
+    /// Mounts `id` at a scratch directory, applies, flushes, unmounts.
+    ///
+    /// A full thin pool shows only when the page cache is written back, as
+    /// an I/O error at `syncfs`; so the pool's state, not the error's kind,
+    /// decides whether this was a full pool.
+    fn apply_into(
+        &mut self,
+        id: &str,
+        input: impl Read,
+        expected: Option<&str>,
+        size_hint: u64,
+    ) -> Result<String> {
+        let free_before = self.free_data_bytes()?;
+        let dir = self.scratch_dir(&format!("apply-{}", key(id)))?;
+        self.pool.mount_layer(id, &dir, false)?;
+        let opts = apply::ApplyOptions {
+            expected_diff_id: expected.map(str::to_owned),
+            ..Default::default()
+        };
+        let result = apply::apply_layer(&dir, input, &opts);
+        let synced = syncfs(&dir);
+        let full = self.pool_is_full()?;
+        let unmounted = self.pool.umount(id);
+        let _ = fs::remove_dir(&dir);
+        if full {
+            let written = match &result {
+                Ok(r) => r.bytes,
+                Err(thinlayer_image::Error::NoSpace {
+                    needed_bytes_hint, ..
+                }) => *needed_bytes_hint,
+                Err(_) => 0,
+            };
+            return Err(Error::PoolFull {
+                needed: written.max(size_hint).max(free_before + 1),
+                free: free_before,
+            });
+        }
+        let report = result?;
+        synced?;
+        unmounted?;
+        Ok(report.diff_id)
+    }
+
+    fn pool_is_full(&mut self) -> Result<bool> {
+        let st = self.pool.status()?;
+        Ok(st.kernel.is_some_and(|k| {
+            k.mode == "out_of_data_space" || k.data_used_blocks >= k.data_total_blocks
+        }))
+    }
+
+    fn free_data_bytes(&mut self) -> Result<u64> {
+        let st = self.pool.status()?;
+        Ok(st.kernel.map_or(0, |k| {
+            (k.data_total_blocks - k.data_used_blocks) * st.block_size_bytes
+        }))
+    }
+
+    /// Removes a half-made layer and its meta record; reports both errors
+    /// if the removal fails too.
+    fn roll_back_layer(&mut self, id: &str, error: Error) -> Error {
+        let _ = self.pool.umount(id);
+        let undo = self
+            .pool
+            .remove_layer(id)
+            .map_err(Error::from)
+            .and_then(|()| record::remove(&self.meta_path(id)).map_err(Error::from));
+        match undo {
+            Ok(()) => error,
+            Err(u) => Error::Rollback {
+                error: Box::new(error),
+                undo: Box::new(u),
+            },
+        }
+    }
+
+    /// Imports the image at `path` (OCI layout directory or archive, or a
+    /// `docker save` archive). Layers the pool already holds (same ChainID)
+    /// are reused, so images sharing a base share its blocks.
+    ///
+    /// # Errors
+    /// [`Error::Format`], [`Error::ImageExists`] (a different image of that
+    /// name), apply errors (the failed layer is rolled back; layers applied
+    /// before it stay, complete, for the next try to reuse).
+    pub fn import(
+        &mut self,
+        path: &Path,
+        name: Option<&str>,
+        progress: &dyn Fn(Progress),
+    ) -> Result<ImportReport> {
+        let scratch = self.dir.join("tmp");
+        let src = source::open(path, &scratch)?;
+        let name = name
+            .map(str::to_owned)
+            .or_else(|| src.name.clone())
+            .unwrap_or_else(|| src.config_digest.chars().take(19).collect());
+        let diff_ids: Vec<String> = src.layers.iter().map(|l| l.diff_id.clone()).collect();
+        let chain = source::chain_ids(&diff_ids);
+        if let Some(old) = Self::read_opt::<ImageRecord>(&self.image_path(&name), RECORD_IMAGE)? {
+            if old.config_digest == src.config_digest && old.layers == chain {
+                return Ok(ImportReport {
+                    name,
+                    applied: 0,
+                    reused: chain.len(),
+                    layers: chain,
+                    already_present: true,
+                });
+            }
+            return Err(Error::ImageExists(name));
+        }
+        let (mut applied, mut reused) = (0, 0);
+        let mut fresh: Vec<String> = Vec::new();
+        for (i, (blob, id)) in src.layers.iter().zip(&chain).enumerate() {
+            let parent = i.checked_sub(1).map(|p| chain[p].as_str());
+            let have = self.pool.layout().layer_record(id).exists();
+            let complete = self.layer_meta(id)?.is_some_and(|m| m.complete);
+            progress(Progress::Layer {
+                index: i + 1,
+                count: chain.len(),
+                id: id.clone(),
+                bytes: blob.size,
+                reused: have && complete,
+            });
+            if have && complete {
+                reused += 1;
+                continue;
+            }
+            if have {
+                // Left half-applied by a crash: remove, then apply again.
+                let _ = self.pool.umount(id);
+                self.pool.remove_layer(id)?;
+            }
+            let file =
+                fs::File::open(&blob.path).ctx(|| format!("open {}", blob.path.display()))?;
+            let input = Counting {
+                inner: std::io::BufReader::new(file),
+                n: 0,
+                progress,
+            };
+            let made = self.apply_new_layer(
+                id,
+                parent,
+                input,
+                Some(&blob.diff_id),
+                LayerKind::Image,
+                blob.size,
+            );
+            if let Err(e) = made {
+                // Leave the pool as the import found it: drop what it added.
+                let mut error = e;
+                for done in fresh.iter().rev() {
+                    error = self.roll_back_layer(done, error);
+                }
+                return Err(error);
+            }
+            fresh.push(id.clone());
+            applied += 1;
+        }
+        let rec = ImageRecord {
+            name: name.clone(),
+            config_digest: src.config_digest.clone(),
+            layers: chain.clone(),
+            diff_ids,
+            created_unix: now_unix(),
+        };
+        record::write(&self.image_path(&name), RECORD_IMAGE, &rec)?;
+        Ok(ImportReport {
+            name,
+            applied,
+            reused,
+            layers: chain,
+            already_present: false,
+        })
+    }
+
+    /// Every image, by name.
+    ///
+    /// # Errors
+    /// Damaged records.
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        let mut v: Vec<ImageRecord> = self.read_all("images", RECORD_IMAGE)?;
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// The image named `name`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownImage`].
+    pub fn image(&self, name: &str) -> Result<ImageRecord> {
+        Self::read_opt(&self.image_path(name), RECORD_IMAGE)?
+            .ok_or_else(|| Error::UnknownImage(name.to_owned()))
+    }
+
+    /// Every container, by name.
+    ///
+    /// # Errors
+    /// Damaged records.
+    pub fn containers(&self) -> Result<Vec<ContainerRecord>> {
+        let mut v: Vec<ContainerRecord> = self.read_all("containers", RECORD_CONTAINER)?;
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// The container named `name`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownContainer`].
+    pub fn container(&self, name: &str) -> Result<ContainerRecord> {
+        thinlayer_pool::names::check_id("container", name)?;
+        Self::read_opt(&self.container_path(name), RECORD_CONTAINER)?
+            .ok_or_else(|| Error::UnknownContainer(name.to_owned()))
+    }
+
+    /// Removes image `name`, and its layers that no other image, container
+    /// or layer uses. Returns the layers removed.
+    ///
+    /// # Errors
+    /// [`Error::UnknownImage`], [`Error::InUse`] (containers of it).
+    pub fn remove_image(&mut self, name: &str) -> Result<Vec<String>> {
+        let img = self.image(name)?;
+        let users: Vec<String> = self
+            .containers()?
+            .into_iter()
+            .filter(|c| c.image == name)
+            .map(|c| c.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::InUse {
+                what: format!("image `{name}`"),
+                users: format!("container(s) {}", users.join(", ")),
+            });
+        }
+        record::remove(&self.image_path(name))?;
+        let others: Vec<ImageRecord> = self.images()?;
+        let mut removed = Vec::new();
+        for id in img.layers.iter().rev() {
+            let shared = others.iter().any(|o| o.layers.contains(id));
+            let has_children = self
+                .pool
+                .layer_records()?
+                .iter()
+                .any(|l| l.parent.as_deref() == Some(id.as_str()));
+            if shared || has_children {
+                break;
+            }
+            self.pool.remove_layer(id)?;
+            record::remove(&self.meta_path(id))?;
+            removed.push(id.clone());
+        }
+        Ok(removed)
+    }
+
+    /// Creates container `name` of `image`: an init layer holding
+    /// `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` (kept out of
+    /// commits), and a read-write snapshot on top.
+    ///
+    /// # Errors
+    /// [`Error::ContainerExists`], [`Error::UnknownImage`], pool errors
+    /// (all rolled back).
+    pub fn create_container(
+        &mut self,
+        name: &str,
+        image: &str,
+        hostname: Option<&str>,
+    ) -> Result<ContainerRecord> {
+        thinlayer_pool::names::check_id("container", name)?;
+        if self.container_path(name).exists() {
+            return Err(Error::ContainerExists(name.to_owned()));
+        }
+        let img = self.image(image)?;
+        let top = img
+            .layers
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::UnknownImage(format!("{image} (it has no layers)")))?;
+        let hostname = hostname.unwrap_or(name).to_owned();
+        thinlayer_pool::names::check_id("hostname", &hostname)?;
+        let init_id = format!("{name}-init");
+        let layer_id = format!("{name}-rw");
+        let init_tar = init_layer_tar(&hostname);
+        let size = init_tar.len() as u64;
+        self.apply_new_layer(
+            &init_id,
+            Some(&top),
+            &init_tar[..],
+            None,
+            LayerKind::Init,
+            size,
+        )?;
+        let made = self.pool.create_layer(&layer_id, Some(&init_id));
+        if let Err(e) = made {
+            return Err(self.roll_back_layer(&init_id, e.into()));
+        }
+        let meta = LayerMeta {
+            id: layer_id.clone(),
+            kind: LayerKind::Container,
+            diff_id: None,
+            complete: true,
+        };
+        let rec = ContainerRecord {
+            name: name.to_owned(),
+            image: image.to_owned(),
+            image_top: top,
+            init_layer: init_id.clone(),
+            layer: layer_id.clone(),
+            hostname,
+            mountpoint: self.dir.join("mnt").join(name),
+            created_unix: now_unix(),
+        };
+        let written = record::write(&self.meta_path(&layer_id), RECORD_META, &meta)
+            .and_then(|()| record::write(&self.container_path(name), RECORD_CONTAINER, &rec));
+        if let Err(e) = written {
+            let e = self.roll_back_layer(&layer_id, e.into());
+            return Err(self.roll_back_layer(&init_id, e));
+        }
+        Ok(rec)
+    }
+
+    /// Mounts container `name`'s root filesystem at `dir` (default: its
+    /// own mount point under the root) and returns where.
+    ///
+    /// # Errors
+    /// [`Error::UnknownContainer`], mount errors.
+    pub fn mount_container(&mut self, name: &str, dir: Option<&Path>) -> Result<PathBuf> {
+        let c = self.container(name)?;
+        let dir = dir.map_or_else(|| c.mountpoint.clone(), Path::to_path_buf);
+        self.pool.mount_layer(&c.layer, &dir, false)?;
+        Ok(dir)
+    }
+
+    /// Unmounts container `name` everywhere.
+    ///
+    /// # Errors
+    /// [`Error::UnknownContainer`], busy mounts.
+    pub fn umount_container(&mut self, name: &str) -> Result<Vec<PathBuf>> {
+        let c = self.container(name)?;
+        Ok(self.pool.umount(&c.layer)?)
+    }
+
+    /// Removes container `name`: unmounts it, removes its layers and record.
+    ///
+    /// # Errors
+    /// [`Error::UnknownContainer`], busy mounts or devices (nothing removed),
+    /// a commit made from it still... (commits are independent layers).
+    pub fn remove_container(&mut self, name: &str) -> Result<()> {
+        let c = self.container(name)?;
+        self.pool.umount(&c.layer)?;
+        for id in [&c.layer, &c.init_layer] {
+            if self.pool.layout().layer_record(id).exists() {
+                self.pool.remove_layer(id)?;
+            }
+            record::remove(&self.meta_path(id))?;
+        }
+        record::remove(&self.container_path(name))?;
+        let _ = fs::remove_dir(&c.mountpoint);
+        Ok(())
+    }
+
+    /// Runs `f` with `upper` and its parent (or an empty tree) mounted
+    /// read-only, or at their existing mount points.
+    fn with_pair<T>(
+        &mut self,
+        lower: Option<&str>,
+        upper: &str,
+        f: impl FnOnce(&Path, &Path) -> Result<T>,
+    ) -> Result<T> {
+        let lower_dir = self.scratch_dir("lower")?;
+        let upper_dir = self.scratch_dir("upper")?;
+        let mut mounted = Vec::new();
+        let mut mount = |store: &mut Store, id: &str, dir: &Path| -> Result<PathBuf> {
+            let existing = store
+                .pool
+                .layers()?
+                .into_iter()
+                .find(|l| l.id == id)
+                .and_then(|l| l.mountpoints.first().cloned());
+            if let Some(p) = existing {
+                return Ok(p);
+            }
+            store.pool.mount_layer(id, dir, true)?;
+            mounted.push((id.to_owned(), dir.to_path_buf()));
+            Ok(dir.to_path_buf())
+        };
+        let result = (|| {
+            let l = match lower {
+                Some(id) => mount(self, id, &lower_dir)?,
+                None => lower_dir.clone(),
+            };
+            let u = mount(self, upper, &upper_dir)?;
+            f(&l, &u)
+        })();
+        for (_, dir) in mounted.iter().rev() {
+            let _ = self.pool.umount(&dir.to_string_lossy());
+        }
+        let _ = fs::remove_dir(&lower_dir);
+        let _ = fs::remove_dir(&upper_dir);
+        result
+    }
+
+    /// What container `name` changed against its image (init files aside).
+    ///
+    /// # Errors
+    /// [`Error::UnknownContainer`], mount and read errors.
+    pub fn container_diff(&mut self, name: &str) -> Result<Vec<Change>> {
+        let c = self.container(name)?;
+        self.with_pair(Some(&c.init_layer), &c.layer, |l, u| {
+            Ok(diff::changes(l, u)?)
+        })
+    }
+
+    /// Commits container `name`'s changes as new layer `as_id` on its
+    /// image's top layer (the init layer's files are left out).
+    ///
+    /// # Errors
+    /// [`Error::UnknownContainer`], layer exists, apply errors (rolled back).
+    pub fn commit(&mut self, name: &str, as_id: &str) -> Result<LayerMeta> {
+        let c = self.container(name)?;
+        thinlayer_pool::names::check_id("layer", as_id)?;
+        if self.pool.layout().layer_record(as_id).exists() {
+            return Err(thinlayer_pool::Error::LayerExists(as_id.to_owned()).into());
+        }
+        let tmp = self.scratch_dir("commit")?.join("layer.tar");
+        let report = self.with_pair(Some(&c.init_layer), &c.layer, |l, u| {
+            let f = fs::File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            let r = export::write_layer(l, u, &mut w)?;
+            w.flush().ctx(|| format!("write {}", tmp.display()))?;
+            Ok(r)
+        })?;
+        let f = fs::File::open(&tmp).ctx(|| format!("open {}", tmp.display()))?;
+        let size = report.bytes;
+        let made = self.apply_new_layer(
+            as_id,
+            Some(&c.image_top),
+            std::io::BufReader::new(f),
+            Some(&report.diff_id),
+            LayerKind::Made,
+            size,
+        );
+        let _ = fs::remove_file(&tmp);
+        let _ = tmp.parent().map(fs::remove_dir);
+        made
+    }
+
+    /// Writes layer `id`'s changes against its parent as an OCI layer tar.
+    ///
+    /// # Errors
+    /// Unknown layer, mount and write errors.
+    pub fn export_layer(&mut self, id: &str, out: &mut dyn Write) -> Result<export::ExportReport> {
+        let layer = self.pool.layer(id)?;
+        self.with_pair(layer.parent.as_deref(), id, |l, u| {
+            Ok(export::write_layer(l, u, out)?)
+        })
+    }
+}
+
+/// The init layer's tar: the files a container engine writes per container.
+fn init_layer_tar(hostname: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let files = [
+        ("etc/hostname", format!("{hostname}\n")),
+        (
+            "etc/hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+            ),
+        ),
+        (
+            "etc/resolv.conf",
+            "nameserver 127.0.0.53\noptions edns0\n".to_owned(),
+        ),
+    ];
+    let mut dir = tar::Header::new_gnu();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_uid(0);
+    dir.set_gid(0);
+    dir.set_size(0);
+    dir.set_mtime(0);
+    b.append_data(&mut dir, "etc/", std::io::empty())
+        .expect("in-memory tar");
+    for (path, body) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(body.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, body.as_bytes())
+            .expect("in-memory tar");
+    }
+    b.into_inner().expect("in-memory tar")
+}
+
+/// Flushes the filesystem holding `dir` (`syncfs(2)`).
+fn syncfs(dir: &Path) -> Result<()> {
+    let f = fs::File::open(dir).ctx(|| format!("open {}", dir.display()))?;
+    nix::unistd::syncfs(&f)
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("flush the filesystem at {}", dir.display()))
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}

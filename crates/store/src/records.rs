@@ -1,0 +1,76 @@
+//! The store's records, beside the pool's under `ROOT/store/`: what the
+//! pool does not know about its layers (their diff_id, whether their
+//! content is complete), images and containers.
+//!
+//! A layer applied from a tar is recorded `complete: false` *before* its
+//! snapshot is made and marked complete after the tar is in: a crash in
+//! between leaves a layer the next import removes and applies again, never
+//! one that looks whole and is not.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What a layer is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// A layer of an imported image (its id is the OCI ChainID).
+    Image,
+    /// A container's init layer (hostname, hosts, resolv.conf).
+    Init,
+    /// A container's read-write layer.
+    Container,
+    /// A layer made from a tar or a commit by hand.
+    Made,
+}
+
+/// The store's facts about one pool layer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LayerMeta {
+    /// The pool layer id.
+    pub id: String,
+    /// What it is for.
+    pub kind: LayerKind,
+    /// `sha256:` of the uncompressed tar it was made from.
+    #[serde(default)]
+    pub diff_id: Option<String>,
+    /// Whether its content is all there.
+    pub complete: bool,
+}
+
+/// An imported image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Its name.
+    pub name: String,
+    /// Digest of its config.
+    pub config_digest: String,
+    /// Its layers bottom to top: pool layer ids (ChainIDs).
+    pub layers: Vec<String>,
+    /// Their diff_ids.
+    pub diff_ids: Vec<String>,
+    /// Import time, seconds since the epoch.
+    pub created_unix: u64,
+}
+
+/// A container: an init layer and a read-write layer over an image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// Its name.
+    pub name: String,
+    /// The image it was made from.
+    pub image: String,
+    /// The image's top layer (the init layer's parent).
+    pub image_top: String,
+    /// Its init layer.
+    pub init_layer: String,
+    /// Its read-write layer.
+    pub layer: String,
+    /// The hostname written into the init layer.
+    pub hostname: String,
+    /// Default mount point.
+    pub mountpoint: PathBuf,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+}

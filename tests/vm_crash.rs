@@ -1,0 +1,484 @@
+//! Crash consistency against the real kernel: every fault point of every
+//! mutating command (`THINLAYER_FAULT=<point>` aborts the process there, as
+//! `kill -9` would), then recovery the way a user would do it, then proof:
+//! `pool check` clean, no dm device, loop device or thin id leaked, every
+//! layer committed before the abort byte-identical. Plus damaged metadata
+//! repaired, and a thin device made behind thinlayer's back found and
+//! removed. Every test here is `vm_*`: run in the VM (`tools/vm/run`).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, OpenOptions},
+    io::Write,
+    os::unix::{fs::FileExt, process::ExitStatusExt},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Instant,
+};
+
+use common::{Scratch, dm_devices, loop_backing_files, pattern, sh};
+use serde_json::Value;
+
+/// The points of one command, from the engine's list.
+fn points(prefix: &str) -> Vec<&'static str> {
+    thinlayer_pool::fault::ALL
+        .iter()
+        .copied()
+        .filter(|p| p.starts_with(prefix))
+        .collect()
+}
+
+/// Runs `thinlayer ARGS` with the fault point armed; asserts it aborted
+/// there (SIGABRT, the point named on stderr).
+fn crash(s: &Scratch, point: &str, args: &[&str]) {
+    let out = Command::new(common::bin())
+        .arg("--root")
+        .arg(&s.root)
+        .args(args)
+        .env("THINLAYER_FAULT", point)
+        .output()
+        .expect("run thinlayer");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::sys::signal::Signal::SIGABRT as i32),
+        "{point}: `thinlayer {args:?}` should abort there, got {}: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains(point),
+        "{point}: stderr does not name it: {stderr}"
+    );
+}
+
+/// Exit code of `thinlayer ARGS`, asserting it is one of `allowed`.
+fn code_in(s: &Scratch, args: &[&str], allowed: &[i32], why: &str) -> Output {
+    let out = s.run(args);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        allowed.contains(&code),
+        "{why}: `thinlayer {args:?}` exited {code}, want one of {allowed:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn write_file(path: &Path, data: &[u8]) {
+    let mut f = fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The committed layers and the one file each holds.
+type Contents = BTreeMap<String, (String, Vec<u8>)>;
+
+/// Creates layer `id` (of `parent`) and writes `file` into it.
+fn layer_with(s: &Scratch, id: &str, parent: Option<&str>, seed: u64, want: &mut Contents) {
+    match parent {
+        Some(p) => s.ok(&["layer", "create", id, "--parent", p]),
+        None => s.ok(&["layer", "create", id]),
+    };
+    let d = s.mount(id);
+    let name = format!("{id}.bin");
+    let data = pattern(seed, 192 << 10);
+    write_file(&d.join(&name), &data);
+    s.ok(&["umount", id]);
+    want.insert(id.to_owned(), (name, data));
+}
+
+/// Every committed layer reads back byte-identical (mounted read-only).
+fn verify(s: &Scratch, want: &Contents, why: &str) {
+    for (id, (name, data)) in want {
+        let d = s.dir(&format!("ro-{id}"));
+        s.ok(&["mount", id, d.to_str().unwrap(), "--readonly"]);
+        let got = fs::read(d.join(name)).unwrap_or_else(|e| panic!("{why}: read {id}/{name}: {e}"));
+        assert!(
+            got == *data,
+            "{why}: layer {id} file {name} differs after recovery"
+        );
+        s.ok(&["umount", id]);
+    }
+}
+
+fn pool_id(s: &Scratch) -> String {
+    s.json(&["pool", "status"])["pool_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// What the kernel and the loop driver hold for this scratch root and for
+/// any thinlayer pool.
+fn kernel_state(s: &Scratch) -> (Vec<String>, Vec<PathBuf>) {
+    let base = s.root.parent().unwrap().to_owned();
+    let dms = dm_devices()
+        .into_iter()
+        .filter(|n| n.starts_with("tl1-"))
+        .collect();
+    let mut loops: Vec<PathBuf> = loop_backing_files()
+        .into_iter()
+        .filter(|f| f.starts_with(&base))
+        .collect();
+    loops.sort();
+    (dms, loops)
+}
+
+/// `pool check` is clean, the metadata's thin ids are exactly the records',
+/// and the kernel holds exactly the pool's three devices and two loops
+/// (active) or nothing (inactive).
+fn assert_consistent(s: &Scratch, active: bool, why: &str) {
+    let out = s.run(&["--json", "pool", "check"]);
+    assert!(
+        out.status.success(),
+        "{why}: pool check is not clean: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["active"], active, "{why}: pool activity");
+    assert_eq!(
+        r["metadata_thin_ids"], r["recorded_thin_ids"],
+        "{why}: thin ids in the metadata and the records differ"
+    );
+    let mut layer_ids: Vec<u64> = s
+        .json(&["layer", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["thin_id"].as_u64().unwrap())
+        .collect();
+    layer_ids.insert(0, 0);
+    let recorded: Vec<u64> = r["recorded_thin_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(recorded, layer_ids, "{why}: layer ls and check disagree");
+    let id = r["pool_id"].as_str().unwrap();
+    let (dms, loops) = kernel_state(s);
+    if active {
+        let mut want: Vec<String> = ["data", "meta", "pool"]
+            .iter()
+            .map(|r| format!("tl1-{id}-{r}"))
+            .collect();
+        want.sort();
+        assert_eq!(dms, want, "{why}: dm devices leaked or missing");
+        assert_eq!(
+            loops,
+            vec![s.root.join("data.img"), s.root.join("metadata.img")],
+            "{why}: loop devices leaked or missing"
+        );
+    } else {
+        assert!(dms.is_empty(), "{why}: dm devices leaked: {dms:?}");
+        assert!(loops.is_empty(), "{why}: loop devices leaked: {loops:?}");
+    }
+}
+
+#[test]
+fn vm_crash_every_fault_point_recovers() {
+    common::require_dm_thin();
+    let started = Instant::now();
+    let mut walked = 0;
+
+    // --- pool create: a fresh root each time ---
+    let s = Scratch::new("crash-create");
+    for (i, p) in points("pool_create.").into_iter().enumerate() {
+        let t = Instant::now();
+        let create = ["pool", "create", "--data-size", "1G", "--base-size", "64M"];
+        crash(&s, p, &create);
+        walked += 1;
+        let committed = p == "pool_create.after_record";
+        match i % 3 {
+            // The explicit way: recover clears the leftovers.
+            1 => {
+                code_in(&s, &["pool", "recover"], &[0], p);
+            }
+            // Other commands refuse the half-made pool and say what to do;
+            // destroy clears it.
+            2 if !committed => {
+                s.fails(&["pool", "activate"], 7, "pool create");
+                s.fails(&["layer", "create", "x"], 7, "pool create");
+                s.ok(&["pool", "destroy"]);
+                let (dms, loops) = kernel_state(&s);
+                assert!(
+                    dms.is_empty() && loops.is_empty(),
+                    "{p}: destroy left {dms:?} {loops:?}"
+                );
+            }
+            // Or simply create again: it clears them first.
+            _ => {}
+        }
+        if committed {
+            // The pool was committed: it exists, and it is whole.
+            s.fails(&create, 4, "already exists");
+        } else {
+            s.ok(&create);
+        }
+        assert_consistent(&s, true, p);
+        s.ok(&["layer", "create", "l"]);
+        let d = s.mount("l");
+        assert!(d.join("lost+found").is_dir(), "{p}: the base holds ext4");
+        s.ok(&["umount", "l"]);
+        s.ok(&["pool", "destroy", "--force"]);
+        let (dms, loops) = kernel_state(&s);
+        assert!(
+            dms.is_empty() && loops.is_empty(),
+            "{p}: destroy left {dms:?} {loops:?}"
+        );
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    drop(s);
+
+    // --- one pool with committed layers for everything else ---
+    let s = Scratch::new("crash-walk");
+    s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
+    let mut want = Contents::new();
+    layer_with(&s, "a", None, 1, &mut want);
+    layer_with(&s, "b", Some("a"), 2, &mut want);
+    assert_consistent(&s, true, "set-up");
+
+    for (i, p) in points("layer_create.").into_iter().enumerate() {
+        let t = Instant::now();
+        let id = format!("c{i}");
+        crash(&s, p, &["layer", "create", &id, "--parent", "b"]);
+        walked += 1;
+        // The user runs it again: made now, or already made by recovery.
+        code_in(&s, &["layer", "create", &id, "--parent", "b"], &[0, 4], p);
+        assert_consistent(&s, true, p);
+        // The new layer is a snapshot of b.
+        let d = s.dir(&format!("ro-{id}"));
+        s.ok(&["mount", &id, d.to_str().unwrap(), "--readonly"]);
+        assert!(
+            fs::read(d.join("b.bin")).unwrap() == want["b"].1,
+            "{p}: {id} is not b's snapshot"
+        );
+        s.ok(&["umount", &id]);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    for p in points("layer_rm.") {
+        let t = Instant::now();
+        s.ok(&["layer", "create", "victim", "--parent", "b"]);
+        crash(&s, p, &["layer", "rm", "victim"]);
+        walked += 1;
+        // Again: removed now, or already removed by recovery.
+        code_in(&s, &["layer", "rm", "victim"], &[0, 3], p);
+        s.fails(&["layer", "rm", "victim"], 3, "no layer");
+        assert_consistent(&s, true, p);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    for p in points("mount.") {
+        let t = Instant::now();
+        let d = s.dir("m");
+        crash(&s, p, &["mount", "a", d.to_str().unwrap()]);
+        walked += 1;
+        s.ok(&["mount", "a", d.to_str().unwrap()]);
+        assert!(
+            fs::read(d.join("a.bin")).unwrap() == want["a"].1,
+            "{p}: a's data"
+        );
+        s.ok(&["umount", "a"]);
+        assert_consistent(&s, true, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    for p in points("umount.") {
+        let t = Instant::now();
+        s.mount("a");
+        crash(&s, p, &["umount", "a"]);
+        walked += 1;
+        s.ok(&["umount", "a"]);
+        assert_consistent(&s, true, p);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    for (i, p) in points("pool_deactivate.").into_iter().enumerate() {
+        let t = Instant::now();
+        // An active, unmounted layer device, so every removal step runs.
+        let d = s.mount("a");
+        sh("umount", &[d.to_str().unwrap()]);
+        crash(&s, p, &["pool", "deactivate"]);
+        walked += 1;
+        if i % 2 == 0 {
+            // Activate finishes the half deactivation first.
+            s.ok(&["pool", "activate"]);
+        } else {
+            s.ok(&["pool", "deactivate"]);
+            assert_consistent(&s, false, p);
+            s.ok(&["pool", "activate"]);
+        }
+        // A layer device left active is torn down by recover.
+        code_in(&s, &["pool", "recover"], &[0], p);
+        assert_consistent(&s, true, p);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    for (i, p) in points("pool_activate.").into_iter().enumerate() {
+        let t = Instant::now();
+        s.ok(&["pool", "deactivate"]);
+        crash(&s, p, &["pool", "activate"]);
+        walked += 1;
+        if i % 2 == 1 {
+            // Deactivate finishes the half activation (tears it down).
+            s.ok(&["pool", "deactivate"]);
+            assert_consistent(&s, false, p);
+        }
+        s.ok(&["pool", "activate"]);
+        assert_consistent(&s, true, p);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    assert_eq!(
+        walked,
+        thinlayer_pool::fault::ALL.len(),
+        "every fault point walked"
+    );
+    eprintln!(
+        "walked {walked} abort points of {} in {:.1} s",
+        thinlayer_pool::fault::ALL.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn vm_crash_damaged_metadata_is_refused_then_repaired() {
+    common::require_dm_thin();
+    let s = Scratch::new("crash-repair");
+    s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
+    let mut want = Contents::new();
+    layer_with(&s, "a", None, 11, &mut want);
+    layer_with(&s, "b", Some("a"), 12, &mut want);
+    s.ok(&["pool", "deactivate"]);
+    s.ok(&["pool", "check"]);
+    let out = s.ok(&["pool", "repair"]);
+    assert!(
+        out.contains("no action taken"),
+        "repair of clean metadata is a no-op: {out}"
+    );
+
+    // Garbage over btree blocks: the roots of the data space map's index
+    // and the metadata space map's index, found through the superblock
+    // (struct thin_disk_superblock: data_space_map_root at byte 64 and
+    // metadata_space_map_root at 192, each nr_blocks, nr_allocated,
+    // bitmap_root, ...). thin_check fails; thin_repair rebuilds both maps
+    // from the mapping trees, which are intact.
+    let meta = s.root.join("metadata.img");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&meta)
+        .unwrap();
+    let mut sb = [0u8; 512];
+    f.read_exact_at(&mut sb, 0).unwrap();
+    for (i, at) in [80usize, 208].into_iter().enumerate() {
+        let block = u64::from_le_bytes(sb[at..at + 8].try_into().unwrap());
+        assert!(block > 0, "space map root at byte {at} of the superblock");
+        f.write_all_at(&pattern(99 + i as u64, 4096), block * 4096)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+
+    s.fails(&["pool", "activate"], 7, "thinlayer pool repair");
+    let (dms, loops) = kernel_state(&s);
+    assert!(
+        dms.is_empty() && loops.is_empty(),
+        "a refused activate left {dms:?} {loops:?}"
+    );
+    s.fails(&["pool", "check"], 7, "pool check found");
+    let out = s.ok(&["pool", "repair"]);
+    assert!(out.contains("damaged copy is kept"), "{out}");
+    let kept: Vec<_> = fs::read_dir(&s.root)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("metadata.img.damaged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged copy is kept");
+    s.ok(&["pool", "activate"]);
+    assert_consistent(&s, true, "after repair");
+    verify(&s, &want, "after repair");
+}
+
+#[test]
+fn vm_crash_unknown_thin_device_is_found_and_removed_by_force() {
+    common::require_dm_thin();
+    let s = Scratch::new("crash-unknown");
+    s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
+    let mut want = Contents::new();
+    layer_with(&s, "a", None, 21, &mut want);
+    assert_consistent(&s, true, "set-up");
+    let id = pool_id(&s);
+
+    // Behind thinlayer's back: a thin id in the pool metadata, and a
+    // device of the pool's name pattern for it.
+    use thinlayer_pool::{
+        kernel::Kernel,
+        names::{PoolId, Role, dm_name, dm_uuid},
+    };
+    let pid = PoolId::new(&id).unwrap();
+    let kernel = Kernel::open().unwrap();
+    let pool = dm_name(&pid, Role::Pool);
+    kernel.pool_message(&pool, "create_thin 77").unwrap();
+    kernel.pool_message(&pool, "create_thin 78").unwrap();
+    let pool_dev = kernel.device(&pool).unwrap().unwrap();
+    kernel
+        .activate_thin(
+            &dm_name(&pid, Role::Thin(77)),
+            &dm_uuid(&pid, Role::Thin(77)),
+            pool_dev,
+            77,
+            1 << 17,
+        )
+        .unwrap();
+
+    let out = s.run(&["--json", "pool", "check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"unknown_device"), "{r:#}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "unknown_thin_id").count(),
+        2,
+        "{r:#}"
+    );
+    s.fails(&["pool", "check"], 7, "pool check found");
+
+    // Without --force nothing of it is touched.
+    s.fails(&["pool", "recover"], 7, "pool check found");
+    assert!(
+        dm_devices().contains(&format!("tl1-{id}-thin-77")),
+        "recover without --force removed it"
+    );
+
+    let out = s.ok(&["pool", "recover", "--force"]);
+    assert!(
+        out.contains("thin-77") && out.contains("thin id 78"),
+        "{out}"
+    );
+    assert_consistent(&s, true, "after recover --force");
+    verify(&s, &want, "after recover --force");
+}

@@ -1,0 +1,344 @@
+//! Space against the real kernel: removed layers give their blocks back to
+//! the pool and to the host file, unmount trims, a full pool fails writes
+//! and says how to extend, `pool extend` grows it online, `pool watch`
+//! grows it by itself. Every test is named `vm_*`: the host run skips them,
+//! `tools/test` runs them serially inside the VM, where none may skip.
+
+mod common;
+
+use std::{
+    fs::{self, OpenOptions},
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::MetadataExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Scratch, pattern};
+
+const MIB: usize = 1 << 20;
+
+fn write_file(path: &Path, data: &[u8]) {
+    let mut f = fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Bytes the host filesystem holds for the pool's data file.
+fn allocated(s: &Scratch) -> u64 {
+    fs::metadata(s.root.join("data.img")).unwrap().blocks() * 512
+}
+
+fn kernel_field(s: &Scratch, field: &str) -> u64 {
+    s.json(&["pool", "status"])["kernel"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("pool status has kernel.{field}"))
+}
+
+#[test]
+fn vm_removing_a_layer_gives_its_blocks_back_to_the_pool_and_the_host() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-rm");
+    s.create_pool(&[]);
+    let (u0, a0) = (s.used_data_blocks(), allocated(&s));
+    s.ok(&["layer", "create", "big"]);
+    let d = s.mount("big");
+    write_file(&d.join("f"), &pattern(7, 64 * MIB));
+    s.ok(&["umount", "big"]);
+    let (u1, a1) = (s.used_data_blocks(), allocated(&s));
+    assert!(u1 >= u0 + 1024, "64 MiB of 64K blocks: {u0} -> {u1}");
+    assert!(a1 >= a0 + (64 << 20), "host file grew: {a0} -> {a1}");
+    s.ok(&["layer", "rm", "big"]);
+    let (u2, a2) = (s.used_data_blocks(), allocated(&s));
+    println!(
+        "layer rm: pool blocks {u0} -> {u1} -> {u2}; host bytes allocated {a0} -> {a1} -> {a2} \
+         (returned {} of {} written)",
+        a1 - a2,
+        a1 - a0
+    );
+    assert!(
+        u2 <= u0 + (u0 / 100).max(1),
+        "pool blocks back within 1%: {u0} -> {u2}"
+    );
+    assert!(
+        (a1 - a2) * 10 >= (a1 - a0) * 9,
+        "host got back at least 90% of what the layer wrote: {a0} -> {a1} -> {a2}"
+    );
+}
+
+#[test]
+fn vm_umount_trims_the_space_of_deleted_files() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-trim");
+    s.create_pool(&[]);
+    s.ok(&["layer", "create", "t"]);
+    let d = s.mount("t");
+    let (u0, a0) = (s.used_data_blocks(), allocated(&s));
+    write_file(&d.join("f"), &pattern(9, 32 * MIB));
+    let (u1, a1) = (s.used_data_blocks(), allocated(&s));
+    fs::remove_file(d.join("f")).unwrap();
+    s.ok(&["umount", "t"]);
+    let (u2, a2) = (s.used_data_blocks(), allocated(&s));
+    println!("umount trim: pool blocks {u0} -> {u1} -> {u2}; host bytes {a0} -> {a1} -> {a2}");
+    assert!(u1 >= u0 + 512, "32 MiB written: {u0} -> {u1}");
+    assert!(
+        u1.saturating_sub(u2) * 10 >= (u1 - u0) * 9,
+        "trim gave back at least 90% of the deleted file's blocks: {u0} -> {u1} -> {u2}"
+    );
+    assert!(
+        a1.saturating_sub(a2) * 10 >= (a1 - a0) * 9,
+        "and the host its bytes: {a0} -> {a1} -> {a2}"
+    );
+}
+
+/// Writes `data`'s pattern in 1 MiB chunks, syncing every 4 MiB, until an
+/// error; returns it.
+fn write_until_error(path: &Path, limit: usize) -> std::io::Error {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    let chunk = pattern(11, MIB);
+    for i in 1..=limit {
+        if let Err(e) = f.write_all(&chunk) {
+            return e;
+        }
+        if i % 4 == 0 {
+            if let Err(e) = f.sync_data() {
+                return e;
+            }
+        }
+    }
+    match f.sync_all() {
+        Err(e) => e,
+        Ok(()) => panic!("wrote {limit} MiB into a pool smaller than that without an error"),
+    }
+}
+
+#[test]
+fn vm_a_full_pool_fails_writes_refuses_layers_and_recovers_after_extend() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-full");
+    s.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "128M",
+        "--base-size",
+        "512M",
+    ]);
+    s.ok(&["layer", "create", "keep"]);
+    let k = s.mount("keep");
+    let kept = pattern(5, 16 * MIB);
+    write_file(&k.join("kept"), &kept);
+    s.ok(&["umount", "keep"]);
+
+    s.ok(&["layer", "create", "fill"]);
+    let f = s.mount("fill");
+    let t0 = Instant::now();
+    let err = write_until_error(&f.join("fill"), 256);
+    let errno = err.raw_os_error();
+    println!(
+        "fill: write failed after {:.1} s with {err} (errno {errno:?}); pool blocks used {} of {}",
+        t0.elapsed().as_secs_f64(),
+        kernel_field(&s, "data_used_blocks"),
+        kernel_field(&s, "data_total_blocks")
+    );
+    assert!(
+        errno == Some(nix::errno::Errno::ENOSPC as i32)
+            || errno == Some(nix::errno::Errno::EIO as i32),
+        "a full pool fails the write with ENOSPC or EIO, got {err}"
+    );
+
+    let st = s.json(&["pool", "status"]);
+    assert_eq!(st["kernel"]["mode"], "out_of_data_space", "{st:#}");
+    let warnings = st["warnings"].to_string();
+    assert!(
+        warnings.contains("out of data space")
+            && warnings.contains("thinlayer pool extend --data-size +SIZE"),
+        "{warnings}"
+    );
+    let text = s.ok(&["pool", "status"]);
+    assert!(
+        text.contains("thinlayer pool extend --data-size +SIZE"),
+        "{text}"
+    );
+    s.fails(
+        &["layer", "create", "refused"],
+        6,
+        "thinlayer pool extend --data-size +SIZE",
+    );
+
+    let out = s.ok(&["pool", "extend", "--data-size", "+256M"]);
+    println!("{}", out.trim());
+    assert!(out.contains("data 128M -> 384M"), "{out}");
+    let st = s.json(&["pool", "status"]);
+    assert_eq!(st["kernel"]["mode"], "rw", "{st:#}");
+    assert_eq!(
+        st["kernel"]["data_total_blocks"], 6144,
+        "384M of 64K blocks"
+    );
+    assert_eq!(st["data_size_bytes"], 384u64 << 20);
+
+    // The filling layer's filesystem may have shut down: unmount and drop it.
+    s.ok(&["umount", "fill"]);
+    s.ok(&["layer", "rm", "fill"]);
+    let k = s.mount("keep");
+    assert!(
+        fs::read(k.join("kept")).unwrap() == kept,
+        "data synced before the fill is intact byte for byte"
+    );
+    let more = pattern(6, 8 * MIB);
+    write_file(&k.join("more"), &more);
+    assert!(fs::read(k.join("more")).unwrap() == more);
+    s.ok(&["umount", "keep"]);
+    s.ok(&["layer", "create", "after", "--parent", "keep"]);
+    let a = s.mount("after");
+    assert!(fs::read(a.join("kept")).unwrap() == kept);
+    s.ok(&["umount", "after"]);
+}
+
+#[test]
+fn vm_extend_data_and_metadata_online_with_a_layer_mounted() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-extend");
+    s.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "256M",
+        "--metadata-size",
+        "8M",
+        "--base-size",
+        "512M",
+    ]);
+    s.ok(&["layer", "create", "a"]);
+    let d = s.mount("a");
+    let first = pattern(1, 4 * MIB);
+    write_file(&d.join("first"), &first);
+    assert_eq!(kernel_field(&s, "data_total_blocks"), 4096);
+    let m0 = kernel_field(&s, "metadata_total_blocks");
+
+    let out = s.ok(&["pool", "extend", "--data-size", "+128M"]);
+    assert!(out.contains("data 256M -> 384M"), "{out}");
+    assert_eq!(kernel_field(&s, "data_total_blocks"), 6144);
+    assert_eq!(
+        fs::metadata(s.root.join("data.img")).unwrap().len(),
+        384 << 20
+    );
+    s.ok(&["pool", "extend", "--data-size", "512M"]);
+    assert_eq!(kernel_field(&s, "data_total_blocks"), 8192);
+    let unchanged = s.ok(&["pool", "extend", "--data-size", "512M"]);
+    assert!(unchanged.contains("no action taken"), "{unchanged}");
+    s.fails(
+        &["pool", "extend", "--data-size", "128M"],
+        2,
+        "cannot shrink",
+    );
+    s.fails(&["pool", "extend"], 2, "nothing to extend");
+
+    let out = s.ok(&["pool", "extend", "--metadata-size", "+8M"]);
+    assert!(out.contains("metadata 8M -> 16M"), "{out}");
+    let m1 = kernel_field(&s, "metadata_total_blocks");
+    println!("extend: data blocks 4096 -> 8192, metadata blocks {m0} -> {m1}");
+    assert_eq!(m1, m0 + 2048, "8M more of 4K metadata blocks");
+
+    // The mounted layer kept working across the reloads.
+    let second = pattern(2, 4 * MIB);
+    write_file(&d.join("second"), &second);
+    assert!(fs::read(d.join("first")).unwrap() == first);
+    s.ok(&["umount", "a"]);
+    // The new sizes are in the records: they survive a restart.
+    s.ok(&["pool", "deactivate"]);
+    s.ok(&["pool", "activate"]);
+    assert_eq!(kernel_field(&s, "data_total_blocks"), 8192);
+    assert_eq!(kernel_field(&s, "metadata_total_blocks"), m1);
+    let d = s.mount("a");
+    assert!(fs::read(d.join("second")).unwrap() == second);
+    s.ok(&["umount", "a"]);
+}
+
+#[test]
+fn vm_watch_autoextends_when_a_write_crosses_the_threshold() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-watch");
+    // The kernel raises its low-water event at 50%, the watch's threshold.
+    s.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "128M",
+        "--base-size",
+        "512M",
+        "--low-water",
+        "50",
+    ]);
+    s.ok(&["layer", "create", "w"]);
+    let d = s.mount("w");
+    let once = s.ok(&["pool", "watch", "--threshold", "50", "--once"]);
+    assert!(
+        once.contains("0 extension(s)"),
+        "below the threshold: {once}"
+    );
+
+    let mut watcher = Command::new(common::bin())
+        .arg("--root")
+        .arg(&s.root)
+        .args([
+            "pool",
+            "watch",
+            "--threshold",
+            "50",
+            "--extend-percent",
+            "100",
+            "--max-data-size",
+            "1G",
+            "--timeout",
+            "300",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it arm and read usage once.
+    std::thread::sleep(Duration::from_secs(2));
+    let total0 = kernel_field(&s, "data_total_blocks");
+    write_file(&d.join("f"), &pattern(4, 80 * MIB));
+    let crossed = Instant::now();
+    let mut total = total0;
+    while total == total0 && crossed.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(200));
+        total = kernel_field(&s, "data_total_blocks");
+    }
+    let took = crossed.elapsed();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(watcher.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = watcher.wait().unwrap();
+    let lines: Vec<String> = BufReader::new(watcher.stdout.take().unwrap())
+        .lines()
+        .map(Result::unwrap)
+        .collect();
+    println!(
+        "watch: data blocks {total0} -> {total} within {:.1} s of the write; watcher said {lines:?}",
+        took.as_secs_f64()
+    );
+    assert_eq!(total, 2 * total0, "extended by 100% once");
+    assert!(status.success(), "SIGTERM ends the watch cleanly: {status}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("autoextended: data 128M -> 256M")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.last().is_some_and(|l| l.contains("Signal")),
+        "{lines:?}"
+    );
+    assert_eq!(s.json(&["pool", "status"])["data_size_bytes"], 256u64 << 20);
+    s.ok(&["umount", "w"]);
+}
