@@ -140,11 +140,8 @@ struct Metadata {
 
 fn tool_words(e: Error) -> String {
     match e {
-        Error::Tool { stderr, status, .. } if !stderr.is_empty() => {
-            let _ = status;
-            stderr
-        }
-        Error::Tool { status, .. } => status,
+        Error::Tool { stderr, status, .. } if stderr.is_empty() => status,
+        Error::Tool { stderr, .. } => stderr,
         e => e.to_string(),
     }
 }
