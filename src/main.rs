@@ -85,6 +85,33 @@ enum Command {
     /// Create, mount, diff, commit and remove containers.
     #[command(subcommand)]
     Container(store_cli::ContainerCommand),
+    /// Create, clone, list, mount and remove thin volumes.
+    #[command(subcommand)]
+    Volume(store_cli::VolumeCommand),
+    /// Serve the pool to a container runtime (runs until SIGTERM).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(subcommand)]
+    to: ServeTo,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServeTo {
+    /// containerd's snapshots API (a proxy snapshotter plugin) on a Unix socket.
+    Containerd {
+        /// The socket to listen on (a stale one is replaced).
+        #[arg(long, default_value = thinlayer_snapshotter::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Docker's volume plugin protocol (thin volumes) on a Unix socket.
+    DockerVolume {
+        /// The socket to listen on (a stale one is replaced).
+        #[arg(long, default_value = thinlayer_backend::docker_volume::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -269,6 +296,7 @@ fn init_logging(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
         .without_time()
         .init();
 }
@@ -279,6 +307,28 @@ fn run(cli: Cli) -> thinlayer_store::Result<Output> {
     match cli.command {
         Command::Image(c) => return store_cli::image(root, c, json, wait),
         Command::Container(c) => return store_cli::container(root, c, wait),
+        Command::Volume(c) => return store_cli::volume(root, c, wait),
+        Command::Serve(ServeArgs {
+            to: ServeTo::DockerVolume { socket },
+        }) => {
+            thinlayer_backend::docker_volume::serve(root, &socket).map_err(|e| match e {
+                thinlayer_backend::Error::Store(s) => s,
+                other => thinlayer_pool::Error::InvalidArgument(other.to_string()).into(),
+            })?;
+            return Ok(Output {
+                text: String::new(),
+                json: json!({"stopped": true}),
+            });
+        }
+        Command::Serve(ServeArgs {
+            to: ServeTo::Containerd { socket },
+        }) => {
+            thinlayer_snapshotter::serve(root, &socket).map_err(thinlayer_pool::Error::from)?;
+            return Ok(Output {
+                text: String::new(),
+                json: json!({"stopped": true}),
+            });
+        }
         Command::Layer(LayerCommand::Tar(store_cli::LayerTarCommand::Apply {
             id,
             tar,
@@ -321,8 +371,12 @@ fn run_pool(cli: Cli) -> thinlayer_pool::Result<Output> {
         Command::Layer(LayerCommand::Ls) => layer_ls(root, cli.wait),
         Command::Mount { id, dir, readonly } => mount(root, &id, &dir, readonly, cli.wait),
         Command::Umount { target } => umount(root, &target, cli.wait),
-        Command::Image(_) | Command::Container(_) | Command::Layer(LayerCommand::Tar(_)) => {
-            unreachable!("dispatched to the store above")
+        Command::Image(_)
+        | Command::Container(_)
+        | Command::Serve(_)
+        | Command::Volume(_)
+        | Command::Layer(LayerCommand::Tar(_)) => {
+            unreachable!("dispatched to the store and the servers above")
         }
     }
 }

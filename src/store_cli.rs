@@ -46,6 +46,9 @@ pub enum ContainerCommand {
         /// Hostname written into its init layer [default: its name].
         #[arg(long)]
         hostname: Option<String>,
+        /// Mount volume NAME at /path inside it (repeatable; volumes may be shared).
+        #[arg(long = "volume", value_name = "NAME:/path")]
+        volumes: Vec<String>,
     },
     /// Mount its root filesystem (at DIR, or its own mount point) and print where.
     Mount {
@@ -78,6 +81,44 @@ pub enum ContainerCommand {
         /// The new layer's id.
         #[arg(long = "as")]
         as_layer: String,
+    },
+}
+
+/// `thinlayer volume ...`.
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a volume: a thin device with its own filesystem, or an instant clone (--from).
+    Create {
+        /// Its name.
+        name: String,
+        /// Its size [default: the pool's base size].
+        #[arg(long, value_parser = |s: &str| s.parse::<thinlayer_pool::Bytes>().map_err(|e| e.to_string()))]
+        size: Option<thinlayer_pool::Bytes>,
+        /// Its filesystem, ext4 or xfs [default: the pool's].
+        #[arg(long, value_parser = |s: &str| s.parse::<thinlayer_pool::FsType>().map_err(|e| e.to_string()))]
+        fs: Option<thinlayer_pool::FsType>,
+        /// Clone this volume (a snapshot: instant, sharing its blocks).
+        #[arg(long)]
+        from: Option<String>,
+    },
+    /// List volumes.
+    Ls,
+    /// Remove a volume no container uses.
+    Rm {
+        /// The volume.
+        name: String,
+    },
+    /// Mount a volume at DIR.
+    Mount {
+        /// The volume.
+        name: String,
+        /// Where.
+        dir: PathBuf,
+    },
+    /// Unmount a volume everywhere.
+    Umount {
+        /// The volume.
+        name: String,
     },
 }
 
@@ -263,11 +304,17 @@ pub fn container(root: &Path, cmd: ContainerCommand, wait: bool) -> R {
             name,
             image,
             hostname,
+            volumes,
         } => {
+            let volumes = volumes
+                .iter()
+                .map(|v| thinlayer_store::volumes::VolumeMount::parse(v))
+                .collect::<thinlayer_store::Result<Vec<_>>>()?;
             let c = store(root, LockMode::Exclusive, wait)?.create_container(
                 &name,
                 &image,
                 hostname.as_deref(),
+                &volumes,
             )?;
             Ok(Output {
                 text: format!(
@@ -334,6 +381,75 @@ pub fn container(root: &Path, cmd: ContainerCommand, wait: bool) -> R {
                     meta.diff_id.as_deref().unwrap_or("-")
                 ),
                 json: serde_json::to_value(&meta).expect("plain data"),
+            })
+        }
+    }
+}
+
+/// `volume ...`.
+pub fn volume(root: &Path, cmd: VolumeCommand, wait: bool) -> R {
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            fs,
+            from,
+        } => {
+            let v = store(root, LockMode::Exclusive, wait)?.create_volume(
+                &name,
+                size,
+                fs,
+                from.as_deref(),
+            )?;
+            Ok(Output {
+                text: match &v.from {
+                    Some(src) => format!(
+                        "created volume {} as a clone of {src} ({}, {})\n",
+                        v.name,
+                        v.size,
+                        v.fs.name()
+                    ),
+                    None => format!("created volume {} ({}, {})\n", v.name, v.size, v.fs.name()),
+                },
+                json: serde_json::to_value(&v).expect("plain data"),
+            })
+        }
+        VolumeCommand::Ls => {
+            let vs = store(root, LockMode::Shared, wait)?.volumes()?;
+            let mut text = format!("{:<24} {:>8} {:<5} {}\n", "NAME", "SIZE", "FS", "FROM");
+            for v in &vs {
+                text += &format!(
+                    "{:<24} {:>8} {:<5} {}\n",
+                    v.name,
+                    v.size.to_string(),
+                    v.fs.name(),
+                    v.from.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(Output {
+                text,
+                json: serde_json::to_value(&vs).expect("plain data"),
+            })
+        }
+        VolumeCommand::Rm { name } => {
+            store(root, LockMode::Exclusive, wait)?.remove_volume(&name)?;
+            Ok(Output {
+                text: format!("removed volume {name}\n"),
+                json: json!({"volume": name, "removed": true}),
+            })
+        }
+        VolumeCommand::Mount { name, dir } => {
+            let at = store(root, LockMode::Exclusive, wait)?.mount_volume(&name, &dir)?;
+            Ok(Output {
+                text: format!("mounted volume {name} at {}\n", at.display()),
+                json: json!({"volume": name, "mountpoint": at}),
+            })
+        }
+        VolumeCommand::Umount { name } => {
+            let dirs = store(root, LockMode::Exclusive, wait)?.umount_volume(&name)?;
+            Ok(Output {
+                text: format!("unmounted volume {name} ({} mount(s))\n", dirs.len()),
+                json: json!({"volume": name, "unmounted": dirs}),
             })
         }
     }

@@ -16,8 +16,9 @@ use crate::{
     error::{Error, IoContext, Result},
     fault, kernel, mounts,
     names::{self, Role},
-    pool::{Action, LayerRecord, Pending, Pool, RECORD_LAYER, now_unix},
+    pool::{Action, FsType, LayerRecord, Pending, Pool, RECORD_LAYER, now_unix},
     record,
+    units::Bytes,
 };
 
 /// A layer as `layer ls` shows it.
@@ -154,12 +155,46 @@ impl Pool {
     }
 
     /// Creates layer `id` as a thin snapshot of `parent` (or of the base
-    /// device): copy-on-write at the pool's block size.
+    /// device): copy-on-write at the pool's block size. A snapshot has its
+    /// parent's size and filesystem.
     ///
     /// # Errors
     /// [`Error::LayerExists`], [`Error::UnknownLayer`] (parent),
     /// [`Error::NoSpace`], [`Error::PoolInactive`], kernel errors.
     pub fn create_layer(&mut self, id: &str, parent: Option<&str>) -> Result<LayerRecord> {
+        self.make_layer(id, Source::Snapshot(parent))
+    }
+
+    /// Creates `id` as a fresh thin device of `size` holding a new `fs`
+    /// filesystem (a volume): no parent, nothing shared.
+    ///
+    /// # Errors
+    /// As [`Pool::create_layer`]; bad sizes; mkfs errors (nothing kept).
+    pub fn create_volume_layer(
+        &mut self,
+        id: &str,
+        size: Bytes,
+        fs: FsType,
+    ) -> Result<LayerRecord> {
+        if size < fs.min_size() || !size.0.is_multiple_of(4096) {
+            return Err(Error::InvalidSize {
+                input: size.to_string(),
+                reason: format!(
+                    "a {} volume must be a multiple of 4K and at least {}",
+                    fs.name(),
+                    fs.min_size()
+                ),
+            });
+        }
+        fs.mkfs().find()?;
+        self.make_layer(id, Source::Fresh { size, fs })
+    }
+
+    /// The one path that makes a thin device and its record, as a
+    /// transaction: intent, kernel steps (for a fresh device the filesystem
+    /// too, before the transaction id moves, so a device the records may
+    /// roll forward to is always formatted), record, commit.
+    fn make_layer(&mut self, id: &str, source: Source<'_>) -> Result<LayerRecord> {
         names::check_id("layer", id)?;
         // Settle an interrupted operation first: it may be this very layer.
         if self.pool_device()?.is_some() {
@@ -168,11 +203,15 @@ impl Pool {
         if self.layout().layer_record(id).exists() {
             return Err(Error::LayerExists(id.to_owned()));
         }
-        let origin = match parent {
-            Some(p) => self.layer(p)?.thin_id,
-            None => self.record().base_thin_id,
+        let (origin, parent, size, fs) = match source {
+            Source::Snapshot(Some(p)) => {
+                let pr = self.layer(p)?;
+                (Some(pr.thin_id), Some(p.to_owned()), pr.size, pr.fs)
+            }
+            Source::Snapshot(None) => (Some(self.record().base_thin_id), None, None, None),
+            Source::Fresh { size, fs } => (None, None, Some(size), Some(fs)),
         };
-        self.require_active()?;
+        let pool_dev = self.require_active()?;
         self.recover()?;
         self.check_space()?;
 
@@ -180,35 +219,42 @@ impl Pool {
         let thin_id = self.record().next_thin_id;
         kernel::thin_id_of(thin_id)?;
         let pool = self.name(Role::Pool);
-        let origin_name = self.name(Role::Thin(origin));
         self.begin(Pending::CreateLayer {
             id: id.to_owned(),
             thin_id,
-            parent: parent.map(str::to_owned),
+            parent: parent.clone(),
+            size,
+            fs,
         })?;
         fault::point("layer_create.after_intent");
 
-        let kernel = self.kernel()?;
-        let origin_active = kernel.device(&origin_name)?.is_some();
-        let made = kernel
-            .create_snap(
-                &pool,
-                thin_id,
-                origin,
-                origin_active.then_some(&*origin_name),
-            )
-            .and_then(|()| {
-                fault::point("layer_create.after_snapshot");
-                kernel.set_transaction_id(&pool, t, t + 1).map_err(|e| {
-                    match kernel.pool_message(&pool, &format!("delete {thin_id}")) {
-                        Ok(()) => e,
-                        Err(undo) => Error::Rollback {
-                            error: Box::new(e),
-                            undo: Box::new(undo),
-                        },
-                    }
-                })
-            });
+        let made = match origin {
+            Some(origin) => {
+                let origin_name = self.name(Role::Thin(origin));
+                let kernel = self.kernel()?;
+                let origin_active = kernel.device(&origin_name)?.is_some();
+                kernel.create_snap(
+                    &pool,
+                    thin_id,
+                    origin,
+                    origin_active.then_some(&*origin_name),
+                )
+            }
+            None => self.make_fresh(pool_dev, thin_id, size, fs),
+        }
+        .and_then(|()| {
+            fault::point("layer_create.after_snapshot");
+            let kernel = self.kernel()?;
+            kernel.set_transaction_id(&pool, t, t + 1).map_err(|e| {
+                match kernel.pool_message(&pool, &format!("delete {thin_id}")) {
+                    Ok(()) => e,
+                    Err(undo) => Error::Rollback {
+                        error: Box::new(e),
+                        undo: Box::new(undo),
+                    },
+                }
+            })
+        });
         fault::point("layer_create.after_set_transaction_id");
         if let Err(e) = made {
             // Nothing reached the kernel's transaction: forget the intent.
@@ -219,13 +265,48 @@ impl Pool {
         let layer = LayerRecord {
             id: id.to_owned(),
             thin_id,
-            parent: parent.map(str::to_owned),
+            parent,
             created_unix: now_unix(),
+            size,
+            fs,
         };
         record::write(&self.layout().layer_record(id), RECORD_LAYER, &layer)?;
         fault::point("layer_create.after_record");
         self.commit(t + 1)?;
         Ok(layer)
+    }
+
+    /// `create_thin`, then activate, format and tear down the new device;
+    /// on failure the thin id is deleted again.
+    fn make_fresh(
+        &mut self,
+        pool_dev: devicemapper::Device,
+        thin_id: u32,
+        size: Option<Bytes>,
+        fs: Option<FsType>,
+    ) -> Result<()> {
+        let pool = self.name(Role::Pool);
+        let name = self.name(Role::Thin(thin_id));
+        let uuid = self.uuid(Role::Thin(thin_id));
+        let size = size.unwrap_or(self.record().base_size);
+        let fs = fs.unwrap_or(self.record().fs);
+        let kernel = self.kernel()?;
+        kernel.pool_message(&pool, &format!("create_thin {thin_id}"))?;
+        let formatted = kernel
+            .activate_thin(&name, &uuid, pool_dev, thin_id, size.sectors())
+            .and_then(|dev| crate::pool::make_filesystem(fs, &kernel::devnode(dev)))
+            .and_then(|()| kernel.remove_if_present(&name).map(|_| ()));
+        if let Err(e) = formatted {
+            let _ = kernel.remove_if_present(&name);
+            if let Err(undo) = kernel.pool_message(&pool, &format!("delete {thin_id}")) {
+                return Err(Error::Rollback {
+                    error: Box::new(e),
+                    undo: Box::new(undo),
+                });
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Records `op` as begun and uses up a thin id if it makes one.
@@ -286,7 +367,8 @@ impl Pool {
             thin_id: layer.thin_id,
         })?;
         fault::point("layer_rm.after_intent");
-        self.discard_thin(layer.thin_id)?;
+        let len = layer.size_in(self.record());
+        self.discard_thin(layer.thin_id, len)?;
         let pool = self.name(Role::Pool);
         let kernel = self.kernel()?;
         kernel.pool_message(&pool, &format!("delete {}", layer.thin_id))?;
@@ -317,17 +399,8 @@ impl Pool {
         fs::create_dir_all(dir).ctx(|| format!("create mount point {}", dir.display()))?;
         let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
         let name = self.name(Role::Thin(layer.thin_id));
-        let uuid = self.uuid(Role::Thin(layer.thin_id));
-        let sectors = self.record().base_size.sectors();
-        let fs_type = self.record().fs;
-        let kernel = self.kernel()?;
-        let (dev, activated) = match kernel.device(&name)? {
-            Some(dev) => (dev, false),
-            None => (
-                kernel.activate_thin(&name, &uuid, pool_dev, layer.thin_id, sectors)?,
-                true,
-            ),
-        };
+        let fs_type = layer.fs_in(self.record());
+        let (dev, activated) = self.activate_thin_of(pool_dev, &layer)?;
         fault::point("mount.after_activation");
         let node = kernel::devnode(dev);
         if !activated && mounts::mountpoints_of(dev)?.contains(&dir) {
@@ -352,6 +425,64 @@ impl Pool {
         }
         fault::point("mount.after_mount");
         Ok((node, Action::Done))
+    }
+
+    /// Activates layer `id`'s thin device without mounting it (for a
+    /// caller that mounts it itself, e.g. containerd through the
+    /// snapshotter); already active is fine. Returns the device node.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::PoolInactive`], kernel errors.
+    pub fn activate_layer(&mut self, id: &str) -> Result<PathBuf> {
+        self.layer(id)?;
+        let pool_dev = self.require_active()?;
+        // A layer half-removed by a crash must not be activated.
+        self.recover()?;
+        let layer = self.layer(id)?;
+        let (dev, _) = self.activate_thin_of(pool_dev, &layer)?;
+        Ok(kernel::devnode(dev))
+    }
+
+    /// Tears down layer `id`'s thin device if it is active and nothing
+    /// mounts it; returns whether it removed it. A mounted device stays.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::Busy`] (held open), kernel errors.
+    pub fn deactivate_layer(&mut self, id: &str) -> Result<bool> {
+        let layer = self.layer(id)?;
+        if self.pool_device()?.is_none() {
+            return Ok(false);
+        }
+        let name = self.name(Role::Thin(layer.thin_id));
+        let kernel = self.kernel()?;
+        match kernel.device(&name)? {
+            Some(dev) if mounts::mountpoints_of(dev)?.is_empty() => {
+                kernel.remove(&name)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The thin device `thin_id` in the kernel, activated if needed; says
+    /// whether this call activated it.
+    fn activate_thin_of(
+        &mut self,
+        pool_dev: devicemapper::Device,
+        layer: &LayerRecord,
+    ) -> Result<(devicemapper::Device, bool)> {
+        let thin_id = layer.thin_id;
+        let name = self.name(Role::Thin(thin_id));
+        let uuid = self.uuid(Role::Thin(thin_id));
+        let sectors = layer.size_in(self.record()).sectors();
+        let kernel = self.kernel()?;
+        Ok(match kernel.device(&name)? {
+            Some(dev) => (dev, false),
+            None => (
+                kernel.activate_thin(&name, &uuid, pool_dev, thin_id, sectors)?,
+                true,
+            ),
+        })
     }
 
     /// Unmounts a layer (every mount of it) given its id, or one mount
@@ -431,4 +562,17 @@ fn display_paths(p: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// What a new thin device starts from.
+enum Source<'a> {
+    /// A snapshot of this layer, or of the base device.
+    Snapshot(Option<&'a str>),
+    /// A fresh device of this size with a new filesystem (a volume).
+    Fresh {
+        /// Its virtual size.
+        size: Bytes,
+        /// Its filesystem.
+        fs: FsType,
+    },
 }

@@ -72,7 +72,7 @@ impl FsType {
         }
     }
 
-    fn mkfs(self) -> Tool {
+    pub(crate) fn mkfs(self) -> Tool {
         match self {
             FsType::Ext4 => Tool::MkfsExt4,
             FsType::Xfs => Tool::MkfsXfs,
@@ -80,7 +80,7 @@ impl FsType {
     }
 
     /// The smallest base device the filesystem tools accept.
-    fn min_size(self) -> Bytes {
+    pub(crate) fn min_size(self) -> Bytes {
         match self {
             FsType::Ext4 => Bytes(16 << 20),
             FsType::Xfs => Bytes(300 << 20),
@@ -169,7 +169,7 @@ pub enum Pending {
     /// leaves under a record in this state is leftovers, which the next
     /// `pool create` (or `pool recover`, `pool destroy`) clears.
     CreatePool,
-    /// `layer create`.
+    /// `layer create` (and `volume create`).
     CreateLayer {
         /// The layer id.
         id: String,
@@ -177,6 +177,12 @@ pub enum Pending {
         thin_id: u32,
         /// Its parent layer.
         parent: Option<String>,
+        /// Its size when not the base size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<Bytes>,
+        /// Its filesystem when not the pool's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fs: Option<FsType>,
     },
     /// `layer rm`.
     RemoveLayer {
@@ -276,10 +282,29 @@ pub struct LayerRecord {
     pub id: String,
     /// Its thin device id in the pool.
     pub thin_id: u32,
-    /// The layer it snapshots; `None` for a snapshot of the base device.
+    /// The layer it snapshots; `None` for a snapshot of the base device
+    /// (or, for a volume, a fresh device).
     pub parent: Option<String>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+    /// Its virtual size, when not the pool's base size (volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Bytes>,
+    /// Its filesystem, when not the pool's (volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<FsType>,
+}
+
+impl LayerRecord {
+    /// Its virtual size.
+    pub fn size_in(&self, pool: &PoolRecord) -> Bytes {
+        self.size.unwrap_or(pool.base_size)
+    }
+
+    /// Its filesystem.
+    pub fn fs_in(&self, pool: &PoolRecord) -> FsType {
+        self.fs.unwrap_or(pool.fs)
+    }
 }
 
 /// What an idempotent verb did.
@@ -548,28 +573,7 @@ impl Pool {
             rec.base_size.sectors(),
         )?;
         fault::point("pool_create.after_base_activation");
-        let node = kernel::devnode(dev);
-        match rec.fs {
-            FsType::Ext4 => rec.fs.mkfs().run(&[
-                "-q".as_ref(),
-                "-F".as_ref(),
-                "-b".as_ref(),
-                "4096".as_ref(),
-                "-E".as_ref(),
-                "nodiscard,lazy_itable_init=1,lazy_journal_init=1".as_ref(),
-                "-L".as_ref(),
-                "thinlayer".as_ref(),
-                node.as_os_str(),
-            ])?,
-            FsType::Xfs => rec.fs.mkfs().run(&[
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "-K".as_ref(),
-                "-L".as_ref(),
-                "thinlayer".as_ref(),
-                node.as_os_str(),
-            ])?,
-        };
+        make_filesystem(rec.fs, &kernel::devnode(dev))?;
         fault::point("pool_create.after_mkfs");
         kernel.remove(&base)?;
         fault::point("pool_create.after_base_teardown");
@@ -912,6 +916,8 @@ impl Pool {
                 id,
                 thin_id,
                 parent,
+                size,
+                fs,
             }) if kt == t + 1 => {
                 tracing::info!(%id, thin_id, "recovery: rolling layer create forward");
                 let layer = LayerRecord {
@@ -919,6 +925,8 @@ impl Pool {
                     thin_id,
                     parent,
                     created_unix: now_unix(),
+                    size,
+                    fs,
                 };
                 record::write(&self.layout.layer_record(&id), RECORD_LAYER, &layer)?;
                 self.commit(t + 1)
@@ -1051,6 +1059,32 @@ impl Pool {
             warnings,
         })
     }
+}
+
+/// Makes a filesystem of type `fs` on the thin device at `node`, without
+/// discarding (a fresh thin device is all unprovisioned) and, for ext4,
+/// with lazy inode tables and journal: unprovisioned blocks read as zeros,
+/// so nothing is written that a snapshot would then share for nothing.
+///
+/// # Errors
+/// The mkfs tool's failure.
+pub(crate) fn make_filesystem(fs: FsType, node: &Path) -> Result<()> {
+    let args: &[&str] = match fs {
+        FsType::Ext4 => &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-E",
+            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            "-L",
+            "thinlayer",
+        ],
+        FsType::Xfs => &["-q", "-f", "-K", "-L", "thinlayer"],
+    };
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    all.push(node.as_os_str());
+    fs.mkfs().run(&all).map(|_| ())
 }
 
 /// The thin-pool table parameters for a record and its linear devices.

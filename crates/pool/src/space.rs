@@ -232,11 +232,10 @@ impl Pool {
     ///
     /// # Errors
     /// [`Error::PoolInactive`], [`Error::Busy`], kernel errors.
-    pub(crate) fn discard_thin(&mut self, thin_id: u32) -> Result<()> {
+    pub(crate) fn discard_thin(&mut self, thin_id: u32, len: crate::units::Bytes) -> Result<()> {
         let pool_dev = self.require_active()?;
         let name = self.name(Role::Thin(thin_id));
         let uuid = self.uuid(Role::Thin(thin_id));
-        let len = self.record().base_size;
         let kernel = self.kernel()?;
         let dev = match kernel.device(&name)? {
             Some(dev) => {

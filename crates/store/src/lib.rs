@@ -14,6 +14,7 @@
 pub mod error;
 pub mod records;
 pub mod source;
+pub mod volumes;
 
 use std::{
     fs,
@@ -97,6 +98,20 @@ impl<R: Read> Read for Counting<'_, R> {
     }
 }
 
+/// Counts the bytes read through it.
+struct CountingBytes<'a, R> {
+    inner: R,
+    n: &'a std::cell::Cell<u64>,
+}
+
+impl<R: Read> Read for CountingBytes<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n.set(self.n.get() + k as u64);
+        Ok(k)
+    }
+}
+
 impl Store {
     /// Opens the pool under `root` in `mode` and the store beside it.
     ///
@@ -106,10 +121,10 @@ impl Store {
         let pool = Pool::open(root, mode, wait)?;
         let dir = root.join("store");
         if mode == LockMode::Exclusive {
-            for sub in ["layers", "images", "containers", "tmp", "mnt"] {
+            for sub in ["layers", "images", "containers", "volumes", "tmp", "mnt"] {
                 record::create_dir(&dir.join(sub)).map_err(Error::Pool)?;
             }
-            for sub in ["layers", "images", "containers"] {
+            for sub in ["layers", "images", "containers", "volumes"] {
                 record::sweep_temp(&dir.join(sub))?;
             }
         }
@@ -214,6 +229,34 @@ impl Store {
             }
             Err(e) => Err(self.roll_back_layer(id, e)),
         }
+    }
+
+    /// Applies the layer tar `input` into the existing, unmounted layer
+    /// `id` (Docker's `ApplyDiff`: the layer was created empty first).
+    /// Returns the tar's diff_id and its size in bytes.
+    ///
+    /// # Errors
+    /// As [`Store::apply_new_layer`]; the layer is left as the partial
+    /// apply made it (the caller removes it).
+    pub fn apply_to_layer(&mut self, id: &str, input: impl Read) -> Result<(String, u64)> {
+        let counted = std::cell::Cell::new(0u64);
+        let diff_id = self.apply_into(
+            id,
+            CountingBytes {
+                inner: input,
+                n: &counted,
+            },
+            None,
+            0,
+        )?;
+        let meta = LayerMeta {
+            id: id.to_owned(),
+            kind: LayerKind::Made,
+            diff_id: Some(diff_id.clone()),
+            complete: true,
+        };
+        record::write(&self.meta_path(id), RECORD_META, &meta)?;
+        Ok((diff_id, counted.get()))
     }
 
     /// Mounts `id` at a scratch directory, applies, flushes, unmounts.
@@ -480,10 +523,14 @@ impl Store {
         name: &str,
         image: &str,
         hostname: Option<&str>,
+        volumes: &[volumes::VolumeMount],
     ) -> Result<ContainerRecord> {
         thinlayer_pool::names::check_id("container", name)?;
         if self.container_path(name).exists() {
             return Err(Error::ContainerExists(name.to_owned()));
+        }
+        for v in volumes {
+            self.volume(&v.volume)?;
         }
         let img = self.image(image)?;
         let top = img
@@ -523,6 +570,7 @@ impl Store {
             layer: layer_id.clone(),
             hostname,
             mountpoint: self.dir.join("mnt").join(name),
+            volumes: volumes.to_vec(),
             created_unix: now_unix(),
         };
         let written = record::write(&self.meta_path(&layer_id), RECORD_META, &meta)
@@ -543,6 +591,14 @@ impl Store {
         let c = self.container(name)?;
         let dir = dir.map_or_else(|| c.mountpoint.clone(), Path::to_path_buf);
         self.pool.mount_layer(&c.layer, &dir, false)?;
+        for v in &c.volumes {
+            let mounted = volumes::safe_mount_dir(&dir, &v.path)
+                .and_then(|at| self.mount_volume(&v.volume, &at));
+            if let Err(e) = mounted {
+                let _ = self.umount_container(name);
+                return Err(e);
+            }
+        }
         Ok(dir)
     }
 
@@ -552,7 +608,26 @@ impl Store {
     /// [`Error::UnknownContainer`], busy mounts.
     pub fn umount_container(&mut self, name: &str) -> Result<Vec<PathBuf>> {
         let c = self.container(name)?;
-        Ok(self.pool.umount(&c.layer)?)
+        let mut done = Vec::new();
+        // Volumes first (innermost mounts), by directory: other containers
+        // sharing a volume keep theirs.
+        let roots = self
+            .pool
+            .layers()?
+            .into_iter()
+            .find(|l| l.id == c.layer)
+            .map(|l| l.mountpoints)
+            .unwrap_or_default();
+        for root in &roots {
+            for v in c.volumes.iter().rev() {
+                let at = root.join(v.path.strip_prefix("/").unwrap_or(&v.path));
+                if self.volume_mountpoints(&v.volume)?.contains(&at) {
+                    done.extend(self.pool.umount(&at.to_string_lossy())?);
+                }
+            }
+        }
+        done.extend(self.pool.umount(&c.layer)?);
+        Ok(done)
     }
 
     /// Removes container `name`: unmounts it, removes its layers and record.
@@ -562,7 +637,7 @@ impl Store {
     /// a commit made from it still... (commits are independent layers).
     pub fn remove_container(&mut self, name: &str) -> Result<()> {
         let c = self.container(name)?;
-        self.pool.umount(&c.layer)?;
+        self.umount_container(name)?;
         for id in [&c.layer, &c.init_layer] {
             if self.pool.layout().layer_record(id).exists() {
                 self.pool.remove_layer(id)?;
@@ -624,6 +699,15 @@ impl Store {
         self.with_pair(Some(&c.init_layer), &c.layer, |l, u| {
             Ok(diff::changes(l, u)?)
         })
+    }
+
+    /// What layer `id` changed against its parent.
+    ///
+    /// # Errors
+    /// Unknown layer, mount and read errors.
+    pub fn layer_changes(&mut self, id: &str) -> Result<Vec<Change>> {
+        let layer = self.pool.layer(id)?;
+        self.with_pair(layer.parent.as_deref(), id, |l, u| Ok(diff::changes(l, u)?))
     }
 
     /// Commits container `name`'s changes as new layer `as_id` on its
@@ -719,7 +803,7 @@ fn syncfs(dir: &Path) -> Result<()> {
         .ctx(|| format!("flush the filesystem at {}", dir.display()))
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -71,6 +71,9 @@ pub struct ContainerRecord {
     pub hostname: String,
     /// Default mount point.
     pub mountpoint: PathBuf,
+    /// Volumes mounted inside it.
+    #[serde(default)]
+    pub volumes: Vec<crate::volumes::VolumeMount>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }

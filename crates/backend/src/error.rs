@@ -1,0 +1,31 @@
+//! Errors of the backends; engine and store errors pass through.
+
+/// The backends' result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the backends can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From the store (and through it the pool and layer-tar code).
+    #[error(transparent)]
+    Store(#[from] thinlayer_store::Error),
+    /// A request that does not fit the state.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<thinlayer_pool::Error> for Error {
+    fn from(e: thinlayer_pool::Error) -> Error {
+        Error::Store(e.into())
+    }
+}
+
+impl Error {
+    /// The exit code the binary uses.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Store(e) => e.exit_code(),
+            Error::Invalid(_) => thinlayer_pool::exit::CONFLICT,
+        }
+    }
+}

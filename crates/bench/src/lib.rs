@@ -1,0 +1,131 @@
+//! `thinlayer bench`: thinlayer's dm-thin snapshots measured side by side
+//! with the raw device-mapper floor, overlayfs (on ext4, and on XFS with
+//! reflink), btrfs snapshots and a full copy per container, in one run on
+//! one kernel.
+//!
+//! Protocol: every backend gets a device of the same size (a sparse file on
+//! tmpfs behind a loop device); workloads run with the backends
+//! interleaved, sample by sample, so drift in the guest hits all alike;
+//! write phases end with fsync; cold figures drop the page cache first;
+//! space is read from the backend's own accounting (pool blocks, `statvfs`)
+//! next to the bytes the backing loop device was sent (`/proc/diskstats`).
+//!
+//! Output: a table with medians and the thinlayer/floor and
+//! thinlayer/overlayfs ratios, `bench.json` with every sample, PNG plots.
+//!
+//! What must never happen: a kernel step mocked, a `dmsetup` process, a
+//! device or mount left behind after the run (teardown runs on error too).
+
+pub mod backend;
+mod btrfs;
+pub mod error;
+mod plot;
+pub mod report;
+pub mod sys;
+mod workloads;
+
+use std::path::PathBuf;
+
+pub use error::{Error, Result};
+pub use report::{Report, Sample, Stat};
+
+/// What to run, and where.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Directory for `bench.json` and the plots (created).
+    pub out: PathBuf,
+    /// Quick mode: fewer samples, smaller files and populations (CI).
+    pub quick: bool,
+    /// Scratch directory for the backing files (tmpfs in the VM).
+    pub work: PathBuf,
+    /// Directory of the built image fixtures (`tests/fixtures/make-images`),
+    /// for the import workload; skipped (and said so) when missing.
+    pub fixtures: PathBuf,
+}
+
+/// The sizes and counts of one run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Params {
+    /// Samples per latency figure.
+    pub samples: usize,
+    /// Snapshot populations the start path is measured at.
+    pub populations: Vec<usize>,
+    /// File sizes of the first-write workload, bytes.
+    pub file_sizes: Vec<u64>,
+    /// Samples per first-write size.
+    pub write_samples: usize,
+    /// Random 4 KiB overwrites in the largest file.
+    pub random_writes: usize,
+    /// Files created, stated and unlinked by the metadata workload.
+    pub meta_files: usize,
+    /// Pool block sizes compared, bytes.
+    pub block_sizes: Vec<u64>,
+    /// File size of the block-size workload, bytes.
+    pub block_file: u64,
+    /// Containers reading one image in the page-cache workload.
+    pub cache_containers: usize,
+    /// Bytes of files each of them reads.
+    pub cache_bytes: u64,
+    /// Containers of the trivial-space and removal workload.
+    pub trivial_containers: usize,
+    /// Backing device size per backend, bytes (sparse).
+    pub device_size: u64,
+    /// Virtual size of each thin device, bytes.
+    pub thin_size: u64,
+}
+
+impl Params {
+    /// The figures for quick (CI) or full mode.
+    pub fn new(quick: bool) -> Params {
+        const MIB: u64 = 1 << 20;
+        if quick {
+            Params {
+                samples: 7,
+                populations: vec![10, 100],
+                file_sizes: vec![4 * MIB, 16 * MIB, 64 * MIB],
+                write_samples: 3,
+                random_writes: 128,
+                meta_files: 200,
+                block_sizes: vec![64 << 10, 512 << 10, MIB],
+                block_file: 16 * MIB,
+                cache_containers: 10,
+                cache_bytes: 8 * MIB,
+                trivial_containers: 10,
+                device_size: 4 << 30,
+                thin_size: 2 << 30,
+            }
+        } else {
+            Params {
+                samples: 21,
+                populations: vec![10, 100, 1000],
+                file_sizes: vec![16 * MIB, 256 * MIB, 1 << 30],
+                write_samples: 5,
+                random_writes: 1024,
+                meta_files: 2000,
+                block_sizes: vec![64 << 10, 512 << 10, MIB],
+                block_file: 256 * MIB,
+                cache_containers: 10,
+                cache_bytes: 64 * MIB,
+                trivial_containers: 20,
+                device_size: 16 << 30,
+                thin_size: 4 << 30,
+            }
+        }
+    }
+}
+
+/// Runs the benchmark: builds the backends, runs every workload, writes
+/// `bench.json` and the plots under `opts.out`, and returns the report
+/// (whose [`Report::table`] is the terminal summary).
+///
+/// # Errors
+/// Any backend or workload error (the backends are torn down first), and
+/// output write errors.
+pub fn run(opts: &Options) -> Result<Report> {
+    let params = Params::new(opts.quick);
+    let report = workloads::run_all(opts, &params)?;
+    sys::mkdir(&opts.out)?;
+    report.write_json(&opts.out.join("bench.json"))?;
+    plot::all(&report, &opts.out)?;
+    Ok(report)
+}

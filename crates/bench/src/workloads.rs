@@ -1,0 +1,819 @@
+//! The workloads, run over every backend with the backends interleaved
+//! sample by sample.
+
+use std::{
+    fs,
+    io::{IsTerminal, Read},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use devicemapper::{DevId, DmOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{
+    Options, Params,
+    backend::{Backend, Btrfs, Floor, FullCopy, Overlay, Sizes, ThinLayer},
+    error::{DmContext, IoContext, Result},
+    report::{Report, Sample},
+    sys::{self, ms_since},
+};
+
+const KIB4: usize = 4096;
+
+/// Collects samples and drives the progress bar.
+struct Run {
+    samples: Vec<Sample>,
+    notes: Vec<String>,
+    bar: ProgressBar,
+    tty: bool,
+}
+
+impl Run {
+    fn add(&mut self, backend: &str, workload: &str, param: u64, metric: &str, value: f64) {
+        self.samples.push(Sample {
+            backend: backend.to_owned(),
+            workload: workload.to_owned(),
+            param,
+            metric: metric.to_owned(),
+            value,
+        });
+    }
+
+    fn phase(&mut self, what: &str) {
+        self.bar.set_message(what.to_owned());
+        self.bar.inc(1);
+        if !self.tty {
+            eprintln!("bench: {what}");
+        }
+    }
+}
+
+struct Backends {
+    thin: ThinLayer,
+    floor: Floor,
+    ovl_ext4: Overlay,
+    ovl_xfs: Overlay,
+    btrfs: Btrfs,
+    copy: FullCopy,
+}
+
+impl Backends {
+    fn all(&mut self) -> [&mut dyn Backend; 6] {
+        [
+            &mut self.thin,
+            &mut self.floor,
+            &mut self.ovl_ext4,
+            &mut self.ovl_xfs,
+            &mut self.btrfs,
+            &mut self.copy,
+        ]
+    }
+}
+
+const PHASES: u64 = 13;
+
+/// Builds the backends, runs every workload, tears the backends down
+/// (also on error) and returns the report with its stats.
+pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let bar = ProgressBar::new(PHASES);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
+            .expect("a valid template"),
+    );
+    let mut run = Run {
+        samples: Vec::new(),
+        notes: Vec::new(),
+        bar,
+        tty,
+    };
+    let work = &opts.work;
+    let _ = fs::remove_dir_all(work);
+    sys::mkdir(work)?;
+    let sizes = Sizes {
+        device: p.device_size,
+        thin: p.thin_size,
+    };
+    run.phase("creating the backends");
+    let mut made: Vec<Box<dyn Backend>> = Vec::new();
+    let backends = (|| -> Result<Backends> {
+        let thin = ThinLayer::new(
+            "thinlayer",
+            &sys::mkdir(&work.join("thinlayer"))?,
+            &sizes,
+            64 << 10,
+        )?;
+        let floor = Floor::new(&sys::mkdir(&work.join("floor"))?, &sizes, 64 << 10);
+        let floor = match floor {
+            Ok(f) => f,
+            Err(e) => {
+                made.push(Box::new(thin));
+                return Err(e);
+            }
+        };
+        let rest = (|| {
+            Ok((
+                Overlay::new(&sys::mkdir(&work.join("ovl-ext4"))?, &sizes, false)?,
+                Overlay::new(&sys::mkdir(&work.join("ovl-xfs"))?, &sizes, true)?,
+                Btrfs::new(&sys::mkdir(&work.join("btrfs"))?, &sizes)?,
+                FullCopy::new(&sys::mkdir(&work.join("copy"))?, &sizes)?,
+            ))
+        })();
+        match rest {
+            Ok((ovl_ext4, ovl_xfs, btrfs, copy)) => Ok(Backends {
+                thin,
+                floor,
+                ovl_ext4,
+                ovl_xfs,
+                btrfs,
+                copy,
+            }),
+            Err(e) => {
+                made.push(Box::new(thin));
+                made.push(Box::new(floor));
+                Err(e)
+            }
+        }
+    })();
+    let mut b = match backends {
+        Ok(b) => b,
+        Err(e) => {
+            for mut m in made {
+                let _ = m.teardown();
+            }
+            let _ = sys_cleanup(work);
+            return Err(e);
+        }
+    };
+    let result = workloads(&mut run, &mut b, opts, p);
+    let mut teardown = Ok(());
+    for be in b.all() {
+        if let Err(e) = be.teardown() {
+            teardown = teardown.and(Err(e));
+        }
+    }
+    let _ = sys_cleanup(work);
+    result?;
+    teardown?;
+    run.bar.finish_and_clear();
+    let mut report = Report {
+        quick: opts.quick,
+        params: p.clone(),
+        backends: b.all().iter().map(|x| x.name().to_owned()).collect(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        samples: run.samples,
+        stats: Vec::new(),
+        notes: run.notes,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    report.compute_stats();
+    Ok(report)
+}
+
+fn sys_cleanup(work: &Path) -> Result<()> {
+    fs::remove_dir_all(work).ctx(|| format!("remove {}", work.display()))
+}
+
+/// The base image: small files in a few directories and a 1 MiB "binary".
+fn fill_base(dir: &Path) -> Result<()> {
+    for d in 0..4 {
+        let sub = sys::mkdir(&dir.join(format!("usr{d}")))?;
+        for f in 0..16 {
+            let n = d * 16 + f;
+            fs::write(
+                sub.join(format!("f{f}")),
+                sys::pattern(n, 4096 * (1 + n as usize % 4)),
+            )
+            .ctx(|| format!("write into {}", sub.display()))?;
+        }
+    }
+    sys::write_synced(&dir.join("app"), &sys::pattern(99, 1 << 20))
+}
+
+fn big_file(size: u64) -> impl FnMut(&Path) -> Result<()> {
+    move |dir: &Path| {
+        let path = dir.join("big");
+        let f = fs::File::create(&path).ctx(|| format!("create {}", path.display()))?;
+        let chunk = sys::pattern(size, 1 << 20);
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(chunk.len() as u64) as usize;
+            f.write_all_at(&chunk[..n], off)
+                .ctx(|| format!("write {}", path.display()))?;
+            off += n as u64;
+        }
+        f.sync_all().ctx(|| format!("fsync {}", path.display()))
+    }
+}
+
+fn workloads(run: &mut Run, b: &mut Backends, opts: &Options, p: &Params) -> Result<()> {
+    run.phase("base image layer");
+    for be in b.all() {
+        be.make_layer("base", None, &mut fill_base)?;
+    }
+    start_path(run, b, p)?;
+    populations(run, b, p)?;
+    first_write(run, b, p)?;
+    metadata(run, b, p)?;
+    import(run, b, opts, p)?;
+    page_cache(run, b, p)?;
+    trivial(run, b, p)?;
+    steps(run, b, p)?;
+    block_sizes(run, opts, p)?;
+    Ok(())
+}
+
+/// Snapshot + activate + mount, a 4 KiB write, commit, umount + remove.
+fn start_path(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
+    run.phase("start path: create, mount, commit, remove");
+    for i in 0..p.samples {
+        for be in b.all() {
+            let c = format!("s{i}");
+            let k = format!("k{i}");
+            be.take_steps();
+            let t = Instant::now();
+            be.create(&c, "base")?;
+            let create = ms_since(t);
+            let t = Instant::now();
+            let dir = be.mount(&c)?;
+            let mount = ms_since(t);
+            sys::write_synced(&dir.join("new.txt"), &sys::pattern(7, KIB4))?;
+            let t = Instant::now();
+            be.commit(&c, &k)?;
+            let commit = ms_since(t);
+            be.remove_layer(&k)?;
+            let t = Instant::now();
+            be.umount(&c)?;
+            let umount = ms_since(t);
+            let t = Instant::now();
+            be.remove(&c)?;
+            let remove = ms_since(t);
+            let name = be.name().to_owned();
+            for (m, v) in [
+                ("create-ms", create),
+                ("mount-ms", mount),
+                ("start-ms", create + mount),
+                ("commit-ms", commit),
+                ("umount-ms", umount),
+                ("remove-ms", umount + remove),
+            ] {
+                run.add(&name, "start", 0, m, v);
+            }
+            for (step, v) in be.take_steps() {
+                run.add(&name, "step", 0, step, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The start path and removal at growing populations of snapshots.
+fn populations(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
+    let mut have = 0;
+    for &pop in &p.populations {
+        run.phase(&format!("start path at {pop} snapshots"));
+        for be in b.all() {
+            for j in have..pop {
+                be.create(&format!("p{j}"), "base")?;
+            }
+        }
+        have = pop;
+        for i in 0..p.samples {
+            for be in b.all() {
+                let c = format!("q{i}");
+                let t = Instant::now();
+                be.create(&c, "base")?;
+                let create = ms_since(t);
+                let t = Instant::now();
+                be.mount(&c)?;
+                let mount = ms_since(t);
+                let t = Instant::now();
+                be.umount(&c)?;
+                be.remove(&c)?;
+                let remove = ms_since(t);
+                let name = be.name().to_owned();
+                let pp = pop as u64;
+                run.add(&name, "population", pp, "create-ms", create);
+                run.add(&name, "population", pp, "mount-ms", mount);
+                run.add(&name, "population", pp, "start-ms", create + mount);
+                run.add(&name, "population", pp, "remove-ms", remove);
+                be.take_steps();
+            }
+        }
+    }
+    for be in b.all() {
+        for j in 0..have {
+            be.remove(&format!("p{j}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// First 4 KiB write into a large lower-layer file: latency, bytes newly
+/// allocated, bytes sent to the device. In the largest file also a cold
+/// sequential read and random 4 KiB overwrites.
+fn first_write(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
+    let largest = p.file_sizes.iter().copied().max().unwrap_or(0);
+    for &size in &p.file_sizes {
+        run.phase(&format!("first write into a {} MiB file", size >> 20));
+        let layer = format!("big{}", size >> 20);
+        for be in b.all() {
+            be.make_layer(&layer, Some("base"), &mut big_file(size))?;
+        }
+        for k in 0..p.write_samples {
+            for be in b.all() {
+                let name = be.name().to_owned();
+                let c = format!("w{}-{k}", size >> 20);
+                let used0 = be.used_bytes()?;
+                be.create(&c, &layer)?;
+                let dir = be.mount(&c)?;
+                let used1 = be.used_bytes()?;
+                run.add(
+                    &name,
+                    "first-write",
+                    size,
+                    "create-bytes",
+                    used1 as f64 - used0 as f64,
+                );
+                let file = dir.join("big");
+                if size == largest && k == 0 {
+                    sys::drop_caches()?;
+                    let t = Instant::now();
+                    let mut f = fs::File::open(&file).ctx(|| format!("open {}", file.display()))?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut n = 0u64;
+                    loop {
+                        let r = f
+                            .read(&mut buf)
+                            .ctx(|| format!("read {}", file.display()))?;
+                        if r == 0 {
+                            break;
+                        }
+                        n += r as u64;
+                    }
+                    let secs = t.elapsed().as_secs_f64();
+                    run.add(&name, "seq-read", size, "MB/s", n as f64 / 1e6 / secs);
+                    run.add(&name, "seq-read", size, "ms", secs * 1e3);
+                }
+                sys::drop_caches()?;
+                let used1 = be.used_bytes()?;
+                let dev1 = be.device_bytes_written()?;
+                let t = Instant::now();
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&file)
+                    .ctx(|| format!("open {}", file.display()))?;
+                f.write_all_at(&sys::pattern(3, KIB4), (size / 2) & !(KIB4 as u64 - 1))
+                    .ctx(|| format!("write {}", file.display()))?;
+                f.sync_all().ctx(|| format!("fsync {}", file.display()))?;
+                let ms = ms_since(t);
+                let used2 = be.used_bytes()?;
+                let dev2 = be.device_bytes_written()?;
+                run.add(&name, "first-write", size, "ms", ms);
+                run.add(
+                    &name,
+                    "first-write",
+                    size,
+                    "alloc-bytes",
+                    used2 as f64 - used1 as f64,
+                );
+                run.add(
+                    &name,
+                    "first-write",
+                    size,
+                    "device-bytes",
+                    dev2 as f64 - dev1 as f64,
+                );
+                if let Some(upper) = be.upper_dir(&c) {
+                    run.add(
+                        &name,
+                        "first-write",
+                        size,
+                        "upper-bytes",
+                        sys::du(&upper)? as f64,
+                    );
+                }
+                if size == largest && k == 0 {
+                    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+                    let blocks = size / KIB4 as u64;
+                    let data = sys::pattern(5, KIB4);
+                    let t = Instant::now();
+                    for _ in 0..p.random_writes {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        f.write_all_at(&data, (x % blocks) * KIB4 as u64)
+                            .ctx(|| format!("write {}", file.display()))?;
+                    }
+                    f.sync_all().ctx(|| format!("fsync {}", file.display()))?;
+                    let ms = ms_since(t);
+                    let used3 = be.used_bytes()?;
+                    run.add(&name, "random-write", size, "ms", ms);
+                    run.add(
+                        &name,
+                        "random-write",
+                        size,
+                        "alloc-bytes",
+                        used3 as f64 - used2 as f64,
+                    );
+                }
+                drop(f);
+                be.umount(&c)?;
+                be.remove(&c)?;
+            }
+        }
+        for be in b.all() {
+            be.remove_layer(&layer)?;
+        }
+    }
+    Ok(())
+}
+
+/// Create, stat and unlink many small files in a container.
+fn metadata(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
+    run.phase("metadata: create, stat, unlink small files");
+    for k in 0..p.write_samples {
+        for be in b.all() {
+            let c = format!("m{k}");
+            be.create(&c, "base")?;
+            let dir = be.mount(&c)?;
+            let d = sys::mkdir(&dir.join("many"))?;
+            let body = sys::pattern(1, 100);
+            let t = Instant::now();
+            for i in 0..p.meta_files {
+                fs::write(d.join(format!("f{i}")), &body)
+                    .ctx(|| format!("write into {}", d.display()))?;
+            }
+            sys::syncfs(&d)?;
+            let create = ms_since(t);
+            let t = Instant::now();
+            for i in 0..p.meta_files {
+                fs::symlink_metadata(d.join(format!("f{i}")))
+                    .ctx(|| format!("stat in {}", d.display()))?;
+            }
+            let stat = ms_since(t);
+            let t = Instant::now();
+            for i in 0..p.meta_files {
+                fs::remove_file(d.join(format!("f{i}")))
+                    .ctx(|| format!("unlink in {}", d.display()))?;
+            }
+            sys::syncfs(&d)?;
+            let unlink = ms_since(t);
+            let name = be.name().to_owned();
+            let n = p.meta_files as u64;
+            run.add(&name, "metadata", n, "create-ms", create);
+            run.add(&name, "metadata", n, "stat-ms", stat);
+            run.add(&name, "metadata", n, "unlink-ms", unlink);
+            be.umount(&c)?;
+            be.remove(&c)?;
+        }
+    }
+    Ok(())
+}
+
+/// The fixture image imported through the store (thin snapshots, one per
+/// layer) against its layers extracted into overlay lower directories.
+fn import(run: &mut Run, b: &mut Backends, opts: &Options, p: &Params) -> Result<()> {
+    run.phase("image import");
+    let image = opts.fixtures.join("demo-oci");
+    if !image.join("index.json").exists() {
+        run.notes.push(format!(
+            "image import skipped: no fixture image at {} (build it with `tests/fixtures/make-images {}`)",
+            image.display(),
+            opts.fixtures.display()
+        ));
+        return Ok(());
+    }
+    let scratch = sys::mkdir(&opts.work.join("import-scratch"))?;
+    let src = thinlayer_store::source::open(&image, &scratch)?;
+    let blobs: Vec<PathBuf> = src.layers.iter().map(|l| l.path.clone()).collect();
+    for k in 0..p.write_samples.min(2) {
+        let used0 = b.thin.used_bytes()?;
+        let t = Instant::now();
+        let name = format!("img{k}");
+        b.thin.store().import(&image, Some(&name), &|_| {})?;
+        let ms = ms_since(t);
+        let used1 = b.thin.used_bytes()?;
+        run.add("thinlayer", "import", 0, "ms", ms);
+        run.add(
+            "thinlayer",
+            "import",
+            0,
+            "alloc-bytes",
+            used1 as f64 - used0 as f64,
+        );
+        b.thin.store().remove_image(&name)?;
+        for ovl in [&mut b.ovl_ext4, &mut b.ovl_xfs] {
+            let used0 = ovl.used_bytes()?;
+            let t = Instant::now();
+            let ids = ovl.import(&format!("img{k}-"), &blobs)?;
+            let ms = ms_since(t);
+            let used1 = ovl.used_bytes()?;
+            let name = ovl.name().to_owned();
+            run.add(&name, "import", 0, "ms", ms);
+            run.add(
+                &name,
+                "import",
+                0,
+                "alloc-bytes",
+                used1 as f64 - used0 as f64,
+            );
+            for id in ids.iter().rev() {
+                ovl.remove_layer(id)?;
+            }
+        }
+    }
+    run.notes.push(
+        "image import: thinlayer through thinlayer_store (a thin snapshot per layer, applied, \
+         checked against its diff_id) vs overlayfs (each layer tar extracted into its own lower \
+         directory with the same apply code; whiteouts are not converted to overlay's format)"
+            .into(),
+    );
+    Ok(())
+}
+
+/// N containers of one image read the same files: page cache used.
+fn page_cache(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
+    run.phase("page cache: containers of one image reading the same files");
+    let files = 16u64;
+    let each = p.cache_bytes / files;
+    for be in b.all() {
+        be.make_layer("pc", Some("base"), &mut |dir: &Path| {
+            for i in 0..files {
+                sys::write_synced(
+                    &dir.join(format!("lib{i}")),
+                    &sys::pattern(i + 11, usize::try_from(each).expect("small")),
+                )?;
+            }
+            Ok(())
+        })?;
+        let mut dirs = Vec::new();
+        for i in 0..p.cache_containers {
+            let c = format!("pc{i}");
+            be.create(&c, "pc")?;
+            dirs.push(be.mount(&c)?);
+        }
+        sys::drop_caches()?;
+        let before = sys::meminfo_cached()?;
+        let mut buf = Vec::new();
+        for d in &dirs {
+            for i in 0..files {
+                buf.clear();
+                let path = d.join(format!("lib{i}"));
+                fs::File::open(&path)
+                    .and_then(|mut f| f.read_to_end(&mut buf))
+                    .ctx(|| format!("read {}", path.display()))?;
+            }
+        }
+        let after = sys::meminfo_cached()?;
+        let name = be.name().to_owned();
+        let n = p.cache_containers as u64;
+        run.add(
+            &name,
+            "page-cache",
+            n,
+            "cached-bytes",
+            after as f64 - before as f64,
+        );
+        for i in 0..p.cache_containers {
+            let c = format!("pc{i}");
+            be.umount(&c)?;
+            be.remove(&c)?;
+        }
+        be.remove_layer("pc")?;
+    }
+    run.notes.push(format!(
+        "page cache: {} containers each read the same {} MiB of image files after a cache drop; \
+         the figure is the growth of Cached in /proc/meminfo",
+        p.cache_containers,
+        p.cache_bytes >> 20
+    ));
+    Ok(())
+}
+
+/// Space per trivial container (one tiny file written), then removal:
+/// latency and space returned, in the backend and on the host.
+fn trivial(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
+    run.phase("space per trivial container, removal and space returned");
+    for be in b.all() {
+        let name = be.name().to_owned();
+        let n = p.trivial_containers;
+        let used0 = be.used_bytes()?;
+        let host0 = be.backing_bytes()?;
+        for i in 0..n {
+            let c = format!("t{i}");
+            be.create(&c, "base")?;
+            let dir = be.mount(&c)?;
+            sys::write_synced(&dir.join("hostname"), b"x\n")?;
+        }
+        let used1 = be.used_bytes()?;
+        let host1 = be.backing_bytes()?;
+        for i in 0..n {
+            let c = format!("t{i}");
+            let t = Instant::now();
+            be.umount(&c)?;
+            be.remove(&c)?;
+            run.add(&name, "trivial", 0, "remove-ms", ms_since(t));
+        }
+        let used2 = be.used_bytes()?;
+        let host2 = be.backing_bytes()?;
+        let per = |a: u64, z: u64| (z as f64 - a as f64) / n as f64;
+        run.add(&name, "trivial", 0, "alloc-bytes", per(used0, used1));
+        run.add(&name, "trivial", 0, "backing-bytes", per(host0, host1));
+        run.add(
+            &name,
+            "trivial",
+            0,
+            "returned-bytes",
+            used1 as f64 - used2 as f64,
+        );
+        run.add(
+            &name,
+            "trivial",
+            0,
+            "backing-returned-bytes",
+            host1 as f64 - host2 as f64,
+        );
+    }
+    Ok(())
+}
+
+/// What single kernel calls and engine steps cost, to explain the start
+/// path: the ioctls the engine issues beyond the floor's, timed alone.
+fn steps(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
+    run.phase("per-step costs: ioctls and engine steps");
+    let n = p.samples.max(10);
+    let (dm, pool) = b.floor.dm();
+    let id = DevId::Name(pool);
+    let mut time = |label: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        for _ in 0..n {
+            let t = Instant::now();
+            f()?;
+            run.add("floor", "step", 0, label, ms_since(t));
+        }
+        Ok(())
+    };
+    time("DM_DEV_STATUS (device_info)", &mut || {
+        dm.device_info(&id).dm(|| "device_info".into()).map(|_| ())
+    })?;
+    time("DM_TABLE_STATUS (pool status)", &mut || {
+        dm.table_status(&id, DmOptions::default())
+            .dm(|| "table_status".into())
+            .map(|_| ())
+    })?;
+    time("DM_LIST_VERSIONS (Kernel::open)", &mut || {
+        dm.list_versions().dm(|| "list_versions".into()).map(|_| ())
+    })?;
+    time("DM_LIST_DEVICES", &mut || {
+        dm.list_devices().dm(|| "list_devices".into()).map(|_| ())
+    })?;
+    // A transaction-id message moves the id and back: two metadata commits.
+    let tid = |dm: &devicemapper::DM| -> Result<u64> {
+        let (_, lines) = dm
+            .table_status(&id, DmOptions::default())
+            .dm(|| "table_status".into())?;
+        Ok(lines
+            .first()
+            .and_then(|l| l.3.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    };
+    let t0 = tid(dm)?;
+    time("DM_TARGET_MSG set_transaction_id", &mut || {
+        let (a, z) = (t0, t0 + 1);
+        dm.target_msg(&id, None, &format!("set_transaction_id {a} {z}"))
+            .dm(|| "set_transaction_id".into())?;
+        dm.target_msg(&id, None, &format!("set_transaction_id {z} {a}"))
+            .dm(|| "set_transaction_id back".into())
+            .map(|_| ())
+    })?;
+    let scratch = sys::mkdir(&run_dir(b))?;
+    let rec = scratch.join("x.rec");
+    time("record write (2 fsyncs + rename, tmpfs)", &mut || {
+        thinlayer_pool::record::write(&rec, "bench", &serde_json::json!({"a": 1}))
+            .map_err(Into::into)
+    })?;
+    // Engine steps, in-process, as create_layer and mount_layer call them.
+    let pool = b.thin.store().pool();
+    for _ in 0..n {
+        let t = Instant::now();
+        pool.recover()?;
+        run.add(
+            "thinlayer",
+            "step",
+            0,
+            "Pool::recover (2 ioctls)",
+            ms_since(t),
+        );
+        let t = Instant::now();
+        pool.layer("base")?;
+        run.add(
+            "thinlayer",
+            "step",
+            0,
+            "Pool::layer (record read)",
+            ms_since(t),
+        );
+        let t = Instant::now();
+        pool.layer_records()?;
+        run.add(
+            "thinlayer",
+            "step",
+            0,
+            "Pool::layer_records (all records)",
+            ms_since(t),
+        );
+    }
+    // The note sums twice a set_transaction_id round trip into one message.
+    run.notes.push(
+        "set_transaction_id is timed as a round trip (two messages, two metadata commits)".into(),
+    );
+    Ok(())
+}
+
+fn run_dir(b: &mut Backends) -> PathBuf {
+    b.thin.store().pool().layout().root.join("bench-scratch")
+}
+
+/// Pool block size: the first 4 KiB write and a trivial container's
+/// space on pools of each block size.
+fn block_sizes(run: &mut Run, opts: &Options, p: &Params) -> Result<()> {
+    run.phase("pool block sizes");
+    let sizes = Sizes {
+        device: p.device_size,
+        thin: p.thin_size,
+    };
+    for &bs in &p.block_sizes {
+        let dir = sys::mkdir(&opts.work.join(format!("bs{}", bs >> 10)))?;
+        let mut t = ThinLayer::new("thinlayer", &dir, &sizes, bs)?;
+        let r = block_size_one(run, &mut t, p, bs);
+        let down = t.teardown();
+        r?;
+        down?;
+    }
+    Ok(())
+}
+
+fn block_size_one(run: &mut Run, t: &mut ThinLayer, p: &Params, bs: u64) -> Result<()> {
+    t.make_layer("base", None, &mut fill_base)?;
+    t.make_layer("big", Some("base"), &mut big_file(p.block_file))?;
+    for k in 0..p.write_samples {
+        let c = format!("b{k}");
+        t.create(&c, "big")?;
+        let dir = t.mount(&c)?;
+        sys::drop_caches()?;
+        let used1 = t.used_bytes()?;
+        let file = dir.join("big");
+        let start = Instant::now();
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .ctx(|| format!("open {}", file.display()))?;
+        f.write_all_at(
+            &sys::pattern(3, KIB4),
+            (p.block_file / 2) & !(KIB4 as u64 - 1),
+        )
+        .ctx(|| format!("write {}", file.display()))?;
+        f.sync_all().ctx(|| format!("fsync {}", file.display()))?;
+        let ms = ms_since(start);
+        let used2 = t.used_bytes()?;
+        run.add("thinlayer", "block-size", bs, "ms", ms);
+        run.add(
+            "thinlayer",
+            "block-size",
+            bs,
+            "alloc-bytes",
+            used2 as f64 - used1 as f64,
+        );
+        drop(f);
+        t.umount(&c)?;
+        t.remove(&c)?;
+    }
+    let used0 = t.used_bytes()?;
+    let n = 5;
+    for i in 0..n {
+        let c = format!("bt{i}");
+        t.create(&c, "base")?;
+        let dir = t.mount(&c)?;
+        sys::write_synced(&dir.join("hostname"), b"x\n")?;
+    }
+    let used1 = t.used_bytes()?;
+    run.add(
+        "thinlayer",
+        "block-size",
+        bs,
+        "trivial-bytes",
+        (used1 as f64 - used0 as f64) / f64::from(n),
+    );
+    for i in 0..n {
+        let c = format!("bt{i}");
+        t.umount(&c)?;
+        t.remove(&c)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! The snapshotter's one error type, and the gRPC status each error becomes.
+//!
+//! containerd maps gRPC codes back to its errdefs: `NotFound` and
+//! `AlreadyExists` steer its logic (an unpack skips a layer whose committed
+//! snapshot already exists), `FailedPrecondition` says "not in this state"
+//! (a parent with children, committing a view), `InvalidArgument` a bad
+//! request. Everything else is `Internal`, with the engine's sentence.
+
+use std::{io, path::PathBuf};
+
+use containerd_snapshots::tonic::Status;
+
+/// The snapshotter's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the snapshotter can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No snapshot under this key.
+    #[error("snapshot `{0}` does not exist")]
+    NotFound(String),
+
+    /// A snapshot under this key exists already.
+    #[error("snapshot `{0}` already exists")]
+    AlreadyExists(String),
+
+    /// The snapshot is not in a state that allows the request.
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// From the pool engine.
+    #[error(transparent)]
+    Engine(#[from] thinlayer_pool::Error),
+
+    /// An I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, on which path.
+        context: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The socket path is taken by a server that answers.
+    #[error("socket {0} is in use by a live server; stop that server first, or pass --socket PATH")]
+    SocketInUse(PathBuf),
+
+    /// Another snapshotter serves this pool.
+    #[error(
+        "another `thinlayer serve containerd` serves the pool under {root} (lock {lock}); stop it first"
+    )]
+    AlreadyServing {
+        /// The pool root.
+        root: PathBuf,
+        /// The snapshotter's lock file.
+        lock: PathBuf,
+    },
+
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        use thinlayer_pool::Error as E;
+        let msg = e.to_string();
+        match &e {
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::AlreadyExists(_) => Status::already_exists(msg),
+            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::InvalidArgument(_) => Status::invalid_argument(msg),
+            Error::Engine(inner) => {
+                let inner = match inner {
+                    E::Rollback { error, .. } => error,
+                    other => other,
+                };
+                match inner {
+                    E::UnknownLayer(_) => Status::not_found(msg),
+                    E::LayerExists(_) => Status::already_exists(msg),
+                    E::HasChildren { .. } | E::Mounted { .. } | E::Busy { .. } => {
+                        Status::failed_precondition(msg)
+                    }
+                    E::InvalidName { .. } | E::InvalidArgument(_) | E::InvalidSize { .. } => {
+                        Status::invalid_argument(msg)
+                    }
+                    _ => Status::internal(msg),
+                }
+            }
+            Error::Io { .. }
+            | Error::SocketInUse(_)
+            | Error::AlreadyServing { .. }
+            | Error::Transport(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// For the command line: the engine's error (and so its exit code).
+impl From<Error> for thinlayer_pool::Error {
+    fn from(e: Error) -> thinlayer_pool::Error {
+        use thinlayer_pool::Error as E;
+        match e {
+            Error::Engine(inner) => inner,
+            Error::Io { context, source } => E::Io { context, source },
+            Error::NotFound(_) | Error::FailedPrecondition(_) | Error::InvalidArgument(_) => {
+                E::InvalidArgument(e.to_string())
+            }
+            Error::AlreadyExists(_) | Error::SocketInUse(_) | Error::AlreadyServing { .. } => {
+                E::Busy {
+                    what: "the snapshotter".into(),
+                    detail: e.to_string(),
+                }
+            }
+            Error::Transport(_) => E::Io {
+                context: "serve containerd".into(),
+                source: io::Error::other(e.to_string()),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_snapshots::tonic::Code;
+
+    #[test]
+    fn status_codes() {
+        let code = |e: Error| Status::from(e).code();
+        assert_eq!(code(Error::NotFound("k".into())), Code::NotFound);
+        assert_eq!(code(Error::AlreadyExists("k".into())), Code::AlreadyExists);
+        assert_eq!(
+            code(Error::FailedPrecondition("x".into())),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(Error::InvalidArgument("x".into())),
+            Code::InvalidArgument
+        );
+        use thinlayer_pool::Error as E;
+        assert_eq!(
+            code(Error::Engine(E::UnknownLayer("l".into()))),
+            Code::NotFound
+        );
+        assert_eq!(
+            code(Error::Engine(E::LayerExists("l".into()))),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(Error::Engine(E::HasChildren {
+                id: "l".into(),
+                children: "c".into()
+            })),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(Error::Engine(E::Mounted {
+                what: "l".into(),
+                mountpoints: "/m".into(),
+                hint: "l".into()
+            })),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(Error::Engine(E::Rollback {
+                error: Box::new(E::LayerExists("l".into())),
+                undo: Box::new(E::Inconsistent("x".into())),
+            })),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(Error::Engine(E::Inconsistent("x".into()))),
+            Code::Internal
+        );
+        assert_eq!(
+            code(Error::io("read", io::Error::other("x"))),
+            Code::Internal
+        );
+    }
+
+    #[test]
+    fn cli_errors_keep_exit_codes() {
+        let e: thinlayer_pool::Error = Error::SocketInUse("/run/x.sock".into()).into();
+        assert_eq!(e.exit_code(), thinlayer_pool::exit::CONFLICT);
+        assert!(e.to_string().contains("live server"), "{e}");
+        let e: thinlayer_pool::Error = Error::Engine(thinlayer_pool::Error::NotRoot).into();
+        assert_eq!(e.exit_code(), thinlayer_pool::exit::ENVIRONMENT);
+    }
+}

@@ -1,0 +1,23 @@
+//! containerd snapshotter over thinlayer's dm-thin pool: containerd's
+//! snapshots gRPC service (a proxy plugin) on a Unix socket.
+//!
+//! containerd keys map to thinlayer layers through a key store of our own
+//! under `ROOT/snapshotter/` ([`store`]). An active or view snapshot is a
+//! new thin snapshot of its parent's layer (or of the base device); a
+//! commit renames the key and leaves the layer immutable (no copy); Mounts
+//! returns the layer's thin device node (`/dev/dm-N`, activated, not
+//! mounted) for containerd to mount.
+//!
+//! Data path: containerd -> gRPC ([`server`]) -> one request at a time
+//! ([`engine::Engine`] under a mutex, on a blocking thread) -> the pool
+//! engine (`thinlayer_pool::Pool`, opened per request under the root's
+//! flock) + the key store.
+
+pub mod engine;
+pub mod error;
+pub mod filter;
+pub mod server;
+pub mod store;
+
+pub use error::{Error, Result};
+pub use server::{DEFAULT_SOCKET, Thinlayer, serve};

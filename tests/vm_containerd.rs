@@ -1,0 +1,505 @@
+//! `thinlayer serve containerd` against a real containerd (Debian's 1.6),
+//! ctr and runc in the guest: import an image into thinlayer snapshots,
+//! run a container on one, see its snapshot in the pool and gone after,
+//! and stop and restart both servers without leaking a dm device.
+//!
+//! The guest needs containerd's programs: boot it with
+//! `THINLAYER_VM_EXTRAS=containerd tools/vm/run ...`. Fixtures come from
+//! `tests/fixtures/make-images target/fixtures/images` (tools/test runs it).
+
+mod common;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// The demo image: a busybox root filesystem in 3 layers (docker save).
+fn demo_archive() -> PathBuf {
+    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
+        PathBuf::from,
+    );
+    let f = d.join("demo-docker.tar");
+    assert!(
+        f.exists(),
+        "fixture {} missing: run `tests/fixtures/make-images {}` first (tools/test does)",
+        f.display(),
+        d.display()
+    );
+    f
+}
+
+/// A program on PATH, or a failure saying how to get it into the guest.
+fn program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{name}` is not in this guest: boot it with THINLAYER_VM_EXTRAS=containerd \
+                 (tools/vm/run), after tools/setup installed containerd and runc"
+            )
+        })
+}
+
+/// A background server, killed on drop if still running.
+struct Daemon {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &'static str, cmd: &mut Command, log: PathBuf) -> Daemon {
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Daemon {
+            name,
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails with the daemon's log if it has exited.
+    fn assert_running(&mut self) {
+        if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("{} exited ({st}):\n{}", self.name, self.log());
+        }
+    }
+
+    /// Sends `sig` and waits for the exit; returns the status.
+    fn stop(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, sig);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} did not stop on {sig}:\n{}", self.name, self.log());
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            if std::thread::panicking() {
+                eprintln!("--- {} log ---\n{}", self.name, self.log());
+            }
+        }
+    }
+}
+
+/// Runs `cmd`, killing it after `secs`.
+fn run_timeout(cmd: &mut Command, secs: u64) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// containerd, its config and its client for one test.
+struct Containerd {
+    base: PathBuf,
+    address: PathBuf,
+    config: PathBuf,
+}
+
+impl Containerd {
+    fn new(base: &Path, snapshotter_socket: &Path) -> Containerd {
+        let base = base.join("containerd");
+        fs::create_dir_all(&base).unwrap();
+        let address = base.join("containerd.sock");
+        let config = base.join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{address}"
+
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 1
+  schedule_delay = "0s"
+
+[proxy_plugins.thinlayer]
+  type = "snapshot"
+  address = "{snap}"
+"#,
+                root = base.join("root").display(),
+                state = base.join("state").display(),
+                address = address.display(),
+                snap = snapshotter_socket.display(),
+            ),
+        )
+        .unwrap();
+        Containerd {
+            base,
+            address,
+            config,
+        }
+    }
+
+    fn start(&self) -> Daemon {
+        let t = Instant::now();
+        let mut d = Daemon::start(
+            "containerd",
+            Command::new(program("containerd"))
+                .arg("--config")
+                .arg(&self.config),
+            self.base.join("containerd.log"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            d.assert_running();
+            if self.try_ctr(&["version"], 10).status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd not ready:\n{}",
+                d.log()
+            );
+            sleep(Duration::from_millis(100));
+        }
+        eprintln!("containerd ready in {:.1} s", t.elapsed().as_secs_f64());
+        d
+    }
+
+    fn try_ctr(&self, args: &[&str], secs: u64) -> Output {
+        run_timeout(
+            Command::new(program("ctr"))
+                .arg("--address")
+                .arg(&self.address)
+                .args(args),
+            secs,
+        )
+    }
+
+    /// Runs ctr, asserting success; returns stdout.
+    fn ctr(&self, args: &[&str]) -> String {
+        let t = Instant::now();
+        let out = self.try_ctr(args, 300);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "ctr {:?}: {:.1} s",
+            args.first().unwrap(),
+            t.elapsed().as_secs_f64()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `ctr snapshots ls` on thinlayer: (key, parent, kind) rows.
+    fn snapshots(&self) -> Vec<(String, String, String)> {
+        self.ctr(&["snapshots", "--snapshotter", "thinlayer", "ls"])
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                match f[..] {
+                    [k, kind] => (k.to_owned(), String::new(), kind.to_owned()),
+                    [k, p, kind] => (k.to_owned(), p.to_owned(), kind.to_owned()),
+                    _ => panic!("unexpected `ctr snapshots ls` line: {l}"),
+                }
+            })
+            .collect()
+    }
+}
+
+fn serve(s: &Scratch, socket: &Path) -> Daemon {
+    let t = Instant::now();
+    let log = s.root.parent().unwrap().join("serve.log");
+    let mut d = Daemon::start(
+        "thinlayer serve",
+        Command::new(bin())
+            .env("RUST_LOG", "info")
+            .arg("--root")
+            .arg(&s.root)
+            .args(["serve", "containerd", "--socket"])
+            .arg(socket),
+        log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        d.assert_running();
+        assert!(Instant::now() < deadline, "serve not up:\n{}", d.log());
+        sleep(Duration::from_millis(20));
+    }
+    eprintln!("thinlayer serve up in {:.2} s", t.elapsed().as_secs_f64());
+    d
+}
+
+/// Layer ids of the pool the snapshotter made.
+fn ctrd_layers(s: &Scratch) -> Vec<String> {
+    // --wait: the server holds the root's lock during each request.
+    s.json(&["--wait", "layer", "ls"])
+        .as_array()
+        .expect("layer ls --json is a list")
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .filter(|id| id.starts_with("ctrd-"))
+        .collect()
+}
+
+/// Active thin devices (of any pool): what must not leak.
+fn thin_devices() -> Vec<String> {
+    dm_devices()
+        .into_iter()
+        .filter(|n| n.contains("-thin-"))
+        .collect()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(200));
+    }
+}
+
+const SCRIPT: &str = "echo hello > /tmp/f; cat /tmp/f; cat /etc/os-release";
+
+fn run_container(c: &Containerd, image: &str, id: &str) {
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "thinlayer",
+        image,
+        id,
+        "/bin/sh",
+        "-c",
+        SCRIPT,
+    ]);
+    eprintln!("ctr run output:\n{out}");
+    assert_eq!(
+        out.replace('\r', ""),
+        "hello\nNAME=\"thinlayer-fixture\"\nVERSION_ID=2\n",
+        "the container's output"
+    );
+}
+
+#[test]
+fn vm_containerd_import_run_restart() {
+    require_dm_thin();
+    let (containerd_bin, _, _) = (program("containerd"), program("ctr"), program("runc"));
+    let _ = containerd_bin;
+    let archive = demo_archive();
+    let s = Scratch::new("ctrd");
+    s.create_pool(&[]);
+    let base = s.root.parent().unwrap().to_owned();
+    let socket = base.join("thinlayer.sock");
+    let c = Containerd::new(&base, &socket);
+    let before = thin_devices();
+
+    let mut srv = serve(&s, &socket);
+    let mut ctrd = c.start();
+
+    // Import: containerd unpacks the 3 layers into thinlayer snapshots.
+    c.ctr(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "thinlayer",
+        archive.to_str().unwrap(),
+    ]);
+    let images = c.ctr(&["images", "ls", "-q"]);
+    let image = images
+        .lines()
+        .find(|l| l.contains("demo"))
+        .unwrap_or_else(|| panic!("no demo image in {images}"))
+        .to_owned();
+    let snaps = c.snapshots();
+    eprintln!("snapshots after import: {snaps:?}");
+    assert_eq!(
+        snaps.iter().filter(|(_, _, k)| k == "Committed").count(),
+        3,
+        "3 committed layers: {snaps:?}"
+    );
+    assert_eq!(snaps.len(), 3, "nothing but the layers: {snaps:?}");
+    assert_eq!(ctrd_layers(&s).len(), 3, "one thinlayer layer per snapshot");
+    // A chain: one without a parent, each other's parent among them.
+    assert_eq!(snaps.iter().filter(|(_, p, _)| p.is_empty()).count(), 1);
+    let usage = c.ctr(&["snapshots", "--snapshotter", "thinlayer", "usage"]);
+    eprintln!("usage:\n{usage}");
+    // Committed layers are immutable and not in use: no device stays active.
+    assert_eq!(
+        thin_devices(),
+        before,
+        "no thin device left active by the import"
+    );
+
+    // A container's snapshot is visible through thinlayer while it exists.
+    c.ctr(&[
+        "containers",
+        "create",
+        "--snapshotter",
+        "thinlayer",
+        &image,
+        "probe",
+    ]);
+    let layers = ctrd_layers(&s);
+    assert!(
+        layers.iter().any(|l| l.ends_with("-probe")),
+        "the container's layer in `thinlayer layer ls`: {layers:?}"
+    );
+    let snaps = c.snapshots();
+    assert!(
+        snaps
+            .iter()
+            .any(|(k, _, kind)| k == "probe" && kind == "Active"),
+        "{snaps:?}"
+    );
+    let mounts = c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "thinlayer",
+        "mounts",
+        "/mnt",
+        "probe",
+    ]);
+    eprintln!("mounts: {mounts}");
+    assert!(
+        mounts.contains("/dev/dm-") && mounts.contains("-t ext4"),
+        "{mounts}"
+    );
+    c.ctr(&["containers", "rm", "probe"]);
+    wait_until("the container's layer to go", 60, || {
+        !ctrd_layers(&s).iter().any(|l| l.ends_with("-probe"))
+    });
+
+    // Run a container on a thinlayer snapshot.
+    run_container(&c, &image, "run1");
+    wait_until("run1's layer to go", 60, || ctrd_layers(&s).len() == 3);
+
+    // Stop both: no thin device left behind.
+    ctrd.stop(nix::sys::signal::Signal::SIGTERM);
+    let st = srv.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(st.success(), "serve exit {st}:\n{}", srv.log());
+    assert!(!socket.exists(), "the socket is removed on shutdown");
+    assert_eq!(
+        thin_devices(),
+        before,
+        "no leaked thin device after stopping"
+    );
+
+    // Restart both: the snapshots are all there and a container runs.
+    let mut srv = serve(&s, &socket);
+    let mut ctrd = c.start();
+    let snaps = c.snapshots();
+    assert_eq!(snaps.len(), 3, "after restart: {snaps:?}");
+    run_container(&c, &image, "run2");
+    wait_until("run2's layer to go", 60, || ctrd_layers(&s).len() == 3);
+    ctrd.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
+    assert_eq!(
+        thin_devices(),
+        before,
+        "no leaked thin device after restart"
+    );
+
+    // The pool agrees with its records.
+    s.ok(&["pool", "check"]);
+    eprintln!("serve log:\n{}", srv.log());
+}
+
+#[test]
+fn vm_serve_socket_in_use_stale_and_one_server_per_pool() {
+    require_dm_thin();
+    let s = Scratch::new("ctrd-sock");
+    s.create_pool(&[]);
+    let base = s.root.parent().unwrap().to_owned();
+    let socket = base.join("a.sock");
+    let mut first = serve(&s, &socket);
+
+    // The same socket, a live server: refused, exit 4, says why.
+    let out = s.fails(
+        &["serve", "containerd", "--socket", socket.to_str().unwrap()],
+        4,
+        "live server",
+    );
+    eprintln!("{out}");
+    // Another socket, the same pool: refused.
+    let other = base.join("b.sock");
+    s.fails(
+        &["serve", "containerd", "--socket", other.to_str().unwrap()],
+        4,
+        "serves the pool",
+    );
+    assert!(!other.exists());
+    first.assert_running();
+
+    // Killed hard: the socket file stays; the next start replaces it.
+    first.stop(nix::sys::signal::Signal::SIGKILL);
+    assert!(socket.exists(), "a killed server leaves its socket file");
+    let mut again = serve(&s, &socket);
+    assert!(
+        again.stop(nix::sys::signal::Signal::SIGTERM).success(),
+        "{}",
+        again.log()
+    );
+    assert!(!socket.exists());
+
+    // No pool: a clear error, exit 3.
+    let none = Scratch::new("ctrd-nopool");
+    fs::create_dir_all(&none.root).unwrap();
+    none.fails(
+        &[
+            "serve",
+            "containerd",
+            "--socket",
+            base.join("c.sock").to_str().unwrap(),
+        ],
+        3,
+        "no pool",
+    );
+}
