@@ -6,12 +6,17 @@
 //!
 //! `THINLAYER_MODEL_SEED` replays a run (the seed is printed at the start
 //! and in every failure); `THINLAYER_MODEL_STEPS` sets its length (200).
+//!
+//! Ordinary steps call the engine in-process (a process per call costs most
+//! of a step under software emulation); an abort step runs the real binary,
+//! which dies at its fault point, and recovery then runs in-process.
 
 mod common;
 
 use std::{collections::BTreeMap, fs, path::Path, process::Command};
 
 use common::Scratch;
+use thinlayer_pool::{LockMode, Pool};
 
 /// xorshift64*: small, seeded, reproducible.
 struct Rng(u64);
@@ -51,6 +56,20 @@ struct Run {
     aborts: usize,
 }
 
+const CREATE_POINTS: [&str; 4] = [
+    "layer_create.after_intent",
+    "layer_create.after_snapshot",
+    "layer_create.after_set_transaction_id",
+    "layer_create.after_record",
+];
+const REMOVE_POINTS: [&str; 5] = [
+    "layer_rm.after_device_removal",
+    "layer_rm.after_intent",
+    "layer_rm.after_delete",
+    "layer_rm.after_set_transaction_id",
+    "layer_rm.after_record_removal",
+];
+
 impl Run {
     fn fail(&self, what: &str) -> ! {
         panic!(
@@ -59,61 +78,44 @@ impl Run {
         )
     }
 
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.s.run(args);
-        if !out.status.success() {
-            self.fail(&format!(
-                "thinlayer {args:?} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    /// Runs `f` on the pool, opened under its lock for just this call.
+    fn engine<T>(&self, what: &str, f: impl FnOnce(&mut Pool) -> thinlayer_pool::Result<T>) -> T {
+        let mut pool = Pool::open(&self.s.root, LockMode::Exclusive, false)
+            .unwrap_or_else(|e| self.fail(&format!("open the pool: {e}")));
+        f(&mut pool).unwrap_or_else(|e| self.fail(&format!("{what}: {e}")))
     }
 
     fn leaves(&self) -> Vec<String> {
         self.model
             .keys()
-            .filter(|id| {
-                !self
-                    .model
-                    .values()
-                    .any(|l| l.parent.as_deref() == Some(id.as_str()))
-            })
+            .filter(|id| !self.model.values().any(|l| l.parent.as_deref() == Some(id.as_str())))
             .cloned()
             .collect()
     }
 
     fn with_mount<T>(&self, id: &str, readonly: bool, f: impl FnOnce(&Path) -> T) -> T {
         let d = self.s.dir(&format!("m-{id}"));
-        let mut args = vec!["mount", id, d.to_str().unwrap()];
-        if readonly {
-            args.push("--readonly");
-        }
-        self.ok(&args);
+        self.engine("mount", |p| p.mount_layer(id, &d, readonly));
         let r = f(&d);
-        self.ok(&["umount", id]);
+        self.engine("umount", |p| p.umount(id));
         r
     }
 
-    fn create(&mut self) {
-        let id = format!("m{}", self.next_id);
+    fn new_id(&mut self) -> String {
         self.next_id += 1;
+        format!("m{}", self.next_id - 1)
+    }
+
+    fn create(&mut self) {
+        let id = self.new_id();
         let ids: Vec<String> = self.model.keys().cloned().collect();
         let parent = if self.rng.below(4) == 0 {
             None
         } else {
             self.rng.pick(&ids).cloned()
         };
-        let mut args = vec!["layer", "create", id.as_str()];
-        if let Some(p) = &parent {
-            args.extend(["--parent", p.as_str()]);
-        }
-        self.ok(&args);
-        let files = parent
-            .as_ref()
-            .map(|p| self.model[p].files.clone())
-            .unwrap_or_default();
+        self.engine("layer create", |p| p.create_layer(&id, parent.as_deref()));
+        let files = parent.as_ref().map(|p| self.model[p].files.clone()).unwrap_or_default();
         self.model.insert(id, LayerModel { parent, files });
     }
 
@@ -150,53 +152,34 @@ impl Run {
         let Some(id) = self.rng.pick(&leaves).cloned() else {
             return self.create();
         };
-        self.ok(&["layer", "rm", &id]);
+        self.engine("layer rm", |p| p.remove_layer(&id));
         self.model.remove(&id);
     }
 
     fn cycle(&mut self) {
-        self.ok(&["pool", "deactivate"]);
-        self.ok(&["pool", "activate"]);
+        self.engine("deactivate", Pool::deactivate);
+        self.engine("activate", Pool::activate);
     }
 
     /// Runs a create or a remove that aborts at a random one of its fault
     /// points, recovers, and settles the model by what the engine kept: the
     /// layer must be wholly there (with the right content) or wholly gone.
     fn abort(&mut self) {
-        const CREATE: [&str; 4] = [
-            "layer_create.after_intent",
-            "layer_create.after_snapshot",
-            "layer_create.after_set_transaction_id",
-            "layer_create.after_record",
-        ];
-        const REMOVE: [&str; 5] = [
-            "layer_rm.after_device_removal",
-            "layer_rm.after_intent",
-            "layer_rm.after_delete",
-            "layer_rm.after_set_transaction_id",
-            "layer_rm.after_record_removal",
-        ];
         let leaves = self.leaves();
         let remove = self.rng.below(2) == 0 && !leaves.is_empty();
-        let (args, id, point, parent): (Vec<String>, String, &str, Option<String>) = if remove {
+        let (args, id, point, parent) = if remove {
             let id = self.rng.pick(&leaves).cloned().unwrap();
-            let point = *self.rng.pick(&REMOVE).unwrap();
-            (
-                vec!["layer".into(), "rm".into(), id.clone()],
-                id,
-                point,
-                None,
-            )
+            let point = *self.rng.pick(&REMOVE_POINTS).unwrap();
+            (vec!["layer".to_owned(), "rm".into(), id.clone()], id, point, None)
         } else {
-            let id = format!("m{}", self.next_id);
-            self.next_id += 1;
+            let id = self.new_id();
             let ids: Vec<String> = self.model.keys().cloned().collect();
             let parent = self.rng.pick(&ids).cloned();
-            let mut a = vec!["layer".into(), "create".into(), id.clone()];
+            let mut a = vec!["layer".to_owned(), "create".into(), id.clone()];
             if let Some(p) = &parent {
                 a.extend(["--parent".into(), p.clone()]);
             }
-            (a, id, *self.rng.pick(&CREATE).unwrap(), parent)
+            (a, id, *self.rng.pick(&CREATE_POINTS).unwrap(), parent)
         };
         let out = Command::new(common::bin())
             .arg("--root")
@@ -209,65 +192,39 @@ impl Run {
             self.fail(&format!("{args:?} did not abort at {point}"));
         }
         self.aborts += 1;
-        self.ok(&["pool", "recover"]);
-        let exists = self
-            .s
-            .root
-            .join("layers")
-            .join(format!("{id}.rec"))
-            .exists();
+        self.engine("recover", |p| p.recover_all(false));
+        let exists = self.s.root.join("layers").join(format!("{id}.rec")).exists();
         match (remove, exists) {
-            (true, true) => {} // rolled back: still there, checked below
+            (true, true) | (false, false) => {}
             (true, false) => {
                 self.model.remove(&id);
             }
             (false, true) => {
-                let files = parent
-                    .as_ref()
-                    .map(|p| self.model[p].files.clone())
-                    .unwrap_or_default();
+                let files = parent.as_ref().map(|p| self.model[p].files.clone()).unwrap_or_default();
                 self.model.insert(id, LayerModel { parent, files });
             }
-            (false, false) => {}
         }
         println!(
-            "  abort at {point}: layer {} afterwards",
+            "  step {}: abort at {point}: layer {} afterwards",
+            self.step,
             if exists { "present" } else { "absent" }
         );
     }
 
     fn check_records(&self) {
-        let ls = self.s.json(&["layer", "ls"]);
-        let got: BTreeMap<String, Option<String>> = ls
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                (
-                    l["id"].as_str().unwrap().to_owned(),
-                    l["parent"].as_str().map(str::to_owned),
-                )
-            })
-            .collect();
-        let want: BTreeMap<String, Option<String>> = self
-            .model
-            .iter()
-            .map(|(k, v)| (k.clone(), v.parent.clone()))
-            .collect();
+        let (ls, st) = self.engine("layer ls and status", |p| Ok((p.layers()?, p.status()?)));
+        let got: BTreeMap<String, Option<String>> =
+            ls.iter().map(|l| (l.id.clone(), l.parent.clone())).collect();
+        let want: BTreeMap<String, Option<String>> =
+            self.model.iter().map(|(k, v)| (k.clone(), v.parent.clone())).collect();
         if got != want {
             self.fail(&format!("records {got:?} != model {want:?}"));
         }
-        let st = self.s.json(&["pool", "status"]);
-        if st["kernel"]["transaction_id"] != st["transaction_id"] || !st["pending"].is_null() {
-            self.fail(&format!("kernel and records disagree: {st}"));
+        if st.kernel.as_ref().map(|k| k.transaction_id) != Some(st.transaction_id) || st.pending.is_some() {
+            self.fail(&format!("kernel and records disagree: {st:?}"));
         }
-        if ls
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| !l["devnode"].is_null())
-        {
-            self.fail(&format!("a layer device was left active: {ls}"));
+        if let Some(l) = ls.iter().find(|l| l.devnode.is_some()) {
+            self.fail(&format!("layer {} was left active: {l:?}", l.id));
         }
     }
 
@@ -278,36 +235,21 @@ impl Run {
                 .unwrap()
                 .flatten()
                 .filter(|e| e.file_name() != "lost+found")
-                .map(|e| {
-                    (
-                        e.file_name().to_string_lossy().into_owned(),
-                        fs::read(e.path()).unwrap(),
-                    )
-                })
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap()))
                 .collect()
         });
         if &got != want {
             let names = |m: &BTreeMap<String, Vec<u8>>| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}:{}", v.len()))
-                    .collect::<Vec<_>>()
+                m.iter().map(|(k, v)| format!("{k}:{}", v.len())).collect::<Vec<_>>()
             };
-            self.fail(&format!(
-                "layer {id} holds {:?}, model says {:?}",
-                names(&got),
-                names(want)
-            ));
+            self.fail(&format!("layer {id} holds {:?}, model says {:?}", names(&got), names(want)));
         }
     }
 
     fn check_pool(&self) {
-        let out = self.s.run(&["pool", "check"]);
-        if !out.status.success() {
-            self.fail(&format!(
-                "pool check: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        let report = self.engine("pool check", Pool::check);
+        if !report.is_clean() {
+            self.fail(&format!("pool check: {report:?}"));
         }
     }
 }
@@ -319,11 +261,10 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
-            std::time::SystemTime::now()
+            let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
+                .unwrap();
+            t.as_secs() ^ u64::from(t.subsec_nanos()) << 20 | 1
         });
     let steps: usize = std::env::var("THINLAYER_MODEL_STEPS")
         .ok()
@@ -342,6 +283,7 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
         aborts: 0,
     };
     let mut counts = BTreeMap::new();
+    let mut spent: BTreeMap<&str, std::time::Duration> = BTreeMap::new();
     for step in 0..steps {
         run.step = step;
         let op = match run.rng.below(20) {
@@ -353,6 +295,7 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
             _ => "abort",
         };
         *counts.entry(op).or_insert(0) += 1;
+        let t = std::time::Instant::now();
         match op {
             "create" => run.create(),
             "write" => run.write(),
@@ -361,15 +304,23 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
             "cycle" => run.cycle(),
             _ => run.abort(),
         }
+        *spent.entry(op).or_default() += t.elapsed();
+        let t = std::time::Instant::now();
         run.check_records();
+        *spent.entry("check records").or_default() += t.elapsed();
+        let t = std::time::Instant::now();
         let ids: Vec<String> = run.model.keys().cloned().collect();
         if let Some(id) = run.rng.pick(&ids).cloned() {
             run.check_contents(&id);
         }
+        *spent.entry("check contents").or_default() += t.elapsed();
+        let t = std::time::Instant::now();
         if op == "abort" || op == "cycle" || step % 25 == 24 {
             run.check_pool();
         }
+        *spent.entry("pool check").or_default() += t.elapsed();
     }
+    println!("model test: time by part: {spent:?}");
     for id in run.model.keys().cloned().collect::<Vec<_>>() {
         run.check_contents(&id);
     }

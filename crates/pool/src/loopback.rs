@@ -33,18 +33,10 @@ pub struct Loop {
 /// # Errors
 /// I/O errors from the loop driver.
 pub fn attach(file: &Path) -> Result<Loop> {
-    if let Some(found) = find(file)? {
-        return Ok(found);
+    match find(file)? {
+        Some(found) => Ok(found),
+        None => attach_new(file, false),
     }
-    let control = LoopControl::open().ctx(|| "open /dev/loop-control".into())?;
-    let ld = control
-        .next_free()
-        .ctx(|| "find a free loop device".into())?;
-    ld.with()
-        .autoclear(true)
-        .attach(file)
-        .ctx(|| format!("attach {} to a loop device", file.display()))?;
-    describe(ld)
 }
 
 /// Attaches `file` read-only to a loop device of its own, for the tools
@@ -54,15 +46,23 @@ pub fn attach(file: &Path) -> Result<Loop> {
 /// # Errors
 /// I/O errors from the loop driver.
 pub fn attach_readonly(file: &Path) -> Result<Loop> {
+    attach_new(file, true)
+}
+
+/// A new autoclear loop device over `file`.
+fn attach_new(file: &Path, read_only: bool) -> Result<Loop> {
     let control = LoopControl::open().ctx(|| "open /dev/loop-control".into())?;
     let ld = control
         .next_free()
         .ctx(|| "find a free loop device".into())?;
     ld.with()
         .autoclear(true)
-        .read_only(true)
+        .read_only(read_only)
         .attach(file)
-        .ctx(|| format!("attach {} read-only to a loop device", file.display()))?;
+        .ctx(|| {
+            let how = if read_only { " read-only" } else { "" };
+            format!("attach {}{how} to a loop device", file.display())
+        })?;
     describe(ld)
 }
 
