@@ -85,6 +85,8 @@ enum Command {
     /// Create, mount, diff, commit and remove containers.
     #[command(subcommand)]
     Container(store_cli::ContainerCommand),
+    /// Measure thinlayer against the raw dm floor, overlayfs, btrfs and full copies.
+    Bench(BenchArgs),
     /// Create, clone, list, mount and remove thin volumes.
     #[command(subcommand)]
     Volume(store_cli::VolumeCommand),
@@ -112,6 +114,22 @@ enum ServeTo {
         #[arg(long, default_value = thinlayer_backend::docker_volume::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Directory for bench.json (every sample) and the PNG plots.
+    #[arg(long, default_value = "bench-out")]
+    out: PathBuf,
+    /// Fewer samples, smaller files and populations (about 2 minutes in the VM).
+    #[arg(long)]
+    quick: bool,
+    /// Scratch directory for the backends' sparse backing files (use tmpfs).
+    #[arg(long, default_value = "/tmp/thinlayer-bench")]
+    work: PathBuf,
+    /// Built image fixtures (tests/fixtures/make-images), for the import workload.
+    #[arg(long, default_value = "target/fixtures/images")]
+    fixtures: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -307,6 +325,7 @@ fn run(cli: Cli) -> thinlayer_store::Result<Output> {
     match cli.command {
         Command::Image(c) => return store_cli::image(root, c, json, wait),
         Command::Container(c) => return store_cli::container(root, c, wait),
+        Command::Bench(a) => return bench(&a),
         Command::Volume(c) => return store_cli::volume(root, c, wait),
         Command::Serve(ServeArgs {
             to: ServeTo::DockerVolume { socket },
@@ -373,6 +392,7 @@ fn run_pool(cli: Cli) -> thinlayer_pool::Result<Output> {
         Command::Umount { target } => umount(root, &target, cli.wait),
         Command::Image(_)
         | Command::Container(_)
+        | Command::Bench(_)
         | Command::Serve(_)
         | Command::Volume(_)
         | Command::Layer(LayerCommand::Tar(_)) => {
@@ -752,4 +772,30 @@ fn umount(root: &Path, target: &str, wait: bool) -> thinlayer_pool::Result<Outpu
         format!("unmounted {list}"),
         format!("{target} is not mounted; no action taken"),
     ))
+}
+
+fn bench(a: &BenchArgs) -> thinlayer_store::Result<Output> {
+    let opts = thinlayer_bench::Options {
+        out: a.out.clone(),
+        quick: a.quick,
+        work: a.work.clone(),
+        fixtures: a.fixtures.clone(),
+    };
+    let report = thinlayer_bench::run(&opts).map_err(|e| match e {
+        thinlayer_bench::Error::Pool(e) => e.into(),
+        thinlayer_bench::Error::Store(e) => e,
+        e => thinlayer_store::Error::Io {
+            context: "thinlayer bench".into(),
+            source: io::Error::other(e.to_string()),
+        },
+    })?;
+    Ok(Output {
+        text: format!(
+            "{}every sample: {}; plots: {}/*.png\n",
+            report.table(),
+            a.out.join("bench.json").display(),
+            a.out.display()
+        ),
+        json: json!({"out": a.out, "stats": report.stats}),
+    })
 }

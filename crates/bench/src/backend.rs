@@ -328,6 +328,11 @@ impl Floor {
         })
     }
 
+    /// The thin id of the pool's formatted base device.
+    pub fn base_thin_id(&self) -> u32 {
+        self.base_id
+    }
+
     /// The device-mapper handle and pool name, for the ioctl costs.
     pub fn dm(&self) -> (&DM, &DmName) {
         (&self.dm, &self.pool)
@@ -612,29 +617,29 @@ impl Overlay {
         sys::mount(Path::new("overlay"), merged, "overlay", &opts)
     }
 
-    /// Imports layer tars into lower directories (no snapshots), as
-    /// docker's overlay2 extracts them; returns the layers' ids.
+    /// Imports layer tars into lower directories, each applied through an
+    /// overlay mount of the layers below it (so hard links and whiteouts
+    /// into lower layers resolve, and the kernel writes overlay's own
+    /// whiteouts); returns the layers' ids.
     ///
     /// # Errors
     /// Apply errors.
     pub fn import(&mut self, prefix: &str, blobs: &[PathBuf]) -> Result<Vec<String>> {
-        let mut ids = Vec::new();
-        let mut chain: Vec<PathBuf> = Vec::new();
+        let mut ids: Vec<String> = Vec::new();
         for (i, blob) in blobs.iter().enumerate() {
             let id = format!("{prefix}{i}");
-            let dir = self.layer_dir(&id);
-            let diff = sys::mkdir(&dir.join("diff"))?;
-            let f = fs::File::open(blob).ctx(|| format!("open {}", blob.display()))?;
-            thinlayer_image::apply_layer(
-                &diff,
-                std::io::BufReader::new(f),
-                &thinlayer_image::ApplyOptions::default(),
-            )?;
-            chain.insert(0, dir);
-            self.chains.insert(id.clone(), chain.clone());
+            let parent = ids.last().cloned();
+            self.make_layer(&id, parent.as_deref(), &mut |dir: &Path| {
+                let f = fs::File::open(blob).ctx(|| format!("open {}", blob.display()))?;
+                thinlayer_image::apply_layer(
+                    dir,
+                    std::io::BufReader::new(f),
+                    &thinlayer_image::ApplyOptions::default(),
+                )?;
+                Ok(())
+            })?;
             ids.push(id);
         }
-        sys::syncfs(&self.lfs.fs)?;
         Ok(ids)
     }
 }

@@ -123,7 +123,7 @@ fn first_write(r: &Report, file: &Path) -> Draw {
         .iter()
         .filter(|s| s.workload == "first-write" && s.metric == "alloc-bytes")
     {
-        ymax = ymax.max(mib(st.median.max(0.0) as u64));
+        ymax = ymax.max(st.median / (1u64 << 20) as f64);
     }
     let root = BitMapBackend::new(file, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(s)?;
@@ -199,12 +199,13 @@ fn distribution(r: &Report, file: &Path) -> Draw {
         .disable_x_mesh()
         .x_labels(n)
         .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 0.01 && i >= 0.0 {
-                names.get(i as usize).cloned().unwrap_or_default()
-            } else {
-                String::new()
-            }
+            // Ticks fall on whole numbers: the backends' indexes.
+            names
+                .iter()
+                .enumerate()
+                .find(|(i, _)| (x - *i as f64).abs() < 0.01)
+                .map(|(_, n)| n.clone())
+                .unwrap_or_default()
         })
         .y_desc("ms")
         .draw()

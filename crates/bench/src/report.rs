@@ -61,6 +61,8 @@ pub struct Report {
     pub stats: Vec<Stat>,
     /// Things the reader must know (skipped parts, what a figure means).
     pub notes: Vec<String>,
+    /// Seconds each phase of the run took.
+    pub phases: Vec<(String, f64)>,
     /// Wall time of the whole run, seconds.
     pub wall_seconds: f64,
 }
@@ -78,7 +80,8 @@ pub fn median_p95(v: &[f64]) -> (f64, f64) {
     } else {
         (s[n / 2 - 1] + s[n / 2]) / 2.0
     };
-    let rank = (0.95 * n as f64).ceil() as usize;
+    // Nearest rank: the smallest r with r >= 0.95 n, i.e. ceil(19 n / 20).
+    let rank = (19 * n).div_ceil(20);
     (median, s[rank.clamp(1, n) - 1])
 }
 
@@ -327,6 +330,10 @@ impl Report {
                     let _ = writeln!(t, "  {b:<14} {:.2}", z / a);
                 }
             }
+        }
+        let _ = writeln!(t, "\nphases (s):");
+        for (name, secs) in &self.phases {
+            let _ = writeln!(t, "  {secs:>6.1}  {name}");
         }
         for n in &self.notes {
             let _ = writeln!(t, "note: {n}");

@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use devicemapper::{DevId, DmOptions};
+use devicemapper::{DevId, DmFlags, DmOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{
@@ -27,7 +27,8 @@ struct Run {
     samples: Vec<Sample>,
     notes: Vec<String>,
     bar: ProgressBar,
-    tty: bool,
+    current: Option<(String, Instant)>,
+    phases: Vec<(String, f64)>,
 }
 
 impl Run {
@@ -42,9 +43,14 @@ impl Run {
     }
 
     fn phase(&mut self, what: &str) {
+        let now = Instant::now();
+        if let Some((name, t)) = self.current.take() {
+            self.phases.push((name, (now - t).as_secs_f64()));
+        }
+        self.current = Some((what.to_owned(), now));
         self.bar.set_message(what.to_owned());
         self.bar.inc(1);
-        if !self.tty {
+        if self.bar.is_hidden() {
             eprintln!("bench: {what}");
         }
     }
@@ -78,8 +84,11 @@ const PHASES: u64 = 13;
 /// (also on error) and returns the report with its stats.
 pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
     let started = Instant::now();
-    let tty = std::io::stderr().is_terminal();
-    let bar = ProgressBar::new(PHASES);
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(PHASES)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
             .expect("a valid template"),
@@ -88,7 +97,8 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
         samples: Vec::new(),
         notes: Vec::new(),
         bar,
-        tty,
+        current: None,
+        phases: Vec::new(),
     };
     let work = &opts.work;
     let _ = fs::remove_dir_all(work);
@@ -158,6 +168,7 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
     let _ = sys_cleanup(work);
     result?;
     teardown?;
+    run.phase("done");
     run.bar.finish_and_clear();
     let mut report = Report {
         quick: opts.quick,
@@ -169,6 +180,7 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
         samples: run.samples,
         stats: Vec::new(),
         notes: run.notes,
+        phases: run.phases,
         wall_seconds: started.elapsed().as_secs_f64(),
     };
     report.compute_stats();
@@ -183,11 +195,11 @@ fn sys_cleanup(work: &Path) -> Result<()> {
 fn fill_base(dir: &Path) -> Result<()> {
     for d in 0..4 {
         let sub = sys::mkdir(&dir.join(format!("usr{d}")))?;
-        for f in 0..16 {
-            let n = d * 16 + f;
+        for f in 0..16usize {
+            let n = (d * 16 + f) as u64;
             fs::write(
                 sub.join(format!("f{f}")),
-                sys::pattern(n, 4096 * (1 + n as usize % 4)),
+                sys::pattern(n, 4096 * (1 + f % 4)),
             )
             .ctx(|| format!("write into {}", sub.display()))?;
         }
@@ -202,7 +214,9 @@ fn big_file(size: u64) -> impl FnMut(&Path) -> Result<()> {
         let chunk = sys::pattern(size, 1 << 20);
         let mut off = 0;
         while off < size {
-            let n = (size - off).min(chunk.len() as u64) as usize;
+            let n = chunk
+                .len()
+                .min(usize::try_from(size - off).unwrap_or(usize::MAX));
             f.write_all_at(&chunk[..n], off)
                 .ctx(|| format!("write {}", path.display()))?;
             off += n as u64;
@@ -316,7 +330,8 @@ fn populations(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
 
 /// First 4 KiB write into a large lower-layer file: latency, bytes newly
 /// allocated, bytes sent to the device. In the largest file also a cold
-/// sequential read and random 4 KiB overwrites.
+/// sequential read and random 4 KiB overwrites. Each round creates one
+/// container per backend, then drops the caches once for all of them.
 fn first_write(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
     let largest = p.file_sizes.iter().copied().max().unwrap_or(0);
     for &size in &p.file_sizes {
@@ -326,13 +341,14 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
             be.make_layer(&layer, Some("base"), &mut big_file(size))?;
         }
         for k in 0..p.write_samples {
+            let c = format!("w{}-{k}", size >> 20);
+            let mut dirs = Vec::new();
             for be in b.all() {
-                let name = be.name().to_owned();
-                let c = format!("w{}-{k}", size >> 20);
                 let used0 = be.used_bytes()?;
                 be.create(&c, &layer)?;
-                let dir = be.mount(&c)?;
+                dirs.push(be.mount(&c)?.join("big"));
                 let used1 = be.used_bytes()?;
+                let name = be.name().to_owned();
                 run.add(
                     &name,
                     "first-write",
@@ -340,11 +356,13 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
                     "create-bytes",
                     used1 as f64 - used0 as f64,
                 );
-                let file = dir.join("big");
-                if size == largest && k == 0 {
-                    sys::drop_caches()?;
+            }
+            let deep = size == largest && k == 0;
+            if deep {
+                sys::drop_caches()?;
+                for (be, file) in b.all().into_iter().zip(&dirs) {
                     let t = Instant::now();
-                    let mut f = fs::File::open(&file).ctx(|| format!("open {}", file.display()))?;
+                    let mut f = fs::File::open(file).ctx(|| format!("open {}", file.display()))?;
                     let mut buf = vec![0u8; 1 << 20];
                     let mut n = 0u64;
                     loop {
@@ -357,16 +375,20 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
                         n += r as u64;
                     }
                     let secs = t.elapsed().as_secs_f64();
+                    let name = be.name().to_owned();
                     run.add(&name, "seq-read", size, "MB/s", n as f64 / 1e6 / secs);
                     run.add(&name, "seq-read", size, "ms", secs * 1e3);
                 }
-                sys::drop_caches()?;
+            }
+            sys::drop_caches()?;
+            for (be, file) in b.all().into_iter().zip(&dirs) {
+                let name = be.name().to_owned();
                 let used1 = be.used_bytes()?;
                 let dev1 = be.device_bytes_written()?;
                 let t = Instant::now();
                 let f = fs::OpenOptions::new()
                     .write(true)
-                    .open(&file)
+                    .open(file)
                     .ctx(|| format!("open {}", file.display()))?;
                 f.write_all_at(&sys::pattern(3, KIB4), (size / 2) & !(KIB4 as u64 - 1))
                     .ctx(|| format!("write {}", file.display()))?;
@@ -398,7 +420,7 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
                         sys::du(&upper)? as f64,
                     );
                 }
-                if size == largest && k == 0 {
+                if deep {
                     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
                     let blocks = size / KIB4 as u64;
                     let data = sys::pattern(5, KIB4);
@@ -422,7 +444,8 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
                         used3 as f64 - used2 as f64,
                     );
                 }
-                drop(f);
+            }
+            for be in b.all() {
                 be.umount(&c)?;
                 be.remove(&c)?;
             }
@@ -530,8 +553,8 @@ fn import(run: &mut Run, b: &mut Backends, opts: &Options, p: &Params) -> Result
     }
     run.notes.push(
         "image import: thinlayer through thinlayer_store (a thin snapshot per layer, applied, \
-         checked against its diff_id) vs overlayfs (each layer tar extracted into its own lower \
-         directory with the same apply code; whiteouts are not converted to overlay's format)"
+         checked against its diff_id) vs overlayfs (each layer tar applied with the same code \
+         into its own lower directory through an overlay mount of the layers below it)"
             .into(),
     );
     Ok(())
@@ -648,6 +671,8 @@ fn trivial(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
 fn steps(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
     run.phase("per-step costs: ioctls and engine steps");
     let n = p.samples.max(10);
+    let scratch = sys::mkdir(&run_dir(b))?;
+    let base = b.floor.base_thin_id();
     let (dm, pool) = b.floor.dm();
     let id = DevId::Name(pool);
     let mut time = |label: &str, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
@@ -664,6 +689,22 @@ fn steps(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
     time("DM_TABLE_STATUS (pool status)", &mut || {
         dm.table_status(&id, DmOptions::default())
             .dm(|| "table_status".into())
+            .map(|_| ())
+    })?;
+    time("DM_TABLE_STATUS (pool status, DM_NOFLUSH)", &mut || {
+        dm.table_status(&id, DmOptions::default().set_flags(DmFlags::DM_NOFLUSH))
+            .dm(|| "table_status".into())
+            .map(|_| ())
+    })?;
+    // dm-thin commits its metadata on a status read without DM_NOFLUSH:
+    // time the read right after a change (create_snap), then the delete.
+    let mut spare = 2_000_000u32;
+    time("DM_TARGET_MSG create_snap + delete", &mut || {
+        spare += 1;
+        dm.target_msg(&id, None, &format!("create_snap {spare} {base}"))
+            .dm(|| "create_snap".into())?;
+        dm.target_msg(&id, None, &format!("delete {spare}"))
+            .dm(|| "delete".into())
             .map(|_| ())
     })?;
     time("DM_LIST_VERSIONS (Kernel::open)", &mut || {
@@ -692,12 +733,28 @@ fn steps(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
             .dm(|| "set_transaction_id back".into())
             .map(|_| ())
     })?;
-    let scratch = sys::mkdir(&run_dir(b))?;
     let rec = scratch.join("x.rec");
     time("record write (2 fsyncs + rename, tmpfs)", &mut || {
         thinlayer_pool::record::write(&rec, "bench", &serde_json::json!({"a": 1}))
             .map_err(Into::into)
     })?;
+    // A status read right after a change pays for the metadata commit.
+    for _ in 0..n {
+        spare += 1;
+        dm.target_msg(&id, None, &format!("create_snap {spare} {base}"))
+            .dm(|| "create_snap".into())?;
+        dm.target_msg(&id, None, &format!("delete {spare}"))
+            .dm(|| "delete".into())?;
+        for (label, flags) in [
+            ("DM_TABLE_STATUS (pool) after a change", DmFlags::empty()),
+            ("DM_TABLE_STATUS (pool) again", DmFlags::empty()),
+        ] {
+            let t = Instant::now();
+            dm.table_status(&id, DmOptions::default().set_flags(flags))
+                .dm(|| "table_status".into())?;
+            run.add("floor", "step", 0, label, ms_since(t));
+        }
+    }
     // Engine steps, in-process, as create_layer and mount_layer call them.
     let pool = b.thin.store().pool();
     for _ in 0..n {
@@ -762,7 +819,7 @@ fn block_sizes(run: &mut Run, opts: &Options, p: &Params) -> Result<()> {
 fn block_size_one(run: &mut Run, t: &mut ThinLayer, p: &Params, bs: u64) -> Result<()> {
     t.make_layer("base", None, &mut fill_base)?;
     t.make_layer("big", Some("base"), &mut big_file(p.block_file))?;
-    for k in 0..p.write_samples {
+    for k in 0..p.write_samples.min(2) {
         let c = format!("b{k}");
         t.create(&c, "big")?;
         let dir = t.mount(&c)?;

@@ -742,6 +742,11 @@ impl Pool {
         }
         fault::point("pool_activate.after_leftovers");
         check_metadata(&self.layout.metadata_file())?;
+        // An extend that grew the files (and maybe the kernel's metadata)
+        // but died before its record: build the tables from the files.
+        if self.reconcile_sizes()? {
+            tracing::info!("adopted the data/metadata sizes an interrupted extend left");
+        }
         let kernel = self.kernel.as_ref().expect("opened above");
         let mut made = Vec::new();
         let started = Self::start_pool(kernel, &self.layout, &self.rec, &ACTIVATE_POINTS, |n| {
@@ -946,8 +951,17 @@ impl Pool {
             Some(Pending::RemoveLayer { id, thin_id }) if kt == t || kt == t + 1 => {
                 tracing::info!(%id, thin_id, "recovery: finishing layer removal");
                 let name = self.name(Role::Thin(thin_id));
+                self.kernel()?.remove_if_present(&name)?;
+                if kt == t {
+                    // Give the layer's space back to the host before the
+                    // delete, as `layer rm` does (a no-op once deleted).
+                    let len = record::read::<LayerRecord>(&self.layout.layer_record(&id), RECORD_LAYER)
+                        .map_or(self.rec.base_size, |l| l.size_in(&self.rec));
+                    if let Err(e) = self.discard_thin(thin_id, len) {
+                        tracing::warn!(thin_id, error = %e, "discard before delete failed; the pool still frees the blocks");
+                    }
+                }
                 let kernel = self.kernel()?;
-                kernel.remove_if_present(&name)?;
                 if kt == t {
                     if let Err(e) = kernel.pool_message(pool, &format!("delete {thin_id}")) {
                         tracing::debug!(thin_id, error = %e, "thin id was already deleted");

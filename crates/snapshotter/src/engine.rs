@@ -86,7 +86,10 @@ impl Engine {
     }
 
     fn pool(&self) -> Result<Pool> {
-        Ok(Pool::open(&self.root, LockMode::Exclusive, true)?)
+        let t = std::time::Instant::now();
+        let pool = Pool::open(&self.root, LockMode::Exclusive, true)?;
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool opened");
+        Ok(pool)
     }
 
     /// Drops records without layers; removes our layers without records.
@@ -157,22 +160,29 @@ impl Engine {
         check_max_size(&labels, pool.record().base_size.0)?;
         let layer = self.store.new_layer_id(key);
         pool.create_layer(&layer, parent_layer.as_deref())?;
-        let made = mounts_of(&mut pool, &layer, kind).and_then(|m| {
-            let now = SystemTime::now();
-            let s = Snapshot {
-                key: key.to_owned(),
-                layer: layer.clone(),
-                kind,
-                parent: (!parent.is_empty()).then(|| parent.to_owned()),
-                labels: labels.into_iter().collect(),
-                created: now,
-                updated: now,
-                mapped_at_create: mapped_bytes(&mut pool, &layer).ok().flatten(),
-                own_bytes: None,
-            };
-            self.store.put(s, None)?;
-            Ok(m)
-        });
+        let emptied = if parent_layer.is_none() {
+            self.empty_base(&mut pool, &layer)
+        } else {
+            Ok(())
+        };
+        let made = emptied
+            .and_then(|()| mounts_of(&mut pool, &layer, kind))
+            .and_then(|m| {
+                let now = SystemTime::now();
+                let s = Snapshot {
+                    key: key.to_owned(),
+                    layer: layer.clone(),
+                    kind,
+                    parent: (!parent.is_empty()).then(|| parent.to_owned()),
+                    labels: labels.into_iter().collect(),
+                    created: now,
+                    updated: now,
+                    mapped_at_create: mapped_bytes(&mut pool, &layer).ok().flatten(),
+                    own_bytes: None,
+                };
+                self.store.put(s, None)?;
+                Ok(m)
+            });
         if made.is_err() {
             if let Err(undo) = pool.remove_layer(&layer) {
                 tracing::error!(%layer, error = %undo, "undoing a failed prepare failed");
@@ -181,6 +191,25 @@ impl Engine {
         let m = made?;
         tracing::info!(%key, %layer, parent = %parent, kind = kind.name(), "snapshot created");
         Ok(m)
+    }
+
+    /// containerd's snapshots without a parent start as an empty
+    /// directory; the pool's base filesystem has ext4's `lost+found`, so it
+    /// goes (e2fsck makes it again when it needs it).
+    fn empty_base(&self, pool: &mut Pool, layer: &str) -> Result<()> {
+        let dir = Store::base_dir(&self.root).join("mnt").join(layer);
+        pool.mount_layer(layer, &dir, false)?;
+        let lf = dir.join("lost+found");
+        let removed = match std::fs::remove_dir(&lf) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("remove {}", lf.display()), e)),
+        };
+        let unmounted = pool.umount(&dir.to_string_lossy());
+        let _ = std::fs::remove_dir(&dir);
+        removed?;
+        unmounted?;
+        Ok(())
     }
 
     /// The mounts of an active or view snapshot (its device activated).

@@ -169,6 +169,10 @@ pub fn serve(root: &Path, socket: &Path) -> Result<()> {
 
 async fn serve_async(root: &Path, socket: &Path) -> Result<()> {
     let started = Instant::now();
+    // Signals first: a SIGTERM from the moment the socket exists is a
+    // graceful stop, never the default (instant) death.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?;
     // The socket first: a live server on it is the likelier mistake, and
     // its error is the clearer one.
     let listener = bind(socket)?;
@@ -182,8 +186,6 @@ async fn serve_async(root: &Path, socket: &Path) -> Result<()> {
     };
     let snapshotter = Arc::new(Thinlayer::new(engine));
     let engine = snapshotter.engine.clone();
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?;
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
