@@ -88,7 +88,12 @@ impl Run {
     fn leaves(&self) -> Vec<String> {
         self.model
             .keys()
-            .filter(|id| !self.model.values().any(|l| l.parent.as_deref() == Some(id.as_str())))
+            .filter(|id| {
+                !self
+                    .model
+                    .values()
+                    .any(|l| l.parent.as_deref() == Some(id.as_str()))
+            })
             .cloned()
             .collect()
     }
@@ -115,7 +120,10 @@ impl Run {
             self.rng.pick(&ids).cloned()
         };
         self.engine("layer create", |p| p.create_layer(&id, parent.as_deref()));
-        let files = parent.as_ref().map(|p| self.model[p].files.clone()).unwrap_or_default();
+        let files = parent
+            .as_ref()
+            .map(|p| self.model[p].files.clone())
+            .unwrap_or_default();
         self.model.insert(id, LayerModel { parent, files });
     }
 
@@ -170,7 +178,12 @@ impl Run {
         let (args, id, point, parent) = if remove {
             let id = self.rng.pick(&leaves).cloned().unwrap();
             let point = *self.rng.pick(&REMOVE_POINTS).unwrap();
-            (vec!["layer".to_owned(), "rm".into(), id.clone()], id, point, None)
+            (
+                vec!["layer".to_owned(), "rm".into(), id.clone()],
+                id,
+                point,
+                None,
+            )
         } else {
             let id = self.new_id();
             let ids: Vec<String> = self.model.keys().cloned().collect();
@@ -193,14 +206,22 @@ impl Run {
         }
         self.aborts += 1;
         self.engine("recover", |p| p.recover_all(false));
-        let exists = self.s.root.join("layers").join(format!("{id}.rec")).exists();
+        let exists = self
+            .s
+            .root
+            .join("layers")
+            .join(format!("{id}.rec"))
+            .exists();
         match (remove, exists) {
             (true, true) | (false, false) => {}
             (true, false) => {
                 self.model.remove(&id);
             }
             (false, true) => {
-                let files = parent.as_ref().map(|p| self.model[p].files.clone()).unwrap_or_default();
+                let files = parent
+                    .as_ref()
+                    .map(|p| self.model[p].files.clone())
+                    .unwrap_or_default();
                 self.model.insert(id, LayerModel { parent, files });
             }
         }
@@ -213,14 +234,21 @@ impl Run {
 
     fn check_records(&self) {
         let (ls, st) = self.engine("layer ls and status", |p| Ok((p.layers()?, p.status()?)));
-        let got: BTreeMap<String, Option<String>> =
-            ls.iter().map(|l| (l.id.clone(), l.parent.clone())).collect();
-        let want: BTreeMap<String, Option<String>> =
-            self.model.iter().map(|(k, v)| (k.clone(), v.parent.clone())).collect();
+        let got: BTreeMap<String, Option<String>> = ls
+            .iter()
+            .map(|l| (l.id.clone(), l.parent.clone()))
+            .collect();
+        let want: BTreeMap<String, Option<String>> = self
+            .model
+            .iter()
+            .map(|(k, v)| (k.clone(), v.parent.clone()))
+            .collect();
         if got != want {
             self.fail(&format!("records {got:?} != model {want:?}"));
         }
-        if st.kernel.as_ref().map(|k| k.transaction_id) != Some(st.transaction_id) || st.pending.is_some() {
+        if st.kernel.as_ref().map(|k| k.transaction_id) != Some(st.transaction_id)
+            || st.pending.is_some()
+        {
             self.fail(&format!("kernel and records disagree: {st:?}"));
         }
         if let Some(l) = ls.iter().find(|l| l.devnode.is_some()) {
@@ -235,14 +263,25 @@ impl Run {
                 .unwrap()
                 .flatten()
                 .filter(|e| e.file_name() != "lost+found")
-                .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap()))
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        fs::read(e.path()).unwrap(),
+                    )
+                })
                 .collect()
         });
         if &got != want {
             let names = |m: &BTreeMap<String, Vec<u8>>| {
-                m.iter().map(|(k, v)| format!("{k}:{}", v.len())).collect::<Vec<_>>()
+                m.iter()
+                    .map(|(k, v)| format!("{k}:{}", v.len()))
+                    .collect::<Vec<_>>()
             };
-            self.fail(&format!("layer {id} holds {:?}, model says {:?}", names(&got), names(want)));
+            self.fail(&format!(
+                "layer {id} holds {:?}, model says {:?}",
+                names(&got),
+                names(want)
+            ));
         }
     }
 

@@ -185,6 +185,9 @@ fn start(s: &Scratch, socket: &Path) -> Child {
         }
         sleep(Duration::from_millis(50));
     }
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the plugin did not start listening on {}", socket.display());
 }
 

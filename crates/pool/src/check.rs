@@ -437,6 +437,7 @@ impl Pool {
     /// # Errors
     /// Environment and kernel errors.
     pub fn recover_all(&mut self, force: bool) -> Result<RecoverReport> {
+        self.forget_pool_device();
         let mut actions = Vec::new();
         let rec = self.record().clone();
         if rec.pending == Some(Pending::CreatePool) {
@@ -545,6 +546,7 @@ impl Pool {
     /// [`Error::Busy`] while the pool is active; [`Error::Tool`] when
     /// thin_repair cannot rebuild it (nothing is changed then).
     pub fn repair(&mut self) -> Result<RepairReport> {
+        self.forget_pool_device();
         if self.pool_device()?.is_some() {
             return Err(Error::Busy {
                 what: "the pool".into(),

@@ -390,7 +390,13 @@ impl Kernel {
     fn status_line(&self, name: &DmName) -> Result<String> {
         let (_, lines) = self
             .dm
-            .table_status(&DevId::Name(name), DmOptions::default())
+            // DM_NOFLUSH: without it a thin-pool commits its metadata on
+            // every status read (1.5 ms against 0.2 ms measured in the VM);
+            // the figures come from the in-core space maps either way.
+            .table_status(
+                &DevId::Name(name),
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
+            )
             .dm_ctx(|| format!("read the status of {name}"))?;
         lines
             .into_iter()

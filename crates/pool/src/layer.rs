@@ -211,8 +211,8 @@ impl Pool {
             Source::Snapshot(None) => (Some(self.record().base_thin_id), None, None, None),
             Source::Fresh { size, fs } => (None, None, Some(size), Some(fs)),
         };
+        // recover() ran above: the pool is settled.
         let pool_dev = self.require_active()?;
-        self.recover()?;
         self.check_space()?;
 
         let t = self.record().transaction_id;

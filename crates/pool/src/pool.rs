@@ -352,6 +352,9 @@ pub struct Pool {
     layout: Layout,
     rec: PoolRecord,
     kernel: Option<Kernel>,
+    /// The pool device once seen active: under the exclusive lock only this
+    /// process changes that, and the verbs that do reset it.
+    active: Option<devicemapper::Device>,
     _lock: RootLock,
 }
 
@@ -525,6 +528,7 @@ impl Pool {
             layout,
             rec,
             kernel: Some(kernel),
+            active: None,
             _lock: lock,
         })
     }
@@ -663,6 +667,7 @@ impl Pool {
             layout,
             rec,
             kernel: None,
+            active: None,
             _lock: lock,
         })
     }
@@ -701,8 +706,17 @@ impl Pool {
     /// # Errors
     /// Environment and kernel errors.
     pub fn pool_device(&mut self) -> Result<Option<devicemapper::Device>> {
+        if self.active.is_some() {
+            return Ok(self.active);
+        }
         let name = self.name(Role::Pool);
-        self.kernel()?.device(&name)
+        self.active = self.kernel()?.device(&name)?;
+        Ok(self.active)
+    }
+
+    /// Forgets the cached pool device, for verbs that bring it up or down.
+    pub(crate) fn forget_pool_device(&mut self) {
+        self.active = None;
     }
 
     /// The pool device's number; an error that says how to activate when it
@@ -727,6 +741,7 @@ impl Pool {
     /// # Errors
     /// [`Error::MetadataDamaged`], environment and kernel errors.
     pub fn activate(&mut self) -> Result<Action> {
+        self.forget_pool_device();
         if self.rec.pending == Some(Pending::CreatePool) {
             return Err(self.interrupted_create_error());
         }
@@ -770,6 +785,7 @@ impl Pool {
     /// # Errors
     /// [`Error::Mounted`], [`Error::Busy`], kernel errors.
     pub fn deactivate(&mut self) -> Result<Action> {
+        self.forget_pool_device();
         let prefix = names::name_prefix(&self.rec.pool_id);
         let pool_id = self.rec.pool_id.clone();
         let kernel = self.kernel()?;
@@ -955,8 +971,9 @@ impl Pool {
                 if kt == t {
                     // Give the layer's space back to the host before the
                     // delete, as `layer rm` does (a no-op once deleted).
-                    let len = record::read::<LayerRecord>(&self.layout.layer_record(&id), RECORD_LAYER)
-                        .map_or(self.rec.base_size, |l| l.size_in(&self.rec));
+                    let len =
+                        record::read::<LayerRecord>(&self.layout.layer_record(&id), RECORD_LAYER)
+                            .map_or(self.rec.base_size, |l| l.size_in(&self.rec));
                     if let Err(e) = self.discard_thin(thin_id, len) {
                         tracing::warn!(thin_id, error = %e, "discard before delete failed; the pool still frees the blocks");
                     }
