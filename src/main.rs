@@ -16,7 +16,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use thinlayer_pool::{
-    Action, BlockSize, Bytes, CreateOptions, Error, FsType, LockMode, Pool, PoolStatus, exit,
+    Action, BlockSize, Bytes, CreateOptions, Error, FsType, LockMode, Pool, PoolStatus, Removal,
+    exit,
     space::{self, ExtendReport, ExtendRequest, SizeChange, WatchOptions},
 };
 
@@ -234,6 +235,10 @@ enum LayerCommand {
     Rm {
         /// The layer.
         id: String,
+        /// If a process holds its device open, let the kernel remove the
+        /// device when it lets go; `pool recover` then finishes the removal.
+        #[arg(long)]
+        deferred: bool,
     },
     /// List layers with their devices and mounts.
     Ls,
@@ -386,7 +391,9 @@ fn run_pool(cli: Cli) -> thinlayer_pool::Result<Output> {
         Command::Layer(LayerCommand::Create { id, parent, .. }) => {
             layer_create(root, &id, parent.as_deref(), cli.wait)
         }
-        Command::Layer(LayerCommand::Rm { id }) => layer_rm(root, &id, cli.wait),
+        Command::Layer(LayerCommand::Rm { id, deferred }) => {
+            layer_rm(root, &id, deferred, cli.wait)
+        }
         Command::Layer(LayerCommand::Ls) => layer_ls(root, cli.wait),
         Command::Mount { id, dir, readonly } => mount(root, &id, &dir, readonly, cli.wait),
         Command::Umount { target } => umount(root, &target, cli.wait),
@@ -691,13 +698,24 @@ fn layer_create(
     })
 }
 
-fn layer_rm(root: &Path, id: &str, wait: bool) -> thinlayer_pool::Result<Output> {
-    Pool::open(root, LockMode::Exclusive, wait)?.remove_layer(id)?;
-    Ok(said(
-        Action::Done,
-        format!("removed layer {id}"),
-        String::new(),
-    ))
+fn layer_rm(root: &Path, id: &str, deferred: bool, wait: bool) -> thinlayer_pool::Result<Output> {
+    match Pool::open(root, LockMode::Exclusive, wait)?.remove_layer_or_defer(id, deferred)? {
+        Removal::Removed => Ok(said(
+            Action::Done,
+            format!("removed layer {id}"),
+            String::new(),
+        )),
+        Removal::Deferred { holders } => {
+            let text = format!(
+                "removal of layer {id} deferred: its device is {holders}; the kernel removes the \
+                 device when that holder closes it, and `thinlayer pool recover` then finishes the removal"
+            );
+            Ok(Output {
+                json: json!({"changed": true, "deferred": true, "message": text}),
+                text: format!("{text}\n"),
+            })
+        }
+    }
 }
 
 fn layer_ls(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {

@@ -106,3 +106,59 @@ fn vm_a_mount_namespace_that_still_mounts_a_layer_is_named() {
     holder.wait().unwrap();
     s.ok(&["layer", "rm", "l"]);
 }
+
+#[test]
+fn vm_a_deferred_removal_finishes_when_the_holder_lets_go() {
+    common::require_dm_thin();
+    let s = Scratch::new("busy-deferred");
+    s.create_pool(&[]);
+    s.ok(&["layer", "create", "held"]);
+    let d = s.mount("held");
+    fs::write(d.join("data"), vec![3u8; 8 << 20]).unwrap();
+    let node = devnode(&s, "held");
+    common::sh("umount", &[d.to_str().unwrap()]);
+    let mut holder = Command::new("sleep")
+        .arg("120")
+        .stdin(fs::File::open(&node).unwrap())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(200));
+    let out = s.ok(&["layer", "rm", "held", "--deferred"]);
+    println!("{out}");
+    assert!(
+        out.contains("deferred") && out.contains(&format!("pid {} (sleep)", holder.id())),
+        "{out}"
+    );
+    let ls = s.json(&["layer", "ls"]);
+    assert_eq!(ls[0]["removing"], true, "{ls}");
+    s.fails(
+        &["mount", "held", s.dir("again").to_str().unwrap()],
+        4,
+        "deferred",
+    );
+    s.fails(
+        &["layer", "create", "child", "--parent", "held"],
+        4,
+        "deferred",
+    );
+    // Still busy: recovery reports it and keeps the layer.
+    let report = s.ok(&["pool", "recover"]);
+    assert!(report.contains("still deferred"), "{report}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    sleep(Duration::from_millis(200));
+    // The kernel removed the device when the holder closed it; recovery
+    // finishes the removal and gives the blocks back.
+    let before = s.used_data_blocks();
+    let report = s.ok(&["pool", "recover"]);
+    assert!(
+        report.contains("finished the deferred removal of layer held"),
+        "{report}"
+    );
+    assert_eq!(s.json(&["layer", "ls"]), serde_json::json!([]));
+    assert!(
+        s.used_data_blocks() + 100 < before,
+        "the layer's 8 MiB went back to the pool"
+    );
+    s.ok(&["pool", "check"]);
+}

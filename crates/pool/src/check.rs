@@ -492,6 +492,7 @@ impl Pool {
                     Err(e) => return Err(e),
                 }
             }
+            actions.extend(self.finish_deferred_removals()?);
             if force {
                 let md = self.read_metadata(true)?;
                 let mut recorded = layer_ids.clone();

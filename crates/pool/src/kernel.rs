@@ -290,6 +290,21 @@ impl Kernel {
             })
     }
 
+    /// Asks the kernel to remove `name` as soon as its last opener closes
+    /// it (`DM_DEFERRED_REMOVE`); returns at once.
+    ///
+    /// # Errors
+    /// device-mapper errors.
+    pub fn remove_deferred(&self, name: &DmName) -> Result<()> {
+        self.dm
+            .device_remove(
+                &DevId::Name(name),
+                DmOptions::private().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+            )
+            .map(|_| ())
+            .dm_ctx(|| format!("schedule the removal of {name}"))
+    }
+
     /// Removes `name` if the kernel has it; true if it did.
     ///
     /// # Errors

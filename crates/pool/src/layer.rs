@@ -38,6 +38,34 @@ pub struct LayerInfo {
     pub mapped_bytes: Option<u64>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+    /// Its removal was deferred until its device's holder lets go.
+    pub removing: bool,
+}
+
+/// A layer whose removal is deferred takes no new children or mounts.
+fn refuse_removing(l: &LayerRecord) -> Result<()> {
+    if l.removing {
+        return Err(Error::Busy {
+            what: format!("layer `{}`", l.id),
+            detail: "its removal is deferred until its device's holder lets go; \
+                     `thinlayer pool recover` finishes it"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// What `layer rm` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// The layer is gone.
+    Removed,
+    /// Its device is busy: the kernel removes the device when the holder
+    /// closes it, then `pool recover` finishes the removal.
+    Deferred {
+        /// Who holds the device.
+        holders: String,
+    },
 }
 
 impl Pool {
@@ -126,6 +154,7 @@ impl Pool {
                 mountpoints,
                 mapped_bytes,
                 created_unix: l.created_unix,
+                removing: l.removing,
             });
         }
         Ok(out)
@@ -206,6 +235,7 @@ impl Pool {
         let (origin, parent, size, fs) = match source {
             Source::Snapshot(Some(p)) => {
                 let pr = self.layer(p)?;
+                refuse_removing(&pr)?;
                 (Some(pr.thin_id), Some(p.to_owned()), pr.size, pr.fs)
             }
             Source::Snapshot(None) => (Some(self.record().base_thin_id), None, None, None),
@@ -269,6 +299,7 @@ impl Pool {
             created_unix: now_unix(),
             size,
             fs,
+            removing: false,
         };
         record::write(&self.layout().layer_record(id), RECORD_LAYER, &layer)?;
         fault::point("layer_create.after_record");
@@ -326,6 +357,22 @@ impl Pool {
     /// [`Error::HasChildren`], [`Error::Mounted`], [`Error::Busy`],
     /// [`Error::UnknownLayer`], kernel errors.
     pub fn remove_layer(&mut self, id: &str) -> Result<()> {
+        match self.remove_layer_or_defer(id, false)? {
+            Removal::Removed => Ok(()),
+            Removal::Deferred { .. } => unreachable!("not asked to defer"),
+        }
+    }
+
+    /// Removes layer `id` like [`Pool::remove_layer`]; when its device is
+    /// held open by a process (not mounted) and `defer` is set, asks the
+    /// kernel to remove the device when the holder closes it, marks the
+    /// layer as removing, and says who holds it. [`Pool::finish_deferred_removals`]
+    /// (run by `pool recover`) completes the removal once the device is gone:
+    /// the removal is never lost.
+    ///
+    /// # Errors
+    /// As [`Pool::remove_layer`].
+    pub fn remove_layer_or_defer(&mut self, id: &str, defer: bool) -> Result<Removal> {
         // Settle an interrupted operation first: it may be this very layer.
         names::check_id("layer", id)?;
         if self.pool_device()?.is_some() {
@@ -344,8 +391,8 @@ impl Pool {
                 children: children.join(", "),
             });
         }
+        // recover() ran above: the pool is settled.
         self.require_active()?;
-        self.recover()?;
         let name = self.name(Role::Thin(layer.thin_id));
         if let Some(dev) = self.kernel()?.device(&name)? {
             let points = mounts::mountpoints_of(dev)?;
@@ -357,8 +404,22 @@ impl Pool {
                 });
             }
             // Busy here (a process holds the device) fails before anything
-            // is recorded.
-            self.kernel()?.remove(&name)?;
+            // is recorded, or with `defer` is handed to the kernel.
+            match self.kernel()?.remove(&name) {
+                Err(Error::Busy { detail, .. }) if defer => {
+                    self.kernel()?.remove_deferred(&name)?;
+                    let marked = LayerRecord {
+                        removing: true,
+                        ..layer
+                    };
+                    record::write(&self.layout().layer_record(id), RECORD_LAYER, &marked)?;
+                    let holders = detail
+                        .trim_end_matches("; stop those processes and retry")
+                        .to_owned();
+                    return Ok(Removal::Deferred { holders });
+                }
+                r => r?,
+            }
         }
         fault::point("layer_rm.after_device_removal");
         let t = self.record().transaction_id;
@@ -377,7 +438,30 @@ impl Pool {
         fault::point("layer_rm.after_set_transaction_id");
         record::remove(&self.layout().layer_record(id))?;
         fault::point("layer_rm.after_record_removal");
-        self.commit(t + 1)
+        self.commit(t + 1)?;
+        Ok(Removal::Removed)
+    }
+
+    /// Finishes the removals `layer rm --deferred` left to the kernel whose
+    /// devices are gone now; says what it did and what still waits.
+    ///
+    /// # Errors
+    /// Record and kernel errors.
+    pub fn finish_deferred_removals(&mut self) -> Result<Vec<String>> {
+        let mut said = Vec::new();
+        for l in self.layer_records()?.into_iter().filter(|l| l.removing) {
+            let name = self.name(Role::Thin(l.thin_id));
+            if self.kernel()?.device(&name)?.is_some() {
+                said.push(format!(
+                    "layer {}: removal still deferred, its device is busy",
+                    l.id
+                ));
+                continue;
+            }
+            self.remove_layer(&l.id)?;
+            said.push(format!("finished the deferred removal of layer {}", l.id));
+        }
+        Ok(said)
     }
 
     /// Activates layer `id`'s thin device if needed and mounts it at `dir`
@@ -396,6 +480,7 @@ impl Pool {
         // A layer half-removed by a crash must not be mounted.
         self.recover()?;
         let layer = self.layer(id)?;
+        refuse_removing(&layer)?;
         fs::create_dir_all(dir).ctx(|| format!("create mount point {}", dir.display()))?;
         let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
         let name = self.name(Role::Thin(layer.thin_id));

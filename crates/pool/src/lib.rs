@@ -28,7 +28,7 @@ pub mod space;
 pub mod units;
 
 pub use error::{Error, Result, exit};
-pub use layer::LayerInfo;
+pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;
 pub use pool::{Action, CreateOptions, FsType, LayerRecord, Pool, PoolRecord, PoolStatus};
 pub use units::{BlockSize, Bytes};

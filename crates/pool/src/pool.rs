@@ -293,6 +293,10 @@ pub struct LayerRecord {
     /// Its filesystem, when not the pool's (volumes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fs: Option<FsType>,
+    /// `layer rm --deferred` found its device busy: the kernel removes the
+    /// device when its holder closes it, then recovery finishes the removal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 impl LayerRecord {
@@ -948,6 +952,7 @@ impl Pool {
                     created_unix: now_unix(),
                     size,
                     fs,
+                    removing: false,
                 };
                 record::write(&self.layout.layer_record(&id), RECORD_LAYER, &layer)?;
                 self.commit(t + 1)
