@@ -98,7 +98,10 @@ pub fn mount(
     readonly: bool,
     options: &str,
 ) -> Result<()> {
-    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // nodev: device nodes in an image do not open on the host (runtimes
+    // mount their own /dev). Not nosuid: a container's setuid programs
+    // (su, ping, sudo) must keep working, as on any root filesystem.
+    let mut flags = MsFlags::MS_NODEV;
     if readonly {
         flags |= MsFlags::MS_RDONLY;
     }
