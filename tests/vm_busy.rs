@@ -25,6 +25,20 @@ fn devnode(s: &Scratch, id: &str) -> String {
         .to_owned()
 }
 
+/// Unmounts layer `id` (mounted at `dir`) behind thinlayer's back, so its
+/// device stays active, and starts a process that holds the device open.
+fn hold_open(s: &Scratch, id: &str, dir: &std::path::Path) -> std::process::Child {
+    let node = devnode(s, id);
+    common::sh("umount", &[dir.to_str().unwrap()]);
+    let holder = Command::new("sleep")
+        .arg("120")
+        .stdin(fs::File::open(&node).unwrap())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_millis(200));
+    holder
+}
+
 #[test]
 fn vm_removing_a_layer_a_process_holds_open_names_that_process() {
     common::require_dm_thin();
@@ -32,15 +46,7 @@ fn vm_removing_a_layer_a_process_holds_open_names_that_process() {
     s.create_pool(&[]);
     s.ok(&["layer", "create", "held"]);
     let d = s.mount("held");
-    let node = devnode(&s, "held");
-    // Unmount behind thinlayer's back so the device stays active, then hold it.
-    common::sh("umount", &[d.to_str().unwrap()]);
-    let mut holder = Command::new("sleep")
-        .arg("120")
-        .stdin(fs::File::open(&node).unwrap())
-        .spawn()
-        .unwrap();
-    sleep(Duration::from_millis(200));
+    let mut holder = hold_open(&s, "held", &d);
     let err = s.fails(&["layer", "rm", "held"], 4, "is busy");
     println!("{err}");
     assert!(
@@ -115,14 +121,7 @@ fn vm_a_deferred_removal_finishes_when_the_holder_lets_go() {
     s.ok(&["layer", "create", "held"]);
     let d = s.mount("held");
     fs::write(d.join("data"), vec![3u8; 8 << 20]).unwrap();
-    let node = devnode(&s, "held");
-    common::sh("umount", &[d.to_str().unwrap()]);
-    let mut holder = Command::new("sleep")
-        .arg("120")
-        .stdin(fs::File::open(&node).unwrap())
-        .spawn()
-        .unwrap();
-    sleep(Duration::from_millis(200));
+    let mut holder = hold_open(&s, "held", &d);
     let out = s.ok(&["layer", "rm", "held", "--deferred"]);
     println!("{out}");
     assert!(

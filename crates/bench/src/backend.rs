@@ -530,7 +530,19 @@ impl LoopFs {
         sys::mount(&lp.path, &fs, fstype, "")?;
         // The mount holds the loop device now; autoclear detaches it at umount.
         drop(lp);
+        sys::mkdir(&fs.join("l"))?;
+        sys::mkdir(&fs.join("c"))?;
         Ok(LoopFs { img, fs })
+    }
+
+    /// A layer's directory (`l/ID`) on the filesystem.
+    fn layer_dir(&self, id: &str) -> PathBuf {
+        self.fs.join("l").join(id)
+    }
+
+    /// A container's directory (`c/ID`) on the filesystem.
+    fn cdir(&self, id: &str) -> PathBuf {
+        self.fs.join("c").join(id)
     }
 
     fn used(&self) -> Result<u64> {
@@ -578,8 +590,6 @@ impl Overlay {
                 LoopFs::new(dir, sizes.device, "ext4", &["mkfs.ext4", "-q", "-F"])?,
             )
         };
-        sys::mkdir(&lfs.fs.join("l"))?;
-        sys::mkdir(&lfs.fs.join("c"))?;
         Ok(Overlay {
             name: name.to_owned(),
             lfs,
@@ -589,11 +599,11 @@ impl Overlay {
     }
 
     fn layer_dir(&self, id: &str) -> PathBuf {
-        self.lfs.fs.join("l").join(id)
+        self.lfs.layer_dir(id)
     }
 
     fn cdir(&self, id: &str) -> PathBuf {
-        self.lfs.fs.join("c").join(id)
+        self.lfs.cdir(id)
     }
 
     fn chain(&self, id: &str) -> Result<Vec<PathBuf>> {
@@ -777,17 +787,15 @@ impl Btrfs {
             sys::tool("modprobe", &["btrfs"])?;
         }
         let lfs = LoopFs::new(dir, sizes.device, "btrfs", &["mkfs.btrfs", "-q", "-f"])?;
-        sys::mkdir(&lfs.fs.join("l"))?;
-        sys::mkdir(&lfs.fs.join("c"))?;
         Ok(Btrfs { lfs })
     }
 
     fn layer_dir(&self, id: &str) -> PathBuf {
-        self.lfs.fs.join("l").join(id)
+        self.lfs.layer_dir(id)
     }
 
     fn cdir(&self, id: &str) -> PathBuf {
-        self.lfs.fs.join("c").join(id)
+        self.lfs.cdir(id)
     }
 }
 
@@ -861,17 +869,15 @@ impl FullCopy {
     /// mkfs, loop and mount errors.
     pub fn new(dir: &Path, sizes: &Sizes) -> Result<FullCopy> {
         let lfs = LoopFs::new(dir, sizes.device, "ext4", &["mkfs.ext4", "-q", "-F"])?;
-        sys::mkdir(&lfs.fs.join("l"))?;
-        sys::mkdir(&lfs.fs.join("c"))?;
         Ok(FullCopy { lfs })
     }
 
     fn layer_dir(&self, id: &str) -> PathBuf {
-        self.lfs.fs.join("l").join(id)
+        self.lfs.layer_dir(id)
     }
 
     fn cdir(&self, id: &str) -> PathBuf {
-        self.lfs.fs.join("c").join(id)
+        self.lfs.cdir(id)
     }
 }
 

@@ -510,6 +510,20 @@ impl Applier<'_> {
     /// Checks every parent of `rel` is a real directory (creating missing
     /// ones, 0755 root-owned, as other runtimes do); refuses symlinks.
     fn make_parents(&mut self, raw: &[u8], rel: &Path) -> Result<()> {
+        self.walk_parents(raw, rel, true).map(|_| ())
+    }
+
+    /// Whether every parent of `rel` is a real directory; `false` if one is
+    /// missing; refuses symlinks and non-directories.
+    fn parents_exist(&mut self, raw: &[u8], rel: &Path) -> Result<bool> {
+        self.walk_parents(raw, rel, false)
+    }
+
+    /// Walks the parents of `rel` under the root, refusing any symlink. A
+    /// missing parent is made when `create` (else the answer is `false`);
+    /// a parent that is not a directory is hostile when `create` (else
+    /// `false`).
+    fn walk_parents(&mut self, raw: &[u8], rel: &Path, create: bool) -> Result<bool> {
         let mut prefix = PathBuf::new();
         let parts: Vec<_> = rel.components().collect();
         for part in parts.iter().take(parts.len().saturating_sub(1)) {
@@ -520,49 +534,24 @@ impl Applier<'_> {
                     return Err(Error::hostile(
                         raw,
                         format!(
-                            "its parent `{}` is a symlink; writing through it could leave the root",
+                            "its parent `{}` is a symlink; going through it could leave the root",
                             prefix.display()
                         ),
                     ));
                 }
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => {
+                Ok(_) if create => {
                     return Err(Error::hostile(
                         raw,
                         format!("its parent `{}` is not a directory", prefix.display()),
                     ));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
                     self.mkdir(raw, &path)?;
                     fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
                         .ctx("cannot chmod", &path)?;
                     self.added.insert(prefix.clone());
                 }
-                Err(e) => return Err(e).ctx("cannot stat", &path),
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether every parent of `rel` is a real directory; `false` if one is
-    /// missing; refuses symlinks and non-directories.
-    fn parents_exist(&self, raw: &[u8], rel: &Path) -> Result<bool> {
-        let mut prefix = PathBuf::new();
-        let parts: Vec<_> = rel.components().collect();
-        for part in parts.iter().take(parts.len().saturating_sub(1)) {
-            prefix.push(part);
-            let path = self.root.join(&prefix);
-            match fs::symlink_metadata(&path) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    return Err(Error::hostile(
-                        raw,
-                        format!(
-                            "`{}` is a symlink; following it could leave the root",
-                            prefix.display()
-                        ),
-                    ));
-                }
-                Ok(m) if m.is_dir() => {}
                 Ok(_) => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
                 Err(e) => return Err(e).ctx("cannot stat", &path),
