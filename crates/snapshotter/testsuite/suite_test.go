@@ -12,15 +12,23 @@
 // Every test of the suite gets the same server: each starts by removing
 // every snapshot (children first) and its cleanup does the same, so the
 // suite's parallel subtests must run one at a time (-test.parallel 1).
-// Result in the TCG guest (containerd 1.6.20's suite): all 21 subtests
-// pass, 128LayersMount included; about 390 s with the boot.
+// Result in the TCG guest (containerd 1.6.20's suite): 20 of its 21
+// subtests pass, 128LayersMount included; the 21st, Rename, is skipped by
+// that suite itself for every snapshotter (its first line is t.Skip,
+// because of overlay on some kernels). A block snapshotter must not skip
+// it, so TestThinlayerRename below runs the same rename scenario against
+// the service.
 package testsuite
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"testing"
 	"time"
+
+	"github.com/containerd/containerd/mount"
+	"github.com/containerd/continuity/fs/fstest"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/snapshots"
@@ -29,11 +37,108 @@ import (
 	"google.golang.org/grpc"
 )
 
-func TestThinlayer(t *testing.T) {
+func socket(t *testing.T) string {
 	sock := os.Getenv("THINLAYER_SNAPSHOTTER_SOCKET")
 	if sock == "" {
 		t.Fatal("set THINLAYER_SNAPSHOTTER_SOCKET to the socket of `thinlayer serve containerd`")
 	}
+	return sock
+}
+
+func connect(ctx context.Context, sock string) (snapshots.Snapshotter, *grpc.ClientConn, error) {
+	dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	conn, err := grpc.DialContext(dctx, "unix://"+sock, grpc.WithInsecure(), grpc.WithBlock())
+	if err != nil {
+		return nil, nil, err
+	}
+	return proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "thinlayer"), conn, nil
+}
+
+// TestThinlayerRename: a parent snapshot holds a directory and two files;
+// its child renames the directory, replaces a file by renaming a new one
+// over it, and renames the other. A view of each committed snapshot must
+// equal the same steps applied to a plain directory.
+func TestThinlayerRename(t *testing.T) {
+	ctx := context.Background()
+	sn, conn, err := connect(ctx, socket(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	removeAll(ctx, sn)
+	defer removeAll(ctx, sn)
+	work := t.TempDir()
+	expected := t.TempDir()
+	steps := []fstest.Applier{
+		fstest.Apply(
+			fstest.CreateDir("/dir1", 0700),
+			fstest.CreateDir("/somefiles", 0700),
+			fstest.CreateFile("/somefiles/f1", []byte("was here first!"), 0644),
+			fstest.CreateFile("/somefiles/f2", []byte("nothing interesting"), 0644),
+		),
+		fstest.Apply(
+			fstest.Rename("/dir1", "/dir2"),
+			fstest.CreateFile("/somefiles/f1-overwrite", []byte("new content 1"), 0644),
+			fstest.Rename("/somefiles/f1-overwrite", "/somefiles/f1"),
+			fstest.Rename("/somefiles/f2", "/somefiles/f3"),
+		),
+	}
+	parent := ""
+	for i, step := range steps {
+		name := fmt.Sprintf("rename-%d", i)
+		if err := onMounts(ctx, sn, name+"-active", parent, work, false, func(dir string) error { return step.Apply(dir) }); err != nil {
+			t.Fatalf("snapshot %d: %v", i, err)
+		}
+		if err := sn.Commit(ctx, name, name+"-active"); err != nil {
+			t.Fatalf("commit %d: %v", i, err)
+		}
+		if err := step.Apply(expected); err != nil {
+			t.Fatal(err)
+		}
+		if err := onMounts(ctx, sn, name+"-view", name, work, true, func(dir string) error {
+			return fstest.CheckDirectoryEqual(expected, dir)
+		}); err != nil {
+			t.Fatalf("snapshot %d differs from the expected tree: %v", i, err)
+		}
+		parent = name
+	}
+}
+
+// onMounts prepares (or views) key on parent, mounts what the service
+// returns, runs f on it, and unmounts; a view is removed again.
+func onMounts(ctx context.Context, sn snapshots.Snapshotter, key, parent, work string, view bool, f func(string) error) (err error) {
+	var ms []mount.Mount
+	if view {
+		ms, err = sn.View(ctx, key, parent)
+		defer func() {
+			if e := sn.Remove(ctx, key); e != nil && err == nil {
+				err = e
+			}
+		}()
+	} else {
+		ms, err = sn.Prepare(ctx, key, parent)
+	}
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp(work, "mnt")
+	if err != nil {
+		return err
+	}
+	if err := mount.All(ms, dir); err != nil {
+		return err
+	}
+	defer func() {
+		if e := mount.UnmountAll(dir, 0); e != nil && err == nil {
+			err = e
+		}
+	}()
+	return f(dir)
+}
+
+func TestThinlayer(t *testing.T) {
+	sock := socket(t)
 	testsuite.SnapshotterSuite(t, "thinlayer", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
