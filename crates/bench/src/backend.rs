@@ -598,14 +598,6 @@ impl Overlay {
         })
     }
 
-    fn layer_dir(&self, id: &str) -> PathBuf {
-        self.lfs.layer_dir(id)
-    }
-
-    fn cdir(&self, id: &str) -> PathBuf {
-        self.lfs.cdir(id)
-    }
-
     fn chain(&self, id: &str) -> Result<Vec<PathBuf>> {
         self.chains
             .get(id)
@@ -660,7 +652,7 @@ impl Backend for Overlay {
     }
 
     fn make_layer(&mut self, id: &str, parent: Option<&str>, fill: Fill) -> Result<()> {
-        let dir = self.layer_dir(id);
+        let dir = self.lfs.layer_dir(id);
         let diff = sys::mkdir(&dir.join("diff"))?;
         let mut chain = match parent {
             Some(p) => self.chain(p)?,
@@ -686,7 +678,7 @@ impl Backend for Overlay {
 
     fn create(&mut self, id: &str, image: &str) -> Result<()> {
         self.chain(image)?;
-        let c = self.cdir(id);
+        let c = self.lfs.cdir(id);
         for sub in ["upper", "work", "merged"] {
             fs::create_dir_all(c.join(sub)).ctx(|| format!("create {}", c.display()))?;
         }
@@ -701,18 +693,18 @@ impl Backend for Overlay {
             .cloned()
             .ok_or_else(|| Error::Parse(format!("{}: no container {id}", self.name)))?;
         let chain = self.chain(&image)?;
-        let c = self.cdir(id);
+        let c = self.lfs.cdir(id);
         let merged = c.join("merged");
         Self::mount_at(&chain, &c.join("upper"), &c.join("work"), &merged)?;
         Ok(merged)
     }
 
     fn umount(&mut self, id: &str) -> Result<()> {
-        sys::umount(&self.cdir(id).join("merged"))
+        sys::umount(&self.lfs.cdir(id).join("merged"))
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
-        let c = self.cdir(id);
+        let c = self.lfs.cdir(id);
         fs::remove_dir_all(&c).ctx(|| format!("remove {}", c.display()))?;
         self.containers.remove(id);
         Ok(())
@@ -724,8 +716,8 @@ impl Backend for Overlay {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::Parse(format!("{}: no container {id}", self.name)))?;
-        let dir = self.layer_dir(as_id);
-        sys::copy_tree(&self.cdir(id).join("upper"), &dir.join("diff"))?;
+        let dir = self.lfs.layer_dir(as_id);
+        sys::copy_tree(&self.lfs.cdir(id).join("upper"), &dir.join("diff"))?;
         sys::syncfs(&self.lfs.fs)?;
         let mut chain = self.chain(&image)?;
         chain.insert(0, dir);
@@ -734,7 +726,7 @@ impl Backend for Overlay {
     }
 
     fn remove_layer(&mut self, id: &str) -> Result<()> {
-        let d = self.layer_dir(id);
+        let d = self.lfs.layer_dir(id);
         fs::remove_dir_all(&d).ctx(|| format!("remove {}", d.display()))?;
         self.chains.remove(id);
         Ok(())
@@ -753,13 +745,13 @@ impl Backend for Overlay {
     }
 
     fn upper_dir(&self, id: &str) -> Option<PathBuf> {
-        Some(self.cdir(id).join("upper"))
+        Some(self.lfs.cdir(id).join("upper"))
     }
 
     fn teardown(&mut self) -> Result<()> {
         let ids: Vec<String> = self.containers.keys().cloned().collect();
         for id in ids {
-            let _ = sys::umount(&self.cdir(&id).join("merged"));
+            let _ = sys::umount(&self.lfs.cdir(&id).join("merged"));
         }
         self.lfs.teardown()
     }
@@ -789,14 +781,6 @@ impl Btrfs {
         let lfs = LoopFs::new(dir, sizes.device, "btrfs", &["mkfs.btrfs", "-q", "-f"])?;
         Ok(Btrfs { lfs })
     }
-
-    fn layer_dir(&self, id: &str) -> PathBuf {
-        self.lfs.layer_dir(id)
-    }
-
-    fn cdir(&self, id: &str) -> PathBuf {
-        self.lfs.cdir(id)
-    }
 }
 
 impl Backend for Btrfs {
@@ -805,9 +789,9 @@ impl Backend for Btrfs {
     }
 
     fn make_layer(&mut self, id: &str, parent: Option<&str>, fill: Fill) -> Result<()> {
-        let dir = self.layer_dir(id);
+        let dir = self.lfs.layer_dir(id);
         match parent {
-            Some(p) => btrfs::snapshot(&self.layer_dir(p), &dir)?,
+            Some(p) => btrfs::snapshot(&self.lfs.layer_dir(p), &dir)?,
             None => btrfs::create_subvolume(&dir)?,
         }
         fill(&dir)?;
@@ -815,11 +799,11 @@ impl Backend for Btrfs {
     }
 
     fn create(&mut self, id: &str, image: &str) -> Result<()> {
-        btrfs::snapshot(&self.layer_dir(image), &self.cdir(id))
+        btrfs::snapshot(&self.lfs.layer_dir(image), &self.lfs.cdir(id))
     }
 
     fn mount(&mut self, id: &str) -> Result<PathBuf> {
-        Ok(self.cdir(id))
+        Ok(self.lfs.cdir(id))
     }
 
     fn umount(&mut self, _id: &str) -> Result<()> {
@@ -827,15 +811,15 @@ impl Backend for Btrfs {
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
-        btrfs::destroy(&self.cdir(id))
+        btrfs::destroy(&self.lfs.cdir(id))
     }
 
     fn commit(&mut self, id: &str, as_id: &str) -> Result<()> {
-        btrfs::snapshot(&self.cdir(id), &self.layer_dir(as_id))
+        btrfs::snapshot(&self.lfs.cdir(id), &self.lfs.layer_dir(as_id))
     }
 
     fn remove_layer(&mut self, id: &str) -> Result<()> {
-        btrfs::destroy(&self.layer_dir(id))
+        btrfs::destroy(&self.lfs.layer_dir(id))
     }
 
     fn used_bytes(&mut self) -> Result<u64> {
@@ -871,14 +855,6 @@ impl FullCopy {
         let lfs = LoopFs::new(dir, sizes.device, "ext4", &["mkfs.ext4", "-q", "-F"])?;
         Ok(FullCopy { lfs })
     }
-
-    fn layer_dir(&self, id: &str) -> PathBuf {
-        self.lfs.layer_dir(id)
-    }
-
-    fn cdir(&self, id: &str) -> PathBuf {
-        self.lfs.cdir(id)
-    }
 }
 
 impl Backend for FullCopy {
@@ -887,9 +863,9 @@ impl Backend for FullCopy {
     }
 
     fn make_layer(&mut self, id: &str, parent: Option<&str>, fill: Fill) -> Result<()> {
-        let dir = self.layer_dir(id);
+        let dir = self.lfs.layer_dir(id);
         match parent {
-            Some(p) => sys::copy_tree(&self.layer_dir(p), &dir)?,
+            Some(p) => sys::copy_tree(&self.lfs.layer_dir(p), &dir)?,
             None => {
                 sys::mkdir(&dir)?;
             }
@@ -899,12 +875,12 @@ impl Backend for FullCopy {
     }
 
     fn create(&mut self, id: &str, image: &str) -> Result<()> {
-        sys::copy_tree(&self.layer_dir(image), &self.cdir(id))?;
+        sys::copy_tree(&self.lfs.layer_dir(image), &self.lfs.cdir(id))?;
         sys::syncfs(&self.lfs.fs)
     }
 
     fn mount(&mut self, id: &str) -> Result<PathBuf> {
-        Ok(self.cdir(id))
+        Ok(self.lfs.cdir(id))
     }
 
     fn umount(&mut self, _id: &str) -> Result<()> {
@@ -912,17 +888,17 @@ impl Backend for FullCopy {
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
-        let c = self.cdir(id);
+        let c = self.lfs.cdir(id);
         fs::remove_dir_all(&c).ctx(|| format!("remove {}", c.display()))
     }
 
     fn commit(&mut self, id: &str, as_id: &str) -> Result<()> {
-        sys::copy_tree(&self.cdir(id), &self.layer_dir(as_id))?;
+        sys::copy_tree(&self.lfs.cdir(id), &self.lfs.layer_dir(as_id))?;
         sys::syncfs(&self.lfs.fs)
     }
 
     fn remove_layer(&mut self, id: &str) -> Result<()> {
-        let d = self.layer_dir(id);
+        let d = self.lfs.layer_dir(id);
         fs::remove_dir_all(&d).ctx(|| format!("remove {}", d.display()))
     }
 

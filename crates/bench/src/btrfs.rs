@@ -61,11 +61,9 @@ fn errno(r: nix::Result<i32>, what: impl FnOnce() -> String) -> Result<()> {
     r.map(|_| ()).map_err(std::io::Error::from).ctx(what)
 }
 
-/// Creates an empty subvolume at `path`.
-///
-/// # Errors
-/// [`Error::Io`] with the errno.
-pub fn create_subvolume(path: &Path) -> Result<()> {
+/// The open parent directory of `path` and the ioctl arguments naming
+/// `path`'s last component in it.
+fn vol_args(path: &Path) -> Result<(fs::File, VolArgs)> {
     let (parent, name) = split(path)?;
     let dir = fs::File::open(&parent).ctx(|| format!("open {}", parent.display()))?;
     let mut args = VolArgs {
@@ -73,6 +71,15 @@ pub fn create_subvolume(path: &Path) -> Result<()> {
         name: [0; VOL_NAME],
     };
     args.name[..name.len()].copy_from_slice(&name);
+    Ok((dir, args))
+}
+
+/// Creates an empty subvolume at `path`.
+///
+/// # Errors
+/// [`Error::Io`] with the errno.
+pub fn create_subvolume(path: &Path) -> Result<()> {
+    let (dir, args) = vol_args(path)?;
     // SAFETY: `args` is a live, fully initialised `btrfs_ioctl_vol_args` and
     // `dir` an open directory fd; the kernel only reads the struct.
     let r = unsafe { subvol_create(dir.as_raw_fd(), &args) };
@@ -107,13 +114,7 @@ pub fn snapshot(from: &Path, to: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::Io`] with the errno.
 pub fn destroy(path: &Path) -> Result<()> {
-    let (parent, name) = split(path)?;
-    let dir = fs::File::open(&parent).ctx(|| format!("open {}", parent.display()))?;
-    let mut args = VolArgs {
-        fd: 0,
-        name: [0; VOL_NAME],
-    };
-    args.name[..name.len()].copy_from_slice(&name);
+    let (dir, args) = vol_args(path)?;
     // SAFETY: as in `create_subvolume`.
     let r = unsafe { snap_destroy(dir.as_raw_fd(), &args) };
     errno(r, || format!("delete subvolume {}", path.display()))
