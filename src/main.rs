@@ -242,6 +242,21 @@ enum LayerCommand {
     },
     /// List layers with their devices and mounts.
     Ls,
+    /// Provision snapshots of a layer ahead of demand: made and activated
+    /// now, so a later `layer create --parent` of it only writes records
+    /// and its mount finds the device ready. Mounting the layer read-write
+    /// or removing it drops its spares.
+    Provision {
+        /// The layer (omit with --base).
+        #[arg(required_unless_present = "base", conflicts_with = "base")]
+        id: Option<String>,
+        /// Provision snapshots of the base device instead.
+        #[arg(long)]
+        base: bool,
+        /// How many spares to keep ready (0 drops them).
+        #[arg(long, default_value_t = 1)]
+        spares: usize,
+    },
 }
 
 fn parse_bytes(s: &str) -> Result<Bytes, String> {
@@ -395,6 +410,9 @@ fn run_pool(cli: Cli) -> thinlayer_pool::Result<Output> {
             layer_rm(root, &id, deferred, cli.wait)
         }
         Command::Layer(LayerCommand::Ls) => layer_ls(root, cli.wait),
+        Command::Layer(LayerCommand::Provision { id, spares, .. }) => {
+            layer_provision(root, id.as_deref(), spares, cli.wait)
+        }
         Command::Mount { id, dir, readonly } => mount(root, &id, &dir, readonly, cli.wait),
         Command::Umount { target } => umount(root, &target, cli.wait),
         Command::Image(_)
@@ -496,6 +514,15 @@ fn status_text(st: &PoolStatus) -> String {
         );
     } else {
         s += "  (activate the pool to see usage: thinlayer pool activate)\n";
+    }
+    if !st.spares.is_empty() {
+        let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
+        for sp in &st.spares {
+            *by.entry(sp.parent.as_deref().unwrap_or("(base)"))
+                .or_default() += 1;
+        }
+        let list: Vec<String> = by.iter().map(|(p, n)| format!("{p} x{n}")).collect();
+        s += &format!("  spares (provisioned snapshots): {}\n", list.join(", "));
     }
     if let Some(p) = &st.pending {
         s += &format!("  interrupted operation: {p:?}\n");
@@ -716,6 +743,24 @@ fn layer_rm(root: &Path, id: &str, deferred: bool, wait: bool) -> thinlayer_pool
             })
         }
     }
+}
+
+fn layer_provision(
+    root: &Path,
+    id: Option<&str>,
+    spares: usize,
+    wait: bool,
+) -> thinlayer_pool::Result<Output> {
+    let p = Pool::open(root, LockMode::Exclusive, wait)?.provision(id, spares)?;
+    let of = id.map_or("the base device".to_owned(), |i| format!("layer {i}"));
+    let text = format!(
+        "{spares} spare(s) of {of} ready: {} made, {} kept, {} dropped\n",
+        p.made, p.kept, p.dropped
+    );
+    Ok(Output {
+        text,
+        json: serde_json::to_value(&p).expect("plain data"),
+    })
 }
 
 fn layer_ls(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {

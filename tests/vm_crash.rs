@@ -129,6 +129,12 @@ fn kernel_state(s: &Scratch) -> (Vec<String>, Vec<PathBuf>) {
 /// `pool check` is clean, the metadata's thin ids are exactly the records',
 /// and the kernel holds exactly the pool's three devices and two loops
 /// (active) or nothing (inactive).
+fn assert_no_spares(s: &Scratch, why: &str) {
+    let st = s.json(&["pool", "status"]);
+    assert_eq!(st["spares"], serde_json::json!([]), "{why}: spares left");
+    assert_eq!(st["pending"], Value::Null, "{why}: still pending");
+}
+
 fn assert_consistent(s: &Scratch, active: bool, why: &str) {
     let out = s.run(&["--json", "pool", "check"]);
     assert!(
@@ -269,6 +275,29 @@ fn vm_crash_every_fault_point_recovers() {
         // Again: removed now, or already removed by recovery.
         code_in(&s, &["layer", "rm", "victim"], &[0, 3], p);
         s.fails(&["layer", "rm", "victim"], 3, "no layer");
+        assert_consistent(&s, true, p);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    // A provision rolls back; a drop finishes. Either way no spare is
+    // left listed or active, and nothing leaks.
+    for p in points("spare_provision.") {
+        let t = Instant::now();
+        crash(&s, p, &["layer", "provision", "b", "--spares", "1"]);
+        walked += 1;
+        code_in(&s, &["pool", "recover"], &[0], p);
+        assert_no_spares(&s, p);
+        assert_consistent(&s, true, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    for p in points("spare_drop.") {
+        let t = Instant::now();
+        s.ok(&["layer", "provision", "b", "--spares", "1"]);
+        crash(&s, p, &["layer", "provision", "b", "--spares", "0"]);
+        walked += 1;
+        code_in(&s, &["pool", "recover"], &[0], p);
+        assert_no_spares(&s, p);
         assert_consistent(&s, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());

@@ -56,17 +56,15 @@ struct Run {
     aborts: usize,
 }
 
-const CREATE_POINTS: [&str; 4] = [
+const CREATE_POINTS: [&str; 3] = [
     "layer_create.after_intent",
     "layer_create.after_snapshot",
-    "layer_create.after_set_transaction_id",
     "layer_create.after_record",
 ];
-const REMOVE_POINTS: [&str; 5] = [
+const REMOVE_POINTS: [&str; 4] = [
     "layer_rm.after_device_removal",
     "layer_rm.after_intent",
     "layer_rm.after_delete",
-    "layer_rm.after_set_transaction_id",
     "layer_rm.after_record_removal",
 ];
 

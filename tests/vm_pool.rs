@@ -483,3 +483,117 @@ fn vm_concurrent_layer_creates_all_succeed_with_distinct_thin_ids() {
     .unwrap();
     s.fails(&["layer", "create", "late"], 4, "--wait");
 }
+
+/// The pool's spares as (parent, thin id), from `pool status`.
+fn spares(s: &Scratch) -> Vec<(String, u64)> {
+    s.json(&["pool", "status"])["spares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["parent"].as_str().unwrap_or("(base)").to_owned(),
+                v["thin_id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn thin_device_count(s: &Scratch) -> usize {
+    let id = s.json(&["pool", "status"])["pool_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    dm_devices()
+        .iter()
+        .filter(|d| d.starts_with(&format!("tl1-{id}-thin-")))
+        .count()
+}
+
+#[test]
+fn vm_pool_spares_are_the_parent_as_it_is_and_cost_no_kernel_step_to_take() {
+    common::require_dm_thin();
+    let s = Scratch::new("spares");
+    s.create_pool(&[]);
+    s.ok(&["layer", "create", "a"]);
+    let d = s.mount("a");
+    write_file(&d.join("v.txt"), b"one");
+    s.ok(&["umount", "a"]);
+
+    // Two spares: made, active, known to check.
+    let out = s.ok(&["layer", "provision", "a", "--spares", "2"]);
+    assert!(out.contains("2 made"), "{out}");
+    let sp = spares(&s);
+    assert_eq!(sp.len(), 2, "{sp:?}");
+    assert_eq!(thin_device_count(&s), 2, "spares are active");
+    s.ok(&["pool", "check"]);
+    // Asking again changes nothing; asking for one drops one.
+    assert!(
+        s.ok(&["layer", "provision", "a", "--spares", "2"])
+            .contains("2 kept")
+    );
+
+    // Taking one: the layer gets the oldest spare's thin id, and its
+    // device is the one already active.
+    let c1 = s.json(&["layer", "create", "c1", "--parent", "a"]);
+    assert_eq!(c1["thin_id"].as_u64(), Some(sp[0].1), "took the spare");
+    assert_eq!(spares(&s), sp[1..].to_vec());
+    let d1 = s.mount("c1");
+    assert_eq!(fs::read(d1.join("v.txt")).unwrap(), b"one");
+    write_file(&d1.join("own.txt"), b"c1's");
+    s.ok(&["umount", "c1"]);
+    s.ok(&["pool", "check"]);
+
+    // A read-only mount of the parent keeps its spares; a read-write one
+    // drops them (device and thin id), so a write is never missed.
+    let ro = s.dir("a-ro");
+    s.ok(&["mount", "a", ro.to_str().unwrap(), "--readonly"]);
+    s.fails(&["layer", "provision", "a", "--spares", "2"], 4, "umount");
+    s.ok(&["umount", "a"]);
+    assert_eq!(spares(&s).len(), 1);
+    let d = s.mount("a");
+    assert!(spares(&s).is_empty(), "a read-write mount drops the spares");
+    write_file(&d.join("v.txt"), b"two");
+    s.ok(&["umount", "a"]);
+    assert_eq!(thin_device_count(&s), 0, "no device left behind");
+    s.ok(&["pool", "check"]);
+    s.ok(&["layer", "provision", "a"]);
+    s.ok(&["layer", "create", "c2", "--parent", "a"]);
+    let d2 = s.mount("c2");
+    assert_eq!(
+        fs::read(d2.join("v.txt")).unwrap(),
+        b"two",
+        "the new parent"
+    );
+    s.ok(&["umount", "c2"]);
+
+    // Spares survive a deactivate (their devices do not) and come back
+    // active when provisioned again; a spare of the base device too.
+    s.ok(&["layer", "provision", "a"]);
+    s.ok(&["layer", "provision", "--base", "--spares", "1"]);
+    s.ok(&["pool", "deactivate"]);
+    s.ok(&["pool", "activate"]);
+    assert_eq!(spares(&s).len(), 2);
+    assert_eq!(thin_device_count(&s), 0);
+    s.ok(&["pool", "check"]);
+    let out = s.ok(&["layer", "provision", "a"]);
+    assert!(out.contains("1 kept"), "{out}");
+    assert_eq!(thin_device_count(&s), 1);
+    let b = s.json(&["layer", "create", "b0"]);
+    assert_eq!(b["parent"], serde_json::Value::Null);
+    let db = s.mount("b0");
+    assert!(
+        db.join("lost+found").is_dir(),
+        "the base spare holds the base fs"
+    );
+    s.ok(&["umount", "b0"]);
+
+    // Removing the parent drops its spares; check stays clean.
+    s.ok(&["layer", "rm", "c1"]);
+    s.ok(&["layer", "rm", "c2"]);
+    s.ok(&["layer", "rm", "a"]);
+    assert!(spares(&s).is_empty(), "{:?}", spares(&s));
+    assert_eq!(thin_device_count(&s), 0);
+    s.ok(&["pool", "check"]);
+    s.fails(&["layer", "provision", "a"], 3, "a");
+}

@@ -245,7 +245,8 @@ impl Pool {
         };
         report.layers = layers.len();
         let layer_ids: BTreeSet<u32> = layers.iter().map(|l| l.thin_id).collect();
-        let mut recorded = layer_ids.clone();
+        let spare_ids: BTreeSet<u32> = rec.spares.iter().map(|s| s.thin_id).collect();
+        let mut recorded: BTreeSet<u32> = layer_ids.union(&spare_ids).copied().collect();
         recorded.insert(rec.base_thin_id);
         report.recorded_thin_ids = recorded.iter().copied().collect();
         for l in &layers {
@@ -267,14 +268,9 @@ impl Pool {
                     format!("an interrupted {} is recorded", p.describe()),
                     "run `thinlayer pool recover` (or any change command) to settle it",
                 );
-                match p {
-                    Pending::CreateLayer { thin_id, .. } | Pending::RemoveLayer { thin_id, .. } => {
-                        Some(*thin_id)
-                    }
-                    Pending::CreatePool => None,
-                }
+                p.thin_ids()
             }
-            None => None,
+            None => Vec::new(),
         };
         let pool_name = self.name(Role::Pool);
         let prefix = names::name_prefix(&rec.pool_id);
@@ -321,7 +317,7 @@ impl Pool {
                             Some(d) => mounts::mountpoints_of(d)?,
                             None => Vec::new(),
                         };
-                        if layer_ids.contains(&t) {
+                        if layer_ids.contains(&t) || spare_ids.contains(&t) {
                             continue;
                         }
                         if !mounted.is_empty() {
@@ -343,7 +339,7 @@ impl Pool {
                                 format!("the base device {name} is active outside a pool create"),
                                 "run `thinlayer pool recover`",
                             );
-                        } else if Some(t) != in_flight {
+                        } else if !in_flight.contains(&t) {
                             find(
                                 "unknown_device",
                                 format!("{name} is active but thin id {t} belongs to no layer"),
@@ -396,15 +392,15 @@ impl Pool {
                 }
             }
             for t in recorded.difference(&view.thin_ids) {
-                if Some(*t) == in_flight {
+                if in_flight.contains(t) {
                     continue;
                 }
                 let whose = layers
                     .iter()
                     .find(|l| l.thin_id == *t)
-                    .map_or("the base device".to_owned(), |l| {
-                        format!("layer `{}`", l.id)
-                    });
+                    .map(|l| format!("layer `{}`", l.id))
+                    .or_else(|| spare_ids.contains(t).then(|| "a spare".to_owned()))
+                    .unwrap_or_else(|| "the base device".to_owned());
                 find(
                     "missing_thin_id",
                     format!("{whose} has thin id {t}, which the pool metadata lacks"),
@@ -412,7 +408,7 @@ impl Pool {
                 );
             }
             for t in view.thin_ids.difference(&recorded) {
-                if Some(*t) == in_flight {
+                if in_flight.contains(t) {
                     continue;
                 }
                 find(
@@ -459,6 +455,7 @@ impl Pool {
             actions.extend(self.recover()?);
             let layer_ids: BTreeSet<u32> =
                 self.layer_records()?.iter().map(|l| l.thin_id).collect();
+            let spare_ids: BTreeSet<u32> = self.record().spares.iter().map(|s| s.thin_id).collect();
             let kernel = self.kernel()?;
             let mut present: Vec<String> = kernel.names_with_prefix(&prefix)?.into_iter().collect();
             present.sort();
@@ -467,6 +464,8 @@ impl Pool {
                     .expect("valid: listed by the kernel");
                 let role = names::parse_role(&rec.pool_id, &name);
                 let known = match role {
+                    // Spares are active and unmounted by design: kept.
+                    Some(Role::Thin(t)) if spare_ids.contains(&t) => continue,
                     Some(Role::Thin(t)) => layer_ids.contains(&t) || t == rec.base_thin_id,
                     Some(_) => continue,
                     None => false,
@@ -495,7 +494,7 @@ impl Pool {
             actions.extend(self.finish_deferred_removals()?);
             if force {
                 let md = self.read_metadata(true)?;
-                let mut recorded = layer_ids.clone();
+                let mut recorded: BTreeSet<u32> = layer_ids.union(&spare_ids).copied().collect();
                 recorded.insert(rec.base_thin_id);
                 if let Some(view) = md.view {
                     let pool_name = self.name(Role::Pool);

@@ -47,14 +47,18 @@ pub const ALL: &[&str] = &[
     // layer create
     "layer_create.after_intent",
     "layer_create.after_snapshot",
-    "layer_create.after_set_transaction_id",
     "layer_create.after_record",
     // layer rm
     "layer_rm.after_device_removal",
     "layer_rm.after_intent",
     "layer_rm.after_delete",
-    "layer_rm.after_set_transaction_id",
     "layer_rm.after_record_removal",
+    // layer provision (spares), and their drop
+    "spare_provision.after_intent",
+    "spare_provision.after_snapshot",
+    "spare_provision.after_activation",
+    "spare_drop.after_intent",
+    "spare_drop.after_delete",
     // mount, umount
     "mount.after_activation",
     "mount.after_mount",

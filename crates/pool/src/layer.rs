@@ -43,7 +43,7 @@ pub struct LayerInfo {
 }
 
 /// A layer whose removal is deferred takes no new children or mounts.
-fn refuse_removing(l: &LayerRecord) -> Result<()> {
+pub(crate) fn refuse_removing(l: &LayerRecord) -> Result<()> {
     if l.removing {
         return Err(Error::Busy {
             what: format!("layer `{}`", l.id),
@@ -162,7 +162,7 @@ impl Pool {
 
     /// Refuses when the pool cannot take a new thin device: out of data
     /// space, metadata nearly full, or read-only.
-    fn check_space(&mut self) -> Result<()> {
+    pub(crate) fn check_space(&mut self) -> Result<()> {
         let pool = self.name(Role::Pool);
         let w = self.kernel()?.pool_status(&pool)?;
         let (used_d, total_d) = (w.usage.used_data.0, w.usage.total_data.0);
@@ -221,8 +221,8 @@ impl Pool {
 
     /// The one path that makes a thin device and its record, as a
     /// transaction: intent, kernel steps (for a fresh device the filesystem
-    /// too, before the transaction id moves, so a device the records may
-    /// roll forward to is always formatted), record, commit.
+    /// too, so a recorded device is always formatted), the layer record
+    /// (the commit point), the intent cleared.
     fn make_layer(&mut self, id: &str, source: Source<'_>) -> Result<LayerRecord> {
         names::check_id("layer", id)?;
         // Settle an interrupted operation first: it may be this very layer.
@@ -246,19 +246,31 @@ impl Pool {
         self.check_space()?;
 
         let t = self.record().transaction_id;
-        let thin_id = self.record().next_thin_id;
+        // A spare provisioned ahead of demand is this very snapshot, made.
+        let spare = match source {
+            Source::Snapshot(p) => self.take_spare(p),
+            Source::Fresh { .. } => None,
+        };
+        let thin_id = spare
+            .as_ref()
+            .map_or(self.record().next_thin_id, |s| s.thin_id);
         kernel::thin_id_of(thin_id)?;
         let pool = self.name(Role::Pool);
-        self.begin(Pending::CreateLayer {
+        let begun = self.begin(Pending::CreateLayer {
             id: id.to_owned(),
             thin_id,
             parent: parent.clone(),
             size,
             fs,
-        })?;
+        });
+        if let Err(e) = begun {
+            self.record_mut().spares.extend(spare);
+            return Err(e);
+        }
         fault::point("layer_create.after_intent");
 
         let made = match origin {
+            _ if spare.is_some() => Ok(()),
             Some(origin) => {
                 let origin_name = self.name(Role::Thin(origin));
                 let kernel = self.kernel()?;
@@ -271,24 +283,11 @@ impl Pool {
                 )
             }
             None => self.make_fresh(pool_dev, thin_id, size, fs),
-        }
-        .and_then(|()| {
-            fault::point("layer_create.after_snapshot");
-            let kernel = self.kernel()?;
-            kernel.set_transaction_id(&pool, t, t + 1).map_err(|e| {
-                match kernel.pool_message(&pool, &format!("delete {thin_id}")) {
-                    Ok(()) => e,
-                    Err(undo) => Error::Rollback {
-                        error: Box::new(e),
-                        undo: Box::new(undo),
-                    },
-                }
-            })
-        });
-        fault::point("layer_create.after_set_transaction_id");
+        };
+        fault::point("layer_create.after_snapshot");
         if let Err(e) = made {
-            // Nothing reached the kernel's transaction: forget the intent.
-            // The thin id stays used up; ids are never handed out twice.
+            // The kernel refused: forget the intent. The thin id stays used
+            // up; ids are never handed out twice.
             self.commit(t)?;
             return Err(e);
         }
@@ -301,9 +300,11 @@ impl Pool {
             fs,
             removing: false,
         };
+        // The commit point: a layer record naming the thin id (the kernel
+        // committed its metadata before the message returned).
         record::write(&self.layout().layer_record(id), RECORD_LAYER, &layer)?;
         fault::point("layer_create.after_record");
-        self.commit(t + 1)?;
+        self.commit(t)?;
         Ok(layer)
     }
 
@@ -341,10 +342,10 @@ impl Pool {
     }
 
     /// Records `op` as begun and uses up a thin id if it makes one.
-    fn begin(&mut self, op: Pending) -> Result<()> {
+    pub(crate) fn begin(&mut self, op: Pending) -> Result<()> {
         let rec = self.record_mut();
-        if let Pending::CreateLayer { thin_id, .. } = op {
-            rec.next_thin_id = thin_id + 1;
+        if let Pending::CreateLayer { thin_id, .. } | Pending::ProvisionSpare { thin_id, .. } = op {
+            rec.next_thin_id = rec.next_thin_id.max(thin_id + 1);
         }
         rec.pending = Some(op);
         self.write_record()
@@ -422,6 +423,7 @@ impl Pool {
             }
         }
         fault::point("layer_rm.after_device_removal");
+        self.drop_spares_of(id)?;
         let t = self.record().transaction_id;
         self.begin(Pending::RemoveLayer {
             id: id.to_owned(),
@@ -434,11 +436,9 @@ impl Pool {
         let kernel = self.kernel()?;
         kernel.pool_message(&pool, &format!("delete {}", layer.thin_id))?;
         fault::point("layer_rm.after_delete");
-        kernel.set_transaction_id(&pool, t, t + 1)?;
-        fault::point("layer_rm.after_set_transaction_id");
         record::remove(&self.layout().layer_record(id))?;
         fault::point("layer_rm.after_record_removal");
-        self.commit(t + 1)?;
+        self.commit(t)?;
         Ok(Removal::Removed)
     }
 
@@ -481,6 +481,10 @@ impl Pool {
         self.recover()?;
         let layer = self.layer(id)?;
         refuse_removing(&layer)?;
+        if !readonly {
+            // Written from now on: its spares would not be its snapshots.
+            self.drop_spares_of(id)?;
+        }
         fs::create_dir_all(dir).ctx(|| format!("create mount point {}", dir.display()))?;
         let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
         let name = self.name(Role::Thin(layer.thin_id));
@@ -524,6 +528,8 @@ impl Pool {
         // A layer half-removed by a crash must not be activated.
         self.recover()?;
         let layer = self.layer(id)?;
+        // The caller may write it: its spares would not be its snapshots.
+        self.drop_spares_of(id)?;
         let (dev, _) = self.activate_thin_of(pool_dev, &layer)?;
         Ok(kernel::devnode(dev))
     }

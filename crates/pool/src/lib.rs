@@ -25,10 +25,12 @@ pub mod names;
 pub mod pool;
 pub mod record;
 pub mod space;
+mod spare;
 pub mod units;
 
 pub use error::{Error, Result, exit};
 pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;
-pub use pool::{Action, CreateOptions, FsType, LayerRecord, Pool, PoolRecord, PoolStatus};
+pub use pool::{Action, CreateOptions, FsType, LayerRecord, Pool, PoolRecord, PoolStatus, Spare};
+pub use spare::Provisioned;
 pub use units::{BlockSize, Bytes};

@@ -11,11 +11,16 @@
 //! ```
 //!
 //! Every change that touches both the kernel and the records is a small
-//! transaction tied to the pool's kernel transaction id: the intent is
-//! recorded first (`pending`), then the kernel steps run and move the
-//! kernel's id from T to T+1, then the records are committed at T+1. After
-//! a crash, [`Pool::recover`] compares the two ids and rolls the pending
-//! operation forward (kernel at T+1) or back (kernel at T).
+//! transaction: the intent is recorded first (`pending`), then the kernel
+//! steps run (the kernel commits its metadata before a pool message
+//! returns), then the layer record is written or removed: that is the
+//! commit point; last the intent is cleared. After a crash,
+//! [`Pool::recover`] looks at the layer record the intent names: a create
+//! whose record exists is kept, any other is rolled back (its thin id
+//! deleted); a removal is always finished. No second pool message (and
+//! metadata commit) is spent on moving the kernel's transaction id: it is
+//! set once at `pool create`, and a record and a kernel that disagree on
+//! it mean the metadata or the records were replaced.
 //!
 //! What must never happen: a thin id reused while the pool's metadata may
 //! still hold it (ids come from a counter that only grows); a record saying
@@ -157,6 +162,10 @@ pub struct PoolRecord {
     /// An operation begun and not yet committed.
     #[serde(default)]
     pub pending: Option<Pending>,
+    /// Snapshots provisioned ahead of demand (`layer provision`), each
+    /// waiting, active, to become a new layer of its parent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spares: Vec<Spare>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }
@@ -191,6 +200,30 @@ pub enum Pending {
         /// Its thin id.
         thin_id: u32,
     },
+    /// `layer provision`: a spare snapshot of `parent`.
+    ProvisionSpare {
+        /// The layer it is a snapshot of (`None`: the base device).
+        parent: Option<String>,
+        /// Its thin id.
+        thin_id: u32,
+    },
+    /// Spares dropped (their parent is written, removed, or fewer were
+    /// asked for); already gone from the record's list.
+    DropSpares {
+        /// Their thin ids.
+        thin_ids: Vec<u32>,
+    },
+}
+
+/// A snapshot provisioned ahead of demand: made (and activated) while
+/// nobody waits, so a later `layer create` of its parent only writes
+/// records and the mount finds the device ready.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spare {
+    /// The layer it is a snapshot of (`None`: the base device).
+    pub parent: Option<String>,
+    /// Its thin id.
+    pub thin_id: u32,
 }
 
 impl Pending {
@@ -204,6 +237,22 @@ impl Pending {
             Pending::RemoveLayer { id, thin_id } => {
                 format!("layer rm of `{id}` (thin id {thin_id})")
             }
+            Pending::ProvisionSpare { parent, thin_id } => format!(
+                "layer provision of `{}` (thin id {thin_id})",
+                parent.as_deref().unwrap_or("the base device")
+            ),
+            Pending::DropSpares { thin_ids } => format!("drop of spares {thin_ids:?}"),
+        }
+    }
+
+    /// The thin ids the operation may or may not have reached.
+    pub fn thin_ids(&self) -> Vec<u32> {
+        match self {
+            Pending::CreatePool => Vec::new(),
+            Pending::CreateLayer { thin_id, .. }
+            | Pending::RemoveLayer { thin_id, .. }
+            | Pending::ProvisionSpare { thin_id, .. } => vec![*thin_id],
+            Pending::DropSpares { thin_ids } => thin_ids.clone(),
         }
     }
 }
@@ -359,6 +408,9 @@ pub struct Pool {
     /// The pool device once seen active: under the exclusive lock only this
     /// process changes that, and the verbs that do reset it.
     active: Option<devicemapper::Device>,
+    /// [`Pool::recover`] found nothing left to settle since the pool was
+    /// last brought up or down.
+    settled: bool,
     _lock: RootLock,
 }
 
@@ -505,6 +557,7 @@ impl Pool {
             transaction_id: 1,
             low_water_percent: opts.low_water_percent,
             pending: None,
+            spares: Vec::new(),
             created_unix: now_unix(),
         };
         let mut undo = Undo {
@@ -533,6 +586,7 @@ impl Pool {
             rec,
             kernel: Some(kernel),
             active: None,
+            settled: false,
             _lock: lock,
         })
     }
@@ -672,6 +726,7 @@ impl Pool {
             rec,
             kernel: None,
             active: None,
+            settled: false,
             _lock: lock,
         })
     }
@@ -721,6 +776,7 @@ impl Pool {
     /// Forgets the cached pool device, for verbs that bring it up or down.
     pub(crate) fn forget_pool_device(&mut self) {
         self.active = None;
+        self.settled = false;
     }
 
     /// The pool device's number; an error that says how to activate when it
@@ -896,17 +952,23 @@ impl Pool {
         Ok(())
     }
 
-    /// Finishes or undoes an operation a crash interrupted, by comparing
-    /// the kernel's transaction id with the record's; checks that the two
+    /// Finishes or undoes an operation a crash interrupted (see the module
+    /// notes); checks that the kernel's transaction id and the record's
     /// agree. Needs the pool active; a no-op when it is not. Returns what
     /// it did, in sentences (empty when nothing was interrupted).
     ///
+    /// Once settled, a handle does not look again: it holds the root's
+    /// lock, so no other thinlayer process changes the pool under it.
+    ///
     /// # Errors
-    /// [`Error::Inconsistent`] when the ids disagree in a way no pending
-    /// operation explains; [`Error::InterruptedCreate`]; kernel errors.
+    /// [`Error::Inconsistent`] when the ids disagree; [`Error::InterruptedCreate`];
+    /// kernel errors.
     pub fn recover(&mut self) -> Result<Vec<String>> {
         if self.rec.pending == Some(Pending::CreatePool) {
             return Err(self.interrupted_create_error());
+        }
+        if self.settled && self.rec.pending.is_none() {
+            return Ok(Vec::new());
         }
         if self.pool_device()?.is_none() {
             return Ok(Vec::new());
@@ -915,49 +977,32 @@ impl Pool {
         let t = self.rec.transaction_id;
         let kt = self.kernel()?.pool_status(&pool)?.transaction_id;
         let before = self.rec.pending.clone();
-        self.settle(&pool, t, kt)?;
+        let outcome = self.settle(&pool, t, kt)?;
+        self.settled = true;
         Ok(match before {
             None => Vec::new(),
             Some(p) => vec![format!(
-                "settled an interrupted {} (kernel transaction {kt}, records {t}): {}",
-                p.describe(),
-                if kt > t {
-                    "rolled forward"
-                } else {
-                    "rolled back"
-                },
+                "settled an interrupted {}: {outcome}",
+                p.describe()
             )],
         })
     }
 
-    fn settle(&mut self, pool: &devicemapper::DmName, t: u64, kt: u64) -> Result<()> {
+    fn settle(&mut self, pool: &devicemapper::DmName, t: u64, kt: u64) -> Result<&'static str> {
         match self.rec.pending.clone() {
-            None if kt == t => Ok(()),
+            None if kt == t => Ok("nothing to do"),
             None => Err(Error::Inconsistent(format!(
                 "the pool's kernel transaction id is {kt} but the records are at {t}: \
                  the metadata or the records were replaced; run `thinlayer pool check`"
             ))),
-            Some(Pending::CreateLayer {
-                id,
-                thin_id,
-                parent,
-                size,
-                fs,
-            }) if kt == t + 1 => {
-                tracing::info!(%id, thin_id, "recovery: rolling layer create forward");
-                let layer = LayerRecord {
-                    id: id.clone(),
-                    thin_id,
-                    parent,
-                    created_unix: now_unix(),
-                    size,
-                    fs,
-                    removing: false,
-                };
-                record::write(&self.layout.layer_record(&id), RECORD_LAYER, &layer)?;
-                self.commit(t + 1)
-            }
             Some(Pending::CreateLayer { id, thin_id, .. }) if kt == t => {
+                let path = self.layout.layer_record(&id);
+                let kept = path.exists()
+                    && record::read::<LayerRecord>(&path, RECORD_LAYER)?.thin_id == thin_id;
+                if kept {
+                    tracing::info!(%id, thin_id, "recovery: layer create had committed");
+                    return self.commit(t).map(|()| "kept (its record was written)");
+                }
                 tracing::info!(%id, thin_id, "recovery: rolling layer create back");
                 let name = self.name(Role::Thin(thin_id));
                 let kernel = self.kernel()?;
@@ -966,32 +1011,41 @@ impl Pool {
                 if let Err(e) = kernel.pool_message(pool, &format!("delete {thin_id}")) {
                     tracing::debug!(thin_id, error = %e, "thin id was not created");
                 }
-                record::remove(&self.layout.layer_record(&id))?;
-                self.commit(t)
+                self.commit(t).map(|()| "rolled back")
             }
-            Some(Pending::RemoveLayer { id, thin_id }) if kt == t || kt == t + 1 => {
+            Some(Pending::RemoveLayer { id, thin_id }) if kt == t => {
                 tracing::info!(%id, thin_id, "recovery: finishing layer removal");
                 let name = self.name(Role::Thin(thin_id));
                 self.kernel()?.remove_if_present(&name)?;
-                if kt == t {
+                let path = self.layout.layer_record(&id);
+                if path.exists() {
                     // Give the layer's space back to the host before the
                     // delete, as `layer rm` does (a no-op once deleted).
-                    let len =
-                        record::read::<LayerRecord>(&self.layout.layer_record(&id), RECORD_LAYER)
-                            .map_or(self.rec.base_size, |l| l.size_in(&self.rec));
+                    let len = record::read::<LayerRecord>(&path, RECORD_LAYER)
+                        .map_or(self.rec.base_size, |l| l.size_in(&self.rec));
                     if let Err(e) = self.discard_thin(thin_id, len) {
                         tracing::warn!(thin_id, error = %e, "discard before delete failed; the pool still frees the blocks");
                     }
-                }
-                let kernel = self.kernel()?;
-                if kt == t {
-                    if let Err(e) = kernel.pool_message(pool, &format!("delete {thin_id}")) {
+                    if let Err(e) = self
+                        .kernel()?
+                        .pool_message(pool, &format!("delete {thin_id}"))
+                    {
                         tracing::debug!(thin_id, error = %e, "thin id was already deleted");
                     }
-                    kernel.set_transaction_id(pool, t, t + 1)?;
+                    record::remove(&path)?;
                 }
-                record::remove(&self.layout.layer_record(&id))?;
-                self.commit(t + 1)
+                self.commit(t).map(|()| "finished")
+            }
+            Some(Pending::ProvisionSpare { thin_id, .. }) if kt == t => {
+                // Listed spares were committed with their intent cleared.
+                tracing::info!(thin_id, "recovery: rolling a spare's provision back");
+                self.delete_thins(&[thin_id], true)?;
+                self.commit(t).map(|()| "rolled back")
+            }
+            Some(Pending::DropSpares { thin_ids }) if kt == t => {
+                tracing::info!(?thin_ids, "recovery: finishing a drop of spares");
+                self.delete_thins(&thin_ids, true)?;
+                self.commit(t).map(|()| "finished")
             }
             Some(p) => Err(Error::Inconsistent(format!(
                 "an interrupted {p:?} left the kernel at transaction {kt} and the records at {t}; \
@@ -1091,6 +1145,7 @@ impl Pool {
             transaction_id: self.rec.transaction_id,
             low_water_percent: self.rec.low_water_percent,
             pending: self.rec.pending.clone(),
+            spares: self.rec.spares.clone(),
             kernel: kernel_status,
             warnings,
         })
@@ -1180,6 +1235,8 @@ pub struct PoolStatus {
     pub base_size_bytes: u64,
     /// How many layers the records hold.
     pub layers: usize,
+    /// Snapshots provisioned ahead of demand.
+    pub spares: Vec<Spare>,
     /// The records' transaction id.
     pub transaction_id: u64,
     /// Warn at this percent used.
