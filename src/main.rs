@@ -163,6 +163,8 @@ enum PoolCommand {
     },
     /// Rebuild damaged metadata of an inactive pool with thin_repair (the damaged copy is kept).
     Repair,
+    /// Finish what `layer rm --later` left: discard (space back to the host) and delete trashed thin ids.
+    Reclaim,
 }
 
 #[derive(Args, Debug)]
@@ -237,8 +239,12 @@ enum LayerCommand {
         id: String,
         /// If a process holds its device open, let the kernel remove the
         /// device when it lets go; `pool recover` then finishes the removal.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "later")]
         deferred: bool,
+        /// Return once the record is gone; the kernel work (discard, so the
+        /// host gets the space back, and delete) waits for `pool reclaim`.
+        #[arg(long)]
+        later: bool,
     },
     /// List layers with their devices and mounts.
     Ls,
@@ -403,12 +409,15 @@ fn run_pool(cli: Cli) -> thinlayer_pool::Result<Output> {
             pool_recover(root, force, cli.json, cli.wait)
         }
         Command::Pool(PoolCommand::Repair) => pool_repair(root, cli.wait),
+        Command::Pool(PoolCommand::Reclaim) => pool_reclaim(root, cli.wait),
         Command::Layer(LayerCommand::Create { id, parent, .. }) => {
             layer_create(root, &id, parent.as_deref(), cli.wait)
         }
-        Command::Layer(LayerCommand::Rm { id, deferred }) => {
-            layer_rm(root, &id, deferred, cli.wait)
-        }
+        Command::Layer(LayerCommand::Rm {
+            id,
+            deferred,
+            later,
+        }) => layer_rm(root, &id, deferred, later, cli.wait),
         Command::Layer(LayerCommand::Ls) => layer_ls(root, cli.wait),
         Command::Layer(LayerCommand::Provision { id, spares, .. }) => {
             layer_provision(root, id.as_deref(), spares, cli.wait)
@@ -523,6 +532,12 @@ fn status_text(st: &PoolStatus) -> String {
         }
         let list: Vec<String> = by.iter().map(|(p, n)| format!("{p} x{n}")).collect();
         s += &format!("  spares (provisioned snapshots): {}\n", list.join(", "));
+    }
+    if !st.trash.is_empty() {
+        s += &format!(
+            "  trash: {} removed layer(s) whose space `thinlayer pool reclaim` gives back\n",
+            st.trash.len()
+        );
     }
     if let Some(p) = &st.pending {
         s += &format!("  interrupted operation: {p:?}\n");
@@ -707,6 +722,17 @@ fn pool_repair(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
     })
 }
 
+fn pool_reclaim(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
+    let r = Pool::open(root, LockMode::Exclusive, wait)?.reclaim()?;
+    Ok(Output {
+        text: format!(
+            "reclaimed {} trashed thin id(s); {} idle device(s) torn down\n",
+            r.thin_ids, r.devices
+        ),
+        json: serde_json::to_value(&r).expect("plain data"),
+    })
+}
+
 fn layer_create(
     root: &Path,
     id: &str,
@@ -725,11 +751,23 @@ fn layer_create(
     })
 }
 
-fn layer_rm(root: &Path, id: &str, deferred: bool, wait: bool) -> thinlayer_pool::Result<Output> {
-    match Pool::open(root, LockMode::Exclusive, wait)?.remove_layer_or_defer(id, deferred)? {
+fn layer_rm(
+    root: &Path,
+    id: &str,
+    deferred: bool,
+    later: bool,
+    wait: bool,
+) -> thinlayer_pool::Result<Output> {
+    let mut pool = Pool::open(root, LockMode::Exclusive, wait)?;
+    pool.set_deferred_teardown(later);
+    match pool.remove_layer_or_defer(id, deferred)? {
         Removal::Removed => Ok(said(
             Action::Done,
-            format!("removed layer {id}"),
+            if later {
+                format!("removed layer {id}; `thinlayer pool reclaim` gives its space back")
+            } else {
+                format!("removed layer {id}")
+            },
             String::new(),
         )),
         Removal::Deferred { holders } => {

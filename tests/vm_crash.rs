@@ -129,9 +129,11 @@ fn kernel_state(s: &Scratch) -> (Vec<String>, Vec<PathBuf>) {
 /// `pool check` is clean, the metadata's thin ids are exactly the records',
 /// and the kernel holds exactly the pool's three devices and two loops
 /// (active) or nothing (inactive).
-fn assert_no_spares(s: &Scratch, why: &str) {
+/// Nothing pending, no spare and nothing in the trash.
+fn assert_settled(s: &Scratch, why: &str) {
     let st = s.json(&["pool", "status"]);
     assert_eq!(st["spares"], serde_json::json!([]), "{why}: spares left");
+    assert_eq!(st["trash"], serde_json::json!([]), "{why}: trash left");
     assert_eq!(st["pending"], Value::Null, "{why}: still pending");
 }
 
@@ -280,6 +282,35 @@ fn vm_crash_every_fault_point_recovers() {
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
 
+    // A removal for later finishes (the record goes, the id to the trash);
+    // so does a reclaim. Then the trash is empty and nothing leaks.
+    for p in points("layer_trash.") {
+        let t = Instant::now();
+        s.ok(&["layer", "create", "victim", "--parent", "b"]);
+        crash(&s, p, &["layer", "rm", "victim", "--later"]);
+        walked += 1;
+        code_in(&s, &["layer", "rm", "victim", "--later"], &[0, 3], p);
+        s.fails(&["layer", "rm", "victim"], 3, "no layer");
+        s.ok(&["pool", "reclaim"]);
+        assert_settled(&s, p);
+        assert_consistent(&s, true, p);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    for p in points("reclaim.") {
+        let t = Instant::now();
+        s.ok(&["layer", "create", "victim", "--parent", "b"]);
+        s.ok(&["layer", "rm", "victim", "--later"]);
+        crash(&s, p, &["pool", "reclaim"]);
+        walked += 1;
+        code_in(&s, &["pool", "recover"], &[0], p);
+        s.ok(&["pool", "reclaim"]);
+        assert_settled(&s, p);
+        assert_consistent(&s, true, p);
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
     // A provision rolls back; a drop finishes. Either way no spare is
     // left listed or active, and nothing leaks.
     for p in points("spare_provision.") {
@@ -287,7 +318,7 @@ fn vm_crash_every_fault_point_recovers() {
         crash(&s, p, &["layer", "provision", "b", "--spares", "1"]);
         walked += 1;
         code_in(&s, &["pool", "recover"], &[0], p);
-        assert_no_spares(&s, p);
+        assert_settled(&s, p);
         assert_consistent(&s, true, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -297,7 +328,7 @@ fn vm_crash_every_fault_point_recovers() {
         crash(&s, p, &["layer", "provision", "b", "--spares", "0"]);
         walked += 1;
         code_in(&s, &["pool", "recover"], &[0], p);
-        assert_no_spares(&s, p);
+        assert_settled(&s, p);
         assert_consistent(&s, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());

@@ -417,6 +417,40 @@ fn vm_removing_layers_returns_their_blocks_and_ids_are_not_reused() {
     s.ok(&["layer", "create", "b"]);
     let b_id = s.json(&["layer", "ls"])[0]["thin_id"].as_u64().unwrap();
     assert!(b_id > a_id, "thin id {a_id} reused as {b_id}");
+
+    // For later: the record goes at once (the name is free again), the
+    // blocks stay until `pool reclaim`, which gives them back to the pool
+    // and the host.
+    use std::os::unix::fs::MetadataExt;
+    let host = || fs::metadata(s.root.join("data.img")).unwrap().blocks() * 512;
+    let d = s.mount("b");
+    write_file(&d.join("f"), &pattern(4, 16 * MIB));
+    s.ok(&["umount", "b"]);
+    let (full, full_host) = (s.used_data_blocks(), host());
+    let out = s.ok(&["layer", "rm", "b", "--later"]);
+    assert!(out.contains("pool reclaim"), "{out}");
+    assert_eq!(s.json(&["layer", "ls"]), serde_json::json!([]));
+    assert_eq!(
+        s.json(&["pool", "status"])["trash"][0]["thin_id"].as_u64(),
+        Some(b_id)
+    );
+    assert_eq!(s.used_data_blocks(), full, "nothing freed yet");
+    s.ok(&["pool", "check"]);
+    s.ok(&["layer", "create", "b"]);
+    let r = s.json(&["pool", "reclaim"]);
+    assert_eq!(r["thin_ids"], 1, "{r}");
+    let after = s.used_data_blocks();
+    assert!(
+        after + 256 <= full,
+        "blocks back to the pool: {full} -> {after}"
+    );
+    assert!(
+        host() + (16 << 20) <= full_host,
+        "space back to the host: {full_host} -> {}",
+        host()
+    );
+    assert_eq!(s.json(&["pool", "status"])["trash"], serde_json::json!([]));
+    s.ok(&["pool", "check"]);
 }
 
 #[test]

@@ -245,7 +245,13 @@ impl Pool {
         };
         report.layers = layers.len();
         let layer_ids: BTreeSet<u32> = layers.iter().map(|l| l.thin_id).collect();
-        let spare_ids: BTreeSet<u32> = rec.spares.iter().map(|s| s.thin_id).collect();
+        // Spares and trashed ids are the pool's too, and may be active.
+        let spare_ids: BTreeSet<u32> = rec
+            .spares
+            .iter()
+            .map(|s| s.thin_id)
+            .chain(rec.trash.iter().map(|t| t.thin_id))
+            .collect();
         let mut recorded: BTreeSet<u32> = layer_ids.union(&spare_ids).copied().collect();
         recorded.insert(rec.base_thin_id);
         report.recorded_thin_ids = recorded.iter().copied().collect();
@@ -399,7 +405,11 @@ impl Pool {
                     .iter()
                     .find(|l| l.thin_id == *t)
                     .map(|l| format!("layer `{}`", l.id))
-                    .or_else(|| spare_ids.contains(t).then(|| "a spare".to_owned()))
+                    .or_else(|| {
+                        spare_ids
+                            .contains(t)
+                            .then(|| "a spare or trashed id".to_owned())
+                    })
                     .unwrap_or_else(|| "the base device".to_owned());
                 find(
                     "missing_thin_id",
@@ -453,8 +463,13 @@ impl Pool {
         let prefix = names::name_prefix(&rec.pool_id);
         if self.pool_device()?.is_some() {
             actions.extend(self.recover()?);
-            let layer_ids: BTreeSet<u32> =
-                self.layer_records()?.iter().map(|l| l.thin_id).collect();
+            // Trashed ids' devices are torn down like idle layer devices.
+            let layer_ids: BTreeSet<u32> = self
+                .layer_records()?
+                .iter()
+                .map(|l| l.thin_id)
+                .chain(self.record().trash.iter().map(|t| t.thin_id))
+                .collect();
             let spare_ids: BTreeSet<u32> = self.record().spares.iter().map(|s| s.thin_id).collect();
             let kernel = self.kernel()?;
             let mut present: Vec<String> = kernel.names_with_prefix(&prefix)?.into_iter().collect();

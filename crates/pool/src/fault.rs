@@ -53,6 +53,11 @@ pub const ALL: &[&str] = &[
     "layer_rm.after_intent",
     "layer_rm.after_delete",
     "layer_rm.after_record_removal",
+    // layer rm --later, pool reclaim
+    "layer_trash.after_intent",
+    "layer_trash.after_record_removal",
+    "reclaim.after_intent",
+    "reclaim.after_delete",
     // layer provision (spares), and their drop
     "spare_provision.after_intent",
     "spare_provision.after_snapshot",

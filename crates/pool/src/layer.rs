@@ -303,6 +303,7 @@ impl Pool {
         // The commit point: a layer record naming the thin id (the kernel
         // committed its metadata before the message returned).
         record::write(&self.layout().layer_record(id), RECORD_LAYER, &layer)?;
+        self.index_added(id, layer.parent.as_deref());
         fault::point("layer_create.after_record");
         self.commit(t)?;
         Ok(layer)
@@ -380,12 +381,7 @@ impl Pool {
             self.recover()?;
         }
         let layer = self.layer(id)?;
-        let children: Vec<String> = self
-            .layer_records()?
-            .into_iter()
-            .filter(|l| l.parent.as_deref() == Some(id))
-            .map(|l| l.id)
-            .collect();
+        let children = self.children_of(id)?;
         if !children.is_empty() {
             return Err(Error::HasChildren {
                 id: id.to_owned(),
@@ -395,7 +391,8 @@ impl Pool {
         // recover() ran above: the pool is settled.
         self.require_active()?;
         let name = self.name(Role::Thin(layer.thin_id));
-        if let Some(dev) = self.kernel()?.device(&name)? {
+        let dev = self.kernel()?.device(&name)?;
+        if let Some(dev) = dev {
             let points = mounts::mountpoints_of(dev)?;
             if !points.is_empty() {
                 return Err(Error::Mounted {
@@ -404,6 +401,11 @@ impl Pool {
                     hint: id.to_owned(),
                 });
             }
+        }
+        if self.teardown_state().0 {
+            return self.remove_later(&layer);
+        }
+        if dev.is_some() {
             // Busy here (a process holds the device) fails before anything
             // is recorded, or with `defer` is handed to the kernel.
             match self.kernel()?.remove(&name) {
@@ -437,8 +439,19 @@ impl Pool {
         kernel.pool_message(&pool, &format!("delete {}", layer.thin_id))?;
         fault::point("layer_rm.after_delete");
         record::remove(&self.layout().layer_record(id))?;
+        self.index_removed(id, layer.parent.as_deref());
         fault::point("layer_rm.after_record_removal");
         self.commit(t)?;
+        Ok(Removal::Removed)
+    }
+
+    /// Removal under deferred teardown: the record now, the kernel work at
+    /// the next [`Pool::reclaim`].
+    fn remove_later(&mut self, layer: &LayerRecord) -> Result<Removal> {
+        self.drop_spares_of(&layer.id)?;
+        let size = layer.size_in(self.record());
+        self.trash_layer(&layer.id, layer.thin_id, size)?;
+        self.index_removed(&layer.id, layer.parent.as_deref());
         Ok(Removal::Removed)
     }
 
@@ -566,6 +579,7 @@ impl Pool {
         let name = self.name(Role::Thin(thin_id));
         let uuid = self.uuid(Role::Thin(thin_id));
         let sectors = layer.size_in(self.record()).sectors();
+        self.teardown_state().1.remove(&thin_id);
         let kernel = self.kernel()?;
         Ok(match kernel.device(&name)? {
             Some(dev) => (dev, false),
@@ -634,13 +648,58 @@ impl Pool {
             mounts::umount(d)?;
         }
         fault::point("umount.after_umount");
-        let kernel = self.kernel()?;
-        for (_, name, dev) in selected {
-            if mounts::mountpoints_of(dev)?.is_empty() {
-                kernel.remove(&name)?;
+        for (thin_id, name, dev) in selected {
+            if !mounts::mountpoints_of(dev)?.is_empty() {
+                continue;
+            }
+            match self.teardown_state() {
+                (true, idle) => {
+                    idle.insert(thin_id);
+                }
+                (false, _) => self.kernel()?.remove(&name)?,
             }
         }
         Ok(dirs)
+    }
+
+    /// The layers whose parent is `id`, from an index of parents built
+    /// from the records once per handle (the root's lock keeps it true:
+    /// only this handle changes the records), so a removal does not read
+    /// every record.
+    ///
+    /// # Errors
+    /// Record errors while building the index.
+    pub fn children_of(&mut self, id: &str) -> Result<Vec<String>> {
+        if self.children_index().is_none() {
+            let mut index: crate::pool::ChildIndex = Default::default();
+            for l in self.layer_records()? {
+                if let Some(p) = l.parent {
+                    index.entry(p).or_default().insert(l.id);
+                }
+            }
+            *self.children_index() = Some(index);
+        }
+        Ok(self
+            .children_index()
+            .as_ref()
+            .and_then(|i| i.get(id))
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    fn index_added(&mut self, id: &str, parent: Option<&str>) {
+        if let (Some(index), Some(p)) = (self.children_index().as_mut(), parent) {
+            index.entry(p.to_owned()).or_default().insert(id.to_owned());
+        }
+    }
+
+    fn index_removed(&mut self, id: &str, parent: Option<&str>) {
+        if let Some(index) = self.children_index().as_mut() {
+            index.remove(id);
+            if let Some(c) = parent.and_then(|p| index.get_mut(p)) {
+                c.remove(id);
+            }
+        }
     }
 
     fn record_mut(&mut self) -> &mut crate::pool::PoolRecord {

@@ -23,6 +23,7 @@ pub mod loopback;
 pub mod mounts;
 pub mod names;
 pub mod pool;
+mod reclaim;
 pub mod record;
 pub mod space;
 mod spare;
@@ -31,6 +32,9 @@ pub mod units;
 pub use error::{Error, Result, exit};
 pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;
-pub use pool::{Action, CreateOptions, FsType, LayerRecord, Pool, PoolRecord, PoolStatus, Spare};
+pub use pool::{
+    Action, CreateOptions, FsType, LayerRecord, Pool, PoolRecord, PoolStatus, Spare, Trashed,
+};
+pub use reclaim::Reclaimed;
 pub use spare::Provisioned;
 pub use units::{BlockSize, Bytes};

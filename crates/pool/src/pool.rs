@@ -166,6 +166,10 @@ pub struct PoolRecord {
     /// waiting, active, to become a new layer of its parent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spares: Vec<Spare>,
+    /// Thin ids of layers removed with their kernel work left for later
+    /// (`layer rm --later`): [`Pool::reclaim`] discards and deletes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trash: Vec<Trashed>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }
@@ -213,6 +217,29 @@ pub enum Pending {
         /// Their thin ids.
         thin_ids: Vec<u32>,
     },
+    /// `layer rm --later`: the record goes, the thin id to the trash.
+    TrashLayer {
+        /// The layer id.
+        id: String,
+        /// Its thin id.
+        thin_id: u32,
+        /// Its virtual size.
+        size: Bytes,
+    },
+    /// [`Pool::reclaim`] of trashed thin ids, already off the trash list.
+    Reclaim {
+        /// What is being discarded and deleted.
+        trash: Vec<Trashed>,
+    },
+}
+
+/// A removed layer's thin id whose discard and delete wait in the trash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trashed {
+    /// The thin id.
+    pub thin_id: u32,
+    /// Its virtual size (what to discard).
+    pub size: Bytes,
 }
 
 /// A snapshot provisioned ahead of demand: made (and activated) while
@@ -242,6 +269,10 @@ impl Pending {
                 parent.as_deref().unwrap_or("the base device")
             ),
             Pending::DropSpares { thin_ids } => format!("drop of spares {thin_ids:?}"),
+            Pending::TrashLayer { id, thin_id, .. } => {
+                format!("layer rm --later of `{id}` (thin id {thin_id})")
+            }
+            Pending::Reclaim { trash } => format!("reclaim of {} trashed thin id(s)", trash.len()),
         }
     }
 
@@ -251,8 +282,10 @@ impl Pending {
             Pending::CreatePool => Vec::new(),
             Pending::CreateLayer { thin_id, .. }
             | Pending::RemoveLayer { thin_id, .. }
-            | Pending::ProvisionSpare { thin_id, .. } => vec![*thin_id],
+            | Pending::ProvisionSpare { thin_id, .. }
+            | Pending::TrashLayer { thin_id, .. } => vec![*thin_id],
             Pending::DropSpares { thin_ids } => thin_ids.clone(),
+            Pending::Reclaim { trash } => trash.iter().map(|t| t.thin_id).collect(),
         }
     }
 }
@@ -411,8 +444,19 @@ pub struct Pool {
     /// [`Pool::recover`] found nothing left to settle since the pool was
     /// last brought up or down.
     settled: bool,
+    /// Unmounts leave devices up and removals go to the trash, for
+    /// [`Pool::reclaim`] to finish off the request path.
+    deferred_teardown: bool,
+    /// Devices an unmount left up under `deferred_teardown`.
+    idle: std::collections::BTreeSet<u32>,
+    /// Parent -> children, built on first use (see [`Pool::children_of`]);
+    /// dropped whenever recovery changes records.
+    children: Option<ChildIndex>,
     _lock: RootLock,
 }
+
+/// Layer id -> the ids of its children.
+pub(crate) type ChildIndex = std::collections::HashMap<String, std::collections::BTreeSet<String>>;
 
 pub(crate) const RECORD_POOL: &str = "pool";
 pub(crate) const RECORD_LAYER: &str = "layer";
@@ -558,6 +602,7 @@ impl Pool {
             low_water_percent: opts.low_water_percent,
             pending: None,
             spares: Vec::new(),
+            trash: Vec::new(),
             created_unix: now_unix(),
         };
         let mut undo = Undo {
@@ -587,6 +632,9 @@ impl Pool {
             kernel: Some(kernel),
             active: None,
             settled: false,
+            children: None,
+            deferred_teardown: false,
+            idle: Default::default(),
             _lock: lock,
         })
     }
@@ -727,6 +775,9 @@ impl Pool {
             kernel: None,
             active: None,
             settled: false,
+            children: None,
+            deferred_teardown: false,
+            idle: Default::default(),
             _lock: lock,
         })
     }
@@ -977,6 +1028,9 @@ impl Pool {
         let t = self.rec.transaction_id;
         let kt = self.kernel()?.pool_status(&pool)?.transaction_id;
         let before = self.rec.pending.clone();
+        if before.is_some() {
+            self.children = None;
+        }
         let outcome = self.settle(&pool, t, kt)?;
         self.settled = true;
         Ok(match before {
@@ -1041,6 +1095,22 @@ impl Pool {
                 tracing::info!(thin_id, "recovery: rolling a spare's provision back");
                 self.delete_thins(&[thin_id], true)?;
                 self.commit(t).map(|()| "rolled back")
+            }
+            Some(Pending::TrashLayer { id, thin_id, size }) if kt == t => {
+                // Finish it: the record goes, the thin id to the trash.
+                tracing::info!(%id, thin_id, "recovery: finishing layer rm --later");
+                record::remove(&self.layout.layer_record(&id))?;
+                let item = Trashed { thin_id, size };
+                if !self.rec.trash.contains(&item) {
+                    self.rec.trash.push(item);
+                }
+                self.commit(t)
+                    .map(|()| "finished (its space comes back at the next reclaim)")
+            }
+            Some(Pending::Reclaim { trash }) if kt == t => {
+                tracing::info!(n = trash.len(), "recovery: finishing a reclaim");
+                self.reclaim_items(&trash, true)?;
+                self.commit(t).map(|()| "finished")
             }
             Some(Pending::DropSpares { thin_ids }) if kt == t => {
                 tracing::info!(?thin_ids, "recovery: finishing a drop of spares");
@@ -1146,6 +1216,7 @@ impl Pool {
             low_water_percent: self.rec.low_water_percent,
             pending: self.rec.pending.clone(),
             spares: self.rec.spares.clone(),
+            trash: self.rec.trash.clone(),
             kernel: kernel_status,
             warnings,
         })
@@ -1237,6 +1308,8 @@ pub struct PoolStatus {
     pub layers: usize,
     /// Snapshots provisioned ahead of demand.
     pub spares: Vec<Spare>,
+    /// Removed layers' thin ids waiting for `pool reclaim`.
+    pub trash: Vec<Trashed>,
     /// The records' transaction id.
     pub transaction_id: u64,
     /// Warn at this percent used.
@@ -1275,6 +1348,21 @@ pub struct KernelStatus {
 }
 
 impl Pool {
+    pub(crate) fn teardown_state(&mut self) -> (bool, &mut std::collections::BTreeSet<u32>) {
+        (self.deferred_teardown, &mut self.idle)
+    }
+
+    /// With `on`, unmounts leave layer devices up and removals put thin ids
+    /// in the trash; [`Pool::reclaim`] does that kernel work later. For a
+    /// long-lived caller (a daemon) that can reclaim while idle.
+    pub fn set_deferred_teardown(&mut self, on: bool) {
+        self.deferred_teardown = on;
+    }
+
+    pub(crate) fn children_index(&mut self) -> &mut Option<ChildIndex> {
+        &mut self.children
+    }
+
     pub(crate) fn record_mut_inner(&mut self) -> &mut PoolRecord {
         &mut self.rec
     }
