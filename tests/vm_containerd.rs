@@ -417,6 +417,44 @@ fn vm_containerd_import_run_restart() {
         !ctrd_layers(&s).iter().any(|l| l.ends_with("-probe"))
     });
 
+    // A parent with two children gets a spare after the second Prepare;
+    // the third container takes it (its layer has the spare's thin id).
+    let spares = || s.json(&["--wait", "pool", "status"])["spares"].clone();
+    for name in ["w1", "w2"] {
+        c.ctr(&[
+            "containers",
+            "create",
+            "--snapshotter",
+            "thinlayer",
+            &image,
+            name,
+        ]);
+    }
+    wait_until("a spare of the image's top layer", 60, || {
+        spares().as_array().is_some_and(|a| a.len() == 1)
+    });
+    let spare = spares()[0]["thin_id"].as_u64().unwrap();
+    c.ctr(&[
+        "containers",
+        "create",
+        "--snapshotter",
+        "thinlayer",
+        &image,
+        "w3",
+    ]);
+    let ls = s.json(&["--wait", "layer", "ls"]);
+    let w3 = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"].as_str().unwrap().ends_with("-w3"))
+        .unwrap_or_else(|| panic!("w3's layer in {ls}"));
+    assert_eq!(w3["thin_id"].as_u64(), Some(spare), "w3 took the spare");
+    for name in ["w1", "w2", "w3"] {
+        c.ctr(&["containers", "rm", name]);
+    }
+    wait_until("w1-w3's layers to go", 60, || ctrd_layers(&s).len() == 3);
+
     // Run a container on a thinlayer snapshot.
     run_container(&c, &image, "run1");
     wait_until("run1's layer to go", 60, || ctrd_layers(&s).len() == 3);

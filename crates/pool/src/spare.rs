@@ -129,6 +129,24 @@ impl Pool {
         Ok(report)
     }
 
+    /// Tears down every spare's device, keeping the spares listed (for a
+    /// server that stops: `provision` activates them again). Returns how
+    /// many devices it removed.
+    ///
+    /// # Errors
+    /// Kernel errors.
+    pub fn rest_spares(&mut self) -> Result<usize> {
+        let ids: Vec<u32> = self.record().spares.iter().map(|s| s.thin_id).collect();
+        let mut n = 0;
+        for thin_id in ids {
+            let name = self.name(Role::Thin(thin_id));
+            if self.kernel()?.remove_if_present(&name)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Takes the oldest spare of `parent` off the list (in memory; the
     /// caller's intent write makes it durable).
     pub(crate) fn take_spare(&mut self, parent: Option<&str>) -> Option<Spare> {

@@ -283,7 +283,11 @@ impl Engine {
                 children.join(", ")
             )));
         }
-        match self.pool()?.remove_layer(&s.layer) {
+        // The record goes now; the discard and delete wait for Cleanup
+        // (containerd's garbage collector calls it), off the request path.
+        let mut pool = self.pool()?;
+        pool.set_deferred_teardown(true);
+        match pool.remove_layer(&s.layer) {
             Ok(()) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -390,7 +394,37 @@ impl Engine {
         for s in self.store.all().filter(|s| s.kind == Kind::Committed) {
             pool.deactivate_layer(&s.layer)?;
         }
+        let r = pool.reclaim()?;
+        tracing::info!(thin_ids = r.thin_ids, "removed snapshots' space given back");
         Ok(())
+    }
+
+    /// Keeps one spare (a snapshot provisioned ahead of demand) of
+    /// committed snapshot `parent` once it is the parent of two snapshots
+    /// (an image's top layer, not a layer being unpacked, which has one
+    /// child), so the next Prepare on it writes only records and its device
+    /// is up. Run after a Prepare; a parent that is gone or active (so may
+    /// change) is skipped.
+    pub fn provision_spare(&mut self, parent: &str) {
+        let Ok(p) = self.store.get(parent).cloned() else {
+            return;
+        };
+        if p.kind != Kind::Committed || self.store.children(parent).len() < 2 {
+            return;
+        }
+        let t = std::time::Instant::now();
+        match self
+            .pool()
+            .and_then(|mut pool| Ok(pool.provision(Some(&p.layer), 1)?))
+        {
+            Ok(r) => tracing::debug!(
+                %parent,
+                made = r.made,
+                ms = t.elapsed().as_secs_f64() * 1000.0,
+                "spare provisioned"
+            ),
+            Err(e) => tracing::debug!(%parent, error = %e, "no spare provisioned"),
+        }
     }
 
     /// At shutdown: tears down every snapshot's device that nothing mounts
@@ -409,6 +443,11 @@ impl Engine {
                 Ok(false) => {}
                 Err(e) => tracing::warn!(layer = %s.layer, error = %e, "device stays"),
             }
+        }
+        // Removed snapshots' space back now; spares stay listed, their
+        // devices down (the next Prepare on their parent activates one).
+        if let Err(e) = pool.reclaim().and_then(|_| pool.rest_spares()) {
+            tracing::warn!(error = %e, "reclaim at shutdown failed; `thinlayer pool reclaim` finishes it");
         }
     }
 }

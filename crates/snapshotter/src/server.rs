@@ -98,10 +98,24 @@ impl Snapshotter for Thinlayer {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.run("prepare", key.clone(), move |e| {
-            e.create(&key, &parent, labels, Kind::Active)
-        })
-        .await
+        let spare_of = parent.clone();
+        let warm = !parent.is_empty();
+        let mounts = self
+            .run("prepare", key.clone(), move |e| {
+                e.create(&key, &parent, labels, Kind::Active)
+            })
+            .await?;
+        if warm {
+            // After the reply: the next Prepare on this parent finds a spare.
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || {
+                engine
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .provision_spare(&spare_of);
+            });
+        }
+        Ok(mounts)
     }
 
     async fn view(
