@@ -100,6 +100,15 @@ pub trait Backend {
     fn upper_dir(&self, _id: &str) -> Option<PathBuf> {
         None
     }
+    /// What a long-lived server does between requests, off the request
+    /// path (thinlayer-warm: reclaim removed layers, provision spares).
+    /// The workloads call it between samples and time it on its own.
+    ///
+    /// # Errors
+    /// Backend errors.
+    fn idle(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Per-step times (name, ms) the backend took since the last call,
     /// where it can split a verb (the floor splits activate from mount).
     fn take_steps(&mut self) -> Vec<(&'static str, f64)> {
@@ -155,6 +164,11 @@ fn flush_loops() {
 
 /// thinlayer's engine, in-process: one open store (and so one pool lock)
 /// for the whole run, as a long-lived daemon would hold it.
+///
+/// Warm (`thinlayer-warm`) is the same engine run as the containerd
+/// snapshotter runs it: deferred teardown (unmount and removal leave the
+/// kernel work to [`Backend::idle`]) and one spare (a snapshot provisioned
+/// ahead of demand) of every layer containers were made of.
 pub struct ThinLayer {
     name: String,
     root: PathBuf,
@@ -162,6 +176,8 @@ pub struct ThinLayer {
     store: Option<Store>,
     dm: DM,
     block: u64,
+    /// Warm: the layers to keep a spare of.
+    warm: Option<Vec<String>>,
 }
 
 impl ThinLayer {
@@ -188,7 +204,19 @@ impl ThinLayer {
             store: Some(store),
             dm: DM::new().dm(|| "open /dev/mapper/control".into())?,
             block,
+            warm: None,
         })
+    }
+
+    /// The warm variant (see the type's notes).
+    ///
+    /// # Errors
+    /// As [`ThinLayer::new`].
+    pub fn warm(name: &str, dir: &Path, sizes: &Sizes, block: u64) -> Result<ThinLayer> {
+        let mut t = ThinLayer::new(name, dir, sizes, block)?;
+        t.pool().set_deferred_teardown(true);
+        t.warm = Some(Vec::new());
+        Ok(t)
     }
 
     /// The store, for the image import workload.
@@ -221,6 +249,9 @@ impl Backend for ThinLayer {
 
     fn create(&mut self, id: &str, image: &str) -> Result<()> {
         self.pool().create_layer(id, Some(image))?;
+        if let Some(w) = self.warm.as_mut().filter(|w| !w.iter().any(|l| l == image)) {
+            w.push(image.to_owned());
+        }
         Ok(())
     }
 
@@ -228,6 +259,24 @@ impl Backend for ThinLayer {
         let dir = self.dir(id);
         self.pool().mount_layer(id, &dir, false)?;
         Ok(dir)
+    }
+
+    fn idle(&mut self) -> Result<()> {
+        let Some(layers) = self.warm.clone() else {
+            return Ok(());
+        };
+        self.pool().reclaim()?;
+        let mut keep = Vec::new();
+        for l in layers {
+            // A layer gone or written since is no longer a parent to keep.
+            match self.pool().provision(Some(&l), 1) {
+                Ok(_) => keep.push(l),
+                Err(thinlayer_pool::Error::UnknownLayer(_) | thinlayer_pool::Error::Busy { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.warm = Some(keep);
+        Ok(())
     }
 
     fn umount(&mut self, id: &str) -> Result<()> {
@@ -252,6 +301,10 @@ impl Backend for ThinLayer {
 
     fn used_bytes(&mut self) -> Result<u64> {
         flush_loops();
+        if self.warm.is_some() {
+            // As a server would have by then: removed layers reclaimed.
+            self.pool().reclaim()?;
+        }
         let pool = names::dm_name(&self.pool().record().pool_id.clone(), names::Role::Pool);
         pool_used_bytes(&self.dm, &pool, self.block)
     }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use plotters::prelude::*;
+use plotters::{element::ComposedElement, prelude::*};
 
 use crate::{
     error::{Error, Result},
@@ -56,6 +56,69 @@ fn s<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
+/// Backend `i`'s marker at `p`, a shape of its own so that series of
+/// equal values stay apart: thinlayer's (0) is a ring around the others'.
+fn marker<C, DB: DrawingBackend>(
+    i: usize,
+    p: C,
+    c: RGBColor,
+) -> ComposedElement<C, DB, Circle<(i32, i32), i32>, Polygon<(i32, i32)>> {
+    let shape: &[(i32, i32)] = match i % COLORS.len() {
+        0 => &[],
+        1 => &[(-4, -4), (4, -4), (4, 4), (-4, 4)],
+        2 => &[(0, -6), (5, 3), (-5, 3)],
+        3 => &[(0, 6), (5, -3), (-5, -3)],
+        4 => &[(0, -6), (6, 0), (0, 6), (-6, 0)],
+        _ => &[
+            (-2, -5),
+            (2, -5),
+            (5, -2),
+            (5, 2),
+            (2, 5),
+            (-2, 5),
+            (-5, 2),
+            (-5, -2),
+        ],
+    };
+    let ring = if shape.is_empty() {
+        c.stroke_width(2)
+    } else {
+        TRANSPARENT.filled()
+    };
+    EmptyElement::at(p) + Circle::new((0, 0), 7, ring) + Polygon::new(shape.to_vec(), c.filled())
+}
+
+/// A line with markers per backend (points from `pts`), thinlayer's drawn
+/// last and dashed, so that it stays on top and a series of equal values
+/// (the floor's) shows through it.
+fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    r: &Report,
+    pts: impl Fn(&str) -> Vec<(f64, f64)>,
+) -> Draw {
+    let mut order: Vec<usize> = (0..r.backends.len()).collect();
+    order.sort_by_key(|&i| r.backends[i] == "thinlayer");
+    for i in order {
+        let b = r.backends[i].as_str();
+        let (pts, c) = (pts(b), COLORS[i % COLORS.len()]);
+        let line = c.stroke_width(2);
+        let anno = if b == "thinlayer" {
+            chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, line))
+        } else {
+            chart.draw_series(LineSeries::new(pts.clone(), line))
+        };
+        anno.map_err(s)?.label(b).legend(move |(x, y)| {
+            EmptyElement::at((x, y))
+                + PathElement::new(vec![(0, 0), (20, 0)], line)
+                + marker(i, (10, 0), c)
+        });
+        chart
+            .draw_series(pts.iter().map(|&p| marker(i, p, c)))
+            .map_err(s)?;
+    }
+    Ok(())
+}
+
 fn population(r: &Report, file: &Path) -> Draw {
     let pops: Vec<u64> = r.params.populations.iter().map(|&p| p as u64).collect();
     let mut ymax: f64 = 1.0;
@@ -85,24 +148,14 @@ fn population(r: &Report, file: &Path) -> Draw {
         .y_desc("median ms")
         .draw()
         .map_err(s)?;
-    for (i, b) in r.backends.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = pops
-            .iter()
+    series(&mut chart, r, |b| {
+        pops.iter()
             .filter_map(|&p| {
                 r.stat(b, "population", p, "start-ms")
                     .map(|st| (p as f64, st.median))
             })
-            .collect();
-        let c = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(s)?
-            .label(b.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
-            .map_err(s)?;
-    }
+            .collect()
+    })?;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -143,24 +196,15 @@ fn first_write(r: &Report, file: &Path) -> Draw {
         .y_desc("MiB allocated (median; floor 1 KiB)")
         .draw()
         .map_err(s)?;
-    for (i, b) in r.backends.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = sizes
+    series(&mut chart, r, |b| {
+        sizes
             .iter()
             .filter_map(|&z| {
                 r.stat(b, "first-write", z, "alloc-bytes")
                     .map(|st| (mib(z), (st.median / (1u64 << 20) as f64).max(0.001)))
             })
-            .collect();
-        let c = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
-            .map_err(s)?
-            .label(b.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
-            .map_err(s)?;
-    }
+            .collect()
+    })?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
