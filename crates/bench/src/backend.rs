@@ -271,7 +271,9 @@ impl Backend for ThinLayer {
             // A layer gone or written since is no longer a parent to keep.
             match self.pool().provision(Some(&l), 1) {
                 Ok(_) => keep.push(l),
-                Err(thinlayer_pool::Error::UnknownLayer(_) | thinlayer_pool::Error::Busy { .. }) => {}
+                Err(
+                    thinlayer_pool::Error::UnknownLayer(_) | thinlayer_pool::Error::Busy { .. },
+                ) => {}
                 Err(e) => return Err(e.into()),
             }
         }

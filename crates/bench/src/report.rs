@@ -139,7 +139,8 @@ impl Report {
     }
 
     /// The terminal summary: medians per backend, p95 for the start path,
-    /// and the thinlayer/floor and thinlayer/overlay-ext4 ratios.
+    /// and the thinlayer/floor, thinlayer-warm/floor and
+    /// thinlayer/overlay-ext4 ratios.
     pub fn table(&self) -> String {
         let mut t = String::new();
         let w = 13;
@@ -147,19 +148,27 @@ impl Report {
         for b in &self.backends {
             let _ = write!(t, "{b:>w$}");
         }
-        let _ = writeln!(t, "{:>10}{:>10}", "tl/floor", "tl/ovl");
+        let _ = writeln!(t, "{:>10}{:>10}{:>10}", "tl/floor", "warm/floor", "tl/ovl");
         let mut row = |label: &str, workload: &str, param: u64, metric: &str, unit: Unit| {
             let _ = write!(t, "{label:<26}");
             for b in &self.backends {
                 let v = self.median(b, workload, param, metric);
                 let _ = write!(t, "{:>w$}", v.map_or("-".into(), |v| unit.show(v)));
             }
-            let tl = self.median("thinlayer", workload, param, metric);
-            let ratio = |other: &str| match (tl, self.median(other, workload, param, metric)) {
+            let ratio = |of: &str, to: &str| match (
+                self.median(of, workload, param, metric),
+                self.median(to, workload, param, metric),
+            ) {
                 (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
                 _ => "-".into(),
             };
-            let _ = writeln!(t, "{:>10}{:>10}", ratio("floor"), ratio("overlay-ext4"));
+            let _ = writeln!(
+                t,
+                "{:>10}{:>10}{:>10}",
+                ratio("thinlayer", "floor"),
+                ratio("thinlayer-warm", "floor"),
+                ratio("thinlayer", "overlay-ext4")
+            );
         };
         row("create (snapshot) ms", "start", 0, "create-ms", Unit::Ms);
         row(
@@ -172,6 +181,7 @@ impl Report {
         row("start path ms", "start", 0, "start-ms", Unit::Ms);
         row("commit ms", "start", 0, "commit-ms", Unit::Ms);
         row("remove (umount+rm) ms", "start", 0, "remove-ms", Unit::Ms);
+        row("idle work (warm) ms", "start", 0, "idle-ms", Unit::Ms);
         for &p in &self.params.populations {
             row(
                 &format!("start @{p} snapshots ms"),

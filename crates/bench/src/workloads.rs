@@ -62,6 +62,7 @@ impl Run {
 
 struct Backends {
     thin: ThinLayer,
+    warm: ThinLayer,
     floor: Floor,
     ovl_ext4: Overlay,
     ovl_xfs: Overlay,
@@ -70,9 +71,10 @@ struct Backends {
 }
 
 impl Backends {
-    fn all(&mut self) -> [&mut dyn Backend; 6] {
+    fn all(&mut self) -> [&mut dyn Backend; 7] {
         [
             &mut self.thin,
+            &mut self.warm,
             &mut self.floor,
             &mut self.ovl_ext4,
             &mut self.ovl_xfs,
@@ -121,11 +123,25 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
             &sizes,
             64 << 10,
         )?;
+        let warm = ThinLayer::warm(
+            "thinlayer-warm",
+            &sys::mkdir(&work.join("thinlayer-warm"))?,
+            &sizes,
+            64 << 10,
+        );
+        let warm = match warm {
+            Ok(w) => w,
+            Err(e) => {
+                made.push(Box::new(thin));
+                return Err(e);
+            }
+        };
         let floor = Floor::new(&sys::mkdir(&work.join("floor"))?, &sizes, 64 << 10);
         let floor = match floor {
             Ok(f) => f,
             Err(e) => {
                 made.push(Box::new(thin));
+                made.push(Box::new(warm));
                 return Err(e);
             }
         };
@@ -140,6 +156,7 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
         match rest {
             Ok((ovl_ext4, ovl_xfs, btrfs, copy)) => Ok(Backends {
                 thin,
+                warm,
                 floor,
                 ovl_ext4,
                 ovl_xfs,
@@ -148,6 +165,7 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
             }),
             Err(e) => {
                 made.push(Box::new(thin));
+                made.push(Box::new(warm));
                 made.push(Box::new(floor));
                 Err(e)
             }
@@ -197,14 +215,17 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
 const LOOP_FS: [&str; 4] = ["ovl-ext4", "ovl-xfs", "btrfs", "copy"];
 
 /// Returns the free space of the loop-backed filesystems to the tmpfs
-/// under them (FITRIM, untimed, between samples). Without it a deleted
-/// file's blocks stay in guest memory and, as a new file rarely reuses
-/// them, full mode's GiB copies and thousand snapshots fill the guest.
-/// The thin pools need none: thinlayer discards what it removes, and a
-/// pool (the floor's) reuses its freed blocks.
+/// under them (untimed, between samples). Without it a deleted file's
+/// blocks stay in guest memory and, as a new file rarely reuses them,
+/// full mode's GiB copies and thousand snapshots fill the guest. The
+/// thin pools need none: thinlayer discards what it removes, and a pool
+/// (the floor's) reuses its freed blocks.
 fn trim(work: &Path) -> Result<()> {
     for d in LOOP_FS {
-        sys::tool("fstrim", &[&work.join(d).join("fs").to_string_lossy()])?;
+        let fs = work.join(d).join("fs");
+        // A journal commit first: FITRIM skips blocks freed since the last.
+        sys::syncfs(&fs)?;
+        sys::tool("fstrim", &[&fs.to_string_lossy()])?;
     }
     Ok(())
 }
@@ -304,7 +325,20 @@ fn start_path(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
             for (step, v) in be.take_steps() {
                 run.add(&name, "step", 0, step, v);
             }
+            idle(run, be, "start", 0)?;
         }
+    }
+    Ok(())
+}
+
+/// Lets a backend do its between-requests work, timed on its own (only
+/// thinlayer-warm has any: reclaim removed layers, provision spares).
+fn idle(run: &mut Run, be: &mut dyn Backend, workload: &str, param: u64) -> Result<()> {
+    let t = Instant::now();
+    be.idle()?;
+    if be.name() == "thinlayer-warm" {
+        let name = be.name().to_owned();
+        run.add(&name, workload, param, "idle-ms", ms_since(t));
     }
     Ok(())
 }
@@ -318,6 +352,7 @@ fn populations(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
             for j in have..pop {
                 be.create(&format!("p{j}"), "base")?;
             }
+            be.idle()?;
         }
         have = pop;
         for i in 0..p.samples {
@@ -340,6 +375,7 @@ fn populations(run: &mut Run, b: &mut Backends, p: &Params) -> Result<()> {
                 run.add(&name, "population", pp, "start-ms", create + mount);
                 run.add(&name, "population", pp, "remove-ms", remove);
                 be.take_steps();
+                idle(run, be, "population", pp)?;
             }
         }
     }
