@@ -220,6 +220,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     /// Runs ctr, asserting success; returns stdout.
+    /// `ctr containers create` of `image` as `name` on thinlayer.
+    fn create(&self, image: &str, name: &str) {
+        self.ctr(&[
+            "containers",
+            "create",
+            "--snapshotter",
+            "thinlayer",
+            image,
+            name,
+        ]);
+    }
+
     fn ctr(&self, args: &[&str]) -> String {
         let t = Instant::now();
         let out = self.try_ctr(args, 300);
@@ -379,14 +391,7 @@ fn vm_containerd_import_run_restart() {
     );
 
     // A container's snapshot is visible through thinlayer while it exists.
-    c.ctr(&[
-        "containers",
-        "create",
-        "--snapshotter",
-        "thinlayer",
-        &image,
-        "probe",
-    ]);
+    c.create(&image, "probe");
     let layers = ctrd_layers(&s);
     assert!(
         layers.iter().any(|l| l.ends_with("-probe")),
@@ -421,27 +426,13 @@ fn vm_containerd_import_run_restart() {
     // the third container takes it (its layer has the spare's thin id).
     let spares = || s.json(&["--wait", "pool", "status"])["spares"].clone();
     for name in ["w1", "w2"] {
-        c.ctr(&[
-            "containers",
-            "create",
-            "--snapshotter",
-            "thinlayer",
-            &image,
-            name,
-        ]);
+        c.create(&image, name);
     }
     wait_until("a spare of the image's top layer", 60, || {
         spares().as_array().is_some_and(|a| a.len() == 1)
     });
     let spare = spares()[0]["thin_id"].as_u64().unwrap();
-    c.ctr(&[
-        "containers",
-        "create",
-        "--snapshotter",
-        "thinlayer",
-        &image,
-        "w3",
-    ]);
+    c.create(&image, "w3");
     let ls = s.json(&["--wait", "layer", "ls"]);
     let w3 = ls
         .as_array()
