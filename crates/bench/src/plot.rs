@@ -13,14 +13,40 @@ use crate::{
 
 static FONT: &[u8] = include_bytes!("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
 
-const COLORS: [RGBColor; 6] = [
-    RGBColor(0xd6, 0x27, 0x28),
-    RGBColor(0x55, 0x55, 0x55),
-    RGBColor(0x1f, 0x77, 0xb4),
-    RGBColor(0x2c, 0xa0, 0x2c),
-    RGBColor(0xff, 0x7f, 0x0e),
-    RGBColor(0x94, 0x67, 0xbd),
+/// A marker: a ring of that radius, or a filled shape (pixel offsets).
+type Mark = (u32, &'static [(i32, i32)]);
+
+const SQUARE: Mark = (0, &[(-3, -3), (3, -3), (3, 3), (-3, 3)]);
+const TRIANGLE: Mark = (0, &[(0, -6), (5, 3), (-5, 3)]);
+const TRIANGLE_DOWN: Mark = (0, &[(0, 6), (5, -3), (-5, -3)]);
+const DIAMOND: Mark = (0, &[(0, -6), (6, 0), (0, 6), (-6, 0)]);
+const HEXAGON: Mark = (0, &[(-3, -5), (3, -5), (6, 0), (3, 5), (-3, 5), (-6, 0)]);
+
+/// Each backend's colour and marker, all distinct so that series of equal
+/// values stay apart (thinlayer's ring around thinlayer-warm's around the
+/// floor's square).
+const STYLES: [(&str, RGBColor, Mark); 7] = [
+    ("thinlayer", rgb(0xd62728), (9, &[])),
+    ("thinlayer-warm", rgb(0x8c564b), (6, &[])),
+    ("floor", rgb(0x555555), SQUARE),
+    ("overlay-ext4", rgb(0x1f77b4), TRIANGLE),
+    ("overlay-xfs", rgb(0x2ca02c), TRIANGLE_DOWN),
+    ("btrfs", rgb(0xff7f0e), DIAMOND),
+    ("vfs-copy", rgb(0x9467bd), HEXAGON),
 ];
+
+const fn rgb(hex: u32) -> RGBColor {
+    let [_, r, g, b] = hex.to_be_bytes();
+    RGBColor(r, g, b)
+}
+
+/// The colour and marker of backend `b`, the `i`th of the run (which picks
+/// one for a name not listed).
+fn style(b: &str, i: usize) -> (RGBColor, Mark) {
+    let s = STYLES.iter().find(|s| s.0 == b);
+    let s = s.unwrap_or(&STYLES[i % STYLES.len()]);
+    (s.1, s.2)
+}
 
 fn plot_err(file: &Path) -> impl Fn(String) -> Error + '_ {
     move |detail| Error::Plot {
@@ -56,36 +82,19 @@ fn s<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
-/// Backend `i`'s marker at `p`, a shape of its own so that series of
-/// equal values stay apart: thinlayer's (0) is a ring around the others'.
-fn marker<C, DB: DrawingBackend>(
-    i: usize,
-    p: C,
-    c: RGBColor,
-) -> ComposedElement<C, DB, Circle<(i32, i32), i32>, Polygon<(i32, i32)>> {
-    let shape: &[(i32, i32)] = match i % COLORS.len() {
-        0 => &[],
-        1 => &[(-4, -4), (4, -4), (4, 4), (-4, 4)],
-        2 => &[(0, -6), (5, 3), (-5, 3)],
-        3 => &[(0, 6), (5, -3), (-5, -3)],
-        4 => &[(0, -6), (6, 0), (0, 6), (-6, 0)],
-        _ => &[
-            (-2, -5),
-            (2, -5),
-            (5, -2),
-            (5, 2),
-            (2, 5),
-            (-2, 5),
-            (-5, 2),
-            (-5, -2),
-        ],
-    };
-    let ring = if shape.is_empty() {
+/// A marker drawn at a point: its ring, then its shape.
+type Marker<C, DB> = ComposedElement<C, DB, Circle<(i32, i32), u32>, Polygon<(i32, i32)>>;
+
+/// A marker (`ring`, `shape`) in colour `c` at `p`.
+fn marker<C, DB: DrawingBackend>((ring, shape): Mark, p: C, c: RGBColor) -> Marker<C, DB> {
+    let style = if ring > 0 {
         c.stroke_width(2)
     } else {
         TRANSPARENT.filled()
     };
-    EmptyElement::at(p) + Circle::new((0, 0), 7, ring) + Polygon::new(shape.to_vec(), c.filled())
+    EmptyElement::at(p)
+        + Circle::new((0, 0), ring, style)
+        + Polygon::new(shape.to_vec(), c.filled())
 }
 
 /// A line with markers per backend (points from `pts`), thinlayer's drawn
@@ -100,7 +109,7 @@ fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
     order.sort_by_key(|&i| r.backends[i] == "thinlayer");
     for i in order {
         let b = r.backends[i].as_str();
-        let (pts, c) = (pts(b), COLORS[i % COLORS.len()]);
+        let ((c, m), pts) = (style(b, i), pts(b));
         let line = c.stroke_width(2);
         let anno = if b == "thinlayer" {
             chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, line))
@@ -110,10 +119,10 @@ fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
         anno.map_err(s)?.label(b).legend(move |(x, y)| {
             EmptyElement::at((x, y))
                 + PathElement::new(vec![(0, 0), (20, 0)], line)
-                + marker(i, (10, 0), c)
+                + marker(m, (10, 0), c)
         });
         chart
-            .draw_series(pts.iter().map(|&p| marker(i, p, c)))
+            .draw_series(pts.iter().map(|&p| marker(m, p, c)))
             .map_err(s)?;
     }
     Ok(())
@@ -140,7 +149,8 @@ fn population(r: &Report, file: &Path) -> Draw {
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((5f64..xmax).log_scale(), 0f64..ymax * 1.15)
+        // The top 40% is left to the legend.
+        .build_cartesian_2d((5f64..xmax).log_scale(), 0f64..ymax * 1.7)
         .map_err(s)?;
     chart
         .configure_mesh()
@@ -158,6 +168,8 @@ fn population(r: &Report, file: &Path) -> Draw {
     })?;
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 16))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
@@ -188,7 +200,11 @@ fn first_write(r: &Report, file: &Path) -> Draw {
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((xmin..xmax).log_scale(), (0.001f64..ymax * 3.0).log_scale())
+        // The top third (log scale) is left to the legend.
+        .build_cartesian_2d(
+            (xmin..xmax).log_scale(),
+            (0.001f64..0.001 * (ymax / 0.001).powf(1.5)).log_scale(),
+        )
         .map_err(s)?;
     chart
         .configure_mesh()
@@ -207,6 +223,7 @@ fn first_write(r: &Report, file: &Path) -> Draw {
     })?;
     chart
         .configure_series_labels()
+        .label_font(("sans-serif", 16))
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
@@ -255,7 +272,7 @@ fn distribution(r: &Report, file: &Path) -> Draw {
         .draw()
         .map_err(s)?;
     for (i, b) in r.backends.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
+        let c = style(b, i).0;
         let vals: Vec<f64> = r
             .samples
             .iter()

@@ -181,6 +181,7 @@ impl Report {
         row("start path ms", "start", 0, "start-ms", Unit::Ms);
         row("commit ms", "start", 0, "commit-ms", Unit::Ms);
         row("remove (umount+rm) ms", "start", 0, "remove-ms", Unit::Ms);
+        row("rm alone ms", "start", 0, "rm-ms", Unit::Ms);
         row("idle work (warm) ms", "start", 0, "idle-ms", Unit::Ms);
         for &p in &self.params.populations {
             row(
