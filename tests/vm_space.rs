@@ -342,3 +342,35 @@ fn vm_watch_autoextends_when_a_write_crosses_the_threshold() {
     assert_eq!(s.json(&["pool", "status"])["data_size_bytes"], 256u64 << 20);
     s.ok(&["umount", "w"]);
 }
+
+#[test]
+fn vm_a_pool_short_of_space_reclaims_its_trash_before_refusing() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-trash");
+    s.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "128M",
+        "--base-size",
+        "512M",
+    ]);
+    s.ok(&["layer", "create", "fill"]);
+    let f = s.mount("fill");
+    let _ = write_until_error(&f.join("fill"), 256);
+    s.ok(&["umount", "fill"]);
+    s.ok(&["layer", "rm", "fill", "--later"]);
+    let st = s.json(&["pool", "status"]);
+    assert_eq!(st["kernel"]["mode"], "out_of_data_space", "{st:#}");
+    assert_eq!(st["trash"].as_array().map(Vec::len), Some(1), "{st:#}");
+    // The create finds the pool full, takes the trash's blocks back, and
+    // goes ahead.
+    s.ok(&["layer", "create", "next"]);
+    let st = s.json(&["pool", "status"]);
+    assert_eq!(st["trash"], serde_json::json!([]), "{st:#}");
+    assert_eq!(st["kernel"]["mode"], "rw", "{st:#}");
+    let n = s.mount("next");
+    write_file(&n.join("x"), &pattern(7, 4 * MIB));
+    s.ok(&["umount", "next"]);
+    s.ok(&["pool", "check"]);
+}

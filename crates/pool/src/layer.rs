@@ -163,6 +163,22 @@ impl Pool {
     /// Refuses when the pool cannot take a new thin device: out of data
     /// space, metadata nearly full, or read-only.
     pub(crate) fn check_space(&mut self) -> Result<()> {
+        match self.space_left() {
+            // Space removed layers still hold (`layer rm --later`): take
+            // it back before refusing.
+            Err(Error::NoSpace { .. }) if !self.record().trash.is_empty() => {
+                let r = self.reclaim()?;
+                tracing::info!(
+                    thin_ids = r.thin_ids,
+                    "pool short of space: reclaimed the trash"
+                );
+                self.space_left()
+            }
+            r => r,
+        }
+    }
+
+    fn space_left(&mut self) -> Result<()> {
         let pool = self.name(Role::Pool);
         let w = self.kernel()?.pool_status(&pool)?;
         let (used_d, total_d) = (w.usage.used_data.0, w.usage.total_data.0);
