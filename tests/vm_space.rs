@@ -118,10 +118,8 @@ fn write_until_error(path: &Path, limit: usize) -> std::io::Error {
     }
 }
 
-#[test]
-fn vm_a_full_pool_fails_writes_refuses_layers_and_recovers_after_extend() {
-    common::require_dm_thin();
-    let s = Scratch::new("space-full");
+/// A 128 MiB pool of 512 MiB layers: one file fills it.
+fn small_pool(s: &Scratch) {
     s.ok(&[
         "pool",
         "create",
@@ -130,6 +128,13 @@ fn vm_a_full_pool_fails_writes_refuses_layers_and_recovers_after_extend() {
         "--base-size",
         "512M",
     ]);
+}
+
+#[test]
+fn vm_a_full_pool_fails_writes_refuses_layers_and_recovers_after_extend() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-full");
+    small_pool(&s);
     s.ok(&["layer", "create", "keep"]);
     let k = s.mount("keep");
     let kept = pattern(5, 16 * MIB);
@@ -347,14 +352,7 @@ fn vm_watch_autoextends_when_a_write_crosses_the_threshold() {
 fn vm_a_pool_short_of_space_reclaims_its_trash_before_refusing() {
     common::require_dm_thin();
     let s = Scratch::new("space-trash");
-    s.ok(&[
-        "pool",
-        "create",
-        "--data-size",
-        "128M",
-        "--base-size",
-        "512M",
-    ]);
+    small_pool(&s);
     s.ok(&["layer", "create", "fill"]);
     let f = s.mount("fill");
     let _ = write_until_error(&f.join("fill"), 256);
