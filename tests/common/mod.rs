@@ -196,16 +196,7 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so contents are checkable.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
+/// Deterministic pseudo-random bytes (xorshift), so contents are checkable:
+/// the bench's generator.
+#[allow(unused_imports)] // not every test binary writes patterns
+pub use thinlayer_bench::sys::pattern;

@@ -100,6 +100,21 @@ fn marker<C, DB: DrawingBackend>((ring, shape): Mark, p: C, c: RGBColor) -> Mark
 /// A line with markers per backend (points from `pts`), thinlayer's drawn
 /// last and dashed, so that it stays on top and a series of equal values
 /// (the floor's) shows through it.
+/// The series' legend at `at`, over the (emptied) part of the chart there.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    at: SeriesLabelPosition,
+) -> Draw {
+    chart
+        .configure_series_labels()
+        .position(at)
+        .label_font(("sans-serif", 16))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(s)
+}
+
 fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
     chart: &mut ChartContext<'a, DB, CT>,
     r: &Report,
@@ -166,14 +181,7 @@ fn population(r: &Report, file: &Path) -> Draw {
             })
             .collect()
     })?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(s)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present().map_err(s)
 }
 
@@ -221,14 +229,7 @@ fn first_write(r: &Report, file: &Path) -> Draw {
             })
             .collect()
     })?;
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 16))
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(s)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present().map_err(s)
 }
 

@@ -345,17 +345,7 @@ impl Pool {
             .activate_thin(&name, &uuid, pool_dev, thin_id, size.sectors())
             .and_then(|dev| crate::pool::make_filesystem(fs, &kernel::devnode(dev)))
             .and_then(|()| kernel.remove_if_present(&name).map(|_| ()));
-        if let Err(e) = formatted {
-            let _ = kernel.remove_if_present(&name);
-            if let Err(undo) = kernel.pool_message(&pool, &format!("delete {thin_id}")) {
-                return Err(Error::Rollback {
-                    error: Box::new(e),
-                    undo: Box::new(undo),
-                });
-            }
-            return Err(e);
-        }
-        Ok(())
+        formatted.map_err(|e| self.undo_thin(thin_id, e))
     }
 
     /// Records `op` as begun and uses up a thin id if it makes one.
@@ -448,11 +438,14 @@ impl Pool {
             thin_id: layer.thin_id,
         })?;
         fault::point("layer_rm.after_intent");
-        let len = layer.size_in(self.record());
-        self.discard_thin(layer.thin_id, len)?;
-        let pool = self.name(Role::Pool);
-        let kernel = self.kernel()?;
-        kernel.pool_message(&pool, &format!("delete {}", layer.thin_id))?;
+        let size = layer.size_in(self.record());
+        self.reclaim_items(
+            &[crate::pool::Trashed {
+                thin_id: layer.thin_id,
+                size,
+            }],
+            false,
+        )?;
         fault::point("layer_rm.after_delete");
         record::remove(&self.layout().layer_record(id))?;
         self.index_removed(id, layer.parent.as_deref());

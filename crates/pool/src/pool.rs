@@ -1031,7 +1031,7 @@ impl Pool {
         if before.is_some() {
             self.children = None;
         }
-        let outcome = self.settle(&pool, t, kt)?;
+        let outcome = self.settle(t, kt)?;
         self.settled = true;
         Ok(match before {
             None => Vec::new(),
@@ -1042,7 +1042,7 @@ impl Pool {
         })
     }
 
-    fn settle(&mut self, pool: &devicemapper::DmName, t: u64, kt: u64) -> Result<&'static str> {
+    fn settle(&mut self, t: u64, kt: u64) -> Result<&'static str> {
         match self.rec.pending.clone() {
             None if kt == t => Ok("nothing to do"),
             None => Err(Error::Inconsistent(format!(
@@ -1058,35 +1058,22 @@ impl Pool {
                     return self.commit(t).map(|()| "kept (its record was written)");
                 }
                 tracing::info!(%id, thin_id, "recovery: rolling layer create back");
-                let name = self.name(Role::Thin(thin_id));
-                let kernel = self.kernel()?;
-                kernel.remove_if_present(&name)?;
                 // The thin id may or may not have been made before the crash.
-                if let Err(e) = kernel.pool_message(pool, &format!("delete {thin_id}")) {
-                    tracing::debug!(thin_id, error = %e, "thin id was not created");
-                }
+                self.delete_thins(&[thin_id], true)?;
                 self.commit(t).map(|()| "rolled back")
             }
             Some(Pending::RemoveLayer { id, thin_id }) if kt == t => {
                 tracing::info!(%id, thin_id, "recovery: finishing layer removal");
-                let name = self.name(Role::Thin(thin_id));
-                self.kernel()?.remove_if_present(&name)?;
                 let path = self.layout.layer_record(&id);
                 if path.exists() {
                     // Give the layer's space back to the host before the
                     // delete, as `layer rm` does (a no-op once deleted).
-                    let len = record::read::<LayerRecord>(&path, RECORD_LAYER)
+                    let size = record::read::<LayerRecord>(&path, RECORD_LAYER)
                         .map_or(self.rec.base_size, |l| l.size_in(&self.rec));
-                    if let Err(e) = self.discard_thin(thin_id, len) {
-                        tracing::warn!(thin_id, error = %e, "discard before delete failed; the pool still frees the blocks");
-                    }
-                    if let Err(e) = self
-                        .kernel()?
-                        .pool_message(pool, &format!("delete {thin_id}"))
-                    {
-                        tracing::debug!(thin_id, error = %e, "thin id was already deleted");
-                    }
+                    self.reclaim_items(&[Trashed { thin_id, size }], true)?;
                     record::remove(&path)?;
+                } else {
+                    self.delete_thins(&[thin_id], true)?;
                 }
                 self.commit(t).map(|()| "finished")
             }
