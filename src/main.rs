@@ -16,8 +16,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use thinlayer_pool::{
-    Action, BlockSize, Bytes, CreateOptions, Error, FsType, LockMode, Pool, PoolStatus, Removal,
-    exit,
+    Action, BlockSize, Bytes, CreateOptions, Error, FsType, LockMode, Owner, Pool, PoolStatus,
+    Removal, exit,
     space::{self, ExtendReport, ExtendRequest, SizeChange, WatchOptions},
 };
 
@@ -105,16 +105,28 @@ struct ServeArgs {
 enum ServeTo {
     /// containerd's snapshots API (a proxy snapshotter plugin) on a Unix socket.
     Containerd {
-        /// The socket to listen on (a stale one is replaced).
+        /// The socket to listen on (a stale one is replaced; anything else there is kept and refused).
         #[arg(long, default_value = thinlayer_snapshotter::DEFAULT_SOCKET)]
         socket: PathBuf,
+        #[command(flatten)]
+        group: SocketGroup,
     },
     /// Docker's volume plugin protocol (thin volumes) on a Unix socket.
     DockerVolume {
-        /// The socket to listen on (a stale one is replaced).
+        /// The socket to listen on (a stale one is replaced; anything else there is kept and refused).
         #[arg(long, default_value = thinlayer_backend::docker_volume::DEFAULT_SOCKET)]
         socket: PathBuf,
+        #[command(flatten)]
+        group: SocketGroup,
     },
+}
+
+#[derive(Args, Debug)]
+struct SocketGroup {
+    /// Also let this group (a name or a gid) use the socket: it is then
+    /// 0660 root:GROUP in a 0750 directory, instead of root's only (0600 in 0700).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -288,6 +300,9 @@ pub(crate) struct Output {
 }
 
 fn main() -> ExitCode {
+    // First: nothing this process makes is readable by other users, even
+    // where a path forgets its explicit mode.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     if thinlayer_pool::fault::list_requested() {
         for p in thinlayer_pool::fault::ALL {
             println!("{p}");
@@ -354,9 +369,11 @@ fn run(cli: Cli) -> thinlayer_store::Result<Output> {
         Command::Bench(a) => return bench(&a),
         Command::Volume(c) => return store_cli::volume(root, c, wait),
         Command::Serve(ServeArgs {
-            to: ServeTo::DockerVolume { socket },
+            to: ServeTo::DockerVolume { socket, group },
         }) => {
-            thinlayer_backend::docker_volume::serve(root, &socket).map_err(|e| match e {
+            let access = thinlayer_pool::socket::Access::new(group.socket_group.as_deref())?;
+            let served = thinlayer_backend::docker_volume::serve(root, &socket, &access);
+            served.map_err(|e| match e {
                 thinlayer_backend::Error::Store(s) => s,
                 other => thinlayer_pool::Error::InvalidArgument(other.to_string()).into(),
             })?;
@@ -366,9 +383,11 @@ fn run(cli: Cli) -> thinlayer_store::Result<Output> {
             });
         }
         Command::Serve(ServeArgs {
-            to: ServeTo::Containerd { socket },
+            to: ServeTo::Containerd { socket, group },
         }) => {
-            thinlayer_snapshotter::serve(root, &socket).map_err(thinlayer_pool::Error::from)?;
+            let access = thinlayer_pool::socket::Access::new(group.socket_group.as_deref())?;
+            thinlayer_snapshotter::serve(root, &socket, &access)
+                .map_err(thinlayer_pool::Error::from)?;
             return Ok(Output {
                 text: String::new(),
                 json: json!({"stopped": true}),
@@ -524,6 +543,7 @@ fn status_text(st: &PoolStatus) -> String {
     } else {
         s += "  (activate the pool to see usage: thinlayer pool activate)\n";
     }
+    s += &host_text(&st.host);
     if !st.spares.is_empty() {
         let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
         for sp in &st.spares {
@@ -546,6 +566,21 @@ fn status_text(st: &PoolStatus) -> String {
         s += &format!("warning: {w}\n");
     }
     s
+}
+
+fn host_text(h: &space::HostSpace) -> String {
+    format!(
+        "  host filesystem: {} free of {}; the data file holds {} of it and can still grow by {}{}\n",
+        Bytes(h.filesystem_free_bytes),
+        Bytes(h.filesystem_size_bytes),
+        Bytes(h.data_allocated_bytes),
+        Bytes(h.data_growth_bytes),
+        if h.holds_growth {
+            ""
+        } else {
+            " (more than is free)"
+        }
+    )
 }
 
 fn pool_activate(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
@@ -680,6 +715,12 @@ fn pool_check(root: &Path, json: bool, wait: bool) -> thinlayer_pool::Result<Out
         text += "clean: records, kernel devices and pool metadata agree; thin_check passes\n";
     }
     text += &findings_text(&r.findings);
+    if let Some(h) = &r.host {
+        text += &host_text(h);
+    }
+    for w in &r.warnings {
+        text += &format!("warning: {w}\n");
+    }
     let count = r.findings.len();
     let out = Output {
         text,
@@ -739,7 +780,14 @@ fn layer_create(
     parent: Option<&str>,
     wait: bool,
 ) -> thinlayer_pool::Result<Output> {
-    let layer = Pool::open(root, LockMode::Exclusive, wait)?.create_layer(id, parent)?;
+    // Ids of the forms other owners reserve (`vol-*`, `*-rw`, `sha256:*`,
+    // ...) and other owners' layers are refused, naming the owner.
+    thinlayer_pool::names::check_user_id("layer", id, Owner::User)?;
+    let mut pool = Pool::open(root, LockMode::Exclusive, wait)?;
+    if pool.layout().layer_record(id).exists() {
+        pool.owned_layer(id, Owner::User, "`thinlayer layer create`", "take")?;
+    }
+    let layer = pool.create_layer(id, parent)?;
     Ok(Output {
         text: format!(
             "created layer {} (thin id {}) from {}\n",
@@ -759,6 +807,15 @@ fn layer_rm(
     wait: bool,
 ) -> thinlayer_pool::Result<Output> {
     let mut pool = Pool::open(root, LockMode::Exclusive, wait)?;
+    // Another owner's layer (an image's, a container's, a volume's, the
+    // snapshotter's) is removed by that owner's own command.
+    // (Anything else, an unknown id included, is the removal's to report:
+    // it settles an interrupted operation first.)
+    if let Err(e @ Error::NotOwner { .. }) =
+        pool.owned_layer(id, Owner::User, "`thinlayer layer rm`", "remove")
+    {
+        return Err(e);
+    }
     pool.set_deferred_teardown(later);
     match pool.remove_layer_or_defer(id, deferred)? {
         Removal::Removed => Ok(said(
@@ -805,14 +862,15 @@ fn layer_ls(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
     // Shared lock: listing must not wait behind, or block, another reader.
     let layers = Pool::open(root, LockMode::Shared, wait)?.layers()?;
     let mut text = format!(
-        "{:<24} {:<24} {:>7}  {:<12} {:>10}  MOUNTED AT\n",
-        "ID", "PARENT", "THIN-ID", "DEVICE", "MAPPED"
+        "{:<24} {:<24} {:<11} {:>7}  {:<12} {:>10}  MOUNTED AT\n",
+        "ID", "PARENT", "OWNER", "THIN-ID", "DEVICE", "MAPPED"
     );
     for l in &layers {
         text += &format!(
-            "{:<24} {:<24} {:>7}  {:<12} {:>10}  {}\n",
+            "{:<24} {:<24} {:<11} {:>7}  {:<12} {:>10}  {}\n",
             l.id,
             l.parent.as_deref().unwrap_or("-"),
+            l.owner.name().split(' ').next_back().unwrap_or("-"),
             l.thin_id,
             l.devnode
                 .as_ref()
@@ -838,8 +896,15 @@ fn mount(
     readonly: bool,
     wait: bool,
 ) -> thinlayer_pool::Result<Output> {
-    let (node, action) =
-        Pool::open(root, LockMode::Exclusive, wait)?.mount_layer(id, dir, readonly)?;
+    let (node, action) = Pool::open(root, LockMode::Exclusive, wait)?.mount_layer(
+        id,
+        dir,
+        if readonly {
+            thinlayer_pool::MountUse::ReadOnly
+        } else {
+            thinlayer_pool::MountUse::Container
+        },
+    )?;
     let mut out = said(
         action,
         format!(

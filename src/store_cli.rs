@@ -169,14 +169,8 @@ pub fn apply(root: &Path, id: &str, tar: &str, parent: Option<&str>, wait: bool)
     } else {
         std::fs::metadata(tar).map(|m| m.len()).unwrap_or(0)
     };
-    let meta = s.apply_new_layer(
-        id,
-        parent,
-        input,
-        None,
-        thinlayer_store::records::LayerKind::Made,
-        size,
-    )?;
+    // A user layer: reserved ids refused, one transaction.
+    let meta = s.apply_layer(id, parent, input, None, size)?;
     Ok(Output {
         text: format!(
             "created layer {id} from {} ({})\n",

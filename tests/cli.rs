@@ -96,3 +96,43 @@ fn host_without_device_mapper_fails_fast_and_creates_nothing() {
     }
     assert!(!s.root.exists());
 }
+
+/// The crash walk's fault points are in test builds only (the
+/// `fault-injection` feature, which tools/test turns on): there
+/// `THINLAYER_FAULT=list` lists them, the store's verbs included; a build
+/// without them refuses a set `THINLAYER_FAULT` and says why.
+#[test]
+fn fault_points_are_listed_in_test_builds_and_refused_without_them() {
+    let run = |value: &str| {
+        std::process::Command::new(common::bin())
+            .args(["--root", "/nonexistent-thinlayer-root", "pool", "status"])
+            .env("THINLAYER_FAULT", value)
+            .output()
+            .expect("run thinlayer")
+    };
+    let out = run("list");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if cfg!(feature = "fault-injection") {
+        assert!(out.status.success(), "{stderr}");
+        for p in [
+            "layer_create.after_intent",
+            "layer_apply.after_snapshot",
+            "container_create.after_record",
+            "container_rm.after_rw_layer",
+            "image_rm.after_layer",
+        ] {
+            assert!(stdout.lines().any(|l| l == p), "{p} not listed: {stdout}");
+        }
+    } else {
+        for value in ["list", "layer_create.after_intent"] {
+            let out = run(value);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{value}: {stderr}");
+            assert!(
+                stderr.contains("no fault points") && out.stdout.is_empty(),
+                "{value}: {stderr}"
+            );
+        }
+    }
+}

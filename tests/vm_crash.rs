@@ -189,6 +189,7 @@ fn assert_consistent(s: &Scratch, active: bool, why: &str) {
 #[test]
 fn vm_crash_every_fault_point_recovers() {
     common::require_dm_thin();
+    require_fault_points();
     let started = Instant::now();
     let mut walked = 0;
 
@@ -400,12 +401,12 @@ fn vm_crash_every_fault_point_recovers() {
 
     assert_eq!(
         walked,
-        thinlayer_pool::fault::ALL.len(),
-        "every fault point walked"
+        pool_points().len(),
+        "every fault point of the pool's verbs walked"
     );
     eprintln!(
         "walked {walked} abort points of {} in {:.1} s",
-        thinlayer_pool::fault::ALL.len(),
+        pool_points().len(),
         started.elapsed().as_secs_f64()
     );
 }
@@ -541,4 +542,231 @@ fn vm_crash_unknown_thin_device_is_found_and_removed_by_force() {
     );
     assert_consistent(&s, true, "after recover --force");
     verify(&s, &want, "after recover --force");
+}
+
+// --- the store's verbs: layer apply and commit, container create and rm,
+// image rm (their intents under ROOT/store, settled at the next exclusive
+// open of the store)
+
+/// The store's fault points, by verb; `vm_crash_every_fault_point_recovers`
+/// walks the others.
+const STORE_VERBS: [&str; 4] = [
+    "layer_apply.",
+    "container_create.",
+    "container_rm.",
+    "image_rm.",
+];
+
+/// The pool's own fault points.
+fn pool_points() -> Vec<&'static str> {
+    thinlayer_pool::fault::ALL
+        .iter()
+        .copied()
+        .filter(|p| !STORE_VERBS.iter().any(|v| p.starts_with(v)))
+        .filter(|p| !p.starts_with(SNAPSHOTTER_POINTS))
+        .collect()
+}
+
+/// The containerd snapshotter's points, walked in `vm_servers`.
+const SNAPSHOTTER_POINTS: &str = "snapshotter_";
+
+/// The walk means nothing in a build without fault points.
+fn require_fault_points() {
+    assert!(
+        !thinlayer_pool::fault::ALL.is_empty(),
+        "this test build has no fault points: build it with `--features thinlayer/fault-injection` (tools/test does)"
+    );
+}
+
+fn store_fixtures() -> PathBuf {
+    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
+        PathBuf::from,
+    );
+    assert!(
+        d.join(".stamp").exists(),
+        "fixtures missing at {}: run `tests/fixtures/make-images {}` first (tools/test does)",
+        d.display(),
+        d.display()
+    );
+    d
+}
+
+fn layer_ids(s: &Scratch) -> std::collections::BTreeSet<String> {
+    s.json(&["layer", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// No store intent left, exactly the layers `want`, the pool settled and
+/// consistent with the kernel.
+fn assert_store_settled(s: &Scratch, want: &std::collections::BTreeSet<String>, why: &str) {
+    assert!(
+        !s.root.join("store/intent.rec").exists(),
+        "{why}: a store intent is left"
+    );
+    assert_eq!(&layer_ids(s), want, "{why}: layers leaked or lost");
+    assert_settled(s, why);
+    assert_consistent(s, true, why);
+}
+
+#[test]
+fn vm_crash_store_verbs_recover_at_every_point() {
+    common::require_dm_thin();
+    require_fault_points();
+    let started = Instant::now();
+    let f = store_fixtures();
+    let s = Scratch::new("crash-store");
+    s.create_pool(&[]);
+    let image = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
+    let chain: Vec<String> = image["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    s.ok(&["container", "create", "web", "--image", "demo:1"]);
+    let at = s.ok(&["container", "mount", "web"]);
+    let web_data = pattern(31, 256 << 10);
+    write_file(&Path::new(at.trim()).join("web.bin"), &web_data);
+    s.ok(&["container", "umount", "web"]);
+    let base = layer_ids(&s);
+    assert_store_settled(&s, &base, "set-up");
+    let other_tar = f.join("layers/other.tar");
+    let mut walked = 0;
+
+    // layer apply and container commit: rolled back before the layer is
+    // complete, kept after; the user's second try makes it or finds it.
+    for (i, p) in points("layer_apply.").into_iter().enumerate() {
+        let t = Instant::now();
+        for verb in ["apply", "commit"] {
+            let id = format!("{verb}{i}");
+            let args: Vec<&str> = if verb == "apply" {
+                vec![
+                    "layer",
+                    "apply",
+                    &id,
+                    other_tar.to_str().unwrap(),
+                    "--parent",
+                    &chain[0],
+                ]
+            } else {
+                vec!["container", "commit", "web", "--as", &id]
+            };
+            crash(&s, p, &args);
+            code_in(&s, &args, &[0, 4], p);
+            let mut want = base.clone();
+            want.insert(id.clone());
+            assert_store_settled(&s, &want, &format!("{p} ({verb})"));
+            let d = s.dir(&format!("ro-{id}"));
+            s.ok(&["mount", &id, d.to_str().unwrap(), "--readonly"]);
+            if verb == "commit" {
+                assert!(
+                    fs::read(d.join("web.bin")).unwrap() == web_data,
+                    "{p}: the commit holds the container's file"
+                );
+            } else {
+                assert!(
+                    fs::read_dir(&d).unwrap().count() > 3,
+                    "{p}: the applied layer holds the tar's tree"
+                );
+            }
+            s.ok(&["umount", &id]);
+            s.ok(&["layer", "rm", &id]);
+        }
+        walked += 1;
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    // container create: rolled back before its record, kept after.
+    for (i, p) in points("container_create.").into_iter().enumerate() {
+        let t = Instant::now();
+        let name = format!("c{i}");
+        let args = ["container", "create", &name, "--image", "demo:1"];
+        crash(&s, p, &args);
+        code_in(&s, &args, &[0, 4], p);
+        let mut want = base.clone();
+        want.extend([format!("{name}-init"), format!("{name}-rw")]);
+        assert_store_settled(&s, &want, p);
+        let at = s.ok(&["container", "mount", &name]);
+        assert_eq!(
+            fs::read_to_string(Path::new(at.trim()).join("etc/hostname")).unwrap(),
+            format!("{name}\n"),
+            "{p}: the init layer is whole"
+        );
+        s.ok(&["container", "umount", &name]);
+        s.ok(&["container", "rm", &name]);
+        assert_store_settled(&s, &base, p);
+        walked += 1;
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    // container rm: always finished, by the next store command whichever
+    // it is (today's bug: a half-removed container could never be removed).
+    for (i, p) in points("container_rm.").into_iter().enumerate() {
+        let t = Instant::now();
+        s.ok(&["container", "create", "victim", "--image", "demo:1"]);
+        if i % 2 == 0 {
+            // Mounted: the removal unmounts it first.
+            s.ok(&["container", "mount", "victim"]);
+        }
+        crash(&s, p, &["container", "rm", "victim"]);
+        if i % 2 == 0 {
+            code_in(&s, &["container", "rm", "victim"], &[0, 3], p);
+        } else {
+            let v = format!("v{i}");
+            s.ok(&["volume", "create", &v, "--size", "32M"]);
+            s.fails(&["container", "rm", "victim"], 3, "no container");
+            s.ok(&["volume", "rm", &v]);
+        }
+        assert!(
+            !s.ok(&["container", "ls"]).contains("victim"),
+            "{p}: the container is still listed"
+        );
+        assert_store_settled(&s, &base, p);
+        walked += 1;
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    // image rm: always finished; the base other:1 shares with demo:1 stays.
+    for p in points("image_rm.") {
+        let t = Instant::now();
+        let other = s.json(&[
+            "image",
+            "import",
+            f.join("other-docker.tar").to_str().unwrap(),
+            "--name",
+            "other",
+        ]);
+        assert_eq!(other["applied"], 1, "{p}: other's own top layer");
+        crash(&s, p, &["image", "rm", "other"]);
+        code_in(&s, &["image", "rm", "other"], &[0, 3], p);
+        assert!(
+            !s.ok(&["image", "ls"]).contains("other"),
+            "{p}: the image is still listed"
+        );
+        assert_store_settled(&s, &base, p);
+        walked += 1;
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+
+    let store_points = thinlayer_pool::fault::ALL
+        .iter()
+        .filter(|p| STORE_VERBS.iter().any(|v| p.starts_with(v)))
+        .count();
+    assert_eq!(walked, store_points, "every store fault point walked");
+    // The container made before every abort is whole.
+    let at = s.ok(&["container", "mount", "web"]);
+    assert!(
+        fs::read(Path::new(at.trim()).join("web.bin")).unwrap() == web_data,
+        "web's data after the walk"
+    );
+    s.ok(&["container", "umount", "web"]);
+    eprintln!(
+        "walked {walked} store abort points in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

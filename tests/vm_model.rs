@@ -98,7 +98,12 @@ impl Run {
 
     fn with_mount<T>(&self, id: &str, readonly: bool, f: impl FnOnce(&Path) -> T) -> T {
         let d = self.s.dir(&format!("m-{id}"));
-        self.engine("mount", |p| p.mount_layer(id, &d, readonly));
+        let how = if readonly {
+            thinlayer_pool::MountUse::ReadOnly
+        } else {
+            thinlayer_pool::MountUse::Container
+        };
+        self.engine("mount", |p| p.mount_layer(id, &d, how));
         let r = f(&d);
         self.engine("umount", |p| p.umount(id));
         r

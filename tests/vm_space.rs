@@ -372,3 +372,289 @@ fn vm_a_pool_short_of_space_reclaims_its_trash_before_refusing() {
     s.ok(&["umount", "next"]);
     s.ok(&["pool", "check"]);
 }
+
+/// A small tmpfs for a pool root: the host filesystem that fills up.
+/// Declared before the [`Scratch`] on it, so it is unmounted after the
+/// pool is destroyed.
+struct SmallHost {
+    /// Holds `host/` (the tmpfs) and `mnt/` (mount points, off it).
+    base: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl SmallHost {
+    fn new(name: &str, size: &str) -> SmallHost {
+        let base = std::env::temp_dir().join(format!("tl-{name}-{}", std::process::id()));
+        let dir = base.join("host");
+        let _ = nix::mount::umount(&dir);
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(base.join("mnt")).unwrap();
+        common::sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
+        SmallHost { base, dir }
+    }
+
+    /// A scratch pool whose root is on this filesystem (mount points off it).
+    fn scratch(&self) -> Scratch {
+        Scratch {
+            root: self.dir.join("root"),
+            mnt: self.base.join("mnt"),
+        }
+    }
+
+    fn free(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(&self.dir).unwrap();
+        st.blocks_available() * st.fragment_size()
+    }
+
+    /// Writes a filler file until the filesystem is full (ENOSPC), leaving
+    /// `leave` bytes free; returns how much it wrote.
+    fn fill(&self, name: &str, leave: u64) -> u64 {
+        let mut f = fs::File::create(self.dir.join(name)).unwrap();
+        let chunk = vec![0x5au8; 256 << 10];
+        let mut n = 0u64;
+        loop {
+            let want = self.free().saturating_sub(leave).min(chunk.len() as u64);
+            if want == 0 {
+                break;
+            }
+            let k = usize::try_from(want).unwrap();
+            match f.write_all(&chunk[..k]) {
+                Ok(()) => n += want,
+                Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32) => break,
+                Err(e) => panic!("fill {name}: {e}"),
+            }
+        }
+        n
+    }
+}
+
+impl Drop for SmallHost {
+    fn drop(&mut self) {
+        if std::env::var_os("NO_TEST_CLEAN_UP").is_some() {
+            return;
+        }
+        let _ = nix::mount::umount(&self.dir);
+        let _ = fs::remove_dir_all(&self.base);
+    }
+}
+
+fn image_fixtures() -> std::path::PathBuf {
+    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
+        std::path::PathBuf::from,
+    );
+    assert!(
+        d.join(".stamp").exists(),
+        "fixtures missing at {}: run `tests/fixtures/make-images {}` first (tools/test does)",
+        d.display(),
+        d.display()
+    );
+    d
+}
+
+#[test]
+fn vm_a_full_host_keeps_the_pool_rw_warns_and_refuses_an_import_up_front() {
+    common::require_dm_thin();
+    let host = SmallHost::new("space-host", "96M");
+    let s = host.scratch();
+    // A data file more than twice what the host can ever hold.
+    s.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "256M",
+        "--base-size",
+        "512M",
+    ]);
+    let st = s.json(&["pool", "status"]);
+    let meta_size = st["metadata_size_bytes"].as_u64().unwrap();
+    let meta_on_host = fs::metadata(s.root.join("metadata.img")).unwrap().blocks() * 512;
+    assert!(
+        meta_on_host >= meta_size,
+        "the metadata file is fully allocated: {meta_on_host} of {meta_size}"
+    );
+    assert_eq!(st["host"]["metadata_allocated"], true, "{st:#}");
+    assert_eq!(st["host"]["holds_growth"], false, "{st:#}");
+    let free = st["host"]["filesystem_free_bytes"].as_u64().unwrap();
+    let growth = st["host"]["data_growth_bytes"].as_u64().unwrap();
+    assert!(free < growth && growth > 200 << 20, "{st:#}");
+    assert!(
+        st["warnings"].to_string().contains("move the root"),
+        "{st:#}"
+    );
+
+    // Fill the host with a layer's writes until it refuses them.
+    s.ok(&["layer", "create", "w"]);
+    let w = s.mount("w");
+    let filler = host.fill("filler", 24 << 20);
+    let err = write_until_error(&w.join("fill"), 256);
+    let leftover = host.fill("filler2", 0);
+    println!(
+        "host: filler {filler} bytes, the layer's write failed with {err}, then {leftover} more; {} free",
+        host.free()
+    );
+    let st = s.json(&["pool", "status"]);
+    println!(
+        "after the host filled: mode {}, needs_check {}, host {}",
+        st["kernel"]["mode"], st["kernel"]["needs_check"], st["host"]
+    );
+    assert_eq!(st["kernel"]["mode"], "rw", "{st:#}");
+    assert_eq!(st["kernel"]["needs_check"], false, "{st:#}");
+    let text = s.ok(&["pool", "status"]);
+    assert!(
+        text.contains("host filesystem:") && text.contains("warning: the filesystem holding"),
+        "{text}"
+    );
+    let check = s.json(&["pool", "check"]);
+    assert!(
+        check["host"]["filesystem_free_bytes"].as_u64().unwrap() < 16 << 20,
+        "{check:#}"
+    );
+    assert!(
+        check["warnings"].to_string().contains("free space on it"),
+        "{check:#}"
+    );
+    s.ok(&["umount", "w"]);
+
+    // An import that cannot fit is refused before it changes anything.
+    let before = (
+        s.used_data_blocks(),
+        s.json(&["layer", "ls"]).to_string(),
+        s.json(&["image", "ls"]).to_string(),
+    );
+    let f = image_fixtures();
+    let err = s.fails(
+        &["image", "import", f.join("demo-oci").to_str().unwrap()],
+        6,
+        "lower bound",
+    );
+    println!("{}", err.trim());
+    assert!(
+        err.contains("needs at least") && err.contains("free space on that filesystem"),
+        "{err}"
+    );
+    let err = s.fails(
+        &["image", "import", f.join("demo-oci.tar").to_str().unwrap()],
+        6,
+        "unpacking the image archive",
+    );
+    assert!(err.contains("needs at least"), "{err}");
+    let after = (
+        s.used_data_blocks(),
+        s.json(&["layer", "ls"]).to_string(),
+        s.json(&["image", "ls"]).to_string(),
+    );
+    assert_eq!(before, after, "a refused import changed nothing");
+    assert_eq!(
+        fs::read_dir(s.root.join("store/tmp")).unwrap().count(),
+        0,
+        "no scratch left"
+    );
+
+    // The watch does not grow the data file into a host that cannot hold it.
+    let data0 = s.json(&["pool", "status"])["data_size_bytes"].clone();
+    s.fails(
+        &["pool", "watch", "--threshold", "1", "--once"],
+        6,
+        "pool watch",
+    );
+    assert_eq!(s.json(&["pool", "status"])["data_size_bytes"], data0);
+
+    // Freed host space: the pool takes writes again.
+    fs::remove_file(host.dir.join("filler")).unwrap();
+    fs::remove_file(host.dir.join("filler2")).unwrap();
+    s.ok(&["layer", "create", "after"]);
+    let a = s.mount("after");
+    write_file(&a.join("x"), &pattern(3, 4 * MIB));
+    assert!(fs::read(a.join("x")).unwrap() == pattern(3, 4 * MIB));
+    s.ok(&["umount", "after"]);
+    s.ok(&["pool", "check"]);
+}
+
+/// Bytes of the dm device `name` (from sysfs).
+fn dm_size(name: &str) -> u64 {
+    for e in fs::read_dir("/sys/block").unwrap().flatten() {
+        if fs::read_to_string(e.path().join("dm/name")).is_ok_and(|n| n.trim() == name) {
+            let sectors: u64 = fs::read_to_string(e.path().join("size"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            return sectors * 512;
+        }
+    }
+    panic!("no dm device {name}");
+}
+
+#[test]
+fn vm_an_extend_whose_record_was_lost_never_shrinks_the_live_device() {
+    common::require_dm_thin();
+    let s = Scratch::new("space-lost");
+    s.ok(&[
+        "pool",
+        "create",
+        "--data-size",
+        "256M",
+        "--metadata-size",
+        "8M",
+        "--base-size",
+        "512M",
+    ]);
+    let id = s.json(&["pool", "status"])["pool_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let data_dev = common::dm_devices()
+        .into_iter()
+        .find(|n| n.contains(&id) && n.ends_with("-data"))
+        .expect("the pool's data linear device");
+    s.ok(&["layer", "create", "a"]);
+    let d = s.mount("a");
+    let kept = pattern(8, 4 * MIB);
+    write_file(&d.join("kept"), &kept);
+
+    // The record from before the extend: a valid record (same CRC), the
+    // one a lost write or a restore from backup leaves.
+    let old = fs::read(s.root.join("pool.rec")).unwrap();
+    s.ok(&["pool", "extend", "--data-size", "512M"]);
+    assert_eq!(dm_size(&data_dev), 512 << 20);
+    fs::write(s.root.join("pool.rec"), &old).unwrap();
+    assert_eq!(s.json(&["pool", "status"])["data_size_bytes"], 256u64 << 20);
+
+    // Smaller than the live device, larger than the stale record.
+    let out = s.run(&["pool", "extend", "--data-size", "384M"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{}", err.trim());
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot shrink") && err.contains("512M"),
+        "{err}"
+    );
+    assert!(err.contains("adopted the live sizes"), "{err}");
+    assert_eq!(
+        dm_size(&data_dev),
+        512 << 20,
+        "the live device kept its size"
+    );
+    assert_eq!(kernel_field(&s, "data_total_blocks"), 8192);
+    assert_eq!(s.json(&["pool", "status"])["data_size_bytes"], 512u64 << 20);
+
+    // Relative growth counts from the live size.
+    let out = s.ok(&["pool", "extend", "--data-size", "+64M"]);
+    assert!(out.contains("data 512M -> 576M"), "{out}");
+    assert_eq!(dm_size(&data_dev), 576 << 20);
+    assert!(fs::read(d.join("kept")).unwrap() == kept);
+    s.ok(&["umount", "a"]);
+    s.ok(&["pool", "check"]);
+}

@@ -200,3 +200,148 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 /// the bench's generator.
 #[allow(unused_imports)] // not every test binary writes patterns
 pub use thinlayer_bench::sys::pattern;
+
+/// A `thinlayer ... serve ...` child of a test, its stderr kept in a log;
+/// killed on drop (the log printed if the test is failing).
+pub struct Served {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+    /// The socket it listens on.
+    pub socket: PathBuf,
+}
+
+impl Served {
+    /// Starts `thinlayer --root ROOT ARGS... --socket SOCKET` and waits
+    /// until the socket answers (at most 60 s); fails with the log if the
+    /// server exits first.
+    pub fn start(s: &Scratch, args: &[&str], socket: &Path) -> Served {
+        Served::start_with(s, args, socket, &[])
+    }
+
+    /// As [`Served::start`], with `env` added to the server's environment.
+    pub fn start_with(s: &Scratch, args: &[&str], socket: &Path, env: &[(&str, &str)]) -> Served {
+        let base = s.root.parent().expect("a scratch root has a parent");
+        let n = fs::read_dir(base).map(|d| d.count()).unwrap_or(0);
+        let log = base.join(format!("serve-{n}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .arg("--root")
+            .arg(&s.root)
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("start thinlayer serve");
+        let mut served = Served {
+            child: Some(child),
+            log,
+            socket: socket.to_owned(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            served.assert_running();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{args:?} not listening after 60 s:\n{}",
+                served.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        served
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Fails with the log if it has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.child.as_mut().expect("running").try_wait().unwrap() {
+            panic!("the server exited ({st}):\n{}", self.log());
+        }
+    }
+
+    /// Waits (at most 60 s) for it to exit by itself; its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the server did not exit:\n{}", self.log());
+    }
+
+    /// SIGTERM, then waits (at most 60 s) for it to exit; its status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the server did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            if std::thread::panicking() {
+                eprintln!("--- server log ---\n{}", self.log());
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 POST of `body` to `endpoint` over the Unix socket, with
+/// `Connection: close`; the status code and the body of the answer.
+pub fn http_post(socket: &Path, endpoint: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut req = format!(
+        "POST {endpoint} HTTP/1.1\r\nHost: plugin\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    c.write_all(&req).unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer: {answer:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    (status, body.to_owned())
+}

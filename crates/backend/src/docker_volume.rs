@@ -11,29 +11,33 @@
 //!
 //! Each request takes the pool root's lock for its own duration, so the
 //! CLI and other servers interleave with the plugin.
+//!
+//! The socket is root's only (0600 in a 0700 directory), or a group's with
+//! `--socket-group` (`thinlayer_pool::socket`); the HTTP server ([`http`])
+//! bounds what a client may send and how slowly, so no client stops
+//! another from being answered.
+//!
+//! [`http`]: crate::http
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
 };
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use thinlayer_pool::{Bytes, FsType, LockMode, record};
+use thinlayer_pool::{Bytes, FsType, LockMode, record, socket::Access};
 use thinlayer_store::Store;
+use tokio::signal::unix::{SignalKind, signal};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    http::{self, Handler, Limits, Reply},
+};
 
 /// Where Docker looks for plugin sockets.
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/thinlayer.sock";
 
-const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
 const RECORD_REFS: &str = "plugin-mounts";
 
 #[derive(Deserialize, Default)]
@@ -93,21 +97,34 @@ impl Plugin {
     }
 
     /// Answers one request: `path` is the endpoint (`/VolumeDriver.Mount`),
-    /// `body` its JSON. Errors become `{"Err": "..."}`.
-    pub fn handle(&mut self, path: &str, body: &[u8]) -> Value {
+    /// `body` its JSON (empty or `null` for none). Errors of the request
+    /// become `{"Err": "..."}` with status 200, as Docker expects; a body
+    /// that is not JSON is a 400, an unknown endpoint a 404.
+    pub fn handle(&mut self, path: &str, body: &[u8]) -> Reply {
         let req: Request = if body.iter().all(u8::is_ascii_whitespace) {
             Request::default()
         } else {
-            match serde_json::from_slice(body) {
-                Ok(r) => r,
-                Err(e) => return json!({"Err": format!("bad request body: {e}")}),
+            match serde_json::from_slice::<Option<Request>>(body) {
+                Ok(r) => r.unwrap_or_default(),
+                Err(e) => {
+                    return Reply::err(400, format!("bad request body: {e}; send a JSON object"));
+                }
             }
         };
+        if !ENDPOINTS.contains(&path) {
+            return Reply::err(
+                404,
+                format!(
+                    "unknown endpoint {path}; this plugin serves {}",
+                    ENDPOINTS.join(", ")
+                ),
+            );
+        }
         match self.dispatch(path, &req) {
-            Ok(v) => v,
+            Ok(v) => Reply::ok(v),
             Err(e) => {
                 tracing::warn!(%path, name = %req.name, error = %e, "request failed");
-                json!({"Err": e.to_string()})
+                Reply::ok(json!({"Err": e.to_string()}))
             }
         }
     }
@@ -218,58 +235,72 @@ impl Plugin {
     }
 }
 
+/// The endpoints of Docker's volume plugin protocol this plugin serves.
+const ENDPOINTS: &[&str] = &[
+    "/Plugin.Activate",
+    "/VolumeDriver.Capabilities",
+    "/VolumeDriver.Create",
+    "/VolumeDriver.Remove",
+    "/VolumeDriver.Mount",
+    "/VolumeDriver.Unmount",
+    "/VolumeDriver.Path",
+    "/VolumeDriver.Get",
+    "/VolumeDriver.List",
+];
+
 fn refs_path(root: &Path) -> PathBuf {
     root.join("store").join("plugin-mounts.rec")
 }
 
-/// Serves the plugin on `socket` until SIGTERM or SIGINT. A socket file
-/// left by a dead server is replaced; one a live server answers on is not.
+impl Handler for Plugin {
+    fn handle(&mut self, path: &str, body: &[u8]) -> Reply {
+        Plugin::handle(self, path, body)
+    }
+}
+
+/// Serves the plugin on `socket` until SIGTERM or SIGINT, to root and the
+/// members of `access`'s group. A socket file left by a dead server is
+/// replaced; one a live server answers on is not, nor is anything that is
+/// not a socket.
 ///
 /// # Errors
-/// The socket is taken, cannot be bound; the pool's open errors.
-pub fn serve(root: &Path, socket: &Path) -> Result<()> {
-    let mut plugin = Plugin::new(root)?;
-    if socket.exists() {
-        if UnixStream::connect(socket).is_ok() {
-            return Err(Error::Invalid(format!(
-                "{} is taken by a running server; stop it or pass another --socket",
-                socket.display()
-            )));
-        }
-        std::fs::remove_file(socket).map_err(|e| {
-            Error::Invalid(format!("remove stale socket {}: {e}", socket.display()))
-        })?;
-    }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Invalid(format!("create {}: {e}", dir.display())))?;
-    }
-    let server = tiny_http::Server::http_unix(socket)
-        .map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
+/// The socket is taken or cannot be bound (exit 4 for the conflicts); the
+/// pool's open errors.
+pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
+    thinlayer_pool::socket::raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("start the async runtime: {e}")))?;
+    rt.block_on(async {
+        // Signals first: a SIGTERM from the moment the socket exists is a
+        // graceful stop.
+        let mut term = signal(SignalKind::terminate())
             .map_err(|e| Error::Invalid(format!("install a signal handler: {e}")))?;
-    }
-    tracing::info!(socket = %socket.display(), "serving Docker's volume plugin protocol");
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(200)) else {
-            continue;
+        let mut int = signal(SignalKind::interrupt())
+            .map_err(|e| Error::Invalid(format!("install a signal handler: {e}")))?;
+        let (listener, file) = thinlayer_pool::socket::bind(socket, access)?;
+        let plugin = Plugin::new(root)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
+        tracing::info!(socket = %socket.display(), "serving Docker's volume plugin protocol");
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            }
         };
-        let mut body = Vec::new();
-        let answer = match request.as_reader().read_to_end(&mut body) {
-            Ok(_) => plugin.handle(request.url(), &body),
-            Err(e) => json!({"Err": format!("reading the request: {e}")}),
-        };
-        let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE)
-            .expect("a valid static header");
-        let response = tiny_http::Response::from_string(answer.to_string()).with_header(header);
-        if let Err(e) = request.respond(response) {
-            tracing::warn!(error = %e, "could not answer a request");
-        }
-    }
-    drop(server);
-    let _ = std::fs::remove_file(socket);
+        http::serve(listener, *access, Limits::default(), plugin, shutdown).await;
+        // No new client finds the socket while a request in flight ends.
+        drop(file);
+        Ok::<(), Error>(())
+    })?;
+    // Dropping the runtime waits for a request still on its thread.
+    drop(rt);
     tracing::info!("volume plugin stopped");
     Ok(())
 }

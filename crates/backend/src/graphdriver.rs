@@ -127,7 +127,9 @@ impl GraphDriver for ThinDriver {
             return Ok(dir.clone());
         }
         let dir = self.mountpoint(id);
-        self.store()?.pool().mount_layer(id, &dir, false)?;
+        self.store()?
+            .pool()
+            .mount_layer(id, &dir, thinlayer_pool::MountUse::Container)?;
         self.mounts.insert(id.to_owned(), (dir.clone(), 1));
         Ok(dir)
     }

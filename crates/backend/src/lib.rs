@@ -10,6 +10,7 @@
 pub mod docker_volume;
 pub mod error;
 pub mod graphdriver;
+pub mod http;
 
 pub use error::{Error, Result};
 pub use graphdriver::{GraphDriver, ThinDriver};

@@ -241,7 +241,8 @@ impl Backend for ThinLayer {
     fn make_layer(&mut self, id: &str, parent: Option<&str>, fill: Fill) -> Result<()> {
         self.pool().create_layer(id, parent)?;
         let dir = self.dir(id);
-        self.pool().mount_layer(id, &dir, false)?;
+        self.pool()
+            .mount_layer(id, &dir, thinlayer_pool::MountUse::Container)?;
         let filled = fill(&dir).and_then(|()| sys::syncfs(&dir));
         self.pool().umount(id)?;
         filled
@@ -257,7 +258,8 @@ impl Backend for ThinLayer {
 
     fn mount(&mut self, id: &str) -> Result<PathBuf> {
         let dir = self.dir(id);
-        self.pool().mount_layer(id, &dir, false)?;
+        self.pool()
+            .mount_layer(id, &dir, thinlayer_pool::MountUse::Container)?;
         Ok(dir)
     }
 

@@ -16,13 +16,16 @@
 //! common case costs no reads, and nothing else is trusted: a same-size
 //! rewrite with a restored mtime (`touch -r`, tar extraction) is still found.
 //!
-//! Never follows a symlink; `lost+found` at the root is skipped.
+//! Both trees are read with the walker of [`crate::tree`]: every entry is
+//! reached from its root's descriptor without following a symlink and
+//! checked to be what the listing saw, so a tree changed under the walk
+//! (a directory swapped for a symlink to `/etc`) is [`crate::Error::Changed`],
+//! never a read of something outside it. `lost+found` at the root is skipped.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    fs::{self, File, Metadata},
+    collections::HashMap,
+    fs::File,
     io::Read,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -30,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{IoContext, Result},
-    tree::{self, Kind, on_disk},
+    tree::{self, Kind, Stat, Tree},
 };
 
 /// How a path changed.
@@ -67,18 +70,18 @@ impl std::fmt::Display for Change {
 /// Both trees, walked, with their hard-link groups: what `changes` and the
 /// exporter work from.
 pub(crate) struct Trees {
-    pub lower: BTreeMap<PathBuf, Metadata>,
-    pub upper: BTreeMap<PathBuf, Metadata>,
+    pub lower: Tree,
+    pub upper: Tree,
     pub lower_groups: HashMap<(u64, u64), Vec<PathBuf>>,
     pub upper_groups: HashMap<(u64, u64), Vec<PathBuf>>,
 }
 
 impl Trees {
     pub(crate) fn walk(lower: &Path, upper: &Path) -> Result<Trees> {
-        let lower = tree::walk(lower)?;
-        let upper = tree::walk(upper)?;
-        let lower_groups = tree::hard_link_groups(&lower);
-        let upper_groups = tree::hard_link_groups(&upper);
+        let lower = Tree::walk(lower)?;
+        let upper = Tree::walk(upper)?;
+        let lower_groups = tree::hard_link_groups(&lower.entries);
+        let upper_groups = tree::hard_link_groups(&upper.entries);
         Ok(Trees {
             lower,
             upper,
@@ -91,22 +94,23 @@ impl Trees {
 /// The changes from `lower` to `upper`, sorted by path (a directory before
 /// its children).
 ///
-/// Errors: an entry of either tree that cannot be listed, stat'ed or read.
+/// Errors: [`crate::Error::Changed`] when either tree changes while it is
+/// read; an entry of either tree that cannot be listed, stat'ed or read.
 pub fn changes(lower: &Path, upper: &Path) -> Result<Vec<Change>> {
     let trees = Trees::walk(lower, upper)?;
-    changes_of(lower, upper, &trees)
+    changes_of(&trees)
 }
 
-pub(crate) fn changes_of(lower: &Path, upper: &Path, t: &Trees) -> Result<Vec<Change>> {
+pub(crate) fn changes_of(t: &Trees) -> Result<Vec<Change>> {
     let mut out = Vec::new();
-    for (rel, umeta) in &t.upper {
-        match t.lower.get(rel) {
+    for (rel, umeta) in &t.upper.entries {
+        match t.lower.entries.get(rel) {
             None => out.push(Change {
                 path: rel.clone(),
                 kind: ChangeKind::Added,
             }),
             Some(lmeta) => {
-                if differs(lower, upper, rel, lmeta, umeta, t)? {
+                if differs(rel, lmeta, umeta, t)? {
                     out.push(Change {
                         path: rel.clone(),
                         kind: ChangeKind::Modified,
@@ -115,8 +119,8 @@ pub(crate) fn changes_of(lower: &Path, upper: &Path, t: &Trees) -> Result<Vec<Ch
             }
         }
     }
-    for rel in t.lower.keys() {
-        if t.upper.contains_key(rel) {
+    for rel in t.lower.entries.keys() {
+        if t.upper.entries.contains_key(rel) {
             continue;
         }
         // Only the top of a deleted subtree, and only where the parent is
@@ -127,7 +131,7 @@ pub(crate) fn changes_of(lower: &Path, upper: &Path, t: &Trees) -> Result<Vec<Ch
             Some(p) => p.to_path_buf(),
             None => continue,
         };
-        if t.upper.get(&parent).is_some_and(|m| m.is_dir()) {
+        if t.upper.entries.get(&parent).is_some_and(|m| m.is_dir()) {
             out.push(Change {
                 path: rel.clone(),
                 kind: ChangeKind::Deleted,
@@ -140,28 +144,20 @@ pub(crate) fn changes_of(lower: &Path, upper: &Path, t: &Trees) -> Result<Vec<Ch
 
 fn group_of<'a>(
     groups: &'a HashMap<(u64, u64), Vec<PathBuf>>,
-    meta: &Metadata,
+    meta: &Stat,
 ) -> Option<&'a Vec<PathBuf>> {
     groups.get(&(meta.dev(), meta.ino()))
 }
 
-fn differs(
-    lower: &Path,
-    upper: &Path,
-    rel: &Path,
-    l: &Metadata,
-    u: &Metadata,
-    t: &Trees,
-) -> Result<bool> {
-    let kind = Kind::of(u);
-    if Kind::of(l) != kind
+fn differs(rel: &Path, l: &Stat, u: &Stat, t: &Trees) -> Result<bool> {
+    let kind = u.kind();
+    if l.kind() != kind
         || l.mode() & 0o7777 != u.mode() & 0o7777
         || l.uid() != u.uid()
         || l.gid() != u.gid()
     {
         return Ok(true);
     }
-    let (lpath, upath) = (on_disk(lower, rel), on_disk(upper, rel));
     if kind != Kind::Dir {
         if (l.mtime(), l.mtime_nsec()) != (u.mtime(), u.mtime_nsec()) {
             return Ok(true);
@@ -173,8 +169,8 @@ fn differs(
     match kind {
         Kind::File if l.size() != u.size() => return Ok(true),
         Kind::Symlink => {
-            let lt = fs::read_link(&lpath).ctx("cannot read symlink", &lpath)?;
-            let ut = fs::read_link(&upath).ctx("cannot read symlink", &upath)?;
+            let lt = t.lower.read_link(rel)?;
+            let ut = t.upper.read_link(rel)?;
             if lt != ut {
                 return Ok(true);
             }
@@ -182,29 +178,30 @@ fn differs(
         Kind::CharDevice | Kind::BlockDevice if l.rdev() != u.rdev() => return Ok(true),
         _ => {}
     }
-    if tree::xattrs(&lpath)? != tree::xattrs(&upath)? {
+    if t.lower.xattrs(rel)? != t.upper.xattrs(rel)? {
         return Ok(true);
     }
     if kind == Kind::File {
         let untouched =
             l.ino() == u.ino() && (l.ctime(), l.ctime_nsec()) == (u.ctime(), u.ctime_nsec());
-        if !untouched && !same_content(&lpath, &upath)? {
+        if !untouched && !same_content(t, rel)? {
             return Ok(true);
         }
     }
     Ok(false)
 }
 
-/// Byte-by-byte comparison of two files of equal size, stopping at the
-/// first difference.
-fn same_content(a: &Path, b: &Path) -> Result<bool> {
-    let mut fa = File::open(a).ctx("cannot open", a)?;
-    let mut fb = File::open(b).ctx("cannot open", b)?;
+/// Byte-by-byte comparison of `rel` in both trees (equal size), stopping at
+/// the first difference.
+fn same_content(t: &Trees, rel: &Path) -> Result<bool> {
+    let (a, b) = (t.lower.path(rel), t.upper.path(rel));
+    let mut fa = t.lower.open_file(rel)?;
+    let mut fb = t.upper.open_file(rel)?;
     let mut ba = vec![0u8; 64 * 1024];
     let mut bb = vec![0u8; 64 * 1024];
     loop {
-        let n = read_full(&mut fa, &mut ba).ctx("cannot read", a)?;
-        let m = read_full(&mut fb, &mut bb).ctx("cannot read", b)?;
+        let n = read_full(&mut fa, &mut ba).ctx("cannot read", &a)?;
+        let m = read_full(&mut fb, &mut bb).ctx("cannot read", &b)?;
         if n != m || ba[..n] != bb[..m] {
             return Ok(false);
         }

@@ -69,6 +69,41 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The uncompressed layer is larger than the caller's limit
+    /// (`ApplyOptions::max_bytes`): a decompression bomb, or a genuinely
+    /// huge layer.
+    #[error(
+        "the layer expands to more than {limit} bytes ({}) uncompressed; if it is genuine, \
+         raise --max-layer-size",
+        crate::error::human(*limit)
+    )]
+    TooLarge {
+        /// The limit, in uncompressed bytes.
+        limit: u64,
+    },
+
+    /// More than the allowed amount of data follows the tar's end marker.
+    #[error(
+        "the layer has more than {limit} bytes after its end-of-archive marker; the layer is \
+         malformed or hostile, get it again from a trusted registry"
+    )]
+    TrailingData {
+        /// How much trailing data is accepted.
+        limit: u64,
+    },
+
+    /// A tree being walked (diff, export, manifest) changed between its
+    /// listing and its reading: what was opened is not what was listed.
+    #[error(
+        "`{}` changed while being read (it is not the object the directory listing showed); \
+         stop whatever writes to the tree, or read a frozen snapshot of it, and retry",
+        path.display()
+    )]
+    Changed {
+        /// The path, under the walked root.
+        path: PathBuf,
+    },
+
     /// An I/O error, with what was being done on which path.
     #[error("{context} {path}: {source}")]
     Io {
@@ -96,6 +131,27 @@ impl Error {
             entry: String::from_utf8_lossy(entry.as_ref()).into_owned(),
             reason: reason.into(),
         }
+    }
+}
+
+/// `1.5 GiB`-style rendering of a byte count, for messages.
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut whole = bytes;
+    while whole >= 1024 && unit + 1 < UNITS.len() {
+        whole /= 1024;
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{bytes} B");
+    }
+    let scale = 1u64 << (10 * unit);
+    let tenths = (bytes % scale) * 10 / scale;
+    if tenths == 0 {
+        format!("{whole} {}", UNITS[unit])
+    } else {
+        format!("{whole}.{tenths} {}", UNITS[unit])
     }
 }
 

@@ -15,16 +15,18 @@
 //! the same bytes and the same diff_id. Applying the result onto a copy of
 //! `lower` yields a tree whose [`crate::manifest`] equals upper's.
 //!
-//! Must never: follow a symlink while reading upper, or write a path with
-//! `..` or a leading `/`. Sockets cannot be in a tar and are skipped with a
+//! Must never: follow a symlink while reading upper, read anything outside
+//! it, or write a path with `..` or a leading `/`. Upper is read with the
+//! walker of [`crate::tree`] (every entry reached from the root's descriptor
+//! with `O_NOFOLLOW`, checked to be what the listing saw; a tree changed
+//! under the walk is [`crate::Error::Changed`]), so a directory swapped for
+//! a symlink to `/etc` is written as the symlink it is, or fails the export. Sockets cannot be in a tar and are skipped with a
 //! warning.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::OsString,
-    fs::{self, File},
     io::{self, Read, Write},
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -35,7 +37,7 @@ use tar::{EntryType, Header};
 use crate::{
     diff::{ChangeKind, Trees, changes_of},
     error::{Error, IoContext, Result},
-    tree::{self, Kind, on_disk, split_dev},
+    tree::{Kind, split_dev},
 };
 
 /// What [`write_layer`] wrote.
@@ -60,11 +62,13 @@ enum Item {
 /// Writes upper's changes against lower to `out` as an uncompressed layer
 /// tar and returns its diff_id.
 ///
-/// Errors: a tree that cannot be walked or read, a write to `out` that
-/// fails, a file that changes size while it is being written.
+/// Errors: [`Error::Changed`] when a tree changes while it is read (an
+/// entry is not what its listing showed), a tree that cannot be walked or
+/// read, a write to `out` that fails, a file that changes size while it is
+/// being written.
 pub fn write_layer(lower: &Path, upper: &Path, out: impl Write) -> Result<ExportReport> {
     let trees = Trees::walk(lower, upper)?;
-    let changes = changes_of(lower, upper, &trees)?;
+    let changes = changes_of(&trees)?;
 
     // Changed entries, then every name of a changed multi-linked file.
     let mut emit: BTreeSet<PathBuf> = BTreeSet::new();
@@ -80,7 +84,7 @@ pub fn write_layer(lower: &Path, upper: &Path, out: impl Write) -> Result<Export
         }
     }
     for rel in emit.clone() {
-        let meta = &trees.upper[&rel];
+        let meta = &trees.upper.entries[&rel];
         if let Some(group) = trees.upper_groups.get(&(meta.dev(), meta.ino())) {
             emit.extend(group.iter().cloned());
         }
@@ -140,7 +144,7 @@ pub fn write_layer(lower: &Path, upper: &Path, out: impl Write) -> Result<Export
                     .ctx("cannot write whiteout", key)?;
             }
             Item::Entry(rel) => {
-                let written = write_entry(&mut builder, upper, rel, &trees, &mut written_inodes)?;
+                let written = write_entry(&mut builder, rel, &trees, &mut written_inodes)?;
                 match written {
                     None => continue,
                     Some(bytes) => report.bytes += bytes,
@@ -160,21 +164,20 @@ pub fn write_layer(lower: &Path, upper: &Path, out: impl Write) -> Result<Export
 /// Writes one entry of upper; `None` when it was skipped (a socket).
 fn write_entry<W: Write>(
     builder: &mut tar::Builder<W>,
-    upper: &Path,
     rel: &Path,
     trees: &Trees,
     written_inodes: &mut BTreeMap<(u64, u64), PathBuf>,
 ) -> Result<Option<u64>> {
-    let meta = &trees.upper[rel];
-    let path = on_disk(upper, rel);
-    let kind = Kind::of(meta);
+    let meta = &trees.upper.entries[rel];
+    let path = trees.upper.path(rel);
+    let kind = meta.kind();
     if kind == Kind::Socket {
         tracing::warn!(path = %path.display(), "skipping a socket: tar cannot hold one");
         return Ok(None);
     }
 
     let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
-    for (name, value) in tree::xattrs(&path)? {
+    for (name, value) in trees.upper.xattrs(rel)? {
         pax.push((format!("SCHILY.xattr.{name}"), value));
     }
     let (secs, nsecs) = (meta.mtime(), meta.mtime_nsec());
@@ -227,7 +230,7 @@ fn write_entry<W: Write>(
         Kind::File => {
             header.set_entry_type(EntryType::Regular);
             header.set_size(meta.size());
-            let file = File::open(&path).ctx("cannot open", &path)?;
+            let file = trees.upper.open_file(rel)?;
             let mut counted = CountingReader {
                 inner: file.take(meta.size()),
                 count: 0,
@@ -246,7 +249,7 @@ fn write_entry<W: Write>(
         }
         Kind::Symlink => {
             header.set_entry_type(EntryType::Symlink);
-            let target = fs::read_link(&path).ctx("cannot read symlink", &path)?;
+            let target = trees.upper.read_link(rel)?;
             builder
                 .append_link(&mut header, &tar_path, &target)
                 .ctx("cannot write", rel)?;

@@ -14,12 +14,16 @@
 //! discards the snapshot.
 
 pub mod apply;
+mod at;
 pub mod diff;
 mod error;
 pub mod export;
 pub mod tree;
 
-pub use apply::{ApplyOptions, ApplyReport, apply_layer, tar_content_size};
+pub use apply::{
+    ApplyOptions, ApplyReport, DEFAULT_MAX_BYTES, apply_layer, tar_content_size,
+    tar_content_size_max, xattr_allowed,
+};
 pub use diff::{Change, ChangeKind, changes};
 pub use error::{Error, Result};
 pub use export::{ExportReport, write_layer};

@@ -339,6 +339,7 @@ fn diff_id_is_checked_after_the_whole_stream() {
     let good = ApplyOptions {
         expected_diff_id: Some(sha(&tar)),
         progress: Some(&progress),
+        ..Default::default()
     };
     apply_layer(&root, &tar[..], &good).unwrap();
     assert_eq!(
@@ -349,6 +350,7 @@ fn diff_id_is_checked_after_the_whole_stream() {
     let bad = ApplyOptions {
         expected_diff_id: Some(format!("sha256:{}", "0".repeat(64))),
         progress: None,
+        ..Default::default()
     };
     let err = apply_layer(&t.sub("root2"), &tar[..], &bad).unwrap_err();
     assert!(

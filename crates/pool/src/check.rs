@@ -14,11 +14,7 @@
 //! device or thin id the records do not know without `--force`; `pool
 //! repair` overwriting the damaged metadata (it is kept beside the new).
 
-use std::{
-    collections::BTreeSet,
-    fs::{self, OpenOptions},
-    path::PathBuf,
-};
+use std::{collections::BTreeSet, fs, path::PathBuf};
 
 use serde::Serialize;
 
@@ -62,6 +58,12 @@ pub struct CheckReport {
     pub kernel_transaction_id: Option<u64>,
     /// Every problem found; empty when the pool is clean.
     pub findings: Vec<Finding>,
+    /// The host filesystem under the root against what the pool may still
+    /// write there.
+    pub host: Option<crate::space::HostSpace>,
+    /// What is not damage but needs attention (host space), each with what
+    /// to do; never changes the exit code.
+    pub warnings: Vec<String>,
 }
 
 impl CheckReport {
@@ -222,7 +224,18 @@ impl Pool {
             transaction_id: rec.transaction_id,
             kernel_transaction_id: None,
             findings: Vec::new(),
+            host: None,
+            warnings: Vec::new(),
         };
+        match self.host_space() {
+            Ok(h) => {
+                report.warnings = h.warnings(&root);
+                report.host = Some(h);
+            }
+            Err(e) => report
+                .warnings
+                .push(format!("could not measure the host filesystem: {e}")),
+        }
         if rec.pending == Some(Pending::CreatePool) {
             find(
                 "interrupted_create",
@@ -589,13 +602,10 @@ impl Pool {
         let root = self.layout().root.clone();
         let fresh = root.join("metadata.img.repairing");
         let _ = fs::remove_file(&fresh);
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&fresh)
-            .ctx(|| format!("create {}", fresh.display()))?;
-        f.set_len(rec.metadata_size.0)
-            .ctx(|| format!("size {}", fresh.display()))?;
+        let f = crate::record::open_private(&fresh, true)?;
+        // Allocated like the pool's own (see `space`): the repaired
+        // metadata never meets a full host.
+        crate::space::allocate_file(&f, &fresh, rec.metadata_size)?;
         let repaired = (|| {
             let src = loopback::attach_readonly(&meta)?;
             let dst = loopback::attach(&fresh)?;

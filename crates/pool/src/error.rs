@@ -130,6 +130,23 @@ pub enum Error {
     #[error("no layer `{0}`; `thinlayer layer ls` lists them")]
     UnknownLayer(String),
 
+    /// The layer belongs to another owner than the one asking.
+    #[error(
+        "layer `{id}` belongs to the {owner} and is not the {asker}'s to {action}; use `{hint}` instead"
+    )]
+    NotOwner {
+        /// The layer.
+        id: String,
+        /// Its recorded owner's name.
+        owner: &'static str,
+        /// Who asked.
+        asker: &'static str,
+        /// What was asked (reuse, remove, mount, …).
+        action: &'static str,
+        /// The owner's own command.
+        hint: &'static str,
+    },
+
     /// The layer has children.
     #[error("layer `{id}` has children ({children}); remove them first")]
     HasChildren {
@@ -168,6 +185,43 @@ pub enum Error {
         root: PathBuf,
         /// The lock file.
         lock: PathBuf,
+    },
+
+    /// The root directory belongs to another user, who could swap the
+    /// pool's files under a root-run thinlayer.
+    #[error(
+        "{root} belongs to uid {uid}, not to the user thinlayer runs as: that user could read or replace the pool's files; \
+         give it to root with `{fix}` (and check who else could write there), or pick another --root"
+    )]
+    RootOwner {
+        /// The root directory.
+        root: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// The command that fixes it.
+        fix: String,
+    },
+
+    /// The filesystem holding the root has too little free space for
+    /// what was asked; nothing was changed.
+    #[error(
+        "the filesystem holding {root} has {} free, and {what} needs at least {} plus {} kept free for the pool's records; \
+         nothing was changed; free space on that filesystem, or move the root to a larger one",
+        crate::Bytes(*free),
+        crate::Bytes(*needed),
+        crate::Bytes(*reserve)
+    )]
+    HostNoSpace {
+        /// The root directory.
+        root: PathBuf,
+        /// What needs the space.
+        what: String,
+        /// Bytes needed (a lower bound), reserve not included.
+        needed: u64,
+        /// The reserve kept free for records and metadata.
+        reserve: u64,
+        /// Bytes free (available to writers) on the filesystem.
+        free: u64,
     },
 
     /// The pool is out of data or metadata space.
@@ -283,11 +337,13 @@ impl Error {
             Error::PoolExists { .. }
             | Error::PoolInactive { .. }
             | Error::LayerExists(_)
+            | Error::NotOwner { .. }
             | Error::HasChildren { .. }
             | Error::Mounted { .. }
             | Error::Busy { .. }
             | Error::Locked { .. } => exit::CONFLICT,
-            Error::NoSpace { .. } => exit::NO_SPACE,
+            Error::NoSpace { .. } | Error::HostNoSpace { .. } => exit::NO_SPACE,
+            Error::RootOwner { .. } => exit::ENVIRONMENT,
             Error::Record { .. }
             | Error::MetadataDamaged { .. }
             | Error::Inconsistent(_)

@@ -9,16 +9,31 @@
 //!
 //! Otherwise a point costs one comparison: the variable is read once.
 //!
+//! The points exist only in test builds: the cargo feature
+//! `fault-injection` (`--features thinlayer/fault-injection`, which
+//! `tools/test` passes) compiles them in. Without it [`point`] is an empty
+//! inline function, [`ALL`] is empty, and a set `THINLAYER_FAULT` is
+//! refused at start-up ([`list_requested`]) so that a shipped binary never
+//! aborts on purpose and never seems to.
+//!
 //! What must never happen: a point name missing from [`ALL`] (a host test
 //! checks the sources against it), or a point inside a step that the kernel
 //! performs atomically anyway (it would test nothing).
 
+#[cfg(feature = "fault-injection")]
 use std::sync::OnceLock;
 
 /// The environment variable that arms a point.
 pub const ENV: &str = "THINLAYER_FAULT";
 
-/// Every fault point, in the order the commands reach them.
+/// Every fault point, in the order the commands reach them (empty in a
+/// build without the `fault-injection` feature).
+#[cfg(not(feature = "fault-injection"))]
+pub const ALL: &[&str] = &[];
+
+/// Every fault point, in the order the commands reach them (empty in a
+/// build without the `fault-injection` feature).
+#[cfg(feature = "fault-injection")]
 pub const ALL: &[&str] = &[
     // pool create
     "pool_create.after_intent",
@@ -68,8 +83,32 @@ pub const ALL: &[&str] = &[
     "mount.after_activation",
     "mount.after_mount",
     "umount.after_umount",
+    // layer apply and container commit (the store's ApplyLayer intent);
+    // the inner points are reached by every layer applied from a tar
+    "layer_apply.after_intent",
+    "layer_apply.after_meta",
+    "layer_apply.after_snapshot",
+    "layer_apply.after_apply",
+    "layer_apply.after_record",
+    // container create
+    "container_create.after_intent",
+    "container_create.after_init_layer",
+    "container_create.after_rw_layer",
+    "container_create.after_record",
+    // container rm
+    "container_rm.after_intent",
+    "container_rm.after_rw_layer",
+    "container_rm.after_layers",
+    "container_rm.after_record",
+    // image rm
+    "image_rm.after_intent",
+    "image_rm.after_record",
+    "image_rm.after_layer",
+    // the containerd snapshotter's Prepare (`serve containerd`)
+    "snapshotter_prepare.after_layer",
 ];
 
+#[cfg(feature = "fault-injection")]
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     ARMED
@@ -80,6 +119,7 @@ fn armed() -> Option<&'static str> {
 /// Aborts the process here when `THINLAYER_FAULT` is `name`.
 ///
 /// `name` must be one of [`ALL`] (checked in debug builds).
+#[cfg(feature = "fault-injection")]
 pub fn point(name: &'static str) {
     debug_assert!(
         ALL.contains(&name),
@@ -91,27 +131,56 @@ pub fn point(name: &'static str) {
     }
 }
 
+/// A fault point: nothing in a build without the `fault-injection` feature.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_name: &'static str) {}
+
 /// Whether `THINLAYER_FAULT=list` asks for the list of points (the CLI
 /// prints [`ALL`] and exits).
+#[cfg(feature = "fault-injection")]
 pub fn list_requested() -> bool {
     armed() == Some("list")
 }
 
-#[cfg(test)]
+/// In a build without the `fault-injection` feature, a set
+/// `THINLAYER_FAULT` (`list` included) is refused here, at start-up: the
+/// process says so and exits 2 (usage). Returns `false` otherwise.
+#[cfg(not(feature = "fault-injection"))]
+pub fn list_requested() -> bool {
+    if std::env::var_os(ENV).is_some_and(|v| !v.is_empty()) {
+        eprintln!(
+            "thinlayer: error: {ENV} is set, but this build has no fault points \
+             (it was built without the `fault-injection` feature); unset {ENV}, \
+             or use a test build (`cargo build --features thinlayer/fault-injection`)"
+        );
+        std::process::exit(crate::exit::USAGE);
+    }
+    false
+}
+
+#[cfg(all(test, feature = "fault-injection"))]
 mod tests {
     use super::*;
 
     /// Every entry of [`ALL`] is named exactly once in the other sources
-    /// and every `fault::point("...")` there is in [`ALL`], so a walk over
-    /// [`ALL`] covers every point.
+    /// (the pool's, and the store's and the snapshotter's above it) and every
+    /// `fault::point("...")` there is in [`ALL`], so a walk over [`ALL`]
+    /// covers every point.
     #[test]
     fn all_matches_the_sources() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut text = String::new();
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("fault.rs") {
-                text += &std::fs::read_to_string(&p).unwrap();
+        for dir in [
+            here.join("src"),
+            here.join("../store/src"),
+            here.join("../snapshotter/src"),
+        ] {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("fault.rs") {
+                    text += &std::fs::read_to_string(&p).unwrap();
+                }
             }
         }
         for name in ALL {

@@ -7,6 +7,10 @@
 
 use std::{
     fs,
+    os::{
+        fd::{AsRawFd, BorrowedFd},
+        unix::fs::DirBuilderExt,
+    },
     path::{Path, PathBuf},
 };
 
@@ -14,9 +18,10 @@ use serde::Serialize;
 
 use crate::{
     error::{Error, IoContext, Result},
-    fault, kernel, mounts,
+    fault, kernel,
+    mounts::{self, MountUse},
     names::{self, Role},
-    pool::{Action, FsType, LayerRecord, Pending, Pool, RECORD_LAYER, now_unix},
+    pool::{Action, FsType, LayerRecord, Owner, Pending, Pool, RECORD_LAYER, now_unix},
     record,
     units::Bytes,
 };
@@ -40,6 +45,8 @@ pub struct LayerInfo {
     pub created_unix: u64,
     /// Its removal was deferred until its device's holder lets go.
     pub removing: bool,
+    /// Who it belongs to.
+    pub owner: Owner,
 }
 
 /// A layer whose removal is deferred takes no new children or mounts.
@@ -155,6 +162,7 @@ impl Pool {
                 mapped_bytes,
                 created_unix: l.created_unix,
                 removing: l.removing,
+                owner: l.owner,
             });
         }
         Ok(out)
@@ -207,7 +215,47 @@ impl Pool {
     /// [`Error::LayerExists`], [`Error::UnknownLayer`] (parent),
     /// [`Error::NoSpace`], [`Error::PoolInactive`], kernel errors.
     pub fn create_layer(&mut self, id: &str, parent: Option<&str>) -> Result<LayerRecord> {
-        self.make_layer(id, Source::Snapshot(parent))
+        self.make_layer(id, Source::Snapshot(parent), Owner::User)
+    }
+
+    /// As [`Pool::create_layer`], recording `owner` as the layer's owner.
+    ///
+    /// # Errors
+    /// As [`Pool::create_layer`].
+    pub fn create_layer_for(
+        &mut self,
+        owner: Owner,
+        id: &str,
+        parent: Option<&str>,
+    ) -> Result<LayerRecord> {
+        self.make_layer(id, Source::Snapshot(parent), owner)
+    }
+
+    /// Layer `id`'s record, checked to belong to `owner`: `asker` and
+    /// `action` word the refusal ("the image import", "reuse").
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`]; [`Error::NotOwner`] naming the owner and
+    /// its own command.
+    pub fn owned_layer(
+        &self,
+        id: &str,
+        owner: Owner,
+        asker: &'static str,
+        action: &'static str,
+    ) -> Result<LayerRecord> {
+        let layer = self.layer(id)?;
+        if layer.owner == owner {
+            Ok(layer)
+        } else {
+            Err(Error::NotOwner {
+                id: id.to_owned(),
+                owner: layer.owner.name(),
+                asker,
+                action,
+                hint: layer.owner.remove_hint(),
+            })
+        }
     }
 
     /// Creates `id` as a fresh thin device of `size` holding a new `fs`
@@ -232,14 +280,14 @@ impl Pool {
             });
         }
         fs.mkfs().find()?;
-        self.make_layer(id, Source::Fresh { size, fs })
+        self.make_layer(id, Source::Fresh { size, fs }, Owner::Volume)
     }
 
     /// The one path that makes a thin device and its record, as a
     /// transaction: intent, kernel steps (for a fresh device the filesystem
     /// too, so a recorded device is always formatted), the layer record
     /// (the commit point), the intent cleared.
-    fn make_layer(&mut self, id: &str, source: Source<'_>) -> Result<LayerRecord> {
+    fn make_layer(&mut self, id: &str, source: Source<'_>, owner: Owner) -> Result<LayerRecord> {
         names::check_id("layer", id)?;
         // Settle an interrupted operation first: it may be this very layer.
         if self.pool_device()?.is_some() {
@@ -315,6 +363,7 @@ impl Pool {
             size,
             fs,
             removing: false,
+            owner,
         };
         // The commit point: a layer record naming the thin id (the kernel
         // committed its metadata before the message returned).
@@ -487,7 +536,8 @@ impl Pool {
     }
 
     /// Activates layer `id`'s thin device if needed and mounts it at `dir`
-    /// (created if missing). Returns the device node.
+    /// (created 0700 if missing) for `how` (which decides `ro`, `nosuid`,
+    /// `nodev`; see [`MountUse`]). Returns the device node.
     ///
     /// # Errors
     /// [`Error::UnknownLayer`], [`Error::PoolInactive`], mount errors.
@@ -495,7 +545,45 @@ impl Pool {
         &mut self,
         id: &str,
         dir: &Path,
-        readonly: bool,
+        how: MountUse,
+    ) -> Result<(PathBuf, Action)> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .ctx(|| format!("create mount point {}", dir.display()))?;
+        let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
+        self.mount_layer_on(id, &dir, &dir, how)
+    }
+
+    /// As [`Pool::mount_layer`], onto the directory `dir` the caller opened
+    /// (`O_PATH`, resolved without following symlinks): the mount goes
+    /// through `/proc/self/fd/N`, so no rename or symlink swapped in after
+    /// the open can move it elsewhere (runc's fix for CVE-2021-30465). It
+    /// shows in mountinfo at the directory's real path, so `umount` and
+    /// `layer ls` find it as any other.
+    ///
+    /// # Errors
+    /// As [`Pool::mount_layer`].
+    pub fn mount_layer_at_fd(
+        &mut self,
+        id: &str,
+        dir: BorrowedFd<'_>,
+        how: MountUse,
+    ) -> Result<(PathBuf, Action)> {
+        let via = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let real = fs::read_link(&via).ctx(|| format!("resolve {}", via.display()))?;
+        self.mount_layer_on(id, &via, &real, how)
+    }
+
+    /// Mounts layer `id` at `target` (a path, or `/proc/self/fd/N`), whose
+    /// real path, as mountinfo shows it, is `real`.
+    fn mount_layer_on(
+        &mut self,
+        id: &str,
+        target: &Path,
+        real: &Path,
+        how: MountUse,
     ) -> Result<(PathBuf, Action)> {
         self.layer(id)?;
         let pool_dev = self.require_active()?;
@@ -503,27 +591,19 @@ impl Pool {
         self.recover()?;
         let layer = self.layer(id)?;
         refuse_removing(&layer)?;
-        if !readonly {
+        if !how.readonly() {
             // Written from now on: its spares would not be its snapshots.
             self.drop_spares_of(id)?;
         }
-        fs::create_dir_all(dir).ctx(|| format!("create mount point {}", dir.display()))?;
-        let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
         let name = self.name(Role::Thin(layer.thin_id));
         let fs_type = layer.fs_in(self.record());
         let (dev, activated) = self.activate_thin_of(pool_dev, &layer)?;
         fault::point("mount.after_activation");
         let node = kernel::devnode(dev);
-        if !activated && mounts::mountpoints_of(dev)?.contains(&dir) {
+        if !activated && mounts::mountpoints_of(dev)?.iter().any(|m| m == real) {
             return Ok((node, Action::AlreadyDone));
         }
-        if let Err(e) = mounts::mount(
-            &node,
-            &dir,
-            fs_type.name(),
-            readonly,
-            fs_type.mount_options(),
-        ) {
+        if let Err(e) = mounts::mount(&node, target, fs_type, how) {
             if activated {
                 if let Err(undo) = self.kernel()?.remove(&name) {
                     return Err(Error::Rollback {

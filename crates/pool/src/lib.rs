@@ -15,6 +15,7 @@ pub mod check;
 pub mod cmd;
 pub mod error;
 pub mod fault;
+mod frozen;
 pub mod holders;
 pub mod kernel;
 mod layer;
@@ -22,18 +23,22 @@ pub mod lock;
 pub mod loopback;
 pub mod mounts;
 pub mod names;
+pub mod peek;
 pub mod pool;
 mod reclaim;
 pub mod record;
+pub mod socket;
 pub mod space;
 mod spare;
 pub mod units;
 
 pub use error::{Error, Result, exit};
+pub use frozen::Frozen;
 pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;
+pub use mounts::MountUse;
 pub use pool::{
-    Action, CreateOptions, FsType, LayerRecord, Pool, PoolRecord, PoolStatus, Spare, Trashed,
+    Action, CreateOptions, FsType, LayerRecord, Owner, Pool, PoolRecord, PoolStatus, Spare, Trashed,
 };
 pub use reclaim::Reclaimed;
 pub use spare::Provisioned;

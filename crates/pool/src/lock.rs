@@ -3,15 +3,23 @@
 //! share it. Without `wait`, a held lock fails at once with who to wait
 //! for; with it, the command queues. The kernel drops the lock when the
 //! process dies, so a crash never leaves the root locked.
+//!
+//! Only root can reach a lock file: it is [`record::FILE_MODE`] under a
+//! [`record::DIR_MODE`] root, so no other user can `flock` it forever and
+//! hang every command (and the servers) behind it.
 
 use std::{
-    fs::OpenOptions,
+    fs::{File, OpenOptions, Permissions},
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::error::{Error, IoContext, Result};
+use crate::{
+    error::{Error, IoContext, Result},
+    record,
+};
 
 /// Exclusive for changes, shared for reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,19 +36,48 @@ pub struct RootLock {
     _flock: Flock<std::fs::File>,
 }
 
+/// Opens (creating if missing) the lock file at `path` for `flock`: mode
+/// [`record::FILE_MODE`], never through a symlink; one an older version
+/// left readable by others is made [`record::FILE_MODE`]. For every lock
+/// thinlayer takes (`ROOT/lock`, `ROOT/snapshotter/lock`).
+///
+/// # Errors
+/// I/O errors.
+pub fn open_lock_file(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(record::FILE_MODE)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_CLOEXEC.bits())
+        .open(path)
+        .ctx(|| format!("open lock file {}", path.display()))?;
+    let mode = file
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .mode()
+        & 0o7777;
+    if mode != record::FILE_MODE {
+        file.set_permissions(Permissions::from_mode(record::FILE_MODE))
+            .ctx(|| format!("chmod {}", path.display()))?;
+        // Quietly: `record::secure_root` says once what it tightened.
+        tracing::debug!(
+            "tightened {} from {mode:04o} to {:04o}: other users could lock it",
+            path.display(),
+            record::FILE_MODE
+        );
+    }
+    Ok(file)
+}
+
 /// Takes the lock on `root` (which must exist).
 ///
 /// # Errors
 /// [`Error::Locked`] when held and `wait` is false; I/O errors.
 pub fn lock(root: &Path, mode: LockMode, wait: bool) -> Result<RootLock> {
     let path: PathBuf = root.join("lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .ctx(|| format!("open lock file {}", path.display()))?;
+    let file = open_lock_file(&path)?;
     let arg = match (mode, wait) {
         (LockMode::Exclusive, true) => FlockArg::LockExclusive,
         (LockMode::Exclusive, false) => FlockArg::LockExclusiveNonblock,
@@ -74,6 +111,29 @@ mod tests {
         let x = lock(&d, LockMode::Exclusive, false).unwrap();
         assert!(lock(&d, LockMode::Shared, false).is_err());
         drop(x);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn lock_files_are_owner_only_and_loose_ones_are_tightened() {
+        let d = std::env::temp_dir().join(format!("thinlayer-lockmode-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("lock");
+        drop(open_lock_file(&p).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&p), 0o600);
+        std::fs::set_permissions(&p, Permissions::from_mode(0o666)).unwrap();
+        drop(lock(&d, LockMode::Shared, false).unwrap());
+        assert_eq!(mode(&p), 0o600, "an older version's 0666 lock is tightened");
+        // Never through a symlink.
+        let q = d.join("elsewhere");
+        std::fs::write(&q, b"").unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&q, &p).unwrap();
+        assert!(
+            open_lock_file(&p).is_err(),
+            "a symlinked lock file is refused"
+        );
         std::fs::remove_dir_all(d).unwrap();
     }
 }

@@ -10,7 +10,10 @@ use std::{
 use devicemapper::Device;
 use nix::mount::{MntFlags, MsFlags};
 
-use crate::error::{Error, IoContext, Result};
+use crate::{
+    error::{Error, IoContext, Result},
+    pool::FsType,
+};
 
 /// One line of `/proc/self/mountinfo`, the fields thinlayer uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,47 +90,107 @@ pub fn mountpoints_of(device: Device) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Mounts `devnode` (a filesystem of `fstype`) at `dir` with `options`.
+/// What a mount is for, which decides what it may do on the host.
+///
+/// Every mount thinlayer makes is `nodev`: device nodes in an image do not
+/// open on the host (runtimes mount their own `/dev`). Only a container's
+/// root (and a user's own mount) keeps setuid programs working (su, ping,
+/// sudo need them inside the container, as on any root filesystem); it is
+/// reachable only through the root's 0700 directory. Every mount the
+/// engine makes for itself is also `nosuid`, and read-only when it only
+/// reads, so a setuid binary or a file capability an image ships is never
+/// root for anyone through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountUse {
+    /// A container's root filesystem, a volume in it, or a user's mount
+    /// (`thinlayer mount`): read-write, `nodev`.
+    Container,
+    /// A read-only mount a user asked for (`thinlayer mount --readonly`):
+    /// `ro,nodev`.
+    ReadOnly,
+    /// The engine writes into it (a layer apply, an empty base):
+    /// `nosuid,nodev`.
+    Scratch,
+    /// The engine reads it (diff, export, commit of a layer nothing else
+    /// has active): `ro,nosuid,nodev`.
+    ReadOnlyScratch,
+    /// A frozen copy: a private snapshot of a live filesystem, read by the
+    /// engine: `ro,nosuid,nodev`, and no journal replay (ext4 `noload`,
+    /// XFS `norecovery`): the copy is read as the freeze left it and
+    /// nothing is ever written to it.
+    Frozen,
+}
+
+impl MountUse {
+    /// Whether the mount is read-only.
+    pub fn readonly(self) -> bool {
+        matches!(
+            self,
+            MountUse::ReadOnly | MountUse::ReadOnlyScratch | MountUse::Frozen
+        )
+    }
+
+    /// The mount flags.
+    pub fn flags(self) -> MsFlags {
+        let mut flags = MsFlags::MS_NODEV;
+        if !matches!(self, MountUse::Container | MountUse::ReadOnly) {
+            flags |= MsFlags::MS_NOSUID;
+        }
+        if self.readonly() {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        flags
+    }
+
+    /// The filesystem options for a device of `fs`: its own
+    /// ([`FsType::mount_options`]), plus for a frozen copy the one that
+    /// skips journal replay (ext4 `noload`, XFS `norecovery`; both need a
+    /// read-only mount, which a frozen copy is).
+    pub fn options(self, fs: FsType) -> String {
+        let own = fs.mount_options();
+        match (self, fs) {
+            (MountUse::Frozen, FsType::Ext4) => format!("{own},noload"),
+            (MountUse::Frozen, FsType::Xfs) => format!("{own},norecovery"),
+            _ => own.to_owned(),
+        }
+    }
+}
+
+/// Mounts `devnode` (a filesystem of `fs`) at `dir` for `how`. `dir` may
+/// be `/proc/self/fd/N` of a directory opened `O_PATH`: the mount then
+/// lands on that very directory, wherever a rename moved it.
 ///
 /// # Errors
 /// [`Error::Io`] with the errno (`EBUSY`, `EINVAL` for a bad filesystem...).
-pub fn mount(
-    devnode: &Path,
-    dir: &Path,
-    fstype: &str,
-    readonly: bool,
-    options: &str,
-) -> Result<()> {
-    // nodev: device nodes in an image do not open on the host (runtimes
-    // mount their own /dev). Not nosuid: a container's setuid programs
-    // (su, ping, sudo) must keep working, as on any root filesystem.
-    let mut flags = MsFlags::MS_NODEV;
-    if readonly {
-        flags |= MsFlags::MS_RDONLY;
-    }
-    let data = (!options.is_empty()).then_some(options);
-    nix::mount::mount(Some(devnode), dir, Some(fstype), flags, data)
+pub fn mount(devnode: &Path, dir: &Path, fs: FsType, how: MountUse) -> Result<()> {
+    let options = how.options(fs);
+    let data = (!options.is_empty()).then_some(options.as_str());
+    nix::mount::mount(Some(devnode), dir, Some(fs.name()), how.flags(), data)
         .map_err(std::io::Error::from)
         .ctx(|| {
             format!(
-                "mount {} ({fstype}, {}) at {}",
+                "mount {} ({}, {:?}, {}) at {}",
                 devnode.display(),
+                fs.name(),
+                how,
                 if options.is_empty() {
                     "defaults"
                 } else {
-                    options
+                    &options
                 },
                 dir.display()
             )
         })
 }
 
-/// Unmounts `dir`.
+/// Unmounts `dir` (a real path, as mountinfo shows it). `UMOUNT_NOFOLLOW`:
+/// a symlink a container swapped in at the last component is not followed
+/// to a mount elsewhere.
 ///
 /// # Errors
 /// [`Error::Busy`] when a process works inside it; other errors as I/O.
 pub fn umount(dir: &Path) -> Result<()> {
-    match nix::mount::umount2(dir, MntFlags::empty()) {
+    match nix::mount::umount2(dir, MntFlags::UMOUNT_NOFOLLOW) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EBUSY) => Err(Error::Busy {
             what: dir.display().to_string(),
@@ -165,6 +228,22 @@ garbage line
         assert_eq!(m[1].mountpoint, PathBuf::from("/mnt/with space"));
         assert_eq!(m[1].fstype, "ext4");
         assert_eq!(m[2].fstype, "xfs");
+    }
+
+    #[test]
+    fn only_container_mounts_keep_setuid_and_only_readers_are_read_only() {
+        let (ro, nosuid, nodev) = (MsFlags::MS_RDONLY, MsFlags::MS_NOSUID, MsFlags::MS_NODEV);
+        assert_eq!(MountUse::Container.flags(), nodev);
+        assert_eq!(MountUse::ReadOnly.flags(), ro | nodev);
+        assert_eq!(MountUse::Scratch.flags(), nosuid | nodev);
+        assert_eq!(MountUse::ReadOnlyScratch.flags(), ro | nosuid | nodev);
+        assert_eq!(MountUse::Frozen.flags(), ro | nosuid | nodev);
+        assert_eq!(
+            MountUse::Frozen.options(FsType::Ext4),
+            "noinit_itable,noload"
+        );
+        assert_eq!(MountUse::Frozen.options(FsType::Xfs), "nouuid,norecovery");
+        assert_eq!(MountUse::ReadOnlyScratch.options(FsType::Xfs), "nouuid");
     }
 
     #[test]

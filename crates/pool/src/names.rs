@@ -11,7 +11,10 @@ use std::fmt;
 
 use devicemapper::{DmNameBuf, DmUuidBuf};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    pool::Owner,
+};
 
 /// Bumped when the naming scheme changes, so old devices are recognisable.
 pub const FORMAT: u32 = 1;
@@ -173,6 +176,47 @@ pub fn check_id(kind: &str, id: &str) -> Result<()> {
     }
 }
 
+/// The owner that reserves ids of `id`'s form, if any: `vol-*` (volumes),
+/// `ctrd-*` (the containerd snapshotter), `scratch-*` (the engine's private
+/// snapshots), `sha256:*` (image layers, named by ChainID), then `*-rw` and
+/// `*-init` (containers). Prefixes win over suffixes, so `vol-x-rw` is a
+/// volume's. The one place the reserved forms are written down; only user
+/// verbs call it (ownership itself is recorded, never read from a name).
+pub fn reserved_by(id: &str) -> Option<Owner> {
+    const PREFIXES: [(&str, Owner); 4] = [
+        ("vol-", Owner::Volume),
+        ("ctrd-", Owner::Snapshotter),
+        ("scratch-", Owner::Scratch),
+        ("sha256:", Owner::Image),
+    ];
+    const SUFFIXES: [(&str, Owner); 2] = [("-rw", Owner::Container), ("-init", Owner::Container)];
+    PREFIXES
+        .iter()
+        .find(|(p, _)| id.starts_with(p))
+        .or_else(|| SUFFIXES.iter().find(|(s, _)| id.ends_with(s)))
+        .map(|&(_, o)| o)
+}
+
+/// Checks an id a user verb is about to give a new `kind` (layer, volume,
+/// container layer): [`check_id`], and none of the forms [`reserved_by`]
+/// another owner than `owner`.
+///
+/// # Errors
+/// [`Error::InvalidName`] naming the owner and its command.
+pub fn check_user_id(kind: &str, id: &str, owner: Owner) -> Result<()> {
+    check_id(kind, id)?;
+    match reserved_by(id) {
+        Some(o) if o != owner => Err(Error::InvalidName {
+            name: id.to_owned(),
+            reason: format!(
+                "ids of this form are reserved for the {}'s layers; pick another name",
+                o.name()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +256,35 @@ mod tests {
             assert!(PoolId::new(bad).is_err(), "{bad}");
         }
         assert!(PoolId::new(PoolId::generate("/x").as_str()).is_ok());
+    }
+
+    #[test]
+    fn reserved_forms_name_their_owner() {
+        for (id, owner) in [
+            ("vol-data", Some(Owner::Volume)),
+            ("vol-x-rw", Some(Owner::Volume)),
+            ("ctrd-12", Some(Owner::Snapshotter)),
+            ("scratch-1", Some(Owner::Scratch)),
+            ("sha256:abc", Some(Owner::Image)),
+            ("web-rw", Some(Owner::Container)),
+            ("web-init", Some(Owner::Container)),
+            ("web", None),
+            ("volume", None),
+            ("rw", None),
+            ("initial", None),
+        ] {
+            assert_eq!(reserved_by(id), owner, "{id}");
+        }
+        check_user_id("layer", "mine", Owner::User).unwrap();
+        check_user_id("layer", "web-rw", Owner::Container).unwrap();
+        let e = check_user_id("layer", "vol-data", Owner::User).unwrap_err();
+        assert!(
+            e.to_string().contains("reserved for the volume's layers"),
+            "{e}"
+        );
+        let e = check_user_id("layer", "sha256:00", Owner::User).unwrap_err();
+        assert!(e.to_string().contains("image"), "{e}");
+        assert!(check_user_id("layer", "../x", Owner::User).is_err());
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! ROOT/lock              flock(2) target
 //! ```
 //!
+//! The root and every directory under it are 0700, every file 0600, all
+//! root's (see [`record::secure_root`]): the pool holds every container's
+//! and volume's bytes.
+//!
 //! Every change that touches both the kernel and the records is a small
 //! transaction: the intent is recorded first (`pending`), then the kernel
 //! steps run (the kernel commits its metadata before a pool message
@@ -379,6 +383,61 @@ pub struct LayerRecord {
     /// device when its holder closes it, then recovery finishes the removal.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub removing: bool,
+    /// Who made it and may reuse or remove it. Records written before
+    /// owners were recorded load as [`Owner::User`].
+    #[serde(default)]
+    pub owner: Owner,
+}
+
+/// Who a layer belongs to, recorded when it is made: a front end reuses or
+/// removes only its own layers, and a user verb refuses another owner's
+/// (ownership is recorded, never inferred from a name).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owner {
+    /// Made by hand (`layer create`, `layer apply`, a commit).
+    #[default]
+    User,
+    /// A layer of an imported image (named by its ChainID).
+    Image,
+    /// A container's init or read-write layer.
+    Container,
+    /// A volume's device.
+    Volume,
+    /// The containerd snapshotter's.
+    Snapshotter,
+    /// The Docker graphdriver's.
+    Graphdriver,
+    /// A private, short-lived snapshot the engine reads from (a frozen copy).
+    Scratch,
+}
+
+impl Owner {
+    /// The owner's name, as errors and `layer ls` show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Owner::User => "user",
+            Owner::Image => "image",
+            Owner::Container => "container",
+            Owner::Volume => "volume",
+            Owner::Snapshotter => "containerd snapshotter",
+            Owner::Graphdriver => "docker graphdriver",
+            Owner::Scratch => "scratch",
+        }
+    }
+
+    /// The command that removes a layer of this owner, for error hints.
+    pub fn remove_hint(self) -> &'static str {
+        match self {
+            Owner::User => "thinlayer layer rm",
+            Owner::Image => "thinlayer image rm",
+            Owner::Container => "thinlayer container rm",
+            Owner::Volume => "thinlayer volume rm",
+            Owner::Snapshotter => "ctr snapshots rm (or ctr images rm)",
+            Owner::Graphdriver => "docker rm / docker rmi",
+            Owner::Scratch => "thinlayer pool recover",
+        }
+    }
 }
 
 impl LayerRecord {
@@ -555,9 +614,14 @@ impl Pool {
     /// (sizes, root, device-mapper, dm-thin, mkfs) before it creates
     /// anything; a failure half-way removes what it made.
     ///
+    /// The root is made 0700 (an existing one must be this user's, and is
+    /// tightened if looser), its files 0600; the metadata file is fully
+    /// allocated on the host.
+    ///
     /// # Errors
-    /// [`Error::PoolExists`], the environment errors, bad sizes, kernel and
-    /// tool errors.
+    /// [`Error::PoolExists`], [`Error::RootOwner`], the environment errors,
+    /// bad sizes, kernel and tool errors; ENOSPC (exit 6) when the host
+    /// cannot hold the metadata file.
     pub fn create(root: &Path, opts: &CreateOptions, wait: bool) -> Result<Pool> {
         let metadata_size = check_create_options(opts)?;
         let kernel = Kernel::open()?;
@@ -571,8 +635,10 @@ impl Pool {
                 root: root.to_owned(),
             });
         }
+        record::check_owner(root)?;
         record::create_dir(root)?;
         let lock = lock::lock(root, LockMode::Exclusive, wait)?;
+        record::secure_root(root, true)?;
         record::sweep_temp(root)?;
         if layout.pool_record().exists() {
             match interrupted_create(&layout) {
@@ -652,15 +718,17 @@ impl Pool {
             // create_new: never overwrite a file we did not make. A new file
             // is all zeros, so the kernel formats fresh metadata (it keeps
             // old metadata when the superblock is not zero).
-            let f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&file)
-                .ctx(|| format!("create {}", file.display()))?;
+            let f = record::open_private(&file, true)?;
             undo.files.push(file.clone());
-            f.set_len(size.0)
-                .and_then(|()| f.sync_all())
-                .ctx(|| format!("size {} to {size}", file.display()))?;
+            if file == layout.metadata_file() {
+                // Allocated on the host now: a full host filesystem later
+                // fails data writes, never a metadata write.
+                crate::space::allocate_file(&f, &file, size)?;
+            } else {
+                f.set_len(size.0)
+                    .and_then(|()| f.sync_all())
+                    .ctx(|| format!("size {} to {size}", file.display()))?;
+            }
         }
         fault::point("pool_create.after_files");
         let (meta_dev, data_dev) = Self::start_pool(kernel, layout, rec, &CREATE_POINTS, |name| {
@@ -740,22 +808,27 @@ impl Pool {
         Ok((meta, data))
     }
 
-    /// Opens the pool under `root`, taking the root's lock in `mode`.
+    /// Opens the pool under `root`, taking the root's lock in `mode`. A root
+    /// another user owns is refused; an exclusive open tightens a root
+    /// others can read (see [`record::secure_root`]).
     ///
     /// # Errors
-    /// [`Error::NotRoot`], [`Error::NoPool`], [`Error::Locked`], damaged
-    /// records.
+    /// [`Error::NotRoot`], [`Error::RootOwner`], [`Error::NoPool`],
+    /// [`Error::Locked`], damaged records.
     pub fn open(root: &Path, mode: LockMode, wait: bool) -> Result<Pool> {
         let layout = Layout {
             root: root.to_owned(),
         };
         kernel::require_root()?;
+        record::check_owner(root)?;
         if !layout.pool_record().exists() {
             return Err(Error::NoPool {
                 root: root.to_owned(),
             });
         }
         let lock = lock::lock(root, mode, wait)?;
+        // Under the lock: one command tightens and says so.
+        record::secure_root(root, mode == LockMode::Exclusive)?;
         let rec: PoolRecord = match record::read(&layout.pool_record(), RECORD_POOL) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 // Destroyed while we waited for the lock.
@@ -780,6 +853,21 @@ impl Pool {
             idle: Default::default(),
             _lock: lock,
         })
+    }
+
+    /// Allocates a metadata file an older version left sparse, so a full
+    /// host cannot fail a metadata write. Best effort: a host too full for
+    /// it is warned about (`pool status` says so too), never fatal here.
+    fn allocate_metadata(&self) {
+        let file = self.layout.metadata_file();
+        let r = OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .ctx(|| format!("open {}", file.display()))
+            .and_then(|f| crate::space::allocate_file(&f, &file, self.rec.metadata_size));
+        if let Err(e) = r {
+            tracing::warn!("could not allocate the metadata file on the host: {e}");
+        }
     }
 
     /// The pool record as loaded.
@@ -868,6 +956,7 @@ impl Pool {
         }
         fault::point("pool_activate.after_leftovers");
         check_metadata(&self.layout.metadata_file())?;
+        self.allocate_metadata();
         // An extend that grew the files (and maybe the kernel's metadata)
         // but died before its record: build the tables from the files.
         if self.reconcile_sizes()? {
@@ -1189,6 +1278,8 @@ impl Pool {
         } else {
             None
         };
+        let host = self.host_space()?;
+        warnings.extend(host.warnings(&self.layout.root));
         Ok(PoolStatus {
             root: self.layout.root.clone(),
             pool_id: self.rec.pool_id.to_string(),
@@ -1205,6 +1296,7 @@ impl Pool {
             spares: self.rec.spares.clone(),
             trash: self.rec.trash.clone(),
             kernel: kernel_status,
+            host,
             warnings,
         })
     }
@@ -1305,7 +1397,10 @@ pub struct PoolStatus {
     pub pending: Option<Pending>,
     /// What the kernel reports, when active.
     pub kernel: Option<KernelStatus>,
-    /// Low water, needs_check, read-only...
+    /// The host filesystem under the root against what the pool may
+    /// still write there.
+    pub host: crate::space::HostSpace,
+    /// Low water, needs_check, read-only, host space...
     pub warnings: Vec<String>,
 }
 

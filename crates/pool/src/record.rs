@@ -11,10 +11,17 @@
 //! crash leaves either the old record or the new one, plus at worst a stale
 //! `*.tmp` that [`sweep_temp`] removes. Removing a record that is already
 //! gone succeeds, so undo and recovery steps can be replayed.
+//!
+//! Modes: everything under a root is root's alone. Directories are made
+//! [`DIR_MODE`] (0700) and files [`FILE_MODE`] (0600), set explicitly,
+//! never left to the process umask (a library user may not set one).
+//! [`secure_root`] refuses a root another user owns and tightens one an
+//! older version left world-readable.
 
 use std::{
-    fs::{self, File, OpenOptions},
+    fs::{self, DirBuilder, File, OpenOptions, Permissions},
     io::Write,
+    os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -28,6 +35,11 @@ pub const FORMAT: u32 = 1;
 const MAGIC: &str = "thinlayer-record";
 const TEMP_SUFFIX: &str = ".tmp";
 
+/// The mode of every directory thinlayer makes under a root.
+pub const DIR_MODE: u32 = 0o700;
+/// The mode of every file thinlayer makes under a root.
+pub const FILE_MODE: u32 = 0o600;
+
 /// Serialises `value` as a record of `kind` at `path`, atomically and durably.
 ///
 /// # Errors
@@ -40,13 +52,18 @@ pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<()> {
         crc32fast::hash(&body)
     );
     let tmp = temp_path(path);
-    let mut f = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
-    f.write_all(header.as_bytes())
+    let mut f = open_private(&tmp, false)?;
+    let written = f
+        .write_all(header.as_bytes())
         .and_then(|()| f.write_all(&body))
         .and_then(|()| f.write_all(b"\n"))
-        .and_then(|()| f.sync_all())
-        .ctx(|| format!("write {}", tmp.display()))?;
+        .and_then(|()| f.sync_all());
     drop(f);
+    if let Err(e) = written {
+        // A full host filesystem: leave no half-written temp behind.
+        let _ = fs::remove_file(&tmp);
+        return Err(e).ctx(|| format!("write {}", tmp.display()));
+    }
     fs::rename(&tmp, path).ctx(|| format!("rename {} into place", tmp.display()))?;
     sync_dir(path)
 }
@@ -142,14 +159,159 @@ pub fn sweep_temp(dir: &Path) -> Result<usize> {
     Ok(swept)
 }
 
-/// Creates `dir` (and parents) and fsyncs its parent, so the new directory
-/// itself survives a crash.
+/// Creates `dir` (and parents) [`DIR_MODE`] and fsyncs its parent, so the
+/// new directory itself survives a crash. An existing directory keeps its
+/// mode ([`secure_root`] tightens a root's).
 ///
 /// # Errors
 /// I/O errors.
 pub fn create_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).ctx(|| format!("create directory {}", dir.display()))?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .ctx(|| format!("create directory {}", dir.display()))?;
     sync_dir(dir)
+}
+
+/// Opens `path` for writing as a [`FILE_MODE`] file: created if missing
+/// (`create_new`: only a new one), truncated otherwise, never through a
+/// symlink; an existing file's mode is set to [`FILE_MODE`] too.
+///
+/// # Errors
+/// I/O errors; `AlreadyExists` with `create_new`.
+pub fn open_private(path: &Path, create_new: bool) -> Result<File> {
+    let mut o = OpenOptions::new();
+    o.write(true)
+        .mode(FILE_MODE)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits());
+    if create_new {
+        o.create_new(true);
+    } else {
+        o.create(true).truncate(true);
+    }
+    let f = o.open(path).ctx(|| format!("create {}", path.display()))?;
+    if !create_new {
+        // A file left by an older version (or another umask) keeps its
+        // mode on open: set ours.
+        f.set_permissions(Permissions::from_mode(FILE_MODE))
+            .ctx(|| format!("chmod {}", path.display()))?;
+    }
+    Ok(f)
+}
+
+/// What [`secure_root`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tightened {
+    /// The root's mode before, when it was looser than [`DIR_MODE`].
+    pub root_was: Option<u32>,
+    /// Entries under the root whose group/other bits were removed.
+    pub entries: usize,
+}
+
+/// Checks a root before anything in it is opened: it must belong to this
+/// process's user (root), else [`Error::RootOwner`] with the `chown` that
+/// fixes it. A root readable or searchable by others (an older version
+/// made it 0755) is, with `tighten`, made [`DIR_MODE`] after everything
+/// under it lost its group and other bits (files [`FILE_MODE`],
+/// directories [`DIR_MODE`]); mounts under it are not entered, symlinks
+/// are not followed. Says so once, as a warning; without `tighten` it
+/// only warns. A missing root is not an error (nothing to protect yet).
+///
+/// # Errors
+/// [`Error::RootOwner`]; I/O errors.
+pub fn secure_root(root: &Path, tighten: bool) -> Result<Tightened> {
+    let Some(meta) = check_owner(root)? else {
+        return Ok(Tightened::default());
+    };
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(Tightened::default());
+    }
+    if !tighten {
+        tracing::warn!(
+            "{} is mode {mode:04o}: other users can read the pool; the next thinlayer command that changes something makes it {DIR_MODE:04o}",
+            root.display()
+        );
+        return Ok(Tightened::default());
+    }
+    let skip: Vec<PathBuf> = crate::mounts::all()
+        .map(|m| m.into_iter().map(|e| e.mountpoint).collect())
+        .unwrap_or_default();
+    let entries = tighten_below(root, meta.dev(), &skip)?;
+    fs::set_permissions(root, Permissions::from_mode(DIR_MODE))
+        .ctx(|| format!("chmod {}", root.display()))?;
+    let under = if entries == 0 {
+        String::new()
+    } else {
+        format!(" and {entries} file(s) and directories under it to owner-only")
+    };
+    tracing::warn!(
+        "tightened {} from {mode:04o} to {DIR_MODE:04o}{under}: other users could read it",
+        root.display()
+    );
+    Ok(Tightened {
+        root_was: Some(mode),
+        entries,
+    })
+}
+
+/// Refuses a root that another user than this process's owns (they
+/// could swap the pool's files under a root-run thinlayer), with the
+/// `chown` that fixes it. Returns the root's metadata; `None` when it does
+/// not exist yet.
+///
+/// # Errors
+/// [`Error::RootOwner`]; I/O errors.
+pub fn check_owner(root: &Path) -> Result<Option<fs::Metadata>> {
+    let meta = match fs::metadata(root) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).ctx(|| format!("stat {}", root.display())),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(Error::RootOwner {
+            root: root.to_owned(),
+            uid: meta.uid(),
+            fix: if me == 0 {
+                format!("chown -R root: {}", root.display())
+            } else {
+                format!("chown -R {me} {}", root.display())
+            },
+        });
+    }
+    Ok(Some(meta))
+}
+
+/// Removes group and other bits from everything under `dir` on device
+/// `dev`, skipping symlinks, other filesystems and the mount points in
+/// `skip`; returns how many entries changed.
+fn tighten_below(dir: &Path, dev: u64, skip: &[PathBuf]) -> Result<usize> {
+    let mut changed = 0;
+    let entries = fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))?;
+    for entry in entries {
+        let path = entry.ctx(|| format!("list {}", dir.display()))?.path();
+        let Ok(m) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let ft = m.file_type();
+        let is_dir = ft.is_dir();
+        if !(is_dir || ft.is_file()) || m.dev() != dev || skip.contains(&path) {
+            continue;
+        }
+        if is_dir {
+            changed += tighten_below(&path, dev, skip)?;
+        }
+        let mode = m.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            let want = if is_dir { DIR_MODE } else { mode & 0o700 };
+            fs::set_permissions(&path, Permissions::from_mode(want))
+                .ctx(|| format!("chmod {}", path.display()))?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -272,6 +434,95 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read::<Sample>(&p, "sample").unwrap(), sample());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn records_and_directories_are_owner_only_whatever_the_umask() {
+        let d = tempdir("modes");
+        // A loose umask, as a library user may have; restored after.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o002));
+        let sub = d.join("a/b");
+        create_dir(&sub).unwrap();
+        let p = sub.join("x.rec");
+        write(&p, "sample", &sample()).unwrap();
+        // A record an older version left 0644 is 0600 once rewritten.
+        fs::set_permissions(&p, Permissions::from_mode(0o644)).unwrap();
+        write(&p, "sample", &sample()).unwrap();
+        let f = d.join("data.img");
+        drop(open_private(&f, true).unwrap());
+        nix::sys::stat::umask(old);
+        assert_eq!(mode(&d.join("a")), 0o700);
+        assert_eq!(mode(&sub), 0o700);
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(mode(&f), 0o600);
+        assert!(
+            open_private(&f, true).is_err(),
+            "create_new never reuses a file"
+        );
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_loose_root_is_tightened_once_with_everything_under_it() {
+        let d = tempdir("tighten");
+        let root = d.join("root");
+        fs::create_dir_all(root.join("layers")).unwrap();
+        fs::write(root.join("pool.rec"), b"x").unwrap();
+        fs::write(root.join("layers/l.rec"), b"x").unwrap();
+        let outside = d.join("outside");
+        fs::write(&outside, b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        for (p, m) in [
+            (root.clone(), 0o755),
+            (root.join("layers"), 0o755),
+            (root.join("pool.rec"), 0o644),
+            (root.join("layers/l.rec"), 0o640),
+            (outside.clone(), 0o644),
+        ] {
+            fs::set_permissions(&p, Permissions::from_mode(m)).unwrap();
+        }
+        // Without `tighten` (a shared open) nothing changes.
+        assert_eq!(secure_root(&root, false).unwrap(), Tightened::default());
+        assert_eq!(mode(&root), 0o755);
+        let t = secure_root(&root, true).unwrap();
+        assert_eq!(
+            t,
+            Tightened {
+                root_was: Some(0o755),
+                entries: 3
+            }
+        );
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("layers")), 0o700);
+        assert_eq!(mode(&root.join("pool.rec")), 0o600);
+        assert_eq!(mode(&root.join("layers/l.rec")), 0o600);
+        assert_eq!(mode(&outside), 0o644, "a symlink is never followed");
+        // Once: the next open finds nothing to do.
+        assert_eq!(secure_root(&root, true).unwrap(), Tightened::default());
+        // A root that does not exist yet is nothing to protect.
+        assert!(secure_root(&d.join("missing"), true).is_ok());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_root_another_user_owns_is_refused_with_the_chown_that_fixes_it() {
+        // `/` is root's: refused unless these tests run as root.
+        let me = nix::unistd::geteuid().as_raw();
+        match check_owner(Path::new("/")) {
+            Ok(_) => assert_eq!(me, 0),
+            Err(e) => {
+                assert_ne!(me, 0);
+                assert!(matches!(e, Error::RootOwner { uid: 0, .. }), "{e}");
+                assert!(e.to_string().contains(&format!("chown -R {me} /")), "{e}");
+            }
+        }
+        let d = tempdir("owner");
+        assert!(check_owner(&d).unwrap().is_some(), "our own directory");
         fs::remove_dir_all(d).unwrap();
     }
 

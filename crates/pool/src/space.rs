@@ -23,13 +23,27 @@
 //!   dm events (the pool raises one at its low-water mark and when it runs
 //!   out of space), with a slow timer as a fallback, and holds the root's
 //!   lock only while it reads usage or extends.
+//! - **The host.** The data file is sparse: the host filesystem must still
+//!   hold what the pool has not written yet. The metadata file is fully
+//!   allocated (`fallocate`) at create and extend, so a full host never
+//!   fails a metadata write (which would make the pool read-only or
+//!   `needs_check`); a full host fails only data writes, with EIO in the
+//!   layer. [`HostSpace`] (in `pool status` and `pool check`) compares the
+//!   host's free space with the data file's remaining growth and warns
+//!   when it cannot hold it; `pool watch` never grows the data file past
+//!   what the host holds; [`Pool::require_host_space`] lets a caller
+//!   refuse work up front; [`sweep_scratch`] clears scratch a crash left.
+//!   `pool extend` measures from the live devices, never the record alone,
+//!   so an extend whose record was lost cannot shrink a device under the
+//!   live pool.
 //!
 //! What must never happen: the pool shrunk (its metadata maps blocks up to
 //! the old end); a record larger than the kernel's table for a live pool.
 
 use std::{
-    fs::OpenOptions,
-    os::fd::AsRawFd,
+    fs::{self, File, OpenOptions},
+    io::Write,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     str::FromStr,
     time::{Duration, Instant},
@@ -200,17 +214,22 @@ fn refuse_shrink(what: &str, old: Bytes, new: Bytes) -> Result<()> {
     Ok(())
 }
 
-/// Grows `file` to `size`, then its loop device (if attached) to match.
-fn grow_file(file: &Path, size: Bytes) -> Result<Option<loopback::Loop>> {
+/// Grows `file` to `size` (allocating the new bytes on the host with
+/// `allocate`), then its loop device (if attached) to match.
+fn grow_file(file: &Path, size: Bytes, allocate: bool) -> Result<Option<loopback::Loop>> {
     let f = OpenOptions::new()
         .write(true)
         .open(file)
         .ctx(|| format!("open {}", file.display()))?;
-    if f.metadata()
+    let len = f
+        .metadata()
         .ctx(|| format!("stat {}", file.display()))?
-        .len()
-        < size.0
-    {
+        .len();
+    if allocate {
+        // The whole file, not only the new end: a metadata file an older
+        // version left sparse is allocated by its first extend.
+        allocate_file(&f, file, Bytes(len.max(size.0)))?;
+    } else if len < size.0 {
         f.set_len(size.0)
             .and_then(|()| f.sync_all())
             .ctx(|| format!("grow {} to {size}", file.display()))?;
@@ -222,7 +241,289 @@ fn grow_file(file: &Path, size: Bytes) -> Result<Option<loopback::Loop>> {
     Ok(lp)
 }
 
+/// Kept free on the host beyond what a step asks for in
+/// [`Pool::require_host_space`]: room for records and temp files.
+pub const HOST_RESERVE: Bytes = Bytes(8 << 20);
+
+/// What `container commit` wants free on the host before it starts: its
+/// size is known only once the changes are written (a scratch tar, then
+/// the new layer's blocks), so a fixed floor refuses a hopeless one early.
+pub const COMMIT_MARGIN: Bytes = Bytes(64 << 20);
+
+/// Bytes of the filesystem holding `path` that a writer can still use
+/// (`statvfs`: available blocks times fragment size, as `df` shows them;
+/// blocks reserved for root are not counted, so this errs low).
+///
+/// # Errors
+/// I/O errors.
+pub fn host_free(path: &Path) -> Result<Bytes> {
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("statvfs {}", path.display()))?;
+    Ok(Bytes(
+        st.blocks_available().saturating_mul(st.fragment_size()),
+    ))
+}
+
+/// Bytes the host filesystem holds for `file` (`st_blocks` * 512).
+///
+/// # Errors
+/// I/O errors.
+pub fn allocated(file: &Path) -> Result<Bytes> {
+    let m = fs::metadata(file).ctx(|| format!("stat {}", file.display()))?;
+    Ok(Bytes(m.blocks().saturating_mul(512)))
+}
+
+/// Allocates bytes `[0, len)` of `f` (at `path`) on the host
+/// (`fallocate`), growing it to `len` if shorter, and syncs it. Where the
+/// filesystem has no `fallocate`, writes zeros past the current end
+/// instead (only ever for a file whose new part must read as zeros).
+///
+/// # Errors
+/// I/O errors; ENOSPC (exit 6) when the host cannot hold it.
+pub fn allocate_file(f: &File, path: &Path, len: Bytes) -> Result<()> {
+    let want = i64::try_from(len.0).map_err(|_| Error::InvalidSize {
+        input: len.to_string(),
+        reason: "larger than a file offset".into(),
+    })?;
+    match nix::fcntl::fallocate(f, nix::fcntl::FallocateFlags::empty(), 0, want) {
+        Ok(()) => {}
+        Err(Errno::EOPNOTSUPP) => {
+            let mut w = f;
+            let mut at = f
+                .metadata()
+                .ctx(|| format!("stat {}", path.display()))?
+                .len();
+            let zeros = vec![0u8; 1 << 20];
+            while at < len.0 {
+                let n = usize::try_from((len.0 - at).min(1 << 20)).expect("at most 1 MiB");
+                std::io::Seek::seek(&mut w, std::io::SeekFrom::Start(at))
+                    .and_then(|_| w.write_all(&zeros[..n]))
+                    .ctx(|| format!("write zeros into {}", path.display()))?;
+                at += n as u64;
+            }
+        }
+        Err(e) => {
+            return Err(std::io::Error::from(e))
+                .ctx(|| format!("allocate {len} for {} on the host", path.display()));
+        }
+    }
+    f.sync_all().ctx(|| format!("sync {}", path.display()))
+}
+
+/// The host filesystem under a pool against what the pool may still
+/// write there (`pool status`, `pool check`).
+#[derive(Clone, Debug, Serialize)]
+pub struct HostSpace {
+    /// Bytes a writer can still use on the filesystem holding the root.
+    pub filesystem_free_bytes: u64,
+    /// That filesystem's size.
+    pub filesystem_size_bytes: u64,
+    /// Bytes of the data file the host holds now.
+    pub data_allocated_bytes: u64,
+    /// What the data file can still grow on the host: its size minus what
+    /// the host holds of it.
+    pub data_growth_bytes: u64,
+    /// Bytes of the metadata file the host holds.
+    pub metadata_allocated_bytes: u64,
+    /// Whether the metadata file is fully allocated (a full host cannot
+    /// fail a metadata write).
+    pub metadata_allocated: bool,
+    /// Whether the free space holds the data file's remaining growth.
+    pub holds_growth: bool,
+}
+
+impl HostSpace {
+    /// Measures the host under `root` for a pool of `data_size` and
+    /// `metadata_size`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn measure(root: &Path, data_size: Bytes, metadata_size: Bytes) -> Result<HostSpace> {
+        let st = nix::sys::statvfs::statvfs(root)
+            .map_err(std::io::Error::from)
+            .ctx(|| format!("statvfs {}", root.display()))?;
+        let free = host_free(root)?.0;
+        let size = st.blocks().saturating_mul(st.fragment_size());
+        // A file an interrupted `pool create` never made holds nothing.
+        let held = |name: &str| match allocated(&root.join(name)) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            r => r.map(|b| b.0),
+        };
+        let (data, meta) = (held("data.img")?, held("metadata.img")?);
+        let growth = data_size.0.saturating_sub(data);
+        Ok(HostSpace {
+            filesystem_free_bytes: free,
+            filesystem_size_bytes: size,
+            data_allocated_bytes: data,
+            data_growth_bytes: growth,
+            metadata_allocated_bytes: meta,
+            metadata_allocated: meta >= metadata_size.0,
+            holds_growth: free >= growth,
+        })
+    }
+
+    /// What `pool status` and `pool check` warn about, each with what to do.
+    pub fn warnings(&self, root: &Path) -> Vec<String> {
+        let mut w = Vec::new();
+        if !self.holds_growth {
+            w.push(format!(
+                "the filesystem holding {} has {} free but the pool's data file can still grow by {} ({} of it on the host now): \
+                 once that filesystem is full, writes into layers fail with I/O errors; \
+                 free space on it, remove layers (their space goes back to it), or move the root to a larger filesystem \
+                 (`thinlayer pool deactivate`, move {}, `thinlayer pool activate`); `pool extend` of the data only widens the gap",
+                root.display(),
+                Bytes(self.filesystem_free_bytes),
+                Bytes(self.data_growth_bytes),
+                Bytes(self.data_allocated_bytes),
+                root.display()
+            ));
+        }
+        if !self.metadata_allocated {
+            w.push(
+                "the metadata file is sparse (made by an older thinlayer): a full host filesystem could fail a metadata write; \
+                 `thinlayer pool deactivate` and `thinlayer pool activate` allocate it"
+                    .into(),
+            );
+        }
+        w
+    }
+}
+
+/// Removes what a crash left in the scratch directory `dir`
+/// (`ROOT/store/tmp`): files, and directories once empty. Unmounts
+/// nothing: a directory that is (or holds) a mount point is left as it
+/// is, as is anything on another filesystem; symlinks are removed, never
+/// followed. Call only under the root's exclusive lock, when no other
+/// thinlayer process can be using its scratch. Returns how many entries
+/// it removed.
+///
+/// # Errors
+/// I/O errors other than a missing directory.
+pub fn sweep_scratch(dir: &Path) -> Result<usize> {
+    let dir = match fs::canonicalize(dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).ctx(|| format!("resolve {}", dir.display())),
+    };
+    let dev = fs::metadata(&dir)
+        .ctx(|| format!("stat {}", dir.display()))?
+        .dev();
+    let mounts: Vec<PathBuf> = crate::mounts::all()?
+        .into_iter()
+        .map(|m| m.mountpoint)
+        .collect();
+    let n = sweep_below(&dir, dev, &mounts)?;
+    if n > 0 {
+        tracing::info!(dir = %dir.display(), entries = n, "swept scratch a crash left");
+    }
+    Ok(n)
+}
+
+fn sweep_below(dir: &Path, dev: u64, mounts: &[PathBuf]) -> Result<usize> {
+    let mut n = 0;
+    for entry in fs::read_dir(dir).ctx(|| format!("list {}", dir.display()))? {
+        let path = entry.ctx(|| format!("list {}", dir.display()))?.path();
+        let Ok(m) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if m.is_dir() {
+            if m.dev() != dev || mounts.iter().any(|p| p.starts_with(&path)) {
+                tracing::info!(dir = %path.display(), "scratch left alone: a mount is on it");
+                continue;
+            }
+            n += sweep_below(&path, dev, mounts)?;
+            if fs::remove_dir(&path).is_ok() {
+                n += 1;
+            }
+        } else {
+            fs::remove_file(&path).ctx(|| format!("remove stale {}", path.display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The size in bytes of the block device `dev` (sysfs: its table length
+/// for a dm device, its capacity for a loop device).
+fn device_size(dev: devicemapper::Device) -> Result<Bytes> {
+    let p = format!("/sys/dev/block/{}:{}/size", dev.major, dev.minor);
+    let text = fs::read_to_string(&p).ctx(|| format!("read {p}"))?;
+    let sectors: u64 = text.trim().parse().map_err(|_| {
+        Error::Inconsistent(format!("{p} holds `{}`, not a sector count", text.trim()))
+    })?;
+    Ok(Bytes(sectors.saturating_mul(512)))
+}
+
 impl Pool {
+    /// The host filesystem under the pool against what it may still write.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn host_space(&self) -> Result<HostSpace> {
+        let r = self.record();
+        HostSpace::measure(&self.layout().root, r.data_size, r.metadata_size)
+    }
+
+    /// Refuses, before anything changes, work that needs `bytes` on the
+    /// host filesystem holding the pool (scratch files, data the pool
+    /// will write) when that and [`HOST_RESERVE`] are not free. `what`
+    /// names the work in the error.
+    ///
+    /// # Errors
+    /// [`Error::HostNoSpace`] (exit 6) with the bytes needed and free; I/O
+    /// errors.
+    pub fn require_host_space(&self, what: &str, bytes: Bytes) -> Result<()> {
+        let root = &self.layout().root;
+        let free = host_free(root)?;
+        if free.0 < bytes.0.saturating_add(HOST_RESERVE.0) {
+            return Err(Error::HostNoSpace {
+                root: root.clone(),
+                what: what.to_owned(),
+                needed: bytes.0,
+                reserve: HOST_RESERVE.0,
+                free: free.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// The data and metadata sizes the pool has now: the live linear
+    /// devices' when active, else the files' (rounded down to whole pool
+    /// blocks and 4 KiB); never less than the record. A larger size than
+    /// the record is an extend whose record was lost: it is adopted (the
+    /// record rewritten) and said.
+    ///
+    /// # Errors
+    /// Kernel, sysfs and record errors.
+    fn adopt_live_sizes(&mut self) -> Result<()> {
+        if self.pool_device()?.is_none() {
+            self.reconcile_sizes()?;
+            return Ok(());
+        }
+        let (data_name, meta_name) = (self.name(Role::Data), self.name(Role::Meta));
+        let kernel = self.kernel()?;
+        let size = |n: &devicemapper::DmName| -> Result<Bytes> {
+            let dev = kernel.device(n)?.ok_or_else(|| {
+                Error::Inconsistent(format!("the pool is active but {n} is gone"))
+            })?;
+            device_size(dev)
+        };
+        let (data, meta) = (size(&data_name)?, size(&meta_name)?);
+        let r = self.record_mut_inner();
+        let (old_data, old_meta) = (r.data_size, r.metadata_size);
+        if data <= old_data && meta <= old_meta {
+            return Ok(());
+        }
+        r.data_size = old_data.max(data);
+        r.metadata_size = old_meta.max(meta);
+        tracing::warn!(
+            "the record said data {old_data}, metadata {old_meta}, but the live pool has data {data}, metadata {meta} \
+             (an extend whose record was lost): adopted the live sizes"
+        );
+        self.write_record()
+    }
+
     /// Discards all of thin device `thin_id` so its blocks go back to the
     /// pool and (by discard passdown) to the host: activates it if needed,
     /// `BLKDISCARD`s its whole length, removes the device. Idempotent: a
@@ -282,7 +583,10 @@ impl Pool {
     /// Grows the data and/or metadata of the pool, online when it is
     /// active (layers may stay mounted): file -> loop capacity -> linear
     /// device -> pool table -> record. Sizes round down to whole pool
-    /// blocks (data) or 4 KiB (metadata).
+    /// blocks (data) or 4 KiB (metadata). The current sizes are the live
+    /// devices' (or, inactive, the files'), never the record's alone: a
+    /// larger live size is adopted first, so a request below it is a
+    /// shrink and refused. The metadata file is allocated on the host.
     ///
     /// # Errors
     /// [`Error::InvalidSize`] to shrink or past the kernel's metadata limit;
@@ -294,6 +598,10 @@ impl Pool {
                 "nothing to extend; give --data-size +SIZE and/or --metadata-size +SIZE".into(),
             ));
         }
+        // Measure from what the kernel uses, never the record alone: a
+        // record a crash or a restore left behind must not shrink a live
+        // device.
+        self.adopt_live_sizes()?;
         let rec = self.record().clone();
         let block = rec.block_size.bytes().0;
         let new_data = req.data.map_or(rec.data_size, |c| {
@@ -327,8 +635,8 @@ impl Pool {
         let layout = self.layout().clone();
         // Files first: a longer file than the record is harmless, and tells
         // a crash after the kernel step.
-        let data_loop = grow_file(&layout.data_file(), new_data)?;
-        let meta_loop = grow_file(&layout.metadata_file(), new_meta)?;
+        let data_loop = grow_file(&layout.data_file(), new_data, false)?;
+        let meta_loop = grow_file(&layout.metadata_file(), new_meta, true)?;
         if self.pool_device()?.is_some() {
             let (Some(data_loop), Some(meta_loop)) = (data_loop, meta_loop) else {
                 return Err(Error::Inconsistent(
@@ -497,6 +805,27 @@ fn plan(opts: &WatchOptions, u: Usage, data: Bytes, meta: Bytes) -> ExtendReques
     req
 }
 
+/// Refuses growing the data file of the pool under `root` to `to` when
+/// the host filesystem cannot hold the file at that size: what it lacks
+/// of it, plus [`HOST_RESERVE`].
+fn host_holds(root: &Path, to: Bytes) -> Result<()> {
+    let free = host_free(root)?;
+    let on_host = allocated(&root.join("data.img"))?;
+    let growth = to.0.saturating_sub(on_host.0);
+    if free.0 < growth.saturating_add(HOST_RESERVE.0) {
+        return Err(Error::HostNoSpace {
+            root: root.to_owned(),
+            what: format!(
+                "growing the data file to {to} (pool watch; {on_host} of it is on the host now)"
+            ),
+            needed: growth,
+            reserve: HOST_RESERVE.0,
+            free: free.0,
+        });
+    }
+    Ok(())
+}
+
 /// Watches the pool under `root` and extends it by the policy in `opts`,
 /// calling `extended` after each extension. Sleeps on the kernel's dm
 /// events (armed with `DM_DEV_ARM_POLL` on the control fd; the pool raises
@@ -505,6 +834,10 @@ fn plan(opts: &WatchOptions, u: Usage, data: Bytes, meta: Bytes) -> ExtendReques
 /// usage (shared) and to extend (exclusive), so other commands run
 /// meanwhile. SIGINT and SIGTERM are blocked and read from a signalfd:
 /// either ends the watch cleanly.
+///
+/// Never grows the data file past what the host filesystem holds: with
+/// `once` that is [`Error::HostNoSpace`]; a long watch warns once and
+/// leaves the data size alone.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] for a bad policy; environment, kernel and
@@ -538,6 +871,7 @@ pub fn watch(
         .ctx(|| "make a signalfd".into())?;
     let deadline = opts.timeout.map(|t| Instant::now() + t);
     let mut capped_logged = false;
+    let mut host_logged = false;
     loop {
         // Arm before reading usage, so an event raised in between wakes
         // the poll below at once.
@@ -549,10 +883,28 @@ pub fn watch(
                 let p = Pool::open(root, crate::LockMode::Shared, true)?;
                 (p.record().data_size, p.record().metadata_size)
             };
-            let req = plan(opts, u, data, meta);
+            let mut req = plan(opts, u, data, meta);
+            let mut host_refused = false;
+            if let Some(SizeChange::To(to)) = req.data {
+                if let Err(e) = host_holds(root, to) {
+                    // --once reports it; a long watch says so once and
+                    // keeps watching (the metadata may still grow, and the
+                    // host may get space back).
+                    if opts.once {
+                        return Err(e);
+                    }
+                    if !host_logged {
+                        tracing::warn!("{e}; pool watch leaves the data size as it is");
+                        host_logged = true;
+                    }
+                    req.data = None;
+                    host_refused = true;
+                }
+            }
             if req.data.is_none() && req.metadata.is_none() {
                 if percent_of(u.data.0, u.data.1) >= u64::from(opts.threshold_percent)
                     && !capped_logged
+                    && !host_refused
                 {
                     tracing::warn!(
                         "data use is past the threshold but the pool is at --max-data-size; not extending"
@@ -674,6 +1026,79 @@ mod tests {
         };
         let r = plan(&opts, meta_high, Bytes(200), Bytes(4096));
         assert_eq!(r.metadata, Some(SizeChange::To(Bytes(6144))));
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("thinlayer-space-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn allocate_file_holds_every_byte_on_the_host() {
+        let d = tempdir("alloc");
+        let p = d.join("metadata.img");
+        let f = crate::record::open_private(&p, true).unwrap();
+        allocate_file(&f, &p, Bytes(4 << 20)).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().len(), 4 << 20);
+        assert!(allocated(&p).unwrap().0 >= 4 << 20, "fully allocated");
+        // Growing allocates the new end too; the old bytes stay.
+        allocate_file(&f, &p, Bytes(6 << 20)).unwrap();
+        assert!(allocated(&p).unwrap().0 >= 6 << 20);
+        assert!(host_free(&d).unwrap().0 > 0);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn host_space_warns_when_the_host_cannot_hold_the_growth() {
+        let d = tempdir("host");
+        let f = crate::record::open_private(&d.join("data.img"), true).unwrap();
+        f.set_len(1 << 20).unwrap();
+        let m = crate::record::open_private(&d.join("metadata.img"), true).unwrap();
+        allocate_file(&m, &d.join("metadata.img"), Bytes(1 << 20)).unwrap();
+        let free = host_free(&d).unwrap().0;
+        // A data file larger than the host could ever hold.
+        let huge = HostSpace::measure(&d, Bytes(free + (1 << 40)), Bytes(1 << 20)).unwrap();
+        assert!(!huge.holds_growth && huge.metadata_allocated, "{huge:?}");
+        let w = huge.warnings(&d).join("\n");
+        assert!(
+            w.contains("free space on it") && w.contains("move the root"),
+            "{w}"
+        );
+        let small = HostSpace::measure(&d, Bytes(1 << 20), Bytes(1 << 20)).unwrap();
+        assert!(
+            small.holds_growth && small.warnings(&d).is_empty(),
+            "{small:?}"
+        );
+        // A sparse metadata file is said too.
+        let sparse = HostSpace::measure(&d, Bytes(1 << 20), Bytes(2 << 20)).unwrap();
+        assert!(sparse.warnings(&d).join(" ").contains("sparse"));
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn sweep_scratch_removes_files_and_empty_dirs_and_follows_no_symlink() {
+        let d = tempdir("sweep");
+        let tmp = d.join("tmp");
+        fs::create_dir_all(tmp.join("import-1/blobs/sha256")).unwrap();
+        fs::write(tmp.join("import-1/blobs/sha256/abc"), b"blob").unwrap();
+        fs::create_dir_all(tmp.join("apply-x-2")).unwrap();
+        fs::create_dir_all(tmp.join("commit-3")).unwrap();
+        fs::write(tmp.join("commit-3/layer.tar"), b"tar").unwrap();
+        let keep = d.join("keep");
+        fs::create_dir_all(&keep).unwrap();
+        fs::write(keep.join("precious"), b"x").unwrap();
+        std::os::unix::fs::symlink(&keep, tmp.join("link")).unwrap();
+        assert_eq!(sweep_scratch(&tmp).unwrap(), 8);
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
+        assert!(
+            keep.join("precious").exists(),
+            "a symlink is removed, not followed"
+        );
+        assert_eq!(sweep_scratch(&tmp).unwrap(), 0);
+        assert_eq!(sweep_scratch(&d.join("missing")).unwrap(), 0);
+        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

@@ -15,19 +15,19 @@
 
 use std::{
     collections::HashMap,
-    fs::{File, OpenOptions},
+    fs::File,
     path::{Path, PathBuf},
     time::SystemTime,
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
 use nix::fcntl::{Flock, FlockArg};
-use thinlayer_pool::{LockMode, Pool};
+use thinlayer_pool::{FsType, LockMode, Owner, Pool};
 
 use crate::{
     error::{Error, Result},
     filter::Filters,
-    store::{Kind, LAYER_PREFIX, Snapshot, Store},
+    store::{Kind, LAYER_PREFIX, Snapshot, Snapshots, Store},
 };
 
 /// containerd's label asking for a snapshot of at most this many bytes.
@@ -40,6 +40,9 @@ pub struct Engine {
     root: PathBuf,
     store: Store,
     _lock: Flock<File>,
+    /// The records directory was missing at open: layers without records
+    /// are then kept (they may be snapshots whose records were lost).
+    records_missing: bool,
 }
 
 impl Engine {
@@ -55,15 +58,13 @@ impl Engine {
         let mut pool = Pool::open(root, LockMode::Exclusive, true)?;
         pool.require_active()?;
         let dir = Store::base_dir(root);
+        // Without its records directory nothing says which layers are
+        // orphans: then none is removed (see `reconcile`).
+        let records_missing = !dir.exists();
         thinlayer_pool::record::create_dir(&dir)?;
         let lock_path = dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        // 0600, never through a symlink: only root can hold it.
+        let file = thinlayer_pool::lock::open_lock_file(&lock_path)?;
         let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -80,7 +81,9 @@ impl Engine {
             root: root.to_owned(),
             store: Store::load(root)?,
             _lock: lock,
+            records_missing: false,
         };
+        engine.records_missing = records_missing;
         engine.reconcile(&mut pool)?;
         Ok(engine)
     }
@@ -110,11 +113,18 @@ impl Engine {
             self.store.all().map(|s| s.layer.clone()).collect();
         // Newest first: a child before its parent.
         for l in layers.iter().rev() {
-            if !l.id.starts_with(LAYER_PREFIX) {
+            if l.id.starts_with(LAYER_PREFIX) {
+                // Never hand out a number a layer of that name holds.
+                self.store.saw_layer(&l.id);
+            }
+            // Only layers this snapshotter made (recorded, not guessed from
+            // the name) are ever removed here.
+            if l.owner != Owner::Snapshotter {
                 continue;
             }
-            self.store.saw_layer(&l.id);
-            if !recorded.contains(&l.id) {
+            if !recorded.contains(&l.id) && self.records_missing {
+                tracing::warn!(layer = %l.id, "snapshotter layer without a record, and the records directory was missing: keeping it; restore the records directory, or list it with `thinlayer layer ls`");
+            } else if !recorded.contains(&l.id) {
                 tracing::warn!(layer = %l.id, "layer without a snapshot record (interrupted prepare): removing it");
                 pool.remove_layer(&l.id)?;
             }
@@ -159,7 +169,10 @@ impl Engine {
         let mut pool = self.pool()?;
         check_max_size(&labels, pool.record().base_size.0)?;
         let layer = self.store.new_layer_id(key);
-        pool.create_layer(&layer, parent_layer.as_deref())?;
+        pool.create_layer_for(Owner::Snapshotter, &layer, parent_layer.as_deref())?;
+        // A crash here leaves our layer without a snapshot record: the next
+        // start removes it (`reconcile`).
+        thinlayer_pool::fault::point("snapshotter_prepare.after_layer");
         let emptied = if parent_layer.is_none() {
             self.empty_base(&mut pool, &layer)
         } else {
@@ -198,7 +211,7 @@ impl Engine {
     /// goes (e2fsck makes it again when it needs it).
     fn empty_base(&self, pool: &mut Pool, layer: &str) -> Result<()> {
         let dir = Store::base_dir(&self.root).join("mnt").join(layer);
-        pool.mount_layer(layer, &dir, false)?;
+        pool.mount_layer(layer, &dir, thinlayer_pool::MountUse::Scratch)?;
         let lf = dir.join("lost+found");
         let removed = match std::fs::remove_dir(&lf) {
             Ok(()) => Ok(()),
@@ -377,10 +390,18 @@ impl Engine {
     /// # Errors
     /// InvalidArgument (bad filters).
     pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
-        let f = Filters::parse(filters)?;
-        let mut out: Vec<&Snapshot> = self.store.all().filter(|s| f.matches(s)).collect();
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out.into_iter().map(info_of).collect())
+        list_of(self.store.all(), filters)
+    }
+
+    /// The pool root this engine serves.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The readers' view of the snapshots: Stat and List answer from it
+    /// without waiting for the engine (see [`crate::reads`]).
+    pub fn snapshots(&self) -> Snapshots {
+        self.store.snapshots()
     }
 
     /// Cleanup: removes `ctrd-*` layers no record knows and tears down the
@@ -456,17 +477,35 @@ impl Engine {
 /// pool's filesystem and options, read-only for a view.
 fn mounts_of(pool: &mut Pool, layer: &str, kind: Kind) -> Result<Vec<Mount>> {
     let node = pool.activate_layer(layer)?;
-    let fs = pool.record().fs;
+    Ok(mounts_for(&node, pool.record().fs, kind))
+}
+
+/// The mounts of thin device `node` holding a `fs` filesystem.
+pub fn mounts_for(node: &Path, fs: FsType, kind: Kind) -> Vec<Mount> {
     let mut options = vec![fs.mount_options().to_owned()];
     if kind == Kind::View {
         options.push("ro".into());
     }
-    Ok(vec![Mount {
+    vec![Mount {
         r#type: fs.name().to_owned(),
         source: node.to_string_lossy().into_owned(),
         target: String::new(),
         options,
-    }])
+    }]
+}
+
+/// Every snapshot of `all` passing `filters`, ordered by key.
+///
+/// # Errors
+/// InvalidArgument (bad filters).
+pub fn list_of<'a>(
+    all: impl Iterator<Item = &'a Snapshot>,
+    filters: &[String],
+) -> Result<Vec<Info>> {
+    let f = Filters::parse(filters)?;
+    let mut out: Vec<&Snapshot> = all.filter(|s| f.matches(s)).collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out.into_iter().map(info_of).collect())
 }
 
 /// Bytes `layer`'s thin device maps, if it is active.

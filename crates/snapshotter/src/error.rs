@@ -4,9 +4,13 @@
 //! `AlreadyExists` steer its logic (an unpack skips a layer whose committed
 //! snapshot already exists), `FailedPrecondition` says "not in this state"
 //! (a parent with children, committing a view), `InvalidArgument` a bad
-//! request. Everything else is `Internal`, with the engine's sentence.
+//! request, `ResourceExhausted` a full pool (or a full filesystem under
+//! it): containerd reports it as such rather than as a bug. Everything else
+//! is `Internal`, with the engine's sentence.
 
 use std::{io, path::PathBuf};
+
+use nix::errno::Errno;
 
 use containerd_snapshots::tonic::Status;
 
@@ -45,10 +49,6 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-
-    /// The socket path is taken by a server that answers.
-    #[error("socket {0} is in use by a live server; stop that server first, or pass --socket PATH")]
-    SocketInUse(PathBuf),
 
     /// Another snapshotter serves this pool.
     #[error(
@@ -99,15 +99,21 @@ impl From<Error> for Status {
                     E::InvalidName { .. } | E::InvalidArgument(_) | E::InvalidSize { .. } => {
                         Status::invalid_argument(msg)
                     }
+                    E::NoSpace { .. } | E::HostNoSpace { .. } => Status::resource_exhausted(msg),
+                    E::Io { source, .. } if is_enospc(source) => Status::resource_exhausted(msg),
                     _ => Status::internal(msg),
                 }
             }
-            Error::Io { .. }
-            | Error::SocketInUse(_)
-            | Error::AlreadyServing { .. }
-            | Error::Transport(_) => Status::internal(msg),
+            Error::Io { source, .. } if is_enospc(source) => Status::resource_exhausted(msg),
+            Error::Io { .. } | Error::AlreadyServing { .. } | Error::Transport(_) => {
+                Status::internal(msg)
+            }
         }
     }
+}
+
+fn is_enospc(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(Errno::ENOSPC as i32)
 }
 
 /// For the command line: the engine's error (and so its exit code).
@@ -120,12 +126,10 @@ impl From<Error> for thinlayer_pool::Error {
             Error::NotFound(_) | Error::FailedPrecondition(_) | Error::InvalidArgument(_) => {
                 E::InvalidArgument(e.to_string())
             }
-            Error::AlreadyExists(_) | Error::SocketInUse(_) | Error::AlreadyServing { .. } => {
-                E::Busy {
-                    what: "the snapshotter".into(),
-                    detail: e.to_string(),
-                }
-            }
+            Error::AlreadyExists(_) | Error::AlreadyServing { .. } => E::Busy {
+                what: "the snapshotter".into(),
+                detail: e.to_string(),
+            },
             Error::Transport(_) => E::Io {
                 context: "serve containerd".into(),
                 source: io::Error::other(e.to_string()),
@@ -191,13 +195,39 @@ mod tests {
             code(Error::io("read", io::Error::other("x"))),
             Code::Internal
         );
+        // A full pool, or a full filesystem under it: not an internal bug.
+        assert_eq!(
+            code(Error::Engine(E::NoSpace {
+                what: "data".into(),
+                detail: "100%".into()
+            })),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(Error::Engine(E::Rollback {
+                error: Box::new(E::NoSpace {
+                    what: "metadata".into(),
+                    detail: "x".into()
+                }),
+                undo: Box::new(E::Inconsistent("x".into())),
+            })),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(Error::io("write", io::Error::from_raw_os_error(28))),
+            Code::ResourceExhausted
+        );
     }
 
     #[test]
     fn cli_errors_keep_exit_codes() {
-        let e: thinlayer_pool::Error = Error::SocketInUse("/run/x.sock".into()).into();
+        let e: thinlayer_pool::Error = Error::AlreadyServing {
+            root: "/var/lib/thinlayer".into(),
+            lock: "/var/lib/thinlayer/snapshotter/lock".into(),
+        }
+        .into();
         assert_eq!(e.exit_code(), thinlayer_pool::exit::CONFLICT);
-        assert!(e.to_string().contains("live server"), "{e}");
+        assert!(e.to_string().contains("serves the pool"), "{e}");
         let e: thinlayer_pool::Error = Error::Engine(thinlayer_pool::Error::NotRoot).into();
         assert_eq!(e.exit_code(), thinlayer_pool::exit::ENVIRONMENT);
     }

@@ -1,21 +1,36 @@
-//! The gRPC server: containerd's snapshots service on a Unix socket, each
-//! request run on a blocking thread under one mutex around the [`Engine`].
+//! The gRPC server: containerd's snapshots service on a Unix socket. Writes
+//! run on a blocking thread under one mutex around the [`Engine`]; reads
+//! (Stat, List, and Usage and Mounts of a snapshot whose device is up) go
+//! around it ([`Reads`]), so a long write never stalls them.
+//!
+//! The socket is root's only (0600 in a 0700 directory), or a group's with
+//! `--socket-group` (`thinlayer_pool::socket`); every accepted connection's
+//! peer is checked before gRPC sees it, and an accept error (`EMFILE`) is
+//! logged and retried, never the end of the server.
 
 use std::{
     collections::HashMap,
-    os::unix::fs::FileTypeExt,
+    io,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::{Arc, Mutex},
-    time::Instant,
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
 };
 
 use containerd_snapshots::{Info, Snapshotter, Usage, api::types::Mount, tonic};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio_stream::wrappers::UnixListenerStream;
+use thinlayer_pool::socket::{Access, accept_error_is_transient};
+use tokio::{
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+    time::Sleep,
+};
+use tokio_stream::Stream;
 
 use crate::{
     engine::Engine,
     error::{Error, Result},
+    reads::Reads,
     store::Kind,
 };
 
@@ -26,14 +41,38 @@ pub const DEFAULT_SOCKET: &str = "/run/thinlayer/containerd.sock";
 #[derive(Clone, Debug)]
 pub struct Thinlayer {
     engine: Arc<Mutex<Engine>>,
+    reads: Reads,
 }
 
 impl Thinlayer {
     /// Wraps an opened engine.
     pub fn new(engine: Engine) -> Thinlayer {
+        let reads = Reads::new(engine.root(), engine.snapshots());
         Thinlayer {
             engine: Arc::new(Mutex::new(engine)),
+            reads,
         }
+    }
+
+    /// Answers a read without the engine: `f` runs on a blocking thread
+    /// (it may read records and ask the kernel), logged as `run` does.
+    async fn read<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        key: String,
+        f: impl FnOnce(&Reads) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let reads = self.reads.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || f(&reads))
+            .await
+            .map_err(|e| Error::Transport(format!("request task failed: {e}")))?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        match &result {
+            Ok(_) => tracing::debug!(op, %key, ms, "ok (no wait)"),
+            Err(e) => tracing::info!(op, %key, ms, error = %e, "failed"),
+        }
+        result
     }
 
     /// Runs `f` on the engine on a blocking thread, one request at a time,
@@ -73,7 +112,7 @@ impl Snapshotter for Thinlayer {
     type Error = Error;
 
     async fn stat(&self, key: String) -> Result<Info> {
-        self.run("stat", key.clone(), move |e| e.stat(&key)).await
+        self.read("stat", key.clone(), move |r| r.stat(&key)).await
     }
 
     async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info> {
@@ -84,10 +123,24 @@ impl Snapshotter for Thinlayer {
     }
 
     async fn usage(&self, key: String) -> Result<Usage> {
+        let k = key.clone();
+        if let Some(u) = self
+            .read("usage", key.clone(), move |r| r.usage(&k))
+            .await?
+        {
+            return Ok(u);
+        }
         self.run("usage", key.clone(), move |e| e.usage(&key)).await
     }
 
     async fn mounts(&self, key: String) -> Result<Vec<Mount>> {
+        let k = key.clone();
+        if let Some(m) = self
+            .read("mounts", key.clone(), move |r| r.mounts(&k))
+            .await?
+        {
+            return Ok(m);
+        }
         self.run("mounts", key.clone(), move |e| e.mounts(&key))
             .await
     }
@@ -155,7 +208,7 @@ impl Snapshotter for Thinlayer {
 
     async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<Self::InfoStream> {
         let infos = self
-            .run("list", filters.join(" | "), move |e| e.list(&filters))
+            .read("list", filters.join(" | "), move |r| r.list(&filters))
             .await?;
         Ok(tokio_stream::iter(
             infos.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -164,40 +217,42 @@ impl Snapshotter for Thinlayer {
 }
 
 /// Serves containerd's snapshots API for the pool under `root` on
-/// `socket` until SIGTERM or SIGINT; then tears down the devices nothing
-/// mounts and removes the socket.
+/// `socket`, to root and the members of `access`'s group, until SIGTERM or
+/// SIGINT; then tears down the devices nothing mounts and removes the
+/// socket.
 ///
 /// A socket file left by a dead server is replaced; one a live server
-/// answers on is an error, as is a second server on the same pool.
+/// answers on is an error, as is anything at `socket` that is not a socket
+/// (never deleted), or a second server on the same pool.
 ///
 /// # Errors
-/// [`Error::SocketInUse`], [`Error::AlreadyServing`], engine errors at
-/// start (no pool, pool inactive, not root), I/O and server errors.
-pub fn serve(root: &Path, socket: &Path) -> Result<()> {
+/// [`Error::Engine`] with `Busy` (the socket: exit 4),
+/// [`Error::AlreadyServing`], engine errors at start (no pool, pool
+/// inactive, not root), I/O and server errors.
+pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
+    thinlayer_pool::socket::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("start the async runtime", e))?;
-    rt.block_on(serve_async(root, socket))
+    rt.block_on(serve_async(root, socket, access))
 }
 
-async fn serve_async(root: &Path, socket: &Path) -> Result<()> {
+async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> {
     let started = Instant::now();
     // Signals first: a SIGTERM from the moment the socket exists is a
     // graceful stop, never the default (instant) death.
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?;
     // The socket first: a live server on it is the likelier mistake, and
-    // its error is the clearer one.
-    let listener = bind(socket)?;
-    let engine = match Engine::open(root) {
-        Ok(e) => e,
-        Err(e) => {
-            drop(listener);
-            let _ = std::fs::remove_file(socket);
-            return Err(e);
-        }
-    };
+    // its error is the clearer one. `file` removes it when we return.
+    let (listener, file) = thinlayer_pool::socket::bind(socket, access)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io(format!("listen on {}", socket.display()), e))?;
+    let listener = UnixListener::from_std(listener)
+        .map_err(|e| Error::io(format!("listen on {}", socket.display()), e))?;
+    let engine = Engine::open(root)?;
     let snapshotter = Arc::new(Thinlayer::new(engine));
     let engine = snapshotter.engine.clone();
     let shutdown = async move {
@@ -214,10 +269,10 @@ async fn serve_async(root: &Path, socket: &Path) -> Result<()> {
     );
     let served = tonic::transport::Server::builder()
         .add_service(containerd_snapshots::server(snapshotter))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(Admitted::new(listener, *access), shutdown)
         .await
         .map_err(|e| Error::Transport(e.to_string()));
-    let _ = std::fs::remove_file(socket);
+    drop(file);
     let _ = tokio::task::spawn_blocking(move || {
         engine.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     })
@@ -226,31 +281,55 @@ async fn serve_async(root: &Path, socket: &Path) -> Result<()> {
     served
 }
 
-/// Binds `socket`, replacing a stale socket file a dead server left.
-fn bind(socket: &Path) -> Result<tokio::net::UnixListener> {
-    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+/// The connections the gRPC server gets: accepted, and admitted by the
+/// socket's [`Access`] (others are closed at once, logged). It never ends
+/// and never yields an error: an accept error (out of descriptors) is
+/// logged, and accepting resumes after a short pause, since tonic would
+/// stop serving at the first error it is given.
+pub struct Admitted {
+    listener: UnixListener,
+    access: Access,
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+impl Admitted {
+    /// Admitted connections of `listener`.
+    pub fn new(listener: UnixListener, access: Access) -> Admitted {
+        Admitted {
+            listener,
+            access,
+            pause: None,
+        }
     }
-    match std::fs::symlink_metadata(socket) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-                return Err(Error::SocketInUse(socket.to_owned()));
+}
+
+impl Stream for Admitted {
+    type Item = io::Result<UnixStream>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(p) = this.pause.as_mut() {
+                ready!(p.as_mut().poll(cx));
+                this.pause = None;
             }
-            tracing::info!(socket = %socket.display(), "removing a stale socket");
-            std::fs::remove_file(socket)
-                .map_err(|e| Error::io(format!("remove stale {}", socket.display()), e))?;
+            match ready!(this.listener.poll_accept(cx)) {
+                Ok((stream, _)) => match this.access.admit(&stream) {
+                    Ok(_) => return Poll::Ready(Some(Ok(stream))),
+                    Err(why) => tracing::warn!("connection refused: {why}"),
+                },
+                Err(e) => {
+                    let pause = if accept_error_is_transient(&e) {
+                        Duration::from_millis(100)
+                    } else {
+                        Duration::from_millis(10)
+                    };
+                    tracing::warn!(error = %e, ?pause, "accept failed; accepting again after a pause");
+                    this.pause = Some(Box::pin(tokio::time::sleep(pause)));
+                }
+            }
         }
-        Ok(_) => {
-            return Err(Error::InvalidArgument(format!(
-                "{} exists and is not a socket; pass another --socket PATH",
-                socket.display()
-            )));
-        }
-        Err(_) => {}
     }
-    tokio::net::UnixListener::bind(socket)
-        .map_err(|e| Error::io(format!("bind {}", socket.display()), e))
 }
 
 /// The socket path: `path`, or [`DEFAULT_SOCKET`].
@@ -261,22 +340,44 @@ pub fn socket_or_default(path: Option<PathBuf>) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_stream::StreamExt;
 
     #[tokio::test]
-    async fn stale_socket_is_replaced_live_one_refused() {
-        let dir = std::env::temp_dir().join(format!("thinlayer-sock-{}", std::process::id()));
+    async fn admitted_connections_pass_others_are_closed() {
+        let dir = std::env::temp_dir().join(format!("thinlayer-admit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let sock = dir.join("s.sock");
-        let live = bind(&sock).unwrap();
-        assert!(matches!(bind(&sock), Err(Error::SocketInUse(_))));
-        drop(live);
-        // The file stays behind, nobody answers: stale.
-        assert!(sock.exists());
-        let again = bind(&sock).unwrap();
-        drop(again);
-        std::fs::remove_file(&sock).unwrap();
-        std::fs::write(&sock, b"x").unwrap();
-        assert!(matches!(bind(&sock), Err(Error::InvalidArgument(_))));
+        let open = |access: Access| {
+            let (l, f) = thinlayer_pool::socket::bind(&sock, &access).unwrap();
+            l.set_nonblocking(true).unwrap();
+            (Admitted::new(UnixListener::from_std(l).unwrap(), access), f)
+        };
+        // Our own gid is the socket's group: admitted whoever we are.
+        let mine = Access {
+            group: Some(nix::unistd::Gid::effective()),
+        };
+        let (mut admitted, file) = open(mine);
+        let _c = UnixStream::connect(&sock).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), admitted.next())
+            .await
+            .expect("an admitted connection")
+            .unwrap()
+            .unwrap();
+        let peer = thinlayer_pool::socket::peer(&got).unwrap();
+        assert_eq!(peer.pid, i32::try_from(std::process::id()).unwrap());
+        drop((admitted, file));
+        if !nix::unistd::Uid::effective().is_root() {
+            // Root only: we are refused and closed, nothing is yielded.
+            let (mut admitted, _file) = open(Access::default());
+            let mut c = UnixStream::connect(&sock).await.unwrap();
+            let none = tokio::time::timeout(Duration::from_millis(300), admitted.next()).await;
+            assert!(none.is_err(), "a refused peer reached the server");
+            let mut b = [0u8; 1];
+            let n = tokio::io::AsyncReadExt::read(&mut c, &mut b)
+                .await
+                .unwrap_or(0);
+            assert_eq!(n, 0, "closed at once");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,11 +14,16 @@
 //! made into a valid id, so `thinlayer layer ls` shows which snapshot is
 //! which. A record is named by its layer id, so a commit (key -> name) is one
 //! atomic record rewrite. Records use the engine's crash-safe format.
+//!
+//! Readers ([`Snapshots`]) see the index as of the last durable write,
+//! without waiting for a write in progress: each change is written to its
+//! record first, then published (copy-on-write) to the readers.
 
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
     path::{Path, PathBuf},
+    sync::{Arc, RwLock},
     time::SystemTime,
 };
 
@@ -84,8 +89,36 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
-    by_key: HashMap<String, Snapshot>,
+    by_key: Arc<HashMap<String, Snapshot>>,
     next: u64,
+    published: Snapshots,
+}
+
+/// The snapshots as last written, for readers that must not wait for a
+/// write in progress (Stat, List while a Prepare runs). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshots(Arc<RwLock<Arc<HashMap<String, Snapshot>>>>);
+
+impl Snapshots {
+    /// The index as of the last durable write.
+    pub fn current(&self) -> Arc<HashMap<String, Snapshot>> {
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The snapshot under `key`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn get(&self, key: &str) -> Result<Snapshot> {
+        self.current()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(key.to_owned()))
+    }
+
+    fn publish(&self, index: &Arc<HashMap<String, Snapshot>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(index);
+    }
 }
 
 impl Store {
@@ -118,7 +151,21 @@ impl Store {
             next = next.max(layer_number(&s.layer).map_or(0, |n| n + 1));
             by_key.insert(s.key.clone(), s);
         }
-        Ok(Store { dir, by_key, next })
+        let by_key = Arc::new(by_key);
+        let published = Snapshots::default();
+        published.publish(&by_key);
+        Ok(Store {
+            dir,
+            by_key,
+            next,
+            published,
+        })
+    }
+
+    /// The readers' view, kept current by every [`Store::put`] and
+    /// [`Store::remove`].
+    pub fn snapshots(&self) -> Snapshots {
+        self.published.clone()
     }
 
     /// Makes sure the next generated id is above `layer`'s number (for
@@ -175,10 +222,12 @@ impl Store {
     /// I/O errors.
     pub fn put(&mut self, s: Snapshot, old_key: Option<&str>) -> Result<()> {
         record::write(&self.record_path(&s.layer), RECORD_KIND, &s)?;
+        let index = Arc::make_mut(&mut self.by_key);
         if let Some(old) = old_key {
-            self.by_key.remove(old);
+            index.remove(old);
         }
-        self.by_key.insert(s.key.clone(), s);
+        index.insert(s.key.clone(), s);
+        self.published.publish(&self.by_key);
         Ok(())
     }
 
@@ -189,7 +238,8 @@ impl Store {
     pub fn remove(&mut self, key: &str) -> Result<()> {
         if let Some(s) = self.by_key.get(key) {
             record::remove(&self.record_path(&s.layer))?;
-            self.by_key.remove(key);
+            Arc::make_mut(&mut self.by_key).remove(key);
+            self.published.publish(&self.by_key);
         }
         Ok(())
     }
@@ -286,9 +336,15 @@ mod tests {
         let root = std::env::temp_dir().join(format!("thinlayer-snapstore-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let mut st = Store::load(&root).unwrap();
+        let view = st.snapshots();
         let l1 = st.new_layer_id("default/1/extract-1 sha256:aa");
+        let before = view.current();
         st.put(snap("default/1/extract-1 sha256:aa", &l1, None), None)
             .unwrap();
+        // Readers see each write once it is durable; an index a reader
+        // holds is not changed under it.
+        assert_eq!(view.get("default/1/extract-1 sha256:aa").unwrap().layer, l1);
+        assert!(before.is_empty());
         // Commit: same layer, new key, one record.
         let mut c = st.get("default/1/extract-1 sha256:aa").unwrap().clone();
         c.key = "default/2/sha256:aa".into();
@@ -316,7 +372,11 @@ mod tests {
         assert_eq!(layer_number(&again.new_layer_id("x")), Some(3));
         again.saw_layer("ctrd-40-x");
         assert_eq!(layer_number(&again.new_layer_id("x")), Some(41));
+        let view = again.snapshots();
+        assert!(view.get("default/3/ctr").is_ok());
         again.remove("default/3/ctr").unwrap();
+        assert!(matches!(view.get("default/3/ctr"), Err(Error::NotFound(_))));
+        assert!(view.get("default/2/sha256:aa").is_ok());
         again.remove("default/3/ctr").unwrap();
         assert!(matches!(
             Store::load(&root).unwrap().get("default/3/ctr"),

@@ -81,6 +81,18 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An operation a crash interrupted could not be settled at open.
+    #[error(
+        "an interrupted {what} could not be settled: {error}; fix that, then run any image, \
+         container or volume command again (each settles it first)"
+    )]
+    Unsettled {
+        /// The interrupted operation.
+        what: String,
+        /// What stopped it.
+        error: Box<Error>,
+    },
+
     /// A step failed and its rollback failed too.
     #[error("{error}; rolling back also failed: {undo}")]
     Rollback {
@@ -108,7 +120,7 @@ impl Error {
                 exit::CONFLICT
             }
             Error::Io { .. } => exit::FAILED,
-            Error::Rollback { error, .. } => error.exit_code(),
+            Error::Rollback { error, .. } | Error::Unsettled { error, .. } => error.exit_code(),
         }
     }
 }

@@ -12,8 +12,10 @@
 //! a layer the pool already holds (layers are named by ChainID and reused).
 
 pub mod error;
+mod host_space;
 pub mod records;
 pub mod source;
+mod txn;
 pub mod volumes;
 
 use std::{
@@ -23,7 +25,7 @@ use std::{
 };
 
 use thinlayer_image::{apply, diff, export};
-use thinlayer_pool::{LockMode, Pool, record};
+use thinlayer_pool::{Frozen, LockMode, MountUse, Pool, record};
 
 use error::IoContext;
 pub use error::{Error, Result};
@@ -118,7 +120,7 @@ impl Store {
     /// # Errors
     /// The pool's open errors.
     pub fn open(root: &Path, mode: LockMode, wait: bool) -> Result<Store> {
-        let pool = Pool::open(root, mode, wait)?;
+        let mut pool = Pool::open(root, mode, wait)?;
         let dir = root.join("store");
         if mode == LockMode::Exclusive {
             for sub in ["layers", "images", "containers", "volumes", "tmp", "mnt"] {
@@ -127,8 +129,20 @@ impl Store {
             for sub in ["layers", "images", "containers", "volumes"] {
                 record::sweep_temp(&dir.join(sub))?;
             }
+            // What a crash left mounted under tmp (applies, read-only
+            // views), and its frozen copies, go first.
+            sweep_tmp_mounts(&mut pool, &dir.join("tmp"));
+            pool.sweep_scratch()?;
+            // Scratch a crash left (mounted scratch is left alone).
+            thinlayer_pool::space::sweep_scratch(&dir.join("tmp"))?;
         }
-        Ok(Store { pool, dir })
+        let mut store = Store { pool, dir };
+        if mode == LockMode::Exclusive {
+            // An operation a crash interrupted: finished or rolled back
+            // before anything else (see `txn`).
+            store.settle_intent()?;
+        }
+        Ok(store)
     }
 
     /// The pool underneath.
@@ -181,12 +195,19 @@ impl Store {
         Self::read_opt(&self.meta_path(id), RECORD_META)
     }
 
+    /// A private directory (0700, under the root's 0700 `store/tmp`) for
+    /// the engine's own files and mounts.
     fn scratch_dir(&self, purpose: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
         let d = self
             .dir
             .join("tmp")
             .join(format!("{purpose}-{}", std::process::id()));
-        fs::create_dir_all(&d).ctx(|| format!("create {}", d.display()))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .ctx(|| format!("create {}", d.display()))?;
         Ok(d)
     }
 
@@ -215,13 +236,17 @@ impl Store {
             return Err(thinlayer_pool::Error::LayerExists(id.to_owned()).into());
         }
         record::write(&self.meta_path(id), RECORD_META, &meta)?;
-        if let Err(e) = self.pool.create_layer(id, parent) {
+        thinlayer_pool::fault::point("layer_apply.after_meta");
+        // Owned by who made it: an import, a container, or a user.
+        if let Err(e) = self.pool.create_layer_for(txn::owner_of(kind), id, parent) {
             record::remove(&self.meta_path(id))?;
             return Err(e.into());
         }
+        thinlayer_pool::fault::point("layer_apply.after_snapshot");
         let applied = self.apply_into(id, input, expected_diff_id, size_hint);
         match applied {
             Ok(diff_id) => {
+                thinlayer_pool::fault::point("layer_apply.after_apply");
                 meta.diff_id = Some(diff_id);
                 meta.complete = true;
                 record::write(&self.meta_path(id), RECORD_META, &meta)?;
@@ -273,7 +298,7 @@ impl Store {
     ) -> Result<String> {
         let free_before = self.free_data_bytes()?;
         let dir = self.scratch_dir(&format!("apply-{}", key(id)))?;
-        self.pool.mount_layer(id, &dir, false)?;
+        self.pool.mount_layer(id, &dir, MountUse::Scratch)?;
         let opts = apply::ApplyOptions {
             expected_diff_id: expected.map(str::to_owned),
             ..Default::default()
@@ -349,7 +374,9 @@ impl Store {
         progress: &dyn Fn(Progress),
     ) -> Result<ImportReport> {
         let scratch = self.dir.join("tmp");
+        self.require_import_space(path, None)?;
         let src = source::open(path, &scratch)?;
+        self.require_import_space(path, Some(&src))?;
         let name = name
             .map(str::to_owned)
             .or_else(|| src.name.clone())
@@ -367,6 +394,23 @@ impl Store {
                 });
             }
             return Err(Error::ImageExists(name));
+        }
+        // Before any change: a layer at one of the ChainIDs is reused (or,
+        // half-applied by a crash, removed) only if it is an image layer.
+        for id in &chain {
+            match self.pool.layer(id) {
+                Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
+                Err(e) => return Err(e.into()),
+                Ok(l) if self.is_image_layer(&l)? => {}
+                Ok(_) => {
+                    self.pool.owned_layer(
+                        id,
+                        thinlayer_pool::Owner::Image,
+                        "`thinlayer image import`",
+                        "reuse",
+                    )?;
+                }
+            }
         }
         let (mut applied, mut reused) = (0, 0);
         let mut fresh: Vec<String> = Vec::new();
@@ -473,10 +517,12 @@ impl Store {
     }
 
     /// Removes image `name`, and its layers that no other image, container
-    /// or layer uses. Returns the layers removed.
+    /// or layer uses and no other owner holds. Returns the layers removed.
+    /// A transaction (see `txn`): a crash is finished at the next open.
     ///
     /// # Errors
-    /// [`Error::UnknownImage`], [`Error::InUse`] (containers of it).
+    /// [`Error::UnknownImage`], [`Error::InUse`] (containers of it), a
+    /// layer to remove is mounted (nothing removed).
     pub fn remove_image(&mut self, name: &str) -> Result<Vec<String>> {
         let img = self.image(name)?;
         let users: Vec<String> = self
@@ -491,33 +537,30 @@ impl Store {
                 users: format!("container(s) {}", users.join(", ")),
             });
         }
+        let doomed = self.unused_image_layers(name, &img.layers)?;
+        self.refuse_mounted(&doomed)?;
+        self.begin_intent(&records::Intent::RemoveImage {
+            name: name.to_owned(),
+            layers: doomed.clone(),
+        })?;
+        thinlayer_pool::fault::point("image_rm.after_intent");
         record::remove(&self.image_path(name))?;
-        let others: Vec<ImageRecord> = self.images()?;
-        let mut removed = Vec::new();
-        for id in img.layers.iter().rev() {
-            let shared = others.iter().any(|o| o.layers.contains(id));
-            let has_children = self
-                .pool
-                .layer_records()?
-                .iter()
-                .any(|l| l.parent.as_deref() == Some(id.as_str()));
-            if shared || has_children {
-                break;
-            }
-            self.pool.remove_layer(id)?;
-            record::remove(&self.meta_path(id))?;
-            removed.push(id.clone());
-        }
+        thinlayer_pool::fault::point("image_rm.after_record");
+        let removed = self.remove_image_layers(&doomed)?;
+        self.finish_intent()?;
         Ok(removed)
     }
 
     /// Creates container `name` of `image`: an init layer holding
     /// `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` (kept out of
-    /// commits), and a read-write snapshot on top.
+    /// commits), and a read-write snapshot on top, both owned by the
+    /// container. A transaction (see `txn`): a crash before the container
+    /// record is rolled back at the next open.
     ///
     /// # Errors
-    /// [`Error::ContainerExists`], [`Error::UnknownImage`], pool errors
-    /// (all rolled back).
+    /// [`Error::ContainerExists`], [`Error::UnknownImage`], a name whose
+    /// layer ids another owner reserves or holds, pool errors (all rolled
+    /// back).
     pub fn create_container(
         &mut self,
         name: &str,
@@ -525,9 +568,17 @@ impl Store {
         hostname: Option<&str>,
         volumes: &[volumes::VolumeMount],
     ) -> Result<ContainerRecord> {
-        thinlayer_pool::names::check_id("container", name)?;
+        use thinlayer_pool::{Owner, names};
+        names::check_id("container", name)?;
         if self.container_path(name).exists() {
             return Err(Error::ContainerExists(name.to_owned()));
+        }
+        let init_id = format!("{name}-init");
+        let layer_id = format!("{name}-rw");
+        for id in [&init_id, &layer_id] {
+            // `vol-x` would make `vol-x-rw`, a volume's id.
+            names::check_user_id("container layer", id, Owner::Container)?;
+            self.check_new_layer(id, Owner::Container, "`thinlayer container create`")?;
         }
         for v in volumes {
             self.volume(&v.volume)?;
@@ -539,23 +590,34 @@ impl Store {
             .cloned()
             .ok_or_else(|| Error::UnknownImage(format!("{image} (it has no layers)")))?;
         let hostname = hostname.unwrap_or(name).to_owned();
-        thinlayer_pool::names::check_id("hostname", &hostname)?;
-        let init_id = format!("{name}-init");
-        let layer_id = format!("{name}-rw");
+        names::check_id("hostname", &hostname)?;
         let init_tar = init_layer_tar(&hostname);
         let size = init_tar.len() as u64;
-        self.apply_new_layer(
+        self.begin_intent(&records::Intent::CreateContainer {
+            name: name.to_owned(),
+            init_layer: init_id.clone(),
+            layer: layer_id.clone(),
+        })?;
+        thinlayer_pool::fault::point("container_create.after_intent");
+        let init = self.apply_new_layer(
             &init_id,
             Some(&top),
             &init_tar[..],
             None,
             LayerKind::Init,
             size,
-        )?;
-        let made = self.pool.create_layer(&layer_id, Some(&init_id));
-        if let Err(e) = made {
-            return Err(self.roll_back_layer(&init_id, e.into()));
+        );
+        if let Err(e) = init {
+            return Err(self.undo_container(&init_id, &layer_id, e));
         }
+        thinlayer_pool::fault::point("container_create.after_init_layer");
+        let made = self
+            .pool
+            .create_layer_for(Owner::Container, &layer_id, Some(&init_id));
+        if let Err(e) = made {
+            return Err(self.undo_container(&init_id, &layer_id, e.into()));
+        }
+        thinlayer_pool::fault::point("container_create.after_rw_layer");
         let meta = LayerMeta {
             id: layer_id.clone(),
             kind: LayerKind::Container,
@@ -573,12 +635,14 @@ impl Store {
             volumes: volumes.to_vec(),
             created_unix: now_unix(),
         };
+        // The commit point: the container record.
         let written = record::write(&self.meta_path(&layer_id), RECORD_META, &meta)
             .and_then(|()| record::write(&self.container_path(name), RECORD_CONTAINER, &rec));
         if let Err(e) = written {
-            let e = self.roll_back_layer(&layer_id, e.into());
-            return Err(self.roll_back_layer(&init_id, e));
+            return Err(self.undo_container(&init_id, &layer_id, e.into()));
         }
+        thinlayer_pool::fault::point("container_create.after_record");
+        self.finish_intent()?;
         Ok(rec)
     }
 
@@ -588,12 +652,15 @@ impl Store {
     /// # Errors
     /// [`Error::UnknownContainer`], mount errors.
     pub fn mount_container(&mut self, name: &str, dir: Option<&Path>) -> Result<PathBuf> {
+        use std::os::fd::AsFd;
         let c = self.container(name)?;
         let dir = dir.map_or_else(|| c.mountpoint.clone(), Path::to_path_buf);
-        self.pool.mount_layer(&c.layer, &dir, false)?;
+        self.pool.mount_layer(&c.layer, &dir, MountUse::Container)?;
         for v in &c.volumes {
-            let mounted = volumes::safe_mount_dir(&dir, &v.path)
-                .and_then(|at| self.mount_volume(&v.volume, &at));
+            // Opened beneath the root following no symlink, mounted onto
+            // the opened directory: the container cannot redirect it.
+            let mounted = volumes::open_mount_dir(&dir, &v.path)
+                .and_then(|at| self.mount_volume_at(&v.volume, at.as_fd()));
             if let Err(e) = mounted {
                 let _ = self.umount_container(name);
                 return Err(e);
@@ -631,26 +698,61 @@ impl Store {
     }
 
     /// Removes container `name`: unmounts it, removes its layers and record.
+    /// A transaction (see `txn`): a crash is finished at the next open, and
+    /// a container whose layers are already (partly) gone is removed too.
     ///
     /// # Errors
-    /// [`Error::UnknownContainer`], busy mounts or devices (nothing removed),
-    /// a commit made from it still... (commits are independent layers).
+    /// [`Error::UnknownContainer`], busy mounts or devices, a layer made
+    /// from one of its layers (nothing removed).
     pub fn remove_container(&mut self, name: &str) -> Result<()> {
         let c = self.container(name)?;
-        self.umount_container(name)?;
-        for id in [&c.layer, &c.init_layer] {
-            if self.pool.layout().layer_record(id).exists() {
-                self.pool.remove_layer(id)?;
-            }
-            record::remove(&self.meta_path(id))?;
+        if self.pool.layout().layer_record(&c.layer).exists() {
+            self.umount_container(name)?;
         }
-        record::remove(&self.container_path(name))?;
-        let _ = fs::remove_dir(&c.mountpoint);
-        Ok(())
+        // Refuse before any change what would stop the removal half way.
+        for (id, allowed) in [(&c.layer, None), (&c.init_layer, Some(&c.layer))] {
+            let children: Vec<String> = match self.pool.children_of(id) {
+                Ok(v) => v.into_iter().filter(|k| Some(k) != allowed).collect(),
+                Err(e) => return Err(e.into()),
+            };
+            if !children.is_empty() {
+                return Err(thinlayer_pool::Error::HasChildren {
+                    id: id.clone(),
+                    children: children.join(", "),
+                }
+                .into());
+            }
+        }
+        self.begin_intent(&records::Intent::RemoveContainer {
+            name: name.to_owned(),
+            init_layer: c.init_layer.clone(),
+            layer: c.layer.clone(),
+            mountpoint: c.mountpoint.clone(),
+        })?;
+        thinlayer_pool::fault::point("container_rm.after_intent");
+        let removed = self.remove_container_parts(name, &c.init_layer, &c.layer, &c.mountpoint);
+        match removed {
+            Ok(()) => self.finish_intent(),
+            Err(e) => {
+                // Nothing removed yet (the pool refused the first layer, a
+                // device held open): no intent to keep. Otherwise the next
+                // open finishes it.
+                if self.pool.layout().layer_record(&c.layer).exists() {
+                    self.finish_intent()?;
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Runs `f` with `upper` and its parent (or an empty tree) mounted
-    /// read-only, or at their existing mount points.
+    /// Runs `f` with `upper` and its parent (or an empty tree) as
+    /// read-only trees, never a live one: a layer whose device is active (a
+    /// running container's, written while `f` reads) through a frozen copy
+    /// (a private thin snapshot, [`Pool::freeze_layer`]); any other layer
+    /// mounted read-only by itself. Both are `nosuid,nodev` at private 0700
+    /// directories under `store/tmp`, and released on every path. A live
+    /// tree would let a process in the container swap a directory for a
+    /// symlink to the host under the walk.
     fn with_pair<T>(
         &mut self,
         lower: Option<&str>,
@@ -658,36 +760,46 @@ impl Store {
         f: impl FnOnce(&Path, &Path) -> Result<T>,
     ) -> Result<T> {
         let lower_dir = self.scratch_dir("lower")?;
-        let upper_dir = self.scratch_dir("upper")?;
-        let mut mounted = Vec::new();
-        let mut mount = |store: &mut Store, id: &str, dir: &Path| -> Result<PathBuf> {
-            let existing = store
-                .pool
-                .layers()?
-                .into_iter()
-                .find(|l| l.id == id)
-                .and_then(|l| l.mountpoints.first().cloned());
-            if let Some(p) = existing {
-                return Ok(p);
+        let upper_dir = match self.scratch_dir("upper") {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = fs::remove_dir(&lower_dir);
+                return Err(e);
             }
-            store.pool.mount_layer(id, dir, true)?;
-            mounted.push((id.to_owned(), dir.to_path_buf()));
-            Ok(dir.to_path_buf())
         };
-        let result = (|| {
-            let l = match lower {
-                Some(id) => mount(self, id, &lower_dir)?,
-                None => lower_dir.clone(),
-            };
-            let u = mount(self, upper, &upper_dir)?;
-            f(&l, &u)
+        let mut held = Vec::new();
+        let mut result = (|| {
+            if let Some(id) = lower {
+                held.push(self.read_only_view(id, &lower_dir)?);
+            }
+            held.push(self.read_only_view(upper, &upper_dir)?);
+            f(&lower_dir, &upper_dir)
         })();
-        for (_, dir) in mounted.iter().rev() {
-            let _ = self.pool.umount(&dir.to_string_lossy());
+        for view in held.into_iter().rev() {
+            let released = match view {
+                View::Frozen(copy) => self.pool.release_frozen(copy),
+                View::Mounted(dir) => self.pool.umount(&dir.to_string_lossy()).map(|_| ()),
+            };
+            if let Err(e) = released {
+                tracing::warn!(error = %e, "releasing a read-only view failed");
+                if result.is_ok() {
+                    result = Err(e.into());
+                }
+            }
         }
         let _ = fs::remove_dir(&lower_dir);
         let _ = fs::remove_dir(&upper_dir);
         result
+    }
+
+    /// Layer `id` as a read-only tree at `dir`: a frozen copy if its
+    /// device is active, else the layer itself mounted read-only.
+    fn read_only_view(&mut self, id: &str, dir: &Path) -> Result<View> {
+        if self.pool.layer_is_active(id)? {
+            return Ok(View::Frozen(self.pool.freeze_layer(id, dir)?));
+        }
+        self.pool.mount_layer(id, dir, MountUse::ReadOnlyScratch)?;
+        Ok(View::Mounted(dir.to_path_buf()))
     }
 
     /// What container `name` changed against its image (init files aside).
@@ -716,27 +828,36 @@ impl Store {
     /// # Errors
     /// [`Error::UnknownContainer`], layer exists, apply errors (rolled back).
     pub fn commit(&mut self, name: &str, as_id: &str) -> Result<LayerMeta> {
+        self.pool.require_host_space(
+            "a commit (its changes go to a scratch tar, then into the pool)",
+            thinlayer_pool::space::COMMIT_MARGIN,
+        )?;
         let c = self.container(name)?;
-        thinlayer_pool::names::check_id("layer", as_id)?;
-        if self.pool.layout().layer_record(as_id).exists() {
-            return Err(thinlayer_pool::Error::LayerExists(as_id.to_owned()).into());
-        }
+        self.check_user_layer(as_id, "`thinlayer container commit`")?;
         let tmp = self.scratch_dir("commit")?.join("layer.tar");
-        let report = self.with_pair(Some(&c.init_layer), &c.layer, |l, u| {
+        // Read from a frozen copy of the running container (see with_pair).
+        let report = match self.with_pair(Some(&c.init_layer), &c.layer, |l, u| {
             let f = fs::File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
             let mut w = std::io::BufWriter::new(f);
             let r = export::write_layer(l, u, &mut w)?;
             w.flush().ctx(|| format!("write {}", tmp.display()))?;
             Ok(r)
-        })?;
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                let _ = tmp.parent().map(fs::remove_dir);
+                return Err(e);
+            }
+        };
         let f = fs::File::open(&tmp).ctx(|| format!("open {}", tmp.display()))?;
         let size = report.bytes;
-        let made = self.apply_new_layer(
+        // One transaction with its intent (see `txn`), as `layer apply`.
+        let made = self.apply_layer(
             as_id,
             Some(&c.image_top),
             std::io::BufReader::new(f),
             Some(&report.diff_id),
-            LayerKind::Made,
             size,
         );
         let _ = fs::remove_file(&tmp);
@@ -754,6 +875,47 @@ impl Store {
             Ok(export::write_layer(l, u, out)?)
         })
     }
+}
+
+/// Unmounts what a crashed command left mounted under `tmp`: only the
+/// store mounts there (applies, read-only views, frozen copies), and under
+/// the exclusive lock no other command is using them. What cannot be
+/// unmounted now is logged and tried again at the next exclusive open.
+fn sweep_tmp_mounts(pool: &mut Pool, tmp: &Path) {
+    let Ok(tmp) = fs::canonicalize(tmp) else {
+        return;
+    };
+    let mut left: Vec<PathBuf> = match thinlayer_pool::mounts::all() {
+        Ok(all) => all
+            .into_iter()
+            .map(|m| m.mountpoint)
+            .filter(|p| p.starts_with(&tmp) && *p != tmp)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list mounts to sweep {}", tmp.display());
+            return;
+        }
+    };
+    left.sort();
+    left.dedup();
+    for dir in left.iter().rev() {
+        match pool.umount(&dir.to_string_lossy()) {
+            Ok(_) => tracing::info!(dir = %dir.display(), "unmounted what a crash left"),
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "a mount a crash left could not be unmounted yet"
+            ),
+        }
+    }
+}
+
+/// A read-only tree [`Store::with_pair`] holds until `f` returns.
+enum View {
+    /// A frozen copy of a live layer.
+    Frozen(Frozen),
+    /// The layer itself, mounted read-only at this directory.
+    Mounted(PathBuf),
 }
 
 /// The init layer's tar: the files a container engine writes per container.

@@ -77,3 +77,60 @@ pub struct ContainerRecord {
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }
+
+/// A store operation begun and not yet finished: written to
+/// `ROOT/store/intent.rec` before its first change and removed after its
+/// last, so that a crash in between is settled at the next exclusive open
+/// (`Store::open`): a create whose commit point was reached is kept,
+/// any other rolled back; a removal is always finished. Layers are only
+/// ever removed through the pool (which deletes their thin ids in the
+/// kernel before it forgets them), never by dropping records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Intent {
+    /// `layer apply` or `container commit` making layer `id` from a tar.
+    /// Commit point: its [`LayerMeta`] marked complete.
+    ApplyLayer {
+        /// The new layer.
+        id: String,
+    },
+    /// `container create`. Commit point: the container record.
+    CreateContainer {
+        /// The container.
+        name: String,
+        /// Its init layer.
+        init_layer: String,
+        /// Its read-write layer.
+        layer: String,
+    },
+    /// `container rm`: always finished.
+    RemoveContainer {
+        /// The container.
+        name: String,
+        /// Its init layer.
+        init_layer: String,
+        /// Its read-write layer.
+        layer: String,
+        /// Its default mount point (a directory to remove).
+        mountpoint: PathBuf,
+    },
+    /// `image rm`: always finished.
+    RemoveImage {
+        /// The image.
+        name: String,
+        /// Its layers that nothing else used when it began, top first.
+        layers: Vec<String>,
+    },
+}
+
+impl Intent {
+    /// A few words for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Intent::ApplyLayer { id } => format!("layer apply of `{id}`"),
+            Intent::CreateContainer { name, .. } => format!("container create of `{name}`"),
+            Intent::RemoveContainer { name, .. } => format!("container rm of `{name}`"),
+            Intent::RemoveImage { name, .. } => format!("image rm of `{name}`"),
+        }
+    }
+}

@@ -4,6 +4,13 @@
 //! blob file with the `diff_id` its config promises (verified when the
 //! layer is applied).
 //!
+//! Every digest and diff_id the image gives (manifest, config and layer
+//! digests, the config's `rootfs.diff_ids`) is checked to be
+//! `sha256:<64 lowercase hex>` ([`check_digest`]) before it names anything:
+//! a blob path, a layer id (the ChainID), a record. An image whose first
+//! diff_id is `vol-data`, `web-rw` or `../../x` is refused here, before
+//! the pool is touched.
+//!
 //! Archives are unpacked into a scratch directory under the pool root (the
 //! tar crate's unpacker refuses paths outside it); the scratch directory is
 //! removed when the [`ImageSource`] is dropped.
@@ -46,6 +53,33 @@ impl Drop for ImageSource {
         if let Some(d) = &self.scratch {
             let _ = fs::remove_dir_all(d);
         }
+    }
+}
+
+/// Checks that `value`, the image's `field`, is `sha256:` and 64 lowercase
+/// hex digits: the only digest form this store lets name a blob or a layer.
+///
+/// # Errors
+/// [`Error::Format`] naming the field (exit 2).
+pub fn check_digest(shown: &Path, field: &str, value: &str) -> Result<()> {
+    let ok = value.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if ok {
+        Ok(())
+    } else {
+        let shown_value: String = value.chars().take(100).collect();
+        Err(bad(
+            shown,
+            format!(
+                "{field} `{}` is not a digest of the form sha256:<64 lowercase hex digits>; \
+                 the image is refused and nothing was changed",
+                shown_value.escape_debug()
+            ),
+        ))
     }
 }
 
@@ -149,15 +183,17 @@ fn read_layout(dir: &Path, archive: Option<&Path>) -> Result<ImageSource> {
     let (manifest_desc, name) = find_manifest(dir, &index, shown)?;
     let manifest = ImageManifest::from_file(blob_path(
         dir,
+        "the manifest digest",
         manifest_desc.digest().to_string().as_str(),
         shown,
     )?)
     .map_err(|e| bad(shown, format!("manifest: {e}")))?;
     let config_digest = manifest.config().digest().to_string();
-    let config = ImageConfiguration::from_file(blob_path(dir, &config_digest, shown)?)
-        .map_err(|e| bad(shown, format!("config: {e}")))?;
+    let config =
+        ImageConfiguration::from_file(blob_path(dir, "the config digest", &config_digest, shown)?)
+            .map_err(|e| bad(shown, format!("config: {e}")))?;
     let mut blobs = Vec::new();
-    for l in manifest.layers() {
+    for (i, l) in manifest.layers().iter().enumerate() {
         match l.media_type() {
             MediaType::ImageLayer | MediaType::ImageLayerGzip | MediaType::ImageLayerZstd => {}
             MediaType::Other(t) if t.contains("docker.image.rootfs.diff.tar") => {}
@@ -168,7 +204,8 @@ fn read_layout(dir: &Path, archive: Option<&Path>) -> Result<ImageSource> {
                 ));
             }
         }
-        blobs.push(blob_path(dir, l.digest().as_ref(), shown)?);
+        let field = format!("the manifest's layer {} digest", i + 1);
+        blobs.push(blob_path(dir, &field, l.digest().as_ref(), shown)?);
     }
     Ok(ImageSource {
         name,
@@ -193,8 +230,13 @@ fn find_manifest(
         match d.media_type() {
             MediaType::ImageManifest => return Ok((d.clone(), name)),
             MediaType::ImageIndex => {
-                let nested = ImageIndex::from_file(blob_path(dir, d.digest().as_ref(), shown)?)
-                    .map_err(|e| bad(shown, format!("nested index: {e}")))?;
+                let nested = ImageIndex::from_file(blob_path(
+                    dir,
+                    "a nested index digest",
+                    d.digest().as_ref(),
+                    shown,
+                )?)
+                .map_err(|e| bad(shown, format!("nested index: {e}")))?;
                 let (m, inner) = find_manifest(dir, &nested, shown)?;
                 return Ok((m, inner.or(name)));
             }
@@ -215,6 +257,11 @@ fn pair(shown: &Path, blobs: Vec<PathBuf>, diff_ids: &[String]) -> Result<Vec<La
             ),
         ));
     }
+    // Before anything else: a diff_id names a layer (the first one is its
+    // ChainID as written).
+    for (i, d) in diff_ids.iter().enumerate() {
+        check_digest(shown, &format!("the config's rootfs.diff_ids[{i}]"), d)?;
+    }
     blobs
         .into_iter()
         .zip(diff_ids)
@@ -231,16 +278,12 @@ fn pair(shown: &Path, blobs: Vec<PathBuf>, diff_ids: &[String]) -> Result<Vec<La
         .collect()
 }
 
-/// `blobs/<alg>/<hex>` for a digest, checked to be a plain name.
-fn blob_path(dir: &Path, digest: &str, shown: &Path) -> Result<PathBuf> {
-    let (alg, hex) = digest
-        .split_once(':')
-        .ok_or_else(|| bad(shown, format!("malformed digest `{digest}`")))?;
-    let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
-    if !ok(alg) || !ok(hex) {
-        return Err(bad(shown, format!("malformed digest `{digest}`")));
-    }
-    let p = dir.join("blobs").join(alg).join(hex);
+/// `blobs/sha256/<hex>` for `digest` (the image's `field`), checked by
+/// [`check_digest`] first.
+fn blob_path(dir: &Path, field: &str, digest: &str, shown: &Path) -> Result<PathBuf> {
+    check_digest(shown, field, digest)?;
+    let hex = digest.strip_prefix("sha256:").expect("checked just above");
+    let p = dir.join("blobs").join("sha256").join(hex);
     if !p.is_file() {
         return Err(bad(shown, format!("blob {digest} is missing")));
     }
@@ -301,6 +344,31 @@ mod tests {
     }
 
     #[test]
+    fn only_sha256_digests_pass() {
+        let d = Path::new("/img");
+        let good = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        check_digest(d, "x", &good).unwrap();
+        for bad in [
+            "vol-data".to_owned(),
+            "web-rw".to_owned(),
+            "../../x".to_owned(),
+            "/etc".to_owned(),
+            "sha256:xyz".to_owned(),
+            "sha256:".to_owned(),
+            format!("sha256:{}", "0123456789ABCDEF".repeat(4)),
+            format!("sha256:{}0", "0123456789abcdef".repeat(4)),
+            format!("sha512:{}", "0123456789abcdef".repeat(4)),
+            format!("sha256:{}/", &good[7..70]),
+        ] {
+            let e = check_digest(d, "the config's rootfs.diff_ids[0]", &bad).unwrap_err();
+            assert!(
+                e.to_string().contains("rootfs.diff_ids[0]") && e.exit_code() == 2,
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_what_is_not_an_image() {
         let d = std::env::temp_dir().join(format!("tl-src-{}", std::process::id()));
         fs::create_dir_all(&d).unwrap();
@@ -318,7 +386,7 @@ mod tests {
             "{e}"
         );
         assert!(inside(&d, "../etc/passwd", &d).is_err());
-        assert!(blob_path(&d, "sha256:../../x", &d).is_err());
+        assert!(blob_path(&d, "digest", "sha256:../../x", &d).is_err());
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -1,0 +1,119 @@
+//! The reads containerd makes most, answered without waiting for a write
+//! in progress: a Prepare, Commit, Remove or Cleanup runs on the engine
+//! (one at a time, under the pool root's exclusive lock, which an
+//! `image import` may also hold for minutes), and must not stall them.
+//!
+//! - Stat and List read the key store's published index
+//!   ([`Snapshots`]): each write updates its record on disk first, then the
+//!   index, so a reader sees the state before or after a write, never half.
+//! - Usage of a committed snapshot is in its record; of an active or view
+//!   snapshot whose device is up, it is the kernel's thin status.
+//! - Mounts of an active or view snapshot whose device is up is its device
+//!   node.
+//!
+//! The last two read the pool's records and the kernel without the root's
+//! lock ([`thinlayer_pool::peek`]); when the device is down (activating it
+//! is a change) or the look fails, the caller goes the locked way through
+//! the engine.
+
+use std::path::{Path, PathBuf};
+
+use containerd_snapshots::{Info, Usage, api::types::Mount};
+use thinlayer_pool::peek::Peek;
+
+use crate::{
+    engine::{info_of, list_of, mounts_for},
+    error::{Error, Result},
+    store::{Kind, Snapshot, Snapshots},
+};
+
+/// Reads over a pool's snapshots that never take the engine or the lock.
+#[derive(Clone, Debug)]
+pub struct Reads {
+    root: PathBuf,
+    snapshots: Snapshots,
+}
+
+impl Reads {
+    /// Reads of the pool under `root` through the engine's published view.
+    pub fn new(root: &Path, snapshots: Snapshots) -> Reads {
+        Reads {
+            root: root.to_owned(),
+            snapshots,
+        }
+    }
+
+    /// The info of snapshot `key`.
+    ///
+    /// # Errors
+    /// NotFound.
+    pub fn stat(&self, key: &str) -> Result<Info> {
+        Ok(info_of(&self.snapshots.get(key)?))
+    }
+
+    /// Every snapshot passing `filters`, ordered by key.
+    ///
+    /// # Errors
+    /// InvalidArgument (bad filters).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Info>> {
+        list_of(self.snapshots.current().values(), filters)
+    }
+
+    /// Snapshot `key`'s usage if it can be told without the lock; `None`
+    /// when only the engine can (its device is down).
+    ///
+    /// # Errors
+    /// NotFound.
+    pub fn usage(&self, key: &str) -> Result<Option<Usage>> {
+        let s = self.snapshots.get(key)?;
+        if let (Kind::Committed, Some(own)) = (s.kind, s.own_bytes) {
+            return Ok(Some(usage_of(own)));
+        }
+        Ok(self.peek(&s, |_, mapped, _| {
+            mapped.map(|m| usage_of(m.saturating_sub(s.mapped_at_create.unwrap_or_default())))
+        }))
+    }
+
+    /// Snapshot `key`'s mounts if its device is up; `None` when only the
+    /// engine can tell (it must activate the device).
+    ///
+    /// # Errors
+    /// NotFound, FailedPrecondition (committed).
+    pub fn mounts(&self, key: &str) -> Result<Option<Vec<Mount>>> {
+        let s = self.snapshots.get(key)?;
+        if s.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot `{key}` is committed: only active and view snapshots have mounts"
+            )));
+        }
+        Ok(self.peek(&s, |node, _, fs| Some(mounts_for(node, fs, s.kind))))
+    }
+
+    /// Runs `f` on `s`'s active device (node, mapped bytes, filesystem);
+    /// `None` when it is down or cannot be looked at without the lock.
+    fn peek<T>(
+        &self,
+        s: &Snapshot,
+        f: impl FnOnce(&Path, Option<u64>, thinlayer_pool::FsType) -> Option<T>,
+    ) -> Option<T> {
+        let looked = Peek::open(&self.root).and_then(|p| {
+            let fs = p.record().fs;
+            Ok(p.active_layer(&s.layer)?.map(|a| (a, fs)))
+        });
+        match looked {
+            Ok(Some((a, fs))) => f(&a.devnode, a.mapped_bytes, fs),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(key = %s.key, layer = %s.layer, error = %e, "no lock-free answer; asking the engine");
+                None
+            }
+        }
+    }
+}
+
+fn usage_of(own: u64) -> Usage {
+    Usage {
+        inodes: 0,
+        size: i64::try_from(own).unwrap_or(i64::MAX),
+    }
+}
