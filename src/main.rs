@@ -16,8 +16,8 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use thinlayer_pool::{
-    Action, BlockSize, Bytes, CreateOptions, Error, FsType, LockMode, Owner, Pool, PoolStatus,
-    Removal, exit,
+    Action, Backing, BlockSize, Bytes, CreateOptions, DevicePair, Error, FsType, LockMode, Owner,
+    Pool, PoolStatus, Removal, exit,
     space::{self, ExtendReport, ExtendRequest, SizeChange, WatchOptions},
 };
 
@@ -111,7 +111,17 @@ enum ServeTo {
         #[command(flatten)]
         group: SocketGroup,
     },
-    /// Docker's volume plugin protocol (thin volumes) on a Unix socket.
+    /// Docker's plugin: graphdriver (`dockerd --experimental -s thinlayer`)
+    /// and volume driver (`-d thinlayer`) on one Unix socket; start it before dockerd.
+    Docker {
+        /// The socket to listen on; its name is the driver's (a stale one is
+        /// replaced; anything else there is kept and refused).
+        #[arg(long, default_value = thinlayer_backend::docker::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(flatten)]
+        group: SocketGroup,
+    },
+    /// Docker's volume plugin protocol alone (thin volumes) on a Unix socket.
     DockerVolume {
         /// The socket to listen on (a stale one is replaced; anything else there is kept and refused).
         #[arg(long, default_value = thinlayer_backend::docker_volume::DEFAULT_SOCKET)]
@@ -143,12 +153,24 @@ struct BenchArgs {
     /// Built image fixtures (tests/fixtures/make-images), for the import workload.
     #[arg(long, default_value = "target/fixtures/images")]
     fixtures: PathBuf,
+    /// Also measure thinlayer on loop files in ext4 on this disk against
+    /// thinlayer on the disk itself (the loop layer's cost). WHAT THE DISK
+    /// HOLDS IS LOST; a disk mounted or in use is refused.
+    #[arg(long, value_name = "DEV", env = "THINLAYER_BENCH_DISK")]
+    disk: Option<PathBuf>,
+    /// Also measure a real dockerd with Docker's overlay2, vfs and devicemapper
+    /// drivers and thinlayer's plugin, one after another (needs dockerd and the
+    /// docker CLI: THINLAYER_VM_EXTRAS=docker in the VM).
+    #[arg(long)]
+    docker: bool,
 }
 
 #[derive(Subcommand, Debug)]
 enum PoolCommand {
-    /// Create the pool: sparse files, loop devices, thin-pool, base filesystem.
+    /// Create the pool: sparse files (or two block devices), thin-pool, base filesystem.
     Create(CreateArgs),
+    /// Take over an existing thin-pool (LVM's or hand-made): its thin ids stay untouched.
+    Adopt(AdoptArgs),
     /// Show capacity, usage and state, read from the kernel.
     Status,
     /// Bring the pool's devices back from the records (after a reboot).
@@ -159,11 +181,14 @@ enum PoolCommand {
     Extend(ExtendArgs),
     /// Extend the pool by itself when its use crosses a threshold.
     Watch(WatchArgs),
-    /// Remove the pool, its files and records.
+    /// Remove the pool, its files and records (block devices are left as they are).
     Destroy {
         /// Also remove its layers, unmounting them first.
         #[arg(long)]
         force: bool,
+        /// For a pool on block devices: wipe them (labels and metadata zeroed, discarded).
+        #[arg(long)]
+        wipe: bool,
     },
     /// Check records against the kernel and the pool metadata (exit 7 on findings).
     Check,
@@ -181,15 +206,42 @@ enum PoolCommand {
 
 #[derive(Args, Debug)]
 struct CreateArgs {
-    /// Capacity of the sparse data file (K, M, G, T: powers of 1024).
-    #[arg(long, default_value = "20G", value_parser = parse_bytes)]
-    data_size: Bytes,
-    /// Size of the metadata file [default: from data and block size].
+    /// Capacity of the sparse data file (K, M, G, T: powers of 1024) [default: 20G;
+    /// on a data device: all of it].
+    #[arg(long, value_parser = parse_bytes)]
+    data_size: Option<Bytes>,
+    /// Size of the metadata file [default: from data and block size; on a
+    /// metadata device: all of it, up to the kernel's 16G limit].
     #[arg(long, value_parser = parse_bytes)]
     metadata_size: Option<Bytes>,
+    /// A block device for the data (a disk, a partition, an LVM volume) instead of a file.
+    #[arg(long, requires = "metadata_device")]
+    data_device: Option<PathBuf>,
+    /// A block device for the metadata; with --data-device.
+    #[arg(long, requires = "data_device")]
+    metadata_device: Option<PathBuf>,
+    /// Take devices that hold a filesystem, partition table or other signature (it is lost).
+    #[arg(long, requires = "data_device")]
+    force: bool,
     /// Copy-on-write unit: a multiple of 64K from 64K to 1G.
     #[arg(long, default_value = "64K", value_parser = parse_block)]
     block_size: BlockSize,
+    /// Filesystem of the base device and so of every layer.
+    #[arg(long, default_value = "ext4", value_parser = parse_fs)]
+    fs: FsType,
+    /// Virtual size of the base device and of every layer.
+    #[arg(long, default_value = "10G", value_parser = parse_bytes)]
+    base_size: Bytes,
+    /// Warn in `pool status` at this percent of data or metadata used.
+    #[arg(long, default_value_t = 80)]
+    low_water: u8,
+}
+
+#[derive(Args, Debug)]
+struct AdoptArgs {
+    /// The thin-pool's device-mapper name (for LVM: VG-POOL-tpool).
+    #[arg(long)]
+    pool_device: String,
     /// Filesystem of the base device and so of every layer.
     #[arg(long, default_value = "ext4", value_parser = parse_fs)]
     fs: FsType,
@@ -369,6 +421,20 @@ fn run(cli: Cli) -> thinlayer_store::Result<Output> {
         Command::Bench(a) => return bench(&a),
         Command::Volume(c) => return store_cli::volume(root, c, wait),
         Command::Serve(ServeArgs {
+            to: ServeTo::Docker { socket, group },
+        }) => {
+            let access = thinlayer_pool::socket::Access::new(group.socket_group.as_deref())?;
+            let served = thinlayer_backend::docker::serve(root, &socket, &access);
+            served.map_err(|e| match e {
+                thinlayer_backend::Error::Store(s) => s,
+                other => thinlayer_pool::Error::InvalidArgument(other.to_string()).into(),
+            })?;
+            return Ok(Output {
+                text: String::new(),
+                json: json!({"stopped": true}),
+            });
+        }
+        Command::Serve(ServeArgs {
             to: ServeTo::DockerVolume { socket, group },
         }) => {
             let access = thinlayer_pool::socket::Access::new(group.socket_group.as_deref())?;
@@ -417,12 +483,15 @@ fn run_pool(cli: Cli) -> thinlayer_pool::Result<Output> {
     let root = cli.root.as_path();
     match cli.command {
         Command::Pool(PoolCommand::Create(a)) => pool_create(root, &a, cli.wait),
+        Command::Pool(PoolCommand::Adopt(a)) => pool_adopt(root, &a, cli.wait),
         Command::Pool(PoolCommand::Status) => pool_status(root, cli.wait),
         Command::Pool(PoolCommand::Activate) => pool_activate(root, cli.wait),
         Command::Pool(PoolCommand::Deactivate) => pool_deactivate(root, cli.wait),
         Command::Pool(PoolCommand::Extend(a)) => pool_extend(root, &a, cli.wait),
         Command::Pool(PoolCommand::Watch(a)) => pool_watch(root, &a, cli.json),
-        Command::Pool(PoolCommand::Destroy { force }) => pool_destroy(root, force, cli.wait),
+        Command::Pool(PoolCommand::Destroy { force, wipe }) => {
+            pool_destroy(root, force, wipe, cli.wait)
+        }
         Command::Pool(PoolCommand::Check) => pool_check(root, cli.json, cli.wait),
         Command::Pool(PoolCommand::Recover { force }) => {
             pool_recover(root, force, cli.json, cli.wait)
@@ -467,25 +536,84 @@ fn said(action: Action, done: String, already: String) -> Output {
 
 fn pool_create(root: &Path, a: &CreateArgs, wait: bool) -> thinlayer_pool::Result<Output> {
     let opts = CreateOptions {
-        data_size: a.data_size,
+        data_size: a.data_size.unwrap_or(Bytes(20 << 30)),
         metadata_size: a.metadata_size,
         block_size: a.block_size,
         fs: a.fs,
         base_size: a.base_size,
         low_water_percent: a.low_water,
     };
-    let pool = Pool::create(root, &opts, wait)?;
+    let pool = match (&a.data_device, &a.metadata_device) {
+        (Some(data), Some(metadata)) => {
+            let devices = DevicePair {
+                data: data.clone(),
+                metadata: metadata.clone(),
+                data_size: a.data_size,
+                force: a.force,
+            };
+            Pool::create_on_devices(root, &opts, &devices, wait)?
+        }
+        _ => Pool::create(root, &opts, wait)?,
+    };
     let r = pool.record();
     Ok(Output {
         text: format!(
-            "created pool {} under {}: data {}, metadata {}, block size {}, base {} {}\n",
+            "created pool {} under {}: data {}, metadata {}, block size {}, base {} {}{}\n",
             r.pool_id,
             root.display(),
             r.data_size,
             r.metadata_size,
             r.block_size,
             r.fs.name(),
-            r.base_size
+            r.base_size,
+            backing_text(&r.backing)
+        ),
+        json: serde_json::to_value(r).expect("plain data"),
+    })
+}
+
+/// ` on DATA and META` for a pool on devices, ` in POOL` for an adopted one.
+fn backing_text(b: &Backing) -> String {
+    match b {
+        Backing::Files => String::new(),
+        Backing::Devices { data, metadata } => format!(
+            "; data on {}, metadata on {}",
+            data.describe(),
+            metadata.describe()
+        ),
+        Backing::Adopted {
+            pool_name,
+            foreign_thin_ids,
+            first_thin_id,
+            ..
+        } => format!(
+            "; adopted pool {pool_name}: {} foreign thin id(s) {:?} left alone, thinlayer's ids from {first_thin_id}",
+            foreign_thin_ids.len(),
+            foreign_thin_ids
+        ),
+    }
+}
+
+fn pool_adopt(root: &Path, a: &AdoptArgs, wait: bool) -> thinlayer_pool::Result<Output> {
+    let opts = CreateOptions {
+        fs: a.fs,
+        base_size: a.base_size,
+        low_water_percent: a.low_water,
+        ..CreateOptions::default()
+    };
+    let pool = Pool::adopt(root, &a.pool_device, &opts, wait)?;
+    let r = pool.record();
+    Ok(Output {
+        text: format!(
+            "adopted {} under {} as pool {}: data {}, block size {}, base {} {}{}\n",
+            a.pool_device,
+            root.display(),
+            r.pool_id,
+            r.data_size,
+            r.block_size,
+            r.fs.name(),
+            r.base_size,
+            backing_text(&r.backing)
         ),
         json: serde_json::to_value(r).expect("plain data"),
     })
@@ -507,8 +635,13 @@ fn percent(used: u64, total: u64) -> String {
 }
 
 fn status_text(st: &PoolStatus) -> String {
+    let what = match st.backing {
+        Backing::Files => "file",
+        Backing::Devices { .. } => "device",
+        Backing::Adopted { .. } => "(adopted pool's)",
+    };
     let mut s = format!(
-        "pool {} under {}: {}\n  filesystem {}, block size {}, base size {}\n  data file {}, metadata file {}\n  layers {}, records at transaction {}\n",
+        "pool {} under {}: {}\n  filesystem {}, block size {}, base size {}\n  data {what} {}, metadata {what} {}\n  layers {}, records at transaction {}\n",
         st.pool_id,
         st.root.display(),
         if st.active { "active" } else { "inactive" },
@@ -520,6 +653,10 @@ fn status_text(st: &PoolStatus) -> String {
         st.layers,
         st.transaction_id,
     );
+    let on = backing_text(&st.backing);
+    if let Some(on) = on.strip_prefix("; ") {
+        s += &format!("  {on}\n");
+    }
     if let Some(k) = &st.kernel {
         s += &format!(
             "  data used     {} of {} blocks ({})\n  metadata used {} of {} blocks ({})\n  kernel transaction {}, mode {}, thin devices active {}\n  discard passdown {}, full pool {}, low-water mark {}%\n",
@@ -543,7 +680,9 @@ fn status_text(st: &PoolStatus) -> String {
     } else {
         s += "  (activate the pool to see usage: thinlayer pool activate)\n";
     }
-    s += &host_text(&st.host);
+    if st.backing.is_files() {
+        s += &host_text(&st.host);
+    }
     if !st.spares.is_empty() {
         let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
         for sp in &st.spares {
@@ -667,13 +806,20 @@ fn pool_watch(root: &Path, a: &WatchArgs, json: bool) -> thinlayer_pool::Result<
     })
 }
 
-fn pool_destroy(root: &Path, force: bool, wait: bool) -> thinlayer_pool::Result<Output> {
-    Pool::open(root, LockMode::Exclusive, wait)?.destroy(force)?;
-    Ok(said(
-        Action::Done,
-        format!("destroyed the pool under {}", root.display()),
-        String::new(),
-    ))
+fn pool_destroy(
+    root: &Path,
+    force: bool,
+    wipe: bool,
+    wait: bool,
+) -> thinlayer_pool::Result<Output> {
+    let done = Pool::open(root, LockMode::Exclusive, wait)?.destroy_with(force, wipe)?;
+    let mut text = format!("destroyed the pool under {}", root.display());
+    for d in &done {
+        text += &format!("; {d}");
+    }
+    let mut out = said(Action::Done, text, String::new());
+    out.json["devices"] = json!(done);
+    Ok(out)
 }
 
 fn findings_text(findings: &[thinlayer_pool::check::Finding]) -> String {
@@ -946,6 +1092,8 @@ fn bench(a: &BenchArgs) -> thinlayer_store::Result<Output> {
         quick: a.quick,
         work: a.work.clone(),
         fixtures: a.fixtures.clone(),
+        disk: a.disk.clone(),
+        docker: a.docker,
     };
     let report = thinlayer_bench::run(&opts).map_err(|e| match e {
         thinlayer_bench::Error::Pool(e) => e.into(),

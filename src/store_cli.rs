@@ -46,9 +46,21 @@ pub enum ContainerCommand {
         /// Hostname written into its init layer [default: its name].
         #[arg(long)]
         hostname: Option<String>,
-        /// Mount volume NAME at /path inside it (repeatable; volumes may be shared).
-        #[arg(long = "volume", value_name = "NAME:/path")]
+        /// Mount at /path inside it (repeatable): NAME:/path a named volume (shared with
+        /// other containers), /path an anonymous volume made for it and filled with the
+        /// image's content there, /host/path:/path a host directory or file; `:ro` for
+        /// read-only. The image's config Volumes become anonymous volumes too.
+        #[arg(long = "volume", value_name = "SPEC")]
         volumes: Vec<String>,
+        /// Mount every volume and bind of container OTHER at the same paths (repeatable;
+        /// OTHER:ro for read-only).
+        #[arg(long = "volumes-from", value_name = "OTHER[:ro]")]
+        volumes_from: Vec<String>,
+    },
+    /// Show a container: its image, layers and mounts (as Docker's inspect `Mounts`).
+    Inspect {
+        /// The container.
+        name: String,
     },
     /// Mount its root filesystem (at DIR, or its own mount point) and print where.
     Mount {
@@ -64,10 +76,13 @@ pub enum ContainerCommand {
     },
     /// List containers.
     Ls,
-    /// Remove a container and its layers.
+    /// Remove a container and its layers (its volumes stay).
     Rm {
         /// The container.
         name: String,
+        /// Also remove its anonymous volumes (named ones stay, and ones another container mounts).
+        #[arg(long)]
+        volumes: bool,
     },
     /// Paths the container added (A), changed (C) or deleted (D) against its image.
     Diff {
@@ -299,23 +314,82 @@ pub fn container(root: &Path, cmd: ContainerCommand, wait: bool) -> R {
             image,
             hostname,
             volumes,
+            volumes_from,
         } => {
-            let volumes = volumes
-                .iter()
-                .map(|v| thinlayer_store::volumes::VolumeMount::parse(v))
-                .collect::<thinlayer_store::Result<Vec<_>>>()?;
+            use thinlayer_store::volumes::{MountRequest, MountSpec, parse_volumes_from};
+            let request = MountRequest {
+                specs: volumes
+                    .iter()
+                    .map(|v| MountSpec::parse(v))
+                    .collect::<thinlayer_store::Result<Vec<_>>>()?,
+                volumes_from: volumes_from
+                    .iter()
+                    .map(|v| parse_volumes_from(v))
+                    .collect::<thinlayer_store::Result<Vec<_>>>()?,
+            };
             let c = store(root, LockMode::Exclusive, wait)?.create_container(
                 &name,
                 &image,
                 hostname.as_deref(),
-                &volumes,
+                &request,
             )?;
+            let mut text = format!(
+                "created container {} of image {} (layer {})\n",
+                c.name, c.image, c.layer
+            );
+            for v in c.volumes.iter().filter(|v| v.anonymous) {
+                text += &format!("  anonymous volume {} at {}\n", v.volume, v.path.display());
+            }
             Ok(Output {
-                text: format!(
-                    "created container {} of image {} (layer {})\n",
-                    c.name, c.image, c.layer
-                ),
+                text,
                 json: serde_json::to_value(&c).expect("plain data"),
+            })
+        }
+        ContainerCommand::Inspect { name } => {
+            let mut s = store(root, LockMode::Exclusive, wait)?;
+            let c = s.container(&name)?;
+            let mounts = s.container_mounts(&name)?;
+            let mut text = format!(
+                "container {}\n  image     {}\n  layer     {} (init {})\n  hostname  {}\n  mountpoint {}\n  mounts:\n",
+                c.name,
+                c.image,
+                c.layer,
+                c.init_layer,
+                c.hostname,
+                c.mountpoint.display()
+            );
+            if mounts.is_empty() {
+                text += "    (none)\n";
+            }
+            for m in &mounts {
+                text += &format!(
+                    "    {:<6} {:<24} -> {} ({}{}{})\n",
+                    m.kind,
+                    m.name
+                        .clone()
+                        .unwrap_or_else(|| m.source.display().to_string()),
+                    m.destination.display(),
+                    m.mode,
+                    if m.anonymous { ", anonymous" } else { "" },
+                    if m.kind == "volume" && !m.source.as_os_str().is_empty() {
+                        format!(", at {}", m.source.display())
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            Ok(Output {
+                text,
+                json: json!({
+                    "Name": c.name,
+                    "Image": c.image,
+                    "Layer": c.layer,
+                    "InitLayer": c.init_layer,
+                    "Hostname": c.hostname,
+                    "Mountpoint": c.mountpoint,
+                    "Created": c.created_unix,
+                    "Mounts": mounts,
+                }),
             })
         }
         ContainerCommand::Mount { name, dir } => {
@@ -344,11 +418,18 @@ pub fn container(root: &Path, cmd: ContainerCommand, wait: bool) -> R {
                 json: serde_json::to_value(&cs).expect("plain data"),
             })
         }
-        ContainerCommand::Rm { name } => {
-            store(root, LockMode::Exclusive, wait)?.remove_container(&name)?;
+        ContainerCommand::Rm { name, volumes } => {
+            let gone = store(root, LockMode::Exclusive, wait)?.remove_container(&name, volumes)?;
+            let mut text = format!("removed container {name}\n");
+            for v in &gone.removed {
+                text += &format!("removed its anonymous volume {v}\n");
+            }
+            for (v, why) in &gone.kept {
+                text += &format!("kept its anonymous volume {v}: {why}\n");
+            }
             Ok(Output {
-                text: format!("removed container {name}\n"),
-                json: json!({"container": name, "removed": true}),
+                text,
+                json: json!({"container": name, "removed": true, "volumes_removed": gone.removed, "volumes_kept": gone.kept}),
             })
         }
         ContainerCommand::Diff { name } => {
@@ -410,14 +491,18 @@ pub fn volume(root: &Path, cmd: VolumeCommand, wait: bool) -> R {
         }
         VolumeCommand::Ls => {
             let vs = store(root, LockMode::Shared, wait)?.volumes()?;
-            let mut text = format!("{:<24} {:>8} {:<5} {}\n", "NAME", "SIZE", "FS", "FROM");
+            let mut text = format!(
+                "{:<24} {:>8} {:<5} {:<16} {}\n",
+                "NAME", "SIZE", "FS", "FROM", "ANONYMOUS FOR"
+            );
             for v in &vs {
                 text += &format!(
-                    "{:<24} {:>8} {:<5} {}\n",
+                    "{:<24} {:>8} {:<5} {:<16} {}\n",
                     v.name,
                     v.size.to_string(),
                     v.fs.name(),
-                    v.from.as_deref().unwrap_or("-")
+                    v.from.as_deref().unwrap_or("-"),
+                    v.anonymous_for.as_deref().unwrap_or("-")
                 );
             }
             Ok(Output {

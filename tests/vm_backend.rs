@@ -10,7 +10,10 @@ use common::Scratch;
 use thinlayer_backend::{GraphDriver, ThinDriver};
 use thinlayer_image::{ChangeKind, tree};
 
-fn is_mount(dir: &Path) -> bool {
+/// Whether the layer whose tree `get` returned (`MNT/ID/rootfs`) is
+/// mounted (at `MNT/ID`).
+fn is_mount(tree: &Path) -> bool {
+    let dir = tree.parent().unwrap();
     let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
     mounts
         .lines()
@@ -109,7 +112,11 @@ fn vm_graphdriver_conformance() {
     let applied = d
         .apply_diff("copy", Some("app"), &mut &tarball[..])
         .unwrap();
-    assert_eq!(applied, tarball.len() as u64);
+    assert_eq!(
+        applied,
+        5000 + "changed in ctr\n".len() as u64,
+        "apply_diff reports the file content it wrote"
+    );
     let (x, y) = (d.get("ctr").unwrap(), d.get("copy").unwrap());
     let (mx, my) = (tree::manifest(&x).unwrap(), tree::manifest(&y).unwrap());
     let mut diffs = tree::differences(&mx, &my, 10);

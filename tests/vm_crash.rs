@@ -110,6 +110,75 @@ fn pool_id(s: &Scratch) -> String {
         .to_owned()
 }
 
+/// What the walked pool lives on: the same walk runs on each.
+enum On {
+    /// Sparse files under the root on loop devices (`pool create`'s default).
+    Files,
+    /// Two virtio disks (`--data-device`, `--metadata-device`).
+    Disks {
+        /// The data disk.
+        data: PathBuf,
+        /// The metadata disk.
+        metadata: PathBuf,
+    },
+}
+
+impl On {
+    /// The two disks the device walk takes (tools/test attaches them);
+    /// zeroed first, whatever an earlier run left.
+    fn disks() -> On {
+        let (data, metadata) = (
+            common::virtio_disk("tl-cdata"),
+            common::virtio_disk("tl-cmeta"),
+        );
+        common::zap_disk(&data);
+        common::zap_disk(&metadata);
+        On::Disks { data, metadata }
+    }
+
+    /// A short name, for scratch roots and messages.
+    fn tag(&self) -> &'static str {
+        match self {
+            On::Files => "files",
+            On::Disks { .. } => "disks",
+        }
+    }
+
+    /// `pool create` for it (no `--force`: every retry after a crash must
+    /// find its devices free again).
+    fn create(&self) -> Vec<String> {
+        let mut a: Vec<String> = ["pool", "create", "--base-size", "64M"]
+            .map(String::from)
+            .to_vec();
+        match self {
+            On::Files => a.extend(["--data-size".into(), "1G".into()]),
+            On::Disks { data, metadata } => a.extend([
+                "--data-device".into(),
+                data.display().to_string(),
+                "--metadata-device".into(),
+                metadata.display().to_string(),
+            ]),
+        }
+        a
+    }
+
+    /// `pool destroy --force`, leaving the storage reusable (disks wiped).
+    fn destroy(&self) -> &'static [&'static str] {
+        match self {
+            On::Files => &["pool", "destroy", "--force"],
+            On::Disks { .. } => &["pool", "destroy", "--force", "--wipe"],
+        }
+    }
+
+    /// The loop devices' backing files an active pool under `root` holds.
+    fn loops(&self, root: &Path) -> Vec<PathBuf> {
+        match self {
+            On::Files => vec![root.join("data.img"), root.join("metadata.img")],
+            On::Disks { .. } => Vec::new(),
+        }
+    }
+}
+
 /// What the kernel and the loop driver hold for this scratch root and for
 /// any thinlayer pool.
 fn kernel_state(s: &Scratch) -> (Vec<String>, Vec<PathBuf>) {
@@ -138,6 +207,11 @@ fn assert_settled(s: &Scratch, why: &str) {
 }
 
 fn assert_consistent(s: &Scratch, active: bool, why: &str) {
+    assert_consistent_on(s, &On::Files, active, why);
+}
+
+/// [`assert_consistent`] for a pool on `on`.
+fn assert_consistent_on(s: &Scratch, on: &On, active: bool, why: &str) {
     let out = s.run(&["--json", "pool", "check"]);
     assert!(
         out.status.success(),
@@ -177,7 +251,7 @@ fn assert_consistent(s: &Scratch, active: bool, why: &str) {
         assert_eq!(dms, want, "{why}: dm devices leaked or missing");
         assert_eq!(
             loops,
-            vec![s.root.join("data.img"), s.root.join("metadata.img")],
+            on.loops(&s.root),
             "{why}: loop devices leaked or missing"
         );
     } else {
@@ -190,14 +264,31 @@ fn assert_consistent(s: &Scratch, active: bool, why: &str) {
 fn vm_crash_every_fault_point_recovers() {
     common::require_dm_thin();
     require_fault_points();
+    walk_pool_verbs(&On::Files);
+}
+
+/// The same walk on a pool on two virtio disks (`tl-cdata`, `tl-cmeta`):
+/// every point applies (`pool_create.after_files` falls after the labels
+/// are written, `*.after_loops` after the devices are found by them).
+#[test]
+fn vm_crash_every_fault_point_recovers_on_disks() {
+    common::require_dm_thin();
+    require_fault_points();
+    walk_pool_verbs(&On::disks());
+}
+
+/// Every fault point of the pool's verbs, on a pool on `on`: abort there,
+/// recover as a user would, prove the pool whole and nothing leaked.
+fn walk_pool_verbs(on: &On) {
     let started = Instant::now();
     let mut walked = 0;
+    let create = on.create();
+    let create: Vec<&str> = create.iter().map(String::as_str).collect();
 
     // --- pool create: a fresh root each time ---
-    let s = Scratch::new("crash-create");
+    let s = Scratch::new(&format!("crash-create-{}", on.tag()));
     for (i, p) in points("pool_create.").into_iter().enumerate() {
         let t = Instant::now();
-        let create = ["pool", "create", "--data-size", "1G", "--base-size", "64M"];
         crash(&s, p, &create);
         walked += 1;
         let committed = p == "pool_create.after_record";
@@ -227,12 +318,12 @@ fn vm_crash_every_fault_point_recovers() {
         } else {
             s.ok(&create);
         }
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         s.ok(&["layer", "create", "l"]);
         let d = s.mount("l");
         assert!(d.join("lost+found").is_dir(), "{p}: the base holds ext4");
         s.ok(&["umount", "l"]);
-        s.ok(&["pool", "destroy", "--force"]);
+        s.ok(on.destroy());
         let (dms, loops) = kernel_state(&s);
         assert!(
             dms.is_empty() && loops.is_empty(),
@@ -243,12 +334,12 @@ fn vm_crash_every_fault_point_recovers() {
     drop(s);
 
     // --- one pool with committed layers for everything else ---
-    let s = Scratch::new("crash-walk");
-    s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
+    let s = Scratch::new(&format!("crash-walk-{}", on.tag()));
+    s.ok(&create);
     let mut want = Contents::new();
     layer_with(&s, "a", None, 1, &mut want);
     layer_with(&s, "b", Some("a"), 2, &mut want);
-    assert_consistent(&s, true, "set-up");
+    assert_consistent_on(&s, on, true, "set-up");
 
     for (i, p) in points("layer_create.").into_iter().enumerate() {
         let t = Instant::now();
@@ -257,7 +348,7 @@ fn vm_crash_every_fault_point_recovers() {
         walked += 1;
         // The user runs it again: made now, or already made by recovery.
         code_in(&s, &["layer", "create", &id, "--parent", "b"], &[0, 4], p);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         // The new layer is a snapshot of b.
         let d = s.dir(&format!("ro-{id}"));
         s.ok(&["mount", &id, d.to_str().unwrap(), "--readonly"]);
@@ -278,7 +369,7 @@ fn vm_crash_every_fault_point_recovers() {
         // Again: removed now, or already removed by recovery.
         code_in(&s, &["layer", "rm", "victim"], &[0, 3], p);
         s.fails(&["layer", "rm", "victim"], 3, "no layer");
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -294,7 +385,7 @@ fn vm_crash_every_fault_point_recovers() {
         s.fails(&["layer", "rm", "victim"], 3, "no layer");
         s.ok(&["pool", "reclaim"]);
         assert_settled(&s, p);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -307,7 +398,7 @@ fn vm_crash_every_fault_point_recovers() {
         code_in(&s, &["pool", "recover"], &[0], p);
         s.ok(&["pool", "reclaim"]);
         assert_settled(&s, p);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -320,7 +411,7 @@ fn vm_crash_every_fault_point_recovers() {
         walked += 1;
         code_in(&s, &["pool", "recover"], &[0], p);
         assert_settled(&s, p);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
     for p in points("spare_drop.") {
@@ -330,7 +421,7 @@ fn vm_crash_every_fault_point_recovers() {
         walked += 1;
         code_in(&s, &["pool", "recover"], &[0], p);
         assert_settled(&s, p);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -346,7 +437,7 @@ fn vm_crash_every_fault_point_recovers() {
             "{p}: a's data"
         );
         s.ok(&["umount", "a"]);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
 
@@ -356,7 +447,7 @@ fn vm_crash_every_fault_point_recovers() {
         crash(&s, p, &["umount", "a"]);
         walked += 1;
         s.ok(&["umount", "a"]);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -373,12 +464,12 @@ fn vm_crash_every_fault_point_recovers() {
             s.ok(&["pool", "activate"]);
         } else {
             s.ok(&["pool", "deactivate"]);
-            assert_consistent(&s, false, p);
+            assert_consistent_on(&s, on, false, p);
             s.ok(&["pool", "activate"]);
         }
         // A layer device left active is torn down by recover.
         code_in(&s, &["pool", "recover"], &[0], p);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
@@ -391,22 +482,25 @@ fn vm_crash_every_fault_point_recovers() {
         if i % 2 == 1 {
             // Deactivate finishes the half activation (tears it down).
             s.ok(&["pool", "deactivate"]);
-            assert_consistent(&s, false, p);
+            assert_consistent_on(&s, on, false, p);
         }
         s.ok(&["pool", "activate"]);
-        assert_consistent(&s, true, p);
+        assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
 
+    s.ok(on.destroy());
     assert_eq!(
         walked,
         pool_points().len(),
-        "every fault point of the pool's verbs walked"
+        "every fault point of the pool's verbs walked ({})",
+        on.tag()
     );
     eprintln!(
-        "walked {walked} abort points of {} in {:.1} s",
+        "walked {walked} abort points of {} on {} in {:.1} s",
         pool_points().len(),
+        on.tag(),
         started.elapsed().as_secs_f64()
     );
 }
@@ -681,15 +775,28 @@ fn vm_crash_store_verbs_recover_at_every_point() {
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
 
-    // container create: rolled back before its record, kept after.
+    // container create (with an anonymous volume filled from the image):
+    // rolled back before its record, the volume too; kept after.
     for (i, p) in points("container_create.").into_iter().enumerate() {
         let t = Instant::now();
         let name = format!("c{i}");
-        let args = ["container", "create", &name, "--image", "demo:1"];
+        let args = [
+            "container",
+            "create",
+            &name,
+            "--image",
+            "demo:1",
+            "--volume",
+            "/srv",
+        ];
         crash(&s, p, &args);
         code_in(&s, &args, &[0, 4], p);
         let mut want = base.clone();
-        want.extend([format!("{name}-init"), format!("{name}-rw")]);
+        want.extend([
+            format!("{name}-init"),
+            format!("{name}-rw"),
+            format!("vol-anon-{name}-0"),
+        ]);
         assert_store_settled(&s, &want, p);
         let at = s.ok(&["container", "mount", &name]);
         assert_eq!(
@@ -697,34 +804,57 @@ fn vm_crash_store_verbs_recover_at_every_point() {
             format!("{name}\n"),
             "{p}: the init layer is whole"
         );
+        assert_eq!(
+            fs::read_to_string(Path::new(at.trim()).join("srv/replace/inside")).unwrap(),
+            "now a directory\n",
+            "{p}: the anonymous volume holds the image's /srv"
+        );
         s.ok(&["container", "umount", &name]);
-        s.ok(&["container", "rm", &name]);
+        s.ok(&["container", "rm", &name, "--volumes"]);
         assert_store_settled(&s, &base, p);
+        assert!(
+            !s.ok(&["volume", "ls"]).contains("anon-"),
+            "{p}: an anonymous volume is left"
+        );
         walked += 1;
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
 
     // container rm: always finished, by the next store command whichever
     // it is (today's bug: a half-removed container could never be removed).
+    // With --volumes, its anonymous volume goes too.
     for (i, p) in points("container_rm.").into_iter().enumerate() {
         let t = Instant::now();
-        s.ok(&["container", "create", "victim", "--image", "demo:1"]);
+        s.ok(&[
+            "container",
+            "create",
+            "victim",
+            "--image",
+            "demo:1",
+            "--volume",
+            "/srv",
+        ]);
         if i % 2 == 0 {
             // Mounted: the removal unmounts it first.
             s.ok(&["container", "mount", "victim"]);
         }
-        crash(&s, p, &["container", "rm", "victim"]);
+        let rm = ["container", "rm", "victim", "--volumes"];
+        crash(&s, p, &rm);
         if i % 2 == 0 {
-            code_in(&s, &["container", "rm", "victim"], &[0, 3], p);
+            code_in(&s, &rm, &[0, 3], p);
         } else {
             let v = format!("v{i}");
             s.ok(&["volume", "create", &v, "--size", "32M"]);
-            s.fails(&["container", "rm", "victim"], 3, "no container");
+            s.fails(&rm, 3, "no container");
             s.ok(&["volume", "rm", &v]);
         }
         assert!(
             !s.ok(&["container", "ls"]).contains("victim"),
             "{p}: the container is still listed"
+        );
+        assert!(
+            !s.ok(&["volume", "ls"]).contains("anon-victim"),
+            "{p}: its anonymous volume is left"
         );
         assert_store_settled(&s, &base, p);
         walked += 1;

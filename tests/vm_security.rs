@@ -397,7 +397,7 @@ fn vm_hostile_diff_ids_are_refused_before_any_change() {
     ident_make_layer(&s, &squatter, thinlayer_pool::Owner::User);
     let before = ident_state(&s);
     assert!(
-        before.trees["vol-data"].contains_key(Path::new("precious")),
+        before.trees["vol-data"].contains_key(Path::new("data/precious")),
         "the state covers the volume's files"
     );
 

@@ -345,3 +345,27 @@ pub fn http_post(socket: &Path, endpoint: &str, body: &[u8]) -> (u16, String) {
         .unwrap_or_else(|| panic!("bad status line: {head}"));
     (status, body.to_owned())
 }
+
+/// The node of the guest's virtio disk with serial `serial` (attached by
+/// `tools/vm/run` from `THINLAYER_VM_DISKS`; the guest has no udev, so
+/// no /dev/disk/by-id: found by its serial in sysfs).
+pub fn virtio_disk(serial: &str) -> PathBuf {
+    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        if fs::read_to_string(e.path().join("serial")).is_ok_and(|s| s.trim() == serial) {
+            return PathBuf::from("/dev").join(e.file_name());
+        }
+    }
+    panic!(
+        "no virtio disk with serial {serial}: attach it with THINLAYER_VM_DISKS={serial}:SIZE,... \
+         (tools/test's list has it)"
+    );
+}
+
+/// Zeros the first 2 MiB of disk `dev` (test set-up: what another test
+/// or run left there is no signature to refuse).
+pub fn zap_disk(dev: &Path) {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().write(true).open(dev).unwrap();
+    f.write_all(&vec![0u8; 2 << 20]).unwrap();
+    f.sync_all().unwrap();
+}

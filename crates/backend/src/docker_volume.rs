@@ -28,7 +28,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use thinlayer_pool::{Bytes, FsType, LockMode, record, socket::Access};
 use thinlayer_store::Store;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     error::{Error, Result},
@@ -168,16 +167,17 @@ impl Plugin {
             "/VolumeDriver.Mount" => {
                 let dir = self.mountpoint(&req.name);
                 let mut store = self.store()?;
-                store.volume(&req.name)?;
-                if !store.volume_mountpoints(&req.name)?.contains(&dir) {
-                    store.mount_volume(&req.name, &dir)?;
-                }
+                // The filesystem root at the plugin's own place; Docker
+                // gets its content directory (an empty `data/` in a new
+                // volume, no `lost+found`), so it copies the image's
+                // content in as it does into its own volumes.
+                let content = store.mount_volume_root(&req.name, &dir)?;
                 self.refs
                     .entry(req.name.clone())
                     .or_default()
                     .insert(req.id.clone());
                 self.save_refs()?;
-                Ok(json!({"Mountpoint": dir, "Err": ""}))
+                Ok(json!({"Mountpoint": content, "Err": ""}))
             }
             "/VolumeDriver.Unmount" => {
                 let last = match self.refs.get_mut(&req.name) {
@@ -199,23 +199,27 @@ impl Plugin {
                 Ok(json!({"Err": ""}))
             }
             "/VolumeDriver.Path" => {
-                let dir = self.mounted_at(&req.name)?;
+                // The content directory, as Mount answered.
+                let dir = self.mounted_at(&mut self.store()?, &req.name)?;
                 Ok(json!({"Mountpoint": dir, "Err": ""}))
             }
             "/VolumeDriver.Get" => {
-                let v = self.store()?.volume(&req.name)?;
-                let dir = self.mounted_at(&req.name)?;
+                let mut store = self.store()?;
+                let v = store.volume(&req.name)?;
+                let dir = self.mounted_at(&mut store, &req.name)?;
+                let status = status(&mut store, &v)?;
                 Ok(json!({"Volume": {
-                    "Name": v.name, "Mountpoint": dir,
-                    "Status": {"size": v.size.to_string(), "fs": v.fs.name(), "from": v.from}
+                    "Name": v.name, "Mountpoint": dir, "Status": status
                 }, "Err": ""}))
             }
             "/VolumeDriver.List" => {
-                let vols = self.store()?.volumes()?;
+                let mut store = self.store()?;
+                let vols = store.volumes()?;
                 let mut list = Vec::new();
                 for v in vols {
-                    let dir = self.mounted_at(&v.name)?;
-                    list.push(json!({"Name": v.name, "Mountpoint": dir}));
+                    let dir = self.mounted_at(&mut store, &v.name)?;
+                    let status = status(&mut store, &v)?;
+                    list.push(json!({"Name": v.name, "Mountpoint": dir, "Status": status}));
                 }
                 Ok(json!({"Volumes": list, "Err": ""}))
             }
@@ -223,16 +227,41 @@ impl Plugin {
         }
     }
 
-    /// The plugin's mount point of `name` if mounted, else "".
-    fn mounted_at(&self, name: &str) -> Result<String> {
+    /// Where the plugin shows `name`'s content if mounted (its mount
+    /// point's `data/`, or the mount point itself for a volume made before
+    /// `data/` was), else "". `store`: the request's (one open at a time:
+    /// each holds the root's lock).
+    fn mounted_at(&self, store: &mut Store, name: &str) -> Result<String> {
         let dir = self.mountpoint(name);
-        let mounted = self.store()?.volume_mountpoints(name)?.contains(&dir);
+        let mounted = store.volume_mountpoints(name)?.contains(&dir);
         Ok(if mounted {
-            dir.to_string_lossy().into_owned()
+            let layout = store.volume(name)?.layout;
+            layout.content(&dir).to_string_lossy().into_owned()
         } else {
             String::new()
         })
     }
+}
+
+/// `docker volume inspect`'s `Status` of volume `v`: size, filesystem,
+/// clone source, pool bytes its device maps (while active), and, for an
+/// anonymous volume of thinlayer's own containers, its container.
+fn status(store: &mut Store, v: &thinlayer_store::volumes::VolumeRecord) -> Result<Value> {
+    let usage = store.volume_usage(&v.name)?;
+    Ok(json!({
+        "size": v.size.to_string(),
+        "fs": v.fs.name(),
+        "from": v.from,
+        "usage": match usage {
+            Some(b) => Bytes(b).to_string(),
+            None => "unknown while unmounted".to_owned(),
+        },
+        "usage_bytes": usage,
+        "layout": match v.layout {
+            thinlayer_store::volumes::Layout::DataDir => "data/ (empty until written)",
+            thinlayer_store::volumes::Layout::Root => "filesystem root (made before data/)",
+        },
+    }))
 }
 
 /// The endpoints of Docker's volume plugin protocol this plugin serves.
@@ -267,40 +296,11 @@ impl Handler for Plugin {
 /// The socket is taken or cannot be bound (exit 4 for the conflicts); the
 /// pool's open errors.
 pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
-    thinlayer_pool::socket::raise_nofile_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Invalid(format!("start the async runtime: {e}")))?;
-    rt.block_on(async {
-        // Signals first: a SIGTERM from the moment the socket exists is a
-        // graceful stop.
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| Error::Invalid(format!("install a signal handler: {e}")))?;
-        let mut int = signal(SignalKind::interrupt())
-            .map_err(|e| Error::Invalid(format!("install a signal handler: {e}")))?;
-        let (listener, file) = thinlayer_pool::socket::bind(socket, access)?;
-        let plugin = Plugin::new(root)?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
-        let listener = tokio::net::UnixListener::from_std(listener)
-            .map_err(|e| Error::Invalid(format!("listen on {}: {e}", socket.display())))?;
-        tracing::info!(socket = %socket.display(), "serving Docker's volume plugin protocol");
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        };
-        http::serve(listener, *access, Limits::default(), plugin, shutdown).await;
-        // No new client finds the socket while a request in flight ends.
-        drop(file);
-        Ok::<(), Error>(())
-    })?;
-    // Dropping the runtime waits for a request still on its thread.
-    drop(rt);
-    tracing::info!("volume plugin stopped");
-    Ok(())
+    http::serve_until_signal(
+        socket,
+        access,
+        Limits::default(),
+        "Docker's volume plugin protocol",
+        || Plugin::new(root),
+    )
 }

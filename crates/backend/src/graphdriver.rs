@@ -1,27 +1,57 @@
 //! A layer store shaped like Docker's graphdriver interface (Create,
 //! Remove, Get, Put, Exists, Status, Cleanup, Diff, Changes, ApplyDiff,
-//! DiffSize), which is what a library user of a layer store expects, and
-//! its implementation over a thinlayer pool: every layer a thin snapshot of
-//! its parent.
+//! DiffSize), and its implementation over a thinlayer pool: every layer a
+//! thin snapshot of its parent. It is the engine behind `thinlayer serve
+//! docker` ([`crate::docker`]), and usable as a library.
 //!
-//! `get` mounts a layer and counts references; `put` drops one and
-//! unmounts at zero, so nested users of one layer share a mount. `cleanup`
-//! unmounts everything this driver mounted. What must never happen: a
-//! `remove` of a layer that is still referenced, or of one with children.
+//! Layout, decided once:
+//!
+//! - Docker's layer `ID` is pool layer `docker-ID`, recorded as
+//!   [`Owner::Graphdriver`]'s: the driver removes, mounts and diffs only
+//!   its own layers, and no other front end touches them.
+//! - Each layer's filesystem holds the layer's tree under [`TREE`]
+//!   (`rootfs/`): `get` returns that directory, so neither a container nor
+//!   Docker sees the filesystem's `lost+found` (Docker's devicemapper
+//!   returns `rootfs/` for the same reason). A layer without a parent makes
+//!   the directory (0755) in its fresh snapshot of the base; a child
+//!   inherits it. Diff, Changes and ApplyDiff work on that directory.
+//! - `get` mounts a layer at `ROOT/graphdriver/mnt/ID` (0700 directories
+//!   under the pool root's 0700) as a container's root is mounted (`nodev`,
+//!   setuid kept: Docker runs containers from it), and returns
+//!   `ROOT/graphdriver/mnt/ID/rootfs`, the same path every time.
+//! - `get` and `put` nest: references are counted per layer, the first
+//!   `get` mounts, the last `put` unmounts (and the thin device goes with
+//!   it). The counts are a crash-safe record (`ROOT/graphdriver/mounts.rec`),
+//!   so a restarted plugin carries on where it stopped; `cleanup` (Docker's
+//!   shutdown) unmounts everything and forgets them.
+//!
+//! What must never happen: a `remove` of a layer with children, of a layer
+//! some process still works in, or of another owner's layer; an
+//! `apply_diff` that fails half way and leaves a half-applied layer (it is
+//! made empty again).
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     io::{Read, Write},
     path::{Path, PathBuf},
 };
 
-use thinlayer_pool::LockMode;
+use thinlayer_pool::{Bytes, LockMode, MountUse, Owner, record};
 use thinlayer_store::Store;
 
 use crate::error::{Error, Result};
 
 /// One changed path, as `Changes` reports it.
 pub use thinlayer_image::Change;
+
+/// The directory of each layer's filesystem that holds the layer's tree.
+pub const TREE: &str = "rootfs";
+
+/// Pool layer ids of the driver's layers: this prefix, then Docker's id.
+pub const ID_PREFIX: &str = "docker-";
+
+const RECORD_REFS: &str = "graphdriver-mounts";
+const ASKER: &str = "Docker graphdriver";
 
 /// Docker's graphdriver interface, in Rust.
 pub trait GraphDriver {
@@ -31,9 +61,10 @@ pub trait GraphDriver {
     fn create(&mut self, id: &str, parent: Option<&str>) -> Result<()>;
     /// Creates read-write layer `id` on `parent` (a container's layer).
     fn create_read_write(&mut self, id: &str, parent: Option<&str>) -> Result<()>;
-    /// Removes layer `id`; refused while referenced or with children.
+    /// Removes layer `id`; refused with children or while a process works
+    /// in it.
     fn remove(&mut self, id: &str) -> Result<()>;
-    /// Mounts layer `id` (counting references) and returns its directory.
+    /// Mounts layer `id` (counting references) and returns its tree.
     fn get(&mut self, id: &str) -> Result<PathBuf>;
     /// Drops one reference to layer `id`; unmounts it at zero.
     fn put(&mut self, id: &str) -> Result<()>;
@@ -48,30 +79,64 @@ pub trait GraphDriver {
     fn diff(&mut self, id: &str, parent: Option<&str>, out: &mut dyn Write) -> Result<String>;
     /// Lists layer `id`'s changes against `parent`.
     fn changes(&mut self, id: &str, parent: Option<&str>) -> Result<Vec<Change>>;
-    /// Applies a layer tar into the (empty) layer `id`; returns the tar's size.
+    /// Applies a layer tar into the (empty) layer `id`; returns the bytes of
+    /// file content it holds (Docker's size of the layer).
     fn apply_diff(&mut self, id: &str, parent: Option<&str>, diff: &mut dyn Read) -> Result<u64>;
-    /// The bytes of content layer `id` changed against `parent`.
+    /// The bytes of file content layer `id` changed against `parent`.
     fn diff_size(&mut self, id: &str, parent: Option<&str>) -> Result<u64>;
 }
 
 /// The graphdriver over a thinlayer pool.
 pub struct ThinDriver {
     root: PathBuf,
-    mounts: HashMap<String, (PathBuf, usize)>,
+    /// References per Docker layer id (only mounted layers appear).
+    refs: BTreeMap<String, u64>,
+}
+
+/// The pool layer id of Docker layer `id`.
+pub fn pool_id(id: &str) -> String {
+    format!("{ID_PREFIX}{id}")
+}
+
+fn refs_path(root: &Path) -> PathBuf {
+    root.join("graphdriver").join("mounts.rec")
 }
 
 impl ThinDriver {
-    /// A driver over the pool under `root` (created with `pool create`).
+    /// A driver over the pool under `root` (created with `pool create`),
+    /// with the references a previous run left (those whose mount is gone
+    /// are dropped).
     ///
     /// # Errors
-    /// The pool's open errors.
+    /// The pool's open errors; a damaged references record.
     pub fn new(root: &Path) -> Result<ThinDriver> {
-        // Opening once checks the pool is there and readable.
-        drop(Store::open(root, LockMode::Shared, true)?);
-        Ok(ThinDriver {
+        // Opening once checks the pool is there and settles what a crash
+        // left.
+        drop(Store::open(root, LockMode::Exclusive, true)?);
+        record::create_dir(&root.join("graphdriver").join("mnt"))?;
+        let refs: BTreeMap<String, u64> = match record::read(&refs_path(root), RECORD_REFS) {
+            Ok(r) => r,
+            Err(thinlayer_pool::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                BTreeMap::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut driver = ThinDriver {
             root: root.to_owned(),
-            mounts: HashMap::new(),
-        })
+            refs: BTreeMap::new(),
+        };
+        let mounted = driver.mounted_dirs()?;
+        for (id, n) in refs {
+            if mounted.contains(&driver.mountpoint(&id)) {
+                driver.refs.insert(id, n);
+            } else {
+                tracing::info!(%id, "forgetting the references of a layer no longer mounted");
+            }
+        }
+        driver.save_refs()?;
+        Ok(driver)
     }
 
     /// Each call takes the root's lock for its own duration, so other
@@ -80,18 +145,199 @@ impl ThinDriver {
         Ok(Store::open(&self.root, LockMode::Exclusive, true)?)
     }
 
-    fn mountpoint(&self, id: &str) -> PathBuf {
-        self.root.join("graph").join(id)
+    /// Where layer `id` is mounted.
+    pub fn mountpoint(&self, id: &str) -> PathBuf {
+        self.root.join("graphdriver").join("mnt").join(id)
     }
 
-    fn check_parent(&self, store: &mut Store, id: &str, parent: Option<&str>) -> Result<()> {
-        let actual = store.pool().layer(id)?.parent;
-        if actual.as_deref() != parent {
+    /// The directories mounted under the driver's `mnt`.
+    fn mounted_dirs(&self) -> Result<Vec<PathBuf>> {
+        let mnt = self.root.join("graphdriver").join("mnt");
+        let mnt = std::fs::canonicalize(&mnt).unwrap_or(mnt);
+        let all = thinlayer_pool::mounts::all()?;
+        Ok(all
+            .into_iter()
+            .map(|m| m.mountpoint)
+            .filter(|p| p.parent() == Some(mnt.as_path()))
+            .map(|p| {
+                self.root
+                    .join("graphdriver")
+                    .join("mnt")
+                    .join(p.file_name().unwrap_or_default())
+            })
+            .collect())
+    }
+
+    fn save_refs(&self) -> Result<()> {
+        Ok(record::write(
+            &refs_path(&self.root),
+            RECORD_REFS,
+            &self.refs,
+        )?)
+    }
+
+    /// Layer `id`'s pool record, checked to be the driver's.
+    fn own(
+        store: &mut Store,
+        id: &str,
+        action: &'static str,
+    ) -> Result<thinlayer_pool::LayerRecord> {
+        match store
+            .pool()
+            .owned_layer(&pool_id(id), Owner::Graphdriver, ASKER, action)
+        {
+            Err(thinlayer_pool::Error::UnknownLayer(_)) => Err(Error::Invalid(format!(
+                "no layer `{id}` in this driver; Docker asked for a layer it never created here \
+                 (a data root used with another storage driver or pool?)"
+            ))),
+            r => Ok(r?),
+        }
+    }
+
+    /// Checks Docker's idea of `id`'s parent against the record.
+    fn check_parent(store: &mut Store, id: &str, parent: Option<&str>) -> Result<()> {
+        let layer = Self::own(store, id, "read")?;
+        let actual = layer
+            .parent
+            .as_deref()
+            .map(|p| p.strip_prefix(ID_PREFIX).unwrap_or(p));
+        if actual != parent {
             return Err(Error::Invalid(format!(
-                "layer `{id}` has parent {actual:?}, not {parent:?}"
+                "layer `{id}` has parent {}, not {}: its changes are only known against its own parent",
+                actual.map_or("none".to_owned(), |p| format!("`{p}`")),
+                parent.map_or("none".to_owned(), |p| format!("`{p}`")),
             )));
         }
         Ok(())
+    }
+
+    /// Creates layer `id` on `parent`, optionally checking a requested
+    /// size (`StorageOpt` `size`): it may not be below the layer's (the
+    /// base device's) size, nor beyond the pool's data size. A layer holds
+    /// its parent's size; growing one is not offered, so a larger size is
+    /// refused with what to do instead.
+    ///
+    /// # Errors
+    /// Bad sizes, an unknown or foreign parent, an existing id, pool
+    /// errors (a failed step leaves nothing behind).
+    pub fn create_layer(
+        &mut self,
+        id: &str,
+        parent: Option<&str>,
+        size: Option<Bytes>,
+    ) -> Result<()> {
+        let mut store = self.store()?;
+        let pid = pool_id(id);
+        let parent_size = match parent {
+            Some(p) => {
+                let pr = Self::own(&mut store, p, "build on")?;
+                pr.size_in(store.pool().record())
+            }
+            None => store.pool().record().base_size,
+        };
+        if let Some(size) = size {
+            let data = store.pool().record().data_size;
+            if size < parent_size {
+                return Err(Error::Invalid(format!(
+                    "storage-opt size={size} is below the layer's size ({parent_size}, the pool's base \
+                     device size): ask for at least {parent_size}, or leave size out"
+                )));
+            }
+            if size > data {
+                return Err(Error::Invalid(format!(
+                    "storage-opt size={size} is beyond the pool's data size ({data}): ask for at most \
+                     {parent_size} here, or grow the pool with `thinlayer pool extend`"
+                )));
+            }
+            if size > parent_size {
+                return Err(Error::Invalid(format!(
+                    "storage-opt size={size} is larger than the layer's size ({parent_size}): thinlayer \
+                     layers keep their parent's size; make the pool with a larger --base-size, or \
+                     leave size out"
+                )));
+            }
+        }
+        if store.pool().layout().layer_record(&pid).exists() {
+            return Err(thinlayer_pool::Error::LayerExists(pid).into());
+        }
+        let parent_pid = parent.map(pool_id);
+        store
+            .pool()
+            .create_layer_for(Owner::Graphdriver, &pid, parent_pid.as_deref())?;
+        if parent.is_none() {
+            if let Err(e) = store.make_subtree(&pid, TREE) {
+                return Err(match store.pool().remove_layer(&pid) {
+                    Ok(()) => e.into(),
+                    Err(undo) => thinlayer_store::Error::Rollback {
+                        error: Box::new(e),
+                        undo: Box::new(undo.into()),
+                    }
+                    .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Facts about layer `id` for `docker inspect` (`GraphDriver.Data`).
+    ///
+    /// # Errors
+    /// An unknown or foreign layer.
+    pub fn metadata(&mut self, id: &str) -> Result<Vec<(String, String)>> {
+        let mut store = self.store()?;
+        let layer = Self::own(&mut store, id, "describe")?;
+        let size = layer.size_in(store.pool().record());
+        let mut out = vec![
+            ("PoolLayer".to_owned(), layer.id.clone()),
+            ("ThinId".to_owned(), layer.thin_id.to_string()),
+            ("DeviceSize".to_owned(), size.0.to_string()),
+            (
+                "Parent".to_owned(),
+                layer
+                    .parent
+                    .as_deref()
+                    .map(|p| p.strip_prefix(ID_PREFIX).unwrap_or(p).to_owned())
+                    .unwrap_or_default(),
+            ),
+        ];
+        if self.refs.contains_key(id) {
+            out.push((
+                "MergedDir".to_owned(),
+                self.mountpoint(id)
+                    .join(TREE)
+                    .to_string_lossy()
+                    .into_owned(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Unmounts layer `id`'s mount of this driver, if mounted.
+    fn unmount(&mut self, store: &mut Store, id: &str) -> Result<()> {
+        let dir = self.mountpoint(id);
+        if self.mounted_dirs()?.contains(&dir) {
+            store.pool().umount(&dir.to_string_lossy())?;
+        }
+        Ok(())
+    }
+
+    /// Remakes layer `id` empty on `parent` after a failed apply.
+    fn remake_empty(&self, store: &mut Store, id: &str, parent: Option<&str>) -> Result<()> {
+        let pid = pool_id(id);
+        store.pool().remove_layer(&pid)?;
+        let parent_pid = parent.map(pool_id);
+        store
+            .pool()
+            .create_layer_for(Owner::Graphdriver, &pid, parent_pid.as_deref())?;
+        if parent.is_none() {
+            store.make_subtree(&pid, TREE)?;
+        }
+        Ok(())
+    }
+
+    /// The pool root this driver serves.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 }
 
@@ -101,81 +347,128 @@ impl GraphDriver for ThinDriver {
     }
 
     fn create(&mut self, id: &str, parent: Option<&str>) -> Result<()> {
-        self.store()?.pool().create_layer(id, parent)?;
-        Ok(())
+        self.create_layer(id, parent, None)
     }
 
     fn create_read_write(&mut self, id: &str, parent: Option<&str>) -> Result<()> {
         // Block-level snapshots are writable either way; the distinction is
         // the caller's (Docker commits read-write layers into read-only ones).
-        self.create(id, parent)
+        self.create_layer(id, parent, None)
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
-        if let Some((_, refs)) = self.mounts.get(id) {
+        let mut store = self.store()?;
+        let pid = pool_id(id);
+        Self::own(&mut store, id, "remove")?;
+        let children = store.pool().children_of(&pid)?;
+        if !children.is_empty() {
+            let names: Vec<&str> = children
+                .iter()
+                .map(|c| c.strip_prefix(ID_PREFIX).unwrap_or(c))
+                .collect();
             return Err(Error::Invalid(format!(
-                "layer `{id}` is still in use ({refs} reference(s)); put it first"
+                "layer `{id}` has children ({}); remove them first",
+                names.join(", ")
             )));
         }
-        self.store()?.pool().remove_layer(id)?;
+        // Docker removes what it no longer uses; a mount it forgot to put
+        // goes with it, unless a process still works in it (then Busy).
+        self.unmount(&mut store, id)?;
+        if self.refs.remove(id).is_some() {
+            self.save_refs()?;
+        }
+        store.pool().remove_layer(&pid)?;
         Ok(())
     }
 
     fn get(&mut self, id: &str) -> Result<PathBuf> {
-        if let Some((dir, refs)) = self.mounts.get_mut(id) {
-            *refs += 1;
-            return Ok(dir.clone());
-        }
         let dir = self.mountpoint(id);
-        self.store()?
+        let tree = dir.join(TREE);
+        if let Some(refs) = self.refs.get_mut(id) {
+            *refs += 1;
+            self.save_refs()?;
+            return Ok(tree);
+        }
+        let mut store = self.store()?;
+        Self::own(&mut store, id, "mount")?;
+        store
             .pool()
-            .mount_layer(id, &dir, thinlayer_pool::MountUse::Container)?;
-        self.mounts.insert(id.to_owned(), (dir.clone(), 1));
-        Ok(dir)
+            .mount_layer(&pool_id(id), &dir, MountUse::Container)?;
+        match std::fs::symlink_metadata(&tree) {
+            Ok(m) if m.file_type().is_dir() => {}
+            _ => {
+                let _ = store.pool().umount(&dir.to_string_lossy());
+                return Err(Error::Invalid(format!(
+                    "layer `{id}` has no `{TREE}` directory: its filesystem was changed outside the \
+                     driver; remove it (docker rmi / docker rm) and pull or create it again"
+                )));
+            }
+        }
+        self.refs.insert(id.to_owned(), 1);
+        self.save_refs()?;
+        Ok(tree)
     }
 
     fn put(&mut self, id: &str) -> Result<()> {
-        let Some((_, refs)) = self.mounts.get_mut(id) else {
+        let Some(refs) = self.refs.get_mut(id) else {
             return Err(Error::Invalid(format!(
-                "layer `{id}` is not mounted by this driver"
+                "layer `{id}` is not mounted by this driver: Put without a Get"
             )));
         };
-        *refs -= 1;
-        if *refs == 0 {
-            self.store()?.pool().umount(id)?;
-            self.mounts.remove(id);
+        if *refs > 1 {
+            *refs -= 1;
+            return self.save_refs();
         }
-        Ok(())
+        let mut store = self.store()?;
+        self.unmount(&mut store, id)?;
+        self.refs.remove(id);
+        self.save_refs()
     }
 
     fn exists(&mut self, id: &str) -> Result<bool> {
-        Ok(self.store()?.pool().layout().layer_record(id).exists())
+        let mut store = self.store()?;
+        Ok(match store.pool().layer(&pool_id(id)) {
+            Ok(l) => l.owner == Owner::Graphdriver,
+            Err(
+                thinlayer_pool::Error::UnknownLayer(_) | thinlayer_pool::Error::InvalidName { .. },
+            ) => false,
+            Err(e) => return Err(e.into()),
+        })
     }
 
     fn status(&mut self) -> Result<Vec<(String, String)>> {
         let mut store = self.store()?;
+        let ours = store
+            .pool()
+            .layer_records()?
+            .iter()
+            .filter(|l| l.owner == Owner::Graphdriver)
+            .count();
         let st = store.pool().status()?;
         let mut out = vec![
-            ("Pool".into(), st.pool_id.clone()),
+            ("Pool Root".into(), self.root.to_string_lossy().into_owned()),
+            ("Pool Id".into(), st.pool_id.to_string()),
             ("Backing Filesystem".into(), st.fs.name().into()),
             (
                 "Pool Blocksize".into(),
-                thinlayer_pool::Bytes(st.block_size_bytes).to_string(),
+                Bytes(st.block_size_bytes).to_string(),
             ),
             (
                 "Base Device Size".into(),
-                thinlayer_pool::Bytes(st.base_size_bytes).to_string(),
+                Bytes(st.base_size_bytes).to_string(),
             ),
-            ("Layers".into(), st.layers.to_string()),
+            ("Docker Layers".into(), ours.to_string()),
+            ("Pool Layers".into(), st.layers.to_string()),
+            ("Mounted Layers".into(), self.refs.len().to_string()),
         ];
         if let Some(k) = &st.kernel {
             out.push((
                 "Data Space Used".into(),
-                thinlayer_pool::Bytes(k.data_used_blocks * st.block_size_bytes).to_string(),
+                Bytes(k.data_used_blocks * st.block_size_bytes).to_string(),
             ));
             out.push((
                 "Data Space Total".into(),
-                thinlayer_pool::Bytes(k.data_total_blocks * st.block_size_bytes).to_string(),
+                Bytes(k.data_total_blocks * st.block_size_bytes).to_string(),
             ));
             out.push((
                 "Metadata Blocks Used".into(),
@@ -190,51 +483,63 @@ impl GraphDriver for ThinDriver {
     }
 
     fn cleanup(&mut self) -> Result<()> {
-        let ids: Vec<String> = self.mounts.keys().cloned().collect();
         let mut store = self.store()?;
-        for id in ids {
-            store.pool().umount(&id)?;
-            self.mounts.remove(&id);
+        let mut first_error = None;
+        for dir in self.mounted_dirs()? {
+            if let Err(e) = store.pool().umount(&dir.to_string_lossy()) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cleanup: cannot unmount");
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        self.refs.clear();
+        self.save_refs()?;
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
     fn diff(&mut self, id: &str, parent: Option<&str>, out: &mut dyn Write) -> Result<String> {
         let mut store = self.store()?;
-        self.check_parent(&mut store, id, parent)?;
-        Ok(store.export_layer(id, out)?.diff_id)
+        Self::check_parent(&mut store, id, parent)?;
+        Ok(store.export_subtree(&pool_id(id), TREE, out)?.diff_id)
     }
 
     fn changes(&mut self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
         let mut store = self.store()?;
-        self.check_parent(&mut store, id, parent)?;
-        Ok(store.layer_changes(id)?)
+        Self::check_parent(&mut store, id, parent)?;
+        Ok(store.subtree_changes(&pool_id(id), TREE)?)
     }
 
     fn apply_diff(&mut self, id: &str, parent: Option<&str>, diff: &mut dyn Read) -> Result<u64> {
         let mut store = self.store()?;
-        self.check_parent(&mut store, id, parent)?;
-        Ok(store.apply_to_layer(id, diff)?.1)
+        Self::check_parent(&mut store, id, parent)?;
+        if self.refs.contains_key(id) {
+            return Err(Error::Invalid(format!(
+                "layer `{id}` is mounted (Get without Put): a layer is applied before anything uses it"
+            )));
+        }
+        match store.apply_to_subtree(&pool_id(id), TREE, diff) {
+            Ok(report) => Ok(report.bytes),
+            Err(e) => {
+                // No half-applied layer: it is made empty again, as Create
+                // left it.
+                match self.remake_empty(&mut store, id, parent) {
+                    Ok(()) => Err(e.into()),
+                    Err(undo) => Err(Error::Invalid(format!(
+                        "{e}; making the layer empty again also failed: {undo}; let Docker remove \
+                         it (it does after a failed ApplyDiff), or `thinlayer pool check` lists it"
+                    ))),
+                }
+            }
+        }
     }
 
     fn diff_size(&mut self, id: &str, parent: Option<&str>) -> Result<u64> {
-        let mut sink = CountingSink(0);
         let mut store = self.store()?;
-        self.check_parent(&mut store, id, parent)?;
-        let report = store.export_layer(id, &mut sink)?;
-        Ok(report.bytes)
-    }
-}
-
-/// A writer that only counts.
-struct CountingSink(u64);
-
-impl Write for CountingSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        Self::check_parent(&mut store, id, parent)?;
+        Ok(store
+            .export_subtree(&pool_id(id), TREE, &mut std::io::sink())?
+            .bytes)
     }
 }

@@ -1,12 +1,16 @@
 //! thinlayer as a storage backend for container engines:
 //!
 //! - [`graphdriver`]: a layer store shaped like Docker's graphdriver
-//!   interface, for library users, over the pool;
+//!   interface, over the pool (the engine behind the plugin);
+//! - [`docker`]: the Docker plugin (`thinlayer serve docker`): Docker's
+//!   graphdriver and volume plugin protocols on one socket;
 //! - [`docker_volume`]: Docker's volume plugin protocol serving thin
-//!   volumes (with instant snapshot clones);
+//!   volumes (with instant snapshot clones), also served alone;
+//! - [`http`]: the bounded HTTP server both run on.
 //!
 //! (containerd's snapshotter is `crates/snapshotter`.)
 
+pub mod docker;
 pub mod docker_volume;
 pub mod error;
 pub mod graphdriver;

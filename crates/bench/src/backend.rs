@@ -12,7 +12,9 @@
 //! - [`Btrfs`]: subvolume snapshots (ioctls, no process per step).
 //! - [`FullCopy`]: a full copy per layer and container (docker's vfs).
 //!
-//! Every backing file is sparse, on the guest's tmpfs, behind a loop device.
+//! Every backing file is sparse, on the guest's tmpfs, behind a loop device;
+//! but for the pair on a disk (`--disk`, `src/disk.rs`): a [`ThinLayer`]
+//! on sparse files in ext4 on the disk, and one on the disk itself.
 
 use std::{
     collections::HashMap,
@@ -25,7 +27,7 @@ use devicemapper::{
     DM, DevId, Device, DmFlags, DmName, DmNameBuf, DmOptions, Sectors, TargetTable, ThinDevId,
     ThinDevTargetTable, ThinPoolStatus, ThinTargetParams,
 };
-use thinlayer_pool::{BlockSize, Bytes, CreateOptions, FsType, LockMode, Pool, names};
+use thinlayer_pool::{BlockSize, Bytes, CreateOptions, DevicePair, FsType, LockMode, Pool, names};
 use thinlayer_store::Store;
 
 use crate::{
@@ -178,6 +180,12 @@ pub struct ThinLayer {
     block: u64,
     /// Warm: the layers to keep a spare of.
     warm: Option<Vec<String>>,
+    /// On a disk: the kernel names of the disk slices under the pool (its
+    /// data and metadata devices, or the filesystem holding its files),
+    /// whose `/proc/diskstats` count what reached the disk.
+    slices: Vec<String>,
+    /// The pool is on block devices: no backing files.
+    on_devices: bool,
 }
 
 impl ThinLayer {
@@ -186,6 +194,48 @@ impl ThinLayer {
     /// # Errors
     /// Pool create errors.
     pub fn new(name: &str, dir: &Path, sizes: &Sizes, block: u64) -> Result<ThinLayer> {
+        Self::build(name, dir, sizes, block, None, &[])
+    }
+
+    /// A pool of sparse files under `dir`, a filesystem on the disk slice
+    /// `slice` (kernel name): what reaches the disk is counted there.
+    ///
+    /// # Errors
+    /// Pool create errors.
+    pub fn on_filesystem(
+        name: &str,
+        dir: &Path,
+        sizes: &Sizes,
+        block: u64,
+        slice: &str,
+    ) -> Result<ThinLayer> {
+        Self::build(name, dir, sizes, block, None, &[slice])
+    }
+
+    /// A pool on the block devices `devices` (its root under `dir`); what
+    /// reaches the disk is counted on `slices` (the devices' kernel names).
+    ///
+    /// # Errors
+    /// Pool create errors (a device in use, one too small).
+    pub fn on_devices(
+        name: &str,
+        dir: &Path,
+        sizes: &Sizes,
+        block: u64,
+        devices: &DevicePair,
+        slices: &[&str],
+    ) -> Result<ThinLayer> {
+        Self::build(name, dir, sizes, block, Some(devices), slices)
+    }
+
+    fn build(
+        name: &str,
+        dir: &Path,
+        sizes: &Sizes,
+        block: u64,
+        devices: Option<&DevicePair>,
+        slices: &[&str],
+    ) -> Result<ThinLayer> {
         let root = dir.join("root");
         let opts = CreateOptions {
             data_size: Bytes(sizes.device),
@@ -195,7 +245,10 @@ impl ThinLayer {
             base_size: Bytes(sizes.thin),
             low_water_percent: 95,
         };
-        drop(Pool::create(&root, &opts, false)?);
+        drop(match devices {
+            Some(d) => Pool::create_on_devices(&root, &opts, d, false)?,
+            None => Pool::create(&root, &opts, false)?,
+        });
         let store = Store::open(&root, LockMode::Exclusive, false)?;
         Ok(ThinLayer {
             name: name.to_owned(),
@@ -205,6 +258,8 @@ impl ThinLayer {
             dm: DM::new().dm(|| "open /dev/mapper/control".into())?,
             block,
             warm: None,
+            slices: slices.iter().map(|s| (*s).to_owned()).collect(),
+            on_devices: devices.is_some(),
         })
     }
 
@@ -217,6 +272,18 @@ impl ThinLayer {
         t.pool().set_deferred_teardown(true);
         t.warm = Some(Vec::new());
         Ok(t)
+    }
+
+    /// Bytes discarded on its disk slices so far (0 when not on a disk).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn disk_bytes_discarded(&self) -> Result<u64> {
+        let mut n = 0;
+        for s in &self.slices {
+            n += sys::sectors_discarded(s)? * 512;
+        }
+        Ok(n)
     }
 
     /// The store, for the image import workload.
@@ -314,11 +381,24 @@ impl Backend for ThinLayer {
     }
 
     fn backing_bytes(&self) -> Result<u64> {
+        if self.on_devices {
+            return Err(Error::Parse(format!(
+                "{}: a pool on block devices has no backing file",
+                self.name
+            )));
+        }
         sys::allocated(&self.root.join("data.img"))
     }
 
     fn device_bytes_written(&self) -> Result<u64> {
-        loop_bytes(&[self.root.join("data.img")])
+        if self.slices.is_empty() {
+            return loop_bytes(&[self.root.join("data.img")]);
+        }
+        let mut n = 0;
+        for s in &self.slices {
+            n += sys::sectors_written(s)? * 512;
+        }
+        Ok(n)
     }
 
     fn teardown(&mut self) -> Result<()> {

@@ -10,6 +10,14 @@
 //! space is read from the backend's own accounting (pool blocks, `statvfs`)
 //! next to the bytes the backing loop device was sent (`/proc/diskstats`).
 //!
+//! Given a disk (`--disk DEV`), also thinlayer on loop files in ext4 on
+//! that disk against thinlayer on the disk itself (`src/disk.rs`): the loop
+//! layer's cost, in its own section of the table.
+//!
+//! With `--docker`, also a real dockerd with Docker's overlay2, vfs and
+//! devicemapper drivers and thinlayer's plugin, one after another, on the
+//! same image and operations (`src/docker.rs`), in its own section.
+//!
 //! Output: a table with medians and the thinlayer/floor and
 //! thinlayer/overlayfs ratios, `bench.json` with every sample, PNG plots.
 //!
@@ -18,6 +26,8 @@
 
 pub mod backend;
 mod btrfs;
+mod disk;
+mod docker;
 pub mod error;
 mod plot;
 pub mod report;
@@ -41,6 +51,12 @@ pub struct Options {
     /// Directory of the built image fixtures (`tests/fixtures/make-images`),
     /// for the import workload; skipped (and said so) when missing.
     pub fixtures: PathBuf,
+    /// A disk to measure loop files against (`src/disk.rs`); what it holds
+    /// is lost. `None`: that pair is not run.
+    pub disk: Option<PathBuf>,
+    /// Also the docker workload (`src/docker.rs`): needs dockerd, the
+    /// docker CLI and the `demo-docker.tar` fixture.
+    pub docker: bool,
 }
 
 /// The sizes and counts of one run.
@@ -72,6 +88,8 @@ pub struct Params {
     pub device_size: u64,
     /// Virtual size of each thin device, bytes.
     pub thin_size: u64,
+    /// Samples per figure of the docker workload (`--docker`).
+    pub docker_samples: usize,
 }
 
 impl Params {
@@ -95,6 +113,7 @@ impl Params {
                 trivial_containers: 10,
                 device_size: 4 << 30,
                 thin_size: 2 << 30,
+                docker_samples: 5,
             }
         } else {
             Params {
@@ -111,6 +130,7 @@ impl Params {
                 trivial_containers: 20,
                 device_size: 16 << 30,
                 thin_size: 4 << 30,
+                docker_samples: 15,
             }
         }
     }
@@ -125,7 +145,13 @@ impl Params {
 /// output write errors.
 pub fn run(opts: &Options) -> Result<Report> {
     let params = Params::new(opts.quick);
-    let report = workloads::run_all(opts, &params)?;
+    if opts.docker {
+        docker::preflight(opts)?;
+    }
+    let mut report = workloads::run_all(opts, &params)?;
+    if opts.docker {
+        docker::run(&mut report, opts, &params)?;
+    }
     sys::mkdir(&opts.out)?;
     report.write_json(&opts.out.join("bench.json"))?;
     plot::all(&report, &opts.out)?;

@@ -73,7 +73,7 @@ pub(crate) fn all(report: &Report, out: &Path) -> Result<()> {
     first_write(report, &f).map_err(plot_err(&f))?;
     let f = out.join("start-distribution.png");
     distribution(report, &f).map_err(plot_err(&f))?;
-    Ok(())
+    crate::docker::plots(report, out)
 }
 
 type Draw = std::result::Result<(), String>;

@@ -53,6 +53,10 @@ pub struct Report {
     pub params: Params,
     /// The backends measured, in table order.
     pub backends: Vec<String>,
+    /// The disk loop files were measured against (`--disk`), if any: its
+    /// pair's samples are workload `loop-vs-disk`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
     /// Kernel release of the run.
     pub kernel: String,
     /// Every sample.
@@ -320,6 +324,8 @@ impl Report {
                 );
             }
         }
+        self.loop_vs_disk(&mut t);
+        crate::docker::table(self, &mut t);
         let ioctls: Vec<&Stat> = self.stats.iter().filter(|s| s.workload == "step").collect();
         if !ioctls.is_empty() {
             let _ = writeln!(t, "\nper-step costs (median ms):");
@@ -357,6 +363,46 @@ impl Report {
             self.wall_seconds
         );
         t
+    }
+}
+
+impl Report {
+    /// The `--disk` section: each figure for the pool on loop files and
+    /// the pool on the disk, and their ratio.
+    fn loop_vs_disk(&self, t: &mut String) {
+        use crate::workloads::{ON_DISK, ON_FILES, PAIR};
+        let Some(disk) = &self.disk else { return };
+        let _ = writeln!(
+            t,
+            "\nloop files against the disk {disk} (median):\n  {:<28}{:>12}{:>12}{:>11}",
+            "figure", "loop files", "disk", "loop/disk"
+        );
+        for (label, metric, unit) in [
+            ("start path ms", "start-ms", Unit::Ms),
+            ("remove (umount+rm) ms", "remove-ms", Unit::Ms),
+            ("1st 4K write ms", "first-write-ms", Unit::Ms),
+            (
+                "1st 4K write: to disk",
+                "first-write-disk-bytes",
+                Unit::Bytes,
+            ),
+            ("cold seq read MB/s", "seq-read-MB/s", Unit::Plain),
+            ("random 4K writes ms", "random-write-ms", Unit::Ms),
+            ("seq write MB/s", "seq-write-MB/s", Unit::Plain),
+            ("rm after the write ms", "rm-ms", Unit::Ms),
+            ("rm: discarded on disk", "rm-discard-bytes", Unit::Bytes),
+        ] {
+            let (a, b) = (
+                self.median(ON_FILES, PAIR, 0, metric),
+                self.median(ON_DISK, PAIR, 0, metric),
+            );
+            let show = |v: Option<f64>| v.map_or("-".into(), |v| unit.show(v));
+            let ratio = match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+                _ => "-".into(),
+            };
+            let _ = writeln!(t, "  {label:<28}{:>12}{:>12}{ratio:>11}", show(a), show(b));
+        }
     }
 }
 

@@ -89,6 +89,20 @@ pub fn sectors_written(name: &str) -> Result<u64> {
         .ok_or_else(|| Error::Parse(format!("{name} is not in /proc/diskstats")))
 }
 
+/// Sectors discarded on block device `name`, from `/proc/diskstats` (the
+/// seventeenth field; 0 on a kernel older than 4.18, which lacks it).
+///
+/// # Errors
+/// [`Error::Io`], [`Error::Parse`] when the device is not listed.
+pub fn sectors_discarded(name: &str) -> Result<u64> {
+    let text = fs::read_to_string("/proc/diskstats").ctx(|| "read /proc/diskstats".into())?;
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 9 && f[2] == name)
+        .map(|f| f.get(16).and_then(|v| v.parse().ok()).unwrap_or(0))
+        .ok_or_else(|| Error::Parse(format!("{name} is not in /proc/diskstats")))
+}
+
 /// The loop device (`loopN`) whose backing file is `file`.
 ///
 /// # Errors

@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::{
     Options, Params,
     backend::{Backend, Btrfs, Floor, FullCopy, Overlay, Sizes, ThinLayer},
+    disk::Slices,
     error::{DmContext, Error, IoContext, Result},
     report::{Report, Sample},
     sys::{self, ms_since},
@@ -91,7 +92,7 @@ const PHASES: u64 = 13;
 pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
     let started = Instant::now();
     let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(PHASES)
+        ProgressBar::new(PHASES + u64::from(opts.disk.is_some()))
     } else {
         ProgressBar::hidden()
     };
@@ -182,7 +183,12 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
         }
     };
     let n = b.all().len() as u64;
-    let result = room(work, p, n).and_then(|()| workloads(&mut run, &mut b, opts, p));
+    let result = room(work, p, n)
+        .and_then(|()| workloads(&mut run, &mut b, opts, p))
+        .and_then(|()| match &opts.disk {
+            Some(disk) => loop_vs_disk(&mut run, opts, p, disk),
+            None => Ok(()),
+        });
     let mut teardown = Ok(());
     for be in b.all() {
         if let Err(e) = be.teardown() {
@@ -198,6 +204,7 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
         quick: opts.quick,
         params: p.clone(),
         backends: b.all().iter().map(|x| x.name().to_owned()).collect(),
+        disk: opts.disk.as_ref().map(|d| d.display().to_string()),
         kernel: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
@@ -961,6 +968,197 @@ fn block_size_one(run: &mut Run, t: &mut ThinLayer, p: &Params, bs: u64) -> Resu
         let c = format!("bt{i}");
         t.umount(&c)?;
         t.remove(&c)?;
+    }
+    Ok(())
+}
+
+/// The pair of `--disk`: thinlayer on loop files in ext4 on the disk, and
+/// thinlayer on the disk itself (see `src/disk.rs`).
+pub(crate) const ON_FILES: &str = "thinlayer-loopfiles";
+/// The pool on the disk's slices.
+pub(crate) const ON_DISK: &str = "thinlayer-disk";
+/// Their workload name in samples.
+pub(crate) const PAIR: &str = "loop-vs-disk";
+
+/// Loop files against a disk: the two pools made on `disk`, the pair's
+/// workloads run, everything torn down (also on error).
+fn loop_vs_disk(run: &mut Run, opts: &Options, p: &Params, disk: &Path) -> Result<()> {
+    run.phase(&format!("loop files against the disk {}", disk.display()));
+    let largest = p.file_sizes.iter().copied().max().unwrap_or(0);
+    let block = 64 << 10;
+    // The big layer, its copy-up and the sequential write, four times over.
+    let need = 4 * largest + (512 << 20);
+    let mut slices = Slices::new(disk, &opts.work.join("disk-fs"), need)?;
+    let sizes = Sizes {
+        device: slices.data_size(p.device_size, block),
+        thin: p.thin_size,
+    };
+    let fs = slices.fs_dir().to_owned();
+    let files = sys::mkdir(&fs.join("files"))
+        .and_then(|d| ThinLayer::on_filesystem(ON_FILES, &d, &sizes, block, &slices.fs_name));
+    let pair = files.and_then(|files| {
+        let devices = thinlayer_pool::DevicePair {
+            data: slices.data.clone(),
+            metadata: slices.meta.clone(),
+            data_size: Some(thinlayer_pool::Bytes(sizes.device)),
+            force: true,
+        };
+        let names = [slices.pool_names[0].as_str(), slices.pool_names[1].as_str()];
+        let on_disk = sys::mkdir(&fs.join("disk"))
+            .and_then(|d| ThinLayer::on_devices(ON_DISK, &d, &sizes, block, &devices, &names));
+        match on_disk {
+            Ok(d) => Ok([files, d]),
+            Err(e) => {
+                let mut files = files;
+                let _ = files.teardown();
+                Err(e)
+            }
+        }
+    });
+    let result = match pair {
+        Ok(mut pair) => {
+            let r = pair_workloads(run, &mut pair, p, largest);
+            let mut down = Ok(());
+            for be in &mut pair {
+                down = down.and(be.teardown());
+            }
+            r.and(down)
+        }
+        Err(e) => Err(e),
+    };
+    let down = slices.teardown();
+    result?;
+    down?;
+    run.notes.push(format!(
+        "loop files against a disk: thinlayer on sparse files in ext4 (default mount options) on a \
+         slice of {} against thinlayer on two other slices of it (data and metadata devices); \
+         both roots on that ext4; {} MiB file, {} random 4 KiB writes; disk bytes are what \
+         reached the slice under the pool (/proc/diskstats). The loop pool's discards punch \
+         holes in data.img (the space goes back to the filesystem) but reach the disk only \
+         when that filesystem is trimmed (fstrim, or mounted -o discard)",
+        disk.display(),
+        largest >> 20,
+        p.random_writes
+    ));
+    Ok(())
+}
+
+/// The pair's figures, the two pools interleaved sample by sample: start
+/// path, first 4 KiB write into a large lower-layer file (and what reached
+/// the disk), a cold sequential read of it, random 4 KiB overwrites, a
+/// sequential write, and removing the container that holds it (time, and
+/// bytes discarded on the disk).
+fn pair_workloads(
+    run: &mut Run,
+    pair: &mut [ThinLayer; 2],
+    p: &Params,
+    largest: u64,
+) -> Result<()> {
+    for be in pair.iter_mut() {
+        be.make_layer("base", None, &mut fill_base)?;
+    }
+    for i in 0..p.samples {
+        for be in pair.iter_mut() {
+            let c = format!("s{i}");
+            let t = Instant::now();
+            be.create(&c, "base")?;
+            let dir = be.mount(&c)?;
+            let start = ms_since(t);
+            sys::write_synced(&dir.join("new.txt"), &sys::pattern(7, KIB4))?;
+            let t = Instant::now();
+            be.umount(&c)?;
+            be.remove(&c)?;
+            let remove = ms_since(t);
+            let name = be.name().to_owned();
+            run.add(&name, PAIR, 0, "start-ms", start);
+            run.add(&name, PAIR, 0, "remove-ms", remove);
+        }
+    }
+    for be in pair.iter_mut() {
+        be.make_layer("big", Some("base"), &mut big_file(largest))?;
+    }
+    let fresh = largest.min(256 << 20);
+    let blocks = largest / KIB4 as u64;
+    for k in 0..p.write_samples {
+        let c = format!("w{k}");
+        let mut files = Vec::new();
+        for be in pair.iter_mut() {
+            be.create(&c, "big")?;
+            files.push(be.mount(&c)?.join("big"));
+        }
+        sys::drop_caches()?;
+        for (be, file) in pair.iter_mut().zip(&files) {
+            let t = Instant::now();
+            let mut f = fs::File::open(file).ctx(|| format!("open {}", file.display()))?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0u64;
+            loop {
+                let r = f
+                    .read(&mut buf)
+                    .ctx(|| format!("read {}", file.display()))?;
+                if r == 0 {
+                    break;
+                }
+                n += r as u64;
+            }
+            let secs = t.elapsed().as_secs_f64();
+            run.add(be.name(), PAIR, 0, "seq-read-MB/s", n as f64 / 1e6 / secs);
+        }
+        sys::drop_caches()?;
+        for (be, file) in pair.iter_mut().zip(&files) {
+            let name = be.name().to_owned();
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(file)
+                .ctx(|| format!("open {}", file.display()))?;
+            let dev0 = be.device_bytes_written()?;
+            let t = Instant::now();
+            f.write_all_at(&sys::pattern(3, KIB4), (largest / 2) & !(KIB4 as u64 - 1))
+                .and_then(|()| f.sync_all())
+                .ctx(|| format!("write {}", file.display()))?;
+            let ms = ms_since(t);
+            let dev1 = be.device_bytes_written()?;
+            run.add(&name, PAIR, 0, "first-write-ms", ms);
+            run.add(
+                &name,
+                PAIR,
+                0,
+                "first-write-disk-bytes",
+                dev1 as f64 - dev0 as f64,
+            );
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ k as u64;
+            let data = sys::pattern(5, KIB4);
+            let t = Instant::now();
+            for _ in 0..p.random_writes {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                f.write_all_at(&data, (x % blocks) * KIB4 as u64)
+                    .ctx(|| format!("write {}", file.display()))?;
+            }
+            f.sync_all().ctx(|| format!("fsync {}", file.display()))?;
+            run.add(&name, PAIR, 0, "random-write-ms", ms_since(t));
+        }
+        for (be, file) in pair.iter_mut().zip(&files) {
+            let name = be.name().to_owned();
+            let dir = file.parent().expect("the container's root");
+            let into = sys::mkdir(&dir.join("fresh"))?;
+            let t = Instant::now();
+            big_file(fresh)(&into)?;
+            let secs = t.elapsed().as_secs_f64();
+            run.add(&name, PAIR, 0, "seq-write-MB/s", fresh as f64 / 1e6 / secs);
+            be.umount(&c)?;
+            let d0 = be.disk_bytes_discarded()?;
+            let t = Instant::now();
+            be.remove(&c)?;
+            run.add(&name, PAIR, 0, "rm-ms", ms_since(t));
+            let d1 = be.disk_bytes_discarded()?;
+            run.add(&name, PAIR, 0, "rm-discard-bytes", d1 as f64 - d0 as f64);
+        }
+    }
+    for be in pair.iter_mut() {
+        be.remove_layer("big")?;
+        be.remove_layer("base")?;
     }
     Ok(())
 }

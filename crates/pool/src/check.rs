@@ -148,12 +148,83 @@ fn tool_words(e: Error) -> String {
     }
 }
 
+/// The metadata device of a live thin-pool from its table line
+/// (`thin-pool <meta> <data> <block> <low water> ...`), as `major:minor`.
+///
+/// # Errors
+/// [`Error::Inconsistent`] when the table is not one thin-pool line.
+pub fn pool_table_devices(
+    name: &str,
+    table: &[(u64, u64, String, String)],
+) -> Result<(devicemapper::Device, devicemapper::Device, u64, u64)> {
+    let bad = |why: &str| Error::InvalidArgument(format!("{name} is not a thin-pool: {why}"));
+    let [(_, len, target, params)] = table else {
+        return Err(bad(&format!("its table has {} lines", table.len())));
+    };
+    if target != "thin-pool" {
+        return Err(bad(&format!(
+            "its target is `{target}`; for an LVM pool give the `-tpool` device (`dmsetup ls --target thin-pool` lists them)"
+        )));
+    }
+    let mut f = params.split_whitespace();
+    let dev = |s: Option<&str>| -> Result<devicemapper::Device> {
+        let s = s.ok_or_else(|| bad("short table"))?;
+        let (a, b) = s
+            .split_once(':')
+            .ok_or_else(|| bad("a device is not major:minor"))?;
+        Ok(devicemapper::Device {
+            major: a.parse().map_err(|_| bad("bad major"))?,
+            minor: b.parse().map_err(|_| bad("bad minor"))?,
+        })
+    };
+    let meta = dev(f.next())?;
+    let data = dev(f.next())?;
+    let block: u64 = f
+        .next()
+        .and_then(|b| b.parse().ok())
+        .ok_or_else(|| bad("no block size"))?;
+    Ok((meta, data, block, *len))
+}
+
 impl Pool {
+    /// The node of the live pool's metadata device: thinlayer's linear
+    /// device, or for an adopted pool the one its table names.
+    fn live_metadata_node(&mut self) -> Result<PathBuf> {
+        if let pool::Backing::Adopted { pool_name, .. } = &self.record().backing {
+            let pool_name = pool_name.clone();
+            let name = self.name(Role::Pool);
+            let table = self.kernel()?.table(&name)?;
+            let (meta, ..) = pool_table_devices(&pool_name, &table)?;
+            return crate::blockdev::node_of(meta);
+        }
+        let meta = self.name(Role::Meta);
+        let kernel = self.kernel()?;
+        let meta_dev = kernel.device(&meta)?.ok_or_else(|| {
+            Error::Inconsistent(format!("the pool is live but {} is gone", &*meta))
+        })?;
+        Ok(kernel::devnode(meta_dev))
+    }
+
+    /// Every thin id in the live pool's metadata (on a metadata snapshot).
+    ///
+    /// # Errors
+    /// [`Error::Inconsistent`] when thin_dump cannot read it; kernel errors.
+    pub(crate) fn metadata_thin_ids(&mut self) -> Result<BTreeSet<u32>> {
+        self.read_metadata(true)?
+            .view
+            .map(|v| v.thin_ids)
+            .ok_or_else(|| {
+                Error::Inconsistent(
+                    "thin_dump could not read the pool's metadata snapshot; run `thinlayer pool check`".into(),
+                )
+            })
+    }
+
     /// Reads the pool metadata with thin_dump and thin_check: on a metadata
     /// snapshot while the pool is live, else on the file.
     fn read_metadata(&mut self, live: bool) -> Result<Metadata> {
         if !live {
-            let lp = loopback::attach_readonly(&self.layout().metadata_file())?;
+            let (lp, _) = self.metadata_loop()?;
             let dump = Tool::ThinDump.run(&["--skip-mappings".as_ref(), lp.path.as_os_str()]);
             let checked = Tool::ThinCheck.run(&["-q".as_ref(), lp.path.as_os_str()]);
             drop(lp);
@@ -163,12 +234,8 @@ impl Pool {
             });
         }
         let pool = self.name(Role::Pool);
-        let meta = self.name(Role::Meta);
+        let node = self.live_metadata_node()?;
         let kernel = self.kernel()?;
-        let meta_dev = kernel.device(&meta)?.ok_or_else(|| {
-            Error::Inconsistent(format!("the pool is live but {} is gone", &*meta))
-        })?;
-        let node = kernel::devnode(meta_dev);
         // A check that died half-way leaves its snapshot held.
         if kernel.pool_status(&pool)?.held_metadata_root.is_some() {
             kernel.pool_message(&pool, "release_metadata_snap")?;
@@ -205,6 +272,8 @@ impl Pool {
     /// Environment, kernel and tool-start errors (findings are not errors).
     pub fn check(&mut self) -> Result<CheckReport> {
         let rec = self.record().clone();
+        let foreign = |t: &u32| rec.backing.is_foreign(*t);
+        let adopted = matches!(rec.backing, pool::Backing::Adopted { .. });
         let root = self.layout().root.clone();
         let mut findings = Vec::new();
         let mut find = |kind, detail: String, fix: &str| {
@@ -228,6 +297,8 @@ impl Pool {
             warnings: Vec::new(),
         };
         match self.host_space() {
+            // Nothing of a device or adopted pool's lives on the host.
+            Ok(_) if !rec.backing.is_files() => {}
             Ok(h) => {
                 report.warnings = h.warnings(&root);
                 report.host = Some(h);
@@ -302,7 +373,7 @@ impl Pool {
         if live {
             let w = kernel.pool_status(&pool_name)?;
             report.kernel_transaction_id = Some(w.transaction_id);
-            if w.transaction_id != rec.transaction_id && rec.pending.is_none() {
+            if w.transaction_id != rec.transaction_id && rec.pending.is_none() && !adopted {
                 find(
                     "transaction_mismatch",
                     format!(
@@ -384,6 +455,15 @@ impl Pool {
                 "an activation or deactivation was interrupted; run `thinlayer pool activate` or `thinlayer pool deactivate` to finish either",
             );
         }
+        if adopted && !live {
+            find(
+                "pool_inactive",
+                "the adopted pool is not active: its metadata cannot be read".into(),
+                "bring it up the way its owner does (`lvchange -ay VG/POOL`), then run `thinlayer pool check`",
+            );
+            report.findings = findings;
+            return Ok(report);
+        }
         let md = self.read_metadata(live)?;
         if let Some(words) = md.damaged {
             find(
@@ -430,8 +510,25 @@ impl Pool {
                     "its data is gone; remove the layer with `thinlayer layer rm`, or restore the metadata from a backup",
                 );
             }
+            if let pool::Backing::Adopted {
+                foreign_thin_ids, ..
+            } = &rec.backing
+            {
+                let new: Vec<String> = view
+                    .thin_ids
+                    .iter()
+                    .filter(|t| foreign(t) && !foreign_thin_ids.contains(t))
+                    .map(u32::to_string)
+                    .collect();
+                if !new.is_empty() {
+                    report.warnings.push(format!(
+                        "the pool's owner made thin id(s) {} since the adoption: foreign, never touched",
+                        new.join(", ")
+                    ));
+                }
+            }
             for t in view.thin_ids.difference(&recorded) {
-                if in_flight.contains(t) {
+                if in_flight.contains(t) || foreign(t) {
                     continue;
                 }
                 find(
@@ -528,6 +625,10 @@ impl Pool {
                     let pool_name = self.name(Role::Pool);
                     let kernel = self.kernel()?;
                     for t in view.thin_ids.difference(&recorded) {
+                        if rec.backing.is_foreign(*t) {
+                            // Never: another owner's thin id, even with --force.
+                            continue;
+                        }
                         let dev = names::dm_name(&rec.pool_id, Role::Thin(*t));
                         if kernel.device(&dev)?.is_some() {
                             continue;
@@ -574,6 +675,23 @@ impl Pool {
     /// [`Error::Busy`] while the pool is active; [`Error::Tool`] when
     /// thin_repair cannot rebuild it (nothing is changed then).
     pub fn repair(&mut self) -> Result<RepairReport> {
+        match &self.record().backing {
+            pool::Backing::Files => {}
+            pool::Backing::Devices { .. } => {
+                return Err(Error::InvalidArgument(
+                    "`pool repair` rebuilds a metadata file; this pool's metadata is a device: \
+                     run `thin_repair` by hand into a spare device of the same size (see `thinlayer pool check`)"
+                        .into(),
+                ));
+            }
+            pool::Backing::Adopted { pool_name, .. } => {
+                return Err(Error::Foreign {
+                    what: "pool repair".into(),
+                    pool: pool_name.clone(),
+                    hint: "repair it with its owner (`lvconvert --repair VG/POOL`)".into(),
+                });
+            }
+        }
         self.forget_pool_device();
         if self.pool_device()?.is_some() {
             return Err(Error::Busy {

@@ -278,6 +278,49 @@ pub enum Error {
         detail: String,
     },
 
+    /// A device `pool create` was given is in use.
+    #[error("{device} is in use: {detail}")]
+    DeviceInUse {
+        /// The device as given.
+        device: PathBuf,
+        /// Who uses it and what to do.
+        detail: String,
+    },
+
+    /// A device `pool create` was given holds data (a signature).
+    #[error("{device} holds {what}; {hint}")]
+    DeviceHasData {
+        /// The device as given.
+        device: PathBuf,
+        /// What it holds.
+        what: String,
+        /// What to do.
+        hint: String,
+    },
+
+    /// A pool device is not attached (or its label is gone).
+    #[error(
+        "no block device carries the label of this pool's {role} device, recorded as {device}; \
+         attach that disk (or activate its volume group: `vgchange -ay`) and retry"
+    )]
+    DeviceMissing {
+        /// `data` or `metadata`.
+        role: String,
+        /// The recorded identity, in words.
+        device: String,
+    },
+
+    /// The pool belongs to someone else (adopted): the verb is theirs.
+    #[error("{what}: the pool {pool} was adopted and belongs to its owner; {hint}")]
+    Foreign {
+        /// What was refused.
+        what: String,
+        /// The adopted pool's dm name.
+        pool: String,
+        /// What to do instead.
+        hint: String,
+    },
+
     /// `pool check` found problems; the report lists them.
     #[error(
         "pool check found {count} problem(s), listed in its report; \
@@ -341,7 +384,11 @@ impl Error {
             | Error::HasChildren { .. }
             | Error::Mounted { .. }
             | Error::Busy { .. }
+            | Error::DeviceInUse { .. }
+            | Error::DeviceHasData { .. }
+            | Error::Foreign { .. }
             | Error::Locked { .. } => exit::CONFLICT,
+            Error::DeviceMissing { .. } => exit::NOT_FOUND,
             Error::NoSpace { .. } | Error::HostNoSpace { .. } => exit::NO_SPACE,
             Error::RootOwner { .. } => exit::ENVIRONMENT,
             Error::Record { .. }

@@ -94,12 +94,14 @@ pub const ALL: &[&str] = &[
     "container_create.after_intent",
     "container_create.after_init_layer",
     "container_create.after_rw_layer",
+    "container_create.after_volumes",
     "container_create.after_record",
     // container rm
     "container_rm.after_intent",
     "container_rm.after_rw_layer",
     "container_rm.after_layers",
     "container_rm.after_record",
+    "container_rm.after_volume",
     // image rm
     "image_rm.after_intent",
     "image_rm.after_record",

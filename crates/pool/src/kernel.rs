@@ -163,7 +163,9 @@ impl Kernel {
         }
     }
 
-    /// Creates a linear device of `length` sectors over `under`.
+    /// Creates a linear device of `length` sectors over `under`, from its
+    /// sector `offset` (0 for a loop device; past the label region for a
+    /// block device, see [`crate::blockdev`]).
     ///
     /// # Errors
     /// device-mapper errors.
@@ -172,12 +174,13 @@ impl Kernel {
         name: &DmName,
         uuid: &DmUuid,
         under: Device,
+        offset: u64,
         length: u64,
     ) -> Result<Device> {
         let table = LinearDevTargetTable::new(vec![TargetLine::new(
             Sectors(0),
             Sectors(length),
-            LinearDevTargetParams::Linear(LinearTargetParams::new(under, Sectors(0))),
+            LinearDevTargetParams::Linear(LinearTargetParams::new(under, Sectors(offset))),
         )]);
         self.create(name, uuid, &table.to_raw_table())
     }
@@ -186,13 +189,47 @@ impl Kernel {
     ///
     /// # Errors
     /// device-mapper errors.
-    pub fn resize_linear(&self, name: &DmName, under: Device, length: u64) -> Result<()> {
+    pub fn resize_linear(
+        &self,
+        name: &DmName,
+        under: Device,
+        offset: u64,
+        length: u64,
+    ) -> Result<()> {
         let table = LinearDevTargetTable::new(vec![TargetLine::new(
             Sectors(0),
             Sectors(length),
-            LinearDevTargetParams::Linear(LinearTargetParams::new(under, Sectors(0))),
+            LinearDevTargetParams::Linear(LinearTargetParams::new(under, Sectors(offset))),
         )]);
         self.reload(name, &table.to_raw_table())
+    }
+
+    /// The live table of `name`: (start, length, target, parameters) per
+    /// line, for a device thinlayer did not make (an adopted pool).
+    ///
+    /// # Errors
+    /// device-mapper errors.
+    pub fn table(&self, name: &DmName) -> Result<Vec<(u64, u64, String, String)>> {
+        let (_, lines) = self
+            .dm
+            .table_status(
+                &DevId::Name(name),
+                DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
+            )
+            .dm_ctx(|| format!("read the table of {name}"))?;
+        Ok(lines)
+    }
+
+    /// The dm uuid of `name`, if it has one.
+    ///
+    /// # Errors
+    /// device-mapper errors.
+    pub fn uuid_of(&self, name: &DmName) -> Result<Option<String>> {
+        let info = self
+            .dm
+            .device_info(&DevId::Name(name))
+            .dm_ctx(|| format!("look up {name}"))?;
+        Ok(info.uuid().map(|u| u.to_string()))
     }
 
     /// Loads `table` into the inactive slot of `name` and swaps it in

@@ -11,6 +11,7 @@
 //! Never: a dmsetup process, a mocked kernel in a test that claims dm-thin
 //! behaviour, a thin id reused.
 
+pub mod blockdev;
 pub mod check;
 pub mod cmd;
 pub mod error;
@@ -38,7 +39,8 @@ pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;
 pub use mounts::MountUse;
 pub use pool::{
-    Action, CreateOptions, FsType, LayerRecord, Owner, Pool, PoolRecord, PoolStatus, Spare, Trashed,
+    Action, Backing, CreateOptions, DevicePair, FsType, LayerRecord, Owner, Pool, PoolRecord,
+    PoolStatus, Spare, Trashed,
 };
 pub use reclaim::Reclaimed;
 pub use spare::Provisioned;

@@ -49,8 +49,25 @@ pub fn attach_readonly(file: &Path) -> Result<Loop> {
     attach_new(file, true)
 }
 
+/// Attaches bytes `[offset, offset + len)` of `file` (a block device:
+/// the metadata of a pool on devices, past its label) read-only to a loop
+/// device of its own, for the thin-provisioning tools, which take no
+/// offset. The device goes away when the returned handle is dropped.
+///
+/// # Errors
+/// I/O errors from the loop driver.
+pub fn attach_readonly_at(file: &Path, offset: u64, len: u64) -> Result<Loop> {
+    attach_range(file, true, offset, len)
+}
+
 /// A new autoclear loop device over `file`.
 fn attach_new(file: &Path, read_only: bool) -> Result<Loop> {
+    attach_range(file, read_only, 0, 0)
+}
+
+/// A new autoclear loop device over `[offset, offset + len)` of `file`
+/// (`len` 0: to its end).
+fn attach_range(file: &Path, read_only: bool, offset: u64, len: u64) -> Result<Loop> {
     let control = LoopControl::open().ctx(|| "open /dev/loop-control".into())?;
     let ld = control
         .next_free()
@@ -58,6 +75,8 @@ fn attach_new(file: &Path, read_only: bool) -> Result<Loop> {
     ld.with()
         .autoclear(true)
         .read_only(read_only)
+        .offset(offset)
+        .size_limit(len)
         .attach(file)
         .ctx(|| {
             let how = if read_only { " read-only" } else { "" };

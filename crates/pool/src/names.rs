@@ -183,9 +183,10 @@ pub fn check_id(kind: &str, id: &str) -> Result<()> {
 /// volume's. The one place the reserved forms are written down; only user
 /// verbs call it (ownership itself is recorded, never read from a name).
 pub fn reserved_by(id: &str) -> Option<Owner> {
-    const PREFIXES: [(&str, Owner); 4] = [
+    const PREFIXES: [(&str, Owner); 5] = [
         ("vol-", Owner::Volume),
         ("ctrd-", Owner::Snapshotter),
+        ("docker-", Owner::Graphdriver),
         ("scratch-", Owner::Scratch),
         ("sha256:", Owner::Image),
     ];

@@ -39,6 +39,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    blockdev::{self, DeviceRef, DeviceRole},
     cmd::Tool,
     error::{Error, IoContext, Result},
     fault,
@@ -140,9 +141,90 @@ impl Default for CreateOptions {
     }
 }
 
+/// Block devices for `pool create` in place of the sparse files.
+#[derive(Clone, Debug)]
+pub struct DevicePair {
+    /// The data device (a disk, a partition, an LVM volume).
+    pub data: PathBuf,
+    /// The metadata device.
+    pub metadata: PathBuf,
+    /// How much of the data device to use; `None`: all of it (less the
+    /// label region). [`CreateOptions::data_size`] is not used.
+    pub data_size: Option<Bytes>,
+    /// Take devices holding a signature (a filesystem, a partition
+    /// table, LVM, old pool metadata), as `mkfs -f` does. Never a device
+    /// in use.
+    pub force: bool,
+}
+
+/// What the pool's data and metadata live on.
+// One per pool record, never in a hot collection: boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Backing {
+    /// Sparse files under the root on loop devices (`data.img`,
+    /// `metadata.img`).
+    #[default]
+    Files,
+    /// Two block devices, found by their labels (see [`crate::blockdev`]).
+    Devices {
+        /// The data device.
+        data: DeviceRef,
+        /// The metadata device.
+        metadata: DeviceRef,
+    },
+    /// A thin-pool someone else made and runs (LVM, dmsetup): thinlayer
+    /// makes its own thin ids in it and never touches any other.
+    Adopted {
+        /// The pool's dm name.
+        pool_name: String,
+        /// Its dm uuid when adopted (checked at activate).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool_uuid: Option<String>,
+        /// The thin ids the pool held when adopted.
+        foreign_thin_ids: Vec<u32>,
+        /// thinlayer's thin ids start here; every id below is foreign,
+        /// whether it existed at adoption or its owner made it later.
+        first_thin_id: u32,
+    },
+}
+
+impl Backing {
+    /// Whether this is the default (for serde).
+    pub fn is_files(&self) -> bool {
+        *self == Backing::Files
+    }
+
+    /// Whether `thin_id` belongs to someone else (an adopted pool's).
+    pub fn is_foreign(&self, thin_id: u32) -> bool {
+        match self {
+            Backing::Adopted {
+                foreign_thin_ids,
+                first_thin_id,
+                ..
+            } => thin_id < *first_thin_id || foreign_thin_ids.contains(&thin_id),
+            _ => false,
+        }
+    }
+
+    /// `files`, `devices` or `adopted`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backing::Files => "files",
+            Backing::Devices { .. } => "devices",
+            Backing::Adopted { .. } => "adopted",
+        }
+    }
+}
+
 /// The pool record.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PoolRecord {
+    /// What the data and metadata live on; records from before devices
+    /// were supported load as [`Backing::Files`].
+    #[serde(default, skip_serializing_if = "Backing::is_files")]
+    pub backing: Backing,
     /// The id in every dm name of this pool.
     pub pool_id: PoolId,
     /// Data file size.
@@ -349,16 +431,74 @@ pub(crate) fn clear_interrupted_create(
             removed.push(format!("device {name}"));
         }
     }
-    for f in [layout.data_file(), layout.metadata_file()] {
-        if f.exists() {
-            record::remove(&f)?;
-            removed.push(format!("file {}", f.display()));
+    match &rec.backing {
+        Backing::Files => {
+            for f in [layout.data_file(), layout.metadata_file()] {
+                if f.exists() {
+                    record::remove(&f)?;
+                    removed.push(format!("file {}", f.display()));
+                }
+            }
+        }
+        Backing::Devices { data, metadata } => {
+            // Labels written by the create: the devices go back to free.
+            for (role, r) in [(DeviceRole::Data, data), (DeviceRole::Metadata, metadata)] {
+                if let Ok(dev) = blockdev::find(&rec.pool_id, role, r) {
+                    blockdev::clear_label(&dev.node)?;
+                    removed.push(format!("the label on {}", dev.node.display()));
+                }
+            }
+        }
+        Backing::Adopted { pool_name, .. } => {
+            // The base thin id, if the create got that far; never another.
+            let pool = devicemapper::DmNameBuf::new(pool_name.clone())
+                .map_err(|e| Error::Inconsistent(format!("adopted pool name {pool_name}: {e}")))?;
+            if kernel.device(&pool)?.is_some()
+                && kernel
+                    .pool_message(&pool, &format!("delete {}", rec.base_thin_id))
+                    .is_ok()
+            {
+                removed.push(format!(
+                    "thin id {} in {pool_name} (the base device)",
+                    rec.base_thin_id
+                ));
+            }
         }
     }
     let _ = fs::remove_dir(layout.layers_dir());
     record::remove(&layout.pool_record())?;
     removed.push(format!("record {}", layout.pool_record().display()));
     Ok(removed)
+}
+
+/// The first thin id thinlayer uses in an adopted pool (2^23), unless the
+/// pool already holds a higher one: LVM numbers its thin volumes up from
+/// its own highest id, so the two never meet.
+pub const FIRST_ADOPTED_THIN_ID: u32 = 1 << 23;
+
+/// The thin ids in the live pool `pool` (metadata device `meta`), read
+/// from a metadata snapshot that is always released.
+fn foreign_thin_ids(
+    kernel: &Kernel,
+    pool: &devicemapper::DmName,
+    meta: &Path,
+) -> Result<std::collections::BTreeSet<u32>> {
+    if kernel.pool_status(pool)?.held_metadata_root.is_some() {
+        return Err(Error::Busy {
+            what: format!("the pool {pool}"),
+            detail: "someone holds a metadata snapshot of it (`reserve_metadata_snap`); \
+                     wait for them, or release it with `dmsetup message POOL 0 release_metadata_snap`"
+                .into(),
+        });
+    }
+    kernel.pool_message(pool, "reserve_metadata_snap")?;
+    let dump = Tool::ThinDump.run(&[
+        "--metadata-snap".as_ref(),
+        "--skip-mappings".as_ref(),
+        meta.as_os_str(),
+    ]);
+    kernel.pool_message(pool, "release_metadata_snap")?;
+    Ok(crate::check::parse_thin_dump(&dump?)?.thin_ids)
 }
 
 /// A layer record.
@@ -580,6 +720,8 @@ struct Undo<'a> {
     kernel: &'a Kernel,
     devices: Vec<devicemapper::DmNameBuf>,
     files: Vec<PathBuf>,
+    /// Block devices whose label this create wrote.
+    labels: Vec<PathBuf>,
 }
 
 impl Undo<'_> {
@@ -587,6 +729,11 @@ impl Undo<'_> {
         let mut failures = Vec::new();
         for name in self.devices.iter().rev() {
             if let Err(e) = self.kernel.remove_if_present(name) {
+                failures.push(e.to_string());
+            }
+        }
+        for node in self.labels.iter().rev() {
+            if let Err(e) = blockdev::clear_label(node) {
                 failures.push(e.to_string());
             }
         }
@@ -623,10 +770,110 @@ impl Pool {
     /// bad sizes, kernel and tool errors; ENOSPC (exit 6) when the host
     /// cannot hold the metadata file.
     pub fn create(root: &Path, opts: &CreateOptions, wait: bool) -> Result<Pool> {
-        let metadata_size = check_create_options(opts)?;
+        Self::create_inner(root, opts, None, wait)
+    }
+
+    /// Creates a pool under `root` whose data and metadata are the block
+    /// devices in `devices` (see [`crate::blockdev`]); everything else as
+    /// [`Pool::create`]. The devices are checked before anything is
+    /// written: a device mounted, held or open exclusively is refused, one
+    /// holding a signature unless `devices.force`. Each gets thinlayer's
+    /// label in its first MiB; the pool maps the rest.
+    ///
+    /// # Errors
+    /// As [`Pool::create`]; [`Error::DeviceInUse`], [`Error::DeviceHasData`],
+    /// [`Error::InvalidArgument`] (not a block device, the same device
+    /// twice), [`Error::InvalidSize`] (a size past the device).
+    pub fn create_on_devices(
+        root: &Path,
+        opts: &CreateOptions,
+        devices: &DevicePair,
+        wait: bool,
+    ) -> Result<Pool> {
+        Self::create_inner(root, opts, Some(devices), wait)
+    }
+
+    /// Takes over the existing, active thin-pool `pool_device` (its dm
+    /// name, `/dev/mapper/NAME`; for LVM the `VG-POOL-tpool` device) made
+    /// by LVM or by hand: reads its thin ids from a metadata snapshot
+    /// (`reserve_metadata_snap`, `thin_dump`, release), records them as
+    /// foreign, and makes thinlayer's base device in it under a thin id
+    /// above every foreign one (from [`FIRST_ADOPTED_THIN_ID`], far above
+    /// the ids LVM hands out, which count up from its own highest). The
+    /// pool itself (its tables, transaction id, size) stays its owner's:
+    /// thinlayer never starts, stops, extends or repairs it, and never
+    /// deletes or changes a thin id that is not its own, in any recovery.
+    /// `opts` gives the filesystem, base size and low-water mark; its
+    /// sizes are the pool's.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `pool_device` is missing or not a
+    /// thin-pool, or is thinlayer's own; [`Error::Busy`] when the pool is
+    /// not writable; [`Error::PoolExists`]; tool and kernel errors.
+    pub fn adopt(root: &Path, pool_device: &str, opts: &CreateOptions, wait: bool) -> Result<Pool> {
+        let name = pool_device
+            .strip_prefix("/dev/mapper/")
+            .unwrap_or(pool_device)
+            .to_owned();
+        let dm_name = devicemapper::DmNameBuf::new(name.clone()).map_err(|e| {
+            Error::InvalidArgument(format!("`{pool_device}` is not a device-mapper name: {e}"))
+        })?;
+        if opts.base_size < opts.fs.min_size() || !opts.base_size.0.is_multiple_of(4096) {
+            return Err(Error::InvalidSize {
+                input: opts.base_size.to_string(),
+                reason: format!(
+                    "the base size must be a multiple of 4K of at least {} for {}",
+                    opts.fs.min_size(),
+                    opts.fs.name()
+                ),
+            });
+        }
+        if !(1..=99).contains(&opts.low_water_percent) {
+            return Err(Error::InvalidArgument(format!(
+                "low-water mark {}% is out of range; use 1 to 99",
+                opts.low_water_percent
+            )));
+        }
         let kernel = Kernel::open()?;
         opts.fs.mkfs().find()?;
         Tool::ThinCheck.find()?;
+        Tool::ThinDump.find()?;
+        if kernel.device(&dm_name)?.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "there is no device-mapper device `{name}`; `dmsetup ls --target thin-pool` lists the thin-pools \
+                 (an LVM pool VG/POOL is `VG-POOL-tpool` while a thin volume of it is active)"
+            )));
+        }
+        let uuid = kernel.uuid_of(&dm_name)?;
+        if uuid.as_deref().is_some_and(|u| u.starts_with("THINLAYER-")) {
+            return Err(Error::InvalidArgument(format!(
+                "{name} is a thinlayer pool already; use its own --root"
+            )));
+        }
+        let table = kernel.table(&dm_name)?;
+        let (meta, _data, block_sectors, len) = crate::check::pool_table_devices(&name, &table)?;
+        let block_size = BlockSize::new(Bytes(block_sectors * 512))?;
+        let st = kernel.pool_status(&dm_name)?;
+        if st.summary != devicemapper::ThinPoolStatusSummary::Good || st.needs_check {
+            return Err(Error::Busy {
+                what: format!("the pool {name}"),
+                detail: format!(
+                    "it is in {:?} mode{}; have its owner repair or extend it first",
+                    st.summary,
+                    if st.needs_check {
+                        " and flagged needs_check"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
+        let meta_node = blockdev::node_of(meta)?;
+        let meta_name = meta_node
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let metadata_size = blockdev::size_of(&meta_name)?;
         let layout = Layout {
             root: root.to_owned(),
         };
@@ -635,6 +882,175 @@ impl Pool {
                 root: root.to_owned(),
             });
         }
+        record::check_owner(root)?;
+        record::create_dir(root)?;
+        let lock = lock::lock(root, LockMode::Exclusive, wait)?;
+        record::secure_root(root, true)?;
+        record::sweep_temp(root)?;
+        if let Some(old) = interrupted_create(&layout) {
+            tracing::info!(pool_id = %old.pool_id, "clearing an interrupted pool create");
+            clear_interrupted_create(&kernel, &layout, &old)?;
+        } else if layout.pool_record().exists() {
+            return Err(Error::PoolExists {
+                root: root.to_owned(),
+            });
+        }
+        let foreign = foreign_thin_ids(&kernel, &dm_name, &meta_node)?;
+        let first = foreign.iter().max().map_or(FIRST_ADOPTED_THIN_ID, |m| {
+            (m + 1).max(FIRST_ADOPTED_THIN_ID)
+        });
+        let rec = PoolRecord {
+            backing: Backing::Adopted {
+                pool_name: name.clone(),
+                pool_uuid: uuid,
+                foreign_thin_ids: foreign.into_iter().collect(),
+                first_thin_id: first,
+            },
+            pool_id: PoolId::generate(&root.to_string_lossy()),
+            data_size: Bytes(len * 512),
+            metadata_size,
+            block_size,
+            fs: opts.fs,
+            base_size: opts.base_size,
+            base_thin_id: first,
+            next_thin_id: first + 1,
+            transaction_id: st.transaction_id,
+            low_water_percent: opts.low_water_percent,
+            pending: None,
+            spares: Vec::new(),
+            trash: Vec::new(),
+            created_unix: now_unix(),
+        };
+        let intent = PoolRecord {
+            pending: Some(Pending::CreatePool),
+            ..rec.clone()
+        };
+        record::write(&layout.pool_record(), RECORD_POOL, &intent)?;
+        let built = (|| {
+            let pool_dev = kernel
+                .device(&dm_name)?
+                .ok_or_else(|| Error::Inconsistent(format!("{name} vanished while adopting it")))?;
+            kernel.pool_message(&dm_name, &format!("create_thin {first}"))?;
+            let base = names::dm_name(&rec.pool_id, Role::Thin(first));
+            let dev = kernel.activate_thin(
+                &base,
+                &names::dm_uuid(&rec.pool_id, Role::Thin(first)),
+                pool_dev,
+                first,
+                rec.base_size.sectors(),
+            )?;
+            let made = make_filesystem(rec.fs, &kernel::devnode(dev));
+            kernel.remove(&base)?;
+            made?;
+            record::create_dir(&layout.layers_dir())?;
+            record::write(&layout.pool_record(), RECORD_POOL, &rec)
+        })();
+        if let Err(e) = built {
+            // Ours only: the base device and its thin id, then the intent.
+            return Err(match clear_interrupted_create(&kernel, &layout, &intent) {
+                Ok(_) => e,
+                Err(undo) => Error::Rollback {
+                    error: Box::new(e),
+                    undo: Box::new(undo),
+                },
+            });
+        }
+        tracing::info!(pool = %name, first_thin_id = first, "adopted the pool");
+        Ok(Pool {
+            layout,
+            rec,
+            kernel: Some(kernel),
+            active: None,
+            settled: false,
+            children: None,
+            deferred_teardown: false,
+            idle: Default::default(),
+            _lock: lock,
+        })
+    }
+
+    /// Resolves and checks the two devices and sets the sizes in `opts`
+    /// from them. Reads only.
+    fn pick_devices(
+        d: &DevicePair,
+        opts: &mut CreateOptions,
+    ) -> Result<(blockdev::BlockDev, blockdev::BlockDev)> {
+        let data = blockdev::resolve(&d.data)?;
+        let meta = blockdev::resolve(&d.metadata)?;
+        let nested = |a: &blockdev::BlockDev, b: &blockdev::BlockDev| {
+            a.device == b.device || blockdev::partitions_of(&a.name).contains(&b.name)
+        };
+        if nested(&data, &meta) || nested(&meta, &data) {
+            return Err(Error::InvalidArgument(format!(
+                "{} and {} overlap (/dev/{} and /dev/{}); give two devices, e.g. two partitions of one disk",
+                d.data.display(),
+                d.metadata.display(),
+                data.name,
+                meta.name
+            )));
+        }
+        blockdev::check_free(&data, &d.data, d.force)?;
+        blockdev::check_free(&meta, &d.metadata, d.force)?;
+        let block = opts.block_size.bytes().0;
+        let room = |dev: &blockdev::BlockDev, given: &Path, want: Bytes, what: &str| {
+            if want > dev.usable() {
+                return Err(Error::InvalidSize {
+                    input: want.to_string(),
+                    reason: format!(
+                        "the {what} device {} holds {} after thinlayer's {} label region; \
+                         give at most that, or leave the size out to use it all",
+                        given.display(),
+                        dev.usable(),
+                        Bytes(blockdev::LABEL_BYTES)
+                    ),
+                });
+            }
+            Ok(want)
+        };
+        let whole_data = Bytes(data.usable().0 / block * block);
+        opts.data_size = room(&data, &d.data, d.data_size.unwrap_or(whole_data), "data")?;
+        let whole_meta = Bytes(meta.usable().0.min(units::MAX_METADATA) / 4096 * 4096);
+        opts.metadata_size = Some(room(
+            &meta,
+            &d.metadata,
+            opts.metadata_size.unwrap_or(whole_meta),
+            "metadata",
+        )?);
+        Ok((data, meta))
+    }
+
+    fn create_inner(
+        root: &Path,
+        opts: &CreateOptions,
+        devices: Option<&DevicePair>,
+        wait: bool,
+    ) -> Result<Pool> {
+        let layout = Layout {
+            root: root.to_owned(),
+        };
+        // A pool here is said before anything about the devices (which it
+        // holds).
+        let interrupted = interrupted_create(&layout).is_some();
+        if layout.pool_record().exists() && !interrupted {
+            return Err(Error::PoolExists {
+                root: root.to_owned(),
+            });
+        }
+        let mut opts = opts.clone();
+        // The devices are checked before anything is written; but an
+        // interrupted create's tables may hold them and its label and
+        // metadata lie on them: then they are checked once its leftovers
+        // are cleared, below.
+        let mut picked = match devices {
+            Some(d) if !interrupted => Some(Self::pick_devices(d, &mut opts)?),
+            _ => None,
+        };
+        if devices.is_none() || !interrupted {
+            check_create_options(&opts)?;
+        }
+        let kernel = Kernel::open()?;
+        opts.fs.mkfs().find()?;
+        Tool::ThinCheck.find()?;
         record::check_owner(root)?;
         record::create_dir(root)?;
         let lock = lock::lock(root, LockMode::Exclusive, wait)?;
@@ -653,10 +1069,24 @@ impl Pool {
                 }
             }
         }
+        if let (Some(d), None) = (devices, &picked) {
+            picked = Some(Self::pick_devices(d, &mut opts)?);
+        }
+        let opts = &opts;
+        let metadata_size = check_create_options(opts)?;
         let data_size =
             Bytes(opts.data_size.blocks_of(opts.block_size) * opts.block_size.bytes().0);
+        let pool_id = PoolId::generate(&root.to_string_lossy());
+        let backing = match (devices, &picked) {
+            (Some(d), Some((data, meta))) => Backing::Devices {
+                data: blockdev::device_ref(data, &d.data, &blockdev::new_uuid(&data.name)),
+                metadata: blockdev::device_ref(meta, &d.metadata, &blockdev::new_uuid(&meta.name)),
+            },
+            _ => Backing::Files,
+        };
         let rec = PoolRecord {
-            pool_id: PoolId::generate(&root.to_string_lossy()),
+            backing,
+            pool_id,
             data_size,
             metadata_size,
             block_size: opts.block_size,
@@ -675,6 +1105,7 @@ impl Pool {
             kernel: &kernel,
             devices: Vec::new(),
             files: Vec::new(),
+            labels: Vec::new(),
         };
         // The intent first: leftovers of a crash from here on sit under a
         // record that says they are leftovers.
@@ -687,7 +1118,7 @@ impl Pool {
             return Err(undo.run(e));
         }
         fault::point("pool_create.after_intent");
-        match Self::build(&kernel, &layout, &rec, &mut undo) {
+        match Self::build(&kernel, &layout, &rec, picked.as_ref(), &mut undo) {
             Ok(()) => {}
             Err(e) => return Err(undo.run(e)),
         }
@@ -709,12 +1140,33 @@ impl Pool {
         kernel: &Kernel,
         layout: &Layout,
         rec: &PoolRecord,
+        picked: Option<&(blockdev::BlockDev, blockdev::BlockDev)>,
         undo: &mut Undo<'_>,
     ) -> Result<()> {
-        for (file, size) in [
-            (layout.data_file(), rec.data_size),
-            (layout.metadata_file(), rec.metadata_size),
-        ] {
+        if let (Backing::Devices { data, metadata }, Some((data_dev, meta_dev))) =
+            (&rec.backing, picked)
+        {
+            for (role, r, dev) in [
+                (DeviceRole::Data, data, data_dev),
+                (DeviceRole::Metadata, metadata, meta_dev),
+            ] {
+                let label = blockdev::Label {
+                    pool_id: rec.pool_id.clone(),
+                    role,
+                    uuid: r.label_uuid.clone(),
+                };
+                undo.labels.push(dev.node.clone());
+                blockdev::write_label(&dev.node, &label)?;
+            }
+        }
+        let files: Vec<(PathBuf, Bytes)> = match rec.backing {
+            Backing::Files => vec![
+                (layout.data_file(), rec.data_size),
+                (layout.metadata_file(), rec.metadata_size),
+            ],
+            _ => Vec::new(),
+        };
+        for (file, size) in files {
             // create_new: never overwrite a file we did not make. A new file
             // is all zeros, so the kernel formats fresh metadata (it keeps
             // old metadata when the superblock is not zero).
@@ -773,14 +1225,48 @@ impl Pool {
         mut made: impl FnMut(&devicemapper::DmName),
     ) -> Result<(devicemapper::Device, devicemapper::Device)> {
         let id = &rec.pool_id;
-        let meta_loop = loopback::attach(&layout.metadata_file())?;
-        let data_loop = loopback::attach(&layout.data_file())?;
+        let (meta_under, data_under, offset, loops) = match &rec.backing {
+            Backing::Files => {
+                let meta_loop = loopback::attach(&layout.metadata_file())?;
+                let data_loop = loopback::attach(&layout.data_file())?;
+                (
+                    meta_loop.device,
+                    data_loop.device,
+                    0,
+                    Some((meta_loop, data_loop)),
+                )
+            }
+            Backing::Devices { data, metadata } => {
+                let m = blockdev::find(id, DeviceRole::Metadata, metadata)?;
+                let d = blockdev::find(id, DeviceRole::Data, data)?;
+                for (dev, want, role) in [
+                    (&m, rec.metadata_size, "metadata"),
+                    (&d, rec.data_size, "data"),
+                ] {
+                    if dev.usable() < want {
+                        return Err(Error::Inconsistent(format!(
+                            "the {role} device {} holds {} past its label but the pool uses {want}: \
+                             it shrank; give it back its size (`lvextend`, or the disk image) and retry",
+                            dev.node.display(),
+                            dev.usable()
+                        )));
+                    }
+                }
+                (m.device, d.device, blockdev::LABEL_SECTORS, None)
+            }
+            Backing::Adopted { pool_name, .. } => {
+                return Err(Error::Inconsistent(format!(
+                    "the adopted pool {pool_name} is started by its owner, never by thinlayer"
+                )));
+            }
+        };
         fault::point(points.loops);
         let meta_name = names::dm_name(id, Role::Meta);
         let meta = kernel.create_linear(
             &meta_name,
             &names::dm_uuid(id, Role::Meta),
-            meta_loop.device,
+            meta_under,
+            offset,
             rec.metadata_size.sectors(),
         )?;
         made(&meta_name);
@@ -789,7 +1275,8 @@ impl Pool {
         let data = kernel.create_linear(
             &data_name,
             &names::dm_uuid(id, Role::Data),
-            data_loop.device,
+            data_under,
+            offset,
             rec.data_size.sectors(),
         )?;
         made(&data_name);
@@ -804,7 +1291,7 @@ impl Pool {
         fault::point(points.pool);
         // The linear devices hold the loop devices open now; dropping our
         // handles leaves autoclear to detach them when the pool goes.
-        drop((meta_loop, data_loop));
+        drop(loops);
         Ok((meta, data))
     }
 
@@ -870,6 +1357,37 @@ impl Pool {
         }
     }
 
+    /// A read-only loop device over the pool's metadata (the file, or the
+    /// metadata device past its label), for the tools, and the path that
+    /// names the metadata in messages.
+    ///
+    /// # Errors
+    /// [`Error::DeviceMissing`]; [`Error::Foreign`] for an adopted pool
+    /// (its metadata is read through the live pool only); loop errors.
+    pub(crate) fn metadata_loop(&self) -> Result<(loopback::Loop, PathBuf)> {
+        match &self.rec.backing {
+            Backing::Files => {
+                let f = self.layout.metadata_file();
+                Ok((loopback::attach_readonly(&f)?, f))
+            }
+            Backing::Devices { metadata, .. } => {
+                let dev = blockdev::find(&self.rec.pool_id, DeviceRole::Metadata, metadata)?;
+                let lp = loopback::attach_readonly_at(
+                    &dev.node,
+                    blockdev::LABEL_BYTES,
+                    self.rec.metadata_size.0,
+                )?;
+                Ok((lp, dev.node))
+            }
+            Backing::Adopted { pool_name, .. } => Err(Error::Foreign {
+                what: "its metadata can only be read while it is active".into(),
+                pool: pool_name.clone(),
+                hint: "bring it up the way its owner does (`lvchange -ay VG/POOL`), then retry"
+                    .into(),
+            }),
+        }
+    }
+
     /// The pool record as loaded.
     pub fn record(&self) -> &PoolRecord {
         &self.rec
@@ -887,8 +1405,40 @@ impl Pool {
         Ok(self.kernel.as_ref().expect("set just above"))
     }
 
+    /// The dm name of `role`: thinlayer's own, but for the pool device of
+    /// an adopted pool, which has its owner's name.
     pub(crate) fn name(&self, role: Role) -> devicemapper::DmNameBuf {
-        names::dm_name(&self.rec.pool_id, role)
+        match (&self.rec.backing, role) {
+            (Backing::Adopted { pool_name, .. }, Role::Pool) => {
+                devicemapper::DmNameBuf::new(pool_name.clone())
+                    .expect("checked to be a dm name when adopted")
+            }
+            _ => names::dm_name(&self.rec.pool_id, role),
+        }
+    }
+
+    /// Refuses to touch `thin_id` when it is someone else's (an adopted
+    /// pool's foreign ids, and every id below thinlayer's first).
+    ///
+    /// # Errors
+    /// [`Error::Foreign`].
+    pub(crate) fn refuse_foreign(&self, thin_id: u32) -> Result<()> {
+        match &self.rec.backing {
+            Backing::Adopted { pool_name, .. } if self.rec.backing.is_foreign(thin_id) => {
+                Err(Error::Foreign {
+                    what: format!("thin id {thin_id} is not thinlayer's"),
+                    pool: pool_name.clone(),
+                    hint: "thinlayer never deletes or changes it; its owner does".into(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the kernel's transaction id is the pool's owner's (an
+    /// adopted pool: LVM moves it), so records are never compared to it.
+    pub(crate) fn foreign_transactions(&self) -> bool {
+        matches!(self.rec.backing, Backing::Adopted { .. })
     }
 
     pub(crate) fn uuid(&self, role: Role) -> devicemapper::DmUuidBuf {
@@ -909,6 +1459,19 @@ impl Pool {
         }
         let name = self.name(Role::Pool);
         self.active = self.kernel()?.device(&name)?;
+        if let (Some(_), Backing::Adopted { pool_uuid, .. }) = (self.active, &self.rec.backing) {
+            let live = self.kernel.as_ref().expect("opened above").uuid_of(&name)?;
+            if live != *pool_uuid {
+                self.active = None;
+                return Err(Error::Inconsistent(format!(
+                    "{} is not the pool this root adopted (its dm uuid is {}, the record says {}); \
+                     bring the adopted pool back up under that name, or point --root elsewhere",
+                    &*name,
+                    live.as_deref().unwrap_or("none"),
+                    pool_uuid.as_deref().unwrap_or("none")
+                )));
+            }
+        }
         Ok(self.active)
     }
 
@@ -948,6 +1511,15 @@ impl Pool {
             self.recover()?;
             return Ok(Action::AlreadyDone);
         }
+        if let Backing::Adopted { pool_name, .. } = &self.rec.backing {
+            return Err(Error::Foreign {
+                what: format!("{pool_name} is not active"),
+                pool: pool_name.clone(),
+                hint: "bring it up the way its owner does (`lvchange -ay VG/POOL` for LVM), \
+                       then run `thinlayer pool activate` again"
+                    .into(),
+            });
+        }
         // Leftovers of an activation that died half-way.
         let pool_id = self.rec.pool_id.clone();
         let kernel = self.kernel()?;
@@ -955,12 +1527,20 @@ impl Pool {
             kernel.remove_if_present(&names::dm_name(&pool_id, role))?;
         }
         fault::point("pool_activate.after_leftovers");
-        check_metadata(&self.layout.metadata_file())?;
-        self.allocate_metadata();
-        // An extend that grew the files (and maybe the kernel's metadata)
-        // but died before its record: build the tables from the files.
-        if self.reconcile_sizes()? {
-            tracing::info!("adopted the data/metadata sizes an interrupted extend left");
+        if self.rec.backing.is_files() {
+            check_metadata(&self.layout.metadata_file())?;
+            self.allocate_metadata();
+            // An extend that grew the files (and maybe the kernel's
+            // metadata) but died before its record: build the tables from
+            // the files.
+            if self.reconcile_sizes()? {
+                tracing::info!("adopted the data/metadata sizes an interrupted extend left");
+            }
+        } else {
+            // (A device pool's extend writes its record first: the record
+            // is never behind the kernel.)
+            let (lp, node) = self.metadata_loop()?;
+            check_loop(&lp, &node)?;
         }
         let kernel = self.kernel.as_ref().expect("opened above");
         let mut made = Vec::new();
@@ -972,6 +1552,7 @@ impl Pool {
                 kernel,
                 devices: made,
                 files: Vec::new(),
+                labels: Vec::new(),
             };
             return Err(undo.run(e));
         }
@@ -1039,7 +1620,69 @@ impl Pool {
     ///
     /// # Errors
     /// [`Error::HasChildren`] (layers remain), [`Error::Busy`], kernel errors.
-    pub fn destroy(mut self, force: bool) -> Result<()> {
+    pub fn destroy(self, force: bool) -> Result<()> {
+        self.destroy_with(force, false).map(|_| ())
+    }
+
+    /// [`Pool::destroy`], and for a pool on block devices, with `wipe`,
+    /// their labels and the metadata zeroed and the devices discarded;
+    /// without it the devices are left as they are (the next `pool
+    /// create` on them then needs `--force`). An adopted pool's own thin
+    /// ids are deleted from it (the pool stays, its owner's; the foreign
+    /// ids are not touched). Returns what was done beyond the records, in
+    /// sentences.
+    ///
+    /// # Errors
+    /// As [`Pool::destroy`]; [`Error::Foreign`] for `wipe` of an adopted
+    /// pool, or when an adopted pool is not active;
+    /// [`Error::DeviceMissing`] when `wipe` cannot find a device (nothing
+    /// is changed then).
+    pub fn destroy_with(mut self, force: bool, wipe: bool) -> Result<Vec<String>> {
+        let mut said = Vec::new();
+        if self.rec.pending == Some(Pending::CreatePool) {
+            // Nothing an unfinished create made was ever handed out: its
+            // leftovers go as `pool recover` clears them (a device pool's
+            // labels and metadata superblock too, so the devices are free
+            // again, `--wipe` or not).
+            let (layout, rec) = (self.layout.clone(), self.rec.clone());
+            for what in clear_interrupted_create(self.kernel()?, &layout, &rec)? {
+                said.push(format!(
+                    "removed {what}, left by an interrupted pool create"
+                ));
+            }
+            let _ = fs::remove_file(layout.root.join("lock"));
+            let _ = fs::remove_dir(&layout.root);
+            return Ok(said);
+        }
+        if let Backing::Adopted { pool_name, .. } = self.rec.backing.clone() {
+            if wipe {
+                return Err(Error::Foreign {
+                    what: "--wipe".into(),
+                    pool: pool_name.clone(),
+                    hint: "destroy without --wipe removes thinlayer's thin ids and records; \
+                           remove the pool itself with its owner (`lvremove VG/POOL`)"
+                        .into(),
+                });
+            }
+            if self.pool_device()?.is_none() {
+                return Err(Error::Foreign {
+                    what: format!(
+                        "{pool_name} is not active, so thinlayer cannot delete its own thin ids from it"
+                    ),
+                    pool: pool_name.clone(),
+                    hint: "bring it up the way its owner does (`lvchange -ay VG/POOL`), then retry"
+                        .into(),
+                });
+            }
+        }
+        // Found before anything changes: a missing device refuses the wipe.
+        let to_wipe = match (&self.rec.backing, wipe) {
+            (Backing::Devices { data, metadata }, true) => vec![
+                blockdev::find(&self.rec.pool_id, DeviceRole::Data, data)?,
+                blockdev::find(&self.rec.pool_id, DeviceRole::Metadata, metadata)?,
+            ],
+            _ => Vec::new(),
+        };
         let layers = self.layer_records()?;
         if !layers.is_empty() && !force {
             let ids: Vec<&str> = layers.iter().map(|l| l.id.as_str()).collect();
@@ -1055,19 +1698,62 @@ impl Pool {
         if force {
             self.unmount_everything()?;
         }
+        if self.foreign_transactions() {
+            self.recover()?;
+        }
         self.deactivate()?;
+        if let Backing::Adopted { pool_name, .. } = self.rec.backing.clone() {
+            // Every thin id of thinlayer's in the pool: layers, spares,
+            // trash, the base, and what a crash left.
+            let ids = self.metadata_thin_ids()?;
+            let pool = self.name(Role::Pool);
+            let mine: Vec<u32> = ids
+                .into_iter()
+                .filter(|t| !self.rec.backing.is_foreign(*t))
+                .collect();
+            let n = mine.len();
+            for t in mine {
+                self.kernel()?.pool_message(&pool, &format!("delete {t}"))?;
+            }
+            said.push(format!(
+                "deleted thinlayer's {n} thin id(s) from {pool_name}; its other thin ids and the pool itself are untouched"
+            ));
+        }
         for l in &layers {
             record::remove(&self.layout.layer_record(&l.id))?;
         }
         record::remove(&self.layout.pool_record())?;
-        for f in [self.layout.data_file(), self.layout.metadata_file()] {
-            record::remove(&f)?;
+        if self.rec.backing.is_files() {
+            for f in [self.layout.data_file(), self.layout.metadata_file()] {
+                record::remove(&f)?;
+            }
         }
         let _ = fs::remove_dir(self.layout.layers_dir());
         let _ = fs::remove_file(self.layout.root.join("lock"));
         // Only succeeds when nothing else lives in the root.
         let _ = fs::remove_dir(&self.layout.root);
-        Ok(())
+        if let Backing::Devices { data, metadata } = &self.rec.backing {
+            if to_wipe.is_empty() {
+                said.push(format!(
+                    "left the data device {} and the metadata device {} as they are (pass --wipe to wipe them)",
+                    data.describe(),
+                    metadata.describe()
+                ));
+            }
+        }
+        for dev in &to_wipe {
+            let discarded = blockdev::wipe(dev)?;
+            said.push(format!(
+                "wiped {} ({})",
+                dev.node.display(),
+                if discarded {
+                    "label and metadata zeroed, all of it discarded"
+                } else {
+                    "label and metadata zeroed; it takes no discards"
+                }
+            ));
+        }
+        Ok(said)
     }
 
     fn unmount_everything(&mut self) -> Result<()> {
@@ -1115,7 +1801,12 @@ impl Pool {
         }
         let pool = self.name(Role::Pool);
         let t = self.rec.transaction_id;
-        let kt = self.kernel()?.pool_status(&pool)?.transaction_id;
+        let kt = if self.foreign_transactions() {
+            // The owner's counter (LVM moves it): never compared.
+            t
+        } else {
+            self.kernel()?.pool_status(&pool)?.transaction_id
+        };
         let before = self.rec.pending.clone();
         if before.is_some() {
             self.children = None;
@@ -1268,7 +1959,7 @@ impl Pool {
             } else if k.mode != "rw" {
                 warnings.push(format!("the pool is in {} mode", k.mode));
             }
-            if k.transaction_id != self.rec.transaction_id {
+            if k.transaction_id != self.rec.transaction_id && !self.foreign_transactions() {
                 warnings.push(format!(
                     "kernel transaction id {} differs from the records' {}: an operation was interrupted; any change command recovers it",
                     k.transaction_id, self.rec.transaction_id
@@ -1281,6 +1972,7 @@ impl Pool {
         let host = self.host_space()?;
         warnings.extend(host.warnings(&self.layout.root));
         Ok(PoolStatus {
+            backing: self.rec.backing.clone(),
             root: self.layout.root.clone(),
             pool_id: self.rec.pool_id.to_string(),
             active,
@@ -1354,6 +2046,12 @@ pub(crate) fn pool_spec(
 /// [`Error::MetadataDamaged`] with thin_check's words.
 pub fn check_metadata(file: &Path) -> Result<()> {
     let lp = loopback::attach_readonly(file)?;
+    check_loop(&lp, file)
+}
+
+/// Runs `thin_check` on the metadata behind the loop device `lp`, naming
+/// it `file` in the error.
+pub(crate) fn check_loop(lp: &loopback::Loop, file: &Path) -> Result<()> {
     match Tool::ThinCheck.run(&["-q".as_ref(), lp.path.as_os_str()]) {
         Ok(_) => Ok(()),
         Err(Error::Tool { stderr, status, .. }) => Err(Error::MetadataDamaged {
@@ -1367,6 +2065,8 @@ pub fn check_metadata(file: &Path) -> Result<()> {
 /// `pool status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct PoolStatus {
+    /// What the data and metadata live on.
+    pub backing: Backing,
     /// The root directory.
     pub root: PathBuf,
     /// The pool id in the dm names.

@@ -60,11 +60,12 @@ use nix::{
 use serde::Serialize;
 
 use crate::{
+    blockdev::{self, DeviceRole},
     error::{Error, IoContext, Result},
     kernel::{self, Kernel},
     loopback,
     names::Role,
-    pool::{Pool, pool_spec},
+    pool::{Backing, Pool, pool_spec},
     units::{self, Bytes},
 };
 
@@ -462,6 +463,10 @@ impl Pool {
     /// I/O errors.
     pub fn host_space(&self) -> Result<HostSpace> {
         let r = self.record();
+        if !r.backing.is_files() {
+            // Nothing of the pool's lives on the host filesystem but records.
+            return HostSpace::measure(&self.layout().root, Bytes(0), Bytes(0));
+        }
         HostSpace::measure(&self.layout().root, r.data_size, r.metadata_size)
     }
 
@@ -593,7 +598,18 @@ impl Pool {
     /// [`Error::InvalidArgument`] when nothing was asked; I/O and kernel
     /// errors.
     pub fn extend(&mut self, req: &ExtendRequest) -> Result<ExtendReport> {
-        if req.data.is_none() && req.metadata.is_none() {
+        if let Backing::Adopted { pool_name, .. } = &self.record().backing {
+            return Err(Error::Foreign {
+                what: "pool extend".into(),
+                pool: pool_name.clone(),
+                hint: "grow it with its owner (`lvextend -L +SIZE VG/POOL`, `lvextend --poolmetadatasize +SIZE VG/POOL`); \
+                       thinlayer uses the new size at once"
+                    .into(),
+            });
+        }
+        let on_devices = matches!(self.record().backing, Backing::Devices { .. });
+        let fill = on_devices && req.data.is_none() && req.metadata.is_none();
+        if req.data.is_none() && req.metadata.is_none() && !on_devices {
             return Err(Error::InvalidArgument(
                 "nothing to extend; give --data-size +SIZE and/or --metadata-size +SIZE".into(),
             ));
@@ -604,12 +620,49 @@ impl Pool {
         self.adopt_live_sizes()?;
         let rec = self.record().clone();
         let block = rec.block_size.bytes().0;
-        let new_data = req.data.map_or(rec.data_size, |c| {
-            Bytes(c.apply(rec.data_size).0 / block * block)
-        });
-        let new_meta = req.metadata.map_or(rec.metadata_size, |c| {
-            Bytes(c.apply(rec.metadata_size).0 / 4096 * 4096)
-        });
+        // A pool on devices grows within them: into what the admin added
+        // (a grown LV or disk); with no size given, to all of it.
+        let devices = match &rec.backing {
+            Backing::Devices { data, metadata } => Some((
+                blockdev::find(&rec.pool_id, DeviceRole::Data, data)?,
+                blockdev::find(&rec.pool_id, DeviceRole::Metadata, metadata)?,
+            )),
+            _ => None,
+        };
+        let (data_room, meta_room) = match &devices {
+            Some((d, m)) => (
+                Bytes(d.usable().0 / block * block),
+                Bytes(m.usable().0.min(units::MAX_METADATA) / 4096 * 4096),
+            ),
+            None => (Bytes(u64::MAX), Bytes(u64::MAX)),
+        };
+        let new_data = match req.data {
+            Some(c) => Bytes(c.apply(rec.data_size).0 / block * block),
+            None if fill => data_room.max(rec.data_size),
+            None => rec.data_size,
+        };
+        let new_meta = match req.metadata {
+            Some(c) => Bytes(c.apply(rec.metadata_size).0 / 4096 * 4096),
+            None if fill => meta_room.max(rec.metadata_size),
+            None => rec.metadata_size,
+        };
+        if let Some((d, m)) = &devices {
+            for (what, want, room, dev) in [
+                ("data", new_data, data_room, d),
+                ("metadata", new_meta, meta_room, m),
+            ] {
+                if want > room {
+                    return Err(Error::InvalidSize {
+                        input: want.to_string(),
+                        reason: format!(
+                            "the {what} device {} holds {room} for the pool; grow the device first \
+                             (`lvextend`, or a larger disk), then run `thinlayer pool extend` (no size: all of it)",
+                            dev.node.display()
+                        ),
+                    });
+                }
+            }
+        }
         refuse_shrink("data size", rec.data_size, new_data)?;
         refuse_shrink("metadata size", rec.metadata_size, new_meta)?;
         if new_meta.0 > units::MAX_METADATA {
@@ -632,6 +685,9 @@ impl Pool {
             return Ok(report);
         }
         self.recover()?;
+        if let Some((d, m)) = devices {
+            return self.extend_devices(&rec, &d, &m, report);
+        }
         let layout = self.layout().clone();
         // Files first: a longer file than the record is harmless, and tells
         // a crash after the kernel step.
@@ -647,8 +703,8 @@ impl Pool {
             let meta_name = self.name(Role::Meta);
             let pool_name = self.name(Role::Pool);
             let kernel = self.kernel()?;
-            kernel.resize_linear(&meta_name, meta_loop.device, new_meta.sectors())?;
-            kernel.resize_linear(&data_name, data_loop.device, new_data.sectors())?;
+            kernel.resize_linear(&meta_name, meta_loop.device, 0, new_meta.sectors())?;
+            kernel.resize_linear(&data_name, data_loop.device, 0, new_data.sectors())?;
             let dev = |n| {
                 kernel
                     .device(n)?
@@ -673,13 +729,65 @@ impl Pool {
         Ok(report)
     }
 
+    /// The device half of [`Pool::extend`]: record first (the devices
+    /// already hold the new size, so a record ahead of the kernel only
+    /// makes the next activation build the larger tables), then the
+    /// linear devices and the pool table when active.
+    fn extend_devices(
+        &mut self,
+        rec: &crate::pool::PoolRecord,
+        d: &blockdev::BlockDev,
+        m: &blockdev::BlockDev,
+        mut report: ExtendReport,
+    ) -> Result<ExtendReport> {
+        let r = self.record_mut_inner();
+        r.data_size = report.new_data_size;
+        r.metadata_size = report.new_metadata_size;
+        self.write_record()?;
+        if self.pool_device()?.is_some() {
+            let data_name = self.name(Role::Data);
+            let meta_name = self.name(Role::Meta);
+            let pool_name = self.name(Role::Pool);
+            let kernel = self.kernel()?;
+            let off = blockdev::LABEL_SECTORS;
+            kernel.resize_linear(
+                &meta_name,
+                m.device,
+                off,
+                report.new_metadata_size.sectors(),
+            )?;
+            kernel.resize_linear(&data_name, d.device, off, report.new_data_size.sectors())?;
+            let dev = |n| {
+                kernel
+                    .device(n)?
+                    .ok_or_else(|| Error::Inconsistent(format!("{n} vanished while extending")))
+            };
+            let (meta, data) = (dev(&meta_name)?, dev(&data_name)?);
+            let mut grown = rec.clone();
+            grown.data_size = report.new_data_size;
+            grown.metadata_size = report.new_metadata_size;
+            kernel.reload_pool(&pool_name, &pool_spec(&grown, meta, data))?;
+            report.online = true;
+        }
+        tracing::info!(
+            data_from = %report.old_data_size, data_to = %report.new_data_size,
+            metadata_from = %report.old_metadata_size, metadata_to = %report.new_metadata_size,
+            online = report.online, "extended the pool onto its devices"
+        );
+        Ok(report)
+    }
+
     /// Adopts data or metadata file lengths larger than the record: an
     /// extend that reached the files (and maybe the kernel) but not the
     /// record. Call before the pool's tables are built from the record.
+    /// A pool on devices or adopted has no files: nothing to do.
     ///
     /// # Errors
     /// I/O and record errors.
     pub fn reconcile_sizes(&mut self) -> Result<bool> {
+        if !self.record().backing.is_files() {
+            return Ok(false);
+        }
         let layout = self.layout().clone();
         let block = self.record().block_size.bytes().0;
         let len = |p: PathBuf| -> Result<u64> {

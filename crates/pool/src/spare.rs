@@ -190,6 +190,7 @@ impl Pool {
     pub(crate) fn delete_thins(&mut self, thin_ids: &[u32], settling: bool) -> Result<()> {
         let pool = self.name(Role::Pool);
         for &thin_id in thin_ids {
+            self.refuse_foreign(thin_id)?;
             let name = self.name(Role::Thin(thin_id));
             let kernel = self.kernel()?;
             kernel.remove_if_present(&name)?;

@@ -11,6 +11,7 @@
 //! records behind (every apply rolls back on error); an import that applies
 //! a layer the pool already holds (layers are named by ChainID and reused).
 
+mod docker;
 pub mod error;
 mod host_space;
 pub mod records;
@@ -465,6 +466,7 @@ impl Store {
             config_digest: src.config_digest.clone(),
             layers: chain.clone(),
             diff_ids,
+            volumes: src.volumes.clone(),
             created_unix: now_unix(),
         };
         record::write(&self.image_path(&name), RECORD_IMAGE, &rec)?;
@@ -554,19 +556,22 @@ impl Store {
     /// Creates container `name` of `image`: an init layer holding
     /// `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf` (kept out of
     /// commits), and a read-write snapshot on top, both owned by the
-    /// container. A transaction (see `txn`): a crash before the container
-    /// record is rolled back at the next open.
+    /// container; and its mounts (`mounts`, and the image's `Volumes`,
+    /// see [`volumes::MountRequest`]): anonymous volumes made now and
+    /// filled with the image's content at their paths. A transaction (see
+    /// `txn`): a crash before the container record is rolled back at the
+    /// next open, its anonymous volumes too.
     ///
     /// # Errors
     /// [`Error::ContainerExists`], [`Error::UnknownImage`], a name whose
-    /// layer ids another owner reserves or holds, pool errors (all rolled
-    /// back).
+    /// layer ids another owner reserves or holds, bad mounts (nothing
+    /// made), pool errors (all rolled back).
     pub fn create_container(
         &mut self,
         name: &str,
         image: &str,
         hostname: Option<&str>,
-        volumes: &[volumes::VolumeMount],
+        mounts: &volumes::MountRequest,
     ) -> Result<ContainerRecord> {
         use thinlayer_pool::{Owner, names};
         names::check_id("container", name)?;
@@ -580,9 +585,6 @@ impl Store {
             names::check_user_id("container layer", id, Owner::Container)?;
             self.check_new_layer(id, Owner::Container, "`thinlayer container create`")?;
         }
-        for v in volumes {
-            self.volume(&v.volume)?;
-        }
         let img = self.image(image)?;
         let top = img
             .layers
@@ -591,12 +593,15 @@ impl Store {
             .ok_or_else(|| Error::UnknownImage(format!("{image} (it has no layers)")))?;
         let hostname = hostname.unwrap_or(name).to_owned();
         names::check_id("hostname", &hostname)?;
+        let plan = self.plan_mounts(name, &img, &top, mounts)?;
+        let anonymous: Vec<String> = plan.anonymous.iter().map(|a| a.0.clone()).collect();
         let init_tar = init_layer_tar(&hostname);
         let size = init_tar.len() as u64;
         self.begin_intent(&records::Intent::CreateContainer {
             name: name.to_owned(),
             init_layer: init_id.clone(),
             layer: layer_id.clone(),
+            volumes: anonymous.clone(),
         })?;
         thinlayer_pool::fault::point("container_create.after_intent");
         let init = self.apply_new_layer(
@@ -608,16 +613,20 @@ impl Store {
             size,
         );
         if let Err(e) = init {
-            return Err(self.undo_container(&init_id, &layer_id, e));
+            return Err(self.undo_container(&init_id, &layer_id, &anonymous, e));
         }
         thinlayer_pool::fault::point("container_create.after_init_layer");
         let made = self
             .pool
             .create_layer_for(Owner::Container, &layer_id, Some(&init_id));
         if let Err(e) = made {
-            return Err(self.undo_container(&init_id, &layer_id, e.into()));
+            return Err(self.undo_container(&init_id, &layer_id, &anonymous, e.into()));
         }
         thinlayer_pool::fault::point("container_create.after_rw_layer");
+        if let Err(e) = self.make_anonymous(name, &init_id, &plan.anonymous) {
+            return Err(self.undo_container(&init_id, &layer_id, &anonymous, e));
+        }
+        thinlayer_pool::fault::point("container_create.after_volumes");
         let meta = LayerMeta {
             id: layer_id.clone(),
             kind: LayerKind::Container,
@@ -632,14 +641,15 @@ impl Store {
             layer: layer_id.clone(),
             hostname,
             mountpoint: self.dir.join("mnt").join(name),
-            volumes: volumes.to_vec(),
+            volumes: plan.volumes,
+            binds: plan.binds,
             created_unix: now_unix(),
         };
         // The commit point: the container record.
         let written = record::write(&self.meta_path(&layer_id), RECORD_META, &meta)
             .and_then(|()| record::write(&self.container_path(name), RECORD_CONTAINER, &rec));
         if let Err(e) = written {
-            return Err(self.undo_container(&init_id, &layer_id, e.into()));
+            return Err(self.undo_container(&init_id, &layer_id, &anonymous, e.into()));
         }
         thinlayer_pool::fault::point("container_create.after_record");
         self.finish_intent()?;
@@ -647,49 +657,66 @@ impl Store {
     }
 
     /// Mounts container `name`'s root filesystem at `dir` (default: its
-    /// own mount point under the root) and returns where.
+    /// own mount point under the root), then its volumes and bind mounts,
+    /// outer paths first, and returns where. Each target is opened beneath
+    /// the root following no symlink and mounted onto as opened (see
+    /// [`volumes::open_mount_dir`]); read-only ones are remounted so, and
+    /// bind mounts `nosuid,nodev`. What is mounted already is left as it is.
     ///
     /// # Errors
-    /// [`Error::UnknownContainer`], mount errors.
+    /// [`Error::UnknownContainer`], mount errors (what was mounted is
+    /// unmounted again).
     pub fn mount_container(&mut self, name: &str, dir: Option<&Path>) -> Result<PathBuf> {
-        use std::os::fd::AsFd;
         let c = self.container(name)?;
         let dir = dir.map_or_else(|| c.mountpoint.clone(), Path::to_path_buf);
         self.pool.mount_layer(&c.layer, &dir, MountUse::Container)?;
-        for v in &c.volumes {
-            // Opened beneath the root following no symlink, mounted onto
-            // the opened directory: the container cannot redirect it.
-            let mounted = volumes::open_mount_dir(&dir, &v.path)
-                .and_then(|at| self.mount_volume_at(&v.volume, at.as_fd()));
-            if let Err(e) = mounted {
-                let _ = self.umount_container(name);
-                return Err(e);
-            }
+        if let Err(e) = self.mount_container_mounts(&dir, &c) {
+            let _ = self.umount_container(name);
+            return Err(e);
         }
         Ok(dir)
     }
 
-    /// Unmounts container `name` everywhere.
+    /// Unmounts container `name` everywhere: first whatever is mounted at
+    /// or below its volumes' and binds' paths, newest first (volumes
+    /// through the pool, binds plainly; other containers sharing a volume
+    /// keep theirs), then its root.
     ///
     /// # Errors
     /// [`Error::UnknownContainer`], busy mounts.
     pub fn umount_container(&mut self, name: &str) -> Result<Vec<PathBuf>> {
         let c = self.container(name)?;
         let mut done = Vec::new();
-        // Volumes first (innermost mounts), by directory: other containers
-        // sharing a volume keep theirs.
-        let roots = self
-            .pool
-            .layers()?
-            .into_iter()
+        let layers = self.pool.layers()?;
+        let roots = layers
+            .iter()
             .find(|l| l.id == c.layer)
-            .map(|l| l.mountpoints)
+            .map(|l| l.mountpoints.clone())
             .unwrap_or_default();
+        let of_pool: std::collections::BTreeSet<PathBuf> =
+            layers.into_iter().flat_map(|l| l.mountpoints).collect();
+        let paths: Vec<&Path> = c
+            .volumes
+            .iter()
+            .map(|v| v.path.as_path())
+            .chain(c.binds.iter().map(|b| b.path.as_path()))
+            .collect();
         for root in &roots {
-            for v in c.volumes.iter().rev() {
-                let at = root.join(v.path.strip_prefix("/").unwrap_or(&v.path));
-                if self.volume_mountpoints(&v.volume)?.contains(&at) {
+            let targets: Vec<PathBuf> = paths
+                .iter()
+                .map(|p| root.join(p.strip_prefix("/").unwrap_or(p)))
+                .collect();
+            let inside: Vec<PathBuf> = thinlayer_pool::mounts::all()?
+                .into_iter()
+                .map(|m| m.mountpoint)
+                .filter(|m| targets.iter().any(|t| m.starts_with(t)))
+                .collect();
+            for at in inside.iter().rev() {
+                if of_pool.contains(at) {
                     done.extend(self.pool.umount(&at.to_string_lossy())?);
+                } else {
+                    thinlayer_pool::mounts::umount(at)?;
+                    done.push(at.clone());
                 }
             }
         }
@@ -697,18 +724,29 @@ impl Store {
         Ok(done)
     }
 
-    /// Removes container `name`: unmounts it, removes its layers and record.
-    /// A transaction (see `txn`): a crash is finished at the next open, and
+    /// Removes container `name`: unmounts it, removes its layers and
+    /// record, and with `volumes` its anonymous volumes that no other
+    /// container mounts (named volumes stay, as in Docker's `rm -v`). A
+    /// transaction (see `txn`): a crash is finished at the next open, and
     /// a container whose layers are already (partly) gone is removed too.
     ///
     /// # Errors
     /// [`Error::UnknownContainer`], busy mounts or devices, a layer made
     /// from one of its layers (nothing removed).
-    pub fn remove_container(&mut self, name: &str) -> Result<()> {
+    pub fn remove_container(
+        &mut self,
+        name: &str,
+        volumes: bool,
+    ) -> Result<volumes::RemovedVolumes> {
         let c = self.container(name)?;
         if self.pool.layout().layer_record(&c.layer).exists() {
             self.umount_container(name)?;
         }
+        let gone = if volumes {
+            self.anonymous_to_remove(&c)?
+        } else {
+            volumes::RemovedVolumes::default()
+        };
         // Refuse before any change what would stop the removal half way.
         for (id, allowed) in [(&c.layer, None), (&c.init_layer, Some(&c.layer))] {
             let children: Vec<String> = match self.pool.children_of(id) {
@@ -728,11 +766,18 @@ impl Store {
             init_layer: c.init_layer.clone(),
             layer: c.layer.clone(),
             mountpoint: c.mountpoint.clone(),
+            volumes: gone.removed.clone(),
         })?;
         thinlayer_pool::fault::point("container_rm.after_intent");
-        let removed = self.remove_container_parts(name, &c.init_layer, &c.layer, &c.mountpoint);
+        let removed = self.remove_container_parts(
+            name,
+            &c.init_layer,
+            &c.layer,
+            &c.mountpoint,
+            &gone.removed,
+        );
         match removed {
-            Ok(()) => self.finish_intent(),
+            Ok(()) => self.finish_intent().map(|()| gone),
             Err(e) => {
                 // Nothing removed yet (the pool refused the first layer, a
                 // device held open): no intent to keep. Otherwise the next

@@ -50,6 +50,11 @@ pub struct ImageRecord {
     pub layers: Vec<String>,
     /// Their diff_ids.
     pub diff_ids: Vec<String>,
+    /// Its config's `Volumes`: each becomes an anonymous volume of a
+    /// container made from it (empty for images imported before they were
+    /// recorded: import them again under a new name to have them).
+    #[serde(default)]
+    pub volumes: Vec<String>,
     /// Import time, seconds since the epoch.
     pub created_unix: u64,
 }
@@ -71,9 +76,12 @@ pub struct ContainerRecord {
     pub hostname: String,
     /// Default mount point.
     pub mountpoint: PathBuf,
-    /// Volumes mounted inside it.
+    /// Volumes mounted inside it (named, anonymous, from another container).
     #[serde(default)]
     pub volumes: Vec<crate::volumes::VolumeMount>,
+    /// Host paths bind-mounted inside it.
+    #[serde(default)]
+    pub binds: Vec<crate::volumes::BindMount>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }
@@ -102,6 +110,9 @@ pub enum Intent {
         init_layer: String,
         /// Its read-write layer.
         layer: String,
+        /// The anonymous volumes it makes (names free when it began).
+        #[serde(default)]
+        volumes: Vec<String>,
     },
     /// `container rm`: always finished.
     RemoveContainer {
@@ -113,6 +124,9 @@ pub enum Intent {
         layer: String,
         /// Its default mount point (a directory to remove).
         mountpoint: PathBuf,
+        /// Its anonymous volumes to remove with it (`--volumes`).
+        #[serde(default)]
+        volumes: Vec<String>,
     },
     /// `image rm`: always finished.
     RemoveImage {

@@ -45,6 +45,9 @@ pub struct ImageSource {
     pub config_digest: String,
     /// Layers, bottom to top.
     pub layers: Vec<LayerBlob>,
+    /// The config's `Volumes`: paths a container of it gets an anonymous
+    /// volume at.
+    pub volumes: Vec<String>,
     scratch: Option<PathBuf>,
 }
 
@@ -168,6 +171,7 @@ fn read_layout(dir: &Path, archive: Option<&Path>) -> Result<ImageSource> {
             name: m.repo_tags.as_ref().and_then(|t| t.first().cloned()),
             config_digest: format!("sha256:{}", file_sha256(&config_path)?),
             layers: pair(shown, blobs, config.rootfs().diff_ids())?,
+            volumes: config_volumes(&config),
             scratch: None,
         });
     }
@@ -211,8 +215,18 @@ fn read_layout(dir: &Path, archive: Option<&Path>) -> Result<ImageSource> {
         name,
         config_digest,
         layers: pair(shown, blobs, config.rootfs().diff_ids())?,
+        volumes: config_volumes(&config),
         scratch: None,
     })
+}
+
+/// The config's `Volumes` paths (checked when a container is made).
+fn config_volumes(config: &ImageConfiguration) -> Vec<String> {
+    config
+        .config()
+        .as_ref()
+        .and_then(|c| c.volumes().clone())
+        .unwrap_or_default()
 }
 
 /// The first image manifest the index leads to (through nested indexes),

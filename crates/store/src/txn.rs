@@ -1,6 +1,7 @@
 //! The store's transactions above the pool, and who may touch which layer.
 //!
-//! `container create`, `container rm`, `image rm`, `layer apply` and
+//! `container create` (with its anonymous volumes), `container rm` (with
+//! `--volumes` theirs), `image rm`, `layer apply` and
 //! `container commit` each take several pool steps (a layer made or
 //! removed is itself a small pool transaction) and write store records in
 //! between. Each records its [`Intent`] at `ROOT/store/intent.rec` before
@@ -128,12 +129,17 @@ impl Store {
                 name,
                 init_layer,
                 layer,
+                volumes,
             } => {
                 if self.container_path(name).exists() {
                     return Ok("kept (its record was written)");
                 }
                 self.remove_owned_layer(layer, Owner::Container)?;
                 self.remove_owned_layer(init_layer, Owner::Container)?;
+                // Their names were free when it began: made by it.
+                for v in volumes {
+                    self.remove_volume_parts(v)?;
+                }
                 Ok("rolled back")
             }
             Intent::RemoveContainer {
@@ -141,11 +147,12 @@ impl Store {
                 init_layer,
                 layer,
                 mountpoint,
+                volumes,
             } => {
                 if self.pool.layout().layer_record(layer).exists() {
                     self.umount_container(name)?;
                 }
-                self.remove_container_parts(name, init_layer, layer, mountpoint)?;
+                self.remove_container_parts(name, init_layer, layer, mountpoint, volumes)?;
                 Ok("finished")
             }
             Intent::RemoveImage { name, layers } => {
@@ -221,7 +228,7 @@ impl Store {
     /// # Errors
     /// [`thinlayer_pool::Error::NotOwner`] when another owner holds it;
     /// the pool's removal errors.
-    fn remove_owned_layer(&mut self, id: &str, owner: Owner) -> Result<bool> {
+    pub(crate) fn remove_owned_layer(&mut self, id: &str, owner: Owner) -> Result<bool> {
         let layer = match self.pool.layer(id) {
             Err(thinlayer_pool::Error::UnknownLayer(_)) => None,
             r => Some(r?),
@@ -276,14 +283,16 @@ impl Store {
     }
 
     /// Removes container `name`'s layers (read-write, then init), metas,
-    /// record and mount point directory; each step tolerates what an
-    /// interrupted removal already did.
+    /// record and mount point directory, then the anonymous `volumes`
+    /// removed with it; each step tolerates what an interrupted removal
+    /// already did.
     pub(crate) fn remove_container_parts(
         &mut self,
         name: &str,
         init_layer: &str,
         layer: &str,
         mountpoint: &Path,
+        volumes: &[String],
     ) -> Result<()> {
         self.remove_owned_layer(layer, Owner::Container)?;
         fault::point("container_rm.after_rw_layer");
@@ -292,14 +301,43 @@ impl Store {
         record::remove(&self.container_path(name))?;
         fault::point("container_rm.after_record");
         let _ = fs::remove_dir(mountpoint);
+        for v in volumes {
+            match self.remove_volume_parts(v) {
+                Ok(_) => {}
+                // Checked unused before the removal began; one used since
+                // (only by hand, between a crash and this settling) is
+                // kept rather than blocking every later command.
+                Err(Error::Pool(
+                    e @ (thinlayer_pool::Error::Busy { .. }
+                    | thinlayer_pool::Error::Mounted { .. }
+                    | thinlayer_pool::Error::HasChildren { .. }),
+                )) => {
+                    tracing::warn!(volume = %v, error = %e, "container rm keeps an anonymous volume in use");
+                }
+                Err(e) => return Err(e),
+            }
+            fault::point("container_rm.after_volume");
+        }
         Ok(())
     }
 
-    /// Undoes a container create: its layers and metas, whichever exist.
-    pub(crate) fn undo_container(&mut self, init_layer: &str, layer: &str, error: Error) -> Error {
+    /// Undoes a container create: its layers and metas and its anonymous
+    /// `volumes`, whichever exist.
+    pub(crate) fn undo_container(
+        &mut self,
+        init_layer: &str,
+        layer: &str,
+        volumes: &[String],
+        error: Error,
+    ) -> Error {
         let undo = self
             .remove_owned_layer(layer, Owner::Container)
-            .and_then(|_| self.remove_owned_layer(init_layer, Owner::Container));
+            .and_then(|_| self.remove_owned_layer(init_layer, Owner::Container))
+            .and_then(|_| {
+                volumes
+                    .iter()
+                    .try_for_each(|v| self.remove_volume_parts(v).map(|_| ()))
+            });
         match undo.and_then(|_| self.finish_intent()) {
             Ok(()) => error,
             // The intent stays: the next open tries again.

@@ -1,0 +1,490 @@
+//! `thinlayer serve docker`: one legacy (v1) Docker plugin on one Unix
+//! socket implementing both `GraphDriver` (images and containers on thin
+//! snapshots: `dockerd --experimental -s thinlayer`) and `VolumeDriver`
+//! (thin volumes: `docker run -v NAME:/path` with `-d thinlayer`).
+//!
+//! The protocol is the one moby v20.10 speaks (`daemon/graphdriver/proxy.go`,
+//! `pkg/plugins/client.go`), not the published page:
+//!
+//! - `Plugin.Activate` answers `{"Implements": ["GraphDriver",
+//!   "VolumeDriver"]}`.
+//! - Every `GraphDriver.*` call but two POSTs a JSON body: `{"ID",
+//!   "Parent", "MountLabel", "StorageOpt"}`, each left out when empty (an
+//!   absent `Parent` is a base layer); `Init` sends `{"Home", "Opts",
+//!   "UIDMaps", "GIDMaps"}` with lowercase `container_id`/`host_id`/`size`
+//!   map keys. Answers carry `Err` (a sentence saying what to do), `Dir`,
+//!   `Exists`, `Status` (pairs), `Changes` (`{"Path": "/x", "Kind": 0|1|2}`
+//!   for modified, added, deleted), `Size`, `Metadata` or `Capabilities`
+//!   (wrapped: `{"Capabilities": {"ReproducesExactDiffs": false}}`).
+//! - `GraphDriver.ApplyDiff?id=ID&parent=PARENT` has the raw uncompressed
+//!   layer tar as its body (Go sends it chunked), streamed into the layer
+//!   while it arrives; it answers `{"Size": N}`, the bytes of file content.
+//! - `GraphDriver.Diff` answers with the raw tar stream itself, written
+//!   while the layer is read; an error before it starts is a 500 with
+//!   `{"Err"}` (Docker's client reports the `Err`), an error after it
+//!   breaks the stream off.
+//!
+//! `VolumeDriver.*` calls go to [`crate::docker_volume`] unchanged.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use thinlayer_image::ChangeKind;
+use thinlayer_pool::{Bytes, socket::Access};
+
+use crate::{
+    docker_volume,
+    error::{Error, Result},
+    graphdriver::{GraphDriver, ThinDriver},
+    http::{self, Handler, Limits, Reply, Route},
+};
+
+/// Where Docker looks for plugin sockets: the driver's name is the socket's.
+pub const DEFAULT_SOCKET: &str = docker_volume::DEFAULT_SOCKET;
+
+/// The GraphDriver endpoints this plugin serves.
+const GRAPH_ENDPOINTS: &[&str] = &[
+    "/GraphDriver.Init",
+    "/GraphDriver.Capabilities",
+    "/GraphDriver.Create",
+    "/GraphDriver.CreateReadWrite",
+    "/GraphDriver.Remove",
+    "/GraphDriver.Get",
+    "/GraphDriver.Put",
+    "/GraphDriver.Exists",
+    "/GraphDriver.Status",
+    "/GraphDriver.GetMetadata",
+    "/GraphDriver.Cleanup",
+    "/GraphDriver.Diff",
+    "/GraphDriver.Changes",
+    "/GraphDriver.ApplyDiff",
+    "/GraphDriver.DiffSize",
+];
+
+/// A graphdriver call's body (`graphDriverRequest`).
+#[derive(Deserialize, Default, Debug)]
+#[serde(rename_all = "PascalCase")]
+struct GraphRequest {
+    #[serde(default, rename = "ID")]
+    id: String,
+    #[serde(default)]
+    parent: String,
+    #[serde(default)]
+    mount_label: String,
+    #[serde(default)]
+    storage_opt: Option<BTreeMap<String, String>>,
+}
+
+/// One user-namespace id map (`idtools.IDMap`: lowercase keys).
+#[derive(Deserialize, Debug)]
+struct IdMap {
+    container_id: i64,
+    host_id: i64,
+    size: i64,
+}
+
+/// `GraphDriver.Init`'s body (`graphDriverInitRequest`).
+#[derive(Deserialize, Default, Debug)]
+#[serde(rename_all = "PascalCase")]
+struct InitRequest {
+    #[serde(default)]
+    home: String,
+    #[serde(default)]
+    opts: Option<Vec<String>>,
+    #[serde(default, rename = "UIDMaps")]
+    uid_maps: Option<Vec<IdMap>>,
+    #[serde(default, rename = "GIDMaps")]
+    gid_maps: Option<Vec<IdMap>>,
+}
+
+/// The plugin: the graphdriver and the volume driver over one pool.
+pub struct DockerPlugin {
+    graph: ThinDriver,
+    volumes: docker_volume::Plugin,
+    /// The driver home Docker gave at `Init` (shown by `docker info`).
+    home: Option<PathBuf>,
+}
+
+impl DockerPlugin {
+    /// The plugin over the pool under `root`, with the mount references a
+    /// previous run left.
+    ///
+    /// # Errors
+    /// The pool's open errors; damaged reference records.
+    pub fn new(root: &Path) -> Result<DockerPlugin> {
+        Ok(DockerPlugin {
+            graph: ThinDriver::new(root)?,
+            volumes: docker_volume::Plugin::new(root)?,
+            home: None,
+        })
+    }
+
+    /// Answers a request whose body was read whole (every endpoint but
+    /// `GraphDriver.ApplyDiff` and `GraphDriver.Diff`).
+    pub fn handle(&mut self, path: &str, body: &[u8]) -> Reply {
+        let endpoint = endpoint_of(path);
+        if endpoint == "/Plugin.Activate" {
+            tracing::info!(endpoint, "request");
+            return Reply::ok(json!({"Implements": ["GraphDriver", "VolumeDriver"]}));
+        }
+        if endpoint.starts_with("/VolumeDriver.") {
+            return self.volumes.handle(path, body);
+        }
+        if !GRAPH_ENDPOINTS.contains(&endpoint) {
+            return unknown(endpoint);
+        }
+        if endpoint == "/GraphDriver.Init" {
+            tracing::info!(endpoint, "request");
+            return match parse::<InitRequest>(body) {
+                Ok(req) => answer(endpoint, "", self.init(req).map(|()| json!({}))),
+                Err(reply) => reply,
+            };
+        }
+        let req = match parse::<GraphRequest>(body) {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        tracing::info!(endpoint, id = %req.id, parent = %req.parent, "request");
+        let result = self.graph_call(endpoint, &req);
+        answer(endpoint, &req.id, result)
+    }
+
+    fn init(&mut self, req: InitRequest) -> Result<()> {
+        for (what, maps) in [("uid", &req.uid_maps), ("gid", &req.gid_maps)] {
+            for m in maps.iter().flatten() {
+                if m.container_id != m.host_id {
+                    return Err(Error::Invalid(format!(
+                        "{what} map {}:{}:{} remaps ids (dockerd --userns-remap): thinlayer's \
+                         graphdriver stores files with the image's own ids; run dockerd without \
+                         --userns-remap",
+                        m.container_id, m.host_id, m.size
+                    )));
+                }
+            }
+        }
+        if let Some(opt) = req.opts.iter().flatten().next() {
+            return Err(Error::Invalid(format!(
+                "unknown storage option `{opt}`: thinlayer takes no daemon --storage-opt (the \
+                 pool's sizes are `thinlayer pool create`'s; a container's size is `docker run \
+                 --storage-opt size=`); remove it"
+            )));
+        }
+        tracing::info!(home = %req.home, root = %self.graph.root().display(), "graphdriver initialised");
+        self.home = (!req.home.is_empty()).then(|| PathBuf::from(req.home));
+        Ok(())
+    }
+
+    fn graph_call(&mut self, endpoint: &str, req: &GraphRequest) -> Result<Value> {
+        let parent = (!req.parent.is_empty()).then_some(req.parent.as_str());
+        if !req.mount_label.is_empty() {
+            tracing::debug!(label = %req.mount_label, "mount labels (SELinux) are not applied");
+        }
+        let g = &mut self.graph;
+        Ok(match endpoint {
+            "/GraphDriver.Capabilities" => {
+                json!({"Capabilities": {"ReproducesExactDiffs": false}})
+            }
+            "/GraphDriver.Create" | "/GraphDriver.CreateReadWrite" => {
+                let id = required_id(req)?;
+                let size = size_opt(req.storage_opt.as_ref())?;
+                g.create_layer(id, parent, size)?;
+                json!({})
+            }
+            "/GraphDriver.Remove" => {
+                g.remove(required_id(req)?)?;
+                json!({})
+            }
+            "/GraphDriver.Get" => json!({"Dir": g.get(required_id(req)?)?}),
+            "/GraphDriver.Put" => {
+                g.put(required_id(req)?)?;
+                json!({})
+            }
+            "/GraphDriver.Exists" => json!({"Exists": g.exists(required_id(req)?)?}),
+            "/GraphDriver.Status" => {
+                let mut pairs = g.status()?;
+                if let Some(home) = &self.home {
+                    pairs.push(("Docker Home".into(), home.to_string_lossy().into_owned()));
+                }
+                let pairs: Vec<[String; 2]> = pairs.into_iter().map(|(k, v)| [k, v]).collect();
+                json!({"Status": pairs})
+            }
+            "/GraphDriver.GetMetadata" => {
+                let m: BTreeMap<String, String> =
+                    g.metadata(required_id(req)?)?.into_iter().collect();
+                json!({"Metadata": m})
+            }
+            "/GraphDriver.Cleanup" => {
+                g.cleanup()?;
+                json!({})
+            }
+            "/GraphDriver.Changes" => {
+                let changes: Vec<Value> = g
+                    .changes(required_id(req)?, parent)?
+                    .into_iter()
+                    .filter(|c| c.path != Path::new(".") && c.path != Path::new(""))
+                    .map(|c| {
+                        let kind = match c.kind {
+                            ChangeKind::Modified => 0,
+                            ChangeKind::Added => 1,
+                            ChangeKind::Deleted => 2,
+                        };
+                        json!({"Path": format!("/{}", c.path.display()), "Kind": kind})
+                    })
+                    .collect();
+                json!({"Changes": changes})
+            }
+            "/GraphDriver.DiffSize" => json!({"Size": g.diff_size(required_id(req)?, parent)?}),
+            other => return Err(Error::Invalid(format!("{other} is not a JSON call"))),
+        })
+    }
+
+    /// `GraphDriver.ApplyDiff?id=ID&parent=PARENT`: the layer tar streamed
+    /// in from `body`.
+    pub fn upload(&mut self, path: &str, body: &mut dyn Read) -> Reply {
+        let endpoint = endpoint_of(path);
+        if endpoint != "/GraphDriver.ApplyDiff" {
+            return unknown(endpoint);
+        }
+        let query = query_of(path);
+        let id = query.get("id").cloned().unwrap_or_default();
+        let parent = query.get("parent").cloned().unwrap_or_default();
+        tracing::info!(endpoint, %id, %parent, "request");
+        let result = if id.is_empty() {
+            Err(Error::Invalid(
+                "ApplyDiff without ?id=: name the layer to apply into".into(),
+            ))
+        } else {
+            let parent = (!parent.is_empty()).then_some(parent.as_str());
+            self.graph
+                .apply_diff(&id, parent, body)
+                .map(|size| json!({"Size": size}))
+        };
+        answer(endpoint, &id, result)
+    }
+
+    /// `GraphDriver.Diff`: the layer's changes as a tar stream to `out`.
+    ///
+    /// # Errors
+    /// The `{"Err"}` answer (status 500, which Docker's client reports)
+    /// when the diff cannot start.
+    pub fn download(&mut self, path: &str, body: &[u8], out: &mut dyn Write) -> Result<(), Reply> {
+        let endpoint = endpoint_of(path);
+        if endpoint != "/GraphDriver.Diff" {
+            return Err(unknown(endpoint));
+        }
+        let req = parse::<GraphRequest>(body)?;
+        tracing::info!(endpoint, id = %req.id, parent = %req.parent, "request");
+        let parent = (!req.parent.is_empty()).then_some(req.parent.as_str());
+        let result = required_id(&req).and_then(|id| self.graph.diff(id, parent, out));
+        match result {
+            Ok(diff_id) => {
+                tracing::info!(id = %req.id, %diff_id, "diff sent");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(endpoint, id = %req.id, error = %e, "request failed");
+                Err(Reply::err(500, e.to_string()))
+            }
+        }
+    }
+}
+
+impl Handler for DockerPlugin {
+    fn route(path: &str) -> Route {
+        match endpoint_of(path) {
+            "/GraphDriver.ApplyDiff" => Route::Upload,
+            "/GraphDriver.Diff" => Route::Download,
+            _ => Route::Json,
+        }
+    }
+
+    fn handle(&mut self, path: &str, body: &[u8]) -> Reply {
+        DockerPlugin::handle(self, path, body)
+    }
+
+    fn upload(&mut self, path: &str, body: &mut dyn Read) -> Reply {
+        DockerPlugin::upload(self, path, body)
+    }
+
+    fn download(&mut self, path: &str, body: &[u8], out: &mut dyn Write) -> Result<(), Reply> {
+        DockerPlugin::download(self, path, body, out)
+    }
+}
+
+/// The endpoint of a request target: the path without its query.
+fn endpoint_of(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
+}
+
+/// The query parameters of a request target, percent-decoded.
+fn query_of(path: &str) -> BTreeMap<String, String> {
+    let Some((_, q)) = path.split_once('?') else {
+        return BTreeMap::new();
+    };
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).expect("two hex digits are a byte"));
+                i += 3;
+            }
+            (b'+', ..) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, ..) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A request body as `T`: empty or `null` is `T::default()`; not JSON is a
+/// 400.
+fn parse<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    match serde_json::from_slice::<Option<T>>(body) {
+        Ok(r) => Ok(r.unwrap_or_default()),
+        Err(e) => Err(Reply::err(
+            400,
+            format!("bad request body: {e}; send a JSON object"),
+        )),
+    }
+}
+
+fn required_id(req: &GraphRequest) -> Result<&str> {
+    if req.id.is_empty() {
+        return Err(Error::Invalid(
+            "no ID in the request: name the layer".into(),
+        ));
+    }
+    Ok(&req.id)
+}
+
+/// `StorageOpt`'s `size`, the one option a layer takes.
+fn size_opt(opts: Option<&BTreeMap<String, String>>) -> Result<Option<Bytes>> {
+    let mut size = None;
+    for (k, v) in opts.into_iter().flatten() {
+        if k.eq_ignore_ascii_case("size") {
+            size = Some(v.parse::<Bytes>()?);
+        } else {
+            return Err(Error::Invalid(format!(
+                "unknown storage option `{k}`: thinlayer layers take only size (e.g. --storage-opt size=10G)"
+            )));
+        }
+    }
+    Ok(size)
+}
+
+/// A result as Docker expects it: the value, or `{"Err": ...}` with 200.
+fn answer(endpoint: &str, id: &str, result: Result<Value>) -> Reply {
+    match result {
+        Ok(v) => Reply::ok(v),
+        Err(e) => {
+            tracing::warn!(endpoint, %id, error = %e, "request failed");
+            Reply::ok(json!({"Err": e.to_string()}))
+        }
+    }
+}
+
+fn unknown(endpoint: &str) -> Reply {
+    Reply::err(
+        404,
+        format!(
+            "unknown endpoint {endpoint}; this plugin serves Plugin.Activate, the GraphDriver \
+             calls ({}) and the VolumeDriver calls",
+            GRAPH_ENDPOINTS
+                .iter()
+                .map(|e| e.trim_start_matches("/GraphDriver."))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+}
+
+/// Serves the plugin on `socket` until SIGTERM or SIGINT, to root and the
+/// members of `access`'s group (`thinlayer serve docker`).
+///
+/// # Errors
+/// The socket is taken or cannot be bound (exit 4 for the conflicts); the
+/// pool's open errors.
+pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
+    http::serve_until_signal(
+        socket,
+        access,
+        Limits::default(),
+        "Docker's graphdriver and volume plugin protocols",
+        || DockerPlugin::new(root),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_as_moby_sends_them() {
+        let r: GraphRequest =
+            parse(br#"{"ID":"abc","Parent":"def","MountLabel":"","StorageOpt":{"size":"1G"}}"#)
+                .unwrap();
+        assert_eq!((r.id.as_str(), r.parent.as_str()), ("abc", "def"));
+        assert_eq!(
+            size_opt(r.storage_opt.as_ref()).unwrap(),
+            Some("1G".parse().unwrap())
+        );
+        // omitempty: a base layer has no Parent key at all.
+        let r: GraphRequest = parse(br#"{"ID":"abc"}"#).unwrap();
+        assert!(r.parent.is_empty() && r.storage_opt.is_none());
+        let r: InitRequest = parse(
+            br#"{"Home":"/var/lib/docker/thinlayer","Opts":null,"UIDMaps":[{"container_id":0,"host_id":100000,"size":65536}],"GIDMaps":null}"#,
+        )
+        .unwrap();
+        assert_eq!(r.uid_maps.as_ref().unwrap()[0].host_id, 100_000);
+        assert!(parse::<GraphRequest>(b"not json").is_err());
+        assert!(size_opt(Some(&BTreeMap::from([("dm.basesize".into(), "1G".into())]))).is_err());
+    }
+
+    #[test]
+    fn routes_and_queries() {
+        assert_eq!(
+            DockerPlugin::route("/GraphDriver.ApplyDiff?id=a&parent=b"),
+            Route::Upload
+        );
+        assert_eq!(DockerPlugin::route("/GraphDriver.Diff"), Route::Download);
+        assert_eq!(DockerPlugin::route("/GraphDriver.DiffSize"), Route::Json);
+        assert_eq!(DockerPlugin::route("/VolumeDriver.Mount"), Route::Json);
+        let q = query_of("/GraphDriver.ApplyDiff?id=a%2Db-init&parent=");
+        assert_eq!(q["id"], "a-b-init");
+        assert_eq!(q["parent"], "");
+        assert_eq!(
+            endpoint_of("/GraphDriver.ApplyDiff?id=x"),
+            "/GraphDriver.ApplyDiff"
+        );
+    }
+}

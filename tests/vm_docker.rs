@@ -1,0 +1,824 @@
+//! A real dockerd (Debian's 20.10, `THINLAYER_VM_EXTRAS=docker`) with
+//! `thinlayer serve docker` as its storage driver (`--experimental -s
+//! thinlayer`) and volume driver: images loaded with `docker load`,
+//! containers run, diffed, committed, exported, saved and loaded into a
+//! fresh pool, removed; dockerd and the plugin restarted; the scenario of
+//! moby's `integration/plugin/graphdriver/external_test.go` with its call
+//! counts; and bad input at the plugin's socket answered with `{"Err"}`
+//! and no change.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Scratch, Served, http_post};
+use serde_json::Value;
+
+const DOCKER: &str = "/usr/bin/docker";
+const DOCKERD: &str = "/usr/sbin/dockerd";
+/// Where dockerd finds the plugin named `thinlayer`.
+const PLUGIN_SOCKET: &str = "/run/docker/plugins/thinlayer.sock";
+
+fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/fixtures/images")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run tests/fixtures/make-images target/fixtures/images",
+        p.display()
+    );
+    p
+}
+
+fn require_docker() {
+    common::require_dm_thin();
+    assert!(
+        Path::new(DOCKERD).exists() && Path::new(DOCKER).exists(),
+        "vm_docker needs dockerd and the docker CLI in the guest: run it with \
+         THINLAYER_VM_EXTRAS=docker tools/vm/run (tools/test does; tools/setup installs docker.io)"
+    );
+}
+
+/// A dockerd of a test: its own data root, exec root and API socket;
+/// stopped (SIGTERM) explicitly or killed on drop.
+struct Dockerd {
+    child: Option<Child>,
+    host: String,
+    log: PathBuf,
+}
+
+impl Dockerd {
+    /// Starts dockerd with the storage driver `driver` and the issue's
+    /// flags for a guest without networking; waits until it answers.
+    fn start(data_root: &Path, tag: &str, driver: &str, extra: &[&str]) -> Dockerd {
+        let exec_root = PathBuf::from(format!("/run/tl-dk-{}-{tag}", std::process::id()));
+        fs::create_dir_all(data_root).unwrap();
+        let host = format!("unix://{}/docker.sock", exec_root.display());
+        let log = data_root.with_extension(format!("{tag}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(DOCKERD)
+            .args(["--experimental", "-s", driver])
+            .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
+            .args(["--ip-masq=false", "--userland-proxy=false"])
+            .arg("--data-root")
+            .arg(data_root)
+            .arg("--exec-root")
+            .arg(&exec_root)
+            .arg("--pidfile")
+            .arg(exec_root.with_extension("pid"))
+            .args(["-H", &host])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start dockerd");
+        let mut d = Dockerd {
+            child: Some(child),
+            host,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if d.run(&["version"]).status.success() {
+                break;
+            }
+            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("dockerd exited ({st}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dockerd not up after 120 s:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// `docker ARGS`, killed after 300 s (a hung call fails the test
+    /// instead of the whole VM run).
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("timeout")
+            .args(["300", DOCKER, "-H", &self.host])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run docker")
+    }
+
+    /// `docker ARGS`, asserted to succeed; its stdout, trimmed.
+    fn ok(&self, args: &[&str]) -> String {
+        let t = Instant::now();
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed ({}):\n{}{}\n--- dockerd log (tail) ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log_text(), 30)
+        );
+        println!("docker {} ({} ms)", args.join(" "), t.elapsed().as_millis());
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `docker ARGS`, asserted to fail with `needle` in its stderr.
+    fn fails(&self, args: &[&str], needle: &str) -> String {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "docker {args:?} succeeded");
+        assert!(
+            err.contains(needle),
+            "docker {args:?}: `{needle}` not in: {err}"
+        );
+        err
+    }
+
+    /// SIGTERM (dockerd stops its containers and calls the driver's
+    /// Cleanup), then waits for it to exit.
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dockerd did not stop on SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if std::thread::panicking() {
+                eprintln!("--- dockerd log (tail) ---\n{}", tail(&self.log_text(), 60));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn plugin(s: &Scratch) -> Served {
+    let _ = fs::remove_file(PLUGIN_SOCKET);
+    Served::start(s, &["serve", "docker"], Path::new(PLUGIN_SOCKET))
+}
+
+/// The pool's layers owned by the Docker graphdriver.
+fn docker_layers(s: &Scratch) -> Vec<Value> {
+    let v = s.json(&["layer", "ls"]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["owner"] == "graphdriver")
+        .cloned()
+        .collect()
+}
+
+/// The tree `docker export` of a container from `image` holds, extracted
+/// and described; the files Docker writes per container (their mtimes
+/// differ) compared by content only.
+fn exported_tree(d: &Dockerd, image: &str, dir: &Path) -> thinlayer_image::tree::Manifest {
+    let name = format!("export-{}", dir.file_name().unwrap().to_string_lossy());
+    d.ok(&["create", "--name", &name, image]);
+    let tarball = dir.with_extension("tar");
+    d.ok(&["export", "-o", tarball.to_str().unwrap(), &name]);
+    d.ok(&["rm", &name]);
+    fs::create_dir_all(dir).unwrap();
+    common::sh(
+        "tar",
+        &[
+            "-xpf",
+            tarball.to_str().unwrap(),
+            "-C",
+            dir.to_str().unwrap(),
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+        ],
+    );
+    let mut m = thinlayer_image::tree::manifest(dir).unwrap();
+    for per_container in [
+        ".dockerenv",
+        "etc/hosts",
+        "etc/hostname",
+        "etc/resolv.conf",
+        "etc/mtab",
+        "dev/console",
+    ] {
+        if let Some(e) = m.get_mut(Path::new(per_container)) {
+            e.mtime = None;
+        }
+    }
+    m
+}
+
+#[test]
+fn vm_docker_runs_on_thin_snapshots() {
+    require_docker();
+    let s = Scratch::new("docker");
+    s.create_pool(&[]);
+    let devices_before = common::dm_devices();
+    let base = s.root.parent().unwrap().to_path_buf();
+    let mut p = plugin(&s);
+    let mut d = Dockerd::start(&base.join("data"), "a", "thinlayer", &[]);
+
+    // docker info shows the driver and the pool.
+    let info = d.ok(&["info", "--format", "{{.Driver}} {{json .DriverStatus}}"]);
+    assert!(info.starts_with("thinlayer "), "{info}");
+    assert!(
+        info.contains("Pool Root") && info.contains("Data Space Used"),
+        "{info}"
+    );
+
+    // A 3-layer image, loaded: three layers of the pool, the driver's own.
+    let loaded = d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
+    assert!(loaded.contains("Loaded image: demo:docker"), "{loaded}");
+    let layers = d.ok(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{len .RootFS.Layers}} {{.GraphDriver.Name}}",
+        "demo:docker",
+    ]);
+    assert_eq!(layers, "3 thinlayer");
+    assert_eq!(docker_layers(&s).len(), 3, "{:?}", docker_layers(&s));
+
+    // A container prints from the image (the top layer's file, the mid
+    // layer's edit, the base's deletion undone by nothing).
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "demo:docker",
+            "cat",
+            "/etc/motd",
+            "/etc/os-release"
+        ]),
+        "welcome to the top layer\nNAME=\"thinlayer-fixture\"\nVERSION_ID=2"
+    );
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "demo:docker",
+            "sh",
+            "-c",
+            "ls /opt; test ! -e /usr/share/data.bin && echo gone"
+        ]),
+        "gone",
+        "whiteouts of the upper layers hold in the container"
+    );
+    // What Get returns hides the filesystem's lost+found.
+    assert_eq!(
+        d.ok(&["run", "--rm", "demo:docker", "ls", "-a", "/"])
+            .lines()
+            .filter(|l| *l == "lost+found")
+            .count(),
+        0
+    );
+    let used_image = s.used_data_blocks();
+    // A container size below the base device's is refused, saying so.
+    let e = d.fails(
+        &[
+            "run",
+            "--rm",
+            "--storage-opt",
+            "size=1M",
+            "demo:docker",
+            "true",
+        ],
+        "size",
+    );
+    println!("size=1M: {e}");
+
+    // A container writes; docker diff shows exactly that change.
+    d.ok(&[
+        "run",
+        "--name",
+        "writer",
+        "demo:docker",
+        "sh",
+        "-c",
+        "echo written > /hello.txt",
+    ]);
+    assert_eq!(d.ok(&["diff", "writer"]), "A /hello.txt");
+    assert_eq!(
+        d.ok(&[
+            "inspect",
+            "-f",
+            "{{.GraphDriver.Name}} {{index .GraphDriver.Data \"Parent\"}}",
+            "writer"
+        ])
+        .split(' ')
+        .next(),
+        Some("thinlayer")
+    );
+
+    // commit: an image that runs and sees the change.
+    d.ok(&["commit", "writer", "demo:committed"]);
+    assert_eq!(
+        d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),
+        "written"
+    );
+    assert_eq!(
+        docker_layers(&s).len(),
+        6,
+        "3 image layers, the commit's, the container's two"
+    );
+
+    // export holds it.
+    let export = base.join("w-export.tar");
+    d.ok(&["export", "-o", export.to_str().unwrap(), "writer"]);
+    assert_eq!(
+        common::sh("tar", &["-xOf", export.to_str().unwrap(), "hello.txt"]),
+        "written\n"
+    );
+
+    // The volume half on the same socket.
+    d.ok(&["volume", "create", "-d", "thinlayer", "vol1"]);
+    d.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        "vol1:/data",
+        "demo:docker",
+        "sh",
+        "-c",
+        "echo kept > /data/f",
+    ]);
+    assert_eq!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "-v",
+            "vol1:/data",
+            "demo:docker",
+            "cat",
+            "/data/f"
+        ]),
+        "kept"
+    );
+    d.ok(&["volume", "rm", "vol1"]);
+
+    // save, for a fresh pool and dockerd below; the tree as this one has it.
+    let saved = base.join("committed.tar");
+    d.ok(&["save", "-o", saved.to_str().unwrap(), "demo:committed"]);
+    let here = exported_tree(&d, "demo:committed", &base.join("tree-a"));
+
+    // A running container across a restart of the plugin alone: its
+    // mount's references are kept, so the stop's Put finds them.
+    d.ok(&["run", "-d", "--name", "long", "demo:docker", "sleep", "600"]);
+    p.stop();
+    let mut p = plugin(&s);
+    d.ok(&["stop", "-t", "1", "long"]);
+    d.ok(&["rm", "long"]);
+
+    // dockerd and the plugin both restart: everything is still there.
+    d.stop();
+    p.stop();
+    let mut p = plugin(&s);
+    let mut d = Dockerd::start(&base.join("data"), "b", "thinlayer", &[]);
+    let images = d.ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+    assert!(
+        images.contains("demo:docker") && images.contains("demo:committed"),
+        "{images}"
+    );
+    assert_eq!(d.ok(&["diff", "writer"]), "A /hello.txt");
+    assert_eq!(
+        d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),
+        "written"
+    );
+
+    // rm and rmi give the pool's blocks back.
+    d.ok(&["rm", "writer"]);
+    d.ok(&["rmi", "demo:committed"]);
+    assert_eq!(docker_layers(&s).len(), 3, "{:?}", docker_layers(&s));
+    let used_after = s.used_data_blocks();
+    println!("data blocks: {used_image} with the image, {used_after} after rm and rmi");
+    assert!(
+        used_after <= used_image,
+        "{used_after} blocks used after rm/rmi, {used_image} before"
+    );
+
+    // Everything removed: no layer, no thin device left; the pool checks clean.
+    d.ok(&["rmi", "demo:docker"]);
+    assert!(docker_layers(&s).is_empty(), "{:?}", docker_layers(&s));
+    d.stop();
+    p.stop();
+    assert_eq!(
+        common::dm_devices(),
+        devices_before,
+        "a thin device is left"
+    );
+    s.ok(&["pool", "check"]);
+
+    // save + load into a fresh pool and dockerd: the identical tree.
+    let s2 = Scratch::new("docker-fresh");
+    s2.create_pool(&[]);
+    let mut p2 = plugin(&s2);
+    let base2 = s2.root.parent().unwrap().to_path_buf();
+    let mut d2 = Dockerd::start(&base2.join("data"), "c", "thinlayer", &[]);
+    d2.ok(&["load", "-i", saved.to_str().unwrap()]);
+    let there = exported_tree(&d2, "demo:committed", &base2.join("tree-b"));
+    let diffs = thinlayer_image::tree::differences(&here, &there, 20);
+    assert!(diffs.is_empty(), "the loaded image differs: {diffs:#?}");
+    assert!(
+        here.contains_key(Path::new("hello.txt")) && here.contains_key(Path::new("bin/busybox"))
+    );
+    d2.ok(&["rmi", "demo:committed"]);
+    d2.stop();
+    p2.stop();
+    s2.ok(&["pool", "check"]);
+}
+
+/// Counts of the plugin's requests, from its log.
+fn calls(log: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for line in log.lines() {
+        if let Some(i) = line.find("endpoint=\"/") {
+            let rest = &line[i + 11..];
+            let name = rest.split('"').next().unwrap_or_default().to_owned();
+            if line.contains(": request endpoint=") {
+                *out.entry(name).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// moby's `TestExternalGraphDriver` (v20.10), against the real plugin:
+/// a daemon with the image, a container writing /hello, a daemon restart,
+/// inspect, diff (which must hold `A /hello`), rm -f, info, stop; then the
+/// call counts it checks.
+#[test]
+fn vm_docker_moby_external_graphdriver_scenario() {
+    require_docker();
+    let s = Scratch::new("docker-moby");
+    s.create_pool(&[]);
+    let base = s.root.parent().unwrap().to_path_buf();
+    let mut p = plugin(&s);
+    let mut d = Dockerd::start(&base.join("data"), "a", "thinlayer", &[]);
+    d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
+    let id = d.ok(&[
+        "run",
+        "-d",
+        "demo:docker",
+        "sh",
+        "-c",
+        "echo hello > /hello",
+    ]);
+    d.ok(&["wait", &id]);
+    d.stop();
+    let mut d = Dockerd::start(&base.join("data"), "b", "thinlayer", &[]);
+    assert_eq!(
+        d.ok(&["inspect", "-f", "{{.GraphDriver.Name}}", &id]),
+        "thinlayer"
+    );
+    let diff = d.ok(&["diff", &id]);
+    assert!(diff.lines().any(|l| l == "A /hello"), "diffs: {diff}");
+    d.ok(&["rm", "-f", &id]);
+    d.ok(&["info"]);
+    d.stop();
+    let log = p.log();
+    p.stop();
+    let n = calls(&log);
+    println!("plugin calls: {n:?}");
+    let get = |k: &str| n.get(k).copied().unwrap_or(0);
+    assert_eq!(get("Plugin.Activate"), 2, "{n:?}");
+    assert_eq!(get("GraphDriver.Init"), 2, "{n:?}");
+    assert_eq!(get("GraphDriver.Cleanup"), 2, "{n:?}");
+    assert_eq!(get("GraphDriver.Changes"), 1, "{n:?}");
+    assert_eq!(get("GraphDriver.DiffSize"), 0, "{n:?}");
+    assert_eq!(get("GraphDriver.Diff"), 0, "{n:?}");
+    assert_eq!(get("GraphDriver.GetMetadata"), 1, "{n:?}");
+    for at_least_one in [
+        "GraphDriver.Create",
+        "GraphDriver.CreateReadWrite",
+        "GraphDriver.Remove",
+        "GraphDriver.Get",
+        "GraphDriver.Put",
+        "GraphDriver.ApplyDiff",
+        "GraphDriver.Status",
+    ] {
+        assert!(get(at_least_one) >= 1, "{at_least_one}: {n:?}");
+    }
+    assert_eq!(
+        get("GraphDriver.Get"),
+        get("GraphDriver.Put"),
+        "every Get put back: {n:?}"
+    );
+    s.ok(&["pool", "check"]);
+}
+
+/// One request with a body; the status and the parsed answer.
+fn call(socket: &Path, endpoint: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = http_post(socket, endpoint, body.to_string().as_bytes());
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{endpoint}: {e}: {text}"));
+    (status, v)
+}
+
+/// `{"Err"}` of an answer, asserted present and non-empty.
+fn err_of(answer: &(u16, Value)) -> String {
+    let e = answer.1["Err"].as_str().unwrap_or_default().to_owned();
+    assert!(!e.is_empty(), "no Err in {answer:?}");
+    e
+}
+
+#[test]
+fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
+    common::require_dm_thin();
+    let s = Scratch::new("docker-bad");
+    s.create_pool(&[]);
+    let sock = s.root.parent().unwrap().join("p.sock");
+    let _p = Served::start(&s, &["serve", "docker"], &sock);
+    let json = |v: &str| -> Value { serde_json::from_str(v).unwrap() };
+
+    let (st, v) = call(&sock, "/Plugin.Activate", &json("{}"));
+    assert_eq!(
+        (st, v),
+        (
+            200,
+            json(r#"{"Implements":["GraphDriver","VolumeDriver"]}"#)
+        )
+    );
+    let (st, v) = call(&sock, "/GraphDriver.Capabilities", &json("{}"));
+    assert_eq!(
+        (st, v),
+        (
+            200,
+            json(r#"{"Capabilities":{"ReproducesExactDiffs":false}}"#)
+        )
+    );
+    // Init: remapped ids and daemon storage options are refused, saying why.
+    let e = err_of(&call(
+        &sock,
+        "/GraphDriver.Init",
+        &json(
+            r#"{"Home":"/x","Opts":null,"UIDMaps":[{"container_id":0,"host_id":100000,"size":65536}],"GIDMaps":null}"#,
+        ),
+    ));
+    assert!(e.contains("--userns-remap"), "{e}");
+    let e = err_of(&call(
+        &sock,
+        "/GraphDriver.Init",
+        &json(r#"{"Home":"/x","Opts":["dm.basesize=20G"]}"#),
+    ));
+    assert!(e.contains("dm.basesize"), "{e}");
+    let (_, v) = call(
+        &sock,
+        "/GraphDriver.Init",
+        &json(r#"{"Home":"/x","Opts":[],"UIDMaps":null,"GIDMaps":null}"#),
+    );
+    assert_eq!(v, json("{}"));
+
+    // A base layer and a child.
+    assert_eq!(
+        call(&sock, "/GraphDriver.Create", &json(r#"{"ID":"b1"}"#)).1,
+        json("{}")
+    );
+    assert_eq!(
+        call(
+            &sock,
+            "/GraphDriver.CreateReadWrite",
+            &json(r#"{"ID":"c1","Parent":"b1"}"#)
+        )
+        .1,
+        json("{}")
+    );
+    let layers_before = s.json(&["layer", "ls"]);
+
+    // Unknown ids.
+    for ep in [
+        "/GraphDriver.Get",
+        "/GraphDriver.Remove",
+        "/GraphDriver.GetMetadata",
+        "/GraphDriver.Changes",
+    ] {
+        let e = err_of(&call(&sock, ep, &json(r#"{"ID":"nope"}"#)));
+        assert!(e.contains("no layer `nope`"), "{ep}: {e}");
+    }
+    let e = err_of(&call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"nope"}"#)));
+    assert!(e.contains("Put without a Get"), "{e}");
+    assert_eq!(
+        call(&sock, "/GraphDriver.Exists", &json(r#"{"ID":"nope"}"#)).1,
+        json(r#"{"Exists":false}"#)
+    );
+    assert_eq!(
+        call(&sock, "/GraphDriver.Exists", &json(r#"{"ID":"b1"}"#)).1,
+        json(r#"{"Exists":true}"#)
+    );
+    let (st, v) = call(&sock, "/GraphDriver.Diff", &json(r#"{"ID":"nope"}"#));
+    assert_eq!(
+        st, 500,
+        "a Diff that cannot start is a 500 Docker reports: {v}"
+    );
+    assert!(err_of(&(st, v)).contains("nope"));
+    let e = err_of(&call(
+        &sock,
+        "/GraphDriver.Create",
+        &json(r#"{"ID":"x1","Parent":"nope"}"#),
+    ));
+    assert!(e.contains("no layer `nope`"), "{e}");
+
+    // Remove of a layer with children.
+    let e = err_of(&call(&sock, "/GraphDriver.Remove", &json(r#"{"ID":"b1"}"#)));
+    assert!(e.contains("has children (c1)"), "{e}");
+
+    // size storage-opt below the base, beyond the pool; then one that fits.
+    let e = err_of(&call(
+        &sock,
+        "/GraphDriver.CreateReadWrite",
+        &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"size":"1M"}}"#),
+    ));
+    assert!(e.contains("below"), "{e}");
+    let e = err_of(&call(
+        &sock,
+        "/GraphDriver.CreateReadWrite",
+        &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"size":"100G"}}"#),
+    ));
+    assert!(e.contains("beyond the pool"), "{e}");
+    let e = err_of(&call(
+        &sock,
+        "/GraphDriver.CreateReadWrite",
+        &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"dm.basesize":"1G"}}"#),
+    ));
+    assert!(e.contains("unknown storage option"), "{e}");
+    assert_eq!(
+        s.json(&["layer", "ls"]),
+        layers_before,
+        "a refused call changed the pool"
+    );
+
+    // ApplyDiff of hostile and truncated tars: refused, the layer empty again.
+    let hostile = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/hostile");
+    assert_eq!(
+        call(
+            &sock,
+            "/GraphDriver.Create",
+            &json(r#"{"ID":"h1","Parent":"b1"}"#)
+        )
+        .1,
+        json("{}")
+    );
+    for name in [
+        "dotdot",
+        "absolute",
+        "symlink-escape",
+        "symlink-parent-escape",
+        "hardlink-escape",
+        "whiteout-escape",
+        "truncated",
+    ] {
+        let tar = fs::read(hostile.join(format!("{name}.tar"))).unwrap();
+        let (st, text) = http_post(&sock, "/GraphDriver.ApplyDiff?id=h1&parent=b1", &tar);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let e = err_of(&(st, v));
+        println!("ApplyDiff {name}: {e}");
+        let changes = call(
+            &sock,
+            "/GraphDriver.Changes",
+            &json(r#"{"ID":"h1","Parent":"b1"}"#),
+        )
+        .1;
+        assert_eq!(
+            changes,
+            json(r#"{"Changes":[]}"#),
+            "{name} left changes: {changes}"
+        );
+    }
+    for escaped in ["/tmp/escaped-through-symlink", "/escaped-abs", "/escaped"] {
+        assert!(!Path::new(escaped).exists(), "{escaped} was written");
+    }
+    // A chunked upload that breaks off half way (as Go sends a body).
+    {
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let good = fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/layers/base.tar"),
+        )
+        .unwrap();
+        let half = &good[..good.len() / 2];
+        let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        req.extend_from_slice(format!("{:x}\r\n", half.len()).as_bytes());
+        req.extend_from_slice(half);
+        c.write_all(&req).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.contains("\"Err\"") && answer.contains("before the body ended"),
+            "{answer}"
+        );
+        let changes = call(
+            &sock,
+            "/GraphDriver.Changes",
+            &json(r#"{"ID":"h1","Parent":"b1"}"#),
+        )
+        .1;
+        assert_eq!(
+            changes,
+            json(r#"{"Changes":[]}"#),
+            "a broken-off apply left changes: {changes}"
+        );
+    }
+    // A good one, streamed chunked, then Diff streams it back out.
+    {
+        let good = fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/layers/other.tar"),
+        )
+        .unwrap();
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+        for piece in good.chunks(7000) {
+            req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            req.extend_from_slice(piece);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        c.write_all(&req).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(answer.contains("\"Size\":"), "{answer}");
+        let changes = call(
+            &sock,
+            "/GraphDriver.Changes",
+            &json(r#"{"ID":"h1","Parent":"b1"}"#),
+        )
+        .1;
+        let paths: Vec<&str> = changes["Changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["Path"].as_str().unwrap())
+            .collect();
+        assert!(paths.contains(&"/etc/other"), "{changes}");
+        let (st, raw) = http_post(&sock, "/GraphDriver.Diff", br#"{"ID":"h1","Parent":"b1"}"#);
+        assert_eq!(st, 200);
+        assert!(
+            raw.contains("only in the other image"),
+            "the diff stream holds the layer's file"
+        );
+    }
+    // Get twice, the same path; Put twice unmounts; the tree has no lost+found.
+    let dir = call(&sock, "/GraphDriver.Get", &json(r#"{"ID":"h1"}"#)).1["Dir"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let again = call(&sock, "/GraphDriver.Get", &json(r#"{"ID":"h1"}"#)).1["Dir"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(dir, again);
+    assert!(dir.ends_with("/h1/rootfs"), "{dir}");
+    assert!(!Path::new(&dir).join("lost+found").exists());
+    assert!(Path::new(&dir).join("etc/other").exists());
+    let e = err_of(&call(
+        &sock,
+        "/GraphDriver.ApplyDiff?id=h1&parent=b1",
+        &json("{}"),
+    ));
+    assert!(e.contains("mounted"), "{e}");
+    call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#));
+    assert!(
+        Path::new(&dir).join("etc/other").exists(),
+        "one reference left"
+    );
+    call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#));
+    assert!(!Path::new(&dir).exists(), "unmounted at zero references");
+
+    for id in ["h1", "c1", "b1"] {
+        assert_eq!(
+            call(
+                &sock,
+                "/GraphDriver.Remove",
+                &json(&format!(r#"{{"ID":"{id}"}}"#))
+            )
+            .1,
+            json("{}")
+        );
+    }
+    s.ok(&["pool", "check"]);
+}

@@ -1,0 +1,415 @@
+//! Docker's volume forms under a real dockerd (Debian's 20.10,
+//! `THINLAYER_VM_EXTRAS=docker`) with `thinlayer serve docker` as its
+//! storage and volume driver: each gives the result Docker documents. A
+//! named volume outlives its containers; a data container and
+//! `--volumes-from` share it; `:ro` refuses writes with EROFS; a new
+//! volume mounted over image content (`/etc`) is first filled with it (the
+//! plugin shows Docker an empty `data/`, no `lost+found`); an anonymous
+//! volume gets the image's content and `docker rm -v` removes it, its thin
+//! device and blocks too; a clone (`-o from=`) holds its source's data and
+//! diverges; everything holds across restarts of the plugin and dockerd,
+//! mount IDs included; `pool check` is clean at the end.
+
+mod common;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Scratch, Served};
+use serde_json::Value;
+
+const DOCKER: &str = "/usr/bin/docker";
+const DOCKERD: &str = "/usr/sbin/dockerd";
+/// Where dockerd finds the plugin named `thinlayer`.
+const PLUGIN_SOCKET: &str = "/run/docker/plugins/thinlayer.sock";
+
+fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/fixtures/images")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run tests/fixtures/make-images target/fixtures/images",
+        p.display()
+    );
+    p
+}
+
+fn require_docker() {
+    common::require_dm_thin();
+    assert!(
+        Path::new(DOCKERD).exists() && Path::new(DOCKER).exists(),
+        "vm_docker_volumes needs dockerd and the docker CLI in the guest: run it with \
+         THINLAYER_VM_EXTRAS=docker tools/vm/run (tools/test does; tools/setup installs docker.io)"
+    );
+}
+
+/// A dockerd of the test (as tests/vm_docker.rs starts one): its own data
+/// root, exec root and API socket; killed on drop.
+struct Dockerd {
+    child: Option<Child>,
+    host: String,
+    log: PathBuf,
+}
+
+impl Dockerd {
+    fn start(data_root: &Path, tag: &str) -> Dockerd {
+        let exec_root = PathBuf::from(format!("/run/tl-dv-{}-{tag}", std::process::id()));
+        fs::create_dir_all(data_root).unwrap();
+        let host = format!("unix://{}/docker.sock", exec_root.display());
+        let log = data_root.with_extension(format!("{tag}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(DOCKERD)
+            .args(["--experimental", "-s", "thinlayer"])
+            .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
+            .args(["--ip-masq=false", "--userland-proxy=false"])
+            .arg("--data-root")
+            .arg(data_root)
+            .arg("--exec-root")
+            .arg(&exec_root)
+            .arg("--pidfile")
+            .arg(exec_root.with_extension("pid"))
+            .args(["-H", &host])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start dockerd");
+        let mut d = Dockerd {
+            child: Some(child),
+            host,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !d.run(&["version"]).status.success() {
+            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("dockerd exited ({st}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dockerd not up after 120 s:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+
+    fn log_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// `docker ARGS`, killed after 300 s.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("timeout")
+            .args(["300", DOCKER, "-H", &self.host])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run docker")
+    }
+
+    /// `docker ARGS`, asserted to succeed; its stdout, trimmed.
+    fn ok(&self, args: &[&str]) -> String {
+        let t = Instant::now();
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed ({}):\n{}{}\n--- dockerd log (tail) ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log_text(), 30)
+        );
+        println!("docker {} ({} ms)", args.join(" "), t.elapsed().as_millis());
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `docker ARGS`, asserted to fail with `needle` in its output.
+    fn fails(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "docker {args:?} succeeded: {all}");
+        assert!(
+            all.contains(needle),
+            "docker {args:?}: `{needle}` not in: {all}"
+        );
+    }
+
+    /// `docker volume inspect NAME`'s JSON.
+    fn volume(&self, name: &str) -> Value {
+        let text = self.ok(&["volume", "inspect", name]);
+        serde_json::from_str::<Value>(&text).unwrap()[0].clone()
+    }
+
+    /// SIGTERM, then waits for it to exit.
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dockerd did not stop on SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if std::thread::panicking() {
+                eprintln!("--- dockerd log (tail) ---\n{}", tail(&self.log_text(), 60));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn plugin(s: &Scratch) -> Served {
+    let _ = fs::remove_file(PLUGIN_SOCKET);
+    Served::start(s, &["serve", "docker"], Path::new(PLUGIN_SOCKET))
+}
+
+/// The pool's layer ids.
+fn layer_ids(s: &Scratch) -> Vec<String> {
+    s.json(&["layer", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// `docker run --rm IMAGE-less ARGS`: demo:docker with `args` before it
+/// and `cmd` after.
+fn run(d: &Dockerd, opts: &[&str], cmd: &str) -> String {
+    let mut a = vec!["run", "--rm"];
+    a.extend_from_slice(opts);
+    a.extend(["demo:docker", "sh", "-c", cmd]);
+    d.ok(&a)
+}
+
+#[test]
+fn vm_docker_volumes_behave_as_docker_documents() {
+    require_docker();
+    let s = Scratch::new("docker-volumes");
+    s.create_pool(&[]);
+    let base = s.root.parent().unwrap().to_path_buf();
+    let mut p = plugin(&s);
+    let mut d = Dockerd::start(&base.join("data"), "a");
+    let loaded = d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
+    assert!(loaded.contains("demo:docker"), "{loaded}");
+
+    // A named volume with options; Status shows them.
+    d.ok(&[
+        "volume",
+        "create",
+        "-d",
+        "thinlayer",
+        "-o",
+        "size=128M",
+        "-o",
+        "fs=ext4",
+        "named",
+    ]);
+    let v = d.volume("named");
+    assert_eq!(v["Driver"], "thinlayer", "{v}");
+    assert_eq!(v["Status"]["size"], "128M", "{v}");
+    assert_eq!(v["Status"]["fs"], "ext4", "{v}");
+    assert!(v["Status"]["usage"].is_string(), "{v}");
+    assert!(layer_ids(&s).contains(&"vol-named".to_owned()));
+
+    // Written by one container, read by the next; empty to the first.
+    assert_eq!(
+        run(
+            &d,
+            &["-v", "named:/data"],
+            "ls -A /data; echo one > /data/f"
+        ),
+        "",
+        "a new volume is empty: no lost+found"
+    );
+    assert_eq!(run(&d, &["-v", "named:/data"], "cat /data/f"), "one");
+
+    // A data container and --volumes-from.
+    d.ok(&[
+        "create",
+        "--name",
+        "datac",
+        "-v",
+        "named:/data",
+        "demo:docker",
+        "true",
+    ]);
+    assert_eq!(run(&d, &["--volumes-from", "datac"], "cat /data/f"), "one");
+    run(&d, &["--volumes-from", "datac"], "echo shared >> /data/f");
+    assert_eq!(
+        run(&d, &["-v", "named:/data"], "cat /data/f"),
+        "one\nshared"
+    );
+
+    // :ro refuses writes with EROFS (also through --volumes-from ...:ro).
+    d.fails(
+        &[
+            "run",
+            "--rm",
+            "-v",
+            "named:/data:ro",
+            "demo:docker",
+            "sh",
+            "-c",
+            "echo x > /data/g",
+        ],
+        "Read-only file system",
+    );
+    d.fails(
+        &[
+            "run",
+            "--rm",
+            "--volumes-from",
+            "datac:ro",
+            "demo:docker",
+            "sh",
+            "-c",
+            "echo x > /data/g",
+        ],
+        "Read-only file system",
+    );
+
+    // A new volume over image content is first filled with it.
+    d.ok(&["volume", "create", "-d", "thinlayer", "etcvol"]);
+    let passwd = run(&d, &["-v", "etcvol:/etc"], "cat /etc/passwd; ls -a /etc");
+    assert!(passwd.contains("root:x:0:0:root"), "{passwd}");
+    assert!(passwd.contains("os-release"), "{passwd}");
+    assert!(!passwd.contains("lost+found"), "{passwd}");
+
+    // An anonymous volume: the image's content, removed by rm -v with its
+    // thin device and blocks.
+    let before_anon = s.used_data_blocks();
+    d.ok(&[
+        "run", "--name", "anon", "--volume-driver", "thinlayer", "-v", "/usr/share",
+        "demo:docker", "sh", "-c",
+        "cat /usr/share/keep.txt; dd if=/dev/urandom of=/usr/share/big bs=1M count=16 2>/dev/null; sync",
+    ]);
+    let anon = d.ok(&[
+        "inspect",
+        "-f",
+        "{{range .Mounts}}{{.Name}} {{.Driver}}{{end}}",
+        "anon",
+    ]);
+    let (anon_name, driver) = anon.split_once(' ').unwrap();
+    assert_eq!(driver, "thinlayer", "{anon}");
+    assert_eq!(d.ok(&["logs", "anon"]), "kept");
+    let anon_layer = format!("vol-{anon_name}");
+    assert!(layer_ids(&s).contains(&anon_layer), "{:?}", layer_ids(&s));
+    let with_anon = s.used_data_blocks();
+    d.ok(&["rm", "-v", "anon"]);
+    assert!(!d.ok(&["volume", "ls", "-q"]).contains(anon_name));
+    assert!(
+        !layer_ids(&s).contains(&anon_layer),
+        "its thin device is gone"
+    );
+    let after_anon = s.used_data_blocks();
+    println!("anonymous volume: {before_anon} -> {with_anon} -> {after_anon} blocks");
+    assert!(
+        with_anon - after_anon >= 16 * 16,
+        "its 16 MiB back in the pool: {with_anon} -> {after_anon}"
+    );
+
+    // A clone holds its source's data, then diverges.
+    d.ok(&[
+        "volume",
+        "create",
+        "-d",
+        "thinlayer",
+        "-o",
+        "from=named",
+        "clonev",
+    ]);
+    assert_eq!(d.volume("clonev")["Status"]["from"], "named");
+    assert_eq!(
+        run(&d, &["-v", "clonev:/data"], "cat /data/f"),
+        "one\nshared"
+    );
+    run(&d, &["-v", "clonev:/data"], "echo two > /data/f");
+    assert_eq!(run(&d, &["-v", "clonev:/data"], "cat /data/f"), "two");
+    assert_eq!(
+        run(&d, &["-v", "named:/data"], "cat /data/f"),
+        "one\nshared"
+    );
+
+    // A running container across a restart of the plugin alone: its mount
+    // is counted by Docker's mount ID, kept in the plugin's record.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "long",
+        "-v",
+        "named:/data",
+        "demo:docker",
+        "sleep",
+        "600",
+    ]);
+    p.stop();
+    let mut p = plugin(&s);
+    d.ok(&["rm", "-f", "long"]);
+    // Then dockerd and the plugin both restart: everything is there.
+    d.stop();
+    p.stop();
+    let mut p = plugin(&s);
+    let mut d = Dockerd::start(&base.join("data"), "b");
+    let names = d.ok(&["volume", "ls", "-q"]);
+    for v in ["named", "etcvol", "clonev"] {
+        assert!(
+            names.lines().any(|l| l == v),
+            "{v} after the restarts: {names}"
+        );
+    }
+    assert_eq!(
+        run(&d, &["--volumes-from", "datac"], "cat /data/f"),
+        "one\nshared"
+    );
+    assert_eq!(run(&d, &["-v", "clonev:/data"], "cat /data/f"), "two");
+    assert!(
+        run(&d, &["-v", "etcvol:/etc"], "cat /etc/passwd").contains("root:x:0:0"),
+        "the filled volume kept its content"
+    );
+    // Nothing holds them any more: they go.
+    d.ok(&["rm", "datac"]);
+    d.ok(&["volume", "rm", "clonev"]);
+    d.ok(&["volume", "rm", "named", "etcvol"]);
+    assert!(
+        !layer_ids(&s).iter().any(|l| l.starts_with("vol-")),
+        "{:?}",
+        layer_ids(&s)
+    );
+    d.stop();
+    p.stop();
+    let check = s.run(&["pool", "check"]);
+    assert!(
+        check.status.success(),
+        "pool check: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
