@@ -55,7 +55,7 @@ pub struct Options {
     /// is lost. `None`: that pair is not run.
     pub disk: Option<PathBuf>,
     /// Also the docker workload (`src/docker.rs`): needs dockerd, the
-    /// docker CLI and the `demo-docker.tar` fixture.
+    /// docker CLI and the `other-docker.tar` fixture.
     pub docker: bool,
 }
 
