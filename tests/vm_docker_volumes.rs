@@ -12,182 +12,8 @@
 
 mod common;
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
-
-use common::{Scratch, Served};
-use serde_json::Value;
-
-const DOCKER: &str = "/usr/bin/docker";
-const DOCKERD: &str = "/usr/sbin/dockerd";
-/// Where dockerd finds the plugin named `thinlayer`.
-const PLUGIN_SOCKET: &str = "/run/docker/plugins/thinlayer.sock";
-
-fn fixture(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/fixtures/images")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run tests/fixtures/make-images target/fixtures/images",
-        p.display()
-    );
-    p
-}
-
-fn require_docker() {
-    common::require_dm_thin();
-    assert!(
-        Path::new(DOCKERD).exists() && Path::new(DOCKER).exists(),
-        "vm_docker_volumes needs dockerd and the docker CLI in the guest: run it with \
-         THINLAYER_VM_EXTRAS=docker tools/vm/run (tools/test does; tools/setup installs docker.io)"
-    );
-}
-
-/// A dockerd of the test (as tests/vm_docker.rs starts one): its own data
-/// root, exec root and API socket; killed on drop.
-struct Dockerd {
-    child: Option<Child>,
-    host: String,
-    log: PathBuf,
-}
-
-impl Dockerd {
-    fn start(data_root: &Path, tag: &str) -> Dockerd {
-        let exec_root = PathBuf::from(format!("/run/tl-dv-{}-{tag}", std::process::id()));
-        fs::create_dir_all(data_root).unwrap();
-        let host = format!("unix://{}/docker.sock", exec_root.display());
-        let log = data_root.with_extension(format!("{tag}.log"));
-        let out = fs::File::create(&log).unwrap();
-        let child = Command::new(DOCKERD)
-            .args(["--experimental", "-s", "thinlayer"])
-            .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
-            .args(["--ip-masq=false", "--userland-proxy=false"])
-            .arg("--data-root")
-            .arg(data_root)
-            .arg("--exec-root")
-            .arg(&exec_root)
-            .arg("--pidfile")
-            .arg(exec_root.with_extension("pid"))
-            .args(["-H", &host])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("start dockerd");
-        let mut d = Dockerd {
-            child: Some(child),
-            host,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !d.run(&["version"]).status.success() {
-            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("dockerd exited ({st}):\n{}", d.log_text());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dockerd not up after 120 s:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        d
-    }
-
-    fn log_text(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    /// `docker ARGS`, killed after 300 s.
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("timeout")
-            .args(["300", DOCKER, "-H", &self.host])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run docker")
-    }
-
-    /// `docker ARGS`, asserted to succeed; its stdout, trimmed.
-    fn ok(&self, args: &[&str]) -> String {
-        let t = Instant::now();
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed ({}):\n{}{}\n--- dockerd log (tail) ---\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.log_text(), 30)
-        );
-        println!("docker {} ({} ms)", args.join(" "), t.elapsed().as_millis());
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-
-    /// `docker ARGS`, asserted to fail with `needle` in its output.
-    fn fails(&self, args: &[&str], needle: &str) {
-        let out = self.run(args);
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!out.status.success(), "docker {args:?} succeeded: {all}");
-        assert!(
-            all.contains(needle),
-            "docker {args:?}: `{needle}` not in: {all}"
-        );
-    }
-
-    /// `docker volume inspect NAME`'s JSON.
-    fn volume(&self, name: &str) -> Value {
-        let text = self.ok(&["volume", "inspect", name]);
-        serde_json::from_str::<Value>(&text).unwrap()[0].clone()
-    }
-
-    /// SIGTERM, then waits for it to exit.
-    fn stop(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("dockerd did not stop on SIGTERM:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            if std::thread::panicking() {
-                eprintln!("--- dockerd log (tail) ---\n{}", tail(&self.log_text(), 60));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn plugin(s: &Scratch) -> Served {
-    let _ = fs::remove_file(PLUGIN_SOCKET);
-    Served::start(s, &["serve", "docker"], Path::new(PLUGIN_SOCKET))
-}
+use common::Scratch;
+use common::docker::{Dockerd, fixture, plugin, require_docker};
 
 /// The pool's layer ids.
 fn layer_ids(s: &Scratch) -> Vec<String> {
@@ -215,7 +41,7 @@ fn vm_docker_volumes_behave_as_docker_documents() {
     s.create_pool(&[]);
     let base = s.root.parent().unwrap().to_path_buf();
     let mut p = plugin(&s);
-    let mut d = Dockerd::start(&base.join("data"), "a");
+    let mut d = Dockerd::start(&base.join("data"), "a", "thinlayer", &[]);
     let loaded = d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
     assert!(loaded.contains("demo:docker"), "{loaded}");
 
@@ -377,7 +203,7 @@ fn vm_docker_volumes_behave_as_docker_documents() {
     d.stop();
     p.stop();
     let mut p = plugin(&s);
-    let mut d = Dockerd::start(&base.join("data"), "b");
+    let mut d = Dockerd::start(&base.join("data"), "b", "thinlayer", &[]);
     let names = d.ok(&["volume", "ls", "-q"]);
     for v in ["named", "etcvol", "clonev"] {
         assert!(

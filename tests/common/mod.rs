@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::{
     fs,
     path::{Path, PathBuf},
