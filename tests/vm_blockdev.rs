@@ -39,20 +39,6 @@ fn head(dev: &Path, len: usize) -> Vec<u8> {
     buf
 }
 
-fn fixtures() -> PathBuf {
-    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
-        PathBuf::from,
-    );
-    assert!(
-        d.join(".stamp").exists(),
-        "fixtures missing at {}: run `tests/fixtures/make-images {}` first (tools/test does)",
-        d.display(),
-        d.display()
-    );
-    d
-}
-
 /// `--data-device D --metadata-device M` plus `extra`.
 fn create_args<'a>(d: &'a Path, m: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec![
@@ -175,7 +161,7 @@ fn vm_blockdev_pool_on_two_disks() {
     let l1 = s.mount("l1");
     fs::write(l1.join("kept"), b"on a disk\n").unwrap();
     s.ok(&["umount", "l1"]);
-    s.ok(&["image", "import", p(&fixtures().join("demo-oci"))]);
+    s.ok(&["image", "import", p(&common::fixtures().join("demo-oci"))]);
     s.ok(&["container", "create", "c1", "--image", "demo:1"]);
     let c = PathBuf::from(s.ok(&["container", "mount", "c1"]).trim());
     fs::write(c.join("written-in-c1"), b"c1\n").unwrap();
@@ -448,7 +434,7 @@ fn vm_blockdev_reboot() {
         run(&["mount", "kept", p(&mnt)]);
         fs::write(mnt.join("f"), common::pattern(11, 1 << 20)).unwrap();
         run(&["umount", "kept"]);
-        run(&["image", "import", p(&fixtures().join("demo-oci"))]);
+        run(&["image", "import", p(&common::fixtures().join("demo-oci"))]);
         run(&["container", "create", "c1", "--image", "demo:1"]);
         let c = PathBuf::from(run(&["container", "mount", "c1"]).trim());
         fs::write(c.join("c1-file"), b"c1\n").unwrap();

@@ -672,20 +672,6 @@ fn require_fault_points() {
     );
 }
 
-fn store_fixtures() -> PathBuf {
-    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
-        PathBuf::from,
-    );
-    assert!(
-        d.join(".stamp").exists(),
-        "fixtures missing at {}: run `tests/fixtures/make-images {}` first (tools/test does)",
-        d.display(),
-        d.display()
-    );
-    d
-}
-
 fn layer_ids(s: &Scratch) -> std::collections::BTreeSet<String> {
     s.json(&["layer", "ls"])
         .as_array()
@@ -712,7 +698,7 @@ fn vm_crash_store_verbs_recover_at_every_point() {
     common::require_dm_thin();
     require_fault_points();
     let started = Instant::now();
-    let f = store_fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("crash-store");
     s.create_pool(&[]);
     let image = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);

@@ -17,20 +17,6 @@ use std::{
 use common::{Scratch, sh};
 use thinlayer_image::tree;
 
-fn fixtures() -> PathBuf {
-    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
-        PathBuf::from,
-    );
-    assert!(
-        d.join(".stamp").exists(),
-        "fixtures missing at {}: run `tests/fixtures/make-images {}` first (tools/test does)",
-        d.display(),
-        d.display()
-    );
-    d
-}
-
 /// Extracts layer tars in order into `dest` with GNU tar, applying the
 /// OCI whiteout rules by hand: an independent reference for the engine.
 fn gnu_tar_reference(layers: &[PathBuf], dest: &Path) {
@@ -138,7 +124,7 @@ const INIT_FILES: [&str; 3] = ["etc/hostname", "etc/hosts", "etc/resolv.conf"];
 #[test]
 fn vm_a_three_layer_image_imports_and_a_container_sees_exactly_the_applied_tree() {
     common::require_dm_thin();
-    let f = fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("img-import");
     s.create_pool(&[]);
     let r = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
@@ -231,7 +217,7 @@ fn vm_a_three_layer_image_imports_and_a_container_sees_exactly_the_applied_tree(
 #[test]
 fn vm_two_containers_of_one_image_each_see_their_own_writes() {
     common::require_dm_thin();
-    let f = fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("img-two");
     s.create_pool(&[]);
     s.ok(&[
@@ -270,7 +256,7 @@ fn vm_two_containers_of_one_image_each_see_their_own_writes() {
 #[test]
 fn vm_a_second_image_sharing_the_base_adds_no_blocks_for_the_base() {
     common::require_dm_thin();
-    let f = fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("img-share");
     s.create_pool(&[]);
     let before = s.used_data_blocks();
@@ -314,7 +300,7 @@ fn vm_a_second_image_sharing_the_base_adds_no_blocks_for_the_base() {
 #[test]
 fn vm_commit_export_and_reimport_round_trip_is_identical() {
     common::require_dm_thin();
-    let f = fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("img-commit");
     s.create_pool(&[]);
     s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
@@ -411,7 +397,7 @@ fn pool_state(s: &Scratch) -> (u64, String, String) {
 #[test]
 fn vm_hostile_and_broken_layers_are_refused_and_rolled_back() {
     common::require_dm_thin();
-    let f = fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("img-hostile");
     s.create_pool(&[]);
     s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);

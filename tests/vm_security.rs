@@ -219,21 +219,6 @@ fn vm_a_root_another_user_owns_is_refused_with_the_chown_that_fixes_it() {
 
 // --- layer identity
 
-/// The image fixtures (`tests/fixtures/make-images`; tools/test makes them).
-fn ident_fixtures() -> PathBuf {
-    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
-        PathBuf::from,
-    );
-    assert!(
-        d.join(".stamp").exists(),
-        "fixtures missing at {}: run `tests/fixtures/make-images {}` first (tools/test does)",
-        d.display(),
-        d.display()
-    );
-    d
-}
-
 fn ident_sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
@@ -376,7 +361,7 @@ fn ident_make_layer(s: &Scratch, id: &str, owner: thinlayer_pool::Owner) {
 #[test]
 fn vm_hostile_diff_ids_are_refused_before_any_change() {
     common::require_dm_thin();
-    let f = ident_fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("ident-hostile");
     s.create_pool(&[]);
     s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
@@ -451,7 +436,7 @@ fn vm_hostile_diff_ids_are_refused_before_any_change() {
 fn vm_image_rm_never_removes_a_layer_another_owner_holds() {
     use thinlayer_pool::Owner;
     common::require_dm_thin();
-    let f = ident_fixtures();
+    let f = common::fixtures();
     let demo = f.join("demo-oci");
     let s = Scratch::new("ident-image-rm");
     s.create_pool(&[]);
@@ -518,7 +503,7 @@ fn vm_image_rm_never_removes_a_layer_another_owner_holds() {
 fn vm_user_verbs_refuse_reserved_names_naming_the_owner() {
     use thinlayer_pool::Owner;
     common::require_dm_thin();
-    let f = ident_fixtures();
+    let f = common::fixtures();
     let s = Scratch::new("ident-names");
     s.create_pool(&[]);
     s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);

@@ -19,16 +19,6 @@ use std::{
 use common::Scratch;
 use serde_json::{Value, json};
 
-fn fixtures() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images");
-    assert!(
-        d.join(".stamp").exists(),
-        "run tests/fixtures/make-images {} first (tools/test does)",
-        d.display()
-    );
-    d
-}
-
 #[test]
 fn vm_a_volume_outlives_its_containers_and_clones_are_independent() {
     common::require_dm_thin();
@@ -37,7 +27,7 @@ fn vm_a_volume_outlives_its_containers_and_clones_are_independent() {
     s.ok(&[
         "image",
         "import",
-        fixtures().join("demo-docker.tar").to_str().unwrap(),
+        common::fixtures().join("demo-docker.tar").to_str().unwrap(),
     ]);
     s.ok(&["volume", "create", "data", "--size", "256M"]);
     s.ok(&[
@@ -479,11 +469,11 @@ fn vm_container_volumes_named_anonymous_bind_ro_volumes_from_and_refusals() {
     s.ok(&[
         "image",
         "import",
-        fixtures().join("demo-docker.tar").to_str().unwrap(),
+        common::fixtures().join("demo-docker.tar").to_str().unwrap(),
     ]);
     let vols_image = s.dir("vols-oci");
     image_with_volumes(
-        &fixtures().join("demo-oci"),
+        &common::fixtures().join("demo-oci"),
         &vols_image,
         &["/usr/share", "/var/spool"],
         "vols:1",

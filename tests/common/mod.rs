@@ -371,3 +371,19 @@ pub fn zap_disk(dev: &Path) {
     f.write_all(&vec![0u8; 2 << 20]).unwrap();
     f.sync_all().unwrap();
 }
+
+/// The image fixtures (`tests/fixtures/make-images`; tools/test makes them),
+/// or `THINLAYER_FIXTURES`.
+pub fn fixtures() -> PathBuf {
+    let d = std::env::var_os("THINLAYER_FIXTURES").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images"),
+        PathBuf::from,
+    );
+    assert!(
+        d.join(".stamp").exists(),
+        "fixtures missing at {}: run `tests/fixtures/make-images {}` first (tools/test does)",
+        d.display(),
+        d.display()
+    );
+    d
+}
