@@ -199,9 +199,21 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so contents are checkable:
-/// the bench's generator.
-#[allow(unused_imports)] // not every test binary writes patterns
-pub use thinlayer_bench::sys::pattern;
+/// the bench's generator (`thinlayer_bench::sys::pattern`), restated here
+/// because the `thinlayer` package does not depend on the bench.
+#[allow(dead_code)] // not every test binary writes patterns
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
 
 /// A `thinlayer ... serve ...` child of a test, its stderr kept in a log;
 /// killed on drop (the log printed if the test is failing).
