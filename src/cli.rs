@@ -409,11 +409,11 @@ pub enum VolumeCommand {
         /// Its name.
         name: String,
         /// Its size [default: the pool's base size].
-        #[arg(long, value_parser = |s: &str| s.parse::<thinlayer_pool::Bytes>().map_err(|e| e.to_string()))]
-        size: Option<thinlayer_pool::Bytes>,
+        #[arg(long, value_parser = parse_bytes)]
+        size: Option<Bytes>,
         /// Its filesystem, ext4 or xfs [default: the pool's].
-        #[arg(long, value_parser = |s: &str| s.parse::<thinlayer_pool::FsType>().map_err(|e| e.to_string()))]
-        fs: Option<thinlayer_pool::FsType>,
+        #[arg(long, value_parser = parse_fs)]
+        fs: Option<FsType>,
         /// Clone this volume (a snapshot: instant, sharing its blocks).
         #[arg(long)]
         from: Option<String>,

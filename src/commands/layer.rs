@@ -8,6 +8,7 @@ use std::{
     path::Path,
 };
 
+use anyhow::Context;
 use serde_json::json;
 use thinlayer_pool::{Action, Bytes, Error, LockMode, Owner, Pool, Removal};
 use thinlayer_store::Store;
@@ -217,27 +218,20 @@ pub(crate) fn apply(
 }
 
 /// Writes layer `id`'s changes as a tar to `output` (`-`: stdout).
-pub(crate) fn export(
-    root: &Path,
-    id: &str,
-    output: &str,
-    wait: bool,
-) -> thinlayer_store::Result<Output> {
+///
+/// # Errors
+/// The store's; creating or flushing `output` as an I/O error with its
+/// path as context (so a full filesystem exits 6, not "bad input").
+pub(crate) fn export(root: &Path, id: &str, output: &str, wait: bool) -> anyhow::Result<Output> {
     let mut s = Store::open(root, LockMode::Exclusive, wait)?;
     let report = if output == "-" {
         let mut out = io::stdout().lock();
         s.export_layer(id, &mut out)?
     } else {
-        let f = std::fs::File::create(output).map_err(|e| thinlayer_store::Error::Format {
-            path: output.into(),
-            reason: e.to_string(),
-        })?;
+        let f = std::fs::File::create(output).with_context(|| output.to_owned())?;
         let mut w = io::BufWriter::new(f);
         let r = s.export_layer(id, &mut w)?;
-        w.flush().map_err(|e| thinlayer_store::Error::Format {
-            path: output.into(),
-            reason: e.to_string(),
-        })?;
+        w.flush().with_context(|| output.to_owned())?;
         r
     };
     let text = if output == "-" {
