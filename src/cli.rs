@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use thinlayer_pool::{BlockSize, Bytes, Error, FsType, space::SizeChange};
 
+/// The README's exit-code table, for `--help` (`crate::exit` computes them).
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
@@ -197,15 +198,8 @@ pub struct CreateArgs {
     /// Copy-on-write unit: a multiple of 64K from 64K to 1G.
     #[arg(long, default_value = "64K", value_parser = parse_block)]
     pub block_size: BlockSize,
-    /// Filesystem of the base device and so of every layer.
-    #[arg(long, default_value = "ext4", value_parser = parse_fs)]
-    pub fs: FsType,
-    /// Virtual size of the base device and of every layer.
-    #[arg(long, default_value = "10G", value_parser = parse_bytes)]
-    pub base_size: Bytes,
-    /// Warn in `pool status` at this percent of data or metadata used.
-    #[arg(long, default_value_t = 80)]
-    pub low_water: u8,
+    #[command(flatten)]
+    pub base: BaseArgs,
 }
 
 #[derive(Args, Debug)]
@@ -213,6 +207,13 @@ pub struct AdoptArgs {
     /// The thin-pool's device-mapper name (for LVM: VG-POOL-tpool).
     #[arg(long)]
     pub pool_device: String,
+    #[command(flatten)]
+    pub base: BaseArgs,
+}
+
+/// The base device's flags, shared by `pool create` and `pool adopt`.
+#[derive(Args, Debug)]
+pub struct BaseArgs {
     /// Filesystem of the base device and so of every layer.
     #[arg(long, default_value = "ext4", value_parser = parse_fs)]
     pub fs: FsType,
@@ -315,6 +316,7 @@ fn parse_block(s: &str) -> Result<BlockSize, String> {
 fn parse_fs(s: &str) -> Result<FsType, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
+
 /// `thinlayer image ...`.
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {

@@ -11,10 +11,14 @@ use thinlayer_pool::{
 
 /// What a verb prints: text for people, a JSON value for programs.
 pub(crate) struct Output {
+    /// Printed as is (ends in a newline, or is empty).
     pub(crate) text: String,
+    /// Printed pretty with `--json`.
     pub(crate) json: serde_json::Value,
 }
 
+/// The output of an idempotent verb: `done` if it changed something,
+/// `already` ("...; no action taken") if not; JSON `changed` says which.
 pub(crate) fn said(action: Action, done: String, already: String) -> Output {
     let (text, did) = match action {
         Action::Done => (done, true),

@@ -49,6 +49,15 @@ impl Scratch {
     fn path(&self, p: &str) -> PathBuf {
         self.0.join(p)
     }
+
+    /// A pool root (0700) whose pool record holds `record`.
+    fn pool_root(&self, record: &[u8]) -> PathBuf {
+        let root = self.path("root");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(root.join("pool.rec"), record).unwrap();
+        root
+    }
 }
 
 impl Drop for Scratch {
@@ -267,10 +276,7 @@ fn exit_4_locked_root() {
         return skip("exit 4 (locked)");
     };
     let s = Scratch::new("locked");
-    let root = s.path("root");
-    fs::create_dir(&root).unwrap();
-    fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
-    fs::write(root.join("pool.rec"), b"held by another command").unwrap();
+    let root = s.pool_root(b"held by another command");
     let lock = fs::File::create(root.join("lock")).unwrap();
     let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| e)
@@ -336,10 +342,7 @@ fn exit_7_damaged_record() {
         return skip("exit 7");
     };
     let s = Scratch::new("damaged");
-    let root = s.path("root");
-    fs::create_dir(&root).unwrap();
-    fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
-    fs::write(root.join("pool.rec"), b"garbage").unwrap();
+    let root = s.pool_root(b"garbage");
     let bin = Path::new(BIN);
     for args in [
         &["pool", "status"][..],

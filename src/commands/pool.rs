@@ -23,9 +23,9 @@ pub(crate) fn create(root: &Path, a: &CreateArgs, wait: bool) -> thinlayer_pool:
         data_size: a.data_size.unwrap_or(Bytes(20 << 30)),
         metadata_size: a.metadata_size,
         block_size: a.block_size,
-        fs: a.fs,
-        base_size: a.base_size,
-        low_water_percent: a.low_water,
+        fs: a.base.fs,
+        base_size: a.base.base_size,
+        low_water_percent: a.base.low_water,
     };
     let pool = match (&a.data_device, &a.metadata_device) {
         (Some(data), Some(metadata)) => {
@@ -58,9 +58,9 @@ pub(crate) fn create(root: &Path, a: &CreateArgs, wait: bool) -> thinlayer_pool:
 
 pub(crate) fn adopt(root: &Path, a: &AdoptArgs, wait: bool) -> thinlayer_pool::Result<Output> {
     let opts = CreateOptions {
-        fs: a.fs,
-        base_size: a.base_size,
-        low_water_percent: a.low_water,
+        fs: a.base.fs,
+        base_size: a.base.base_size,
+        low_water_percent: a.base.low_water,
         ..CreateOptions::default()
     };
     let pool = Pool::adopt(root, &a.pool_device, &opts, wait)?;

@@ -204,15 +204,13 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 #[allow(dead_code)] // not every test binary writes patterns
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
+    let next = move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+        x.to_le_bytes()
+    };
+    std::iter::repeat_with(next).flatten().take(len).collect()
 }
 
 /// A `thinlayer ... serve ...` child of a test, its stderr kept in a log;

@@ -15,6 +15,7 @@ use std::{
 
 use clap::Parser;
 use serde_json::json;
+use tracing_subscriber::EnvFilter;
 
 /// Measure thinlayer against the raw dm floor, overlayfs, btrfs and full copies.
 #[derive(Parser, Debug)]
@@ -96,18 +97,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to stderr at `-v` (info) or `-vv` (debug), else warnings; RUST_LOG wins.
 fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(io::stderr)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+    let level = ["warn", "info", "debug"][usize::from(verbose.min(2))];
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let ansi = io::IsTerminal::is_terminal(&io::stderr());
+    let log = tracing_subscriber::fmt().with_env_filter(filter);
+    log.with_writer(io::stderr)
+        .with_ansi(ansi)
         .without_time()
         .init();
 }
