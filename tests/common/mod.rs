@@ -199,9 +199,19 @@ pub fn sh(program: &str, args: &[&str]) -> String {
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so contents are checkable:
-/// the bench's generator.
-#[allow(unused_imports)] // not every test binary writes patterns
-pub use thinlayer_bench::sys::pattern;
+/// the bench's generator (`thinlayer_bench::sys::pattern`), restated here
+/// because the `thinlayer` package does not depend on the bench.
+#[allow(dead_code)] // not every test binary writes patterns
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x.to_le_bytes()
+    };
+    std::iter::repeat_with(next).flatten().take(len).collect()
+}
 
 /// A `thinlayer ... serve ...` child of a test, its stderr kept in a log;
 /// killed on drop (the log printed if the test is failing).

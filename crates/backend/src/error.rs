@@ -19,13 +19,3 @@ impl From<thinlayer_pool::Error> for Error {
         Error::Store(e.into())
     }
 }
-
-impl Error {
-    /// The exit code the binary uses.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::Store(e) => e.exit_code(),
-            Error::Invalid(_) => thinlayer_pool::exit::CONFLICT,
-        }
-    }
-}

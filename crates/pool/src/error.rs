@@ -1,31 +1,11 @@
 //! One error type for the engine. Every variant a user can cause carries a
-//! sentence saying what to do, and maps to a documented exit code
-//! ([`Error::exit_code`]); kernel errors keep their errno matchable.
+//! sentence saying what to do; the binary maps each variant to a documented
+//! exit code. Kernel errors keep their errno matchable.
 
 use std::{io, path::PathBuf};
 
 /// The engine's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Exit codes of the `thinlayer` binary (documented in README.md).
-pub mod exit {
-    /// Success.
-    pub const OK: i32 = 0;
-    /// The operation failed: a kernel, tool or I/O error.
-    pub const FAILED: i32 = 1;
-    /// Bad usage or input: flags, sizes, names.
-    pub const USAGE: i32 = 2;
-    /// No such pool or layer.
-    pub const NOT_FOUND: i32 = 3;
-    /// Conflict: exists already, has children, mounted, busy, locked.
-    pub const CONFLICT: i32 = 4;
-    /// The host cannot do it: not root, no device-mapper, no dm-thin, no tool.
-    pub const ENVIRONMENT: i32 = 5;
-    /// The pool (or the filesystem under it) is out of space.
-    pub const NO_SPACE: i32 = 6;
-    /// The records or the pool metadata are damaged.
-    pub const DAMAGED: i32 = 7;
-}
 
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
@@ -366,45 +346,6 @@ pub enum Error {
 }
 
 impl Error {
-    /// The exit code the binary uses for this error.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::NotRoot
-            | Error::NoDeviceMapper { .. }
-            | Error::NoThinPool
-            | Error::ToolMissing { .. } => exit::ENVIRONMENT,
-            Error::InvalidSize { .. } | Error::InvalidName { .. } | Error::InvalidArgument(_) => {
-                exit::USAGE
-            }
-            Error::NoPool { .. } | Error::UnknownLayer(_) => exit::NOT_FOUND,
-            Error::PoolExists { .. }
-            | Error::PoolInactive { .. }
-            | Error::LayerExists(_)
-            | Error::NotOwner { .. }
-            | Error::HasChildren { .. }
-            | Error::Mounted { .. }
-            | Error::Busy { .. }
-            | Error::DeviceInUse { .. }
-            | Error::DeviceHasData { .. }
-            | Error::Foreign { .. }
-            | Error::Locked { .. } => exit::CONFLICT,
-            Error::DeviceMissing { .. } => exit::NOT_FOUND,
-            Error::NoSpace { .. } | Error::HostNoSpace { .. } => exit::NO_SPACE,
-            Error::RootOwner { .. } => exit::ENVIRONMENT,
-            Error::Record { .. }
-            | Error::MetadataDamaged { .. }
-            | Error::Inconsistent(_)
-            | Error::InterruptedCreate { .. }
-            | Error::RepairFailed { .. }
-            | Error::CheckFailed { .. } => exit::DAMAGED,
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc_enospc()) => {
-                exit::NO_SPACE
-            }
-            Error::Rollback { error, .. } => error.exit_code(),
-            Error::Tool { .. } | Error::Io { .. } | Error::Dm { .. } => exit::FAILED,
-        }
-    }
-
     /// The errno of a failed device-mapper ioctl, if that is what this is.
     pub fn dm_errno(&self) -> Option<nix::errno::Errno> {
         match self {
@@ -415,10 +356,6 @@ impl Error {
             _ => None,
         }
     }
-}
-
-fn libc_enospc() -> i32 {
-    nix::errno::Errno::ENOSPC as i32
 }
 
 /// Adds context to an `io::Result`.
@@ -460,37 +397,11 @@ mod tests {
         let e = Error::NoDeviceMapper {
             detail: "no /dev/mapper/control".into(),
         };
-        assert_eq!(e.exit_code(), exit::ENVIRONMENT);
         assert!(e.to_string().contains("tools/vm/run"));
         assert!(
             Error::NoThinPool
                 .to_string()
                 .contains("modprobe dm-thin-pool")
         );
-    }
-
-    #[test]
-    fn codes_are_distinct_per_family() {
-        let codes = [
-            Error::InvalidArgument("x".into()).exit_code(),
-            Error::UnknownLayer("x".into()).exit_code(),
-            Error::LayerExists("x".into()).exit_code(),
-            Error::NotRoot.exit_code(),
-            Error::NoSpace {
-                what: "data".into(),
-                detail: String::new(),
-            }
-            .exit_code(),
-            Error::Inconsistent("x".into()).exit_code(),
-        ];
-        let mut sorted = codes.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), codes.len());
-        let enospc = Error::Io {
-            context: "write".into(),
-            source: io::Error::from_raw_os_error(libc_enospc()),
-        };
-        assert_eq!(enospc.exit_code(), exit::NO_SPACE);
     }
 }

@@ -156,7 +156,8 @@ pub fn list_requested() -> bool {
              (it was built without the `fault-injection` feature); unset {ENV}, \
              or use a test build (`cargo build --features thinlayer/fault-injection`)"
         );
-        std::process::exit(crate::exit::USAGE);
+        // 2: bad usage (the binary's exit-code table).
+        std::process::exit(2);
     }
     false
 }

@@ -33,7 +33,7 @@ pub mod space;
 mod spare;
 pub mod units;
 
-pub use error::{Error, Result, exit};
+pub use error::{Error, Result};
 pub use frozen::Frozen;
 pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;

@@ -116,28 +116,6 @@ fn is_enospc(e: &io::Error) -> bool {
     e.raw_os_error() == Some(Errno::ENOSPC as i32)
 }
 
-/// For the command line: the engine's error (and so its exit code).
-impl From<Error> for thinlayer_pool::Error {
-    fn from(e: Error) -> thinlayer_pool::Error {
-        use thinlayer_pool::Error as E;
-        match e {
-            Error::Engine(inner) => inner,
-            Error::Io { context, source } => E::Io { context, source },
-            Error::NotFound(_) | Error::FailedPrecondition(_) | Error::InvalidArgument(_) => {
-                E::InvalidArgument(e.to_string())
-            }
-            Error::AlreadyExists(_) | Error::AlreadyServing { .. } => E::Busy {
-                what: "the snapshotter".into(),
-                detail: e.to_string(),
-            },
-            Error::Transport(_) => E::Io {
-                context: "serve containerd".into(),
-                source: io::Error::other(e.to_string()),
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,18 +195,5 @@ mod tests {
             code(Error::io("write", io::Error::from_raw_os_error(28))),
             Code::ResourceExhausted
         );
-    }
-
-    #[test]
-    fn cli_errors_keep_exit_codes() {
-        let e: thinlayer_pool::Error = Error::AlreadyServing {
-            root: "/var/lib/thinlayer".into(),
-            lock: "/var/lib/thinlayer/snapshotter/lock".into(),
-        }
-        .into();
-        assert_eq!(e.exit_code(), thinlayer_pool::exit::CONFLICT);
-        assert!(e.to_string().contains("serves the pool"), "{e}");
-        let e: thinlayer_pool::Error = Error::Engine(thinlayer_pool::Error::NotRoot).into();
-        assert_eq!(e.exit_code(), thinlayer_pool::exit::ENVIRONMENT);
     }
 }

@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use thinlayer_pool::exit;
-
 /// The store's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -101,28 +99,6 @@ pub enum Error {
         /// The rollback's error.
         undo: Box<Error>,
     },
-}
-
-impl Error {
-    /// The exit code the binary uses.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Error::Pool(e) => e.exit_code(),
-            Error::Image(thinlayer_image::Error::NoSpace { .. }) | Error::PoolFull { .. } => {
-                exit::NO_SPACE
-            }
-            Error::Image(thinlayer_image::Error::Io { .. }) => exit::FAILED,
-            // A hostile, damaged or mismatched layer is bad input.
-            Error::Image(_) => exit::USAGE,
-            Error::Format { .. } => exit::USAGE,
-            Error::UnknownImage(_) | Error::UnknownContainer(_) => exit::NOT_FOUND,
-            Error::ImageExists(_) | Error::ContainerExists(_) | Error::InUse { .. } => {
-                exit::CONFLICT
-            }
-            Error::Io { .. } => exit::FAILED,
-            Error::Rollback { error, .. } | Error::Unsettled { error, .. } => error.exit_code(),
-        }
-    }
 }
 
 /// Adds context to an `io::Result`.

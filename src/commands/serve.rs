@@ -1,0 +1,40 @@
+//! `thinlayer serve ...`: the long-running front ends (containerd's
+//! snapshotter, Docker's plugins) on a Unix socket until SIGTERM. Each
+//! server's own error comes back unchanged, so a taken socket exits 4 and
+//! a pool that is missing 3, as their types say (`crate::exit`).
+
+use std::path::Path;
+
+use serde_json::json;
+use thinlayer_pool::socket::Access;
+
+use crate::{
+    cli::{ServeArgs, ServeTo},
+    render::Output,
+};
+
+/// Serves until a signal stops the server.
+///
+/// # Errors
+/// The server's own error: `thinlayer_snapshotter::Error` or
+/// `thinlayer_backend::Error`; a bad `--socket-group` as the engine's.
+pub(crate) fn run(root: &Path, args: ServeArgs) -> anyhow::Result<Output> {
+    match args.to {
+        ServeTo::Containerd { socket, group } => {
+            let access = Access::new(group.socket_group.as_deref())?;
+            thinlayer_snapshotter::serve(root, &socket, &access)?;
+        }
+        ServeTo::Docker { socket, group } => {
+            let access = Access::new(group.socket_group.as_deref())?;
+            thinlayer_backend::docker::serve(root, &socket, &access)?;
+        }
+        ServeTo::DockerVolume { socket, group } => {
+            let access = Access::new(group.socket_group.as_deref())?;
+            thinlayer_backend::docker_volume::serve(root, &socket, &access)?;
+        }
+    }
+    Ok(Output {
+        text: String::new(),
+        json: json!({"stopped": true}),
+    })
+}
