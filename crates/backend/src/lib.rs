@@ -15,6 +15,7 @@ pub mod docker_volume;
 pub mod error;
 pub mod graphdriver;
 pub mod http;
+pub mod protocol;
 
 pub use error::{Error, Result};
 pub use graphdriver::{GraphDriver, ThinDriver};
