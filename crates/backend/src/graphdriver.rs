@@ -159,7 +159,10 @@ impl ThinDriver {
     /// Each call takes the root's lock for its own duration, so other
     /// thinlayer processes interleave with a long-lived driver.
     fn store(&self) -> Result<Store> {
-        Ok(Store::open(&self.root, LockMode::Exclusive, true)?)
+        let t = std::time::Instant::now();
+        let store = Store::open(&self.root, LockMode::Exclusive, true)?;
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool root opened");
+        Ok(store)
     }
 
     /// Where layer `id` is mounted.

@@ -69,7 +69,6 @@ use thinlayer_pool::socket::{Access, accept_error_is_transient};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
-    signal::unix::{SignalKind, signal},
     sync::{Mutex, mpsc},
 };
 
@@ -297,24 +296,10 @@ where
     rt.block_on(async {
         // Signals first: a SIGTERM from the moment the socket exists is a
         // graceful stop.
-        let mut term =
-            signal(SignalKind::terminate()).map_err(|e| setup(e, "install a SIGTERM handler"))?;
-        let mut int =
-            signal(SignalKind::interrupt()).map_err(|e| setup(e, "install a SIGINT handler"))?;
-        let (listener, file) = thinlayer_pool::socket::bind(socket, access)?;
+        let shutdown = thinlayer_pool::socket::stop_signals()?;
+        let (listener, file) = thinlayer_pool::socket::listen(socket, access)?;
         let handler = make()?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| setup(e, &format!("listen on {}", socket.display())))?;
-        let listener = UnixListener::from_std(listener)
-            .map_err(|e| setup(e, &format!("listen on {}", socket.display())))?;
         tracing::info!(socket = %socket.display(), "serving {what}");
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        };
         serve(listener, *access, limits, handler, shutdown).await;
         // No new client finds the socket while a request in flight ends.
         drop(file);
@@ -420,11 +405,25 @@ async fn refuse(stream: &mut UnixStream, refusal: Refusal, limits: &Limits) {
 }
 
 /// Runs the handler on a blocking thread, one request at a time; a panic
-/// is a 500.
+/// is a 500. Logs (debug) how long the request waited for the handler and
+/// how long it took in all.
 async fn run<H: Handler>(handler: &Arc<Mutex<H>>, path: String, body: Vec<u8>) -> Reply {
-    locked(handler, move |h| h.handle(&path, &body))
-        .await
-        .unwrap_or_else(|reply| reply)
+    let started = Instant::now();
+    let shown = path.clone();
+    let (reply, waited) = locked(handler, move |h| {
+        let waited = started.elapsed();
+        (h.handle(&path, &body), waited)
+    })
+    .await
+    .unwrap_or_else(|reply| (reply, Duration::ZERO));
+    tracing::debug!(
+        path = %shown,
+        status = reply.status,
+        waited_ms = waited.as_secs_f64() * 1000.0,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "answered"
+    );
+    reply
 }
 
 /// Runs `f` with the handler on a blocking thread, one at a time; a panic
