@@ -15,7 +15,8 @@
 //!   map keys. Answers carry `Err` (a sentence saying what to do), `Dir`,
 //!   `Exists`, `Status` (pairs), `Changes` (`{"Path": "/x", "Kind": 0|1|2}`
 //!   for modified, added, deleted), `Size`, `Metadata` or `Capabilities`
-//!   (wrapped: `{"Capabilities": {"ReproducesExactDiffs": false}}`).
+//!   (wrapped: `{"Capabilities": {"ReproducesExactDiffs": false}}`). The
+//!   request and answer types are [`crate::protocol::graph`]'s.
 //! - `GraphDriver.ApplyDiff?id=ID&parent=PARENT` has the raw uncompressed
 //!   layer tar as its body (Go sends it chunked), streamed into the layer
 //!   while it arrives; it answers `{"Size": N}`, the bytes of file content.
@@ -23,6 +24,9 @@
 //!   while the layer is read; an error before it starts is a 500 with
 //!   `{"Err"}` (Docker's client reports the `Err`), an error after it
 //!   breaks the stream off.
+//! - Neither stream holds the plugin's lock, nor the pool root's: dockerd
+//!   commits a container by streaming its layer's Diff straight into the
+//!   new layer's ApplyDiff ([`crate::graphdriver::stream`]).
 //!
 //! `VolumeDriver.*` calls go to [`crate::docker_volume`] unchanged.
 

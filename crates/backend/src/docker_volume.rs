@@ -4,7 +4,8 @@
 //!
 //! Protocol: HTTP POST with JSON bodies (`Plugin.Activate`,
 //! `VolumeDriver.Create/Remove/Mount/Unmount/Path/Get/List/Capabilities`),
-//! errors in the `Err` field. Mounts are reference-counted by the request's
+//! errors in the `Err` field; the request and answer types are
+//! [`crate::protocol::volume`]'s. Mounts are reference-counted by the request's
 //! `ID`: the first mount of a volume mounts it, the last unmount unmounts
 //! it. The counts are kept in a crash-safe record, so a restarted plugin
 //! carries on where it stopped.
