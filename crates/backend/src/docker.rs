@@ -15,7 +15,8 @@
 //!   map keys. Answers carry `Err` (a sentence saying what to do), `Dir`,
 //!   `Exists`, `Status` (pairs), `Changes` (`{"Path": "/x", "Kind": 0|1|2}`
 //!   for modified, added, deleted), `Size`, `Metadata` or `Capabilities`
-//!   (wrapped: `{"Capabilities": {"ReproducesExactDiffs": false}}`).
+//!   (wrapped: `{"Capabilities": {"ReproducesExactDiffs": false}}`). The
+//!   request and answer types are [`crate::protocol::graph`]'s.
 //! - `GraphDriver.ApplyDiff?id=ID&parent=PARENT` has the raw uncompressed
 //!   layer tar as its body (Go sends it chunked), streamed into the layer
 //!   while it arrives; it answers `{"Size": N}`, the bytes of file content.
@@ -23,6 +24,9 @@
 //!   while the layer is read; an error before it starts is a 500 with
 //!   `{"Err"}` (Docker's client reports the `Err`), an error after it
 //!   breaks the stream off.
+//! - Neither stream holds the plugin's lock, nor the pool root's: dockerd
+//!   commits a container by streaming its layer's Diff straight into the
+//!   new layer's ApplyDiff ([`crate::graphdriver::stream`]).
 //!
 //! `VolumeDriver.*` calls go to [`crate::docker_volume`] unchanged.
 
@@ -32,8 +36,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use thinlayer_image::ChangeKind;
 use thinlayer_pool::{Bytes, socket::Access};
 
@@ -41,7 +44,16 @@ use crate::{
     docker_volume,
     error::{Error, Result},
     graphdriver::{GraphDriver, ThinDriver},
-    http::{self, Handler, Limits, Reply, Route},
+    http::{self, Download, Handler, Limits, Reply, Route, Upload},
+    protocol::{
+        self, ActivateAnswer, ErrAnswer, NoArgs,
+        graph::{
+            ApplyDiffQuery, Capabilities, CapabilitiesAnswer, Change, ChangesAnswer, DirAnswer,
+            Done, ExistsAnswer, InitRequest, LayerRequest, MetadataAnswer, SizeAnswer,
+            StatusAnswer,
+        },
+        parse, to_json,
+    },
 };
 
 /// Where Docker looks for plugin sockets: the driver's name is the socket's.
@@ -65,42 +77,6 @@ const GRAPH_ENDPOINTS: &[&str] = &[
     "/GraphDriver.ApplyDiff",
     "/GraphDriver.DiffSize",
 ];
-
-/// A graphdriver call's body (`graphDriverRequest`).
-#[derive(Deserialize, Default, Debug)]
-#[serde(rename_all = "PascalCase")]
-struct GraphRequest {
-    #[serde(default, rename = "ID")]
-    id: String,
-    #[serde(default)]
-    parent: String,
-    #[serde(default)]
-    mount_label: String,
-    #[serde(default)]
-    storage_opt: Option<BTreeMap<String, String>>,
-}
-
-/// One user-namespace id map (`idtools.IDMap`: lowercase keys).
-#[derive(Deserialize, Debug)]
-struct IdMap {
-    container_id: i64,
-    host_id: i64,
-    size: i64,
-}
-
-/// `GraphDriver.Init`'s body (`graphDriverInitRequest`).
-#[derive(Deserialize, Default, Debug)]
-#[serde(rename_all = "PascalCase")]
-struct InitRequest {
-    #[serde(default)]
-    home: String,
-    #[serde(default)]
-    opts: Option<Vec<String>>,
-    #[serde(default, rename = "UIDMaps")]
-    uid_maps: Option<Vec<IdMap>>,
-    #[serde(default, rename = "GIDMaps")]
-    gid_maps: Option<Vec<IdMap>>,
-}
 
 /// The plugin: the graphdriver and the volume driver over one pool.
 pub struct DockerPlugin {
@@ -130,7 +106,9 @@ impl DockerPlugin {
         let endpoint = endpoint_of(path);
         if endpoint == "/Plugin.Activate" {
             tracing::info!(endpoint, "request");
-            return Reply::ok(json!({"Implements": ["GraphDriver", "VolumeDriver"]}));
+            return protocol::ok(&ActivateAnswer {
+                implements: vec!["GraphDriver", "VolumeDriver"],
+            });
         }
         if endpoint.starts_with("/VolumeDriver.") {
             return self.volumes.handle(path, body);
@@ -141,16 +119,26 @@ impl DockerPlugin {
         if endpoint == "/GraphDriver.Init" {
             tracing::info!(endpoint, "request");
             return match parse::<InitRequest>(body) {
-                Ok(req) => answer(endpoint, "", self.init(req).map(|()| json!({}))),
+                Ok(req) => answer(endpoint, "", self.init(req).map(|()| to_json(&Done {}))),
                 Err(reply) => reply,
             };
         }
-        let req = match parse::<GraphRequest>(body) {
+        if matches!(
+            endpoint,
+            "/GraphDriver.Capabilities" | "/GraphDriver.Status" | "/GraphDriver.Cleanup"
+        ) {
+            if let Err(reply) = parse::<NoArgs>(body) {
+                return reply;
+            }
+            tracing::info!(endpoint, id = %"", parent = %"", "request");
+            return answer(endpoint, "", self.driver_call(endpoint));
+        }
+        let req = match parse::<LayerRequest>(body) {
             Ok(r) => r,
             Err(reply) => return reply,
         };
         tracing::info!(endpoint, id = %req.id, parent = %req.parent, "request");
-        let result = self.graph_call(endpoint, &req);
+        let result = self.layer_call(endpoint, &req);
         answer(endpoint, &req.id, result)
     }
 
@@ -179,118 +167,164 @@ impl DockerPlugin {
         Ok(())
     }
 
-    fn graph_call(&mut self, endpoint: &str, req: &GraphRequest) -> Result<Value> {
+    /// The calls about the driver as a whole: no arguments.
+    fn driver_call(&mut self, endpoint: &str) -> Result<Value> {
+        let g = &mut self.graph;
+        Ok(match endpoint {
+            "/GraphDriver.Capabilities" => to_json(&CapabilitiesAnswer {
+                capabilities: Capabilities {
+                    reproduces_exact_diffs: false,
+                },
+            }),
+            "/GraphDriver.Status" => {
+                let mut pairs = g.status()?;
+                if let Some(home) = &self.home {
+                    pairs.push(("Docker Home".into(), home.to_string_lossy().into_owned()));
+                }
+                to_json(&StatusAnswer {
+                    status: pairs.into_iter().map(|(k, v)| [k, v]).collect(),
+                })
+            }
+            "/GraphDriver.Cleanup" => {
+                g.cleanup()?;
+                to_json(&Done {})
+            }
+            other => return Err(Error::Invalid(format!("{other} is not a driver call"))),
+        })
+    }
+
+    /// The JSON calls that name a layer.
+    fn layer_call(&mut self, endpoint: &str, req: &LayerRequest) -> Result<Value> {
         let parent = (!req.parent.is_empty()).then_some(req.parent.as_str());
         if !req.mount_label.is_empty() {
             tracing::debug!(label = %req.mount_label, "mount labels (SELinux) are not applied");
         }
         let g = &mut self.graph;
         Ok(match endpoint {
-            "/GraphDriver.Capabilities" => {
-                json!({"Capabilities": {"ReproducesExactDiffs": false}})
-            }
             "/GraphDriver.Create" | "/GraphDriver.CreateReadWrite" => {
                 let id = required_id(req)?;
                 let size = size_opt(req.storage_opt.as_ref())?;
                 g.create_layer(id, parent, size)?;
-                json!({})
+                to_json(&Done {})
             }
             "/GraphDriver.Remove" => {
                 g.remove(required_id(req)?)?;
-                json!({})
+                to_json(&Done {})
             }
-            "/GraphDriver.Get" => json!({"Dir": g.get(required_id(req)?)?}),
+            "/GraphDriver.Get" => to_json(&DirAnswer {
+                dir: g.get(required_id(req)?)?.to_string_lossy().into_owned(),
+            }),
             "/GraphDriver.Put" => {
                 g.put(required_id(req)?)?;
-                json!({})
+                to_json(&Done {})
             }
-            "/GraphDriver.Exists" => json!({"Exists": g.exists(required_id(req)?)?}),
-            "/GraphDriver.Status" => {
-                let mut pairs = g.status()?;
-                if let Some(home) = &self.home {
-                    pairs.push(("Docker Home".into(), home.to_string_lossy().into_owned()));
-                }
-                let pairs: Vec<[String; 2]> = pairs.into_iter().map(|(k, v)| [k, v]).collect();
-                json!({"Status": pairs})
-            }
-            "/GraphDriver.GetMetadata" => {
-                let m: BTreeMap<String, String> =
-                    g.metadata(required_id(req)?)?.into_iter().collect();
-                json!({"Metadata": m})
-            }
-            "/GraphDriver.Cleanup" => {
-                g.cleanup()?;
-                json!({})
-            }
+            "/GraphDriver.Exists" => to_json(&ExistsAnswer {
+                exists: g.exists(required_id(req)?)?,
+            }),
+            "/GraphDriver.GetMetadata" => to_json(&MetadataAnswer {
+                metadata: g.metadata(required_id(req)?)?.into_iter().collect(),
+            }),
             "/GraphDriver.Changes" => {
-                let changes: Vec<Value> = g
+                let changes = g
                     .changes(required_id(req)?, parent)?
                     .into_iter()
                     .filter(|c| c.path != Path::new(".") && c.path != Path::new(""))
-                    .map(|c| {
-                        let kind = match c.kind {
+                    .map(|c| Change {
+                        path: format!("/{}", c.path.display()),
+                        kind: match c.kind {
                             ChangeKind::Modified => 0,
                             ChangeKind::Added => 1,
                             ChangeKind::Deleted => 2,
-                        };
-                        json!({"Path": format!("/{}", c.path.display()), "Kind": kind})
+                        },
                     })
                     .collect();
-                json!({"Changes": changes})
+                to_json(&ChangesAnswer { changes })
             }
-            "/GraphDriver.DiffSize" => json!({"Size": g.diff_size(required_id(req)?, parent)?}),
+            "/GraphDriver.DiffSize" => to_json(&SizeAnswer {
+                size: g.diff_size(required_id(req)?, parent)?,
+            }),
             other => return Err(Error::Invalid(format!("{other} is not a JSON call"))),
         })
     }
 
-    /// `GraphDriver.ApplyDiff?id=ID&parent=PARENT`: the layer tar streamed
-    /// in from `body`.
-    pub fn upload(&mut self, path: &str, body: &mut dyn Read) -> Reply {
+    /// `GraphDriver.ApplyDiff?id=ID&parent=PARENT`: checks the request and
+    /// mounts the layer; the job applies the tar streamed in from the body
+    /// without the plugin's lock ([`crate::graphdriver::stream`]).
+    ///
+    /// # Errors
+    /// The answer to send at once (an unknown endpoint, a refused layer).
+    pub fn upload(&mut self, path: &str) -> Result<Upload<DockerPlugin>, Reply> {
         let endpoint = endpoint_of(path);
         if endpoint != "/GraphDriver.ApplyDiff" {
-            return unknown(endpoint);
+            return Err(unknown(endpoint));
         }
-        let query = query_of(path);
-        let id = query.get("id").cloned().unwrap_or_default();
-        let parent = query.get("parent").cloned().unwrap_or_default();
+        let ApplyDiffQuery { id, parent } = query_of(path);
         tracing::info!(endpoint, %id, %parent, "request");
-        let result = if id.is_empty() {
-            Err(Error::Invalid(
-                "ApplyDiff without ?id=: name the layer to apply into".into(),
-            ))
-        } else {
-            let parent = (!parent.is_empty()).then_some(parent.as_str());
-            self.graph
-                .apply_diff(&id, parent, body)
-                .map(|size| json!({"Size": size}))
+        if id.is_empty() {
+            return Err(answer(
+                endpoint,
+                &id,
+                Err(Error::Invalid(
+                    "ApplyDiff without ?id=: name the layer to apply into".into(),
+                )),
+            ));
+        }
+        let parent = (!parent.is_empty()).then_some(parent.as_str());
+        let apply = match self.graph.begin_apply(&id, parent) {
+            Ok(a) => a,
+            Err(e) => return Err(answer(endpoint, &id, Err(e))),
         };
-        answer(endpoint, &id, result)
+        Ok(Box::new(move |body: &mut dyn Read| {
+            let applied = apply.run(body);
+            Box::new(move |p: &mut DockerPlugin| {
+                let result = p
+                    .graph
+                    .end_apply(apply, applied)
+                    .map(|size| to_json(&SizeAnswer { size }));
+                answer("/GraphDriver.ApplyDiff", &id, result)
+            })
+        }))
     }
 
-    /// `GraphDriver.Diff`: the layer's changes as a tar stream to `out`.
+    /// `GraphDriver.Diff`: checks the request and takes private snapshots
+    /// of the layer and its parent; the job writes the layer's changes as
+    /// a tar stream without the plugin's lock.
     ///
     /// # Errors
     /// The `{"Err"}` answer (status 500, which Docker's client reports)
     /// when the diff cannot start.
-    pub fn download(&mut self, path: &str, body: &[u8], out: &mut dyn Write) -> Result<(), Reply> {
+    pub fn download(&mut self, path: &str, body: &[u8]) -> Result<Download<DockerPlugin>, Reply> {
         let endpoint = endpoint_of(path);
         if endpoint != "/GraphDriver.Diff" {
             return Err(unknown(endpoint));
         }
-        let req = parse::<GraphRequest>(body)?;
+        let req = parse::<LayerRequest>(body)?;
         tracing::info!(endpoint, id = %req.id, parent = %req.parent, "request");
         let parent = (!req.parent.is_empty()).then_some(req.parent.as_str());
-        let result = required_id(&req).and_then(|id| self.graph.diff(id, parent, out));
-        match result {
-            Ok(diff_id) => {
-                tracing::info!(id = %req.id, %diff_id, "diff sent");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(endpoint, id = %req.id, error = %e, "request failed");
-                Err(Reply::err(500, e.to_string()))
-            }
-        }
+        let failed = |e: Error| {
+            tracing::warn!(endpoint, id = %req.id, error = %e, "request failed");
+            Reply::err(500, e.to_string())
+        };
+        let diff = required_id(&req)
+            .and_then(|id| self.graph.begin_diff(id, parent))
+            .map_err(failed)?;
+        let id = req.id.clone();
+        Ok(Box::new(move |out: &mut dyn Write| {
+            let sent = diff.run(out);
+            Box::new(move |p: &mut DockerPlugin| {
+                p.graph.end_diff(diff);
+                match sent {
+                    Ok(report) => {
+                        tracing::info!(%id, diff_id = %report.diff_id, "diff sent");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::warn!(endpoint = "/GraphDriver.Diff", %id, error = %e, "request failed");
+                        Err(Reply::err(500, e.to_string()))
+                    }
+                }
+            })
+        }))
     }
 }
 
@@ -307,12 +341,12 @@ impl Handler for DockerPlugin {
         DockerPlugin::handle(self, path, body)
     }
 
-    fn upload(&mut self, path: &str, body: &mut dyn Read) -> Reply {
-        DockerPlugin::upload(self, path, body)
+    fn upload(&mut self, path: &str) -> Result<Upload<DockerPlugin>, Reply> {
+        DockerPlugin::upload(self, path)
     }
 
-    fn download(&mut self, path: &str, body: &[u8], out: &mut dyn Write) -> Result<(), Reply> {
-        DockerPlugin::download(self, path, body, out)
+    fn download(&mut self, path: &str, body: &[u8]) -> Result<Download<DockerPlugin>, Reply> {
+        DockerPlugin::download(self, path, body)
     }
 }
 
@@ -321,18 +355,22 @@ fn endpoint_of(path: &str) -> &str {
     path.split_once('?').map_or(path, |(p, _)| p)
 }
 
-/// The query parameters of a request target, percent-decoded.
-fn query_of(path: &str) -> BTreeMap<String, String> {
-    let Some((_, q)) = path.split_once('?') else {
-        return BTreeMap::new();
+/// The query of a request target, percent-decoded, as `ApplyDiff`'s
+/// (other parameters are ignored, the last of a repeated one wins).
+fn query_of(path: &str) -> ApplyDiffQuery {
+    let mut q = ApplyDiffQuery::default();
+    let Some((_, query)) = path.split_once('?') else {
+        return q;
     };
-    q.split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        match percent_decode(k).as_str() {
+            "id" => q.id = percent_decode(v),
+            "parent" => q.parent = percent_decode(v),
+            _ => {}
+        }
+    }
+    q
 }
 
 fn percent_decode(s: &str) -> String {
@@ -363,22 +401,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A request body as `T`: empty or `null` is `T::default()`; not JSON is a
-/// 400.
-fn parse<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, Reply> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    match serde_json::from_slice::<Option<T>>(body) {
-        Ok(r) => Ok(r.unwrap_or_default()),
-        Err(e) => Err(Reply::err(
-            400,
-            format!("bad request body: {e}; send a JSON object"),
-        )),
-    }
-}
-
-fn required_id(req: &GraphRequest) -> Result<&str> {
+fn required_id(req: &LayerRequest) -> Result<&str> {
     if req.id.is_empty() {
         return Err(Error::Invalid(
             "no ID in the request: name the layer".into(),
@@ -408,7 +431,7 @@ fn answer(endpoint: &str, id: &str, result: Result<Value>) -> Reply {
         Ok(v) => Reply::ok(v),
         Err(e) => {
             tracing::warn!(endpoint, %id, error = %e, "request failed");
-            Reply::ok(json!({"Err": e.to_string()}))
+            protocol::ok(&ErrAnswer { err: e.to_string() })
         }
     }
 }
@@ -450,7 +473,7 @@ mod tests {
 
     #[test]
     fn requests_parse_as_moby_sends_them() {
-        let r: GraphRequest =
+        let r: LayerRequest =
             parse(br#"{"ID":"abc","Parent":"def","MountLabel":"","StorageOpt":{"size":"1G"}}"#)
                 .unwrap();
         assert_eq!((r.id.as_str(), r.parent.as_str()), ("abc", "def"));
@@ -459,14 +482,14 @@ mod tests {
             Some("1G".parse().unwrap())
         );
         // omitempty: a base layer has no Parent key at all.
-        let r: GraphRequest = parse(br#"{"ID":"abc"}"#).unwrap();
+        let r: LayerRequest = parse(br#"{"ID":"abc"}"#).unwrap();
         assert!(r.parent.is_empty() && r.storage_opt.is_none());
         let r: InitRequest = parse(
             br#"{"Home":"/var/lib/docker/thinlayer","Opts":null,"UIDMaps":[{"container_id":0,"host_id":100000,"size":65536}],"GIDMaps":null}"#,
         )
         .unwrap();
         assert_eq!(r.uid_maps.as_ref().unwrap()[0].host_id, 100_000);
-        assert!(parse::<GraphRequest>(b"not json").is_err());
+        assert!(parse::<LayerRequest>(b"not json").is_err());
         assert!(size_opt(Some(&BTreeMap::from([("dm.basesize".into(), "1G".into())]))).is_err());
     }
 
@@ -480,8 +503,8 @@ mod tests {
         assert_eq!(DockerPlugin::route("/GraphDriver.DiffSize"), Route::Json);
         assert_eq!(DockerPlugin::route("/VolumeDriver.Mount"), Route::Json);
         let q = query_of("/GraphDriver.ApplyDiff?id=a%2Db-init&parent=");
-        assert_eq!(q["id"], "a-b-init");
-        assert_eq!(q["parent"], "");
+        assert_eq!(q.id, "a-b-init");
+        assert_eq!(q.parent, "");
         assert_eq!(
             endpoint_of("/GraphDriver.ApplyDiff?id=x"),
             "/GraphDriver.ApplyDiff"

@@ -4,7 +4,8 @@
 //!
 //! Protocol: HTTP POST with JSON bodies (`Plugin.Activate`,
 //! `VolumeDriver.Create/Remove/Mount/Unmount/Path/Get/List/Capabilities`),
-//! errors in the `Err` field. Mounts are reference-counted by the request's
+//! errors in the `Err` field; the request and answer types are
+//! [`crate::protocol::volume`]'s. Mounts are reference-counted by the request's
 //! `ID`: the first mount of a volume mounts it, the last unmount unmounts
 //! it. The counts are kept in a crash-safe record, so a restarted plugin
 //! carries on where it stopped.
@@ -24,31 +25,26 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use thinlayer_pool::{Bytes, FsType, LockMode, record, socket::Access};
 use thinlayer_store::Store;
 
 use crate::{
     error::{Error, Result},
     http::{self, Handler, Limits, Reply},
+    protocol::{
+        self, ActivateAnswer, ErrAnswer, NoArgs, parse, to_json,
+        volume::{
+            Capabilities, CapabilitiesAnswer, CreateRequest, Done, GetAnswer, ListAnswer,
+            MountRequest, MountpointAnswer, NameRequest, Status, Volume,
+        },
+    },
 };
 
 /// Where Docker looks for plugin sockets.
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/thinlayer.sock";
 
 const RECORD_REFS: &str = "plugin-mounts";
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct Request {
-    #[serde(default)]
-    name: String,
-    #[serde(default, rename = "ID")]
-    id: String,
-    #[serde(default)]
-    opts: Option<BTreeMap<String, String>>,
-}
 
 /// The plugin: the pool root and the mount references.
 pub struct Plugin {
@@ -100,16 +96,6 @@ impl Plugin {
     /// become `{"Err": "..."}` with status 200, as Docker expects; a body
     /// that is not JSON is a 400, an unknown endpoint a 404.
     pub fn handle(&mut self, path: &str, body: &[u8]) -> Reply {
-        let req: Request = if body.iter().all(u8::is_ascii_whitespace) {
-            Request::default()
-        } else {
-            match serde_json::from_slice::<Option<Request>>(body) {
-                Ok(r) => r.unwrap_or_default(),
-                Err(e) => {
-                    return Reply::err(400, format!("bad request body: {e}; send a JSON object"));
-                }
-            }
-        };
         if !ENDPOINTS.contains(&path) {
             return Reply::err(
                 404,
@@ -119,112 +105,179 @@ impl Plugin {
                 ),
             );
         }
-        match self.dispatch(path, &req) {
+        let (name, result) = match self.dispatch(path, body) {
+            Ok(done) => done,
+            Err(reply) => return reply,
+        };
+        match result {
             Ok(v) => Reply::ok(v),
             Err(e) => {
-                tracing::warn!(%path, name = %req.name, error = %e, "request failed");
-                Reply::ok(json!({"Err": e.to_string()}))
+                tracing::warn!(%path, %name, error = %e, "request failed");
+                protocol::ok(&ErrAnswer { err: e.to_string() })
             }
         }
     }
 
-    fn dispatch(&mut self, path: &str, req: &Request) -> Result<Value> {
-        tracing::info!(%path, name = %req.name, id = %req.id, "request");
-        match path {
-            "/Plugin.Activate" => Ok(json!({"Implements": ["VolumeDriver"]})),
-            "/VolumeDriver.Capabilities" => Ok(json!({"Capabilities": {"Scope": "local"}})),
-            "/VolumeDriver.Create" => {
-                let opts = req.opts.clone().unwrap_or_default();
-                let mut size = None;
-                let mut fs = None;
-                let mut from = None;
-                for (k, v) in &opts {
-                    match k.as_str() {
-                        "size" => size = Some(v.parse::<Bytes>()?),
-                        "fs" => fs = Some(v.parse::<FsType>()?),
-                        "from" => from = Some(v.as_str()),
-                        other => {
-                            return Err(Error::Invalid(format!(
-                                "unknown option `{other}`; thinlayer volumes take size, fs and from"
-                            )));
-                        }
-                    }
-                }
-                self.store()?.create_volume(&req.name, size, fs, from)?;
-                Ok(json!({"Err": ""}))
+    /// Parses `body` as `path`'s request and answers it: the volume named
+    /// (for the log) and the answer.
+    fn dispatch(&mut self, path: &str, body: &[u8]) -> Result<(String, Result<Value>), Reply> {
+        Ok(match path {
+            "/Plugin.Activate" | "/VolumeDriver.Capabilities" | "/VolumeDriver.List" => {
+                parse::<NoArgs>(body)?;
+                tracing::info!(%path, name = %"", id = %"", "request");
+                (String::new(), self.driver_call(path))
             }
-            "/VolumeDriver.Remove" => {
-                if self.refs.get(&req.name).is_some_and(|r| !r.is_empty()) {
+            "/VolumeDriver.Create" => {
+                let req: CreateRequest = parse(body)?;
+                tracing::info!(%path, name = %req.name, id = %"", "request");
+                let r = self.create(&req);
+                (req.name, r)
+            }
+            "/VolumeDriver.Mount" | "/VolumeDriver.Unmount" => {
+                let req: MountRequest = parse(body)?;
+                tracing::info!(%path, name = %req.name, id = %req.id, "request");
+                let r = if path == "/VolumeDriver.Mount" {
+                    self.mount(&req)
+                } else {
+                    self.unmount(&req)
+                };
+                (req.name, r)
+            }
+            _ => {
+                let req: NameRequest = parse(body)?;
+                tracing::info!(%path, name = %req.name, id = %"", "request");
+                let r = self.name_call(path, &req.name);
+                (req.name, r)
+            }
+        })
+    }
+
+    /// The calls without arguments.
+    fn driver_call(&mut self, path: &str) -> Result<Value> {
+        Ok(match path {
+            "/Plugin.Activate" => to_json(&ActivateAnswer {
+                implements: vec!["VolumeDriver"],
+            }),
+            "/VolumeDriver.Capabilities" => to_json(&CapabilitiesAnswer {
+                capabilities: Capabilities { scope: "local" },
+            }),
+            _ => {
+                let mut store = self.store()?;
+                let mut volumes = Vec::new();
+                for v in store.volumes()? {
+                    volumes.push(self.volume(&mut store, &v)?);
+                }
+                to_json(&ListAnswer {
+                    volumes,
+                    err: String::new(),
+                })
+            }
+        })
+    }
+
+    fn create(&mut self, req: &CreateRequest) -> Result<Value> {
+        let mut size = None;
+        let mut fs = None;
+        let mut from = None;
+        for (k, v) in req.opts.iter().flatten() {
+            match k.as_str() {
+                "size" => size = Some(v.parse::<Bytes>()?),
+                "fs" => fs = Some(v.parse::<FsType>()?),
+                "from" => from = Some(v.as_str()),
+                other => {
                     return Err(Error::Invalid(format!(
-                        "volume `{}` is mounted by {} container(s)",
-                        req.name,
-                        self.refs[&req.name].len()
+                        "unknown option `{other}`; thinlayer volumes take size, fs and from"
                     )));
                 }
-                self.store()?.remove_volume(&req.name)?;
-                Ok(json!({"Err": ""}))
             }
-            "/VolumeDriver.Mount" => {
-                let dir = self.mountpoint(&req.name);
-                let mut store = self.store()?;
-                // The filesystem root at the plugin's own place; Docker
-                // gets its content directory (an empty `data/` in a new
-                // volume, no `lost+found`), so it copies the image's
-                // content in as it does into its own volumes.
-                let content = store.mount_volume_root(&req.name, &dir)?;
-                self.refs
-                    .entry(req.name.clone())
-                    .or_default()
-                    .insert(req.id.clone());
-                self.save_refs()?;
-                Ok(json!({"Mountpoint": content, "Err": ""}))
+        }
+        self.store()?.create_volume(&req.name, size, fs, from)?;
+        Ok(to_json(&Done::default()))
+    }
+
+    fn mount(&mut self, req: &MountRequest) -> Result<Value> {
+        let dir = self.mountpoint(&req.name);
+        let mut store = self.store()?;
+        // The filesystem root at the plugin's own place; Docker gets its
+        // content directory (an empty `data/` in a new volume, no
+        // `lost+found`), so it copies the image's content in as it does
+        // into its own volumes.
+        let content = store.mount_volume_root(&req.name, &dir)?;
+        self.refs
+            .entry(req.name.clone())
+            .or_default()
+            .insert(req.id.clone());
+        self.save_refs()?;
+        Ok(to_json(&MountpointAnswer {
+            mountpoint: content.to_string_lossy().into_owned(),
+            err: String::new(),
+        }))
+    }
+
+    fn unmount(&mut self, req: &MountRequest) -> Result<Value> {
+        let last = match self.refs.get_mut(&req.name) {
+            Some(ids) => {
+                ids.remove(&req.id);
+                ids.is_empty()
             }
-            "/VolumeDriver.Unmount" => {
-                let last = match self.refs.get_mut(&req.name) {
-                    Some(ids) => {
-                        ids.remove(&req.id);
-                        ids.is_empty()
-                    }
-                    None => true,
-                };
-                if last {
-                    self.refs.remove(&req.name);
-                    let dir = self.mountpoint(&req.name);
-                    let mut store = self.store()?;
-                    if store.volume_mountpoints(&req.name)?.contains(&dir) {
-                        store.pool().umount(&dir.to_string_lossy())?;
-                    }
+            None => true,
+        };
+        if last {
+            self.refs.remove(&req.name);
+            let dir = self.mountpoint(&req.name);
+            let mut store = self.store()?;
+            if store.volume_mountpoints(&req.name)?.contains(&dir) {
+                store.pool().umount(&dir.to_string_lossy())?;
+            }
+        }
+        self.save_refs()?;
+        Ok(to_json(&Done::default()))
+    }
+
+    /// `Remove`, `Path` and `Get`: the calls that name a volume only.
+    fn name_call(&mut self, path: &str, name: &str) -> Result<Value> {
+        Ok(match path {
+            "/VolumeDriver.Remove" => {
+                if let Some(ids) = self.refs.get(name).filter(|r| !r.is_empty()) {
+                    return Err(Error::Invalid(format!(
+                        "volume `{name}` is mounted by {} container(s)",
+                        ids.len()
+                    )));
                 }
-                self.save_refs()?;
-                Ok(json!({"Err": ""}))
+                self.store()?.remove_volume(name)?;
+                to_json(&Done::default())
             }
             "/VolumeDriver.Path" => {
                 // The content directory, as Mount answered.
-                let dir = self.mounted_at(&mut self.store()?, &req.name)?;
-                Ok(json!({"Mountpoint": dir, "Err": ""}))
+                let dir = self.mounted_at(&mut self.store()?, name)?;
+                to_json(&MountpointAnswer {
+                    mountpoint: dir,
+                    err: String::new(),
+                })
             }
             "/VolumeDriver.Get" => {
                 let mut store = self.store()?;
-                let v = store.volume(&req.name)?;
-                let dir = self.mounted_at(&mut store, &req.name)?;
-                let status = status(&mut store, &v)?;
-                Ok(json!({"Volume": {
-                    "Name": v.name, "Mountpoint": dir, "Status": status
-                }, "Err": ""}))
+                let v = store.volume(name)?;
+                to_json(&GetAnswer {
+                    volume: self.volume(&mut store, &v)?,
+                    err: String::new(),
+                })
             }
-            "/VolumeDriver.List" => {
-                let mut store = self.store()?;
-                let vols = store.volumes()?;
-                let mut list = Vec::new();
-                for v in vols {
-                    let dir = self.mounted_at(&mut store, &v.name)?;
-                    let status = status(&mut store, &v)?;
-                    list.push(json!({"Name": v.name, "Mountpoint": dir, "Status": status}));
-                }
-                Ok(json!({"Volumes": list, "Err": ""}))
-            }
-            other => Err(Error::Invalid(format!("unknown endpoint {other}"))),
-        }
+            other => return Err(Error::Invalid(format!("unknown endpoint {other}"))),
+        })
+    }
+
+    /// Volume `v` as `Get` and `List` show it.
+    fn volume(
+        &self,
+        store: &mut Store,
+        v: &thinlayer_store::volumes::VolumeRecord,
+    ) -> Result<Volume> {
+        Ok(Volume {
+            name: v.name.clone(),
+            mountpoint: self.mounted_at(store, &v.name)?,
+            status: status(store, v)?,
+        })
     }
 
     /// Where the plugin shows `name`'s content if mounted (its mount
@@ -246,22 +299,22 @@ impl Plugin {
 /// `docker volume inspect`'s `Status` of volume `v`: size, filesystem,
 /// clone source, pool bytes its device maps (while active), and, for an
 /// anonymous volume of thinlayer's own containers, its container.
-fn status(store: &mut Store, v: &thinlayer_store::volumes::VolumeRecord) -> Result<Value> {
+fn status(store: &mut Store, v: &thinlayer_store::volumes::VolumeRecord) -> Result<Status> {
     let usage = store.volume_usage(&v.name)?;
-    Ok(json!({
-        "size": v.size.to_string(),
-        "fs": v.fs.name(),
-        "from": v.from,
-        "usage": match usage {
+    Ok(Status {
+        size: v.size.to_string(),
+        fs: v.fs.name(),
+        from: v.from.clone(),
+        usage: match usage {
             Some(b) => Bytes(b).to_string(),
             None => "unknown while unmounted".to_owned(),
         },
-        "usage_bytes": usage,
-        "layout": match v.layout {
+        usage_bytes: usage,
+        layout: match v.layout {
             thinlayer_store::volumes::Layout::DataDir => "data/ (empty until written)",
             thinlayer_store::volumes::Layout::Root => "filesystem root (made before data/)",
         },
-    }))
+    })
 }
 
 /// The endpoints of Docker's volume plugin protocol this plugin serves.

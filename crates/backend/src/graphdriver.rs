@@ -25,10 +25,15 @@
 //!   so a restarted plugin carries on where it stopped; `cleanup` (Docker's
 //!   shutdown) unmounts everything and forgets them.
 //!
+//! - `diff` and `apply_diff` stream with no lock held ([`stream`]): each
+//!   takes what its stream needs under the locks, streams, and settles
+//!   under the locks again, so Docker can stream one layer's Diff straight
+//!   into another's ApplyDiff.
+//!
 //! What must never happen: a `remove` of a layer with children, of a layer
-//! some process still works in, or of another owner's layer; an
-//! `apply_diff` that fails half way and leaves a half-applied layer (it is
-//! made empty again).
+//! some process still works in or a stream uses, or of another owner's
+//! layer; an `apply_diff` that fails half way and leaves a half-applied
+//! layer (it is made empty again).
 
 use std::{
     collections::BTreeMap,
@@ -40,6 +45,10 @@ use thinlayer_pool::{Bytes, LockMode, MountUse, Owner, record};
 use thinlayer_store::Store;
 
 use crate::error::{Error, Result};
+
+pub mod stream;
+
+pub use stream::{ApplyStream, DiffStream};
 
 /// One changed path, as `Changes` reports it.
 pub use thinlayer_image::Change;
@@ -91,6 +100,10 @@ pub struct ThinDriver {
     root: PathBuf,
     /// References per Docker layer id (only mounted layers appear).
     refs: BTreeMap<String, u64>,
+    /// The layers Diffs and ApplyDiffs in flight use.
+    streams: stream::Streams,
+    /// The last number given to a stream's directory.
+    stream_seq: u64,
 }
 
 /// The pool layer id of Docker layer `id`.
@@ -112,7 +125,7 @@ impl ThinDriver {
     pub fn new(root: &Path) -> Result<ThinDriver> {
         // Opening once checks the pool is there and settles what a crash
         // left.
-        drop(Store::open(root, LockMode::Exclusive, true)?);
+        let mut store = Store::open(root, LockMode::Exclusive, true)?;
         record::create_dir(&root.join("graphdriver").join("mnt"))?;
         let refs: BTreeMap<String, u64> = match record::read(&refs_path(root), RECORD_REFS) {
             Ok(r) => r,
@@ -126,7 +139,11 @@ impl ThinDriver {
         let mut driver = ThinDriver {
             root: root.to_owned(),
             refs: BTreeMap::new(),
+            streams: stream::Streams::default(),
+            stream_seq: 0,
         };
+        driver.sweep_streams(&mut store)?;
+        drop(store);
         let mounted = driver.mounted_dirs()?;
         for (id, n) in refs {
             if mounted.contains(&driver.mountpoint(&id)) {
@@ -142,7 +159,10 @@ impl ThinDriver {
     /// Each call takes the root's lock for its own duration, so other
     /// thinlayer processes interleave with a long-lived driver.
     fn store(&self) -> Result<Store> {
-        Ok(Store::open(&self.root, LockMode::Exclusive, true)?)
+        let t = std::time::Instant::now();
+        let store = Store::open(&self.root, LockMode::Exclusive, true)?;
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool root opened");
+        Ok(store)
     }
 
     /// Where layer `id` is mounted.
@@ -226,6 +246,9 @@ impl ThinDriver {
         parent: Option<&str>,
         size: Option<Bytes>,
     ) -> Result<()> {
+        if let Some(p) = parent {
+            self.streams.not_applying(p, "build on")?;
+        }
         let mut store = self.store()?;
         let pid = pool_id(id);
         let parent_size = match parent {
@@ -357,6 +380,7 @@ impl GraphDriver for ThinDriver {
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
+        self.streams.unused(id, "remove")?;
         let mut store = self.store()?;
         let pid = pool_id(id);
         Self::own(&mut store, id, "remove")?;
@@ -389,6 +413,7 @@ impl GraphDriver for ThinDriver {
             self.save_refs()?;
             return Ok(tree);
         }
+        self.streams.not_applying(id, "mount")?;
         let mut store = self.store()?;
         Self::own(&mut store, id, "mount")?;
         store
@@ -442,7 +467,7 @@ impl GraphDriver for ThinDriver {
             .pool()
             .layer_records()?
             .iter()
-            .filter(|l| l.owner == Owner::Graphdriver)
+            .filter(|l| l.owner == Owner::Graphdriver && !stream::is_stream_snapshot(&l.id))
             .count();
         let st = store.pool().status()?;
         let mut out = vec![
@@ -500,42 +525,27 @@ impl GraphDriver for ThinDriver {
     }
 
     fn diff(&mut self, id: &str, parent: Option<&str>, out: &mut dyn Write) -> Result<String> {
-        let mut store = self.store()?;
-        Self::check_parent(&mut store, id, parent)?;
-        Ok(store.export_subtree(&pool_id(id), TREE, out)?.diff_id)
+        let s = self.begin_diff(id, parent)?;
+        let sent = s.run(out);
+        self.end_diff(s);
+        Ok(sent?.diff_id)
     }
 
     fn changes(&mut self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
+        self.streams.not_applying(id, "list the changes of")?;
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;
         Ok(store.subtree_changes(&pool_id(id), TREE)?)
     }
 
     fn apply_diff(&mut self, id: &str, parent: Option<&str>, diff: &mut dyn Read) -> Result<u64> {
-        let mut store = self.store()?;
-        Self::check_parent(&mut store, id, parent)?;
-        if self.refs.contains_key(id) {
-            return Err(Error::Invalid(format!(
-                "layer `{id}` is mounted (Get without Put): a layer is applied before anything uses it"
-            )));
-        }
-        match store.apply_to_subtree(&pool_id(id), TREE, diff) {
-            Ok(report) => Ok(report.bytes),
-            Err(e) => {
-                // No half-applied layer: it is made empty again, as Create
-                // left it.
-                match self.remake_empty(&mut store, id, parent) {
-                    Ok(()) => Err(e.into()),
-                    Err(undo) => Err(Error::Invalid(format!(
-                        "{e}; making the layer empty again also failed: {undo}; let Docker remove \
-                         it (it does after a failed ApplyDiff), or `thinlayer pool check` lists it"
-                    ))),
-                }
-            }
-        }
+        let a = self.begin_apply(id, parent)?;
+        let applied = a.run(diff);
+        self.end_apply(a, applied)
     }
 
     fn diff_size(&mut self, id: &str, parent: Option<&str>) -> Result<u64> {
+        self.streams.not_applying(id, "size")?;
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;
         Ok(store

@@ -36,10 +36,22 @@
 //! - a handler that panics answers 500; the server stays up.
 //!
 //! Requests are handed to the handler one at a time (an async mutex, then a
-//! blocking thread): the pool's lock serialises them anyway. A stream
-//! passes between the connection's task and the handler's thread through a
-//! small bounded channel, so a slow side slows the other instead of
-//! filling memory.
+//! blocking thread): the pool's lock serialises them anyway. A streamed
+//! request never holds the handler while its body flows: the handler
+//! starts it ([`Handler::upload`], [`Handler::download`]) and hands back a
+//! job that streams on a thread of its own, without the handler, and then
+//! gives what it leaves to finish back to the handler ([`Finish`]), taken
+//! again for that. Docker streams one layer's `Diff` answer straight into
+//! another layer's `ApplyDiff` request: with the handler held across a
+//! stream, the second waits for the first, which waits for the second to
+//! read, for ever. A stream passes between the connection's task and its
+//! job's thread through a small bounded channel, so a slow side slows the
+//! other instead of filling memory.
+//!
+//! What must never happen: the handler (or any lock it takes) held while a
+//! body or an answer streams; a streamed answer that looks complete before
+//! its job's [`Finish`] ran (a client that saw the end may send the next
+//! call at once, and it must find the stream's state settled).
 
 use std::{
     future::Future,
@@ -57,7 +69,6 @@ use thinlayer_pool::socket::{Access, accept_error_is_transient};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
-    signal::unix::{SignalKind, signal},
     sync::{Mutex, mpsc},
 };
 
@@ -124,9 +135,28 @@ pub enum Route {
     Download,
 }
 
+/// What a streamed request's job leaves to do with the handler held again
+/// once its stream has ended: settle the handler's state and give the
+/// result.
+pub type Finish<H, T> = Box<dyn FnOnce(&mut H) -> T + Send>;
+
+/// The streaming part of a [`Route::Upload`] request: reads the body on a
+/// thread of its own without the handler (an error from it is the
+/// client's: broken off, truncated, too slow), then gives what finishes it,
+/// whose [`Reply`] is the answer. What it leaves unread is discarded after
+/// the answer is sent.
+pub type Upload<H> = Box<dyn FnOnce(&mut dyn Read) -> Finish<H, Reply> + Send>;
+
+/// The streaming part of a [`Route::Download`] request: writes the answer's
+/// bytes on a thread of its own without the handler (a write error means
+/// the client went away: stop), then gives what finishes it. The finish's
+/// `Err` is sent as the answer if nothing was written yet; after, the
+/// stream is broken off. The stream's end is sent after the finish ran.
+pub type Download<H> = Box<dyn FnOnce(&mut dyn Write) -> Finish<H, Result<(), Reply>> + Send>;
+
 /// What answers requests. `path` is the request target as sent, query
 /// included (`/GraphDriver.ApplyDiff?id=...`). Runs on a blocking thread,
-/// one request at a time.
+/// one request at a time; a streamed request's job runs without it.
 pub trait Handler: Send + 'static {
     /// How the endpoint of `path` is served; [`Route::Json`] unless said.
     fn route(path: &str) -> Route
@@ -140,23 +170,29 @@ pub trait Handler: Send + 'static {
     /// Answers one request whose body was read whole.
     fn handle(&mut self, path: &str, body: &[u8]) -> Reply;
 
-    /// Answers one [`Route::Upload`] request, reading its body from `body`
-    /// (an error from it is the client's: broken off, truncated, too slow).
-    /// What it leaves unread is discarded after the answer is sent.
-    fn upload(&mut self, path: &str, body: &mut dyn Read) -> Reply {
-        let _ = body;
-        Reply::err(404, format!("{path} takes no streamed body"))
+    /// Starts one [`Route::Upload`] request: checks it and takes what its
+    /// stream needs, and returns the job that reads the body.
+    ///
+    /// # Errors
+    /// The answer to send at once (the body is then discarded unread).
+    fn upload(&mut self, path: &str) -> Result<Upload<Self>, Reply>
+    where
+        Self: Sized,
+    {
+        Err(Reply::err(404, format!("{path} takes no streamed body")))
     }
 
-    /// Answers one [`Route::Download`] request by writing the answer's
-    /// bytes to `out`. An `Err` before anything was written is sent as the
-    /// answer; after, the stream is broken off. A write error means the
-    /// client went away: stop and return it.
+    /// Starts one [`Route::Download`] request whose body is `body`: checks
+    /// it and takes what its stream needs, and returns the job that writes
+    /// the answer.
     ///
     /// # Errors
     /// The answer to send instead of the stream.
-    fn download(&mut self, path: &str, body: &[u8], out: &mut dyn Write) -> Result<(), Reply> {
-        let _ = (body, out);
+    fn download(&mut self, path: &str, body: &[u8]) -> Result<Download<Self>, Reply>
+    where
+        Self: Sized,
+    {
+        let _ = body;
         Err(Reply::err(404, format!("{path} streams no answer")))
     }
 }
@@ -260,24 +296,10 @@ where
     rt.block_on(async {
         // Signals first: a SIGTERM from the moment the socket exists is a
         // graceful stop.
-        let mut term =
-            signal(SignalKind::terminate()).map_err(|e| setup(e, "install a SIGTERM handler"))?;
-        let mut int =
-            signal(SignalKind::interrupt()).map_err(|e| setup(e, "install a SIGINT handler"))?;
-        let (listener, file) = thinlayer_pool::socket::bind(socket, access)?;
+        let shutdown = thinlayer_pool::socket::stop_signals()?;
+        let (listener, file) = thinlayer_pool::socket::listen(socket, access)?;
         let handler = make()?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| setup(e, &format!("listen on {}", socket.display())))?;
-        let listener = UnixListener::from_std(listener)
-            .map_err(|e| setup(e, &format!("listen on {}", socket.display())))?;
         tracing::info!(socket = %socket.display(), "serving {what}");
-        let shutdown = async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = int.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        };
         serve(listener, *access, limits, handler, shutdown).await;
         // No new client finds the socket while a request in flight ends.
         drop(file);
@@ -383,11 +405,36 @@ async fn refuse(stream: &mut UnixStream, refusal: Refusal, limits: &Limits) {
 }
 
 /// Runs the handler on a blocking thread, one request at a time; a panic
-/// is a 500.
+/// is a 500. Logs (debug) how long the request waited for the handler and
+/// how long it took in all.
 async fn run<H: Handler>(handler: &Arc<Mutex<H>>, path: String, body: Vec<u8>) -> Reply {
+    let started = Instant::now();
+    let shown = path.clone();
+    let (reply, waited) = locked(handler, move |h| {
+        let waited = started.elapsed();
+        (h.handle(&path, &body), waited)
+    })
+    .await
+    .unwrap_or_else(|reply| (reply, Duration::ZERO));
+    tracing::debug!(
+        path = %shown,
+        status = reply.status,
+        waited_ms = waited.as_secs_f64() * 1000.0,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "answered"
+    );
+    reply
+}
+
+/// Runs `f` with the handler on a blocking thread, one at a time; a panic
+/// is a 500.
+async fn locked<H: Handler, T: Send + 'static>(
+    handler: &Arc<Mutex<H>>,
+    f: impl FnOnce(&mut H) -> T + Send + 'static,
+) -> Result<T, Reply> {
     let mut guard = Arc::clone(handler).lock_owned().await;
-    let done = tokio::task::spawn_blocking(move || guard.handle(&path, &body)).await;
-    done.unwrap_or_else(|e| panicked(&e))
+    let done = tokio::task::spawn_blocking(move || f(&mut guard)).await;
+    done.map_err(|e| panicked(&e))
 }
 
 fn panicked(e: &tokio::task::JoinError) -> Reply {
@@ -407,18 +454,28 @@ async fn upload<H: Handler>(
     head: Head,
     limits: &Limits,
 ) -> bool {
-    let (tx, rx) = mpsc::channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
-    let mut guard = Arc::clone(handler).lock_owned().await;
     let path = head.path.clone();
+    let started = locked(handler, move |h| h.upload(&path)).await;
+    let mut body = BodyStream::new(head.framing);
+    let job = match started.and_then(|s| s) {
+        Ok(job) => job,
+        Err(reply) => {
+            // Answered before reading: the rest is read and dropped.
+            if write_reply(stream, &reply, false, limits).await.is_ok() {
+                while let Ok(Some(_)) = body.next(stream, buf, limits).await {}
+            }
+            return false;
+        }
+    };
+    let (tx, rx) = mpsc::channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
     let job = tokio::task::spawn_blocking(move || {
         let mut body = ChannelReader {
             rx,
             chunk: Vec::new(),
             at: 0,
         };
-        guard.upload(&path, &mut body)
+        job(&mut body)
     });
-    let mut body = BodyStream::new(head.framing);
     // Whether the body was read to its end, or broke off.
     let mut ended = false;
     let mut broken = false;
@@ -443,7 +500,10 @@ async fn upload<H: Handler>(
         }
     }
     drop(tx);
-    let reply = job.await.unwrap_or_else(|e| panicked(&e));
+    let reply = match job.await {
+        Ok(finish) => locked(handler, finish).await.unwrap_or_else(|reply| reply),
+        Err(e) => panicked(&e),
+    };
     if broken {
         let _ = write_reply(stream, &reply, false, limits).await;
         return false;
@@ -472,16 +532,25 @@ async fn download<H: Handler>(
     body: Vec<u8>,
     limits: &Limits,
 ) -> bool {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
-    let mut guard = Arc::clone(handler).lock_owned().await;
     let path = head.path.clone();
+    let started = locked(handler, move |h| h.download(&path, &body)).await;
+    let job = match started.and_then(|s| s) {
+        Ok(job) => job,
+        Err(reply) => {
+            return write_reply(stream, &reply, head.keep_alive, limits)
+                .await
+                .is_ok()
+                && head.keep_alive;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT);
     let job = tokio::task::spawn_blocking(move || {
         let mut out = io::BufWriter::with_capacity(CHUNK, ChannelWriter { tx });
-        let done = guard.download(&path, &body, &mut out);
-        done.and_then(|()| {
-            out.flush()
-                .map_err(|e| Reply::err(500, format!("sending the stream: {e}")))
-        })
+        let finish = job(&mut out);
+        let flushed = out
+            .flush()
+            .map_err(|e| Reply::err(500, format!("sending the stream: {e}")));
+        (finish, flushed)
     });
     let mut started = false;
     let mut failed = false;
@@ -501,7 +570,13 @@ async fn download<H: Handler>(
             break;
         }
     }
-    let done = job.await.unwrap_or_else(|e| Err(panicked(&e)));
+    // The job's finish runs before the stream's end goes out.
+    let done = match job.await {
+        Ok((finish, flushed)) => locked(handler, move |h| finish(h).and(flushed))
+            .await
+            .and_then(|r| r),
+        Err(e) => Err(panicked(&e)),
+    };
     if failed {
         tracing::info!(path = %head.path, "the client stopped reading a streamed answer");
         return false;
@@ -987,7 +1062,28 @@ mod tests {
             Reply::ok(json!({"Path": path, "Len": body.len()}))
         }
 
-        fn upload(&mut self, path: &str, body: &mut dyn Read) -> Reply {
+        fn upload(&mut self, path: &str) -> Result<Upload<Echo>, Reply> {
+            let path = path.to_owned();
+            Ok(Box::new(move |body| {
+                let reply = echo_upload(&path, body);
+                Box::new(move |_: &mut Echo| reply)
+            }))
+        }
+
+        fn download(&mut self, path: &str, body: &[u8]) -> Result<Download<Echo>, Reply> {
+            if path == "/down-refused" {
+                return Err(Reply::err(500, "no such layer; list them first"));
+            }
+            let (path, body) = (path.to_owned(), body.to_vec());
+            Ok(Box::new(move |out| {
+                let done = echo_download(&path, &body, out);
+                Box::new(move |_: &mut Echo| done)
+            }))
+        }
+    }
+
+    fn echo_upload(path: &str, body: &mut dyn Read) -> Reply {
+        {
             let (mut n, mut sum) = (0usize, 0u64);
             let mut b = [0u8; 1000];
             loop {
@@ -1005,11 +1101,12 @@ mod tests {
             }
             Reply::ok(json!({"Len": n, "Sum": sum}))
         }
+    }
 
-        fn download(&mut self, path: &str, body: &[u8], out: &mut dyn Write) -> Result<(), Reply> {
+    fn echo_download(path: &str, body: &[u8], out: &mut dyn Write) -> Result<(), Reply> {
+        {
             let fail = |e: io::Error| Reply::err(500, e.to_string());
             match path {
-                "/down-refused" => Err(Reply::err(500, "no such layer; list them first")),
                 "/down-broken" => {
                     out.write_all(&[7u8; 100_000]).map_err(fail)?;
                     out.flush().map_err(fail)?;
@@ -1233,6 +1330,48 @@ mod tests {
         assert_eq!(body.len(), 100_000);
         // The server is still up.
         assert!(ask(&sock, ok).await.contains("200 OK"));
+
+        // A download piped straight into an upload, as dockerd pipes a
+        // Diff into an ApplyDiff: both streams flow at once (neither holds
+        // the handler), so a body far larger than the channels completes.
+        let n = 8usize << 20;
+        let mut down = UnixStream::connect(&sock).await.unwrap();
+        down.write_all(
+            format!(
+                "POST /down HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{n}",
+                n.to_string().len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(down.read(&mut b).await.unwrap(), 1, "the download's head");
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"));
+        let mut up = UnixStream::connect(&sock).await.unwrap();
+        up.write_all(
+            b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // The download's chunked framing is the upload's as it is.
+        let piped = tokio::time::timeout(Duration::from_secs(30), async {
+            tokio::io::copy(&mut down, &mut up).await.unwrap();
+            let mut out = String::new();
+            up.read_to_string(&mut out).await.unwrap();
+            out
+        })
+        .await
+        .expect("a download piped into an upload completes");
+        let sum: u64 = (0..n).map(|i| (i % 251) as u64).sum();
+        assert!(
+            piped.contains(&format!("\"Len\":{n},\"Sum\":{sum}")),
+            "{piped}"
+        );
 
         stop_tx.send(()).unwrap();
         server.await.unwrap();

@@ -6,6 +6,8 @@
 //!   graphdriver and volume plugin protocols on one socket;
 //! - [`docker_volume`]: Docker's volume plugin protocol serving thin
 //!   volumes (with instant snapshot clones), also served alone;
+//! - [`protocol`]: both protocols' requests and answers as moby sends and
+//!   reads them;
 //! - [`http`]: the bounded HTTP server both run on.
 //!
 //! (containerd's snapshotter is `crates/snapshotter`.)
@@ -15,6 +17,7 @@ pub mod docker_volume;
 pub mod error;
 pub mod graphdriver;
 pub mod http;
+pub mod protocol;
 
 pub use error::{Error, Result};
 pub use graphdriver::{GraphDriver, ThinDriver};

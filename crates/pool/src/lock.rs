@@ -4,6 +4,10 @@
 //! for; with it, the command queues. The kernel drops the lock when the
 //! process dies, so a crash never leaves the root locked.
 //!
+//! Every flock thinlayer takes goes through [`lock_file`]: the root's
+//! ([`lock`]) and a server's own (`ROOT/snapshotter/lock`, one containerd
+//! server per pool).
+//!
 //! Only root can reach a lock file: it is [`record::FILE_MODE`] under a
 //! [`record::DIR_MODE`] root, so no other user can `flock` it forever and
 //! hang every command (and the servers) behind it.
@@ -35,6 +39,9 @@ pub enum LockMode {
 pub struct RootLock {
     _flock: Flock<std::fs::File>,
 }
+
+/// A held flock on any lock file; released on drop.
+pub type FileLock = RootLock;
 
 /// Opens (creating if missing) the lock file at `path` for `flock`: mode
 /// [`record::FILE_MODE`], never through a symlink; one an older version
@@ -77,7 +84,20 @@ pub fn open_lock_file(path: &Path) -> Result<File> {
 /// [`Error::Locked`] when held and `wait` is false; I/O errors.
 pub fn lock(root: &Path, mode: LockMode, wait: bool) -> Result<RootLock> {
     let path: PathBuf = root.join("lock");
-    let file = open_lock_file(&path)?;
+    lock_file(&path, mode, wait)?.ok_or_else(|| Error::Locked {
+        root: root.to_owned(),
+        lock: path,
+    })
+}
+
+/// Takes a `flock` on the lock file at `path` ([`open_lock_file`]'s
+/// rules): `None` when another holds it and `wait` is false (the caller
+/// says who to wait for); with `wait`, queues until it is free.
+///
+/// # Errors
+/// I/O errors.
+pub fn lock_file(path: &Path, mode: LockMode, wait: bool) -> Result<Option<FileLock>> {
+    let file = open_lock_file(path)?;
     let arg = match (mode, wait) {
         (LockMode::Exclusive, true) => FlockArg::LockExclusive,
         (LockMode::Exclusive, false) => FlockArg::LockExclusiveNonblock,
@@ -85,11 +105,8 @@ pub fn lock(root: &Path, mode: LockMode, wait: bool) -> Result<RootLock> {
         (LockMode::Shared, false) => FlockArg::LockSharedNonblock,
     };
     match Flock::lock(file, arg) {
-        Ok(flock) => Ok(RootLock { _flock: flock }),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(Error::Locked {
-            root: root.to_owned(),
-            lock: path,
-        }),
+        Ok(flock) => Ok(Some(RootLock { _flock: flock })),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
         Err((_, e)) => Err(std::io::Error::from(e)).ctx(|| format!("lock {}", path.display())),
     }
 }
@@ -111,6 +128,13 @@ mod tests {
         let x = lock(&d, LockMode::Exclusive, false).unwrap();
         assert!(lock(&d, LockMode::Shared, false).is_err());
         drop(x);
+        // Any lock file: held is `None` without waiting.
+        let p = d.join("other.lock");
+        let held = lock_file(&p, LockMode::Exclusive, false).unwrap();
+        assert!(held.is_some());
+        assert!(lock_file(&p, LockMode::Shared, false).unwrap().is_none());
+        drop(held);
+        assert!(lock_file(&p, LockMode::Shared, false).unwrap().is_some());
         std::fs::remove_dir_all(d).unwrap();
     }
 

@@ -16,6 +16,10 @@
 //!   [`Access::admit`]: root, or a member of GROUP (its gid, or a
 //!   supplementary group from `/proc/PID/status`); anyone else is closed at
 //!   once, logged with uid and pid.
+//! - Both servers stop the same way on SIGTERM and SIGINT
+//!   ([`stop_signals`]), installed before the socket is bound, so from the
+//!   moment the socket exists a signal is a graceful stop (the socket file
+//!   removed), never the default instant death.
 
 use std::{
     fs, io,
@@ -346,6 +350,41 @@ fn clear_stale(path: &Path) -> Result<()> {
             "cannot tell whether a server answers on it ({e}); if none does, remove it by hand"
         ))),
     }
+}
+
+/// [`bind`], then the listener handed to tokio (within its runtime): what
+/// both servers listen on.
+///
+/// # Errors
+/// [`bind`]'s; the listener cannot be registered with the runtime.
+pub fn listen(path: &Path, access: &Access) -> Result<(tokio::net::UnixListener, SocketFile)> {
+    let (listener, file) = bind(path, access)?;
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+        .ctx(|| format!("listen on {}", path.display()))?;
+    Ok((listener, file))
+}
+
+/// Installs the servers' SIGTERM and SIGINT handlers (within a tokio
+/// runtime) and returns the future that completes at the first of them,
+/// logging which: a server's shutdown signal.
+///
+/// # Errors
+/// A handler cannot be installed.
+pub fn stop_signals() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).ctx(|| format!("install a {name} handler for the server"))
+    };
+    let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+    })
 }
 
 /// Raises this process's soft limit on open files to its hard limit, so a

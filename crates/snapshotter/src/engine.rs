@@ -15,13 +15,11 @@
 
 use std::{
     collections::HashMap,
-    fs::File,
     path::{Path, PathBuf},
     time::SystemTime,
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use nix::fcntl::{Flock, FlockArg};
 use thinlayer_pool::{FsType, LockMode, Owner, Pool};
 
 use crate::{
@@ -39,7 +37,7 @@ pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
 pub struct Engine {
     root: PathBuf,
     store: Store,
-    _lock: Flock<File>,
+    _lock: thinlayer_pool::lock::FileLock,
     /// The records directory was missing at open: layers without records
     /// are then kept (they may be snapshots whose records were lost).
     records_missing: bool,
@@ -64,19 +62,11 @@ impl Engine {
         thinlayer_pool::record::create_dir(&dir)?;
         let lock_path = dir.join("lock");
         // 0600, never through a symlink: only root can hold it.
-        let file = thinlayer_pool::lock::open_lock_file(&lock_path)?;
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(Error::AlreadyServing {
-                    root: root.to_owned(),
-                    lock: lock_path,
-                });
-            }
-            Err((_, e)) => {
-                return Err(Error::io(format!("lock {}", lock_path.display()), e.into()));
-            }
-        };
+        let lock = thinlayer_pool::lock::lock_file(&lock_path, LockMode::Exclusive, false)?
+            .ok_or_else(|| Error::AlreadyServing {
+                root: root.to_owned(),
+                lock: lock_path,
+            })?;
         let mut engine = Engine {
             root: root.to_owned(),
             store: Store::load(root)?,

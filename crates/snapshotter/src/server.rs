@@ -22,7 +22,6 @@ use containerd_snapshots::{Info, Snapshotter, Usage, api::types::Mount, tonic};
 use thinlayer_pool::socket::{Access, accept_error_is_transient};
 use tokio::{
     net::{UnixListener, UnixStream},
-    signal::unix::{SignalKind, signal},
     time::Sleep,
 };
 use tokio_stream::Stream;
@@ -242,25 +241,13 @@ async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> 
     let started = Instant::now();
     // Signals first: a SIGTERM from the moment the socket exists is a
     // graceful stop, never the default (instant) death.
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("handle SIGTERM", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("handle SIGINT", e))?;
+    let shutdown = thinlayer_pool::socket::stop_signals()?;
     // The socket first: a live server on it is the likelier mistake, and
     // its error is the clearer one. `file` removes it when we return.
-    let (listener, file) = thinlayer_pool::socket::bind(socket, access)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io(format!("listen on {}", socket.display()), e))?;
-    let listener = UnixListener::from_std(listener)
-        .map_err(|e| Error::io(format!("listen on {}", socket.display()), e))?;
+    let (listener, file) = thinlayer_pool::socket::listen(socket, access)?;
     let engine = Engine::open(root)?;
     let snapshotter = Arc::new(Thinlayer::new(engine));
     let engine = snapshotter.engine.clone();
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-    };
     tracing::info!(
         socket = %socket.display(),
         root = %root.display(),
