@@ -148,21 +148,24 @@ pub enum Error {
     },
 
     /// The layer has children.
-    #[error("layer `{id}` has children ({children}); remove them first")]
+    #[error("layer `{id}` has children ({}); remove them first", .children.join(", "))]
     HasChildren {
         /// The layer.
         id: String,
         /// Its children's ids.
-        children: String,
+        children: Vec<String>,
     },
 
     /// The layer (or pool) is mounted.
-    #[error("{what} is mounted at {mountpoints}; unmount it first with `thinlayer umount {hint}`")]
+    #[error(
+        "{what} is mounted at {}; unmount it first with `thinlayer umount {hint}`",
+        display_paths(.mountpoints)
+    )]
     Mounted {
         /// What is mounted.
         what: String,
         /// Where.
-        mountpoints: String,
+        mountpoints: Vec<PathBuf>,
         /// What to pass to `thinlayer umount`.
         hint: String,
     },
@@ -415,6 +418,15 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// `a, b, c` for a list of paths.
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn libc_enospc() -> i32 {
