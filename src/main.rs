@@ -17,8 +17,8 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use thinlayer_pool::{
     Action, Backing, BlockSize, Bytes, CreateOptions, DevicePair, Error, FsType, LockMode, Owner,
-    Pool, PoolStatus, Removal, exit,
-    space::{self, ExtendReport, ExtendRequest, SizeChange, WatchOptions},
+    Pool, PoolStatus, Removal, WatchOptions, exit,
+    space::{self, ExtendReport, ExtendRequest, SizeChange},
 };
 
 const EXIT_CODES: &str = "\
@@ -789,7 +789,7 @@ fn pool_watch(root: &Path, a: &WatchArgs, json: bool) -> thinlayer_pool::Result<
         ..WatchOptions::default()
     };
     let mut n = 0u32;
-    let end = space::watch(root, &opts, |r| {
+    let end = thinlayer_pool::watch(root, &opts, |r| {
         n += 1;
         // Each extension is printed as it happens, not at exit.
         let line = if json {

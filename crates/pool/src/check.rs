@@ -11,8 +11,8 @@ use std::{collections::BTreeSet, path::PathBuf};
 use serde::Serialize;
 
 use crate::{
+    action::Action,
     error::{Error, Result},
-    pool::Action,
 };
 
 /// One problem `pool check` found.

@@ -13,18 +13,21 @@
 //! Never: a dmsetup process, a mocked kernel in a test that claims dm-thin
 //! behaviour, a thin id reused.
 
+mod action;
 pub mod blockdev;
 pub mod check;
 pub mod cmd;
 pub mod error;
 pub mod fault;
 mod frozen;
+mod fstype;
 pub mod holders;
 pub mod kernel;
 pub mod lock;
 pub mod loopback;
 pub mod mounts;
 pub mod names;
+mod owner;
 pub mod peek;
 pub mod pool;
 pub mod records;
@@ -32,13 +35,15 @@ pub mod socket;
 pub mod space;
 pub mod units;
 
+pub use action::Action;
 pub use error::{Error, Result, exit};
 pub use frozen::Frozen;
 pub use lock::LockMode;
 pub use mounts::MountUse;
+pub use pool::watch::{WatchEnd, WatchOptions, watch};
 pub use pool::{
-    Action, CreateOptions, DevicePair, Holders, KernelStatus, LayerInfo, Pool, PoolMode,
-    PoolStatus, Provisioned, Reclaimed, Removal,
+    CreateOptions, DevicePair, Holders, KernelStatus, LayerInfo, Pool, PoolMode, PoolStatus,
+    Provisioned, Reclaimed, Removal,
 };
 pub use records::{
     Backing, FsType, LayerRecord, Layout, Owner, Pending, PoolRecord, Record, Spare, Trashed,

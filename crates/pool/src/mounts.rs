@@ -12,7 +12,7 @@ use nix::mount::{MntFlags, MsFlags};
 
 use crate::{
     error::{Error, IoContext, Result},
-    pool::FsType,
+    fstype::FsType,
 };
 
 /// One line of `/proc/self/mountinfo`, the fields thinlayer uses.

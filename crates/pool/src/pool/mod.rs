@@ -46,6 +46,7 @@ mod spare;
 mod status;
 pub mod thin;
 pub mod txn;
+pub mod watch;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -53,8 +54,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
-
+pub use crate::action::Action;
 pub use crate::records::{
     Backing, FsType, LayerRecord, Layout, Owner, Pending, PoolRecord, Spare, Trashed,
 };
@@ -72,16 +72,6 @@ pub use lifecycle::check_metadata;
 pub use reclaim::Reclaimed;
 pub use spare::Provisioned;
 pub use status::{KernelStatus, PoolMode, PoolStatus};
-
-/// What an idempotent verb did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    /// It changed something.
-    Done,
-    /// It was already so; no action taken.
-    AlreadyDone,
-}
 
 /// An open pool: its record, loaded under the root's lock.
 pub struct Pool {

@@ -17,14 +17,15 @@
 
 pub mod file;
 
+pub use crate::{fstype::FsType, owner::Owner};
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     blockdev::DeviceRef,
-    cmd::Tool,
-    error::{Error, Result},
+    error::Result,
     names::PoolId,
     units::{BlockSize, Bytes},
 };
@@ -59,66 +60,6 @@ impl Record for PoolRecord {
 
 impl Record for LayerRecord {
     const KIND: &'static str = "layer";
-}
-
-/// The filesystem on the base device, and so in every layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsType {
-    /// ext4, made with lazy inode tables that dm-thin reads back as zeros.
-    Ext4,
-    /// XFS; snapshots mount with `nouuid`.
-    Xfs,
-}
-
-impl FsType {
-    /// The kernel's name for it.
-    pub fn name(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-
-    /// Mount options every thin device of this type gets.
-    ///
-    /// ext4: `noinit_itable` keeps the kernel from zeroing inode tables in
-    /// each snapshot (they read back as zeros from unprovisioned blocks).
-    /// XFS: `nouuid`, since a snapshot shares its origin's UUID.
-    pub fn mount_options(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "noinit_itable",
-            FsType::Xfs => "nouuid",
-        }
-    }
-
-    pub(crate) fn mkfs(self) -> Tool {
-        match self {
-            FsType::Ext4 => Tool::MkfsExt4,
-            FsType::Xfs => Tool::MkfsXfs,
-        }
-    }
-
-    /// The smallest base device the filesystem tools accept.
-    pub(crate) fn min_size(self) -> Bytes {
-        match self {
-            FsType::Ext4 => Bytes(16 << 20),
-            FsType::Xfs => Bytes(300 << 20),
-        }
-    }
-}
-
-impl std::str::FromStr for FsType {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<FsType> {
-        match s {
-            "ext4" => Ok(FsType::Ext4),
-            "xfs" => Ok(FsType::Xfs),
-            other => Err(Error::InvalidArgument(format!(
-                "unknown filesystem `{other}`; use ext4 or xfs"
-            ))),
-        }
-    }
 }
 
 /// What the pool's data and metadata live on.
@@ -366,57 +307,6 @@ pub struct LayerRecord {
     /// owners were recorded load as [`Owner::User`].
     #[serde(default)]
     pub owner: Owner,
-}
-
-/// Who a layer belongs to, recorded when it is made: a front end reuses or
-/// removes only its own layers, and a user verb refuses another owner's
-/// (ownership is recorded, never inferred from a name).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Owner {
-    /// Made by hand (`layer create`, `layer apply`, a commit).
-    #[default]
-    User,
-    /// A layer of an imported image (named by its ChainID).
-    Image,
-    /// A container's init or read-write layer.
-    Container,
-    /// A volume's device.
-    Volume,
-    /// The containerd snapshotter's.
-    Snapshotter,
-    /// The Docker graphdriver's.
-    Graphdriver,
-    /// A private, short-lived snapshot the engine reads from (a frozen copy).
-    Scratch,
-}
-
-impl Owner {
-    /// The owner's name, as errors and `layer ls` show it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Owner::User => "user",
-            Owner::Image => "image",
-            Owner::Container => "container",
-            Owner::Volume => "volume",
-            Owner::Snapshotter => "containerd snapshotter",
-            Owner::Graphdriver => "docker graphdriver",
-            Owner::Scratch => "scratch",
-        }
-    }
-
-    /// The command that removes a layer of this owner, for error hints.
-    pub fn remove_hint(self) -> &'static str {
-        match self {
-            Owner::User => "thinlayer layer rm",
-            Owner::Image => "thinlayer image rm",
-            Owner::Container => "thinlayer container rm",
-            Owner::Volume => "thinlayer volume rm",
-            Owner::Snapshotter => "ctr snapshots rm (or ctr images rm)",
-            Owner::Graphdriver => "docker rm / docker rmi",
-            Owner::Scratch => "thinlayer pool recover",
-        }
-    }
 }
 
 impl LayerRecord {

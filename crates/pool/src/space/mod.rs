@@ -456,8 +456,5 @@ pub fn out_of_space_hint(what: &str) -> String {
     )
 }
 
-mod watch;
-pub use watch::{WatchEnd, WatchOptions, watch};
-
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,7 @@ use std::{
 };
 
 use nix::{
+    errno::Errno,
     poll::{PollFd, PollFlags, PollTimeout},
     sys::{
         signal::{SigSet, Signal},
@@ -20,14 +21,13 @@ use nix::{
     },
 };
 
-use nix::errno::Errno;
 use serde::Serialize;
 
-use super::{ExtendReport, ExtendRequest, HOST_RESERVE, SizeChange, allocated, host_free};
+use super::Pool;
 use crate::{
     error::{Error, IoContext, Result},
     kernel::Kernel,
-    pool::Pool,
+    space::{ExtendReport, ExtendRequest, HOST_RESERVE, SizeChange, allocated, host_free},
     units::{self, Bytes},
 };
 
