@@ -19,7 +19,6 @@ pub mod check;
 pub mod cmd;
 pub mod error;
 pub mod fault;
-mod frozen;
 mod fstype;
 pub mod holders;
 pub mod kernel;
@@ -37,13 +36,12 @@ pub mod units;
 
 pub use action::Action;
 pub use error::{Error, Result, exit};
-pub use frozen::Frozen;
 pub use lock::LockMode;
 pub use mounts::MountUse;
 pub use pool::watch::{WatchEnd, WatchOptions, watch};
 pub use pool::{
-    CreateOptions, DevicePair, Holders, KernelStatus, LayerInfo, Pool, PoolMode, PoolStatus,
-    Provisioned, Reclaimed, Removal,
+    CreateOptions, DevicePair, Frozen, Holders, KernelStatus, LayerInfo, Pool, PoolMode,
+    PoolStatus, Provisioned, Reclaimed, Removal,
 };
 pub use records::{
     Backing, FsType, LayerRecord, Layout, Owner, Pending, PoolRecord, Record, Spare, Trashed,

@@ -35,6 +35,7 @@ mod check;
 mod create;
 mod destroy;
 mod extend;
+mod frozen;
 mod layer;
 mod lifecycle;
 mod mount;
@@ -67,6 +68,7 @@ use crate::{
 };
 pub use adopt::FIRST_ADOPTED_THIN_ID;
 pub use create::{CreateOptions, DevicePair};
+pub use frozen::Frozen;
 pub use layer::{Holders, LayerInfo, Removal};
 pub use lifecycle::check_metadata;
 pub use reclaim::Reclaimed;

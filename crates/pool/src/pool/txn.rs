@@ -7,7 +7,7 @@
 //! rm --later, reclaim) is one small transaction over the pool record's
 //! `pending` field ([`Pending`]):
 //!
-//! 1. **Intent** ([`Pool::begin`]): the pool record is rewritten with the
+//! 1. **Intent** (`Pool::begin`): the pool record is rewritten with the
 //!    operation in `pending`, and, for an operation that makes a thin id,
 //!    `next_thin_id` moved past it. From here on the thin id is used up,
 //!    whatever happens: ids only grow, so one is never handed out twice.
@@ -18,10 +18,10 @@
 //! 3. **Commit point**: the record that makes the change visible is
 //!    written or removed: a layer record written (create), removed (rm),
 //!    a spare listed or the trash extended in the pool record.
-//! 4. **Done** ([`Pool::commit`]): `pending` cleared.
+//! 4. **Done** (`Pool::commit`): `pending` cleared.
 //!
 //! A failure that is not a crash (the kernel refuses a message) before the
-//! commit point undoes the kernel step ([`Pool::undo_thin`]) and clears the
+//! commit point undoes the kernel step (`Pool::undo_thin`) and clears the
 //! intent; the thin id stays used up.
 //!
 //! # After a crash

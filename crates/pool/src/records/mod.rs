@@ -7,7 +7,7 @@
 //! ROOT/layers/ID.rec     LayerRecord (kind `layer`), one per layer
 //! ```
 //!
-//! Every file is written through [`file`] (temp, fsync, rename, fsync the
+//! Every file is written through [`file`](mod@file) (temp, fsync, rename, fsync the
 //! directory; a CRC over the payload). New fields are `Option` or
 //! `#[serde(default)]`, so records an older version wrote still load.
 //!
@@ -39,7 +39,7 @@ pub trait Record: Serialize + DeserializeOwned {
     /// Reads the record at `path`.
     ///
     /// # Errors
-    /// I/O errors (`NotFound` matchable through [`Error::Io`]), damaged or
+    /// I/O errors (`NotFound` matchable through [`crate::Error::Io`]), damaged or
     /// mis-kinded records.
     fn load(path: &Path) -> Result<Self> {
         file::read(path, Self::KIND)

@@ -17,7 +17,7 @@
 //!   -> pool table reload -> record. Kernel first, record second; the data
 //!   file grows before anything else, so a crash after the kernel step and
 //!   before the record is told by a data file longer than the record
-//!   ([`Pool::reconcile_sizes`] adopts it).
+//!   ([`crate::Pool::reconcile_sizes`] adopts it).
 //! - **Watch.** An autoextend policy like LVM's
 //!   `thin_pool_autoextend_threshold`/`_percent`: it sleeps on the kernel's
 //!   dm events (the pool raises one at its low-water mark and when it runs
@@ -31,7 +31,7 @@
 //!   layer. [`HostSpace`] (in `pool status` and `pool check`) compares the
 //!   host's free space with the data file's remaining growth and warns
 //!   when it cannot hold it; `pool watch` never grows the data file past
-//!   what the host holds; [`Pool::require_host_space`] lets a caller
+//!   what the host holds; [`crate::Pool::require_host_space`] lets a caller
 //!   refuse work up front; [`sweep_scratch`] clears scratch a crash left.
 //!   `pool extend` measures from the live devices, never the record alone,
 //!   so an extend whose record was lost cannot shrink a device under the
@@ -235,7 +235,7 @@ pub(crate) fn grow_file(
 }
 
 /// Kept free on the host beyond what a step asks for in
-/// [`Pool::require_host_space`]: room for records and temp files.
+/// [`crate::Pool::require_host_space`]: room for records and temp files.
 pub const HOST_RESERVE: Bytes = Bytes(8 << 20);
 
 /// What `container commit` wants free on the host before it starts: its
