@@ -146,7 +146,7 @@ impl Pool {
                             .collect(),
                         kernel
                             .thin_mapped_sectors(&name)?
-                            .map(|s| s * crate::units::SECTOR),
+                            .map(|s| s.0 * crate::units::SECTOR),
                     ),
                     None => (None, Vec::new(), None),
                 }
@@ -318,7 +318,7 @@ impl Pool {
         let thin_id = spare
             .as_ref()
             .map_or(self.record().next_thin_id, |s| s.thin_id);
-        kernel::thin_id_of(thin_id)?;
+        kernel::ThinId::new(thin_id)?;
         let pool = self.name(Role::Pool);
         let begun = self.begin(Pending::CreateLayer {
             id: id.to_owned(),
@@ -339,10 +339,10 @@ impl Pool {
                 let origin_name = self.name(Role::Thin(origin));
                 let kernel = self.kernel()?;
                 let origin_active = kernel.device(&origin_name)?.is_some();
-                kernel.create_snap(
+                kernel.snapshot(
                     &pool,
-                    thin_id,
-                    origin,
+                    kernel::ThinId::new(thin_id)?,
+                    kernel::ThinId::new(origin)?,
                     origin_active.then_some(&*origin_name),
                 )
             }
@@ -391,7 +391,13 @@ impl Pool {
         let kernel = self.kernel()?;
         kernel.pool_message(&pool, &format!("create_thin {thin_id}"))?;
         let formatted = kernel
-            .activate_thin(&name, &uuid, pool_dev, thin_id, size.sectors())
+            .new_thin(
+                &name,
+                &uuid,
+                pool_dev,
+                kernel::ThinId::new(thin_id)?,
+                kernel::Sectors(size.sectors()),
+            )
             .and_then(|dev| crate::pool::make_filesystem(fs, &kernel::devnode(dev)))
             .and_then(|()| kernel.remove_if_present(&name).map(|_| ()));
         formatted.map_err(|e| self.undo_thin(thin_id, e))
@@ -670,13 +676,13 @@ impl Pool {
         let sectors = layer.size_in(self.record()).sectors();
         self.teardown_state().1.remove(&thin_id);
         let kernel = self.kernel()?;
-        Ok(match kernel.device(&name)? {
-            Some(dev) => (dev, false),
-            None => (
-                kernel.activate_thin(&name, &uuid, pool_dev, thin_id, sectors)?,
-                true,
-            ),
-        })
+        kernel.setup_thin(
+            &name,
+            &uuid,
+            pool_dev,
+            kernel::ThinId::new(thin_id)?,
+            kernel::Sectors(sectors),
+        )
     }
 
     /// Unmounts a layer (every mount of it) given its id, or one mount

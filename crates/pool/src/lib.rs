@@ -35,6 +35,7 @@ pub mod units;
 
 pub use error::{Error, Result, exit};
 pub use frozen::Frozen;
+pub use kernel::PoolMode;
 pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;
 pub use mounts::MountUse;
@@ -44,4 +45,4 @@ pub use pool::{
 };
 pub use reclaim::Reclaimed;
 pub use spare::Provisioned;
-pub use units::{BlockSize, Bytes};
+pub use units::{BlockSize, Bytes, ThinId};

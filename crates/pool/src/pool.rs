@@ -932,12 +932,12 @@ impl Pool {
                 .ok_or_else(|| Error::Inconsistent(format!("{name} vanished while adopting it")))?;
             kernel.pool_message(&dm_name, &format!("create_thin {first}"))?;
             let base = names::dm_name(&rec.pool_id, Role::Thin(first));
-            let dev = kernel.activate_thin(
+            let dev = kernel.new_thin(
                 &base,
                 &names::dm_uuid(&rec.pool_id, Role::Thin(first)),
                 pool_dev,
-                first,
-                rec.base_size.sectors(),
+                kernel::ThinId::new(first)?,
+                kernel::Sectors(rec.base_size.sectors()),
             )?;
             let made = make_filesystem(rec.fs, &kernel::devnode(dev));
             kernel.remove(&base)?;
@@ -1195,12 +1195,12 @@ impl Pool {
         fault::point("pool_create.after_base_thin");
         let base = names::dm_name(&rec.pool_id, Role::Thin(rec.base_thin_id));
         undo.devices.push(base.clone());
-        let dev = kernel.activate_thin(
+        let dev = kernel.new_thin(
             &base,
             &names::dm_uuid(&rec.pool_id, Role::Thin(rec.base_thin_id)),
             pool_dev,
-            rec.base_thin_id,
-            rec.base_size.sectors(),
+            kernel::ThinId::new(rec.base_thin_id)?,
+            kernel::Sectors(rec.base_size.sectors()),
         )?;
         fault::point("pool_create.after_base_activation");
         make_filesystem(rec.fs, &kernel::devnode(dev))?;
@@ -1266,8 +1266,8 @@ impl Pool {
             &meta_name,
             &names::dm_uuid(id, Role::Meta),
             meta_under,
-            offset,
-            rec.metadata_size.sectors(),
+            kernel::Sectors(offset),
+            kernel::Sectors(rec.metadata_size.sectors()),
         )?;
         made(&meta_name);
         fault::point(points.meta);
@@ -1276,8 +1276,8 @@ impl Pool {
             &data_name,
             &names::dm_uuid(id, Role::Data),
             data_under,
-            offset,
-            rec.data_size.sectors(),
+            kernel::Sectors(offset),
+            kernel::Sectors(rec.data_size.sectors()),
         )?;
         made(&data_name);
         fault::point(points.data);
@@ -1459,6 +1459,15 @@ impl Pool {
         }
         let name = self.name(Role::Pool);
         self.active = self.kernel()?.device(&name)?;
+        if self.active.is_some() && !matches!(self.rec.backing, Backing::Adopted { .. }) {
+            let (meta, data) = (self.name(Role::Meta), self.name(Role::Data));
+            let block = kernel::Sectors(self.rec.block_size.sectors());
+            let kernel = self.kernel.as_ref().expect("opened above");
+            if let Err(e) = kernel.check_pool(&name, &meta, &data, block) {
+                self.active = None;
+                return Err(e);
+            }
+        }
         if let (Some(_), Backing::Adopted { pool_uuid, .. }) = (self.active, &self.rec.backing) {
             let live = self.kernel.as_ref().expect("opened above").uuid_of(&name)?;
             if live != *pool_uuid {
@@ -2030,8 +2039,8 @@ pub(crate) fn pool_spec(
     PoolSpec {
         meta,
         data,
-        data_sectors: total * rec.block_size.sectors(),
-        block_sectors: rec.block_size.sectors(),
+        data_sectors: kernel::Sectors(total * rec.block_size.sectors()),
+        block_sectors: kernel::Sectors(rec.block_size.sectors()),
         low_water_blocks: total * (100 - u64::from(rec.low_water_percent)) / 100,
         // A full pool fails writes at once instead of queueing them (the
         // anchors' hung containers); the engine then says how to extend.

@@ -544,7 +544,12 @@ impl Pool {
         let uuid = self.uuid(Role::Thin(thin_id));
         let kernel = self.kernel()?;
         let dev = match kernel.device(&name)? {
-            Some(dev) => {
+            Some(_) => {
+                // Only our own device is discarded: a stale one under our
+                // name is refused, not wiped.
+                let id = kernel::ThinId::new(thin_id)?;
+                let length = kernel::Sectors(len.sectors());
+                let (dev, _) = kernel.setup_thin(&name, &uuid, pool_dev, id, length)?;
                 let points = crate::mounts::mountpoints_of(dev)?;
                 if !points.is_empty() {
                     return Err(Error::Mounted {
@@ -559,7 +564,13 @@ impl Pool {
                 }
                 dev
             }
-            None => match kernel.activate_thin(&name, &uuid, pool_dev, thin_id, len.sectors()) {
+            None => match kernel.new_thin(
+                &name,
+                &uuid,
+                pool_dev,
+                kernel::ThinId::new(thin_id)?,
+                kernel::Sectors(len.sectors()),
+            ) {
                 Ok(dev) => dev,
                 Err(e) if e.dm_errno() == Some(Errno::ENODATA) => {
                     tracing::debug!(thin_id, "no such thin id: nothing to discard");
@@ -703,8 +714,13 @@ impl Pool {
             let meta_name = self.name(Role::Meta);
             let pool_name = self.name(Role::Pool);
             let kernel = self.kernel()?;
-            kernel.resize_linear(&meta_name, meta_loop.device, 0, new_meta.sectors())?;
-            kernel.resize_linear(&data_name, data_loop.device, 0, new_data.sectors())?;
+            let (zero, meta_len, data_len) = (
+                kernel::Sectors(0),
+                kernel::Sectors(new_meta.sectors()),
+                kernel::Sectors(new_data.sectors()),
+            );
+            kernel.resize_linear(&meta_name, meta_loop.device, zero, meta_len)?;
+            kernel.resize_linear(&data_name, data_loop.device, zero, data_len)?;
             let dev = |n| {
                 kernel
                     .device(n)?
@@ -749,14 +765,15 @@ impl Pool {
             let meta_name = self.name(Role::Meta);
             let pool_name = self.name(Role::Pool);
             let kernel = self.kernel()?;
-            let off = blockdev::LABEL_SECTORS;
+            let off = kernel::Sectors(blockdev::LABEL_SECTORS);
             kernel.resize_linear(
                 &meta_name,
                 m.device,
                 off,
-                report.new_metadata_size.sectors(),
+                kernel::Sectors(report.new_metadata_size.sectors()),
             )?;
-            kernel.resize_linear(&data_name, d.device, off, report.new_data_size.sectors())?;
+            let data_len = kernel::Sectors(report.new_data_size.sectors());
+            kernel.resize_linear(&data_name, d.device, off, data_len)?;
             let dev = |n| {
                 kernel
                     .device(n)?

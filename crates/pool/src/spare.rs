@@ -99,13 +99,14 @@ impl Pool {
             self.check_space()?;
             let t = self.record().transaction_id;
             let thin_id = self.record().next_thin_id;
-            kernel::thin_id_of(thin_id)?;
+            kernel::ThinId::new(thin_id)?;
             self.begin(Pending::ProvisionSpare {
                 parent: parent.map(str::to_owned),
                 thin_id,
             })?;
             fault::point("spare_provision.after_intent");
-            let mut made = self.kernel()?.create_snap(&pool, thin_id, origin, None);
+            let ids = (kernel::ThinId::new(thin_id)?, kernel::ThinId::new(origin)?);
+            let mut made = self.kernel()?.snapshot(&pool, ids.0, ids.1, None);
             if made.is_ok() {
                 fault::point("spare_provision.after_snapshot");
                 made = match self.activate_spare(pool_dev, thin_id, sectors) {
@@ -214,9 +215,14 @@ impl Pool {
         let name = self.name(Role::Thin(thin_id));
         let uuid = self.uuid(Role::Thin(thin_id));
         let kernel = self.kernel()?;
-        if kernel.device(&name)?.is_none() {
-            kernel.activate_thin(&name, &uuid, pool_dev, thin_id, sectors)?;
-        }
+        let length = kernel::Sectors(sectors);
+        kernel.setup_thin(
+            &name,
+            &uuid,
+            pool_dev,
+            kernel::ThinId::new(thin_id)?,
+            length,
+        )?;
         Ok(())
     }
 
