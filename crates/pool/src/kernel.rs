@@ -568,18 +568,18 @@ impl Kernel {
     }
 
     /// The number of sectors a thin device has mapped (its own plus
-    /// shared), `None` when the kernel reports it failed or in error.
+    /// shared), `None` when the kernel reports it failed or in error, or
+    /// when the device is no thin device (a stale one under our name: a
+    /// listing shows it, [`Kernel::setup_thin`] refuses it).
     ///
     /// # Errors
-    /// device-mapper errors; a status line the crate cannot parse.
+    /// device-mapper errors.
     pub fn thin_mapped_sectors(&self, thin: &DmName) -> Result<Option<Sectors>> {
         let line = self.status_line(thin)?;
-        Ok(
-            match ThinStatus::from_str(&line).dm_ctx(|| format!("parse the status of {thin}"))? {
-                ThinStatus::Working(w) => Some(w.nr_mapped_sectors),
-                ThinStatus::Error | ThinStatus::Fail => None,
-            },
-        )
+        Ok(match ThinStatus::from_str(&line) {
+            Ok(ThinStatus::Working(w)) => Some(w.nr_mapped_sectors),
+            Ok(ThinStatus::Error | ThinStatus::Fail) | Err(_) => None,
+        })
     }
 
     fn status_line(&self, name: &DmName) -> Result<String> {
