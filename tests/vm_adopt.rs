@@ -79,7 +79,11 @@ fn vm_adopt_refuses_a_stale_layer_device_with_another_table() {
     );
     assert!(err.contains(&*name.to_string()), "names the device: {err}");
     assert!(err.contains("dmsetup remove"), "says what to do: {err}");
-    assert_eq!(table_of(&dm, &name), before, "the stale device is untouched");
+    assert_eq!(
+        table_of(&dm, &name),
+        before,
+        "the stale device is untouched"
+    );
     assert!(
         !std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
@@ -115,7 +119,11 @@ fn vm_adopt_refuses_a_stale_pool_device_with_another_table() {
     );
     assert!(err.contains(&*name.to_string()), "names the device: {err}");
     assert!(err.contains("dmsetup remove"), "says what to do: {err}");
-    assert_eq!(table_of(&dm, &name), before, "the stale device is untouched");
+    assert_eq!(
+        table_of(&dm, &name),
+        before,
+        "the stale device is untouched"
+    );
 
     dm.device_remove(&DevId::Name(&name), DmOptions::default())
         .expect("remove the stale device");

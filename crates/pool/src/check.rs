@@ -125,7 +125,12 @@ pub fn parse_thin_dump(xml: &str) -> Result<MetadataView> {
     let number = |node: roxmltree::Node<'_, '_>, name: &str| {
         node.attribute(name)
             .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| bad(&format!("<{}> has no numeric {name}", node.tag_name().name())))
+            .ok_or_else(|| {
+                bad(&format!(
+                    "<{}> has no numeric {name}",
+                    node.tag_name().name()
+                ))
+            })
     };
     let transaction_id = number(sb, "transaction")?;
     let thin_ids = sb
@@ -824,7 +829,8 @@ mod tests {
 
     #[test]
     fn thin_dump_xml_that_is_not_a_whole_dump_is_an_error() {
-        let whole = r#"<superblock uuid="" transaction="7"><device dev_id="4"></device></superblock>"#;
+        let whole =
+            r#"<superblock uuid="" transaction="7"><device dev_id="4"></device></superblock>"#;
         assert!(parse_thin_dump(whole).is_ok());
         for bad in [
             // Truncated: the dump died half-way.

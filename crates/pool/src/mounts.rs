@@ -37,7 +37,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
 
 /// Our entry from `procfs`'s: the device number parsed and the mount point
 /// unescaped (procfs keeps mountinfo's `\ooo` escapes).
-fn from_procfs(m: &procfs::process::MountInfo) -> Option<MountEntry> {
+pub(crate) fn from_procfs(m: &procfs::process::MountInfo) -> Option<MountEntry> {
     let (major, minor) = m.majmin.split_once(':')?;
     Some(MountEntry {
         device: Device {
