@@ -157,32 +157,45 @@ pub struct MetadataView {
     pub thin_ids: BTreeSet<u32>,
 }
 
-fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
-    let key = format!(" {name}=\"");
-    let start = tag.find(&key)? + key.len();
-    tag[start..].split('"').next()
-}
-
-/// Reads the transaction id and thin ids out of `thin_dump` XML.
+/// Reads the transaction id and thin ids out of `thin_dump` XML (parsed
+/// with `roxmltree`: a truncated or garbled dump is an error, never a
+/// partial view).
 ///
 /// # Errors
-/// [`Error::Inconsistent`] when the text is not a thin_dump of a pool.
+/// [`Error::Inconsistent`] when the text is not a thin_dump of a pool: not
+/// well-formed XML, no `<superblock>` root, or a `transaction`/`dev_id`
+/// missing or not a number.
 pub fn parse_thin_dump(xml: &str) -> Result<MetadataView> {
-    let bad = || Error::Inconsistent(format!("unexpected thin_dump output: {:.200}", xml.trim()));
-    let sb_start = xml.find("<superblock").ok_or_else(bad)?;
-    let sb = &xml[sb_start..];
-    let sb_tag = &sb[..sb.find('>').ok_or_else(bad)?];
-    let transaction_id = attr(sb_tag, "transaction")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(bad)?;
-    let mut thin_ids = BTreeSet::new();
-    for part in xml.split("<device ").skip(1) {
-        let tag = format!(" {}", &part[..part.find('>').ok_or_else(bad)?]);
-        let id = attr(&tag, "dev_id")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(bad)?;
-        thin_ids.insert(id);
+    let bad = |why: &str| {
+        Error::Inconsistent(format!(
+            "unexpected thin_dump output ({why}): {:.200}",
+            xml.trim()
+        ))
+    };
+    let doc = roxmltree::Document::parse(xml).map_err(|e| bad(&e.to_string()))?;
+    let sb = doc.root_element();
+    if !sb.has_tag_name("superblock") {
+        return Err(bad("the root element is not <superblock>"));
     }
+    let number = |node: roxmltree::Node<'_, '_>, name: &str| {
+        node.attribute(name)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| {
+                bad(&format!(
+                    "<{}> has no numeric {name}",
+                    node.tag_name().name()
+                ))
+            })
+    };
+    let transaction_id = number(sb, "transaction")?;
+    let thin_ids = sb
+        .children()
+        .filter(|n| n.has_tag_name("device"))
+        .map(|d| {
+            let id = number(d, "dev_id")?;
+            u32::try_from(id).map_err(|_| bad(&format!("dev_id {id} is out of range")))
+        })
+        .collect::<Result<BTreeSet<u32>>>()?;
     Ok(MetadataView {
         transaction_id,
         thin_ids,
@@ -254,5 +267,33 @@ mod tests {
             parse_thin_dump(r#"<superblock uuid="" transaction="1"></superblock>"#).unwrap();
         assert!(empty.thin_ids.is_empty());
         assert!(parse_thin_dump("garbage").is_err());
+    }
+
+    #[test]
+    fn thin_dump_xml_that_is_not_a_whole_dump_is_an_error() {
+        let whole =
+            r#"<superblock uuid="" transaction="7"><device dev_id="4"></device></superblock>"#;
+        assert!(parse_thin_dump(whole).is_ok());
+        for bad in [
+            // Truncated: the dump died half-way.
+            &whole[..whole.len() - 10],
+            r#"<superblock uuid="" transaction="7"><device dev_id="4">"#,
+            // Attributes missing or not numbers.
+            r#"<superblock uuid=""></superblock>"#,
+            r#"<superblock transaction="x"></superblock>"#,
+            r#"<superblock transaction="1"><device mapped_blocks="1"/></superblock>"#,
+            r#"<superblock transaction="1"><device dev_id="-1"/></superblock>"#,
+            r#"<superblock transaction="1"><device dev_id="99999999999"/></superblock>"#,
+            // Not a thin_dump at all.
+            r#"<metadata transaction="1"/>"#,
+            "",
+            "<<<>>>",
+        ] {
+            let e = parse_thin_dump(bad).expect_err(bad);
+            assert!(
+                matches!(e, Error::Inconsistent(ref m) if m.contains("unexpected thin_dump output")),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -290,6 +290,22 @@ pub enum Error {
         detail: String,
     },
 
+    /// A live dm device has thinlayer's name but not the table thinlayer
+    /// would load: it is not adopted, and left as it is.
+    #[error(
+        "the live dm device {name} has another table than thinlayer would load \
+         (found `{found}`, expected `{expected}`), so it is not used; it is stale \
+         or someone else's: if nothing uses it, remove it with `dmsetup remove {name}` and retry"
+    )]
+    WrongTable {
+        /// The dm name.
+        name: String,
+        /// Its live table.
+        found: String,
+        /// The table thinlayer would load.
+        expected: String,
+    },
+
     /// A device `pool create` was given holds data (a signature).
     #[error("{device} holds {what}; {hint}")]
     DeviceHasData {
@@ -389,6 +405,7 @@ impl Error {
             | Error::Busy { .. }
             | Error::DeviceInUse { .. }
             | Error::DeviceHasData { .. }
+            | Error::WrongTable { .. }
             | Error::Foreign { .. }
             | Error::Locked { .. } => exit::CONFLICT,
             Error::DeviceMissing { .. } => exit::NOT_FOUND,

@@ -47,4 +47,4 @@ pub use records::{
     Backing, FsType, LayerRecord, Layout, Owner, Pending, PoolRecord, Record, Spare, Trashed,
     file as record,
 };
-pub use units::{BlockSize, Bytes};
+pub use units::{BlockSize, Bytes, ThinId};

@@ -90,7 +90,7 @@ impl Peek {
         let mapped_bytes = self
             .kernel
             .thin_mapped_sectors(&name)?
-            .map(|s| s * crate::units::SECTOR);
+            .map(|s| s.0 * crate::units::SECTOR);
         Ok(Some(ActiveLayer {
             record,
             devnode: kernel::devnode(dev),

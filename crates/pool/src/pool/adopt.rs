@@ -195,12 +195,12 @@ impl Pool {
                 .ok_or_else(|| Error::Inconsistent(format!("{name} vanished while adopting it")))?;
             kernel.pool_message(&dm_name, &format!("create_thin {first}"))?;
             let base = names::dm_name(&rec.pool_id, Role::Thin(first));
-            let dev = kernel.activate_thin(
+            let dev = kernel.new_thin(
                 &base,
                 &names::dm_uuid(&rec.pool_id, Role::Thin(first)),
                 pool_dev,
-                first,
-                rec.base_size.sectors(),
+                kernel::ThinId::new(first)?,
+                kernel::Sectors(rec.base_size.sectors()),
             )?;
             let made = make_filesystem(rec.fs, &kernel::devnode(dev));
             kernel.remove(&base)?;

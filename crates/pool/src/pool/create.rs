@@ -381,12 +381,12 @@ impl Pool {
         fault::point("pool_create.after_base_thin");
         let base = names::dm_name(&rec.pool_id, Role::Thin(rec.base_thin_id));
         undo.devices.push(base.clone());
-        let dev = kernel.activate_thin(
+        let dev = kernel.new_thin(
             &base,
             &names::dm_uuid(&rec.pool_id, Role::Thin(rec.base_thin_id)),
             pool_dev,
-            rec.base_thin_id,
-            rec.base_size.sectors(),
+            kernel::ThinId::new(rec.base_thin_id)?,
+            kernel::Sectors(rec.base_size.sectors()),
         )?;
         fault::point("pool_create.after_base_activation");
         make_filesystem(rec.fs, &kernel::devnode(dev))?;

@@ -16,6 +16,7 @@ use super::{Pool, lifecycle::pool_spec};
 use crate::{
     blockdev::{self, DeviceRole},
     error::{Error, IoContext, Result},
+    kernel::Sectors,
     names::Role,
     records::{Backing, PoolRecord},
     space::{ExtendReport, ExtendRequest, device_size, grow_file, refuse_shrink},
@@ -176,8 +177,13 @@ impl Pool {
             let meta_name = self.name(Role::Meta);
             let pool_name = self.name(Role::Pool);
             let kernel = self.kernel()?;
-            kernel.resize_linear(&meta_name, meta_loop.device, 0, new_meta.sectors())?;
-            kernel.resize_linear(&data_name, data_loop.device, 0, new_data.sectors())?;
+            let (zero, meta_len, data_len) = (
+                Sectors(0),
+                Sectors(new_meta.sectors()),
+                Sectors(new_data.sectors()),
+            );
+            kernel.resize_linear(&meta_name, meta_loop.device, zero, meta_len)?;
+            kernel.resize_linear(&data_name, data_loop.device, zero, data_len)?;
             let dev = |n| {
                 kernel
                     .device(n)?
@@ -222,14 +228,15 @@ impl Pool {
             let meta_name = self.name(Role::Meta);
             let pool_name = self.name(Role::Pool);
             let kernel = self.kernel()?;
-            let off = blockdev::LABEL_SECTORS;
+            let off = Sectors(blockdev::LABEL_SECTORS);
             kernel.resize_linear(
                 &meta_name,
                 m.device,
                 off,
-                report.new_metadata_size.sectors(),
+                Sectors(report.new_metadata_size.sectors()),
             )?;
-            kernel.resize_linear(&data_name, d.device, off, report.new_data_size.sectors())?;
+            let data_len = Sectors(report.new_data_size.sectors());
+            kernel.resize_linear(&data_name, d.device, off, data_len)?;
             let dev = |n| {
                 kernel
                     .device(n)?

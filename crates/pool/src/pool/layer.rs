@@ -166,7 +166,7 @@ impl Pool {
                             .collect(),
                         kernel
                             .thin_mapped_sectors(&name)?
-                            .map(|s| s * crate::units::SECTOR),
+                            .map(|s| s.0 * crate::units::SECTOR),
                     ),
                     None => (None, Vec::new(), None),
                 }
@@ -298,7 +298,7 @@ impl Pool {
         let thin_id = spare
             .as_ref()
             .map_or(self.record().next_thin_id, |s| s.thin_id);
-        kernel::thin_id_of(thin_id)?;
+        kernel::ThinId::new(thin_id)?;
         let begun = self.begin(Pending::CreateLayer {
             id: id.to_owned(),
             thin_id,

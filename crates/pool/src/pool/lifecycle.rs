@@ -22,7 +22,7 @@ use crate::{
     cmd::Tool,
     error::{Error, IoContext, Result},
     fault,
-    kernel::{Kernel, PoolSpec},
+    kernel::{Kernel, PoolSpec, Sectors},
     loopback, mounts,
     names::{self, Role},
     records::{Backing, Layout, Pending, PoolRecord, Record, file},
@@ -214,8 +214,8 @@ pub(super) fn start_pool(
         &meta_name,
         &names::dm_uuid(id, Role::Meta),
         meta_under,
-        offset,
-        rec.metadata_size.sectors(),
+        Sectors(offset),
+        Sectors(rec.metadata_size.sectors()),
     )?;
     made(&meta_name);
     fault::point(points.meta);
@@ -224,8 +224,8 @@ pub(super) fn start_pool(
         &data_name,
         &names::dm_uuid(id, Role::Data),
         data_under,
-        offset,
-        rec.data_size.sectors(),
+        Sectors(offset),
+        Sectors(rec.data_size.sectors()),
     )?;
     made(&data_name);
     fault::point(points.data);
@@ -253,8 +253,8 @@ pub(crate) fn pool_spec(
     PoolSpec {
         meta,
         data,
-        data_sectors: total * rec.block_size.sectors(),
-        block_sectors: rec.block_size.sectors(),
+        data_sectors: Sectors(total * rec.block_size.sectors()),
+        block_sectors: Sectors(rec.block_size.sectors()),
         low_water_blocks: total * (100 - u64::from(rec.low_water_percent)) / 100,
         // A full pool fails writes at once instead of queueing them (the
         // anchors' hung containers); the engine then says how to extend.

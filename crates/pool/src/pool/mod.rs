@@ -231,6 +231,15 @@ impl Pool {
         }
         let name = self.name(Role::Pool);
         self.active = self.kernel()?.device(&name)?;
+        if self.active.is_some() && !matches!(self.rec.backing, Backing::Adopted { .. }) {
+            let (meta, data) = (self.name(Role::Meta), self.name(Role::Data));
+            let block = kernel::Sectors(self.rec.block_size.sectors());
+            let kernel = self.kernel.as_ref().expect("opened above");
+            if let Err(e) = kernel.check_pool(&name, &meta, &data, block) {
+                self.active = None;
+                return Err(e);
+            }
+        }
         if let (Some(_), Backing::Adopted { pool_uuid, .. }) = (self.active, &self.rec.backing) {
             let live = self.kernel.as_ref().expect("opened above").uuid_of(&name)?;
             if live != *pool_uuid {

@@ -97,7 +97,7 @@ impl Pool {
         for _ in have.len().min(count)..count {
             self.check_space()?;
             let thin_id = self.record().next_thin_id;
-            kernel::thin_id_of(thin_id)?;
+            kernel::ThinId::new(thin_id)?;
             self.begin(Pending::ProvisionSpare {
                 parent: parent.map(str::to_owned),
                 thin_id,

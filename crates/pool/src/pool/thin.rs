@@ -17,7 +17,8 @@ use nix::errno::Errno;
 use super::Pool;
 use crate::{
     error::{Error, Result},
-    kernel, mounts,
+    kernel::{self, Sectors, ThinId},
+    mounts,
     names::Role,
     records::{FsType, Trashed},
     space::discard_device,
@@ -61,10 +62,10 @@ impl Pool {
         let origin_name = self.name(Role::Thin(origin));
         let kernel = self.kernel()?;
         let origin_active = kernel.device(&origin_name)?.is_some();
-        kernel.create_snap(
+        kernel.snapshot(
             &pool,
-            thin_id,
-            origin,
+            ThinId::new(thin_id)?,
+            ThinId::new(origin)?,
             origin_active.then_some(&*origin_name),
         )
     }
@@ -90,19 +91,26 @@ impl Pool {
         let kernel = self.kernel()?;
         kernel.pool_message(&pool, &format!("create_thin {thin_id}"))?;
         let formatted = kernel
-            .activate_thin(&name, &uuid, pool_dev, thin_id, size.sectors())
+            .new_thin(
+                &name,
+                &uuid,
+                pool_dev,
+                ThinId::new(thin_id)?,
+                Sectors(size.sectors()),
+            )
             .and_then(|dev| make_filesystem(fs, &kernel::devnode(dev)))
             .and_then(|()| kernel.remove_if_present(&name).map(|_| ()));
         formatted.map_err(|e| self.undo_thin(thin_id, e))
     }
 
     /// The device of the existing thin id `thin_id` (`sectors` long),
-    /// activated if the kernel does not have it; says whether this call
+    /// activated if the kernel does not have it (a live device of that
+    /// name is taken only when its table is ours); says whether this call
     /// activated it. An idle device (left up by deferred teardown) is
     /// taken back into use.
     ///
     /// # Errors
-    /// Kernel errors.
+    /// [`Error::WrongTable`], kernel errors.
     pub(crate) fn activate_thin(
         &mut self,
         pool_dev: devicemapper::Device,
@@ -113,13 +121,13 @@ impl Pool {
         let uuid = self.uuid(Role::Thin(thin_id));
         self.idle.remove(&thin_id);
         let kernel = self.kernel()?;
-        Ok(match kernel.device(&name)? {
-            Some(dev) => (dev, false),
-            None => (
-                kernel.activate_thin(&name, &uuid, pool_dev, thin_id, sectors)?,
-                true,
-            ),
-        })
+        kernel.setup_thin(
+            &name,
+            &uuid,
+            pool_dev,
+            ThinId::new(thin_id)?,
+            Sectors(sectors),
+        )
     }
 
     /// Discards all of thin device `thin_id` so its blocks go back to the
@@ -137,7 +145,12 @@ impl Pool {
         let uuid = self.uuid(Role::Thin(thin_id));
         let kernel = self.kernel()?;
         let dev = match kernel.device(&name)? {
-            Some(dev) => {
+            Some(_) => {
+                // Only our own device is discarded: a stale one under our
+                // name is refused, not wiped.
+                let id = ThinId::new(thin_id)?;
+                let length = Sectors(len.sectors());
+                let (dev, _) = kernel.setup_thin(&name, &uuid, pool_dev, id, length)?;
                 let points = mounts::mountpoints_of(dev)?;
                 if !points.is_empty() {
                     return Err(Error::Mounted {
@@ -148,7 +161,13 @@ impl Pool {
                 }
                 dev
             }
-            None => match kernel.activate_thin(&name, &uuid, pool_dev, thin_id, len.sectors()) {
+            None => match kernel.new_thin(
+                &name,
+                &uuid,
+                pool_dev,
+                ThinId::new(thin_id)?,
+                Sectors(len.sectors()),
+            ) {
                 Ok(dev) => dev,
                 Err(e) if e.dm_errno() == Some(Errno::ENODATA) => {
                     tracing::debug!(thin_id, "no such thin id: nothing to discard");
