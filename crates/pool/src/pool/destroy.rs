@@ -11,8 +11,7 @@ use super::{Pool, lifecycle::clear_interrupted_create};
 use crate::{
     blockdev::{self, DeviceRole},
     error::{Error, Result},
-    mounts,
-    names::{self, Role},
+    mounts, names,
     records::{Backing, Pending, file},
 };
 
@@ -107,15 +106,12 @@ impl Pool {
             // Every thin id of thinlayer's in the pool: layers, spares,
             // trash, the base, and what a crash left.
             let ids = self.metadata_thin_ids()?;
-            let pool = self.name(Role::Pool);
             let mine: Vec<u32> = ids
                 .into_iter()
                 .filter(|t| !self.rec.backing.is_foreign(*t))
                 .collect();
             let n = mine.len();
-            for t in mine {
-                self.kernel()?.pool_message(&pool, &format!("delete {t}"))?;
-            }
+            self.delete_thins(&mine, false)?;
             said.push(format!(
                 "deleted thinlayer's {n} thin id(s) from {pool_name}; its other thin ids and the pool itself are untouched"
             ));

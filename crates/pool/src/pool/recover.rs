@@ -98,18 +98,16 @@ impl Pool {
                 let mut recorded: BTreeSet<u32> = layer_ids.union(&spare_ids).copied().collect();
                 recorded.insert(rec.base_thin_id);
                 if let Some(view) = md.view {
-                    let pool_name = self.name(Role::Pool);
-                    let kernel = self.kernel()?;
-                    for t in view.thin_ids.difference(&recorded) {
-                        if rec.backing.is_foreign(*t) {
+                    for &t in view.thin_ids.difference(&recorded) {
+                        if rec.backing.is_foreign(t) {
                             // Never: another owner's thin id, even with --force.
                             continue;
                         }
-                        let dev = names::dm_name(&rec.pool_id, Role::Thin(*t));
-                        if kernel.device(&dev)?.is_some() {
+                        let dev = names::dm_name(&rec.pool_id, Role::Thin(t));
+                        if self.kernel()?.device(&dev)?.is_some() {
                             continue;
                         }
-                        kernel.pool_message(&pool_name, &format!("delete {t}"))?;
+                        self.delete_thins(&[t], false)?;
                         actions.push(format!("deleted thin id {t}, which no record knows"));
                     }
                 }
