@@ -102,6 +102,7 @@ fn pool(e: &thinlayer_pool::Error) -> u8 {
         | E::Busy { .. }
         | E::DeviceInUse { .. }
         | E::DeviceHasData { .. }
+        | E::WrongTable { .. }
         | E::Foreign { .. }
         | E::Locked { .. } => CONFLICT,
         E::NoSpace { .. } | E::HostNoSpace { .. } => NO_SPACE,

@@ -591,12 +591,12 @@ fn vm_crash_unknown_thin_device_is_found_and_removed_by_force() {
     kernel.pool_message(&pool, "create_thin 78").unwrap();
     let pool_dev = kernel.device(&pool).unwrap().unwrap();
     kernel
-        .activate_thin(
+        .new_thin(
             &dm_name(&pid, Role::Thin(77)),
             &dm_uuid(&pid, Role::Thin(77)),
             pool_dev,
-            77,
-            1 << 17,
+            thinlayer_pool::ThinId::new(77).unwrap(),
+            thinlayer_pool::kernel::Sectors(1 << 17),
         )
         .unwrap();
 

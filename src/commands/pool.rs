@@ -9,8 +9,8 @@ use std::{
 
 use serde_json::json;
 use thinlayer_pool::{
-    Action, Bytes, CreateOptions, DevicePair, Error, LockMode, Pool,
-    space::{self, ExtendRequest, WatchOptions},
+    Action, Bytes, CreateOptions, DevicePair, Error, LockMode, Pool, WatchOptions,
+    space::ExtendRequest,
 };
 
 use crate::{
@@ -149,7 +149,7 @@ pub(crate) fn watch(root: &Path, a: &WatchArgs, json: bool) -> thinlayer_pool::R
         ..WatchOptions::default()
     };
     let mut n = 0u32;
-    let end = space::watch(root, &opts, |r| {
+    let end = thinlayer_pool::watch(root, &opts, |r| {
         n += 1;
         // Each extension is printed as it happens, not at exit.
         let line = if json {

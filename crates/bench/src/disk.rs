@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use devicemapper::{DmNameBuf, DmUuidBuf};
+use devicemapper::{DmNameBuf, DmUuidBuf, Sectors};
 use thinlayer_pool::{blockdev, kernel::Kernel};
 
 use crate::{
@@ -108,9 +108,10 @@ impl Slices {
                 DmNameBuf::new(format!("tlbench-disk-{role}")).dm(|| "name a disk slice".into())?;
             let uuid = DmUuidBuf::new(format!("TLBENCH-disk-{role}"))
                 .dm(|| "uuid of a disk slice".into())?;
+            let (offset, len) = (Sectors(offset / 512), Sectors(len / 512));
             let dev = self
                 .kernel
-                .create_linear(&name, &uuid, under, offset / 512, len / 512)?;
+                .create_linear(&name, &uuid, under, offset, len)?;
             self.made.push(name);
             nodes.push(blockdev::node_of(dev)?);
         }

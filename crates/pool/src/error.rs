@@ -128,21 +128,24 @@ pub enum Error {
     },
 
     /// The layer has children.
-    #[error("layer `{id}` has children ({children}); remove them first")]
+    #[error("layer `{id}` has children ({}); remove them first", .children.join(", "))]
     HasChildren {
         /// The layer.
         id: String,
         /// Its children's ids.
-        children: String,
+        children: Vec<String>,
     },
 
     /// The layer (or pool) is mounted.
-    #[error("{what} is mounted at {mountpoints}; unmount it first with `thinlayer umount {hint}`")]
+    #[error(
+        "{what} is mounted at {}; unmount it first with `thinlayer umount {hint}`",
+        display_paths(.mountpoints)
+    )]
     Mounted {
         /// What is mounted.
         what: String,
         /// Where.
-        mountpoints: String,
+        mountpoints: Vec<PathBuf>,
         /// What to pass to `thinlayer umount`.
         hint: String,
     },
@@ -267,6 +270,22 @@ pub enum Error {
         detail: String,
     },
 
+    /// A live dm device has thinlayer's name but not the table thinlayer
+    /// would load: it is not adopted, and left as it is.
+    #[error(
+        "the live dm device {name} has another table than thinlayer would load \
+         (found `{found}`, expected `{expected}`), so it is not used; it is stale \
+         or someone else's: if nothing uses it, remove it with `dmsetup remove {name}` and retry"
+    )]
+    WrongTable {
+        /// The dm name.
+        name: String,
+        /// Its live table.
+        found: String,
+        /// The table thinlayer would load.
+        expected: String,
+    },
+
     /// A device `pool create` was given holds data (a signature).
     #[error("{device} holds {what}; {hint}")]
     DeviceHasData {
@@ -356,6 +375,15 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// `a, b, c` for a list of paths.
+fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Adds context to an `io::Result`.

@@ -1,10 +1,11 @@
 //! Who holds a device or a mount: the answer none of the anchors gives
 //! when a removal fails with "device or resource busy".
 //!
-//! Scans `/proc`: every process whose open files include the device node,
-//! whose working directory, root or open files lie under a mount point,
-//! and every mount namespace (other than ours) that mounts the device. A
-//! process that vanishes during the scan is skipped.
+//! Scans `/proc` through the `procfs` crate: every process whose open
+//! files include the device node, whose working directory, root or open
+//! files lie under a mount point, and every mount namespace (other than
+//! ours) that mounts the device. A process that vanishes during the scan
+//! (any of its reads fails) is skipped.
 
 use std::{
     fs,
@@ -13,6 +14,7 @@ use std::{
 };
 
 use devicemapper::Device;
+use procfs::process::{FDTarget, Process};
 
 use crate::mounts;
 
@@ -33,21 +35,36 @@ impl std::fmt::Display for Holder {
     }
 }
 
-fn pids() -> Vec<u32> {
-    let mut out: Vec<u32> = fs::read_dir("/proc")
+/// Every process but this one, by pid; one that vanished is left out.
+fn processes() -> Vec<(u32, Process)> {
+    let me = std::process::id();
+    let mut out: Vec<(u32, Process)> = procfs::process::all_processes()
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter_map(|p| Some((u32::try_from(p.pid()).ok()?, p)))
+        .filter(|(pid, _)| *pid != me)
         .collect();
-    out.sort_unstable();
+    out.sort_unstable_by_key(|(pid, _)| *pid);
     out
 }
 
-fn comm(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "?".into())
+fn comm(p: &Process) -> String {
+    p.stat().map_or_else(|_| "?".into(), |s| s.comm)
+}
+
+/// The paths `p` has open, with their fd numbers (sockets, pipes and the
+/// like left out).
+fn open_paths(p: &Process) -> Vec<(i32, PathBuf)> {
+    p.fd()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| match fd.target {
+            FDTarget::Path(path) => Some((fd.fd, path)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn rdev_of(path: &Path) -> Option<Device> {
@@ -64,31 +81,22 @@ fn rdev_of(path: &Path) -> Option<Device> {
 
 /// Processes with `device` open, and other mount namespaces mounting it.
 pub fn of_device(device: Device) -> Vec<Holder> {
-    let me = std::process::id();
     let own_ns = fs::read_link("/proc/self/ns/mnt").ok();
     let mut seen_ns = Vec::new();
     let mut out = Vec::new();
-    for pid in pids() {
-        if pid == me {
-            continue;
-        }
-        for fd in fs::read_dir(format!("/proc/{pid}/fd"))
+    for (pid, p) in processes() {
+        if let Some((fd, _)) = open_paths(&p)
             .into_iter()
-            .flatten()
-            .flatten()
+            .find(|(_, t)| rdev_of(t) == Some(device))
         {
-            if fs::read_link(fd.path()).is_ok_and(|t| rdev_of(&t) == Some(device)) {
-                out.push(Holder {
-                    pid,
-                    command: comm(pid),
-                    how: format!(
-                        "has the device open (fd {})",
-                        fd.file_name().to_string_lossy()
-                    ),
-                });
-                break;
-            }
+            out.push(Holder {
+                pid,
+                command: comm(&p),
+                how: format!("has the device open (fd {fd})"),
+            });
         }
+        // The namespace's link only (`procfs`'s `namespaces()` stats every
+        // namespace of the process).
         let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/mnt")) else {
             continue;
         };
@@ -96,14 +104,14 @@ pub fn of_device(device: Device) -> Vec<Holder> {
             continue;
         }
         seen_ns.push(ns.clone());
-        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/mountinfo")) else {
+        let Ok(mounts) = p.mountinfo() else {
             continue;
         };
-        for m in mounts::parse_mountinfo(&text) {
+        for m in mounts.iter().filter_map(mounts::from_procfs) {
             if m.device == device {
                 out.push(Holder {
                     pid,
-                    command: comm(pid),
+                    command: comm(&p),
                     how: format!(
                         "is in mount namespace {} which mounts it at {}",
                         ns.display(),
@@ -118,33 +126,22 @@ pub fn of_device(device: Device) -> Vec<Holder> {
 
 /// Processes whose working directory, root or open files lie under `dir`.
 pub fn under_mount(dir: &Path) -> Vec<Holder> {
-    let me = std::process::id();
     let inside = |p: &PathBuf| p.starts_with(dir);
     let mut out = Vec::new();
-    for pid in pids() {
-        if pid == me {
-            continue;
-        }
-        let how = if fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|p| inside(&p)) {
+    for (pid, p) in processes() {
+        let how = if p.cwd().is_ok_and(|c| inside(&c)) {
             Some("has its working directory there".to_owned())
-        } else if fs::read_link(format!("/proc/{pid}/root"))
-            .is_ok_and(|p| p != Path::new("/") && inside(&p))
-        {
+        } else if p.root().is_ok_and(|r| r != Path::new("/") && inside(&r)) {
             Some("has its root there".to_owned())
         } else {
-            fs::read_dir(format!("/proc/{pid}/fd"))
+            open_paths(&p)
                 .into_iter()
-                .flatten()
-                .flatten()
-                .find_map(|fd| {
-                    let t = fs::read_link(fd.path()).ok()?;
-                    inside(&t).then(|| format!("has {} open", t.display()))
-                })
+                .find_map(|(_, t)| inside(&t).then(|| format!("has {} open", t.display())))
         };
         if let Some(how) = how {
             out.push(Holder {
                 pid,
-                command: comm(pid),
+                command: comm(&p),
                 how,
             });
         }

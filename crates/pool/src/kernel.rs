@@ -7,22 +7,51 @@
 //! parent needs no suspend, and a pool of thousands of layers keeps only
 //! its mounted ones in the kernel's device list.
 //!
+//! Vocabulary (the `devicemapper` crate's `ThinDev`): [`Kernel::new_thin`]
+//! creates (an error if the name is taken), [`Kernel::setup_thin`] adopts a
+//! live device only when its table is the one we would load, else activates
+//! it, [`Kernel::snapshot`] snapshots (suspending an active origin),
+//! [`Kernel::teardown`] removes the device and keeps the data,
+//! [`Kernel::destroy_thin`] also deletes the thin id. Thin ids are
+//! [`ThinId`]s and lengths [`Sectors`] here, never bare integers.
+//!
+//! Why not `ThinDev`/`ThinPoolDev` themselves: `ThinDev::snapshot` needs the
+//! origin active and always suspends it, while thinlayer keeps layers
+//! inactive and snapshots them with a bare `create_snap` message (no
+//! suspend is needed when nothing has the origin open); and the crate's
+//! types hold a device for their lifetime, where the engine holds names and
+//! activates a device only while it is used. So this module drives the
+//! crate's `DM` ioctls with the crate's table, status and id types, and
+//! does the adopt-with-table-check that `ThinDev::setup` does.
+//!
 //! What must never happen: a pool message (`create_snap`, `delete`) sent
 //! while the origin is active and not suspended (the kernel would snapshot
 //! an inconsistent device); an origin left suspended after a failed
-//! message.
+//! message; a live device adopted by name whose table is not ours (a stale
+//! or foreign device would be handed out, mounted or snapshotted as a
+//! layer).
 
 use std::{collections::HashSet, path::PathBuf, str::FromStr};
 
+pub use devicemapper::Sectors;
 use devicemapper::{
     DM, DataBlocks, DevId, Device, DmFlags, DmName, DmOptions, DmUuid, LinearDevTargetParams,
-    LinearDevTargetTable, LinearTargetParams, Sectors, TargetLine, TargetTable, ThinDevId,
-    ThinDevTargetTable, ThinPoolDevTargetTable, ThinPoolStatus, ThinPoolTargetParams,
-    ThinPoolWorkingStatus, ThinTargetParams,
+    LinearDevTargetTable, LinearTargetParams, TargetLine, TargetTable, ThinDevTargetTable,
+    ThinPoolDevTargetTable, ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams,
+    ThinPoolWorkingStatus, ThinStatus, ThinTargetParams,
 };
 use nix::errno::Errno;
 
 use crate::error::{DmContext, Error, Result};
+pub use crate::units::ThinId;
+
+/// The mode a working thin-pool is in, from its status line (the crate's
+/// `ThinPoolStatusSummary`).
+pub type PoolMode = ThinPoolStatusSummary;
+
+/// A raw table as the `DM` ioctls speak it: (start, length, target,
+/// parameters) per line.
+pub type RawTable = Vec<(u64, u64, String, String)>;
 
 /// The kernel's thin-pool target name.
 const THIN_POOL_TARGET: &str = "thin-pool";
@@ -174,13 +203,13 @@ impl Kernel {
         name: &DmName,
         uuid: &DmUuid,
         under: Device,
-        offset: u64,
-        length: u64,
+        offset: Sectors,
+        length: Sectors,
     ) -> Result<Device> {
         let table = LinearDevTargetTable::new(vec![TargetLine::new(
             Sectors(0),
-            Sectors(length),
-            LinearDevTargetParams::Linear(LinearTargetParams::new(under, Sectors(offset))),
+            length,
+            LinearDevTargetParams::Linear(LinearTargetParams::new(under, offset)),
         )]);
         self.create(name, uuid, &table.to_raw_table())
     }
@@ -193,13 +222,13 @@ impl Kernel {
         &self,
         name: &DmName,
         under: Device,
-        offset: u64,
-        length: u64,
+        offset: Sectors,
+        length: Sectors,
     ) -> Result<()> {
         let table = LinearDevTargetTable::new(vec![TargetLine::new(
             Sectors(0),
-            Sectors(length),
-            LinearDevTargetParams::Linear(LinearTargetParams::new(under, Sectors(offset))),
+            length,
+            LinearDevTargetParams::Linear(LinearTargetParams::new(under, offset)),
         )]);
         self.reload(name, &table.to_raw_table())
     }
@@ -209,7 +238,7 @@ impl Kernel {
     ///
     /// # Errors
     /// device-mapper errors.
-    pub fn table(&self, name: &DmName) -> Result<Vec<(u64, u64, String, String)>> {
+    pub fn table(&self, name: &DmName) -> Result<RawTable> {
         let (_, lines) = self
             .dm
             .table_status(
@@ -249,14 +278,14 @@ impl Kernel {
     }
 
     /// The thin-pool table for the given devices.
-    pub fn pool_table(spec: &PoolSpec) -> Vec<(u64, u64, String, String)> {
+    pub fn pool_table(spec: &PoolSpec) -> RawTable {
         ThinPoolDevTargetTable::new(
             Sectors(0),
-            Sectors(spec.data_sectors),
+            spec.data_sectors,
             ThinPoolTargetParams::new(
                 spec.meta,
                 spec.data,
-                Sectors(spec.block_sectors),
+                spec.block_sectors,
                 DataBlocks(spec.low_water_blocks),
                 spec.features.clone(),
             ),
@@ -280,24 +309,133 @@ impl Kernel {
         self.reload(name, &Self::pool_table(spec))
     }
 
-    /// Activates thin device `thin_id` of the pool at `pool` as `name`.
+    /// The table of thin device `id` of the pool at `pool`, `length` long.
+    fn thin_table(pool: Device, id: ThinId, length: Sectors) -> ThinDevTargetTable {
+        ThinDevTargetTable::new(
+            Sectors(0),
+            length,
+            ThinTargetParams::new(pool, id.into(), None),
+        )
+    }
+
+    /// Creates thin device `id` of the pool at `pool` as `name`
+    /// (`ThinDev::new`'s create -> load -> resume).
     ///
     /// # Errors
-    /// device-mapper errors (`ENODATA` when the pool has no such thin id).
-    pub fn activate_thin(
+    /// device-mapper errors: `EBUSY` when `name` is taken, `ENODATA` when
+    /// the pool has no such thin id.
+    pub fn new_thin(
         &self,
         name: &DmName,
         uuid: &DmUuid,
         pool: Device,
-        thin_id: u32,
-        sectors: u64,
+        id: ThinId,
+        length: Sectors,
     ) -> Result<Device> {
-        let table = ThinDevTargetTable::new(
-            Sectors(0),
-            Sectors(sectors),
-            ThinTargetParams::new(pool, thin_id_of(thin_id)?, None),
-        );
-        self.create(name, uuid, &table.to_raw_table())
+        self.create(
+            name,
+            uuid,
+            &Self::thin_table(pool, id, length).to_raw_table(),
+        )
+    }
+
+    /// Thin device `id` of the pool at `pool` as `name`: the live device
+    /// when the kernel has one whose table is the one we would load (pool
+    /// device and thin id; the length may differ, an extend grows it),
+    /// else a new one. Says whether this call activated it.
+    ///
+    /// # Errors
+    /// [`Error::WrongTable`] when a device named `name` is live with another
+    /// table (it is left as it is); device-mapper errors as
+    /// [`Kernel::new_thin`].
+    pub fn setup_thin(
+        &self,
+        name: &DmName,
+        uuid: &DmUuid,
+        pool: Device,
+        id: ThinId,
+        length: Sectors,
+    ) -> Result<(Device, bool)> {
+        let Some(dev) = self.device(name)? else {
+            return Ok((self.new_thin(name, uuid, pool, id, length)?, true));
+        };
+        let raw = self.table(name)?;
+        let ours = ThinDevTargetTable::from_raw_table(&raw)
+            .ok()
+            .is_some_and(|t| t.table.params.pool == pool && t.table.params.thin_id == id.into());
+        if ours {
+            Ok((dev, false))
+        } else {
+            Err(Error::WrongTable {
+                name: name.to_string(),
+                found: describe_table(&raw),
+                expected: describe_table(&Self::thin_table(pool, id, length).to_raw_table()),
+            })
+        }
+    }
+
+    /// Checks that the live pool device `name` has the table our record
+    /// gives it before it is adopted: a thin-pool over the live devices
+    /// named `meta` and `data`, with blocks of `block` (length and
+    /// low-water mark may differ: an extend changes them).
+    ///
+    /// # Errors
+    /// [`Error::WrongTable`] when it does not (the device is left as it
+    /// is); device-mapper errors.
+    pub fn check_pool(
+        &self,
+        name: &DmName,
+        meta: &DmName,
+        data: &DmName,
+        block: Sectors,
+    ) -> Result<()> {
+        let raw = self.table(name)?;
+        let (meta_dev, data_dev) = (self.device(meta)?, self.device(data)?);
+        let ours = ThinPoolDevTargetTable::from_raw_table(&raw)
+            .ok()
+            .is_some_and(|t| {
+                let p = &t.table.params;
+                Some(p.metadata_dev) == meta_dev
+                    && Some(p.data_dev) == data_dev
+                    && p.data_block_size == block
+            });
+        if ours {
+            return Ok(());
+        }
+        let dev_of = |d: Option<Device>, n: &DmName| match d {
+            Some(d) => d.to_string(),
+            None => format!("{n} (not active)"),
+        };
+        Err(Error::WrongTable {
+            name: name.to_string(),
+            found: describe_table(&raw),
+            expected: format!(
+                "thin-pool over metadata {} and data {}, blocks of {} sectors",
+                dev_of(meta_dev, meta),
+                dev_of(data_dev, data),
+                block
+            ),
+        })
+    }
+
+    /// Removes a dm device and keeps its data (`ThinDev::teardown`).
+    /// `EBUSY` becomes [`Error::Busy`].
+    ///
+    /// # Errors
+    /// device-mapper errors.
+    pub fn teardown(&self, name: &DmName) -> Result<()> {
+        self.remove(name)
+    }
+
+    /// Tears down thin device `name` if live, then deletes thin id `id`
+    /// from `pool` (`ThinDev::destroy`).
+    ///
+    /// # Errors
+    /// [`Error::Busy`]; device-mapper errors (`ENODATA` when the pool has
+    /// no such thin id).
+    pub fn destroy_thin(&self, pool: &DmName, name: &DmName, id: ThinId) -> Result<()> {
+        self.remove_if_present(name)?;
+        self.pool_message(pool, &format!("delete {id}"))
     }
 
     /// Removes a dm device. `EBUSY` becomes [`Error::Busy`].
@@ -365,17 +503,19 @@ impl Kernel {
             .dm_ctx(|| format!("send `{message}` to {pool}"))
     }
 
-    /// Creates a snapshot `new_id` of `origin_id`. When the origin is
-    /// active (`origin` given) it is suspended around the message, as the
-    /// kernel requires, and resumed even if the message fails.
+    /// Creates thin id `new_id`, a snapshot of `origin_id`. When the origin
+    /// is active (`origin` given) it is suspended around the message, as
+    /// the kernel requires, and resumed even if the message fails; an
+    /// inactive origin is snapshotted without (the raw message the crate's
+    /// `ThinDev::snapshot` cannot send).
     ///
     /// # Errors
     /// device-mapper errors.
-    pub fn create_snap(
+    pub fn snapshot(
         &self,
         pool: &DmName,
-        new_id: u32,
-        origin_id: u32,
+        new_id: ThinId,
+        origin_id: ThinId,
         origin: Option<&DmName>,
     ) -> Result<()> {
         let message = format!("create_snap {new_id} {origin_id}");
@@ -427,16 +567,19 @@ impl Kernel {
         }
     }
 
-    /// The number of sectors a thin device has mapped (its own plus shared).
+    /// The number of sectors a thin device has mapped (its own plus
+    /// shared), `None` when the kernel reports it failed or in error, or
+    /// when the device is no thin device (a stale one under our name: a
+    /// listing shows it, [`Kernel::setup_thin`] refuses it).
     ///
     /// # Errors
     /// device-mapper errors.
-    pub fn thin_mapped_sectors(&self, thin: &DmName) -> Result<Option<u64>> {
+    pub fn thin_mapped_sectors(&self, thin: &DmName) -> Result<Option<Sectors>> {
         let line = self.status_line(thin)?;
-        if line.starts_with("Fail") || line.starts_with("Error") {
-            return Ok(None);
-        }
-        Ok(line.split(' ').next().and_then(|v| v.parse().ok()))
+        Ok(match ThinStatus::from_str(&line) {
+            Ok(ThinStatus::Working(w)) => Some(w.nr_mapped_sectors),
+            Ok(ThinStatus::Error | ThinStatus::Fail) | Err(_) => None,
+        })
     }
 
     fn status_line(&self, name: &DmName) -> Result<String> {
@@ -499,10 +642,10 @@ pub struct PoolSpec {
     pub meta: Device,
     /// The data device.
     pub data: Device,
-    /// Length of the data device in sectors.
-    pub data_sectors: u64,
-    /// The pool's block size in sectors.
-    pub block_sectors: u64,
+    /// Length of the data device.
+    pub data_sectors: Sectors,
+    /// The pool's block size.
+    pub block_sectors: Sectors,
     /// Free blocks below which the kernel raises an event.
     pub low_water_blocks: u64,
     /// Feature arguments (`error_if_no_space`, ...).
@@ -515,11 +658,44 @@ pub fn devnode(device: Device) -> PathBuf {
     PathBuf::from(format!("/dev/dm-{}", device.minor))
 }
 
-/// A thin id checked to fit in the kernel's 24 bits.
-///
-/// # Errors
-/// [`Error::InvalidArgument`] past 2^24 - 1.
-pub fn thin_id_of(id: u32) -> Result<ThinDevId> {
-    ThinDevId::new_u64(u64::from(id))
-        .map_err(|e| Error::InvalidArgument(format!("thin id {id} is out of range: {e}")))
+/// A raw table in one line per target, for error messages.
+fn describe_table(raw: &[(u64, u64, String, String)]) -> String {
+    if raw.is_empty() {
+        return "no table".into();
+    }
+    raw.iter()
+        .map(|(start, len, target, params)| format!("{start} {len} {target} {params}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_table_error_names_the_device_and_what_to_do() {
+        let raw = vec![(0, 2048, "error".to_owned(), String::new())];
+        let e = Error::WrongTable {
+            name: "tl1-abc-thin-5".into(),
+            found: describe_table(&raw),
+            expected: describe_table(
+                &Kernel::thin_table(
+                    Device {
+                        major: 253,
+                        minor: 2,
+                    },
+                    ThinId::new(5).unwrap(),
+                    Sectors(2048),
+                )
+                .to_raw_table(),
+            ),
+        };
+        let text = e.to_string();
+        assert!(text.contains("`0 2048 error `"), "{text}");
+        assert!(text.contains("`0 2048 thin 253:2 5`"), "{text}");
+        assert!(text.contains("dmsetup remove tl1-abc-thin-5"), "{text}");
+        assert!(matches!(e, crate::Error::WrongTable { .. }), "{e}");
+        assert_eq!(describe_table(&[]), "no table");
+    }
 }

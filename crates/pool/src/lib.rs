@@ -4,44 +4,47 @@
 //! block size), with crash-safe records under a root directory.
 //!
 //! Data path: CLI -> [`Pool`] -> [`kernel`] (ioctls through the
-//! `devicemapper` crate) + [`record`] -> result. Kernel step first, record
+//! `devicemapper` crate) + [`records`] -> result. Kernel step first, record
 //! second; a failed record undoes the kernel step; an interrupted pair is
-//! settled by [`Pool::recover`] from the pool's transaction id.
+//! settled by [`Pool::recover`] from the intent in the pool record. The
+//! whole protocol, and what recovery does after a crash at each point, is
+//! in [`pool::txn`].
 //!
 //! Never: a dmsetup process, a mocked kernel in a test that claims dm-thin
 //! behaviour, a thin id reused.
 
+mod action;
 pub mod blockdev;
 pub mod check;
 pub mod cmd;
 pub mod error;
 pub mod fault;
-mod frozen;
+mod fstype;
 pub mod holders;
 pub mod kernel;
-mod layer;
 pub mod lock;
 pub mod loopback;
 pub mod mounts;
 pub mod names;
+mod owner;
 pub mod peek;
 pub mod pool;
-mod reclaim;
-pub mod record;
+pub mod records;
 pub mod socket;
 pub mod space;
-mod spare;
 pub mod units;
 
+pub use action::Action;
 pub use error::{Error, Result};
-pub use frozen::Frozen;
-pub use layer::{LayerInfo, Removal};
 pub use lock::LockMode;
 pub use mounts::MountUse;
+pub use pool::watch::{WatchEnd, WatchOptions, watch};
 pub use pool::{
-    Action, Backing, CreateOptions, DevicePair, FsType, LayerRecord, Owner, Pool, PoolRecord,
-    PoolStatus, Spare, Trashed,
+    CreateOptions, DevicePair, Frozen, Holders, KernelStatus, LayerInfo, Pool, PoolMode,
+    PoolStatus, Provisioned, Reclaimed, Removal,
 };
-pub use reclaim::Reclaimed;
-pub use spare::Provisioned;
-pub use units::{BlockSize, Bytes};
+pub use records::{
+    Backing, FsType, LayerRecord, Layout, Owner, Pending, PoolRecord, Record, Spare, Trashed,
+    file as record,
+};
+pub use units::{BlockSize, Bytes, ThinId};

@@ -12,7 +12,7 @@ use nix::mount::{MntFlags, MsFlags};
 
 use crate::{
     error::{Error, IoContext, Result},
-    pool::FsType,
+    fstype::FsType,
 };
 
 /// One line of `/proc/self/mountinfo`, the fields thinlayer uses.
@@ -26,26 +26,27 @@ pub struct MountEntry {
     pub fstype: String,
 }
 
-/// Parses mountinfo text. Lines that do not parse are skipped.
+/// Parses mountinfo text, line by line with `procfs`'s parser (its
+/// whole-file reader gives up on the first odd line; here lines that do
+/// not parse are skipped).
 pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let devno = fields.nth(2)?;
-            let mountpoint = fields.nth(1)?;
-            let (_, after) = line.split_once(" - ")?;
-            let fstype = after.split(' ').next()?;
-            let (major, minor) = devno.split_once(':')?;
-            Some(MountEntry {
-                device: Device {
-                    major: major.parse().ok()?,
-                    minor: minor.parse().ok()?,
-                },
-                mountpoint: PathBuf::from(unescape(mountpoint)),
-                fstype: fstype.to_owned(),
-            })
-        })
+        .filter_map(|line| from_procfs(&procfs::process::MountInfo::from_line(line).ok()?))
         .collect()
+}
+
+/// Our entry from `procfs`'s: the device number parsed and the mount point
+/// unescaped (procfs keeps mountinfo's `\ooo` escapes).
+pub(crate) fn from_procfs(m: &procfs::process::MountInfo) -> Option<MountEntry> {
+    let (major, minor) = m.majmin.split_once(':')?;
+    Some(MountEntry {
+        device: Device {
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        },
+        mountpoint: PathBuf::from(unescape(m.mount_point.to_str()?)),
+        fstype: m.fs_type.clone(),
+    })
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

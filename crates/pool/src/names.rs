@@ -13,7 +13,7 @@ use devicemapper::{DmNameBuf, DmUuidBuf};
 
 use crate::{
     error::{Error, Result},
-    pool::Owner,
+    owner::Owner,
 };
 
 /// Bumped when the naming scheme changes, so old devices are recognisable.

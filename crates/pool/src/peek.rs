@@ -15,8 +15,7 @@ use crate::{
     error::{Error, Result},
     kernel::{self, Kernel},
     names::{self, Role},
-    pool::{LayerRecord, Layout, PoolRecord, RECORD_LAYER, RECORD_POOL},
-    record,
+    records::{LayerRecord, Layout, PoolRecord, Record},
 };
 
 /// A pool's records, read once, and a kernel handle; no lock held.
@@ -48,7 +47,7 @@ impl Peek {
         let layout = Layout {
             root: root.to_owned(),
         };
-        let rec: PoolRecord = match record::read(&layout.pool_record(), RECORD_POOL) {
+        let rec: PoolRecord = match PoolRecord::load(&layout.pool_record()) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NoPool {
                     root: root.to_owned(),
@@ -75,7 +74,7 @@ impl Peek {
     /// [`Error::UnknownLayer`], damaged records, kernel errors.
     pub fn active_layer(&self, id: &str) -> Result<Option<ActiveLayer>> {
         names::check_id("layer", id)?;
-        let record: LayerRecord = match record::read(&self.layout.layer_record(id), RECORD_LAYER) {
+        let record: LayerRecord = match LayerRecord::load(&self.layout.layer_record(id)) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::UnknownLayer(id.to_owned()));
             }
@@ -91,7 +90,7 @@ impl Peek {
         let mapped_bytes = self
             .kernel
             .thin_mapped_sectors(&name)?
-            .map(|s| s * crate::units::SECTOR);
+            .map(|s| s.0 * crate::units::SECTOR);
         Ok(Some(ActiveLayer {
             record,
             devnode: kernel::devnode(dev),

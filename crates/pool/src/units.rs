@@ -222,9 +222,111 @@ pub fn default_metadata_size(data: Bytes, block: BlockSize, max_thins: u64) -> B
     Bytes(rounded.clamp(8 * mib, MAX_METADATA))
 }
 
+/// One past the largest thin device id: `dm_thin_id` is declared in
+/// `drivers/md/dm-thin-metadata.h`, and `drivers/md/dm-thin.c` caps it at
+/// `MAX_DEV_ID ((1 << 24) - 1)`; the `devicemapper` crate's `ThinDevId`
+/// enforces the same 24 bits.
+pub const THIN_ID_LIMIT: u32 = 1 << 24;
+
+/// A dm-thin device id, checked in its constructor to fit the kernel's 24
+/// bits, so an out-of-range id never reaches a pool message or a table.
+/// Stored as its bare number (`#[serde(transparent)]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ThinId(u32);
+
+impl ThinId {
+    /// The largest id the kernel accepts, 2^24 - 1.
+    pub const MAX: ThinId = ThinId(THIN_ID_LIMIT - 1);
+
+    /// Checks `id` against the kernel's 24 bits.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] past 2^24 - 1.
+    pub fn new(id: u32) -> Result<ThinId> {
+        if id < THIN_ID_LIMIT {
+            Ok(ThinId(id))
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "thin id {id} is out of range: dm-thin ids are 24 bits (at most {})",
+                THIN_ID_LIMIT - 1
+            )))
+        }
+    }
+
+    /// The id as a number.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for ThinId {
+    type Error = Error;
+    fn try_from(id: u32) -> Result<ThinId> {
+        ThinId::new(id)
+    }
+}
+
+impl TryFrom<u64> for ThinId {
+    type Error = Error;
+    fn try_from(id: u64) -> Result<ThinId> {
+        u32::try_from(id)
+            .map_err(|_| Error::InvalidArgument(format!("thin id {id} is out of range")))
+            .and_then(ThinId::new)
+    }
+}
+
+impl From<ThinId> for u32 {
+    fn from(id: ThinId) -> u32 {
+        id.0
+    }
+}
+
+impl From<ThinId> for devicemapper::ThinDevId {
+    fn from(id: ThinId) -> devicemapper::ThinDevId {
+        devicemapper::ThinDevId::new_u64(u64::from(id.0))
+            .expect("a ThinId is checked to fit 24 bits in its constructor")
+    }
+}
+
+impl From<devicemapper::ThinDevId> for ThinId {
+    fn from(id: devicemapper::ThinDevId) -> ThinId {
+        ThinId(u32::from(id))
+    }
+}
+
+impl fmt::Display for ThinId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl<'de> Deserialize<'de> for ThinId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<ThinId, D::Error> {
+        ThinId::new(u32::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thin_id_is_24_bits() {
+        assert_eq!(ThinId::new(0).unwrap().get(), 0);
+        assert_eq!(ThinId::new(0xFF_FFFF).unwrap(), ThinId::MAX);
+        assert!(ThinId::new(0x100_0000).is_err());
+        assert!(ThinId::try_from(u64::from(u32::MAX) + 1).is_err());
+        let dm: devicemapper::ThinDevId = ThinId::MAX.into();
+        assert_eq!(ThinId::from(dm), ThinId::MAX);
+        assert_eq!(ThinId::new(7).unwrap().to_string(), "7");
+        assert_eq!(
+            serde_json::to_string(&ThinId::new(42).unwrap()).unwrap(),
+            "42"
+        );
+        assert_eq!(serde_json::from_str::<ThinId>("42").unwrap().get(), 42);
+        assert!(serde_json::from_str::<ThinId>("16777216").is_err());
+    }
 
     #[test]
     fn parses_human_units() {

@@ -146,14 +146,14 @@ mod tests {
         assert_eq!(
             code(Error::Engine(E::HasChildren {
                 id: "l".into(),
-                children: "c".into()
+                children: vec!["c".into()]
             })),
             Code::FailedPrecondition
         );
         assert_eq!(
             code(Error::Engine(E::Mounted {
                 what: "l".into(),
-                mountpoints: "/m".into(),
+                mountpoints: vec!["/m".into()],
                 hint: "l".into()
             })),
             Code::FailedPrecondition

@@ -331,7 +331,8 @@ impl Store {
     fn pool_is_full(&mut self) -> Result<bool> {
         let st = self.pool.status()?;
         Ok(st.kernel.is_some_and(|k| {
-            k.mode == "out_of_data_space" || k.data_used_blocks >= k.data_total_blocks
+            k.mode == thinlayer_pool::PoolMode::OutOfDataSpace
+                || k.data_used_blocks >= k.data_total_blocks
         }))
     }
 
@@ -756,7 +757,7 @@ impl Store {
             if !children.is_empty() {
                 return Err(thinlayer_pool::Error::HasChildren {
                     id: id.clone(),
-                    children: children.join(", "),
+                    children,
                 }
                 .into());
             }

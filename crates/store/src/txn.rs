@@ -387,12 +387,7 @@ impl Store {
             if layers.contains(&l.id) && !l.mountpoints.is_empty() {
                 return Err(thinlayer_pool::Error::Mounted {
                     what: format!("layer `{}` of the image", l.id),
-                    mountpoints: l
-                        .mountpoints
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    mountpoints: l.mountpoints,
                     hint: l.id.clone(),
                 }
                 .into());

@@ -64,7 +64,7 @@ impl Pool {
         let (origin, sectors) = match parent {
             Some(p) => {
                 let l = self.layer(p)?;
-                crate::layer::refuse_removing(&l)?;
+                super::layer::refuse_removing(&l)?;
                 (l.thin_id, l.size_in(self.record()).sectors())
             }
             None => (
@@ -91,39 +91,37 @@ impl Pool {
             });
         }
         for &thin_id in have.iter().take(count) {
-            self.activate_spare(pool_dev, thin_id, sectors)?;
+            self.activate_thin(pool_dev, thin_id, sectors).map(|_| ())?;
             report.kept += 1;
         }
-        let pool = self.name(Role::Pool);
         for _ in have.len().min(count)..count {
             self.check_space()?;
-            let t = self.record().transaction_id;
             let thin_id = self.record().next_thin_id;
-            kernel::thin_id_of(thin_id)?;
+            kernel::ThinId::new(thin_id)?;
             self.begin(Pending::ProvisionSpare {
                 parent: parent.map(str::to_owned),
                 thin_id,
             })?;
             fault::point("spare_provision.after_intent");
-            let mut made = self.kernel()?.create_snap(&pool, thin_id, origin, None);
+            let mut made = self.snapshot_thin(thin_id, origin);
             if made.is_ok() {
                 fault::point("spare_provision.after_snapshot");
-                made = match self.activate_spare(pool_dev, thin_id, sectors) {
+                made = match self.activate_thin(pool_dev, thin_id, sectors).map(|_| ()) {
                     Err(e) => Err(self.undo_thin(thin_id, e)),
                     ok => ok,
                 };
             }
             if let Err(e) = made {
                 // Nothing was listed: forget the intent (the id stays used).
-                self.commit(t)?;
+                self.commit()?;
                 return Err(e);
             }
             fault::point("spare_provision.after_activation");
-            self.record_mut_inner().spares.push(Spare {
+            self.rec.spares.push(Spare {
                 parent: parent.map(str::to_owned),
                 thin_id,
             });
-            self.commit(t)?;
+            self.commit()?;
             report.made += 1;
         }
         Ok(report)
@@ -150,7 +148,7 @@ impl Pool {
     /// Takes the oldest spare of `parent` off the list (in memory; the
     /// caller's intent write makes it durable).
     pub(crate) fn take_spare(&mut self, parent: Option<&str>) -> Option<Spare> {
-        let spares = &mut self.record_mut_inner().spares;
+        let spares = &mut self.rec.spares;
         let at = spares.iter().position(|s| s.parent.as_deref() == parent)?;
         Some(spares.remove(at))
     }
@@ -172,62 +170,13 @@ impl Pool {
             return Ok(());
         }
         self.require_active()?;
-        let t = self.record().transaction_id;
-        self.record_mut_inner()
-            .spares
-            .retain(|s| !thin_ids.contains(&s.thin_id));
+        self.rec.spares.retain(|s| !thin_ids.contains(&s.thin_id));
         self.begin(Pending::DropSpares {
             thin_ids: thin_ids.clone(),
         })?;
         fault::point("spare_drop.after_intent");
         self.delete_thins(&thin_ids, false)?;
         fault::point("spare_drop.after_delete");
-        self.commit(t)
-    }
-
-    /// Removes the devices of `thin_ids` if active and deletes the ids;
-    /// with `settling`, ids already gone are fine.
-    pub(crate) fn delete_thins(&mut self, thin_ids: &[u32], settling: bool) -> Result<()> {
-        let pool = self.name(Role::Pool);
-        for &thin_id in thin_ids {
-            self.refuse_foreign(thin_id)?;
-            let name = self.name(Role::Thin(thin_id));
-            let kernel = self.kernel()?;
-            kernel.remove_if_present(&name)?;
-            match kernel.pool_message(&pool, &format!("delete {thin_id}")) {
-                Err(e) if settling => {
-                    tracing::debug!(thin_id, error = %e, "thin id was already gone");
-                }
-                r => r?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Activates spare `thin_id` unless the kernel has it.
-    fn activate_spare(
-        &mut self,
-        pool_dev: devicemapper::Device,
-        thin_id: u32,
-        sectors: u64,
-    ) -> Result<()> {
-        let name = self.name(Role::Thin(thin_id));
-        let uuid = self.uuid(Role::Thin(thin_id));
-        let kernel = self.kernel()?;
-        if kernel.device(&name)?.is_none() {
-            kernel.activate_thin(&name, &uuid, pool_dev, thin_id, sectors)?;
-        }
-        Ok(())
-    }
-
-    /// Deletes thin id `thin_id` after `error`; both errors when that fails.
-    pub(crate) fn undo_thin(&mut self, thin_id: u32, error: Error) -> Error {
-        match self.delete_thins(&[thin_id], false) {
-            Ok(()) => error,
-            Err(undo) => Error::Rollback {
-                error: Box::new(error),
-                undo: Box::new(undo),
-            },
-        }
+        self.commit()
     }
 }

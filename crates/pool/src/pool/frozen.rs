@@ -28,11 +28,11 @@
 
 use std::path::{Path, PathBuf};
 
+use super::{Owner, Pool};
 use crate::{
     error::{Error, Result},
     mounts::MountUse,
     names::Role,
-    pool::{Owner, Pool},
 };
 
 /// A frozen copy of a layer, mounted; give it back with

@@ -23,11 +23,12 @@
 
 use serde::Serialize;
 
+use super::Pool;
 use crate::{
     error::Result,
     fault, mounts,
     names::Role,
-    pool::{Pending, Pool, Trashed},
+    records::{Pending, Trashed, file},
 };
 
 /// What [`Pool::reclaim`] did.
@@ -43,20 +44,17 @@ impl Pool {
     /// Moves layer `id` (checked by the caller: no children, not mounted)
     /// to the trash: its record goes now, its kernel work waits.
     pub(crate) fn trash_layer(&mut self, id: &str, thin_id: u32, size: crate::Bytes) -> Result<()> {
-        let t = self.record().transaction_id;
         self.begin(Pending::TrashLayer {
             id: id.to_owned(),
             thin_id,
             size,
         })?;
         fault::point("layer_trash.after_intent");
-        crate::record::remove(&self.layout().layer_record(id))?;
+        file::remove(&self.layout().layer_record(id))?;
         fault::point("layer_trash.after_record_removal");
-        self.teardown_state().1.remove(&thin_id);
-        self.record_mut_inner()
-            .trash
-            .push(Trashed { thin_id, size });
-        self.commit(t)
+        self.idle.remove(&thin_id);
+        self.rec.trash.push(Trashed { thin_id, size });
+        self.commit()
     }
 
     /// Does the kernel work deferred teardown left: idle, unmounted devices
@@ -70,7 +68,7 @@ impl Pool {
             return Ok(done);
         }
         self.recover()?;
-        let idle = std::mem::take(self.teardown_state().1);
+        let idle = std::mem::take(&mut self.idle);
         for thin_id in idle {
             let name = self.name(Role::Thin(thin_id));
             let kernel = self.kernel()?;
@@ -81,37 +79,21 @@ impl Pool {
                 }
             }
         }
-        let trash = std::mem::take(&mut self.record_mut_inner().trash);
+        let trash = std::mem::take(&mut self.rec.trash);
         if trash.is_empty() {
             return Ok(done);
         }
-        let t = self.record().transaction_id;
         if let Err(e) = self.begin(Pending::Reclaim {
             trash: trash.clone(),
         }) {
-            self.record_mut_inner().trash = trash;
+            self.rec.trash = trash;
             return Err(e);
         }
         fault::point("reclaim.after_intent");
         self.reclaim_items(&trash, false)?;
         fault::point("reclaim.after_delete");
-        self.commit(t)?;
+        self.commit()?;
         done.thin_ids = trash.len();
         Ok(done)
-    }
-
-    /// Discards (space back to the host), removes and deletes `trash`;
-    /// with `settling`, ids already gone are fine.
-    pub(crate) fn reclaim_items(&mut self, trash: &[Trashed], settling: bool) -> Result<()> {
-        for item in trash {
-            if let Err(e) = self.discard_thin(item.thin_id, item.size) {
-                if !settling {
-                    return Err(e);
-                }
-                tracing::warn!(thin_id = item.thin_id, error = %e, "discard failed; the pool still frees the blocks");
-            }
-            self.delete_thins(&[item.thin_id], settling)?;
-        }
-        Ok(())
     }
 }

@@ -1,0 +1,73 @@
+//! The filesystem on a pool's base device and so in every layer (or a
+//! volume's own): its kernel name, mount options and mkfs tool.
+//!
+//! What must never happen: a snapshot mounted without the options its
+//! filesystem needs to share its origin's blocks (`nouuid` for XFS).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cmd::Tool,
+    error::{Error, Result},
+    units::Bytes,
+};
+
+/// The filesystem on the base device, and so in every layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    /// ext4, made with lazy inode tables that dm-thin reads back as zeros.
+    Ext4,
+    /// XFS; snapshots mount with `nouuid`.
+    Xfs,
+}
+
+impl FsType {
+    /// The kernel's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+
+    /// Mount options every thin device of this type gets.
+    ///
+    /// ext4: `noinit_itable` keeps the kernel from zeroing inode tables in
+    /// each snapshot (they read back as zeros from unprovisioned blocks).
+    /// XFS: `nouuid`, since a snapshot shares its origin's UUID.
+    pub fn mount_options(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "noinit_itable",
+            FsType::Xfs => "nouuid",
+        }
+    }
+
+    pub(crate) fn mkfs(self) -> Tool {
+        match self {
+            FsType::Ext4 => Tool::MkfsExt4,
+            FsType::Xfs => Tool::MkfsXfs,
+        }
+    }
+
+    /// The smallest base device the filesystem tools accept.
+    pub(crate) fn min_size(self) -> Bytes {
+        match self {
+            FsType::Ext4 => Bytes(16 << 20),
+            FsType::Xfs => Bytes(300 << 20),
+        }
+    }
+}
+
+impl std::str::FromStr for FsType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<FsType> {
+        match s {
+            "ext4" => Ok(FsType::Ext4),
+            "xfs" => Ok(FsType::Xfs),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown filesystem `{other}`; use ext4 or xfs"
+            ))),
+        }
+    }
+}

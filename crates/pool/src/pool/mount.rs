@@ -1,0 +1,225 @@
+//! Mounting and unmounting layers: a layer's thin device is activated for
+//! its first mount and torn down when nothing mounts it (or, under
+//! deferred teardown, left idle for [`Pool::reclaim`]).
+//!
+//! Mount points are made 0700; a caller that opened the directory itself
+//! mounts through `/proc/self/fd/N` ([`Pool::mount_layer_at_fd`]).
+//!
+//! What must never happen: a layer half-removed by a crash, or whose
+//! removal is deferred, mounted or activated; a device torn down while
+//! something mounts it; a mount of something that is not this pool's
+//! layer unmounted.
+
+use std::{
+    fs,
+    os::{
+        fd::{AsRawFd, BorrowedFd},
+        unix::fs::DirBuilderExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use super::{Action, Pool, layer::refuse_removing};
+use crate::{
+    error::{Error, IoContext, Result},
+    fault, kernel,
+    mounts::{self, MountUse},
+    names::{self, Role},
+};
+
+impl Pool {
+    /// Activates layer `id`'s thin device if needed and mounts it at `dir`
+    /// (created 0700 if missing) for `how` (which decides `ro`, `nosuid`,
+    /// `nodev`; see [`MountUse`]). Returns the device node.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::PoolInactive`], mount errors.
+    pub fn mount_layer(
+        &mut self,
+        id: &str,
+        dir: &Path,
+        how: MountUse,
+    ) -> Result<(PathBuf, Action)> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .ctx(|| format!("create mount point {}", dir.display()))?;
+        let dir = fs::canonicalize(dir).ctx(|| format!("resolve {}", dir.display()))?;
+        self.mount_layer_on(id, &dir, &dir, how)
+    }
+
+    /// As [`Pool::mount_layer`], onto the directory `dir` the caller opened
+    /// (`O_PATH`, resolved without following symlinks): the mount goes
+    /// through `/proc/self/fd/N`, so no rename or symlink swapped in after
+    /// the open can move it elsewhere (runc's fix for CVE-2021-30465). It
+    /// shows in mountinfo at the directory's real path, so `umount` and
+    /// `layer ls` find it as any other.
+    ///
+    /// # Errors
+    /// As [`Pool::mount_layer`].
+    pub fn mount_layer_at_fd(
+        &mut self,
+        id: &str,
+        dir: BorrowedFd<'_>,
+        how: MountUse,
+    ) -> Result<(PathBuf, Action)> {
+        let via = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let real = fs::read_link(&via).ctx(|| format!("resolve {}", via.display()))?;
+        self.mount_layer_on(id, &via, &real, how)
+    }
+
+    /// Mounts layer `id` at `target` (a path, or `/proc/self/fd/N`), whose
+    /// real path, as mountinfo shows it, is `real`.
+    fn mount_layer_on(
+        &mut self,
+        id: &str,
+        target: &Path,
+        real: &Path,
+        how: MountUse,
+    ) -> Result<(PathBuf, Action)> {
+        self.layer(id)?;
+        let pool_dev = self.require_active()?;
+        // A layer half-removed by a crash must not be mounted.
+        self.recover()?;
+        let layer = self.layer(id)?;
+        refuse_removing(&layer)?;
+        if !how.readonly() {
+            // Written from now on: its spares would not be its snapshots.
+            self.drop_spares_of(id)?;
+        }
+        let name = self.name(Role::Thin(layer.thin_id));
+        let fs_type = layer.fs_in(self.record());
+        let (dev, activated) =
+            self.activate_thin(pool_dev, layer.thin_id, layer.size_in(&self.rec).sectors())?;
+        fault::point("mount.after_activation");
+        let node = kernel::devnode(dev);
+        if !activated && mounts::mountpoints_of(dev)?.iter().any(|m| m == real) {
+            return Ok((node, Action::AlreadyDone));
+        }
+        if let Err(e) = mounts::mount(&node, target, fs_type, how) {
+            if activated {
+                if let Err(undo) = self.kernel()?.remove(&name) {
+                    return Err(Error::Rollback {
+                        error: Box::new(e),
+                        undo: Box::new(undo),
+                    });
+                }
+            }
+            return Err(e);
+        }
+        fault::point("mount.after_mount");
+        Ok((node, Action::Done))
+    }
+
+    /// Activates layer `id`'s thin device without mounting it (for a
+    /// caller that mounts it itself, e.g. containerd through the
+    /// snapshotter); already active is fine. Returns the device node.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::PoolInactive`], kernel errors.
+    pub fn activate_layer(&mut self, id: &str) -> Result<PathBuf> {
+        self.layer(id)?;
+        let pool_dev = self.require_active()?;
+        // A layer half-removed by a crash must not be activated.
+        self.recover()?;
+        let layer = self.layer(id)?;
+        // The caller may write it: its spares would not be its snapshots.
+        self.drop_spares_of(id)?;
+        let (dev, _) =
+            self.activate_thin(pool_dev, layer.thin_id, layer.size_in(&self.rec).sectors())?;
+        Ok(kernel::devnode(dev))
+    }
+
+    /// Tears down layer `id`'s thin device if it is active and nothing
+    /// mounts it; returns whether it removed it. A mounted device stays.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], [`Error::Busy`] (held open), kernel errors.
+    pub fn deactivate_layer(&mut self, id: &str) -> Result<bool> {
+        let layer = self.layer(id)?;
+        if self.pool_device()?.is_none() {
+            return Ok(false);
+        }
+        let name = self.name(Role::Thin(layer.thin_id));
+        let kernel = self.kernel()?;
+        match kernel.device(&name)? {
+            Some(dev) if mounts::mountpoints_of(dev)?.is_empty() => {
+                kernel.remove(&name)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Unmounts a layer (every mount of it) given its id, or one mount
+    /// given its directory; the layer's device is torn down once nothing
+    /// mounts it. Returns the directories unmounted.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`] when `target` is neither a layer nor a
+    /// mount of this pool; [`Error::Busy`].
+    pub fn umount(&mut self, target: &str) -> Result<Vec<PathBuf>> {
+        let by_id =
+            names::check_id("layer", target).is_ok() && self.layout().layer_record(target).exists();
+        let prefix = names::name_prefix(&self.record().pool_id);
+        let pool_id = self.record().pool_id.clone();
+        let kernel = self.kernel()?;
+        let mut ours = Vec::new();
+        for name in kernel.names_with_prefix(&prefix)? {
+            if let Some(Role::Thin(thin_id)) = names::parse_role(&pool_id, &name) {
+                let n = devicemapper::DmNameBuf::new(name).expect("valid: listed by the kernel");
+                if let Some(dev) = kernel.device(&n)? {
+                    ours.push((thin_id, n, dev));
+                }
+            }
+        }
+        let all = mounts::all()?;
+        let (selected, dirs): (Vec<_>, Vec<PathBuf>) = if by_id {
+            let thin_id = self.layer(target)?.thin_id;
+            let sel: Vec<_> = ours.into_iter().filter(|(t, ..)| *t == thin_id).collect();
+            let dirs = all
+                .iter()
+                .filter(|m| sel.iter().any(|(_, _, d)| *d == m.device))
+                .map(|m| m.mountpoint.clone())
+                .collect();
+            (sel, dirs)
+        } else {
+            let dir =
+                fs::canonicalize(target).map_err(|_| Error::UnknownLayer(target.to_owned()))?;
+            let Some(entry) = all.iter().rev().find(|m| m.mountpoint == dir) else {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not mounted; `thinlayer layer ls` shows the layers' mounts",
+                    dir.display()
+                )));
+            };
+            let sel: Vec<_> = ours
+                .into_iter()
+                .filter(|(.., d)| *d == entry.device)
+                .collect();
+            if sel.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is not a layer of this pool; unmount it with umount(8)",
+                    dir.display()
+                )));
+            }
+            (sel, vec![dir])
+        };
+        for d in dirs.iter().rev() {
+            crate::space::trim_before_umount(d);
+            mounts::umount(d)?;
+        }
+        fault::point("umount.after_umount");
+        for (thin_id, name, dev) in selected {
+            if !mounts::mountpoints_of(dev)?.is_empty() {
+                continue;
+            }
+            if self.deferred_teardown {
+                self.idle.insert(thin_id);
+            } else {
+                self.kernel()?.remove(&name)?;
+            }
+        }
+        Ok(dirs)
+    }
+}
