@@ -505,135 +505,141 @@ fn walk_pool_verbs(on: &On) {
 
 #[test]
 fn vm_crash_damaged_metadata_is_refused_then_repaired() {
-    vm_test("crash-repair", Pool::None, |s| {
-        s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
-        let mut want = Contents::new();
-        layer_with(s, "a", None, 11, &mut want);
-        layer_with(s, "b", Some("a"), 12, &mut want);
-        s.ok(&["pool", "deactivate"]);
-        s.ok(&["pool", "check"]);
-        let out = s.ok(&["pool", "repair"]);
-        assert!(
-            out.contains("no action taken"),
-            "repair of clean metadata is a no-op: {out}"
-        );
+    vm_test(
+        "crash-repair",
+        Pool::Create(&["--data-size=1G", "--base-size=64M"]),
+        |s| {
+            let mut want = Contents::new();
+            layer_with(s, "a", None, 11, &mut want);
+            layer_with(s, "b", Some("a"), 12, &mut want);
+            s.ok(&["pool", "deactivate"]);
+            s.ok(&["pool", "check"]);
+            let out = s.ok(&["pool", "repair"]);
+            assert!(
+                out.contains("no action taken"),
+                "repair of clean metadata is a no-op: {out}"
+            );
 
-        // Garbage over btree blocks: the roots of the data space map's index
-        // and the metadata space map's index, found through the superblock
-        // (struct thin_disk_superblock: data_space_map_root at byte 64 and
-        // metadata_space_map_root at 192, each nr_blocks, nr_allocated,
-        // bitmap_root, ...). thin_check fails; thin_repair rebuilds both maps
-        // from the mapping trees, which are intact.
-        let meta = s.root.join("metadata.img");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&meta)
-            .unwrap();
-        let mut sb = [0u8; 512];
-        f.read_exact_at(&mut sb, 0).unwrap();
-        for (i, at) in [80usize, 208].into_iter().enumerate() {
-            let block = u64::from_le_bytes(sb[at..at + 8].try_into().unwrap());
-            assert!(block > 0, "space map root at byte {at} of the superblock");
-            f.write_all_at(&pattern(99 + i as u64, 4096), block * 4096)
+            // Garbage over btree blocks: the roots of the data space map's index
+            // and the metadata space map's index, found through the superblock
+            // (struct thin_disk_superblock: data_space_map_root at byte 64 and
+            // metadata_space_map_root at 192, each nr_blocks, nr_allocated,
+            // bitmap_root, ...). thin_check fails; thin_repair rebuilds both maps
+            // from the mapping trees, which are intact.
+            let meta = s.root.join("metadata.img");
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&meta)
                 .unwrap();
-        }
-        f.sync_all().unwrap();
-        drop(f);
+            let mut sb = [0u8; 512];
+            f.read_exact_at(&mut sb, 0).unwrap();
+            for (i, at) in [80usize, 208].into_iter().enumerate() {
+                let block = u64::from_le_bytes(sb[at..at + 8].try_into().unwrap());
+                assert!(block > 0, "space map root at byte {at} of the superblock");
+                f.write_all_at(&pattern(99 + i as u64, 4096), block * 4096)
+                    .unwrap();
+            }
+            f.sync_all().unwrap();
+            drop(f);
 
-        s.fails(&["pool", "activate"], 7, "thinlayer pool repair");
-        let (dms, loops) = kernel_state(s);
-        assert!(
-            dms.is_empty() && loops.is_empty(),
-            "a refused activate left {dms:?} {loops:?}"
-        );
-        s.fails(&["pool", "check"], 7, "pool check found");
-        let out = s.ok(&["pool", "repair"]);
-        assert!(out.contains("damaged copy is kept"), "{out}");
-        let kept: Vec<_> = fs::read_dir(&s.root)
-            .unwrap()
-            .flatten()
-            .filter(|e| {
-                e.file_name()
-                    .to_string_lossy()
-                    .starts_with("metadata.img.damaged-")
-            })
-            .collect();
-        assert_eq!(kept.len(), 1, "the damaged copy is kept");
-        s.ok(&["pool", "activate"]);
-        assert_consistent(s, true, "after repair");
-        verify(s, &want, "after repair");
-    });
+            s.fails(&["pool", "activate"], 7, "thinlayer pool repair");
+            let (dms, loops) = kernel_state(s);
+            assert!(
+                dms.is_empty() && loops.is_empty(),
+                "a refused activate left {dms:?} {loops:?}"
+            );
+            s.fails(&["pool", "check"], 7, "pool check found");
+            let out = s.ok(&["pool", "repair"]);
+            assert!(out.contains("damaged copy is kept"), "{out}");
+            let kept: Vec<_> = fs::read_dir(&s.root)
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("metadata.img.damaged-")
+                })
+                .collect();
+            assert_eq!(kept.len(), 1, "the damaged copy is kept");
+            s.ok(&["pool", "activate"]);
+            assert_consistent(s, true, "after repair");
+            verify(s, &want, "after repair");
+        },
+    );
 }
 
 #[test]
 fn vm_crash_unknown_thin_device_is_found_and_removed_by_force() {
-    vm_test("crash-unknown", Pool::None, |s| {
-        s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
-        let mut want = Contents::new();
-        layer_with(s, "a", None, 21, &mut want);
-        assert_consistent(s, true, "set-up");
-        let id = pool_id(s);
+    vm_test(
+        "crash-unknown",
+        Pool::Create(&["--data-size=1G", "--base-size=64M"]),
+        |s| {
+            let mut want = Contents::new();
+            layer_with(s, "a", None, 21, &mut want);
+            assert_consistent(s, true, "set-up");
+            let id = pool_id(s);
 
-        // Behind thinlayer's back: a thin id in the pool metadata, and a
-        // device of the pool's name pattern for it.
-        use thinlayer_pool::{
-            kernel::Kernel,
-            names::{PoolId, Role, dm_name, dm_uuid},
-        };
-        let pid = PoolId::new(&id).unwrap();
-        let kernel = Kernel::open().unwrap();
-        let pool = dm_name(&pid, Role::Pool);
-        kernel.pool_message(&pool, "create_thin 77").unwrap();
-        kernel.pool_message(&pool, "create_thin 78").unwrap();
-        let pool_dev = kernel.device(&pool).unwrap().unwrap();
-        kernel
-            .activate_thin(
-                &dm_name(&pid, Role::Thin(77)),
-                &dm_uuid(&pid, Role::Thin(77)),
-                pool_dev,
-                77,
-                1 << 17,
-            )
-            .unwrap();
+            // Behind thinlayer's back: a thin id in the pool metadata, and a
+            // device of the pool's name pattern for it.
+            use thinlayer_pool::{
+                kernel::Kernel,
+                names::{PoolId, Role, dm_name, dm_uuid},
+            };
+            let pid = PoolId::new(&id).unwrap();
+            let kernel = Kernel::open().unwrap();
+            let pool = dm_name(&pid, Role::Pool);
+            kernel.pool_message(&pool, "create_thin 77").unwrap();
+            kernel.pool_message(&pool, "create_thin 78").unwrap();
+            let pool_dev = kernel.device(&pool).unwrap().unwrap();
+            kernel
+                .activate_thin(
+                    &dm_name(&pid, Role::Thin(77)),
+                    &dm_uuid(&pid, Role::Thin(77)),
+                    pool_dev,
+                    77,
+                    1 << 17,
+                )
+                .unwrap();
 
-        let out = s.run(&["--json", "pool", "check"]);
-        assert_eq!(
-            out.status.code(),
-            Some(7),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let kinds: Vec<&str> = r["findings"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["kind"].as_str().unwrap())
-            .collect();
-        assert!(kinds.contains(&"unknown_device"), "{r:#}");
-        assert_eq!(
-            kinds.iter().filter(|k| **k == "unknown_thin_id").count(),
-            2,
-            "{r:#}"
-        );
-        s.fails(&["pool", "check"], 7, "pool check found");
+            let out = s.run(&["--json", "pool", "check"]);
+            assert_eq!(
+                out.status.code(),
+                Some(7),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let kinds: Vec<&str> = r["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["kind"].as_str().unwrap())
+                .collect();
+            assert!(kinds.contains(&"unknown_device"), "{r:#}");
+            assert_eq!(
+                kinds.iter().filter(|k| **k == "unknown_thin_id").count(),
+                2,
+                "{r:#}"
+            );
+            s.fails(&["pool", "check"], 7, "pool check found");
 
-        // Without --force nothing of it is touched.
-        s.fails(&["pool", "recover"], 7, "pool check found");
-        assert!(
-            dm_devices().contains(&format!("tl1-{id}-thin-77")),
-            "recover without --force removed it"
-        );
+            // Without --force nothing of it is touched.
+            s.fails(&["pool", "recover"], 7, "pool check found");
+            assert!(
+                dm_devices().contains(&format!("tl1-{id}-thin-77")),
+                "recover without --force removed it"
+            );
 
-        let out = s.ok(&["pool", "recover", "--force"]);
-        assert!(
-            out.contains("thin-77") && out.contains("thin id 78"),
-            "{out}"
-        );
-        assert_consistent(s, true, "after recover --force");
-        verify(s, &want, "after recover --force");
-    });
+            let out = s.ok(&["pool", "recover", "--force"]);
+            assert!(
+                out.contains("thin-77") && out.contains("thin id 78"),
+                "{out}"
+            );
+            assert_consistent(s, true, "after recover --force");
+            verify(s, &want, "after recover --force");
+        },
+    );
 }
 
 // --- the store's verbs: layer apply and commit, container create and rm,

@@ -444,66 +444,62 @@ fn vm_hostile_and_broken_layers_are_refused_and_rolled_back() {
 
 #[test]
 fn vm_a_layer_larger_than_the_pool_is_refused_with_the_space_it_needs() {
-    vm_test("img-full", Pool::None, |s| {
-        s.ok(&[
-            "pool",
-            "create",
-            "--data-size",
-            "64M",
-            "--base-size",
-            "512M",
-        ]);
-        s.ok(&["layer", "create", "small"]);
-        let d = s.mount("small");
-        fs::write(d.join("kept"), "data before the fill\n").unwrap();
-        s.ok(&["umount", "small"]);
-        let before = pool_state(s);
-        // A 96 MiB layer tar of incompressible data into a 64 MiB pool.
-        let big = s.mnt.join("big.tar");
-        let src = s.mnt.join("bigsrc");
-        fs::create_dir_all(&src).unwrap();
-        fs::write(src.join("blob"), common::pattern(9, 96 << 20)).unwrap();
-        sh(
-            "tar",
-            &[
-                "-cf",
+    vm_test(
+        "img-full",
+        Pool::Create(&["--data-size=64M", "--base-size=512M"]),
+        |s| {
+            s.ok(&["layer", "create", "small"]);
+            let d = s.mount("small");
+            fs::write(d.join("kept"), "data before the fill\n").unwrap();
+            s.ok(&["umount", "small"]);
+            let before = pool_state(s);
+            // A 96 MiB layer tar of incompressible data into a 64 MiB pool.
+            let big = s.mnt.join("big.tar");
+            let src = s.mnt.join("bigsrc");
+            fs::create_dir_all(&src).unwrap();
+            fs::write(src.join("blob"), common::pattern(9, 96 << 20)).unwrap();
+            sh(
+                "tar",
+                &[
+                    "-cf",
+                    big.to_str().unwrap(),
+                    "-C",
+                    src.to_str().unwrap(),
+                    "blob",
+                ],
+            );
+            fs::remove_dir_all(&src).unwrap();
+            let out = s.run(&[
+                "layer",
+                "apply",
+                "huge",
                 big.to_str().unwrap(),
-                "-C",
-                src.to_str().unwrap(),
-                "blob",
-            ],
-        );
-        fs::remove_dir_all(&src).unwrap();
-        let out = s.run(&[
-            "layer",
-            "apply",
-            "huge",
-            big.to_str().unwrap(),
-            "--parent",
-            "small",
-        ]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        println!("{err}");
-        assert_eq!(out.status.code(), Some(6), "pool full: {err}");
-        assert!(err.contains("pool extend"), "{err}");
-        assert!(err.contains("96"), "says how much space is needed: {err}");
-        let after = pool_state(s);
-        assert_eq!(
-            (after.1, after.2),
-            (before.1.clone(), before.2.clone()),
-            "layers and images back"
-        );
-        assert!(
-            after.0 <= before.0 + 2,
-            "blocks back: {} -> {}",
-            before.0,
-            after.0
-        );
-        let d = s.mount("small");
-        assert_eq!(
-            fs::read_to_string(d.join("kept")).unwrap(),
-            "data before the fill\n"
-        );
-        s.ok(&["umount", "small"]);
-    });
+                "--parent",
+                "small",
+            ]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            println!("{err}");
+            assert_eq!(out.status.code(), Some(6), "pool full: {err}");
+            assert!(err.contains("pool extend"), "{err}");
+            assert!(err.contains("96"), "says how much space is needed: {err}");
+            let after = pool_state(s);
+            assert_eq!(
+                (after.1, after.2),
+                (before.1.clone(), before.2.clone()),
+                "layers and images back"
+            );
+            assert!(
+                after.0 <= before.0 + 2,
+                "blocks back: {} -> {}",
+                before.0,
+                after.0
+            );
+            let d = s.mount("small");
+            assert_eq!(
+                fs::read_to_string(d.join("kept")).unwrap(),
+                "data before the fill\n"
+            );
+            s.ok(&["umount", "small"]);
+        },
+    );
 }

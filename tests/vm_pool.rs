@@ -5,7 +5,7 @@
 mod common;
 
 use common::{
-    MIB, Pool, Scratch, dm_devices, loop_backing_files, pattern, sh, vm_test, write_file,
+    MIB, Pool, Scratch, dm_devices, loop_backing_files, pattern, sh, swept, vm_test, write_file,
 };
 
 use std::{
@@ -615,5 +615,43 @@ fn vm_pool_spares_are_the_parent_as_it_is_and_cost_no_kernel_step_to_take() {
         assert_eq!(thin_device_count(s), 0);
         s.ok(&["pool", "check"]);
         s.fails(&["layer", "provision", "a"], 3, "a");
+    });
+}
+
+/// The harness's sweep (tests/common/vm.rs) removes what a test leaks,
+/// without the CLI: a pool left active with a layer mounted.
+#[test]
+fn vm_the_harness_sweep_removes_a_leaked_pool_without_the_cli() {
+    swept(|| {
+        let s = Scratch::new("leak");
+        s.create_pool(&[]);
+        s.ok(&["layer", "create", "a"]);
+        let d = s.mount("a");
+        let removed = common::vm::sweep();
+        println!("swept: {removed:#?}");
+        let mount = format!("mount {} ", d.display());
+        assert!(removed.iter().any(|r| r.starts_with(&mount)), "{removed:?}");
+        assert!(removed.iter().any(|r| r.contains("-thin-")), "{removed:?}");
+        for role in ["-pool", "-meta", "-data"] {
+            assert!(
+                removed.iter().any(|r| r.ends_with(role)),
+                "{role}: {removed:?}"
+            );
+        }
+        let left: Vec<String> = dm_devices()
+            .into_iter()
+            .filter(|n| common::vm::is_thinlayer_dm_name(n))
+            .collect();
+        assert!(left.is_empty(), "left: {left:?}");
+        let base = s.root.parent().unwrap().to_owned();
+        let loops: Vec<_> = loop_backing_files()
+            .into_iter()
+            .filter(|f| f.starts_with(&base))
+            .collect();
+        assert!(loops.is_empty(), "loop devices left: {loops:?}");
+        assert!(!common::vm::sweep().iter().any(|r| r.starts_with("dm ")));
+        // The records stay; without them the scratch's drop has no pool to
+        // destroy through the CLI.
+        fs::remove_dir_all(&s.root).unwrap();
     });
 }

@@ -279,6 +279,14 @@ fn peer_probe() {
 
 // --- sockets ----------------------------------------------------------------
 
+/// Runs `body` for `server` in the vm_ harness, on a small pool named
+/// `TAG-SERVER`.
+fn for_server(tag: &str, server: Server, body: fn(&Scratch, Server)) {
+    vm_test(&format!("{tag}-{}", server.name()), Pool::Small, |s| {
+        body(s, server);
+    });
+}
+
 fn sockets_are_root_only_and_a_group_is_granted(s: &Scratch, server: Server) {
     let socket = socket_path(s, server);
     let dir = socket.parent().unwrap().to_owned();
@@ -328,18 +336,20 @@ fn sockets_are_root_only_and_a_group_is_granted(s: &Scratch, server: Server) {
 
 #[test]
 fn vm_servers_docker_socket_is_root_only_and_a_group_is_granted() {
-    let server = Server::Docker;
-    vm_test(&format!("sock-{}", server.name()), Pool::Small, |s| {
-        sockets_are_root_only_and_a_group_is_granted(s, server);
-    });
+    for_server(
+        "sock",
+        Server::Docker,
+        sockets_are_root_only_and_a_group_is_granted,
+    );
 }
 
 #[test]
 fn vm_servers_containerd_socket_is_root_only_and_a_group_is_granted() {
-    let server = Server::Containerd;
-    vm_test(&format!("sock-{}", server.name()), Pool::Small, |s| {
-        sockets_are_root_only_and_a_group_is_granted(s, server);
-    });
+    for_server(
+        "sock",
+        Server::Containerd,
+        sockets_are_root_only_and_a_group_is_granted,
+    );
 }
 
 #[test]
@@ -540,18 +550,12 @@ fn keeps_accepting_after_emfile(s: &Scratch, server: Server) {
 
 #[test]
 fn vm_servers_docker_keeps_accepting_after_emfile() {
-    let server = Server::Docker;
-    vm_test(&format!("emfile-{}", server.name()), Pool::Small, |s| {
-        keeps_accepting_after_emfile(s, server);
-    });
+    for_server("emfile", Server::Docker, keeps_accepting_after_emfile);
 }
 
 #[test]
 fn vm_servers_containerd_keeps_accepting_after_emfile() {
-    let server = Server::Containerd;
-    vm_test(&format!("emfile-{}", server.name()), Pool::Small, |s| {
-        keeps_accepting_after_emfile(s, server);
-    });
+    for_server("emfile", Server::Containerd, keeps_accepting_after_emfile);
 }
 
 fn prepare(key: &str, parent: &str) -> PrepareSnapshotRequest {

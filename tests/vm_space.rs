@@ -196,19 +196,13 @@ fn vm_a_full_pool_fails_writes_refuses_layers_and_recovers_after_extend() {
     });
 }
 
+/// A pool whose data and metadata both have room to grow.
+const SMALL_METADATA: Pool =
+    Pool::Create(&["--data-size=256M", "--metadata-size=8M", "--base-size=512M"]);
+
 #[test]
 fn vm_extend_data_and_metadata_online_with_a_layer_mounted() {
-    vm_test("space-extend", Pool::None, |s| {
-        s.ok(&[
-            "pool",
-            "create",
-            "--data-size",
-            "256M",
-            "--metadata-size",
-            "8M",
-            "--base-size",
-            "512M",
-        ]);
+    vm_test("space-extend", SMALL_METADATA, |s| {
         s.ok(&["layer", "create", "a"]);
         let d = s.mount("a");
         let first = pattern(1, 4 * MIB);
@@ -258,84 +252,78 @@ fn vm_extend_data_and_metadata_online_with_a_layer_mounted() {
 
 #[test]
 fn vm_watch_autoextends_when_a_write_crosses_the_threshold() {
-    vm_test("space-watch", Pool::None, |s| {
+    vm_test(
+        "space-watch",
         // The kernel raises its low-water event at 50%, the watch's threshold.
-        s.ok(&[
-            "pool",
-            "create",
-            "--data-size",
-            "128M",
-            "--base-size",
-            "512M",
-            "--low-water",
-            "50",
-        ]);
-        s.ok(&["layer", "create", "w"]);
-        let d = s.mount("w");
-        let once = s.ok(&["pool", "watch", "--threshold", "50", "--once"]);
-        assert!(
-            once.contains("0 extension(s)"),
-            "below the threshold: {once}"
-        );
+        Pool::Create(&["--data-size=128M", "--base-size=512M", "--low-water=50"]),
+        |s| {
+            s.ok(&["layer", "create", "w"]);
+            let d = s.mount("w");
+            let once = s.ok(&["pool", "watch", "--threshold", "50", "--once"]);
+            assert!(
+                once.contains("0 extension(s)"),
+                "below the threshold: {once}"
+            );
 
-        let mut watcher = Command::new(common::bin())
-            .arg("--root")
-            .arg(&s.root)
-            .args([
-                "pool",
-                "watch",
-                "--threshold",
-                "50",
-                "--extend-percent",
-                "100",
-                "--max-data-size",
-                "1G",
-                "--timeout",
-                "300",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
+            let mut watcher = Command::new(common::bin())
+                .arg("--root")
+                .arg(&s.root)
+                .args([
+                    "pool",
+                    "watch",
+                    "--threshold",
+                    "50",
+                    "--extend-percent",
+                    "100",
+                    "--max-data-size",
+                    "1G",
+                    "--timeout",
+                    "300",
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Let it arm and read usage once.
+            std::thread::sleep(Duration::from_secs(2));
+            let total0 = kernel_field(s, "data_total_blocks");
+            write_file(&d.join("f"), &pattern(4, 80 * MIB));
+            let crossed = Instant::now();
+            let mut total = total0;
+            while total == total0 && crossed.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(200));
+                total = kernel_field(s, "data_total_blocks");
+            }
+            let took = crossed.elapsed();
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(watcher.id()).unwrap()),
+                nix::sys::signal::Signal::SIGTERM,
+            )
             .unwrap();
-        // Let it arm and read usage once.
-        std::thread::sleep(Duration::from_secs(2));
-        let total0 = kernel_field(s, "data_total_blocks");
-        write_file(&d.join("f"), &pattern(4, 80 * MIB));
-        let crossed = Instant::now();
-        let mut total = total0;
-        while total == total0 && crossed.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(200));
-            total = kernel_field(s, "data_total_blocks");
-        }
-        let took = crossed.elapsed();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(i32::try_from(watcher.id()).unwrap()),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = watcher.wait().unwrap();
-        let lines: Vec<String> = BufReader::new(watcher.stdout.take().unwrap())
-            .lines()
-            .map(Result::unwrap)
-            .collect();
-        println!(
-            "watch: data blocks {total0} -> {total} within {:.1} s of the write; watcher said {lines:?}",
-            took.as_secs_f64()
-        );
-        assert_eq!(total, 2 * total0, "extended by 100% once");
-        assert!(status.success(), "SIGTERM ends the watch cleanly: {status}");
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains("autoextended: data 128M -> 256M")),
-            "{lines:?}"
-        );
-        assert!(
-            lines.last().is_some_and(|l| l.contains("Signal")),
-            "{lines:?}"
-        );
-        assert_eq!(s.json(&["pool", "status"])["data_size_bytes"], 256u64 << 20);
-        s.ok(&["umount", "w"]);
-    });
+            let status = watcher.wait().unwrap();
+            let lines: Vec<String> = BufReader::new(watcher.stdout.take().unwrap())
+                .lines()
+                .map(Result::unwrap)
+                .collect();
+            println!(
+                "watch: data blocks {total0} -> {total} within {:.1} s of the write; watcher said {lines:?}",
+                took.as_secs_f64()
+            );
+            assert_eq!(total, 2 * total0, "extended by 100% once");
+            assert!(status.success(), "SIGTERM ends the watch cleanly: {status}");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains("autoextended: data 128M -> 256M")),
+                "{lines:?}"
+            );
+            assert!(
+                lines.last().is_some_and(|l| l.contains("Signal")),
+                "{lines:?}"
+            );
+            assert_eq!(s.json(&["pool", "status"])["data_size_bytes"], 256u64 << 20);
+            s.ok(&["umount", "w"]);
+        },
+    );
 }
 
 #[test]
@@ -590,17 +578,7 @@ fn dm_size(name: &str) -> u64 {
 
 #[test]
 fn vm_an_extend_whose_record_was_lost_never_shrinks_the_live_device() {
-    vm_test("space-lost", Pool::None, |s| {
-        s.ok(&[
-            "pool",
-            "create",
-            "--data-size",
-            "256M",
-            "--metadata-size",
-            "8M",
-            "--base-size",
-            "512M",
-        ]);
+    vm_test("space-lost", SMALL_METADATA, |s| {
         let id = s.json(&["pool", "status"])["pool_id"]
             .as_str()
             .unwrap()

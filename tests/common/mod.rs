@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+#[macro_use]
+pub mod contract;
 pub mod docker;
 pub mod vm;
 

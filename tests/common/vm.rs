@@ -36,6 +36,8 @@ pub enum Pool<'a> {
     Small,
     /// As `Small`, with these flags added.
     With(&'a [&'a str]),
+    /// `pool create` with exactly these flags (sizes of its own).
+    Create(&'a [&'a str]),
 }
 
 /// Runs one `vm_` test: sweeps, makes the scratch root `name` (and the pool
@@ -49,6 +51,9 @@ pub fn vm_test(name: &str, pool: Pool<'_>, body: impl FnOnce(&Scratch)) {
             Pool::None => {}
             Pool::Small => s.create_pool(&[]),
             Pool::With(extra) => s.create_pool(extra),
+            Pool::Create(flags) => {
+                s.ok(&[&["pool", "create"], flags].concat());
+            }
         }
         body(&s);
         // Scratch's drop destroys the pool (`pool destroy --force`) and
