@@ -51,6 +51,8 @@ fn stat(report: &Value, backend: &str, workload: &str, param: u64, metric: &str)
 
 #[test]
 fn vm_bench_quick_writes_every_backend_and_workload() {
+    // Not vm_test: the bench makes and removes its own pools (and raw dm
+    // stacks) under its own scratch; the sweeps still guard it.
     swept(|| {
         let base = std::env::temp_dir().join(format!("tl-bench-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);

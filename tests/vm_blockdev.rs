@@ -219,6 +219,7 @@ fn vm_blockdev_pool_on_two_disks() {
 
 #[test]
 fn vm_blockdev_adopts_an_lvm_pool() {
+    // Not vm_test: the pool is LVM's, adopted from a disk, not created.
     swept(|| {
         let dev = disk("tl-lvm");
         zap(&dev);
@@ -402,6 +403,7 @@ fn vm_blockdev_adopts_an_lvm_pool() {
 
 #[test]
 fn vm_blockdev_reboot() {
+    // Not vm_test: the root lives on a disk that outlives the boot.
     swept(|| {
         let phase2 = std::env::var("THINLAYER_BLOCKDEV_PHASE").is_ok_and(|v| v == "2");
         let (d, m, state) = (disk("tl-rdata"), disk("tl-rmeta"), disk("tl-state"));

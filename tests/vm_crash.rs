@@ -258,6 +258,7 @@ fn assert_consistent_on(s: &Scratch, on: &On, active: bool, why: &str) {
 
 #[test]
 fn vm_crash_every_fault_point_recovers() {
+    // Not vm_test: the walk makes a fresh root for each fault point.
     swept(|| {
         require_fault_points();
         walk_pool_verbs(&On::Files);
@@ -269,6 +270,7 @@ fn vm_crash_every_fault_point_recovers() {
 /// are written, `*.after_loops` after the devices are found by them).
 #[test]
 fn vm_crash_every_fault_point_recovers_on_disks() {
+    // Not vm_test: the walk makes a fresh root for each fault point.
     swept(|| {
         require_fault_points();
         walk_pool_verbs(&On::disks());

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{Scratch, swept};
+use common::{Scratch, vm_test};
 
 use std::{collections::BTreeMap, fs, path::Path, process::Command};
 
@@ -47,8 +47,8 @@ struct LayerModel {
     files: BTreeMap<String, Vec<u8>>,
 }
 
-struct Run {
-    s: Scratch,
+struct Run<'a> {
+    s: &'a Scratch,
     rng: Rng,
     seed: u64,
     step: usize,
@@ -69,7 +69,7 @@ const REMOVE_POINTS: [&str; 4] = [
     "layer_rm.after_record_removal",
 ];
 
-impl Run {
+impl Run<'_> {
     fn fail(&self, what: &str) -> ! {
         panic!(
             "model test seed {} step {}: {what}\n(replay: THINLAYER_MODEL_SEED={})",
@@ -297,9 +297,12 @@ impl Run {
     }
 }
 
+/// The model's pool: room for its 200 steps.
+const MODEL_POOL: common::Pool = common::Pool::Create(&["--data-size=1G", "--base-size=256M"]);
+
 #[test]
 fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
-    swept(|| {
+    vm_test("model", MODEL_POOL, |s| {
         let seed = std::env::var("THINLAYER_MODEL_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -316,8 +319,6 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
         println!(
             "model test: seed {seed}, {steps} steps (replay with THINLAYER_MODEL_SEED={seed})"
         );
-        let s = Scratch::new("model");
-        s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "256M"]);
         let mut run = Run {
             s,
             rng: Rng(seed),

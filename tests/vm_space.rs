@@ -443,6 +443,7 @@ fn image_fixtures() -> std::path::PathBuf {
 
 #[test]
 fn vm_a_full_host_keeps_the_pool_rw_warns_and_refuses_an_import_up_front() {
+    // Not vm_test: the root lies on a small tmpfs made first.
     swept(|| {
         let host = SmallHost::new("space-host", "96M");
         let s = host.scratch();
