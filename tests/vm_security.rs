@@ -210,11 +210,6 @@ fn vm_a_root_another_user_owns_is_refused_with_the_chown_that_fixes_it() {
 
 // --- layer identity
 
-fn ident_sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
-
 fn ident_copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for e in fs::read_dir(from).unwrap() {
@@ -245,7 +240,7 @@ fn ident_hostile_image(src: &Path, dst: &Path, first: &str, name: &str) {
     let read = |p: &Path| -> Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
     let put = |v: &Value| -> (String, usize) {
         let bytes = serde_json::to_vec(v).unwrap();
-        let d = ident_sha256(&bytes);
+        let d = common::sha256_digest(&bytes);
         fs::write(blob(&d), &bytes).unwrap();
         (d, bytes.len())
     };

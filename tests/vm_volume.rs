@@ -382,9 +382,8 @@ fn image_with_volumes(src: &Path, dst: &Path, volumes: &[&str], name: &str) {
     };
     let read = |p: &Path| -> Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
     let put = |v: &Value| -> (String, usize) {
-        use sha2::Digest;
         let bytes = serde_json::to_vec(v).unwrap();
-        let d = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+        let d = common::sha256_digest(&bytes);
         fs::write(blob(&d), &bytes).unwrap();
         (d, bytes.len())
     };

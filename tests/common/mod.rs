@@ -61,6 +61,12 @@ pub fn write_file(path: &Path, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// The OCI digest of `bytes`: `sha256:` and its hex sha256.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
 /// The permission bits of `p` (not following a symlink).
 pub fn mode(p: &Path) -> u32 {
     use std::os::unix::fs::MetadataExt;
