@@ -78,17 +78,22 @@ pub fn swept<T>(body: impl FnOnce() -> T) {
         }
         return;
     }
-    let after = sweep();
-    match outcome {
-        Err(p) => {
-            if !after.is_empty() {
-                eprintln!("vm harness: the failed test left (now removed): {after:#?}");
+    let after = catch_unwind(sweep);
+    match (outcome, after) {
+        (Err(failed), after) => {
+            match after {
+                Ok(left) if !left.is_empty() => {
+                    eprintln!("vm harness: the failed test left (now removed): {left:#?}");
+                }
+                Ok(_) => {}
+                Err(_) => eprintln!("vm harness: the sweep after the failed test failed too"),
             }
-            resume_unwind(p);
+            resume_unwind(failed);
         }
-        Ok(()) => assert!(
-            after.is_empty(),
-            "the test leaked kernel objects (removed by the harness): {after:#?}"
+        (Ok(()), Err(sweep_failed)) => resume_unwind(sweep_failed),
+        (Ok(()), Ok(left)) => assert!(
+            left.is_empty(),
+            "the test leaked kernel objects (removed by the harness): {left:#?}"
         ),
     }
 }
