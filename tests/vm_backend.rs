@@ -4,9 +4,10 @@
 
 mod common;
 
+use common::{Pool, vm_test};
+
 use std::{fs, path::Path};
 
-use common::Scratch;
 use thinlayer_backend::{GraphDriver, ThinDriver};
 use thinlayer_image::{ChangeKind, tree};
 
@@ -22,126 +23,125 @@ fn is_mount(tree: &Path) -> bool {
 
 #[test]
 fn vm_graphdriver_conformance() {
-    common::require_dm_thin();
-    let s = Scratch::new("graphdriver");
-    s.create_pool(&[]);
-    let mut d = ThinDriver::new(&s.root).unwrap();
-    assert_eq!(d.name(), "thinlayer");
+    vm_test("graphdriver", Pool::Small, |s| {
+        let mut d = ThinDriver::new(&s.root).unwrap();
+        assert_eq!(d.name(), "thinlayer");
 
-    // A chain: base <- app (read-only layers) <- ctr (read-write).
-    d.create("base", None).unwrap();
-    let dir = d.get("base").unwrap();
-    fs::create_dir_all(dir.join("etc")).unwrap();
-    fs::write(dir.join("etc/os"), "base\n").unwrap();
-    fs::write(dir.join("etc/gone"), "to be deleted\n").unwrap();
-    fs::write(dir.join("big"), vec![1u8; 300_000]).unwrap();
-    d.put("base").unwrap();
-    assert!(!is_mount(&dir), "put at zero references unmounts");
+        // A chain: base <- app (read-only layers) <- ctr (read-write).
+        d.create("base", None).unwrap();
+        let dir = d.get("base").unwrap();
+        fs::create_dir_all(dir.join("etc")).unwrap();
+        fs::write(dir.join("etc/os"), "base\n").unwrap();
+        fs::write(dir.join("etc/gone"), "to be deleted\n").unwrap();
+        fs::write(dir.join("big"), vec![1u8; 300_000]).unwrap();
+        d.put("base").unwrap();
+        assert!(!is_mount(&dir), "put at zero references unmounts");
 
-    d.create("app", Some("base")).unwrap();
-    d.create_read_write("ctr", Some("app")).unwrap();
-    let a = d.get("ctr").unwrap();
-    let again = d.get("ctr").unwrap();
-    assert_eq!(a, again, "two gets share one mount");
-    assert_eq!(
-        fs::read_to_string(a.join("etc/os")).unwrap(),
-        "base\n",
-        "sees its grandparent's files"
-    );
-    fs::write(a.join("etc/os"), "changed in ctr\n").unwrap();
-    fs::remove_file(a.join("etc/gone")).unwrap();
-    fs::write(a.join("added"), vec![2u8; 5000]).unwrap();
-    d.put("ctr").unwrap();
-    assert!(is_mount(&a), "one reference left: still mounted");
-    d.put("ctr").unwrap();
-    assert!(!is_mount(&a));
-    assert!(d.put("ctr").is_err(), "put without get is refused");
-
-    // exists / remove rules.
-    assert!(d.exists("ctr").unwrap() && !d.exists("nope").unwrap());
-    assert!(
-        d.remove("base").is_err(),
-        "a layer with children is not removed"
-    );
-    let _ = d.get("app").unwrap();
-    assert!(
-        d.remove("app").is_err(),
-        "a referenced layer is not removed"
-    );
-    d.put("app").unwrap();
-
-    // changes / diff-size / diff.
-    let changes = d.changes("ctr", Some("app")).unwrap();
-    let summary: Vec<String> = changes
-        .iter()
-        .map(|c| format!("{:?} {}", c.kind, c.path.display()))
-        .collect();
-    println!("changes: {summary:?}");
-    for (kind, path) in [
-        (ChangeKind::Modified, "etc/os"),
-        (ChangeKind::Deleted, "etc/gone"),
-        (ChangeKind::Added, "added"),
-    ] {
-        assert!(
-            changes
-                .iter()
-                .any(|c| c.kind == kind && c.path == Path::new(path)),
-            "{kind:?} {path} missing from {summary:?}"
+        d.create("app", Some("base")).unwrap();
+        d.create_read_write("ctr", Some("app")).unwrap();
+        let a = d.get("ctr").unwrap();
+        let again = d.get("ctr").unwrap();
+        assert_eq!(a, again, "two gets share one mount");
+        assert_eq!(
+            fs::read_to_string(a.join("etc/os")).unwrap(),
+            "base\n",
+            "sees its grandparent's files"
         );
-    }
-    assert!(
-        !changes.iter().any(|c| c.path == Path::new("big")),
-        "untouched file reported"
-    );
-    let size = d.diff_size("ctr", Some("app")).unwrap();
-    assert_eq!(
-        size,
-        5000 + "changed in ctr\n".len() as u64,
-        "diff size counts the changed content"
-    );
-    assert!(
-        d.changes("ctr", Some("base")).is_err(),
-        "wrong parent refused"
-    );
-    let mut tarball = Vec::new();
-    let diff_id = d.diff("ctr", Some("app"), &mut tarball).unwrap();
-    assert!(diff_id.starts_with("sha256:") && !tarball.is_empty());
+        fs::write(a.join("etc/os"), "changed in ctr\n").unwrap();
+        fs::remove_file(a.join("etc/gone")).unwrap();
+        fs::write(a.join("added"), vec![2u8; 5000]).unwrap();
+        d.put("ctr").unwrap();
+        assert!(is_mount(&a), "one reference left: still mounted");
+        d.put("ctr").unwrap();
+        assert!(!is_mount(&a));
+        assert!(d.put("ctr").is_err(), "put without get is refused");
 
-    // apply-diff into a fresh layer on the same parent gives the same tree.
-    d.create("copy", Some("app")).unwrap();
-    let applied = d
-        .apply_diff("copy", Some("app"), &mut &tarball[..])
-        .unwrap();
-    assert_eq!(
-        applied,
-        5000 + "changed in ctr\n".len() as u64,
-        "apply_diff reports the file content it wrote"
-    );
-    let (x, y) = (d.get("ctr").unwrap(), d.get("copy").unwrap());
-    let (mx, my) = (tree::manifest(&x).unwrap(), tree::manifest(&y).unwrap());
-    let mut diffs = tree::differences(&mx, &my, 10);
-    diffs.retain(|l| !l.starts_with(". ") && !l.starts_with(".:"));
-    assert!(diffs.is_empty(), "apply_diff(diff) differs: {diffs:?}");
-    let mut second = Vec::new();
-    assert_eq!(
-        d.diff("copy", Some("app"), &mut second).unwrap(),
-        diff_id,
-        "same changes, same diff_id"
-    );
+        // exists / remove rules.
+        assert!(d.exists("ctr").unwrap() && !d.exists("nope").unwrap());
+        assert!(
+            d.remove("base").is_err(),
+            "a layer with children is not removed"
+        );
+        let _ = d.get("app").unwrap();
+        assert!(
+            d.remove("app").is_err(),
+            "a referenced layer is not removed"
+        );
+        d.put("app").unwrap();
 
-    // status, cleanup.
-    let status = d.status().unwrap();
-    assert!(
-        status.iter().any(|(k, _)| k == "Data Space Used"),
-        "{status:?}"
-    );
-    d.cleanup().unwrap();
-    assert!(
-        !is_mount(&x) && !is_mount(&y),
-        "cleanup unmounts everything"
-    );
-    for id in ["copy", "ctr", "app", "base"] {
-        d.remove(id).unwrap();
-        assert!(!d.exists(id).unwrap());
-    }
+        // changes / diff-size / diff.
+        let changes = d.changes("ctr", Some("app")).unwrap();
+        let summary: Vec<String> = changes
+            .iter()
+            .map(|c| format!("{:?} {}", c.kind, c.path.display()))
+            .collect();
+        println!("changes: {summary:?}");
+        for (kind, path) in [
+            (ChangeKind::Modified, "etc/os"),
+            (ChangeKind::Deleted, "etc/gone"),
+            (ChangeKind::Added, "added"),
+        ] {
+            assert!(
+                changes
+                    .iter()
+                    .any(|c| c.kind == kind && c.path == Path::new(path)),
+                "{kind:?} {path} missing from {summary:?}"
+            );
+        }
+        assert!(
+            !changes.iter().any(|c| c.path == Path::new("big")),
+            "untouched file reported"
+        );
+        let size = d.diff_size("ctr", Some("app")).unwrap();
+        assert_eq!(
+            size,
+            5000 + "changed in ctr\n".len() as u64,
+            "diff size counts the changed content"
+        );
+        assert!(
+            d.changes("ctr", Some("base")).is_err(),
+            "wrong parent refused"
+        );
+        let mut tarball = Vec::new();
+        let diff_id = d.diff("ctr", Some("app"), &mut tarball).unwrap();
+        assert!(diff_id.starts_with("sha256:") && !tarball.is_empty());
+
+        // apply-diff into a fresh layer on the same parent gives the same tree.
+        d.create("copy", Some("app")).unwrap();
+        let applied = d
+            .apply_diff("copy", Some("app"), &mut &tarball[..])
+            .unwrap();
+        assert_eq!(
+            applied,
+            5000 + "changed in ctr\n".len() as u64,
+            "apply_diff reports the file content it wrote"
+        );
+        let (x, y) = (d.get("ctr").unwrap(), d.get("copy").unwrap());
+        let (mx, my) = (tree::manifest(&x).unwrap(), tree::manifest(&y).unwrap());
+        let mut diffs = tree::differences(&mx, &my, 10);
+        diffs.retain(|l| !l.starts_with(". ") && !l.starts_with(".:"));
+        assert!(diffs.is_empty(), "apply_diff(diff) differs: {diffs:?}");
+        let mut second = Vec::new();
+        assert_eq!(
+            d.diff("copy", Some("app"), &mut second).unwrap(),
+            diff_id,
+            "same changes, same diff_id"
+        );
+
+        // status, cleanup.
+        let status = d.status().unwrap();
+        assert!(
+            status.iter().any(|(k, _)| k == "Data Space Used"),
+            "{status:?}"
+        );
+        d.cleanup().unwrap();
+        assert!(
+            !is_mount(&x) && !is_mount(&y),
+            "cleanup unmounts everything"
+        );
+        for id in ["copy", "ctr", "app", "base"] {
+            d.remove(id).unwrap();
+            assert!(!d.exists(id).unwrap());
+        }
+    });
 }

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::swept;
+
 use std::{collections::BTreeSet, fs, path::Path, process::Command};
 
 use serde_json::Value;
@@ -49,107 +51,110 @@ fn stat(report: &Value, backend: &str, workload: &str, param: u64, metric: &str)
 
 #[test]
 fn vm_bench_quick_writes_every_backend_and_workload() {
-    common::require_dm_thin();
-    let base = std::env::temp_dir().join(format!("tl-bench-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&base);
-    let out = base.join("out");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images");
-    let run = Command::new(common::bin())
-        .args(["bench", "--quick", "--out"])
-        .arg(&out)
-        .arg("--work")
-        .arg(base.join("work"))
-        .arg("--fixtures")
-        .arg(&fixtures)
-        .output()
-        .expect("run thinlayer bench");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "thinlayer bench failed ({}):\n{stdout}{}",
-        run.status,
-        String::from_utf8_lossy(&run.stderr)
-    );
-    println!("{stdout}");
-    for ratio in ["tl/floor", "tl/ovl", "create", "mount", "commit", "remove"] {
+    // Not vm_test: the bench makes and removes its own pools (and raw dm
+    // stacks) under its own scratch; the sweeps still guard it.
+    swept(|| {
+        let base = std::env::temp_dir().join(format!("tl-bench-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let out = base.join("out");
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images");
+        let run = Command::new(common::bin())
+            .args(["bench", "--quick", "--out"])
+            .arg(&out)
+            .arg("--work")
+            .arg(base.join("work"))
+            .arg("--fixtures")
+            .arg(&fixtures)
+            .output()
+            .expect("run thinlayer bench");
+        let stdout = String::from_utf8_lossy(&run.stdout);
         assert!(
-            stdout.contains(ratio),
-            "the table lacks `{ratio}`:\n{stdout}"
+            run.status.success(),
+            "thinlayer bench failed ({}):\n{stdout}{}",
+            run.status,
+            String::from_utf8_lossy(&run.stderr)
         );
-    }
-
-    let report: Value =
-        serde_json::from_str(&fs::read_to_string(out.join("bench.json")).expect("bench.json"))
-            .expect("bench.json is JSON");
-    let samples = report["samples"].as_array().expect("samples");
-    let seen: BTreeSet<(String, String)> = samples
-        .iter()
-        .map(|s| {
-            (
-                s["backend"].as_str().unwrap().to_owned(),
-                s["workload"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    for b in BACKENDS {
-        for w in COMMON {
+        println!("{stdout}");
+        for ratio in ["tl/floor", "tl/ovl", "create", "mount", "commit", "remove"] {
             assert!(
-                seen.contains(&(b.to_owned(), w.to_owned())),
-                "no {w} samples for {b}"
+                stdout.contains(ratio),
+                "the table lacks `{ratio}`:\n{stdout}"
             );
         }
-    }
-    for (b, w) in [
-        ("thinlayer", "import"),
-        ("overlay-ext4", "import"),
-        ("overlay-xfs", "import"),
-        ("thinlayer", "block-size"),
-        ("thinlayer", "step"),
-        ("floor", "step"),
-    ] {
+
+        let report: Value =
+            serde_json::from_str(&fs::read_to_string(out.join("bench.json")).expect("bench.json"))
+                .expect("bench.json is JSON");
+        let samples = report["samples"].as_array().expect("samples");
+        let seen: BTreeSet<(String, String)> = samples
+            .iter()
+            .map(|s| {
+                (
+                    s["backend"].as_str().unwrap().to_owned(),
+                    s["workload"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        for b in BACKENDS {
+            for w in COMMON {
+                assert!(
+                    seen.contains(&(b.to_owned(), w.to_owned())),
+                    "no {w} samples for {b}"
+                );
+            }
+        }
+        for (b, w) in [
+            ("thinlayer", "import"),
+            ("overlay-ext4", "import"),
+            ("overlay-xfs", "import"),
+            ("thinlayer", "block-size"),
+            ("thinlayer", "step"),
+            ("floor", "step"),
+        ] {
+            assert!(
+                seen.contains(&(b.to_owned(), w.to_owned())),
+                "no {w} samples for {b} (notes: {})",
+                report["notes"]
+            );
+        }
+        // The warm engine's between-requests work is timed on its own.
+        assert!(stat(&report, "thinlayer-warm", "start", 0, "idle-ms") >= 0.0);
+        let sizes: Vec<u64> = report["params"]["file_sizes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let largest = *sizes.last().unwrap();
+
+        // Block CoW: the first 4 KiB write into the largest file allocates a
+        // few pool blocks (the data block, plus inode and journal blocks), far
+        // below the file's size; overlayfs on ext4 copies the whole file up.
+        let thin = stat(&report, "thinlayer", "first-write", largest, "alloc-bytes");
         assert!(
-            seen.contains(&(b.to_owned(), w.to_owned())),
-            "no {w} samples for {b} (notes: {})",
-            report["notes"]
+            thin < (1 << 20) as f64,
+            "thinlayer's first write allocated {thin} bytes"
         );
-    }
-    // The warm engine's between-requests work is timed on its own.
-    assert!(stat(&report, "thinlayer-warm", "start", 0, "idle-ms") >= 0.0);
-    let sizes: Vec<u64> = report["params"]["file_sizes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    let largest = *sizes.last().unwrap();
+        let upper = stat(
+            &report,
+            "overlay-ext4",
+            "first-write",
+            largest,
+            "upper-bytes",
+        );
+        assert!(
+            upper >= largest as f64,
+            "overlay-ext4's upper dir holds {upper} bytes after a write into a {largest}-byte file"
+        );
 
-    // Block CoW: the first 4 KiB write into the largest file allocates a
-    // few pool blocks (the data block, plus inode and journal blocks), far
-    // below the file's size; overlayfs on ext4 copies the whole file up.
-    let thin = stat(&report, "thinlayer", "first-write", largest, "alloc-bytes");
-    assert!(
-        thin < (1 << 20) as f64,
-        "thinlayer's first write allocated {thin} bytes"
-    );
-    let upper = stat(
-        &report,
-        "overlay-ext4",
-        "first-write",
-        largest,
-        "upper-bytes",
-    );
-    assert!(
-        upper >= largest as f64,
-        "overlay-ext4's upper dir holds {upper} bytes after a write into a {largest}-byte file"
-    );
-
-    for png in [
-        "start-vs-population.png",
-        "first-write-bytes.png",
-        "start-distribution.png",
-    ] {
-        let bytes = fs::read(out.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
-        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
-    }
-    let _ = fs::remove_dir_all(&base);
+        for png in [
+            "start-vs-population.png",
+            "first-write-bytes.png",
+            "start-distribution.png",
+        ] {
+            let bytes = fs::read(out.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+            assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+        }
+        let _ = fs::remove_dir_all(&base);
+    });
 }

@@ -342,198 +342,196 @@ fn run_container(c: &Containerd, image: &str, id: &str) {
 
 #[test]
 fn vm_containerd_import_run_restart() {
-    require_dm_thin();
-    let (containerd_bin, _, _) = (program("containerd"), program("ctr"), program("runc"));
-    let _ = containerd_bin;
-    let archive = demo_archive();
-    let s = Scratch::new("ctrd");
-    s.create_pool(&[]);
-    let base = s.root.parent().unwrap().to_owned();
-    let socket = base.join("thinlayer.sock");
-    let c = Containerd::new(&base, &socket);
-    let before = thin_devices();
+    vm_test("ctrd", Pool::Small, |s| {
+        let (containerd_bin, _, _) = (program("containerd"), program("ctr"), program("runc"));
+        let _ = containerd_bin;
+        let archive = demo_archive();
+        let base = s.root.parent().unwrap().to_owned();
+        let socket = base.join("thinlayer.sock");
+        let c = Containerd::new(&base, &socket);
+        let before = thin_devices();
 
-    let mut srv = serve(&s, &socket);
-    let mut ctrd = c.start();
+        let mut srv = serve(s, &socket);
+        let mut ctrd = c.start();
 
-    // Import: containerd unpacks the 3 layers into thinlayer snapshots.
-    c.ctr(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "thinlayer",
-        archive.to_str().unwrap(),
-    ]);
-    let images = c.ctr(&["images", "ls", "-q"]);
-    let image = images
-        .lines()
-        .find(|l| l.contains("demo"))
-        .unwrap_or_else(|| panic!("no demo image in {images}"))
-        .to_owned();
-    let snaps = c.snapshots();
-    eprintln!("snapshots after import: {snaps:?}");
-    assert_eq!(
-        snaps.iter().filter(|(_, _, k)| k == "Committed").count(),
-        3,
-        "3 committed layers: {snaps:?}"
-    );
-    assert_eq!(snaps.len(), 3, "nothing but the layers: {snaps:?}");
-    assert_eq!(ctrd_layers(&s).len(), 3, "one thinlayer layer per snapshot");
-    // A chain: one without a parent, each other's parent among them.
-    assert_eq!(snaps.iter().filter(|(_, p, _)| p.is_empty()).count(), 1);
-    let usage = c.ctr(&["snapshots", "--snapshotter", "thinlayer", "usage"]);
-    eprintln!("usage:\n{usage}");
-    // Committed layers are immutable and not in use: no device stays active.
-    assert_eq!(
-        thin_devices(),
-        before,
-        "no thin device left active by the import"
-    );
+        // Import: containerd unpacks the 3 layers into thinlayer snapshots.
+        c.ctr(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "thinlayer",
+            archive.to_str().unwrap(),
+        ]);
+        let images = c.ctr(&["images", "ls", "-q"]);
+        let image = images
+            .lines()
+            .find(|l| l.contains("demo"))
+            .unwrap_or_else(|| panic!("no demo image in {images}"))
+            .to_owned();
+        let snaps = c.snapshots();
+        eprintln!("snapshots after import: {snaps:?}");
+        assert_eq!(
+            snaps.iter().filter(|(_, _, k)| k == "Committed").count(),
+            3,
+            "3 committed layers: {snaps:?}"
+        );
+        assert_eq!(snaps.len(), 3, "nothing but the layers: {snaps:?}");
+        assert_eq!(ctrd_layers(s).len(), 3, "one thinlayer layer per snapshot");
+        // A chain: one without a parent, each other's parent among them.
+        assert_eq!(snaps.iter().filter(|(_, p, _)| p.is_empty()).count(), 1);
+        let usage = c.ctr(&["snapshots", "--snapshotter", "thinlayer", "usage"]);
+        eprintln!("usage:\n{usage}");
+        // Committed layers are immutable and not in use: no device stays active.
+        assert_eq!(
+            thin_devices(),
+            before,
+            "no thin device left active by the import"
+        );
 
-    // A container's snapshot is visible through thinlayer while it exists.
-    c.create(&image, "probe");
-    let layers = ctrd_layers(&s);
-    assert!(
-        layers.iter().any(|l| l.ends_with("-probe")),
-        "the container's layer in `thinlayer layer ls`: {layers:?}"
-    );
-    let snaps = c.snapshots();
-    assert!(
-        snaps
+        // A container's snapshot is visible through thinlayer while it exists.
+        c.create(&image, "probe");
+        let layers = ctrd_layers(s);
+        assert!(
+            layers.iter().any(|l| l.ends_with("-probe")),
+            "the container's layer in `thinlayer layer ls`: {layers:?}"
+        );
+        let snaps = c.snapshots();
+        assert!(
+            snaps
+                .iter()
+                .any(|(k, _, kind)| k == "probe" && kind == "Active"),
+            "{snaps:?}"
+        );
+        let mounts = c.ctr(&[
+            "snapshots",
+            "--snapshotter",
+            "thinlayer",
+            "mounts",
+            "/mnt",
+            "probe",
+        ]);
+        eprintln!("mounts: {mounts}");
+        assert!(
+            mounts.contains("/dev/dm-") && mounts.contains("-t ext4"),
+            "{mounts}"
+        );
+        c.ctr(&["containers", "rm", "probe"]);
+        wait_until("the container's layer to go", 60, || {
+            !ctrd_layers(s).iter().any(|l| l.ends_with("-probe"))
+        });
+
+        // A parent with two children gets a spare after the second Prepare;
+        // the third container takes it (its layer has the spare's thin id).
+        let spares = || s.json(&["--wait", "pool", "status"])["spares"].clone();
+        for name in ["w1", "w2"] {
+            c.create(&image, name);
+        }
+        wait_until("a spare of the image's top layer", 60, || {
+            spares().as_array().is_some_and(|a| a.len() == 1)
+        });
+        let spare = spares()[0]["thin_id"].as_u64().unwrap();
+        c.create(&image, "w3");
+        let ls = s.json(&["--wait", "layer", "ls"]);
+        let w3 = ls
+            .as_array()
+            .unwrap()
             .iter()
-            .any(|(k, _, kind)| k == "probe" && kind == "Active"),
-        "{snaps:?}"
-    );
-    let mounts = c.ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "thinlayer",
-        "mounts",
-        "/mnt",
-        "probe",
-    ]);
-    eprintln!("mounts: {mounts}");
-    assert!(
-        mounts.contains("/dev/dm-") && mounts.contains("-t ext4"),
-        "{mounts}"
-    );
-    c.ctr(&["containers", "rm", "probe"]);
-    wait_until("the container's layer to go", 60, || {
-        !ctrd_layers(&s).iter().any(|l| l.ends_with("-probe"))
+            .find(|l| l["id"].as_str().unwrap().ends_with("-w3"))
+            .unwrap_or_else(|| panic!("w3's layer in {ls}"));
+        assert_eq!(w3["thin_id"].as_u64(), Some(spare), "w3 took the spare");
+        for name in ["w1", "w2", "w3"] {
+            c.ctr(&["containers", "rm", name]);
+        }
+        wait_until("w1-w3's layers to go", 60, || ctrd_layers(s).len() == 3);
+
+        // Run a container on a thinlayer snapshot.
+        run_container(&c, &image, "run1");
+        wait_until("run1's layer to go", 60, || ctrd_layers(s).len() == 3);
+
+        // Stop both: no thin device left behind.
+        ctrd.stop(nix::sys::signal::Signal::SIGTERM);
+        let st = srv.stop(nix::sys::signal::Signal::SIGTERM);
+        assert!(st.success(), "serve exit {st}:\n{}", srv.log());
+        assert!(!socket.exists(), "the socket is removed on shutdown");
+        assert_eq!(
+            thin_devices(),
+            before,
+            "no leaked thin device after stopping"
+        );
+
+        // Restart both: the snapshots are all there and a container runs.
+        let mut srv = serve(s, &socket);
+        let mut ctrd = c.start();
+        let snaps = c.snapshots();
+        assert_eq!(snaps.len(), 3, "after restart: {snaps:?}");
+        run_container(&c, &image, "run2");
+        wait_until("run2's layer to go", 60, || ctrd_layers(s).len() == 3);
+        ctrd.stop(nix::sys::signal::Signal::SIGTERM);
+        assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
+        assert_eq!(
+            thin_devices(),
+            before,
+            "no leaked thin device after restart"
+        );
+
+        // The pool agrees with its records.
+        s.ok(&["pool", "check"]);
+        eprintln!("serve log:\n{}", srv.log());
     });
-
-    // A parent with two children gets a spare after the second Prepare;
-    // the third container takes it (its layer has the spare's thin id).
-    let spares = || s.json(&["--wait", "pool", "status"])["spares"].clone();
-    for name in ["w1", "w2"] {
-        c.create(&image, name);
-    }
-    wait_until("a spare of the image's top layer", 60, || {
-        spares().as_array().is_some_and(|a| a.len() == 1)
-    });
-    let spare = spares()[0]["thin_id"].as_u64().unwrap();
-    c.create(&image, "w3");
-    let ls = s.json(&["--wait", "layer", "ls"]);
-    let w3 = ls
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["id"].as_str().unwrap().ends_with("-w3"))
-        .unwrap_or_else(|| panic!("w3's layer in {ls}"));
-    assert_eq!(w3["thin_id"].as_u64(), Some(spare), "w3 took the spare");
-    for name in ["w1", "w2", "w3"] {
-        c.ctr(&["containers", "rm", name]);
-    }
-    wait_until("w1-w3's layers to go", 60, || ctrd_layers(&s).len() == 3);
-
-    // Run a container on a thinlayer snapshot.
-    run_container(&c, &image, "run1");
-    wait_until("run1's layer to go", 60, || ctrd_layers(&s).len() == 3);
-
-    // Stop both: no thin device left behind.
-    ctrd.stop(nix::sys::signal::Signal::SIGTERM);
-    let st = srv.stop(nix::sys::signal::Signal::SIGTERM);
-    assert!(st.success(), "serve exit {st}:\n{}", srv.log());
-    assert!(!socket.exists(), "the socket is removed on shutdown");
-    assert_eq!(
-        thin_devices(),
-        before,
-        "no leaked thin device after stopping"
-    );
-
-    // Restart both: the snapshots are all there and a container runs.
-    let mut srv = serve(&s, &socket);
-    let mut ctrd = c.start();
-    let snaps = c.snapshots();
-    assert_eq!(snaps.len(), 3, "after restart: {snaps:?}");
-    run_container(&c, &image, "run2");
-    wait_until("run2's layer to go", 60, || ctrd_layers(&s).len() == 3);
-    ctrd.stop(nix::sys::signal::Signal::SIGTERM);
-    assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
-    assert_eq!(
-        thin_devices(),
-        before,
-        "no leaked thin device after restart"
-    );
-
-    // The pool agrees with its records.
-    s.ok(&["pool", "check"]);
-    eprintln!("serve log:\n{}", srv.log());
 }
 
 #[test]
 fn vm_serve_socket_in_use_stale_and_one_server_per_pool() {
-    require_dm_thin();
-    let s = Scratch::new("ctrd-sock");
-    s.create_pool(&[]);
-    let base = s.root.parent().unwrap().to_owned();
-    let socket = base.join("a.sock");
-    // Other owners' layers stay (the snapshotter's own orphans are
-    // removed at start: vm_servers_containerd_start_removes_only_its_own_orphans).
-    s.ok(&["layer", "create", "mine"]);
-    let mut first = serve(&s, &socket);
-    assert_eq!(ctrd_layers(&s), Vec::<String>::new());
-    assert!(s.ok(&["--wait", "layer", "ls"]).contains("mine"));
+    vm_test("ctrd-sock", Pool::Small, |s| {
+        let base = s.root.parent().unwrap().to_owned();
+        let socket = base.join("a.sock");
+        // Other owners' layers stay (the snapshotter's own orphans are
+        // removed at start: vm_servers_containerd_start_removes_only_its_own_orphans).
+        s.ok(&["layer", "create", "mine"]);
+        let mut first = serve(s, &socket);
+        assert_eq!(ctrd_layers(s), Vec::<String>::new());
+        assert!(s.ok(&["--wait", "layer", "ls"]).contains("mine"));
 
-    // The same socket, a live server: refused, exit 4, says why.
-    let out = s.fails(
-        &["serve", "containerd", "--socket", socket.to_str().unwrap()],
-        4,
-        "live server",
-    );
-    eprintln!("{out}");
-    // Another socket, the same pool: refused.
-    let other = base.join("b.sock");
-    s.fails(
-        &["serve", "containerd", "--socket", other.to_str().unwrap()],
-        4,
-        "serves the pool",
-    );
-    assert!(!other.exists());
-    first.assert_running();
+        // The same socket, a live server: refused, exit 4, says why.
+        let out = s.fails(
+            &["serve", "containerd", "--socket", socket.to_str().unwrap()],
+            4,
+            "live server",
+        );
+        eprintln!("{out}");
+        // Another socket, the same pool: refused.
+        let other = base.join("b.sock");
+        s.fails(
+            &["serve", "containerd", "--socket", other.to_str().unwrap()],
+            4,
+            "serves the pool",
+        );
+        assert!(!other.exists());
+        first.assert_running();
 
-    // Killed hard: the socket file stays; the next start replaces it.
-    first.stop(nix::sys::signal::Signal::SIGKILL);
-    assert!(socket.exists(), "a killed server leaves its socket file");
-    let mut again = serve(&s, &socket);
-    assert!(
-        again.stop(nix::sys::signal::Signal::SIGTERM).success(),
-        "{}",
-        again.log()
-    );
-    assert!(!socket.exists());
+        // Killed hard: the socket file stays; the next start replaces it.
+        first.stop(nix::sys::signal::Signal::SIGKILL);
+        assert!(socket.exists(), "a killed server leaves its socket file");
+        let mut again = serve(s, &socket);
+        assert!(
+            again.stop(nix::sys::signal::Signal::SIGTERM).success(),
+            "{}",
+            again.log()
+        );
+        assert!(!socket.exists());
 
-    // No pool: a clear error, exit 3.
-    let none = Scratch::new("ctrd-nopool");
-    fs::create_dir_all(&none.root).unwrap();
-    none.fails(
-        &[
-            "serve",
-            "containerd",
-            "--socket",
-            base.join("c.sock").to_str().unwrap(),
-        ],
-        3,
-        "no pool",
-    );
+        // No pool: a clear error, exit 3.
+        let none = Scratch::new("ctrd-nopool");
+        fs::create_dir_all(&none.root).unwrap();
+        none.fails(
+            &[
+                "serve",
+                "containerd",
+                "--socket",
+                base.join("c.sock").to_str().unwrap(),
+            ],
+            3,
+            "no pool",
+        );
+    });
 }

@@ -8,17 +8,19 @@
 
 mod common;
 
+use common::{
+    Pool, Scratch, dm_devices, loop_backing_files, pattern, sh, swept, vm_test, write_file,
+};
+
 use std::{
     collections::BTreeMap,
     fs::{self, OpenOptions},
-    io::Write,
     os::unix::{fs::FileExt, process::ExitStatusExt},
     path::{Path, PathBuf},
     process::{Command, Output},
     time::Instant,
 };
 
-use common::{Scratch, dm_devices, loop_backing_files, pattern, sh};
 use serde_json::Value;
 
 /// The points of one command, from the engine's list.
@@ -64,12 +66,6 @@ fn code_in(s: &Scratch, args: &[&str], allowed: &[i32], why: &str) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn write_file(path: &Path, data: &[u8]) {
-    let mut f = fs::File::create(path).unwrap();
-    f.write_all(data).unwrap();
-    f.sync_all().unwrap();
 }
 
 /// The committed layers and the one file each holds.
@@ -262,9 +258,11 @@ fn assert_consistent_on(s: &Scratch, on: &On, active: bool, why: &str) {
 
 #[test]
 fn vm_crash_every_fault_point_recovers() {
-    common::require_dm_thin();
-    require_fault_points();
-    walk_pool_verbs(&On::Files);
+    // Not vm_test: the walk makes a fresh root for each fault point.
+    swept(|| {
+        require_fault_points();
+        walk_pool_verbs(&On::Files);
+    });
 }
 
 /// The same walk on a pool on two virtio disks (`tl-cdata`, `tl-cmeta`):
@@ -272,9 +270,11 @@ fn vm_crash_every_fault_point_recovers() {
 /// are written, `*.after_loops` after the devices are found by them).
 #[test]
 fn vm_crash_every_fault_point_recovers_on_disks() {
-    common::require_dm_thin();
-    require_fault_points();
-    walk_pool_verbs(&On::disks());
+    // Not vm_test: the walk makes a fresh root for each fault point.
+    swept(|| {
+        require_fault_points();
+        walk_pool_verbs(&On::disks());
+    });
 }
 
 /// Every fault point of the pool's verbs, on a pool on `on`: abort there,
@@ -507,135 +507,141 @@ fn walk_pool_verbs(on: &On) {
 
 #[test]
 fn vm_crash_damaged_metadata_is_refused_then_repaired() {
-    common::require_dm_thin();
-    let s = Scratch::new("crash-repair");
-    s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
-    let mut want = Contents::new();
-    layer_with(&s, "a", None, 11, &mut want);
-    layer_with(&s, "b", Some("a"), 12, &mut want);
-    s.ok(&["pool", "deactivate"]);
-    s.ok(&["pool", "check"]);
-    let out = s.ok(&["pool", "repair"]);
-    assert!(
-        out.contains("no action taken"),
-        "repair of clean metadata is a no-op: {out}"
-    );
+    vm_test(
+        "crash-repair",
+        Pool::Create(&["--data-size=1G", "--base-size=64M"]),
+        |s| {
+            let mut want = Contents::new();
+            layer_with(s, "a", None, 11, &mut want);
+            layer_with(s, "b", Some("a"), 12, &mut want);
+            s.ok(&["pool", "deactivate"]);
+            s.ok(&["pool", "check"]);
+            let out = s.ok(&["pool", "repair"]);
+            assert!(
+                out.contains("no action taken"),
+                "repair of clean metadata is a no-op: {out}"
+            );
 
-    // Garbage over btree blocks: the roots of the data space map's index
-    // and the metadata space map's index, found through the superblock
-    // (struct thin_disk_superblock: data_space_map_root at byte 64 and
-    // metadata_space_map_root at 192, each nr_blocks, nr_allocated,
-    // bitmap_root, ...). thin_check fails; thin_repair rebuilds both maps
-    // from the mapping trees, which are intact.
-    let meta = s.root.join("metadata.img");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&meta)
-        .unwrap();
-    let mut sb = [0u8; 512];
-    f.read_exact_at(&mut sb, 0).unwrap();
-    for (i, at) in [80usize, 208].into_iter().enumerate() {
-        let block = u64::from_le_bytes(sb[at..at + 8].try_into().unwrap());
-        assert!(block > 0, "space map root at byte {at} of the superblock");
-        f.write_all_at(&pattern(99 + i as u64, 4096), block * 4096)
-            .unwrap();
-    }
-    f.sync_all().unwrap();
-    drop(f);
+            // Garbage over btree blocks: the roots of the data space map's index
+            // and the metadata space map's index, found through the superblock
+            // (struct thin_disk_superblock: data_space_map_root at byte 64 and
+            // metadata_space_map_root at 192, each nr_blocks, nr_allocated,
+            // bitmap_root, ...). thin_check fails; thin_repair rebuilds both maps
+            // from the mapping trees, which are intact.
+            let meta = s.root.join("metadata.img");
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&meta)
+                .unwrap();
+            let mut sb = [0u8; 512];
+            f.read_exact_at(&mut sb, 0).unwrap();
+            for (i, at) in [80usize, 208].into_iter().enumerate() {
+                let block = u64::from_le_bytes(sb[at..at + 8].try_into().unwrap());
+                assert!(block > 0, "space map root at byte {at} of the superblock");
+                f.write_all_at(&pattern(99 + i as u64, 4096), block * 4096)
+                    .unwrap();
+            }
+            f.sync_all().unwrap();
+            drop(f);
 
-    s.fails(&["pool", "activate"], 7, "thinlayer pool repair");
-    let (dms, loops) = kernel_state(&s);
-    assert!(
-        dms.is_empty() && loops.is_empty(),
-        "a refused activate left {dms:?} {loops:?}"
+            s.fails(&["pool", "activate"], 7, "thinlayer pool repair");
+            let (dms, loops) = kernel_state(s);
+            assert!(
+                dms.is_empty() && loops.is_empty(),
+                "a refused activate left {dms:?} {loops:?}"
+            );
+            s.fails(&["pool", "check"], 7, "pool check found");
+            let out = s.ok(&["pool", "repair"]);
+            assert!(out.contains("damaged copy is kept"), "{out}");
+            let kept: Vec<_> = fs::read_dir(&s.root)
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("metadata.img.damaged-")
+                })
+                .collect();
+            assert_eq!(kept.len(), 1, "the damaged copy is kept");
+            s.ok(&["pool", "activate"]);
+            assert_consistent(s, true, "after repair");
+            verify(s, &want, "after repair");
+        },
     );
-    s.fails(&["pool", "check"], 7, "pool check found");
-    let out = s.ok(&["pool", "repair"]);
-    assert!(out.contains("damaged copy is kept"), "{out}");
-    let kept: Vec<_> = fs::read_dir(&s.root)
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("metadata.img.damaged-")
-        })
-        .collect();
-    assert_eq!(kept.len(), 1, "the damaged copy is kept");
-    s.ok(&["pool", "activate"]);
-    assert_consistent(&s, true, "after repair");
-    verify(&s, &want, "after repair");
 }
 
 #[test]
 fn vm_crash_unknown_thin_device_is_found_and_removed_by_force() {
-    common::require_dm_thin();
-    let s = Scratch::new("crash-unknown");
-    s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "64M"]);
-    let mut want = Contents::new();
-    layer_with(&s, "a", None, 21, &mut want);
-    assert_consistent(&s, true, "set-up");
-    let id = pool_id(&s);
+    vm_test(
+        "crash-unknown",
+        Pool::Create(&["--data-size=1G", "--base-size=64M"]),
+        |s| {
+            let mut want = Contents::new();
+            layer_with(s, "a", None, 21, &mut want);
+            assert_consistent(s, true, "set-up");
+            let id = pool_id(s);
 
-    // Behind thinlayer's back: a thin id in the pool metadata, and a
-    // device of the pool's name pattern for it.
-    use thinlayer_pool::{
-        kernel::Kernel,
-        names::{PoolId, Role, dm_name, dm_uuid},
-    };
-    let pid = PoolId::new(&id).unwrap();
-    let kernel = Kernel::open().unwrap();
-    let pool = dm_name(&pid, Role::Pool);
-    kernel.pool_message(&pool, "create_thin 77").unwrap();
-    kernel.pool_message(&pool, "create_thin 78").unwrap();
-    let pool_dev = kernel.device(&pool).unwrap().unwrap();
-    kernel
-        .new_thin(
-            &dm_name(&pid, Role::Thin(77)),
-            &dm_uuid(&pid, Role::Thin(77)),
-            pool_dev,
-            thinlayer_pool::ThinId::new(77).unwrap(),
-            thinlayer_pool::kernel::Sectors(1 << 17),
-        )
-        .unwrap();
+            // Behind thinlayer's back: a thin id in the pool metadata, and a
+            // device of the pool's name pattern for it.
+            use thinlayer_pool::{
+                kernel::Kernel,
+                names::{PoolId, Role, dm_name, dm_uuid},
+            };
+            let pid = PoolId::new(&id).unwrap();
+            let kernel = Kernel::open().unwrap();
+            let pool = dm_name(&pid, Role::Pool);
+            kernel.pool_message(&pool, "create_thin 77").unwrap();
+            kernel.pool_message(&pool, "create_thin 78").unwrap();
+            let pool_dev = kernel.device(&pool).unwrap().unwrap();
+            kernel
+                .new_thin(
+                    &dm_name(&pid, Role::Thin(77)),
+                    &dm_uuid(&pid, Role::Thin(77)),
+                    pool_dev,
+                    thinlayer_pool::ThinId::new(77).unwrap(),
+                    thinlayer_pool::kernel::Sectors(1 << 17),
+                )
+                .unwrap();
 
-    let out = s.run(&["--json", "pool", "check"]);
-    assert_eq!(
-        out.status.code(),
-        Some(7),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let kinds: Vec<&str> = r["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["kind"].as_str().unwrap())
-        .collect();
-    assert!(kinds.contains(&"unknown_device"), "{r:#}");
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "unknown_thin_id").count(),
-        2,
-        "{r:#}"
-    );
-    s.fails(&["pool", "check"], 7, "pool check found");
+            let out = s.run(&["--json", "pool", "check"]);
+            assert_eq!(
+                out.status.code(),
+                Some(7),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let kinds: Vec<&str> = r["findings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f["kind"].as_str().unwrap())
+                .collect();
+            assert!(kinds.contains(&"unknown_device"), "{r:#}");
+            assert_eq!(
+                kinds.iter().filter(|k| **k == "unknown_thin_id").count(),
+                2,
+                "{r:#}"
+            );
+            s.fails(&["pool", "check"], 7, "pool check found");
 
-    // Without --force nothing of it is touched.
-    s.fails(&["pool", "recover"], 7, "pool check found");
-    assert!(
-        dm_devices().contains(&format!("tl1-{id}-thin-77")),
-        "recover without --force removed it"
-    );
+            // Without --force nothing of it is touched.
+            s.fails(&["pool", "recover"], 7, "pool check found");
+            assert!(
+                dm_devices().contains(&format!("tl1-{id}-thin-77")),
+                "recover without --force removed it"
+            );
 
-    let out = s.ok(&["pool", "recover", "--force"]);
-    assert!(
-        out.contains("thin-77") && out.contains("thin id 78"),
-        "{out}"
+            let out = s.ok(&["pool", "recover", "--force"]);
+            assert!(
+                out.contains("thin-77") && out.contains("thin id 78"),
+                "{out}"
+            );
+            assert_consistent(s, true, "after recover --force");
+            verify(s, &want, "after recover --force");
+        },
     );
-    assert_consistent(&s, true, "after recover --force");
-    verify(&s, &want, "after recover --force");
 }
 
 // --- the store's verbs: layer apply and commit, container create and rm,
@@ -672,15 +678,6 @@ fn require_fault_points() {
     );
 }
 
-fn layer_ids(s: &Scratch) -> std::collections::BTreeSet<String> {
-    s.json(&["layer", "ls"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// No store intent left, exactly the layers `want`, the pool settled and
 /// consistent with the kernel.
 fn assert_store_settled(s: &Scratch, want: &std::collections::BTreeSet<String>, why: &str) {
@@ -688,201 +685,204 @@ fn assert_store_settled(s: &Scratch, want: &std::collections::BTreeSet<String>, 
         !s.root.join("store/intent.rec").exists(),
         "{why}: a store intent is left"
     );
-    assert_eq!(&layer_ids(s), want, "{why}: layers leaked or lost");
+    assert_eq!(
+        &s.layer_ids::<std::collections::BTreeSet<_>>(),
+        want,
+        "{why}: layers leaked or lost"
+    );
     assert_settled(s, why);
     assert_consistent(s, true, why);
 }
 
 #[test]
 fn vm_crash_store_verbs_recover_at_every_point() {
-    common::require_dm_thin();
-    require_fault_points();
-    let started = Instant::now();
-    let f = common::fixtures();
-    let s = Scratch::new("crash-store");
-    s.create_pool(&[]);
-    let image = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
-    let chain: Vec<String> = image["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect();
-    s.ok(&["container", "create", "web", "--image", "demo:1"]);
-    let at = s.ok(&["container", "mount", "web"]);
-    let web_data = pattern(31, 256 << 10);
-    write_file(&Path::new(at.trim()).join("web.bin"), &web_data);
-    s.ok(&["container", "umount", "web"]);
-    let base = layer_ids(&s);
-    assert_store_settled(&s, &base, "set-up");
-    let other_tar = f.join("layers/other.tar");
-    let mut walked = 0;
+    vm_test("crash-store", Pool::Small, |s| {
+        require_fault_points();
+        let started = Instant::now();
+        let f = common::fixtures();
+        let image = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
+        let chain: Vec<String> = image["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().to_owned())
+            .collect();
+        s.ok(&["container", "create", "web", "--image", "demo:1"]);
+        let at = s.ok(&["container", "mount", "web"]);
+        let web_data = pattern(31, 256 << 10);
+        write_file(&Path::new(at.trim()).join("web.bin"), &web_data);
+        s.ok(&["container", "umount", "web"]);
+        let base: std::collections::BTreeSet<String> = s.layer_ids();
+        assert_store_settled(s, &base, "set-up");
+        let other_tar = f.join("layers/other.tar");
+        let mut walked = 0;
 
-    // layer apply and container commit: rolled back before the layer is
-    // complete, kept after; the user's second try makes it or finds it.
-    for (i, p) in points("layer_apply.").into_iter().enumerate() {
-        let t = Instant::now();
-        for verb in ["apply", "commit"] {
-            let id = format!("{verb}{i}");
-            let args: Vec<&str> = if verb == "apply" {
-                vec![
-                    "layer",
-                    "apply",
-                    &id,
-                    other_tar.to_str().unwrap(),
-                    "--parent",
-                    &chain[0],
-                ]
-            } else {
-                vec!["container", "commit", "web", "--as", &id]
-            };
-            crash(&s, p, &args);
-            code_in(&s, &args, &[0, 4], p);
-            let mut want = base.clone();
-            want.insert(id.clone());
-            assert_store_settled(&s, &want, &format!("{p} ({verb})"));
-            let d = s.dir(&format!("ro-{id}"));
-            s.ok(&["mount", &id, d.to_str().unwrap(), "--readonly"]);
-            if verb == "commit" {
-                assert!(
-                    fs::read(d.join("web.bin")).unwrap() == web_data,
-                    "{p}: the commit holds the container's file"
-                );
-            } else {
-                assert!(
-                    fs::read_dir(&d).unwrap().count() > 3,
-                    "{p}: the applied layer holds the tar's tree"
-                );
+        // layer apply and container commit: rolled back before the layer is
+        // complete, kept after; the user's second try makes it or finds it.
+        for (i, p) in points("layer_apply.").into_iter().enumerate() {
+            let t = Instant::now();
+            for verb in ["apply", "commit"] {
+                let id = format!("{verb}{i}");
+                let args: Vec<&str> = if verb == "apply" {
+                    vec![
+                        "layer",
+                        "apply",
+                        &id,
+                        other_tar.to_str().unwrap(),
+                        "--parent",
+                        &chain[0],
+                    ]
+                } else {
+                    vec!["container", "commit", "web", "--as", &id]
+                };
+                crash(s, p, &args);
+                code_in(s, &args, &[0, 4], p);
+                let mut want = base.clone();
+                want.insert(id.clone());
+                assert_store_settled(s, &want, &format!("{p} ({verb})"));
+                let d = s.dir(&format!("ro-{id}"));
+                s.ok(&["mount", &id, d.to_str().unwrap(), "--readonly"]);
+                if verb == "commit" {
+                    assert!(
+                        fs::read(d.join("web.bin")).unwrap() == web_data,
+                        "{p}: the commit holds the container's file"
+                    );
+                } else {
+                    assert!(
+                        fs::read_dir(&d).unwrap().count() > 3,
+                        "{p}: the applied layer holds the tar's tree"
+                    );
+                }
+                s.ok(&["umount", &id]);
+                s.ok(&["layer", "rm", &id]);
             }
-            s.ok(&["umount", &id]);
-            s.ok(&["layer", "rm", &id]);
+            walked += 1;
+            eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
         }
-        walked += 1;
-        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
-    }
 
-    // container create (with an anonymous volume filled from the image):
-    // rolled back before its record, the volume too; kept after.
-    for (i, p) in points("container_create.").into_iter().enumerate() {
-        let t = Instant::now();
-        let name = format!("c{i}");
-        let args = [
-            "container",
-            "create",
-            &name,
-            "--image",
-            "demo:1",
-            "--volume",
-            "/srv",
-        ];
-        crash(&s, p, &args);
-        code_in(&s, &args, &[0, 4], p);
-        let mut want = base.clone();
-        want.extend([
-            format!("{name}-init"),
-            format!("{name}-rw"),
-            format!("vol-anon-{name}-0"),
-        ]);
-        assert_store_settled(&s, &want, p);
-        let at = s.ok(&["container", "mount", &name]);
-        assert_eq!(
-            fs::read_to_string(Path::new(at.trim()).join("etc/hostname")).unwrap(),
-            format!("{name}\n"),
-            "{p}: the init layer is whole"
-        );
-        assert_eq!(
-            fs::read_to_string(Path::new(at.trim()).join("srv/replace/inside")).unwrap(),
-            "now a directory\n",
-            "{p}: the anonymous volume holds the image's /srv"
-        );
-        s.ok(&["container", "umount", &name]);
-        s.ok(&["container", "rm", &name, "--volumes"]);
-        assert_store_settled(&s, &base, p);
-        assert!(
-            !s.ok(&["volume", "ls"]).contains("anon-"),
-            "{p}: an anonymous volume is left"
-        );
-        walked += 1;
-        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
-    }
-
-    // container rm: always finished, by the next store command whichever
-    // it is (today's bug: a half-removed container could never be removed).
-    // With --volumes, its anonymous volume goes too.
-    for (i, p) in points("container_rm.").into_iter().enumerate() {
-        let t = Instant::now();
-        s.ok(&[
-            "container",
-            "create",
-            "victim",
-            "--image",
-            "demo:1",
-            "--volume",
-            "/srv",
-        ]);
-        if i % 2 == 0 {
-            // Mounted: the removal unmounts it first.
-            s.ok(&["container", "mount", "victim"]);
+        // container create (with an anonymous volume filled from the image):
+        // rolled back before its record, the volume too; kept after.
+        for (i, p) in points("container_create.").into_iter().enumerate() {
+            let t = Instant::now();
+            let name = format!("c{i}");
+            let args = [
+                "container",
+                "create",
+                &name,
+                "--image",
+                "demo:1",
+                "--volume",
+                "/srv",
+            ];
+            crash(s, p, &args);
+            code_in(s, &args, &[0, 4], p);
+            let mut want = base.clone();
+            want.extend([
+                format!("{name}-init"),
+                format!("{name}-rw"),
+                format!("vol-anon-{name}-0"),
+            ]);
+            assert_store_settled(s, &want, p);
+            let at = s.ok(&["container", "mount", &name]);
+            assert_eq!(
+                fs::read_to_string(Path::new(at.trim()).join("etc/hostname")).unwrap(),
+                format!("{name}\n"),
+                "{p}: the init layer is whole"
+            );
+            assert_eq!(
+                fs::read_to_string(Path::new(at.trim()).join("srv/replace/inside")).unwrap(),
+                "now a directory\n",
+                "{p}: the anonymous volume holds the image's /srv"
+            );
+            s.ok(&["container", "umount", &name]);
+            s.ok(&["container", "rm", &name, "--volumes"]);
+            assert_store_settled(s, &base, p);
+            assert!(
+                !s.ok(&["volume", "ls"]).contains("anon-"),
+                "{p}: an anonymous volume is left"
+            );
+            walked += 1;
+            eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
         }
-        let rm = ["container", "rm", "victim", "--volumes"];
-        crash(&s, p, &rm);
-        if i % 2 == 0 {
-            code_in(&s, &rm, &[0, 3], p);
-        } else {
-            let v = format!("v{i}");
-            s.ok(&["volume", "create", &v, "--size", "32M"]);
-            s.fails(&rm, 3, "no container");
-            s.ok(&["volume", "rm", &v]);
+
+        // container rm: always finished, by the next store command whichever
+        // it is (today's bug: a half-removed container could never be removed).
+        // With --volumes, its anonymous volume goes too.
+        for (i, p) in points("container_rm.").into_iter().enumerate() {
+            let t = Instant::now();
+            s.ok(&[
+                "container",
+                "create",
+                "victim",
+                "--image",
+                "demo:1",
+                "--volume",
+                "/srv",
+            ]);
+            if i % 2 == 0 {
+                // Mounted: the removal unmounts it first.
+                s.ok(&["container", "mount", "victim"]);
+            }
+            let rm = ["container", "rm", "victim", "--volumes"];
+            crash(s, p, &rm);
+            if i % 2 == 0 {
+                code_in(s, &rm, &[0, 3], p);
+            } else {
+                let v = format!("v{i}");
+                s.ok(&["volume", "create", &v, "--size", "32M"]);
+                s.fails(&rm, 3, "no container");
+                s.ok(&["volume", "rm", &v]);
+            }
+            assert!(
+                !s.ok(&["container", "ls"]).contains("victim"),
+                "{p}: the container is still listed"
+            );
+            assert!(
+                !s.ok(&["volume", "ls"]).contains("anon-victim"),
+                "{p}: its anonymous volume is left"
+            );
+            assert_store_settled(s, &base, p);
+            walked += 1;
+            eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
         }
-        assert!(
-            !s.ok(&["container", "ls"]).contains("victim"),
-            "{p}: the container is still listed"
-        );
-        assert!(
-            !s.ok(&["volume", "ls"]).contains("anon-victim"),
-            "{p}: its anonymous volume is left"
-        );
-        assert_store_settled(&s, &base, p);
-        walked += 1;
-        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
-    }
 
-    // image rm: always finished; the base other:1 shares with demo:1 stays.
-    for p in points("image_rm.") {
-        let t = Instant::now();
-        let other = s.json(&[
-            "image",
-            "import",
-            f.join("other-docker.tar").to_str().unwrap(),
-            "--name",
-            "other",
-        ]);
-        assert_eq!(other["applied"], 1, "{p}: other's own top layer");
-        crash(&s, p, &["image", "rm", "other"]);
-        code_in(&s, &["image", "rm", "other"], &[0, 3], p);
-        assert!(
-            !s.ok(&["image", "ls"]).contains("other"),
-            "{p}: the image is still listed"
-        );
-        assert_store_settled(&s, &base, p);
-        walked += 1;
-        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
-    }
+        // image rm: always finished; the base other:1 shares with demo:1 stays.
+        for p in points("image_rm.") {
+            let t = Instant::now();
+            let other = s.json(&[
+                "image",
+                "import",
+                f.join("other-docker.tar").to_str().unwrap(),
+                "--name",
+                "other",
+            ]);
+            assert_eq!(other["applied"], 1, "{p}: other's own top layer");
+            crash(s, p, &["image", "rm", "other"]);
+            code_in(s, &["image", "rm", "other"], &[0, 3], p);
+            assert!(
+                !s.ok(&["image", "ls"]).contains("other"),
+                "{p}: the image is still listed"
+            );
+            assert_store_settled(s, &base, p);
+            walked += 1;
+            eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+        }
 
-    let store_points = thinlayer_pool::fault::ALL
-        .iter()
-        .filter(|p| STORE_VERBS.iter().any(|v| p.starts_with(v)))
-        .count();
-    assert_eq!(walked, store_points, "every store fault point walked");
-    // The container made before every abort is whole.
-    let at = s.ok(&["container", "mount", "web"]);
-    assert!(
-        fs::read(Path::new(at.trim()).join("web.bin")).unwrap() == web_data,
-        "web's data after the walk"
-    );
-    s.ok(&["container", "umount", "web"]);
-    eprintln!(
-        "walked {walked} store abort points in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+        let store_points = thinlayer_pool::fault::ALL
+            .iter()
+            .filter(|p| STORE_VERBS.iter().any(|v| p.starts_with(v)))
+            .count();
+        assert_eq!(walked, store_points, "every store fault point walked");
+        // The container made before every abort is whole.
+        let at = s.ok(&["container", "mount", "web"]);
+        assert!(
+            fs::read(Path::new(at.trim()).join("web.bin")).unwrap() == web_data,
+            "web's data after the walk"
+        );
+        s.ok(&["container", "umount", "web"]);
+        eprintln!(
+            "walked {walked} store abort points in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    });
 }

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::{Pool, Scratch, Served, http_post, vm_test};
+
 use std::{
     collections::BTreeMap,
     fs,
@@ -17,7 +19,6 @@ use std::{
 };
 
 use common::docker::{Dockerd, fixture, plugin, require_docker};
-use common::{Scratch, Served, http_post};
 use serde_json::Value;
 
 /// The pool's layers owned by the Docker graphdriver.
@@ -71,221 +72,222 @@ fn exported_tree(d: &Dockerd, image: &str, dir: &Path) -> thinlayer_image::tree:
 
 #[test]
 fn vm_docker_runs_on_thin_snapshots() {
-    require_docker();
-    let s = Scratch::new("docker");
-    s.create_pool(&[]);
-    let devices_before = common::dm_devices();
-    let base = s.root.parent().unwrap().to_path_buf();
-    let mut p = plugin(&s);
-    let mut d = Dockerd::start(&base.join("data"), "a", "thinlayer", &[]);
+    vm_test("docker", Pool::Small, |s| {
+        require_docker();
+        let devices_before = common::dm_devices();
+        let base = s.root.parent().unwrap().to_path_buf();
+        let mut p = plugin(s);
+        let mut d = Dockerd::start(&base.join("data"), "a", "thinlayer", &[]);
 
-    // docker info shows the driver and the pool.
-    let info = d.ok(&["info", "--format", "{{.Driver}} {{json .DriverStatus}}"]);
-    assert!(info.starts_with("thinlayer "), "{info}");
-    assert!(
-        info.contains("Pool Root") && info.contains("Data Space Used"),
-        "{info}"
-    );
+        // docker info shows the driver and the pool.
+        let info = d.ok(&["info", "--format", "{{.Driver}} {{json .DriverStatus}}"]);
+        assert!(info.starts_with("thinlayer "), "{info}");
+        assert!(
+            info.contains("Pool Root") && info.contains("Data Space Used"),
+            "{info}"
+        );
 
-    // A 3-layer image, loaded: three layers of the pool, the driver's own.
-    let loaded = d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
-    assert!(loaded.contains("Loaded image: demo:docker"), "{loaded}");
-    let layers = d.ok(&[
-        "image",
-        "inspect",
-        "-f",
-        "{{len .RootFS.Layers}} {{.GraphDriver.Name}}",
-        "demo:docker",
-    ]);
-    assert_eq!(layers, "3 thinlayer");
-    assert_eq!(docker_layers(&s).len(), 3, "{:?}", docker_layers(&s));
-
-    // A container prints from the image (the top layer's file, the mid
-    // layer's edit, the base's deletion undone by nothing).
-    assert_eq!(
-        d.ok(&[
-            "run",
-            "--rm",
+        // A 3-layer image, loaded: three layers of the pool, the driver's own.
+        let loaded = d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
+        assert!(loaded.contains("Loaded image: demo:docker"), "{loaded}");
+        let layers = d.ok(&[
+            "image",
+            "inspect",
+            "-f",
+            "{{len .RootFS.Layers}} {{.GraphDriver.Name}}",
             "demo:docker",
-            "cat",
-            "/etc/motd",
-            "/etc/os-release"
-        ]),
-        "welcome to the top layer\nNAME=\"thinlayer-fixture\"\nVERSION_ID=2"
-    );
-    assert_eq!(
+        ]);
+        assert_eq!(layers, "3 thinlayer");
+        assert_eq!(docker_layers(s).len(), 3, "{:?}", docker_layers(s));
+
+        // A container prints from the image (the top layer's file, the mid
+        // layer's edit, the base's deletion undone by nothing).
+        assert_eq!(
+            d.ok(&[
+                "run",
+                "--rm",
+                "demo:docker",
+                "cat",
+                "/etc/motd",
+                "/etc/os-release"
+            ]),
+            "welcome to the top layer\nNAME=\"thinlayer-fixture\"\nVERSION_ID=2"
+        );
+        assert_eq!(
+            d.ok(&[
+                "run",
+                "--rm",
+                "demo:docker",
+                "sh",
+                "-c",
+                "ls /opt; test ! -e /usr/share/data.bin && echo gone"
+            ]),
+            "gone",
+            "whiteouts of the upper layers hold in the container"
+        );
+        // What Get returns hides the filesystem's lost+found.
+        assert_eq!(
+            d.ok(&["run", "--rm", "demo:docker", "ls", "-a", "/"])
+                .lines()
+                .filter(|l| *l == "lost+found")
+                .count(),
+            0
+        );
+        let used_image = s.used_data_blocks();
+        // A container size below the base device's is refused, saying so.
+        let e = d.fails(
+            &[
+                "run",
+                "--rm",
+                "--storage-opt",
+                "size=1M",
+                "demo:docker",
+                "true",
+            ],
+            "size",
+        );
+        println!("size=1M: {e}");
+
+        // A container writes; docker diff shows exactly that change.
         d.ok(&[
             "run",
-            "--rm",
+            "--name",
+            "writer",
             "demo:docker",
             "sh",
             "-c",
-            "ls /opt; test ! -e /usr/share/data.bin && echo gone"
-        ]),
-        "gone",
-        "whiteouts of the upper layers hold in the container"
-    );
-    // What Get returns hides the filesystem's lost+found.
-    assert_eq!(
-        d.ok(&["run", "--rm", "demo:docker", "ls", "-a", "/"])
-            .lines()
-            .filter(|l| *l == "lost+found")
-            .count(),
-        0
-    );
-    let used_image = s.used_data_blocks();
-    // A container size below the base device's is refused, saying so.
-    let e = d.fails(
-        &[
-            "run",
-            "--rm",
-            "--storage-opt",
-            "size=1M",
-            "demo:docker",
-            "true",
-        ],
-        "size",
-    );
-    println!("size=1M: {e}");
+            "echo written > /hello.txt",
+        ]);
+        assert_eq!(d.ok(&["diff", "writer"]), "A /hello.txt");
+        assert_eq!(
+            d.ok(&[
+                "inspect",
+                "-f",
+                "{{.GraphDriver.Name}} {{index .GraphDriver.Data \"Parent\"}}",
+                "writer"
+            ])
+            .split(' ')
+            .next(),
+            Some("thinlayer")
+        );
 
-    // A container writes; docker diff shows exactly that change.
-    d.ok(&[
-        "run",
-        "--name",
-        "writer",
-        "demo:docker",
-        "sh",
-        "-c",
-        "echo written > /hello.txt",
-    ]);
-    assert_eq!(d.ok(&["diff", "writer"]), "A /hello.txt");
-    assert_eq!(
-        d.ok(&[
-            "inspect",
-            "-f",
-            "{{.GraphDriver.Name}} {{index .GraphDriver.Data \"Parent\"}}",
-            "writer"
-        ])
-        .split(' ')
-        .next(),
-        Some("thinlayer")
-    );
+        // commit: an image that runs and sees the change.
+        d.ok(&["commit", "writer", "demo:committed"]);
+        assert_eq!(
+            d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),
+            "written"
+        );
+        assert_eq!(
+            docker_layers(s).len(),
+            6,
+            "3 image layers, the commit's, the container's two"
+        );
 
-    // commit: an image that runs and sees the change.
-    d.ok(&["commit", "writer", "demo:committed"]);
-    assert_eq!(
-        d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),
-        "written"
-    );
-    assert_eq!(
-        docker_layers(&s).len(),
-        6,
-        "3 image layers, the commit's, the container's two"
-    );
+        // export holds it.
+        let export = base.join("w-export.tar");
+        d.ok(&["export", "-o", export.to_str().unwrap(), "writer"]);
+        assert_eq!(
+            common::sh("tar", &["-xOf", export.to_str().unwrap(), "hello.txt"]),
+            "written\n"
+        );
 
-    // export holds it.
-    let export = base.join("w-export.tar");
-    d.ok(&["export", "-o", export.to_str().unwrap(), "writer"]);
-    assert_eq!(
-        common::sh("tar", &["-xOf", export.to_str().unwrap(), "hello.txt"]),
-        "written\n"
-    );
-
-    // The volume half on the same socket.
-    d.ok(&["volume", "create", "-d", "thinlayer", "vol1"]);
-    d.ok(&[
-        "run",
-        "--rm",
-        "-v",
-        "vol1:/data",
-        "demo:docker",
-        "sh",
-        "-c",
-        "echo kept > /data/f",
-    ]);
-    assert_eq!(
+        // The volume half on the same socket.
+        d.ok(&["volume", "create", "-d", "thinlayer", "vol1"]);
         d.ok(&[
             "run",
             "--rm",
             "-v",
             "vol1:/data",
             "demo:docker",
-            "cat",
-            "/data/f"
-        ]),
-        "kept"
-    );
-    d.ok(&["volume", "rm", "vol1"]);
+            "sh",
+            "-c",
+            "echo kept > /data/f",
+        ]);
+        assert_eq!(
+            d.ok(&[
+                "run",
+                "--rm",
+                "-v",
+                "vol1:/data",
+                "demo:docker",
+                "cat",
+                "/data/f"
+            ]),
+            "kept"
+        );
+        d.ok(&["volume", "rm", "vol1"]);
 
-    // save, for a fresh pool and dockerd below; the tree as this one has it.
-    let saved = base.join("committed.tar");
-    d.ok(&["save", "-o", saved.to_str().unwrap(), "demo:committed"]);
-    let here = exported_tree(&d, "demo:committed", &base.join("tree-a"));
+        // save, for a fresh pool and dockerd below; the tree as this one has it.
+        let saved = base.join("committed.tar");
+        d.ok(&["save", "-o", saved.to_str().unwrap(), "demo:committed"]);
+        let here = exported_tree(&d, "demo:committed", &base.join("tree-a"));
 
-    // A running container across a restart of the plugin alone: its
-    // mount's references are kept, so the stop's Put finds them.
-    d.ok(&["run", "-d", "--name", "long", "demo:docker", "sleep", "600"]);
-    p.stop();
-    let mut p = plugin(&s);
-    d.ok(&["stop", "-t", "1", "long"]);
-    d.ok(&["rm", "long"]);
+        // A running container across a restart of the plugin alone: its
+        // mount's references are kept, so the stop's Put finds them.
+        d.ok(&["run", "-d", "--name", "long", "demo:docker", "sleep", "600"]);
+        p.stop();
+        let mut p = plugin(s);
+        d.ok(&["stop", "-t", "1", "long"]);
+        d.ok(&["rm", "long"]);
 
-    // dockerd and the plugin both restart: everything is still there.
-    d.stop();
-    p.stop();
-    let mut p = plugin(&s);
-    let mut d = Dockerd::start(&base.join("data"), "b", "thinlayer", &[]);
-    let images = d.ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
-    assert!(
-        images.contains("demo:docker") && images.contains("demo:committed"),
-        "{images}"
-    );
-    assert_eq!(d.ok(&["diff", "writer"]), "A /hello.txt");
-    assert_eq!(
-        d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),
-        "written"
-    );
+        // dockerd and the plugin both restart: everything is still there.
+        d.stop();
+        p.stop();
+        let mut p = plugin(s);
+        let mut d = Dockerd::start(&base.join("data"), "b", "thinlayer", &[]);
+        let images = d.ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+        assert!(
+            images.contains("demo:docker") && images.contains("demo:committed"),
+            "{images}"
+        );
+        assert_eq!(d.ok(&["diff", "writer"]), "A /hello.txt");
+        assert_eq!(
+            d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),
+            "written"
+        );
 
-    // rm and rmi give the pool's blocks back.
-    d.ok(&["rm", "writer"]);
-    d.ok(&["rmi", "demo:committed"]);
-    assert_eq!(docker_layers(&s).len(), 3, "{:?}", docker_layers(&s));
-    let used_after = s.used_data_blocks();
-    println!("data blocks: {used_image} with the image, {used_after} after rm and rmi");
-    assert!(
-        used_after <= used_image,
-        "{used_after} blocks used after rm/rmi, {used_image} before"
-    );
+        // rm and rmi give the pool's blocks back.
+        d.ok(&["rm", "writer"]);
+        d.ok(&["rmi", "demo:committed"]);
+        assert_eq!(docker_layers(s).len(), 3, "{:?}", docker_layers(s));
+        let used_after = s.used_data_blocks();
+        println!("data blocks: {used_image} with the image, {used_after} after rm and rmi");
+        assert!(
+            used_after <= used_image,
+            "{used_after} blocks used after rm/rmi, {used_image} before"
+        );
 
-    // Everything removed: no layer, no thin device left; the pool checks clean.
-    d.ok(&["rmi", "demo:docker"]);
-    assert!(docker_layers(&s).is_empty(), "{:?}", docker_layers(&s));
-    d.stop();
-    p.stop();
-    assert_eq!(
-        common::dm_devices(),
-        devices_before,
-        "a thin device is left"
-    );
-    s.ok(&["pool", "check"]);
+        // Everything removed: no layer, no thin device left; the pool checks clean.
+        d.ok(&["rmi", "demo:docker"]);
+        assert!(docker_layers(s).is_empty(), "{:?}", docker_layers(s));
+        d.stop();
+        p.stop();
+        assert_eq!(
+            common::dm_devices(),
+            devices_before,
+            "a thin device is left"
+        );
+        s.ok(&["pool", "check"]);
 
-    // save + load into a fresh pool and dockerd: the identical tree.
-    let s2 = Scratch::new("docker-fresh");
-    s2.create_pool(&[]);
-    let mut p2 = plugin(&s2);
-    let base2 = s2.root.parent().unwrap().to_path_buf();
-    let mut d2 = Dockerd::start(&base2.join("data"), "c", "thinlayer", &[]);
-    d2.ok(&["load", "-i", saved.to_str().unwrap()]);
-    let there = exported_tree(&d2, "demo:committed", &base2.join("tree-b"));
-    let diffs = thinlayer_image::tree::differences(&here, &there, 20);
-    assert!(diffs.is_empty(), "the loaded image differs: {diffs:#?}");
-    assert!(
-        here.contains_key(Path::new("hello.txt")) && here.contains_key(Path::new("bin/busybox"))
-    );
-    d2.ok(&["rmi", "demo:committed"]);
-    d2.stop();
-    p2.stop();
-    s2.ok(&["pool", "check"]);
+        // save + load into a fresh pool and dockerd: the identical tree.
+        let s2 = Scratch::new("docker-fresh");
+        s2.create_pool(&[]);
+        let mut p2 = plugin(&s2);
+        let base2 = s2.root.parent().unwrap().to_path_buf();
+        let mut d2 = Dockerd::start(&base2.join("data"), "c", "thinlayer", &[]);
+        d2.ok(&["load", "-i", saved.to_str().unwrap()]);
+        let there = exported_tree(&d2, "demo:committed", &base2.join("tree-b"));
+        let diffs = thinlayer_image::tree::differences(&here, &there, 20);
+        assert!(diffs.is_empty(), "the loaded image differs: {diffs:#?}");
+        assert!(
+            here.contains_key(Path::new("hello.txt"))
+                && here.contains_key(Path::new("bin/busybox"))
+        );
+        d2.ok(&["rmi", "demo:committed"]);
+        d2.stop();
+        p2.stop();
+        s2.ok(&["pool", "check"]);
+    });
 }
 
 /// Counts of the plugin's requests, from its log.
@@ -309,62 +311,62 @@ fn calls(log: &str) -> BTreeMap<String, usize> {
 /// call counts it checks.
 #[test]
 fn vm_docker_moby_external_graphdriver_scenario() {
-    require_docker();
-    let s = Scratch::new("docker-moby");
-    s.create_pool(&[]);
-    let base = s.root.parent().unwrap().to_path_buf();
-    let mut p = plugin(&s);
-    let mut d = Dockerd::start(&base.join("data"), "a", "thinlayer", &[]);
-    d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
-    let id = d.ok(&[
-        "run",
-        "-d",
-        "demo:docker",
-        "sh",
-        "-c",
-        "echo hello > /hello",
-    ]);
-    d.ok(&["wait", &id]);
-    d.stop();
-    let mut d = Dockerd::start(&base.join("data"), "b", "thinlayer", &[]);
-    assert_eq!(
-        d.ok(&["inspect", "-f", "{{.GraphDriver.Name}}", &id]),
-        "thinlayer"
-    );
-    let diff = d.ok(&["diff", &id]);
-    assert!(diff.lines().any(|l| l == "A /hello"), "diffs: {diff}");
-    d.ok(&["rm", "-f", &id]);
-    d.ok(&["info"]);
-    d.stop();
-    let log = p.log();
-    p.stop();
-    let n = calls(&log);
-    println!("plugin calls: {n:?}");
-    let get = |k: &str| n.get(k).copied().unwrap_or(0);
-    assert_eq!(get("Plugin.Activate"), 2, "{n:?}");
-    assert_eq!(get("GraphDriver.Init"), 2, "{n:?}");
-    assert_eq!(get("GraphDriver.Cleanup"), 2, "{n:?}");
-    assert_eq!(get("GraphDriver.Changes"), 1, "{n:?}");
-    assert_eq!(get("GraphDriver.DiffSize"), 0, "{n:?}");
-    assert_eq!(get("GraphDriver.Diff"), 0, "{n:?}");
-    assert_eq!(get("GraphDriver.GetMetadata"), 1, "{n:?}");
-    for at_least_one in [
-        "GraphDriver.Create",
-        "GraphDriver.CreateReadWrite",
-        "GraphDriver.Remove",
-        "GraphDriver.Get",
-        "GraphDriver.Put",
-        "GraphDriver.ApplyDiff",
-        "GraphDriver.Status",
-    ] {
-        assert!(get(at_least_one) >= 1, "{at_least_one}: {n:?}");
-    }
-    assert_eq!(
-        get("GraphDriver.Get"),
-        get("GraphDriver.Put"),
-        "every Get put back: {n:?}"
-    );
-    s.ok(&["pool", "check"]);
+    vm_test("docker-moby", Pool::Small, |s| {
+        require_docker();
+        let base = s.root.parent().unwrap().to_path_buf();
+        let mut p = plugin(s);
+        let mut d = Dockerd::start(&base.join("data"), "a", "thinlayer", &[]);
+        d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
+        let id = d.ok(&[
+            "run",
+            "-d",
+            "demo:docker",
+            "sh",
+            "-c",
+            "echo hello > /hello",
+        ]);
+        d.ok(&["wait", &id]);
+        d.stop();
+        let mut d = Dockerd::start(&base.join("data"), "b", "thinlayer", &[]);
+        assert_eq!(
+            d.ok(&["inspect", "-f", "{{.GraphDriver.Name}}", &id]),
+            "thinlayer"
+        );
+        let diff = d.ok(&["diff", &id]);
+        assert!(diff.lines().any(|l| l == "A /hello"), "diffs: {diff}");
+        d.ok(&["rm", "-f", &id]);
+        d.ok(&["info"]);
+        d.stop();
+        let log = p.log();
+        p.stop();
+        let n = calls(&log);
+        println!("plugin calls: {n:?}");
+        let get = |k: &str| n.get(k).copied().unwrap_or(0);
+        assert_eq!(get("Plugin.Activate"), 2, "{n:?}");
+        assert_eq!(get("GraphDriver.Init"), 2, "{n:?}");
+        assert_eq!(get("GraphDriver.Cleanup"), 2, "{n:?}");
+        assert_eq!(get("GraphDriver.Changes"), 1, "{n:?}");
+        assert_eq!(get("GraphDriver.DiffSize"), 0, "{n:?}");
+        assert_eq!(get("GraphDriver.Diff"), 0, "{n:?}");
+        assert_eq!(get("GraphDriver.GetMetadata"), 1, "{n:?}");
+        for at_least_one in [
+            "GraphDriver.Create",
+            "GraphDriver.CreateReadWrite",
+            "GraphDriver.Remove",
+            "GraphDriver.Get",
+            "GraphDriver.Put",
+            "GraphDriver.ApplyDiff",
+            "GraphDriver.Status",
+        ] {
+            assert!(get(at_least_one) >= 1, "{at_least_one}: {n:?}");
+        }
+        assert_eq!(
+            get("GraphDriver.Get"),
+            get("GraphDriver.Put"),
+            "every Get put back: {n:?}"
+        );
+        s.ok(&["pool", "check"]);
+    });
 }
 
 /// One request with a body; the status and the parsed answer.
@@ -383,275 +385,276 @@ fn err_of(answer: &(u16, Value)) -> String {
 
 #[test]
 fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
-    common::require_dm_thin();
-    let s = Scratch::new("docker-bad");
-    s.create_pool(&[]);
-    let sock = s.root.parent().unwrap().join("p.sock");
-    let _p = Served::start(&s, &["serve", "docker"], &sock);
-    let json = |v: &str| -> Value { serde_json::from_str(v).unwrap() };
+    vm_test("docker-bad", Pool::Small, |s| {
+        let sock = s.root.parent().unwrap().join("p.sock");
+        let _p = Served::start(s, &["serve", "docker"], &sock);
+        let json = |v: &str| -> Value { serde_json::from_str(v).unwrap() };
 
-    let (st, v) = call(&sock, "/Plugin.Activate", &json("{}"));
-    assert_eq!(
-        (st, v),
-        (
-            200,
-            json(r#"{"Implements":["GraphDriver","VolumeDriver"]}"#)
-        )
-    );
-    let (st, v) = call(&sock, "/GraphDriver.Capabilities", &json("{}"));
-    assert_eq!(
-        (st, v),
-        (
-            200,
-            json(r#"{"Capabilities":{"ReproducesExactDiffs":false}}"#)
-        )
-    );
-    // Init: remapped ids and daemon storage options are refused, saying why.
-    let e = err_of(&call(
-        &sock,
-        "/GraphDriver.Init",
-        &json(
-            r#"{"Home":"/x","Opts":null,"UIDMaps":[{"container_id":0,"host_id":100000,"size":65536}],"GIDMaps":null}"#,
-        ),
-    ));
-    assert!(e.contains("--userns-remap"), "{e}");
-    let e = err_of(&call(
-        &sock,
-        "/GraphDriver.Init",
-        &json(r#"{"Home":"/x","Opts":["dm.basesize=20G"]}"#),
-    ));
-    assert!(e.contains("dm.basesize"), "{e}");
-    let (_, v) = call(
-        &sock,
-        "/GraphDriver.Init",
-        &json(r#"{"Home":"/x","Opts":[],"UIDMaps":null,"GIDMaps":null}"#),
-    );
-    assert_eq!(v, json("{}"));
-
-    // A base layer and a child.
-    assert_eq!(
-        call(&sock, "/GraphDriver.Create", &json(r#"{"ID":"b1"}"#)).1,
-        json("{}")
-    );
-    assert_eq!(
-        call(
-            &sock,
-            "/GraphDriver.CreateReadWrite",
-            &json(r#"{"ID":"c1","Parent":"b1"}"#)
-        )
-        .1,
-        json("{}")
-    );
-    let layers_before = s.json(&["layer", "ls"]);
-
-    // Unknown ids.
-    for ep in [
-        "/GraphDriver.Get",
-        "/GraphDriver.Remove",
-        "/GraphDriver.GetMetadata",
-        "/GraphDriver.Changes",
-    ] {
-        let e = err_of(&call(&sock, ep, &json(r#"{"ID":"nope"}"#)));
-        assert!(e.contains("no layer `nope`"), "{ep}: {e}");
-    }
-    let e = err_of(&call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"nope"}"#)));
-    assert!(e.contains("Put without a Get"), "{e}");
-    assert_eq!(
-        call(&sock, "/GraphDriver.Exists", &json(r#"{"ID":"nope"}"#)).1,
-        json(r#"{"Exists":false}"#)
-    );
-    assert_eq!(
-        call(&sock, "/GraphDriver.Exists", &json(r#"{"ID":"b1"}"#)).1,
-        json(r#"{"Exists":true}"#)
-    );
-    let (st, v) = call(&sock, "/GraphDriver.Diff", &json(r#"{"ID":"nope"}"#));
-    assert_eq!(
-        st, 500,
-        "a Diff that cannot start is a 500 Docker reports: {v}"
-    );
-    assert!(err_of(&(st, v)).contains("nope"));
-    let e = err_of(&call(
-        &sock,
-        "/GraphDriver.Create",
-        &json(r#"{"ID":"x1","Parent":"nope"}"#),
-    ));
-    assert!(e.contains("no layer `nope`"), "{e}");
-
-    // Remove of a layer with children.
-    let e = err_of(&call(&sock, "/GraphDriver.Remove", &json(r#"{"ID":"b1"}"#)));
-    assert!(e.contains("has children (c1)"), "{e}");
-
-    // size storage-opt below the base, beyond the pool; then one that fits.
-    let e = err_of(&call(
-        &sock,
-        "/GraphDriver.CreateReadWrite",
-        &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"size":"1M"}}"#),
-    ));
-    assert!(e.contains("below"), "{e}");
-    let e = err_of(&call(
-        &sock,
-        "/GraphDriver.CreateReadWrite",
-        &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"size":"100G"}}"#),
-    ));
-    assert!(e.contains("beyond the pool"), "{e}");
-    let e = err_of(&call(
-        &sock,
-        "/GraphDriver.CreateReadWrite",
-        &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"dm.basesize":"1G"}}"#),
-    ));
-    assert!(e.contains("unknown storage option"), "{e}");
-    assert_eq!(
-        s.json(&["layer", "ls"]),
-        layers_before,
-        "a refused call changed the pool"
-    );
-
-    // ApplyDiff of hostile and truncated tars: refused, the layer empty again.
-    let hostile = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/hostile");
-    assert_eq!(
-        call(
-            &sock,
-            "/GraphDriver.Create",
-            &json(r#"{"ID":"h1","Parent":"b1"}"#)
-        )
-        .1,
-        json("{}")
-    );
-    for name in [
-        "dotdot",
-        "absolute",
-        "symlink-escape",
-        "symlink-parent-escape",
-        "hardlink-escape",
-        "whiteout-escape",
-        "truncated",
-    ] {
-        let tar = fs::read(hostile.join(format!("{name}.tar"))).unwrap();
-        let (st, text) = http_post(&sock, "/GraphDriver.ApplyDiff?id=h1&parent=b1", &tar);
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let e = err_of(&(st, v));
-        println!("ApplyDiff {name}: {e}");
-        let changes = call(
-            &sock,
-            "/GraphDriver.Changes",
-            &json(r#"{"ID":"h1","Parent":"b1"}"#),
-        )
-        .1;
+        let (st, v) = call(&sock, "/Plugin.Activate", &json("{}"));
         assert_eq!(
-            changes,
-            json(r#"{"Changes":[]}"#),
-            "{name} left changes: {changes}"
+            (st, v),
+            (
+                200,
+                json(r#"{"Implements":["GraphDriver","VolumeDriver"]}"#)
+            )
         );
-    }
-    for escaped in ["/tmp/escaped-through-symlink", "/escaped-abs", "/escaped"] {
-        assert!(!Path::new(escaped).exists(), "{escaped} was written");
-    }
-    // A chunked upload that breaks off half way (as Go sends a body).
-    {
-        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-        let good = fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/layers/base.tar"),
-        )
-        .unwrap();
-        let half = &good[..good.len() / 2];
-        let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
-        req.extend_from_slice(format!("{:x}\r\n", half.len()).as_bytes());
-        req.extend_from_slice(half);
-        c.write_all(&req).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut answer = String::new();
-        c.read_to_string(&mut answer).unwrap();
-        assert!(
-            answer.contains("\"Err\"") && answer.contains("before the body ended"),
-            "{answer}"
-        );
-        let changes = call(
-            &sock,
-            "/GraphDriver.Changes",
-            &json(r#"{"ID":"h1","Parent":"b1"}"#),
-        )
-        .1;
+        let (st, v) = call(&sock, "/GraphDriver.Capabilities", &json("{}"));
         assert_eq!(
-            changes,
-            json(r#"{"Changes":[]}"#),
-            "a broken-off apply left changes: {changes}"
+            (st, v),
+            (
+                200,
+                json(r#"{"Capabilities":{"ReproducesExactDiffs":false}}"#)
+            )
         );
-    }
-    // A good one, streamed chunked, then Diff streams it back out.
-    {
-        let good = fs::read(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/layers/other.tar"),
-        )
-        .unwrap();
-        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-        let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
-        for piece in good.chunks(7000) {
-            req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-            req.extend_from_slice(piece);
-            req.extend_from_slice(b"\r\n");
-        }
-        req.extend_from_slice(b"0\r\n\r\n");
-        c.write_all(&req).unwrap();
-        let mut answer = String::new();
-        c.read_to_string(&mut answer).unwrap();
-        assert!(answer.contains("\"Size\":"), "{answer}");
-        let changes = call(
+        // Init: remapped ids and daemon storage options are refused, saying why.
+        let e = err_of(&call(
             &sock,
-            "/GraphDriver.Changes",
-            &json(r#"{"ID":"h1","Parent":"b1"}"#),
-        )
-        .1;
-        let paths: Vec<&str> = changes["Changes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["Path"].as_str().unwrap())
-            .collect();
-        assert!(paths.contains(&"/etc/other"), "{changes}");
-        let (st, raw) = http_post(&sock, "/GraphDriver.Diff", br#"{"ID":"h1","Parent":"b1"}"#);
-        assert_eq!(st, 200);
-        assert!(
-            raw.contains("only in the other image"),
-            "the diff stream holds the layer's file"
+            "/GraphDriver.Init",
+            &json(
+                r#"{"Home":"/x","Opts":null,"UIDMaps":[{"container_id":0,"host_id":100000,"size":65536}],"GIDMaps":null}"#,
+            ),
+        ));
+        assert!(e.contains("--userns-remap"), "{e}");
+        let e = err_of(&call(
+            &sock,
+            "/GraphDriver.Init",
+            &json(r#"{"Home":"/x","Opts":["dm.basesize=20G"]}"#),
+        ));
+        assert!(e.contains("dm.basesize"), "{e}");
+        let (_, v) = call(
+            &sock,
+            "/GraphDriver.Init",
+            &json(r#"{"Home":"/x","Opts":[],"UIDMaps":null,"GIDMaps":null}"#),
         );
-    }
-    // Get twice, the same path; Put twice unmounts; the tree has no lost+found.
-    let dir = call(&sock, "/GraphDriver.Get", &json(r#"{"ID":"h1"}"#)).1["Dir"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let again = call(&sock, "/GraphDriver.Get", &json(r#"{"ID":"h1"}"#)).1["Dir"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(dir, again);
-    assert!(dir.ends_with("/h1/rootfs"), "{dir}");
-    assert!(!Path::new(&dir).join("lost+found").exists());
-    assert!(Path::new(&dir).join("etc/other").exists());
-    let e = err_of(&call(
-        &sock,
-        "/GraphDriver.ApplyDiff?id=h1&parent=b1",
-        &json("{}"),
-    ));
-    assert!(e.contains("mounted"), "{e}");
-    call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#));
-    assert!(
-        Path::new(&dir).join("etc/other").exists(),
-        "one reference left"
-    );
-    call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#));
-    assert!(!Path::new(&dir).exists(), "unmounted at zero references");
+        assert_eq!(v, json("{}"));
 
-    for id in ["h1", "c1", "b1"] {
+        // A base layer and a child.
+        assert_eq!(
+            call(&sock, "/GraphDriver.Create", &json(r#"{"ID":"b1"}"#)).1,
+            json("{}")
+        );
         assert_eq!(
             call(
                 &sock,
-                "/GraphDriver.Remove",
-                &json(&format!(r#"{{"ID":"{id}"}}"#))
+                "/GraphDriver.CreateReadWrite",
+                &json(r#"{"ID":"c1","Parent":"b1"}"#)
             )
             .1,
             json("{}")
         );
-    }
-    s.ok(&["pool", "check"]);
+        let layers_before = s.json(&["layer", "ls"]);
+
+        // Unknown ids.
+        for ep in [
+            "/GraphDriver.Get",
+            "/GraphDriver.Remove",
+            "/GraphDriver.GetMetadata",
+            "/GraphDriver.Changes",
+        ] {
+            let e = err_of(&call(&sock, ep, &json(r#"{"ID":"nope"}"#)));
+            assert!(e.contains("no layer `nope`"), "{ep}: {e}");
+        }
+        let e = err_of(&call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"nope"}"#)));
+        assert!(e.contains("Put without a Get"), "{e}");
+        assert_eq!(
+            call(&sock, "/GraphDriver.Exists", &json(r#"{"ID":"nope"}"#)).1,
+            json(r#"{"Exists":false}"#)
+        );
+        assert_eq!(
+            call(&sock, "/GraphDriver.Exists", &json(r#"{"ID":"b1"}"#)).1,
+            json(r#"{"Exists":true}"#)
+        );
+        let (st, v) = call(&sock, "/GraphDriver.Diff", &json(r#"{"ID":"nope"}"#));
+        assert_eq!(
+            st, 500,
+            "a Diff that cannot start is a 500 Docker reports: {v}"
+        );
+        assert!(err_of(&(st, v)).contains("nope"));
+        let e = err_of(&call(
+            &sock,
+            "/GraphDriver.Create",
+            &json(r#"{"ID":"x1","Parent":"nope"}"#),
+        ));
+        assert!(e.contains("no layer `nope`"), "{e}");
+
+        // Remove of a layer with children.
+        let e = err_of(&call(&sock, "/GraphDriver.Remove", &json(r#"{"ID":"b1"}"#)));
+        assert!(e.contains("has children (c1)"), "{e}");
+
+        // size storage-opt below the base, beyond the pool; then one that fits.
+        let e = err_of(&call(
+            &sock,
+            "/GraphDriver.CreateReadWrite",
+            &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"size":"1M"}}"#),
+        ));
+        assert!(e.contains("below"), "{e}");
+        let e = err_of(&call(
+            &sock,
+            "/GraphDriver.CreateReadWrite",
+            &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"size":"100G"}}"#),
+        ));
+        assert!(e.contains("beyond the pool"), "{e}");
+        let e = err_of(&call(
+            &sock,
+            "/GraphDriver.CreateReadWrite",
+            &json(r#"{"ID":"s1","Parent":"b1","StorageOpt":{"dm.basesize":"1G"}}"#),
+        ));
+        assert!(e.contains("unknown storage option"), "{e}");
+        assert_eq!(
+            s.json(&["layer", "ls"]),
+            layers_before,
+            "a refused call changed the pool"
+        );
+
+        // ApplyDiff of hostile and truncated tars: refused, the layer empty again.
+        let hostile = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/hostile");
+        assert_eq!(
+            call(
+                &sock,
+                "/GraphDriver.Create",
+                &json(r#"{"ID":"h1","Parent":"b1"}"#)
+            )
+            .1,
+            json("{}")
+        );
+        for name in [
+            "dotdot",
+            "absolute",
+            "symlink-escape",
+            "symlink-parent-escape",
+            "hardlink-escape",
+            "whiteout-escape",
+            "truncated",
+        ] {
+            let tar = fs::read(hostile.join(format!("{name}.tar"))).unwrap();
+            let (st, text) = http_post(&sock, "/GraphDriver.ApplyDiff?id=h1&parent=b1", &tar);
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let e = err_of(&(st, v));
+            println!("ApplyDiff {name}: {e}");
+            let changes = call(
+                &sock,
+                "/GraphDriver.Changes",
+                &json(r#"{"ID":"h1","Parent":"b1"}"#),
+            )
+            .1;
+            assert_eq!(
+                changes,
+                json(r#"{"Changes":[]}"#),
+                "{name} left changes: {changes}"
+            );
+        }
+        for escaped in ["/tmp/escaped-through-symlink", "/escaped-abs", "/escaped"] {
+            assert!(!Path::new(escaped).exists(), "{escaped} was written");
+        }
+        // A chunked upload that breaks off half way (as Go sends a body).
+        {
+            let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            let good = fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/fixtures/images/layers/base.tar"),
+            )
+            .unwrap();
+            let half = &good[..good.len() / 2];
+            let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            req.extend_from_slice(format!("{:x}\r\n", half.len()).as_bytes());
+            req.extend_from_slice(half);
+            c.write_all(&req).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).unwrap();
+            assert!(
+                answer.contains("\"Err\"") && answer.contains("before the body ended"),
+                "{answer}"
+            );
+            let changes = call(
+                &sock,
+                "/GraphDriver.Changes",
+                &json(r#"{"ID":"h1","Parent":"b1"}"#),
+            )
+            .1;
+            assert_eq!(
+                changes,
+                json(r#"{"Changes":[]}"#),
+                "a broken-off apply left changes: {changes}"
+            );
+        }
+        // A good one, streamed chunked, then Diff streams it back out.
+        {
+            let good = fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/fixtures/images/layers/other.tar"),
+            )
+            .unwrap();
+            let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+            let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+            for piece in good.chunks(7000) {
+                req.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                req.extend_from_slice(piece);
+                req.extend_from_slice(b"\r\n");
+            }
+            req.extend_from_slice(b"0\r\n\r\n");
+            c.write_all(&req).unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).unwrap();
+            assert!(answer.contains("\"Size\":"), "{answer}");
+            let changes = call(
+                &sock,
+                "/GraphDriver.Changes",
+                &json(r#"{"ID":"h1","Parent":"b1"}"#),
+            )
+            .1;
+            let paths: Vec<&str> = changes["Changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["Path"].as_str().unwrap())
+                .collect();
+            assert!(paths.contains(&"/etc/other"), "{changes}");
+            let (st, raw) = http_post(&sock, "/GraphDriver.Diff", br#"{"ID":"h1","Parent":"b1"}"#);
+            assert_eq!(st, 200);
+            assert!(
+                raw.contains("only in the other image"),
+                "the diff stream holds the layer's file"
+            );
+        }
+        // Get twice, the same path; Put twice unmounts; the tree has no lost+found.
+        let dir = call(&sock, "/GraphDriver.Get", &json(r#"{"ID":"h1"}"#)).1["Dir"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let again = call(&sock, "/GraphDriver.Get", &json(r#"{"ID":"h1"}"#)).1["Dir"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(dir, again);
+        assert!(dir.ends_with("/h1/rootfs"), "{dir}");
+        assert!(!Path::new(&dir).join("lost+found").exists());
+        assert!(Path::new(&dir).join("etc/other").exists());
+        let e = err_of(&call(
+            &sock,
+            "/GraphDriver.ApplyDiff?id=h1&parent=b1",
+            &json("{}"),
+        ));
+        assert!(e.contains("mounted"), "{e}");
+        call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#));
+        assert!(
+            Path::new(&dir).join("etc/other").exists(),
+            "one reference left"
+        );
+        call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#));
+        assert!(!Path::new(&dir).exists(), "unmounted at zero references");
+
+        for id in ["h1", "c1", "b1"] {
+            assert_eq!(
+                call(
+                    &sock,
+                    "/GraphDriver.Remove",
+                    &json(&format!(r#"{{"ID":"{id}"}}"#))
+                )
+                .1,
+                json("{}")
+            );
+        }
+        s.ok(&["pool", "check"]);
+    });
 }

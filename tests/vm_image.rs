@@ -8,13 +8,14 @@
 
 mod common;
 
+use common::{Pool, Scratch, sh, vm_test};
+
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
 };
 
-use common::{Scratch, sh};
 use thinlayer_image::tree;
 
 /// Extracts layer tars in order into `dest` with GNU tar, applying the
@@ -123,265 +124,261 @@ const INIT_FILES: [&str; 3] = ["etc/hostname", "etc/hosts", "etc/resolv.conf"];
 
 #[test]
 fn vm_a_three_layer_image_imports_and_a_container_sees_exactly_the_applied_tree() {
-    common::require_dm_thin();
-    let f = common::fixtures();
-    let s = Scratch::new("img-import");
-    s.create_pool(&[]);
-    let r = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
-    assert_eq!(r["name"], "demo:1");
-    assert_eq!(r["applied"], 3);
-    // The reference goes on an ext4 layer of its own (an empty snapshot of
-    // the base): the guest's tmpfs keeps no user.* xattrs.
-    s.ok(&["layer", "create", "reference"]);
-    let expected = s.mount("reference");
-    gnu_tar_reference(&layers(&f, &["base", "mid", "top"]), &expected.join("tree"));
-    let expected = expected.join("tree");
+    vm_test("img-import", Pool::Small, |s| {
+        let f = common::fixtures();
+        let r = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
+        assert_eq!(r["name"], "demo:1");
+        assert_eq!(r["applied"], 3);
+        // The reference goes on an ext4 layer of its own (an empty snapshot of
+        // the base): the guest's tmpfs keeps no user.* xattrs.
+        s.ok(&["layer", "create", "reference"]);
+        let expected = s.mount("reference");
+        gnu_tar_reference(&layers(&f, &["base", "mid", "top"]), &expected.join("tree"));
+        let expected = expected.join("tree");
 
-    // The image's top layer is exactly the reference tree.
-    let top = top_layer(&s, "demo:1");
-    let d = s.dir("top");
-    s.ok(&["mount", &top, d.to_str().unwrap(), "--readonly"]);
-    assert_same_tree(&expected, &d, &[]);
-    s.ok(&["umount", &top]);
+        // The image's top layer is exactly the reference tree.
+        let top = top_layer(s, "demo:1");
+        let d = s.dir("top");
+        s.ok(&["mount", &top, d.to_str().unwrap(), "--readonly"]);
+        assert_same_tree(&expected, &d, &[]);
+        s.ok(&["umount", &top]);
 
-    // A container sees the same tree plus its init files.
-    s.ok(&[
-        "container",
-        "create",
-        "c1",
-        "--image",
-        "demo:1",
-        "--hostname",
-        "box1",
-    ]);
-    let m = PathBuf::from(s.ok(&["container", "mount", "c1"]).trim());
-    assert_same_tree(&expected, &m, &INIT_FILES);
-    assert_eq!(
-        fs::read_to_string(m.join("etc/hostname")).unwrap(),
-        "box1\n"
-    );
-    // Whiteouts, opaque directories and replacements took effect.
-    assert!(!m.join("opt/old").exists());
-    assert!(!m.join("var/cache/x").exists() && m.join("var/cache/new").exists());
-    assert!(m.join("srv/replace/inside").is_file());
-    assert!(!m.join("usr/share/data.bin").exists() && m.join("usr/share/keep.txt").exists());
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    assert_eq!(
-        fs::metadata(m.join("usr/bin/suid-tool"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o7777,
-        0o4755
-    );
-    assert_eq!(fs::metadata(m.join("home/user")).unwrap().uid(), 1000);
-    // The root filesystem is usable: busybox runs from it.
-    let out = Command::new("chroot")
-        .arg(&m)
-        .args(["/bin/sh", "-c", "cat /etc/os-release; echo ran"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("VERSION_ID=2\nran"),
-        "{out:?}"
-    );
-    s.ok(&["container", "umount", "c1"]);
+        // A container sees the same tree plus its init files.
+        s.ok(&[
+            "container",
+            "create",
+            "c1",
+            "--image",
+            "demo:1",
+            "--hostname",
+            "box1",
+        ]);
+        let m = PathBuf::from(s.ok(&["container", "mount", "c1"]).trim());
+        assert_same_tree(&expected, &m, &INIT_FILES);
+        assert_eq!(
+            fs::read_to_string(m.join("etc/hostname")).unwrap(),
+            "box1\n"
+        );
+        // Whiteouts, opaque directories and replacements took effect.
+        assert!(!m.join("opt/old").exists());
+        assert!(!m.join("var/cache/x").exists() && m.join("var/cache/new").exists());
+        assert!(m.join("srv/replace/inside").is_file());
+        assert!(!m.join("usr/share/data.bin").exists() && m.join("usr/share/keep.txt").exists());
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(
+            fs::metadata(m.join("usr/bin/suid-tool"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o4755
+        );
+        assert_eq!(fs::metadata(m.join("home/user")).unwrap().uid(), 1000);
+        // The root filesystem is usable: busybox runs from it.
+        let out = Command::new("chroot")
+            .arg(&m)
+            .args(["/bin/sh", "-c", "cat /etc/os-release; echo ran"])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("VERSION_ID=2\nran"),
+            "{out:?}"
+        );
+        s.ok(&["container", "umount", "c1"]);
 
-    // The same image again: nothing applied. The archive forms import too.
-    let again = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
-    assert_eq!(again["already_present"], true);
-    let docker = s.json(&[
-        "image",
-        "import",
-        f.join("demo-docker.tar").to_str().unwrap(),
-    ]);
-    assert_eq!(
-        (
-            docker["name"].as_str(),
-            docker["applied"].as_u64(),
-            docker["reused"].as_u64()
-        ),
-        (Some("demo:docker"), Some(0), Some(3))
-    );
-    let archive = s.json(&[
-        "image",
-        "import",
-        f.join("demo-oci.tar").to_str().unwrap(),
-        "--name",
-        "demo:archive",
-    ]);
-    assert_eq!(archive["reused"], 3);
-    s.ok(&["container", "rm", "c1"]);
+        // The same image again: nothing applied. The archive forms import too.
+        let again = s.json(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
+        assert_eq!(again["already_present"], true);
+        let docker = s.json(&[
+            "image",
+            "import",
+            f.join("demo-docker.tar").to_str().unwrap(),
+        ]);
+        assert_eq!(
+            (
+                docker["name"].as_str(),
+                docker["applied"].as_u64(),
+                docker["reused"].as_u64()
+            ),
+            (Some("demo:docker"), Some(0), Some(3))
+        );
+        let archive = s.json(&[
+            "image",
+            "import",
+            f.join("demo-oci.tar").to_str().unwrap(),
+            "--name",
+            "demo:archive",
+        ]);
+        assert_eq!(archive["reused"], 3);
+        s.ok(&["container", "rm", "c1"]);
+    });
 }
 
 #[test]
 fn vm_two_containers_of_one_image_each_see_their_own_writes() {
-    common::require_dm_thin();
-    let f = common::fixtures();
-    let s = Scratch::new("img-two");
-    s.create_pool(&[]);
-    s.ok(&[
-        "image",
-        "import",
-        f.join("demo-docker.tar").to_str().unwrap(),
-    ]);
-    s.ok(&["container", "create", "a", "--image", "demo:docker"]);
-    s.ok(&["container", "create", "b", "--image", "demo:docker"]);
-    let ma = PathBuf::from(s.ok(&["container", "mount", "a"]).trim());
-    let mb = PathBuf::from(s.ok(&["container", "mount", "b"]).trim());
-    fs::write(ma.join("etc/motd"), "written by a\n").unwrap();
-    fs::write(mb.join("etc/motd"), "written by b\n").unwrap();
-    sh("sync", &[]);
-    assert_eq!(
-        fs::read_to_string(ma.join("etc/motd")).unwrap(),
-        "written by a\n"
-    );
-    assert_eq!(
-        fs::read_to_string(mb.join("etc/motd")).unwrap(),
-        "written by b\n"
-    );
-    assert_eq!(fs::read_to_string(ma.join("etc/hostname")).unwrap(), "a\n");
-    s.ok(&["container", "umount", "a"]);
-    s.ok(&["container", "umount", "b"]);
-    let ma = PathBuf::from(s.ok(&["container", "mount", "a"]).trim());
-    assert_eq!(
-        fs::read_to_string(ma.join("etc/motd")).unwrap(),
-        "written by a\n"
-    );
-    s.ok(&["container", "rm", "a"]);
-    s.ok(&["container", "rm", "b"]);
-    s.fails(&["container", "rm", "a"], 3, "no container");
+    vm_test("img-two", Pool::Small, |s| {
+        let f = common::fixtures();
+        s.ok(&[
+            "image",
+            "import",
+            f.join("demo-docker.tar").to_str().unwrap(),
+        ]);
+        s.ok(&["container", "create", "a", "--image", "demo:docker"]);
+        s.ok(&["container", "create", "b", "--image", "demo:docker"]);
+        let ma = PathBuf::from(s.ok(&["container", "mount", "a"]).trim());
+        let mb = PathBuf::from(s.ok(&["container", "mount", "b"]).trim());
+        fs::write(ma.join("etc/motd"), "written by a\n").unwrap();
+        fs::write(mb.join("etc/motd"), "written by b\n").unwrap();
+        sh("sync", &[]);
+        assert_eq!(
+            fs::read_to_string(ma.join("etc/motd")).unwrap(),
+            "written by a\n"
+        );
+        assert_eq!(
+            fs::read_to_string(mb.join("etc/motd")).unwrap(),
+            "written by b\n"
+        );
+        assert_eq!(fs::read_to_string(ma.join("etc/hostname")).unwrap(), "a\n");
+        s.ok(&["container", "umount", "a"]);
+        s.ok(&["container", "umount", "b"]);
+        let ma = PathBuf::from(s.ok(&["container", "mount", "a"]).trim());
+        assert_eq!(
+            fs::read_to_string(ma.join("etc/motd")).unwrap(),
+            "written by a\n"
+        );
+        s.ok(&["container", "rm", "a"]);
+        s.ok(&["container", "rm", "b"]);
+        s.fails(&["container", "rm", "a"], 3, "no container");
+    });
 }
 
 #[test]
 fn vm_a_second_image_sharing_the_base_adds_no_blocks_for_the_base() {
-    common::require_dm_thin();
-    let f = common::fixtures();
-    let s = Scratch::new("img-share");
-    s.create_pool(&[]);
-    let before = s.used_data_blocks();
-    s.ok(&[
-        "image",
-        "import",
-        f.join("demo-docker.tar").to_str().unwrap(),
-    ]);
-    let one = s.used_data_blocks();
-    let r = s.json(&[
-        "image",
-        "import",
-        f.join("other-docker.tar").to_str().unwrap(),
-    ]);
-    let two = s.used_data_blocks();
-    println!(
-        "blocks: empty pool {before}, first image {one} (+{}), second image {two} (+{})",
-        one - before,
-        two - one
-    );
-    assert_eq!(
-        (r["reused"].as_u64(), r["applied"].as_u64()),
-        (Some(1), Some(1))
-    );
-    let base_blocks = (6 << 20) / 65536;
-    assert!(
-        two - one < base_blocks / 4,
-        "second image added {} blocks; the base alone is ~{base_blocks}",
-        two - one
-    );
-    // Removing the first image keeps the shared base for the second.
-    let rm = s.json(&["image", "rm", "demo:docker"]);
-    assert_eq!(rm["removed_layers"].as_array().unwrap().len(), 2, "{rm}");
-    s.ok(&["container", "create", "o", "--image", "other:1"]);
-    let m = PathBuf::from(s.ok(&["container", "mount", "o"]).trim());
-    assert!(m.join("bin/busybox").is_file() && m.join("etc/other").is_file());
-    s.ok(&["container", "rm", "o"]);
-    s.fails(&["image", "rm", "nope"], 3, "no image");
+    vm_test("img-share", Pool::Small, |s| {
+        let f = common::fixtures();
+        let before = s.used_data_blocks();
+        s.ok(&[
+            "image",
+            "import",
+            f.join("demo-docker.tar").to_str().unwrap(),
+        ]);
+        let one = s.used_data_blocks();
+        let r = s.json(&[
+            "image",
+            "import",
+            f.join("other-docker.tar").to_str().unwrap(),
+        ]);
+        let two = s.used_data_blocks();
+        println!(
+            "blocks: empty pool {before}, first image {one} (+{}), second image {two} (+{})",
+            one - before,
+            two - one
+        );
+        assert_eq!(
+            (r["reused"].as_u64(), r["applied"].as_u64()),
+            (Some(1), Some(1))
+        );
+        let base_blocks = (6 << 20) / 65536;
+        assert!(
+            two - one < base_blocks / 4,
+            "second image added {} blocks; the base alone is ~{base_blocks}",
+            two - one
+        );
+        // Removing the first image keeps the shared base for the second.
+        let rm = s.json(&["image", "rm", "demo:docker"]);
+        assert_eq!(rm["removed_layers"].as_array().unwrap().len(), 2, "{rm}");
+        s.ok(&["container", "create", "o", "--image", "other:1"]);
+        let m = PathBuf::from(s.ok(&["container", "mount", "o"]).trim());
+        assert!(m.join("bin/busybox").is_file() && m.join("etc/other").is_file());
+        s.ok(&["container", "rm", "o"]);
+        s.fails(&["image", "rm", "nope"], 3, "no image");
+    });
 }
 
 #[test]
 fn vm_commit_export_and_reimport_round_trip_is_identical() {
-    common::require_dm_thin();
-    let f = common::fixtures();
-    let s = Scratch::new("img-commit");
-    s.create_pool(&[]);
-    s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
-    s.ok(&["container", "create", "c", "--image", "demo:1"]);
-    let m = PathBuf::from(s.ok(&["container", "mount", "c"]).trim());
-    fs::write(m.join("etc/added"), "new file\n").unwrap();
-    fs::write(m.join("etc/os-release"), "changed\n").unwrap();
-    fs::remove_file(m.join("usr/share/keep.txt")).unwrap();
-    fs::remove_dir_all(m.join("srv/replace")).unwrap();
-    fs::create_dir_all(m.join("data/deep")).unwrap();
-    fs::write(m.join("data/deep/f"), vec![7u8; 200_000]).unwrap();
-    sh("chmod", &["4711", m.join("data/deep/f").to_str().unwrap()]);
-    sh(
-        "chown",
-        &["1000:1000", m.join("data/deep").to_str().unwrap()],
-    );
-    std::os::unix::fs::symlink("../etc/added", m.join("data/link")).unwrap();
-    fs::hard_link(m.join("data/deep/f"), m.join("data/f-again")).unwrap();
-    sh("mknod", &[m.join("data/fifo").to_str().unwrap(), "p"]);
-    sh("sync", &[]);
-
-    let diff = s.ok(&["container", "diff", "c"]);
-    println!("{diff}");
-    for want in [
-        "A /etc/added",
-        "C /etc/os-release",
-        "D /usr/share/keep.txt",
-        "D /srv/replace",
-        "A /data/deep/f",
-    ] {
-        assert!(
-            diff.lines().any(|l| l.trim() == want),
-            "diff lacks `{want}`:\n{diff}"
+    vm_test("img-commit", Pool::Small, |s| {
+        let f = common::fixtures();
+        s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
+        s.ok(&["container", "create", "c", "--image", "demo:1"]);
+        let m = PathBuf::from(s.ok(&["container", "mount", "c"]).trim());
+        fs::write(m.join("etc/added"), "new file\n").unwrap();
+        fs::write(m.join("etc/os-release"), "changed\n").unwrap();
+        fs::remove_file(m.join("usr/share/keep.txt")).unwrap();
+        fs::remove_dir_all(m.join("srv/replace")).unwrap();
+        fs::create_dir_all(m.join("data/deep")).unwrap();
+        fs::write(m.join("data/deep/f"), vec![7u8; 200_000]).unwrap();
+        sh("chmod", &["4711", m.join("data/deep/f").to_str().unwrap()]);
+        sh(
+            "chown",
+            &["1000:1000", m.join("data/deep").to_str().unwrap()],
         );
-    }
-    assert!(
-        !diff.contains("hostname"),
-        "init files are not the container's changes:\n{diff}"
-    );
+        std::os::unix::fs::symlink("../etc/added", m.join("data/link")).unwrap();
+        fs::hard_link(m.join("data/deep/f"), m.join("data/f-again")).unwrap();
+        sh("mknod", &[m.join("data/fifo").to_str().unwrap(), "p"]);
+        sh("sync", &[]);
 
-    s.ok(&["container", "commit", "c", "--as", "committed"]);
-    let tarball = s.mnt.join("committed.tar");
-    s.ok(&[
-        "layer",
-        "export",
-        "committed",
-        "-o",
-        tarball.to_str().unwrap(),
-    ]);
-    let listing = sh("tar", &["-tvf", tarball.to_str().unwrap()]);
-    assert!(
-        listing.contains(".wh.keep.txt") && listing.contains(".wh.replace"),
-        "{listing}"
-    );
-    assert!(
-        !listing.contains("etc/hostname"),
-        "init files leaked into the commit:\n{listing}"
-    );
+        let diff = s.ok(&["container", "diff", "c"]);
+        println!("{diff}");
+        for want in [
+            "A /etc/added",
+            "C /etc/os-release",
+            "D /usr/share/keep.txt",
+            "D /srv/replace",
+            "A /data/deep/f",
+        ] {
+            assert!(
+                diff.lines().any(|l| l.trim() == want),
+                "diff lacks `{want}`:\n{diff}"
+            );
+        }
+        assert!(
+            !diff.contains("hostname"),
+            "init files are not the container's changes:\n{diff}"
+        );
 
-    // Re-import on a fresh pool on top of the same parent.
-    let t = Scratch::new("img-commit-2");
-    t.create_pool(&[]);
-    t.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
-    let top = top_layer(&t, "demo:1");
-    t.ok(&[
-        "layer",
-        "apply",
-        "again",
-        tarball.to_str().unwrap(),
-        "--parent",
-        &top,
-    ]);
-    let (a, b) = (s.dir("committed"), t.dir("again"));
-    s.ok(&["mount", "committed", a.to_str().unwrap(), "--readonly"]);
-    t.ok(&["mount", "again", b.to_str().unwrap(), "--readonly"]);
-    assert_same_tree(&a, &b, &[]);
-    // And both equal the container minus its init files.
-    assert_same_tree(&m, &a, &INIT_FILES);
-    s.ok(&["umount", "committed"]);
-    t.ok(&["umount", "again"]);
-    s.ok(&["container", "rm", "c"]);
+        s.ok(&["container", "commit", "c", "--as", "committed"]);
+        let tarball = s.mnt.join("committed.tar");
+        s.ok(&[
+            "layer",
+            "export",
+            "committed",
+            "-o",
+            tarball.to_str().unwrap(),
+        ]);
+        let listing = sh("tar", &["-tvf", tarball.to_str().unwrap()]);
+        assert!(
+            listing.contains(".wh.keep.txt") && listing.contains(".wh.replace"),
+            "{listing}"
+        );
+        assert!(
+            !listing.contains("etc/hostname"),
+            "init files leaked into the commit:\n{listing}"
+        );
+
+        // Re-import on a fresh pool on top of the same parent.
+        let t = Scratch::new("img-commit-2");
+        t.create_pool(&[]);
+        t.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
+        let top = top_layer(&t, "demo:1");
+        t.ok(&[
+            "layer",
+            "apply",
+            "again",
+            tarball.to_str().unwrap(),
+            "--parent",
+            &top,
+        ]);
+        let (a, b) = (s.dir("committed"), t.dir("again"));
+        s.ok(&["mount", "committed", a.to_str().unwrap(), "--readonly"]);
+        t.ok(&["mount", "again", b.to_str().unwrap(), "--readonly"]);
+        assert_same_tree(&a, &b, &[]);
+        // And both equal the container minus its init files.
+        assert_same_tree(&m, &a, &INIT_FILES);
+        s.ok(&["umount", "committed"]);
+        t.ok(&["umount", "again"]);
+        s.ok(&["container", "rm", "c"]);
+    });
 }
 
 /// What a rejected layer must leave as it was.
@@ -396,118 +393,113 @@ fn pool_state(s: &Scratch) -> (u64, String, String) {
 
 #[test]
 fn vm_hostile_and_broken_layers_are_refused_and_rolled_back() {
-    common::require_dm_thin();
-    let f = common::fixtures();
-    let s = Scratch::new("img-hostile");
-    s.create_pool(&[]);
-    s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
-    let top = top_layer(&s, "demo:1");
-    let before = pool_state(&s);
-    let cases = [
-        ("dotdot.tar", ".."),
-        ("absolute.tar", "absolute"),
-        ("symlink-escape.tar", "symlink"),
-        ("symlink-parent-escape.tar", "symlink"),
-        ("hardlink-escape.tar", "link"),
-        ("whiteout-escape.tar", ".."),
-        ("truncated.tar", ""),
-        ("corrupt-gzip.tar.gz", ""),
-    ];
-    for (file, needle) in cases {
-        let path = f.join("hostile").join(file);
-        let out = s.run(&[
-            "layer",
-            "apply",
-            "evil",
-            path.to_str().unwrap(),
-            "--parent",
-            &top,
-        ]);
+    vm_test("img-hostile", Pool::Small, |s| {
+        let f = common::fixtures();
+        s.ok(&["image", "import", f.join("demo-oci").to_str().unwrap()]);
+        let top = top_layer(s, "demo:1");
+        let before = pool_state(s);
+        let cases = [
+            ("dotdot.tar", ".."),
+            ("absolute.tar", "absolute"),
+            ("symlink-escape.tar", "symlink"),
+            ("symlink-parent-escape.tar", "symlink"),
+            ("hardlink-escape.tar", "link"),
+            ("whiteout-escape.tar", ".."),
+            ("truncated.tar", ""),
+            ("corrupt-gzip.tar.gz", ""),
+        ];
+        for (file, needle) in cases {
+            let path = f.join("hostile").join(file);
+            let out = s.run(&[
+                "layer",
+                "apply",
+                "evil",
+                path.to_str().unwrap(),
+                "--parent",
+                &top,
+            ]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            println!("{file}: exit {:?}: {}", out.status.code(), err.trim());
+            assert!(!out.status.success(), "{file} was accepted");
+            assert!(
+                err.contains(needle),
+                "{file}: error lacks `{needle}`: {err}"
+            );
+            assert_eq!(pool_state(s), before, "{file} left something behind");
+        }
+        for escaped in ["/escaped", "/escaped-abs", "/tmp/escaped-through-symlink"] {
+            assert!(!Path::new(escaped).exists(), "{escaped} was written");
+        }
+        // A config whose diff_id does not match the layer: refused, rolled back.
+        let out = s.run(&["image", "import", f.join("baddiff-oci").to_str().unwrap()]);
         let err = String::from_utf8_lossy(&out.stderr);
-        println!("{file}: exit {:?}: {}", out.status.code(), err.trim());
-        assert!(!out.status.success(), "{file} was accepted");
-        assert!(
-            err.contains(needle),
-            "{file}: error lacks `{needle}`: {err}"
+        assert!(!out.status.success() && err.contains("diff_id"), "{err}");
+        assert_eq!(
+            pool_state(s),
+            before,
+            "a failed import left something behind"
         );
-        assert_eq!(pool_state(&s), before, "{file} left something behind");
-    }
-    for escaped in ["/escaped", "/escaped-abs", "/tmp/escaped-through-symlink"] {
-        assert!(!Path::new(escaped).exists(), "{escaped} was written");
-    }
-    // A config whose diff_id does not match the layer: refused, rolled back.
-    let out = s.run(&["image", "import", f.join("baddiff-oci").to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("diff_id"), "{err}");
-    assert_eq!(
-        pool_state(&s),
-        before,
-        "a failed import left something behind"
-    );
+    });
 }
 
 #[test]
 fn vm_a_layer_larger_than_the_pool_is_refused_with_the_space_it_needs() {
-    common::require_dm_thin();
-    let s = Scratch::new("img-full");
-    s.ok(&[
-        "pool",
-        "create",
-        "--data-size",
-        "64M",
-        "--base-size",
-        "512M",
-    ]);
-    s.ok(&["layer", "create", "small"]);
-    let d = s.mount("small");
-    fs::write(d.join("kept"), "data before the fill\n").unwrap();
-    s.ok(&["umount", "small"]);
-    let before = pool_state(&s);
-    // A 96 MiB layer tar of incompressible data into a 64 MiB pool.
-    let big = s.mnt.join("big.tar");
-    let src = s.mnt.join("bigsrc");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("blob"), common::pattern(9, 96 << 20)).unwrap();
-    sh(
-        "tar",
-        &[
-            "-cf",
-            big.to_str().unwrap(),
-            "-C",
-            src.to_str().unwrap(),
-            "blob",
-        ],
+    vm_test(
+        "img-full",
+        Pool::Create(&["--data-size=64M", "--base-size=512M"]),
+        |s| {
+            s.ok(&["layer", "create", "small"]);
+            let d = s.mount("small");
+            fs::write(d.join("kept"), "data before the fill\n").unwrap();
+            s.ok(&["umount", "small"]);
+            let before = pool_state(s);
+            // A 96 MiB layer tar of incompressible data into a 64 MiB pool.
+            let big = s.mnt.join("big.tar");
+            let src = s.mnt.join("bigsrc");
+            fs::create_dir_all(&src).unwrap();
+            fs::write(src.join("blob"), common::pattern(9, 96 << 20)).unwrap();
+            sh(
+                "tar",
+                &[
+                    "-cf",
+                    big.to_str().unwrap(),
+                    "-C",
+                    src.to_str().unwrap(),
+                    "blob",
+                ],
+            );
+            fs::remove_dir_all(&src).unwrap();
+            let out = s.run(&[
+                "layer",
+                "apply",
+                "huge",
+                big.to_str().unwrap(),
+                "--parent",
+                "small",
+            ]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            println!("{err}");
+            assert_eq!(out.status.code(), Some(6), "pool full: {err}");
+            assert!(err.contains("pool extend"), "{err}");
+            assert!(err.contains("96"), "says how much space is needed: {err}");
+            let after = pool_state(s);
+            assert_eq!(
+                (after.1, after.2),
+                (before.1.clone(), before.2.clone()),
+                "layers and images back"
+            );
+            assert!(
+                after.0 <= before.0 + 2,
+                "blocks back: {} -> {}",
+                before.0,
+                after.0
+            );
+            let d = s.mount("small");
+            assert_eq!(
+                fs::read_to_string(d.join("kept")).unwrap(),
+                "data before the fill\n"
+            );
+            s.ok(&["umount", "small"]);
+        },
     );
-    fs::remove_dir_all(&src).unwrap();
-    let out = s.run(&[
-        "layer",
-        "apply",
-        "huge",
-        big.to_str().unwrap(),
-        "--parent",
-        "small",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    println!("{err}");
-    assert_eq!(out.status.code(), Some(6), "pool full: {err}");
-    assert!(err.contains("pool extend"), "{err}");
-    assert!(err.contains("96"), "says how much space is needed: {err}");
-    let after = pool_state(&s);
-    assert_eq!(
-        (after.1, after.2),
-        (before.1.clone(), before.2.clone()),
-        "layers and images back"
-    );
-    assert!(
-        after.0 <= before.0 + 2,
-        "blocks back: {} -> {}",
-        before.0,
-        after.0
-    );
-    let d = s.mount("small");
-    assert_eq!(
-        fs::read_to_string(d.join("kept")).unwrap(),
-        "data before the fill\n"
-    );
-    s.ok(&["umount", "small"]);
 }

@@ -13,9 +13,10 @@
 
 mod common;
 
+use common::{Scratch, vm_test};
+
 use std::{collections::BTreeMap, fs, path::Path, process::Command};
 
-use common::Scratch;
 use thinlayer_pool::{LockMode, Pool};
 
 /// xorshift64*: small, seeded, reproducible.
@@ -46,8 +47,8 @@ struct LayerModel {
     files: BTreeMap<String, Vec<u8>>,
 }
 
-struct Run {
-    s: Scratch,
+struct Run<'a> {
+    s: &'a Scratch,
     rng: Rng,
     seed: u64,
     step: usize,
@@ -68,7 +69,7 @@ const REMOVE_POINTS: [&str; 4] = [
     "layer_rm.after_record_removal",
 ];
 
-impl Run {
+impl Run<'_> {
     fn fail(&self, what: &str) -> ! {
         panic!(
             "model test seed {} step {}: {what}\n(replay: THINLAYER_MODEL_SEED={})",
@@ -296,80 +297,84 @@ impl Run {
     }
 }
 
+/// The model's pool: room for its 200 steps.
+const MODEL_POOL: common::Pool = common::Pool::Create(&["--data-size=1G", "--base-size=256M"]);
+
 #[test]
 fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
-    common::require_dm_thin();
-    let seed = std::env::var("THINLAYER_MODEL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            t.as_secs() ^ u64::from(t.subsec_nanos()) << 20 | 1
-        });
-    let steps: usize = std::env::var("THINLAYER_MODEL_STEPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
-    println!("model test: seed {seed}, {steps} steps (replay with THINLAYER_MODEL_SEED={seed})");
-    let s = Scratch::new("model");
-    s.ok(&["pool", "create", "--data-size", "1G", "--base-size", "256M"]);
-    let mut run = Run {
-        s,
-        rng: Rng(seed),
-        seed,
-        step: 0,
-        model: BTreeMap::new(),
-        next_id: 0,
-        aborts: 0,
-    };
-    let mut counts = BTreeMap::new();
-    let mut spent: BTreeMap<&str, std::time::Duration> = BTreeMap::new();
-    for step in 0..steps {
-        run.step = step;
-        let op = match run.rng.below(20) {
-            0..=5 => "create",
-            6..=10 => "write",
-            11..=12 => "delete_file",
-            13..=15 => "remove",
-            16 => "cycle",
-            _ => "abort",
+    vm_test("model", MODEL_POOL, |s| {
+        let seed = std::env::var("THINLAYER_MODEL_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap();
+                t.as_secs() ^ u64::from(t.subsec_nanos()) << 20 | 1
+            });
+        let steps: usize = std::env::var("THINLAYER_MODEL_STEPS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(200);
+        println!(
+            "model test: seed {seed}, {steps} steps (replay with THINLAYER_MODEL_SEED={seed})"
+        );
+        let mut run = Run {
+            s,
+            rng: Rng(seed),
+            seed,
+            step: 0,
+            model: BTreeMap::new(),
+            next_id: 0,
+            aborts: 0,
         };
-        *counts.entry(op).or_insert(0) += 1;
-        let t = std::time::Instant::now();
-        match op {
-            "create" => run.create(),
-            "write" => run.write(),
-            "delete_file" => run.delete_file(),
-            "remove" => run.remove(),
-            "cycle" => run.cycle(),
-            _ => run.abort(),
+        let mut counts = BTreeMap::new();
+        let mut spent: BTreeMap<&str, std::time::Duration> = BTreeMap::new();
+        for step in 0..steps {
+            run.step = step;
+            let op = match run.rng.below(20) {
+                0..=5 => "create",
+                6..=10 => "write",
+                11..=12 => "delete_file",
+                13..=15 => "remove",
+                16 => "cycle",
+                _ => "abort",
+            };
+            *counts.entry(op).or_insert(0) += 1;
+            let t = std::time::Instant::now();
+            match op {
+                "create" => run.create(),
+                "write" => run.write(),
+                "delete_file" => run.delete_file(),
+                "remove" => run.remove(),
+                "cycle" => run.cycle(),
+                _ => run.abort(),
+            }
+            *spent.entry(op).or_default() += t.elapsed();
+            let t = std::time::Instant::now();
+            run.check_records();
+            *spent.entry("check records").or_default() += t.elapsed();
+            let t = std::time::Instant::now();
+            let ids: Vec<String> = run.model.keys().cloned().collect();
+            if let Some(id) = run.rng.pick(&ids).cloned() {
+                run.check_contents(&id);
+            }
+            *spent.entry("check contents").or_default() += t.elapsed();
+            let t = std::time::Instant::now();
+            if op == "abort" || op == "cycle" || step % 25 == 24 {
+                run.check_pool();
+            }
+            *spent.entry("pool check").or_default() += t.elapsed();
         }
-        *spent.entry(op).or_default() += t.elapsed();
-        let t = std::time::Instant::now();
-        run.check_records();
-        *spent.entry("check records").or_default() += t.elapsed();
-        let t = std::time::Instant::now();
-        let ids: Vec<String> = run.model.keys().cloned().collect();
-        if let Some(id) = run.rng.pick(&ids).cloned() {
+        println!("model test: time by part: {spent:?}");
+        for id in run.model.keys().cloned().collect::<Vec<_>>() {
             run.check_contents(&id);
         }
-        *spent.entry("check contents").or_default() += t.elapsed();
-        let t = std::time::Instant::now();
-        if op == "abort" || op == "cycle" || step % 25 == 24 {
-            run.check_pool();
-        }
-        *spent.entry("pool check").or_default() += t.elapsed();
-    }
-    println!("model test: time by part: {spent:?}");
-    for id in run.model.keys().cloned().collect::<Vec<_>>() {
-        run.check_contents(&id);
-    }
-    run.check_pool();
-    println!(
-        "model test: {steps} steps passed (seed {seed}): {counts:?}, {} aborts recovered, {} layers at the end",
-        run.aborts,
-        run.model.len()
-    );
+        run.check_pool();
+        println!(
+            "model test: {steps} steps passed (seed {seed}): {counts:?}, {} aborts recovered, {} layers at the end",
+            run.aborts,
+            run.model.len()
+        );
+    });
 }

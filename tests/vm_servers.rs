@@ -18,6 +18,8 @@
 
 mod common;
 
+use common::{NOBODY, Pool, Scratch, Served, http_post, mode, vm_test};
+
 use std::{
     collections::HashMap,
     fs,
@@ -34,7 +36,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Scratch, Served, http_post};
 use containerd_snapshots::api::snapshots::v1::{
     CommitSnapshotRequest, ListSnapshotsRequest, MountsRequest, PrepareSnapshotRequest,
     RemoveSnapshotRequest, StatSnapshotRequest, UsageRequest, snapshots_client::SnapshotsClient,
@@ -46,7 +47,6 @@ use containerd_snapshots::tonic::{
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use serde_json::Value;
 
-const NOBODY: u32 = 65534;
 /// A gid no account has: granted with `--socket-group 4242`.
 const GROUP: u32 = 4242;
 
@@ -145,10 +145,6 @@ fn socket_path(s: &Scratch, server: Server) -> PathBuf {
         .unwrap()
         .join("run")
         .join(format!("{}.sock", server.name()))
-}
-
-fn mode(p: &Path) -> u32 {
-    fs::symlink_metadata(p).unwrap().mode() & 0o7777
 }
 
 /// Raises this process's open-files limit so it can hold `n` connections.
@@ -283,17 +279,22 @@ fn peer_probe() {
 
 // --- sockets ----------------------------------------------------------------
 
-fn sockets_are_root_only_and_a_group_is_granted(server: Server) {
-    common::require_dm_thin();
-    let s = Scratch::new(&format!("sock-{}", server.name()));
-    s.create_pool(&[]);
-    let socket = socket_path(&s, server);
+/// Runs `body` for `server` in the vm_ harness, on a small pool named
+/// `TAG-SERVER`.
+fn for_server(tag: &str, server: Server, body: fn(&Scratch, Server)) {
+    vm_test(&format!("{tag}-{}", server.name()), Pool::Small, |s| {
+        body(s, server);
+    });
+}
+
+fn sockets_are_root_only_and_a_group_is_granted(s: &Scratch, server: Server) {
+    let socket = socket_path(s, server);
     let dir = socket.parent().unwrap().to_owned();
     // A directory an older setup left open is tightened.
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
 
-    let mut srv = server.start(&s, &socket, &[]);
+    let mut srv = server.start(s, &socket, &[]);
     assert_eq!(mode(&socket), 0o600, "socket mode");
     assert_eq!(mode(&dir), 0o700, "socket directory mode");
     assert_eq!(fs::metadata(&socket).unwrap().uid(), 0);
@@ -316,7 +317,7 @@ fn sockets_are_root_only_and_a_group_is_granted(server: Server) {
     assert!(!socket.exists(), "the socket is removed at stop");
 
     // A group: its members in, others still out.
-    let mut srv = server.start(&s, &socket, &["--socket-group", &GROUP.to_string()]);
+    let mut srv = server.start(s, &socket, &["--socket-group", &GROUP.to_string()]);
     assert_eq!(mode(&socket), 0o660);
     assert_eq!(mode(&dir), 0o750);
     assert_eq!(fs::metadata(&socket).unwrap().gid(), GROUP);
@@ -335,65 +336,72 @@ fn sockets_are_root_only_and_a_group_is_granted(server: Server) {
 
 #[test]
 fn vm_servers_docker_socket_is_root_only_and_a_group_is_granted() {
-    sockets_are_root_only_and_a_group_is_granted(Server::Docker);
+    for_server(
+        "sock",
+        Server::Docker,
+        sockets_are_root_only_and_a_group_is_granted,
+    );
 }
 
 #[test]
 fn vm_servers_containerd_socket_is_root_only_and_a_group_is_granted() {
-    sockets_are_root_only_and_a_group_is_granted(Server::Containerd);
+    for_server(
+        "sock",
+        Server::Containerd,
+        sockets_are_root_only_and_a_group_is_granted,
+    );
 }
 
 #[test]
 fn vm_servers_never_delete_what_is_not_a_socket() {
-    common::require_dm_thin();
-    let s = Scratch::new("sock-files");
-    s.create_pool(&[]);
-    for server in [Server::Docker, Server::Containerd] {
-        let socket = socket_path(&s, server);
-        fs::create_dir_all(socket.parent().unwrap()).unwrap();
-        let sock = socket.to_str().unwrap();
-        let [serve, what] = server.args();
+    vm_test("sock-files", Pool::Small, |s| {
+        for server in [Server::Docker, Server::Containerd] {
+            let socket = socket_path(s, server);
+            fs::create_dir_all(socket.parent().unwrap()).unwrap();
+            let sock = socket.to_str().unwrap();
+            let [serve, what] = server.args();
 
-        // A regular file: kept, exit 4, says so.
-        fs::write(&socket, b"precious").unwrap();
-        s.fails(&[serve, what, "--socket", sock], 4, "regular file");
-        assert_eq!(fs::read(&socket).unwrap(), b"precious", "{server:?}");
-        fs::remove_file(&socket).unwrap();
+            // A regular file: kept, exit 4, says so.
+            fs::write(&socket, b"precious").unwrap();
+            s.fails(&[serve, what, "--socket", sock], 4, "regular file");
+            assert_eq!(fs::read(&socket).unwrap(), b"precious", "{server:?}");
+            fs::remove_file(&socket).unwrap();
 
-        // A symlink to a file elsewhere: neither it nor its target touched.
-        let target = s.root.parent().unwrap().join("target");
-        fs::write(&target, b"elsewhere").unwrap();
-        std::os::unix::fs::symlink(&target, &socket).unwrap();
-        s.fails(&[serve, what, "--socket", sock], 4, "symlink");
-        assert!(
-            fs::symlink_metadata(&socket)
-                .unwrap()
-                .file_type()
-                .is_symlink()
-        );
-        assert_eq!(fs::read(&target).unwrap(), b"elsewhere");
-        fs::remove_file(&socket).unwrap();
+            // A symlink to a file elsewhere: neither it nor its target touched.
+            let target = s.root.parent().unwrap().join("target");
+            fs::write(&target, b"elsewhere").unwrap();
+            std::os::unix::fs::symlink(&target, &socket).unwrap();
+            s.fails(&[serve, what, "--socket", sock], 4, "symlink");
+            assert!(
+                fs::symlink_metadata(&socket)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink()
+            );
+            assert_eq!(fs::read(&target).unwrap(), b"elsewhere");
+            fs::remove_file(&socket).unwrap();
 
-        // A live server: refused, exit 4; a dead one's socket: replaced.
-        let mut live = server.start(&s, &socket, &[]);
-        s.fails(&[serve, what, "--socket", sock], 4, "live server");
-        live.assert_running();
-        server.assert_answers(&socket);
-        assert!(live.stop().success(), "{}", live.log());
-    }
-    // A socket left by a killed server is stale: the next start takes it.
-    let socket = socket_path(&s, Server::Docker);
-    let mut first = Server::Docker.start(&s, &socket, &[]);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(first.pid()).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let _ = first.stop();
-    assert!(socket.exists(), "a killed server leaves its socket");
-    let mut again = Server::Docker.start(&s, &socket, &[]);
-    Server::Docker.assert_answers(&socket);
-    assert!(again.stop().success());
+            // A live server: refused, exit 4; a dead one's socket: replaced.
+            let mut live = server.start(s, &socket, &[]);
+            s.fails(&[serve, what, "--socket", sock], 4, "live server");
+            live.assert_running();
+            server.assert_answers(&socket);
+            assert!(live.stop().success(), "{}", live.log());
+        }
+        // A socket left by a killed server is stale: the next start takes it.
+        let socket = socket_path(s, Server::Docker);
+        let mut first = Server::Docker.start(s, &socket, &[]);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(first.pid()).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = first.stop();
+        assert!(socket.exists(), "a killed server leaves its socket");
+        let mut again = Server::Docker.start(s, &socket, &[]);
+        Server::Docker.assert_answers(&socket);
+        assert!(again.stop().success());
+    });
 }
 
 // --- hostile clients ------------------------------------------------------------
@@ -408,126 +416,122 @@ fn idle_connections(socket: &Path, n: usize) -> Vec<UnixStream> {
 
 #[test]
 fn vm_servers_docker_plugin_stays_up_under_hostile_clients() {
-    common::require_dm_thin();
-    let s = Scratch::new("docker-hostile");
-    s.create_pool(&[]);
-    let socket = socket_path(&s, Server::Docker);
-    let mut srv = Server::Docker.start(&s, &socket, &[]);
+    vm_test("docker-hostile", Pool::Small, |s| {
+        let socket = socket_path(s, Server::Docker);
+        let mut srv = Server::Docker.start(s, &socket, &[]);
 
-    // A slow client sends half a request and waits.
-    let mut slow = UnixStream::connect(&socket).unwrap();
-    slow.write_all(b"POST /VolumeDriver.Create HTTP/1.1\r\nContent-Len")
-        .unwrap();
-    let slow_since = Instant::now();
+        // A slow client sends half a request and waits.
+        let mut slow = UnixStream::connect(&socket).unwrap();
+        slow.write_all(b"POST /VolumeDriver.Create HTTP/1.1\r\nContent-Len")
+            .unwrap();
+        let slow_since = Instant::now();
 
-    // 1,000 idle connections, held.
-    let idle = idle_connections(&socket, 1000);
-    let t = Instant::now();
-    let (status, body) = http_post(
-        &socket,
-        "/VolumeDriver.Create",
-        br#"{"Name": "v1", "Opts": {"size": "64M"}}"#,
-    );
-    assert_eq!((status, body.as_str()), (200, r#"{"Err":""}"#));
-    println!(
-        "a create with 1,000 idle connections and a slow one open: {:?}",
-        t.elapsed()
-    );
-
-    // A 100 MiB body: refused (413) before it is read, with Docker's `Err`.
-    let mut big = UnixStream::connect(&socket).unwrap();
-    big.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut writer = big.try_clone().unwrap();
-    let sender = std::thread::spawn(move || {
-        let head = format!(
-            "POST /VolumeDriver.Create HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            100 << 20
+        // 1,000 idle connections, held.
+        let idle = idle_connections(&socket, 1000);
+        let t = Instant::now();
+        let (status, body) = http_post(
+            &socket,
+            "/VolumeDriver.Create",
+            br#"{"Name": "v1", "Opts": {"size": "64M"}}"#,
         );
-        let _ = writer.write_all(head.as_bytes());
-        let chunk = vec![b'x'; 1 << 20];
-        let mut sent = 0usize;
-        for _ in 0..100 {
-            match writer.write_all(&chunk) {
-                Ok(()) => sent += chunk.len(),
-                Err(_) => break,
+        assert_eq!((status, body.as_str()), (200, r#"{"Err":""}"#));
+        println!(
+            "a create with 1,000 idle connections and a slow one open: {:?}",
+            t.elapsed()
+        );
+
+        // A 100 MiB body: refused (413) before it is read, with Docker's `Err`.
+        let mut big = UnixStream::connect(&socket).unwrap();
+        big.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut writer = big.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            let head = format!(
+                "POST /VolumeDriver.Create HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                100 << 20
+            );
+            let _ = writer.write_all(head.as_bytes());
+            let chunk = vec![b'x'; 1 << 20];
+            let mut sent = 0usize;
+            for _ in 0..100 {
+                match writer.write_all(&chunk) {
+                    Ok(()) => sent += chunk.len(),
+                    Err(_) => break,
+                }
             }
-        }
-        sent
+            sent
+        });
+        let mut answer = String::new();
+        let _ = big.read_to_string(&mut answer);
+        let sent = sender.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        let err: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert!(
+            err["Err"].as_str().unwrap().contains("larger than"),
+            "{err}"
+        );
+        println!("the 100 MiB client got its 413 after sending {sent} bytes");
+        assert!(sent < 100 << 20, "the server read the whole 100 MiB body");
+
+        // Invalid JSON: 400 with `Err`; Docker's `null` body is fine.
+        let (status, body) = http_post(&socket, "/VolumeDriver.Create", b"{\"Name\": ");
+        assert_eq!(status, 400, "{body}");
+        let err: Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            err["Err"].as_str().unwrap().contains("bad request body"),
+            "{err}"
+        );
+        let (status, body) = http_post(&socket, "/VolumeDriver.List", b"null");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"v1\""), "{body}");
+        let (status, _) = http_post(&socket, "/Nope", b"{}");
+        assert_eq!(status, 404);
+
+        // A head too large, and garbage: refused, nothing else.
+        let mut huge = UnixStream::connect(&socket).unwrap();
+        let _ = huge.write_all(
+            format!(
+                "POST /x HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(100 << 10)
+            )
+            .as_bytes(),
+        );
+        let mut answer = String::new();
+        let _ = huge.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+        let mut garbage = UnixStream::connect(&socket).unwrap();
+        let _ = garbage.write_all(&common::pattern(3, 4096));
+        let mut answer = String::new();
+        let _ = garbage.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+        // The slow client is dropped after 10 s without progress (408).
+        slow.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut answer = String::new();
+        let _ = slow.read_to_string(&mut answer);
+        let held = slow_since.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            held < Duration::from_secs(40),
+            "a slow client held its connection for {held:?}"
+        );
+        drop(idle);
+
+        let (status, body) = http_post(&socket, "/VolumeDriver.Remove", br#"{"Name": "v1"}"#);
+        assert_eq!((status, body.as_str()), (200, r#"{"Err":""}"#));
+        srv.assert_running();
+        assert!(srv.stop().success(), "{}", srv.log());
     });
-    let mut answer = String::new();
-    let _ = big.read_to_string(&mut answer);
-    let sent = sender.join().unwrap();
-    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    let err: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
-    assert!(
-        err["Err"].as_str().unwrap().contains("larger than"),
-        "{err}"
-    );
-    println!("the 100 MiB client got its 413 after sending {sent} bytes");
-    assert!(sent < 100 << 20, "the server read the whole 100 MiB body");
-
-    // Invalid JSON: 400 with `Err`; Docker's `null` body is fine.
-    let (status, body) = http_post(&socket, "/VolumeDriver.Create", b"{\"Name\": ");
-    assert_eq!(status, 400, "{body}");
-    let err: Value = serde_json::from_str(&body).unwrap();
-    assert!(
-        err["Err"].as_str().unwrap().contains("bad request body"),
-        "{err}"
-    );
-    let (status, body) = http_post(&socket, "/VolumeDriver.List", b"null");
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"v1\""), "{body}");
-    let (status, _) = http_post(&socket, "/Nope", b"{}");
-    assert_eq!(status, 404);
-
-    // A head too large, and garbage: refused, nothing else.
-    let mut huge = UnixStream::connect(&socket).unwrap();
-    let _ = huge.write_all(
-        format!(
-            "POST /x HTTP/1.1\r\nX-Big: {}\r\n\r\n",
-            "a".repeat(100 << 10)
-        )
-        .as_bytes(),
-    );
-    let mut answer = String::new();
-    let _ = huge.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    let mut garbage = UnixStream::connect(&socket).unwrap();
-    let _ = garbage.write_all(&common::pattern(3, 4096));
-    let mut answer = String::new();
-    let _ = garbage.read_to_string(&mut answer);
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-
-    // The slow client is dropped after 10 s without progress (408).
-    slow.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut answer = String::new();
-    let _ = slow.read_to_string(&mut answer);
-    let held = slow_since.elapsed();
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(
-        held < Duration::from_secs(40),
-        "a slow client held its connection for {held:?}"
-    );
-    drop(idle);
-
-    let (status, body) = http_post(&socket, "/VolumeDriver.Remove", br#"{"Name": "v1"}"#);
-    assert_eq!((status, body.as_str()), (200, r#"{"Err":""}"#));
-    srv.assert_running();
-    assert!(srv.stop().success(), "{}", srv.log());
 }
 
 /// With its open-files limit at 64, a server runs out of descriptors
 /// (accept: EMFILE) under 150 connections; once they close it serves again.
-fn keeps_accepting_after_emfile(server: Server) {
-    common::require_dm_thin();
-    let s = Scratch::new(&format!("emfile-{}", server.name()));
-    s.create_pool(&[]);
-    let socket = socket_path(&s, server);
+fn keeps_accepting_after_emfile(s: &Scratch, server: Server) {
+    let socket = socket_path(s, server);
     // The child inherits the limit (soft and hard, so it cannot raise it).
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, 64, 64).unwrap();
-    let started = std::panic::catch_unwind(|| server.start(&s, &socket, &[]));
+    let started = std::panic::catch_unwind(|| server.start(s, &socket, &[]));
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
     let mut srv = started.unwrap_or_else(|p| std::panic::resume_unwind(p));
     let flood = idle_connections(&socket, 150);
@@ -546,12 +550,12 @@ fn keeps_accepting_after_emfile(server: Server) {
 
 #[test]
 fn vm_servers_docker_keeps_accepting_after_emfile() {
-    keeps_accepting_after_emfile(Server::Docker);
+    for_server("emfile", Server::Docker, keeps_accepting_after_emfile);
 }
 
 #[test]
 fn vm_servers_containerd_keeps_accepting_after_emfile() {
-    keeps_accepting_after_emfile(Server::Containerd);
+    for_server("emfile", Server::Containerd, keeps_accepting_after_emfile);
 }
 
 fn prepare(key: &str, parent: &str) -> PrepareSnapshotRequest {
@@ -572,133 +576,132 @@ fn stat(key: &str) -> StatSnapshotRequest {
 
 #[test]
 fn vm_servers_containerd_reads_while_a_write_waits_and_hostile_clients() {
-    common::require_dm_thin();
-    let s = Scratch::new("ctrd-hostile");
-    s.create_pool(&[]);
-    let socket = socket_path(&s, Server::Containerd);
-    let mut srv = Server::Containerd.start(&s, &socket, &[]);
-    let rt = runtime();
-    let mut c = rt.block_on(client(&socket)).unwrap();
-    let within = |secs: u64| Duration::from_secs(secs);
+    vm_test("ctrd-hostile", Pool::Small, |s| {
+        let socket = socket_path(s, Server::Containerd);
+        let mut srv = Server::Containerd.start(s, &socket, &[]);
+        let rt = runtime();
+        let mut c = rt.block_on(client(&socket)).unwrap();
+        let within = |secs: u64| Duration::from_secs(secs);
 
-    // A committed snapshot and an active child of it, its device up.
-    rt.block_on(async {
-        c.prepare(prepare("k1", "")).await.unwrap();
-        c.commit(CommitSnapshotRequest {
-            snapshotter: SNAPSHOTTER.into(),
-            name: "c1".into(),
-            key: "k1".into(),
-            labels: HashMap::new(),
-        })
-        .await
-        .unwrap();
-        c.prepare(prepare("k2", "c1")).await.unwrap();
-    });
-
-    // A long write: the pool's exclusive lock is held (as an `image
-    // import` would); a Prepare queues behind it.
-    let lock = thinlayer_pool::lock::lock(&s.root, thinlayer_pool::LockMode::Exclusive, false)
-        .expect("take the pool's lock");
-    let mut writer = c.clone();
-    let waiting = rt.spawn(async move { writer.prepare(prepare("k3", "c1")).await });
-    sleep(Duration::from_millis(500));
-    assert!(
-        !waiting.is_finished(),
-        "the Prepare did not wait for the lock"
-    );
-    rt.block_on(async {
-        let t = Instant::now();
-        let info = tokio::time::timeout(within(10), c.stat(stat("k2")))
-            .await
-            .expect("Stat answered while a write waits")
-            .unwrap()
-            .into_inner()
-            .info
-            .unwrap();
-        assert_eq!(info.parent, "c1");
-        let listed = tokio::time::timeout(within(10), c.list(list_req()))
-            .await
-            .expect("List answered while a write waits")
-            .unwrap();
-        let mut stream = listed.into_inner();
-        let mut names = Vec::new();
-        while let Some(m) = stream.message().await.unwrap() {
-            names.extend(m.info.into_iter().map(|i| i.name));
-        }
-        names.sort();
-        assert_eq!(names, ["c1", "k2"]);
-        for key in ["c1", "k2"] {
-            let usage = c.usage(UsageRequest {
+        // A committed snapshot and an active child of it, its device up.
+        rt.block_on(async {
+            c.prepare(prepare("k1", "")).await.unwrap();
+            c.commit(CommitSnapshotRequest {
                 snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
-            });
-            let answered = tokio::time::timeout(within(10), usage).await;
-            assert!(
-                answered.is_ok(),
-                "Usage of {key} not answered while a write waits"
-            );
-            let size = answered.unwrap().unwrap().into_inner().size;
-            println!("usage of {key}: {size} bytes");
-        }
-        let mounts = tokio::time::timeout(
-            within(10),
-            c.mounts(MountsRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: "k2".into(),
-            }),
-        )
-        .await
-        .expect("Mounts answered while a write waits")
-        .unwrap()
-        .into_inner()
-        .mounts;
-        assert!(mounts[0].source.starts_with("/dev/dm-"), "{mounts:?}");
-        println!("four reads while a write waited: {:?}", t.elapsed());
-    });
-    assert!(!waiting.is_finished(), "the Prepare ran under a held lock");
-    drop(lock);
-    rt.block_on(async { tokio::time::timeout(within(60), waiting).await })
-        .expect("the Prepare finishes once the lock is free")
-        .unwrap()
-        .unwrap();
-
-    // Hostile clients: 1,000 idle connections, a slow one (half of the
-    // HTTP/2 preface), garbage, and a 100 MiB request.
-    let idle = idle_connections(&socket, 1000);
-    let mut slow = UnixStream::connect(&socket).unwrap();
-    slow.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
-    let mut garbage = UnixStream::connect(&socket).unwrap();
-    let _ = garbage.write_all(&common::pattern(9, 64 << 10));
-    let _ = garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    rt.block_on(async {
-        let t = Instant::now();
-        tokio::time::timeout(within(20), c.stat(stat("k3")))
-            .await
-            .expect("Stat answered with 1,000 idle connections open")
-            .unwrap();
-        println!("a Stat with 1,000 idle connections open: {:?}", t.elapsed());
-        let huge = tokio::time::timeout(within(60), c.stat(stat(&"k".repeat(100 << 20))))
-            .await
-            .expect("a 100 MiB request is answered");
-        let status = huge.expect_err("a 100 MiB request is refused");
-        println!("the 100 MiB request: {status}");
-    });
-    // Fresh clients still get answers; the server is up.
-    Server::Containerd.assert_answers(&socket);
-    drop((idle, slow, garbage));
-    Server::Containerd.assert_answers(&socket);
-    rt.block_on(async {
-        for key in ["k3", "k2", "c1"] {
-            c.remove(RemoveSnapshotRequest {
-                snapshotter: SNAPSHOTTER.into(),
-                key: key.into(),
+                name: "c1".into(),
+                key: "k1".into(),
+                labels: HashMap::new(),
             })
             .await
             .unwrap();
-        }
+            c.prepare(prepare("k2", "c1")).await.unwrap();
+        });
+
+        // A long write: the pool's exclusive lock is held (as an `image
+        // import` would); a Prepare queues behind it.
+        let lock = thinlayer_pool::lock::lock(&s.root, thinlayer_pool::LockMode::Exclusive, false)
+            .expect("take the pool's lock");
+        let mut writer = c.clone();
+        let waiting = rt.spawn(async move { writer.prepare(prepare("k3", "c1")).await });
+        sleep(Duration::from_millis(500));
+        assert!(
+            !waiting.is_finished(),
+            "the Prepare did not wait for the lock"
+        );
+        rt.block_on(async {
+            let t = Instant::now();
+            let info = tokio::time::timeout(within(10), c.stat(stat("k2")))
+                .await
+                .expect("Stat answered while a write waits")
+                .unwrap()
+                .into_inner()
+                .info
+                .unwrap();
+            assert_eq!(info.parent, "c1");
+            let listed = tokio::time::timeout(within(10), c.list(list_req()))
+                .await
+                .expect("List answered while a write waits")
+                .unwrap();
+            let mut stream = listed.into_inner();
+            let mut names = Vec::new();
+            while let Some(m) = stream.message().await.unwrap() {
+                names.extend(m.info.into_iter().map(|i| i.name));
+            }
+            names.sort();
+            assert_eq!(names, ["c1", "k2"]);
+            for key in ["c1", "k2"] {
+                let usage = c.usage(UsageRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: key.into(),
+                });
+                let answered = tokio::time::timeout(within(10), usage).await;
+                assert!(
+                    answered.is_ok(),
+                    "Usage of {key} not answered while a write waits"
+                );
+                let size = answered.unwrap().unwrap().into_inner().size;
+                println!("usage of {key}: {size} bytes");
+            }
+            let mounts = tokio::time::timeout(
+                within(10),
+                c.mounts(MountsRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: "k2".into(),
+                }),
+            )
+            .await
+            .expect("Mounts answered while a write waits")
+            .unwrap()
+            .into_inner()
+            .mounts;
+            assert!(mounts[0].source.starts_with("/dev/dm-"), "{mounts:?}");
+            println!("four reads while a write waited: {:?}", t.elapsed());
+        });
+        assert!(!waiting.is_finished(), "the Prepare ran under a held lock");
+        drop(lock);
+        rt.block_on(async { tokio::time::timeout(within(60), waiting).await })
+            .expect("the Prepare finishes once the lock is free")
+            .unwrap()
+            .unwrap();
+
+        // Hostile clients: 1,000 idle connections, a slow one (half of the
+        // HTTP/2 preface), garbage, and a 100 MiB request.
+        let idle = idle_connections(&socket, 1000);
+        let mut slow = UnixStream::connect(&socket).unwrap();
+        slow.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+        let mut garbage = UnixStream::connect(&socket).unwrap();
+        let _ = garbage.write_all(&common::pattern(9, 64 << 10));
+        let _ = garbage.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        rt.block_on(async {
+            let t = Instant::now();
+            tokio::time::timeout(within(20), c.stat(stat("k3")))
+                .await
+                .expect("Stat answered with 1,000 idle connections open")
+                .unwrap();
+            println!("a Stat with 1,000 idle connections open: {:?}", t.elapsed());
+            let huge = tokio::time::timeout(within(60), c.stat(stat(&"k".repeat(100 << 20))))
+                .await
+                .expect("a 100 MiB request is answered");
+            let status = huge.expect_err("a 100 MiB request is refused");
+            println!("the 100 MiB request: {status}");
+        });
+        // Fresh clients still get answers; the server is up.
+        Server::Containerd.assert_answers(&socket);
+        drop((idle, slow, garbage));
+        Server::Containerd.assert_answers(&socket);
+        rt.block_on(async {
+            for key in ["k3", "k2", "c1"] {
+                c.remove(RemoveSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: key.into(),
+                })
+                .await
+                .unwrap();
+            }
+        });
+        srv.assert_running();
+        assert!(srv.stop().success(), "{}", srv.log());
     });
-    srv.assert_running();
-    assert!(srv.stop().success(), "{}", srv.log());
 }
 
 /// A Prepare that dies between its layer and its snapshot record leaves a
@@ -706,48 +709,47 @@ fn vm_servers_containerd_reads_while_a_write_waits_and_hostile_clients() {
 /// snapshotter owns it; a user's layer, whatever its name, is never touched.
 #[test]
 fn vm_servers_containerd_start_removes_only_its_own_orphans() {
-    common::require_dm_thin();
-    let s = Scratch::new("ctrd-orphan");
-    s.create_pool(&[]);
-    s.ok(&["layer", "create", "mine"]);
-    let socket = socket_path(&s, Server::Containerd);
-    let fault = [("THINLAYER_FAULT", "snapshotter_prepare.after_layer")];
-    let mut dying = Served::start_with(&s, &Server::Containerd.args(), &socket, &fault);
-    let rt = runtime();
-    let answer = rt.block_on(async {
-        client(&socket)
-            .await
-            .unwrap()
-            .prepare(prepare("k1", ""))
-            .await
-    });
-    assert!(answer.is_err(), "the Prepare was to die half-way");
-    assert!(!dying.wait_exit().success(), "{}", dying.log());
-    let owners = |s: &Scratch| -> Vec<(String, String)> {
-        s.json(&["--wait", "layer", "ls"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                (
-                    l["id"].as_str().unwrap().to_owned(),
-                    l["owner"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    };
-    let before = owners(&s);
-    assert!(
-        before.iter().any(|(_, o)| o == "snapshotter"),
-        "the interrupted Prepare left its layer: {before:?}"
-    );
+    vm_test("ctrd-orphan", Pool::Small, |s| {
+        s.ok(&["layer", "create", "mine"]);
+        let socket = socket_path(s, Server::Containerd);
+        let fault = [("THINLAYER_FAULT", "snapshotter_prepare.after_layer")];
+        let mut dying = Served::start_with(s, &Server::Containerd.args(), &socket, &fault);
+        let rt = runtime();
+        let answer = rt.block_on(async {
+            client(&socket)
+                .await
+                .unwrap()
+                .prepare(prepare("k1", ""))
+                .await
+        });
+        assert!(answer.is_err(), "the Prepare was to die half-way");
+        assert!(!dying.wait_exit().success(), "{}", dying.log());
+        let owners = |s: &Scratch| -> Vec<(String, String)> {
+            s.json(&["--wait", "layer", "ls"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| {
+                    (
+                        l["id"].as_str().unwrap().to_owned(),
+                        l["owner"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        let before = owners(s);
+        assert!(
+            before.iter().any(|(_, o)| o == "snapshotter"),
+            "the interrupted Prepare left its layer: {before:?}"
+        );
 
-    let mut again = Server::Containerd.start(&s, &socket, &[]);
-    again.assert_running();
-    assert_eq!(
-        owners(&s),
-        vec![("mine".to_owned(), "user".to_owned())],
-        "only the snapshotter's orphan is gone"
-    );
-    assert!(again.stop().success(), "{}", again.log());
+        let mut again = Server::Containerd.start(s, &socket, &[]);
+        again.assert_running();
+        assert_eq!(
+            owners(s),
+            vec![("mine".to_owned(), "user".to_owned())],
+            "only the snapshotter's orphan is gone"
+        );
+        assert!(again.stop().success(), "{}", again.log());
+    });
 }

@@ -4,11 +4,19 @@
 //! `vm_` tests need a kernel with dm-thin and run in the VM harness
 //! (`tools/vm/run`, which `tools/test` drives); the host run skips them by
 //! name. They never skip themselves: without dm-thin they fail, saying why.
-//! Every scratch pool is destroyed on drop unless `NO_TEST_CLEAN_UP=1`.
+//! Every scratch pool is destroyed on drop unless `NO_TEST_CLEAN_UP=1`;
+//! `vm_` tests run in the harness of [`vm`], which sweeps thinlayer's
+//! kernel objects before and after each test without the CLI.
 
 #![allow(dead_code)]
 
+#[macro_use]
+pub mod contract;
 pub mod docker;
+pub mod vm;
+
+#[allow(unused_imports)] // not every test binary uses each of them
+pub use vm::{Pool, swept, vm_test};
 
 use std::{
     fs,
@@ -37,6 +45,32 @@ pub fn bin() -> &'static str {
         fs::rename(&tmp, &copy).unwrap();
         copy.to_string_lossy().into_owned()
     })
+}
+
+/// One mebibyte, for sizes of test data.
+pub const MIB: usize = 1 << 20;
+
+/// The uid and gid of `nobody`: the other user of the permission tests.
+pub const NOBODY: u32 = 65534;
+
+/// Writes `data` to a new file at `path` and syncs it to its device.
+pub fn write_file(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f = fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The OCI digest of `bytes`: `sha256:` and its hex sha256.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// The permission bits of `p` (not following a symlink).
+pub fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
 }
 
 /// Fails the test (rather than skipping it) where dm-thin is missing.
@@ -124,6 +158,16 @@ impl Scratch {
         let mut a = vec!["pool", "create", "--data-size", "2G", "--base-size", "512M"];
         a.extend_from_slice(extra);
         self.ok(&a);
+    }
+
+    /// The ids of the pool's layers (`layer ls`), collected as the caller wants.
+    pub fn layer_ids<C: FromIterator<String>>(&self) -> C {
+        self.json(&["layer", "ls"])
+            .as_array()
+            .expect("layer ls is an array")
+            .iter()
+            .map(|l| l["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// Pool data blocks in use, from the kernel.
