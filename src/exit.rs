@@ -147,7 +147,7 @@ fn snapshotter(e: &thinlayer_snapshotter::Error) -> u8 {
         E::NotFound(..) => NOT_FOUND,
         E::AlreadyExists(..) | E::FailedPrecondition(..) | E::AlreadyServing { .. } => CONFLICT,
         E::InvalidArgument(..) => USAGE,
-        E::Engine(e) => pool(e),
+        E::Pool(e) => pool(e),
         E::Io { source, .. } => io(source),
         E::Transport(..) => FAILED,
     }
@@ -247,7 +247,7 @@ mod tests {
             CONFLICT
         );
         assert_eq!(
-            of(S::Engine(P::Busy {
+            of(S::Pool(P::Busy {
                 what: "socket".into(),
                 detail: "live".into()
             })),

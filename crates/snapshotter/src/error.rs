@@ -38,7 +38,7 @@ pub enum Error {
 
     /// From the pool engine.
     #[error(transparent)]
-    Engine(#[from] thinlayer_pool::Error),
+    Pool(#[from] thinlayer_pool::Error),
 
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
@@ -85,7 +85,7 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Status::already_exists(msg),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::InvalidArgument(_) => Status::invalid_argument(msg),
-            Error::Engine(inner) => {
+            Error::Pool(inner) => {
                 let inner = match inner {
                     E::Rollback { error, .. } => error,
                     other => other,
@@ -136,22 +136,22 @@ mod tests {
         );
         use thinlayer_pool::Error as E;
         assert_eq!(
-            code(Error::Engine(E::UnknownLayer("l".into()))),
+            code(Error::Pool(E::UnknownLayer("l".into()))),
             Code::NotFound
         );
         assert_eq!(
-            code(Error::Engine(E::LayerExists("l".into()))),
+            code(Error::Pool(E::LayerExists("l".into()))),
             Code::AlreadyExists
         );
         assert_eq!(
-            code(Error::Engine(E::HasChildren {
+            code(Error::Pool(E::HasChildren {
                 id: "l".into(),
                 children: vec!["c".into()]
             })),
             Code::FailedPrecondition
         );
         assert_eq!(
-            code(Error::Engine(E::Mounted {
+            code(Error::Pool(E::Mounted {
                 what: "l".into(),
                 mountpoints: vec!["/m".into()],
                 hint: "l".into()
@@ -159,14 +159,14 @@ mod tests {
             Code::FailedPrecondition
         );
         assert_eq!(
-            code(Error::Engine(E::Rollback {
+            code(Error::Pool(E::Rollback {
                 error: Box::new(E::LayerExists("l".into())),
                 undo: Box::new(E::Inconsistent("x".into())),
             })),
             Code::AlreadyExists
         );
         assert_eq!(
-            code(Error::Engine(E::Inconsistent("x".into()))),
+            code(Error::Pool(E::Inconsistent("x".into()))),
             Code::Internal
         );
         assert_eq!(
@@ -175,14 +175,14 @@ mod tests {
         );
         // A full pool, or a full filesystem under it: not an internal bug.
         assert_eq!(
-            code(Error::Engine(E::NoSpace {
+            code(Error::Pool(E::NoSpace {
                 what: "data".into(),
                 detail: "100%".into()
             })),
             Code::ResourceExhausted
         );
         assert_eq!(
-            code(Error::Engine(E::Rollback {
+            code(Error::Pool(E::Rollback {
                 error: Box::new(E::NoSpace {
                     what: "metadata".into(),
                     detail: "x".into()

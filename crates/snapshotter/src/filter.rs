@@ -10,7 +10,7 @@
 
 use crate::{
     error::{Error, Result},
-    store::Snapshot,
+    keys::Snapshot,
 };
 
 #[derive(Debug, PartialEq)]
@@ -174,7 +174,7 @@ fn parse_term(t: &str, filter: &str) -> Result<Term> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Kind;
+    use crate::keys::Kind;
     use std::{collections::BTreeMap, time::SystemTime};
 
     fn snap(key: &str, parent: Option<&str>, kind: Kind, labels: &[(&str, &str)]) -> Snapshot {

@@ -9,17 +9,17 @@
 //! mounted) for containerd to mount.
 //!
 //! Data path: containerd -> gRPC ([`server`]) -> one request at a time
-//! ([`engine::Engine`] under a mutex, on a blocking thread) -> the pool
+//! ([`ops::SnapshotOps`] under a mutex, on a blocking thread) -> the pool
 //! engine (`thinlayer_pool::Pool`, opened per request under the root's
 //! flock) + the key store. Reads (Stat, List, and Usage and Mounts of a
 //! snapshot whose device is up) skip the queue and the lock ([`reads`]).
 
-pub mod engine;
 pub mod error;
 pub mod filter;
+pub mod keys;
+pub mod ops;
 pub mod reads;
 pub mod server;
-pub mod store;
 
 pub use error::{Error, Result};
 pub use server::{DEFAULT_SOCKET, Thinlayer, serve};

@@ -22,9 +22,9 @@ use containerd_snapshots::{Info, Usage, api::types::Mount};
 use thinlayer_pool::peek::Peek;
 
 use crate::{
-    engine::{info_of, list_of, mounts_for},
     error::{Error, Result},
-    store::{Kind, Snapshot, Snapshots},
+    keys::{Kind, Snapshot, Snapshots},
+    ops::{info_of, list_of, mounts_for},
 };
 
 /// Reads over a pool's snapshots that never take the engine or the lock.

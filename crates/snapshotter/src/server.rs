@@ -1,5 +1,5 @@
 //! The gRPC server: containerd's snapshots service on a Unix socket. Writes
-//! run on a blocking thread under one mutex around the [`Engine`]; reads
+//! run on a blocking thread under one mutex around the [`SnapshotOps`]; reads
 //! (Stat, List, and Usage and Mounts of a snapshot whose device is up) go
 //! around it ([`Reads`]), so a long write never stalls them.
 //!
@@ -27,10 +27,10 @@ use tokio::{
 use tokio_stream::Stream;
 
 use crate::{
-    engine::Engine,
     error::{Error, Result},
+    keys::Kind,
+    ops::SnapshotOps,
     reads::Reads,
-    store::Kind,
 };
 
 /// Where `thinlayer serve containerd` listens unless told otherwise.
@@ -39,21 +39,21 @@ pub const DEFAULT_SOCKET: &str = "/run/thinlayer/containerd.sock";
 /// containerd's `Snapshotter` over a thinlayer pool.
 #[derive(Clone, Debug)]
 pub struct Thinlayer {
-    engine: Arc<Mutex<Engine>>,
+    ops: Arc<Mutex<SnapshotOps>>,
     reads: Reads,
 }
 
 impl Thinlayer {
-    /// Wraps an opened engine.
-    pub fn new(engine: Engine) -> Thinlayer {
-        let reads = Reads::new(engine.root(), engine.snapshots());
+    /// Wraps the opened operations.
+    pub fn new(ops: SnapshotOps) -> Thinlayer {
+        let reads = Reads::new(ops.root(), ops.snapshots());
         Thinlayer {
-            engine: Arc::new(Mutex::new(engine)),
+            ops: Arc::new(Mutex::new(ops)),
             reads,
         }
     }
 
-    /// Answers a read without the engine: `f` runs on a blocking thread
+    /// Answers a read without the operations: `f` runs on a blocking thread
     /// (it may read records and ask the kernel), logged as `run` does.
     async fn read<T: Send + 'static>(
         &self,
@@ -74,19 +74,19 @@ impl Thinlayer {
         result
     }
 
-    /// Runs `f` on the engine on a blocking thread, one request at a time,
+    /// Runs `f` on the operations on a blocking thread, one request at a time,
     /// logging how long it took.
     async fn run<T: Send + 'static>(
         &self,
         op: &'static str,
         key: String,
-        f: impl FnOnce(&mut Engine) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&mut SnapshotOps) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let engine = self.engine.clone();
+        let ops = self.ops.clone();
         let started = Instant::now();
         let key2 = key.clone();
         let out = tokio::task::spawn_blocking(move || {
-            let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
+            let mut e = ops.lock().unwrap_or_else(|p| p.into_inner());
             let waited = started.elapsed();
             (f(&mut e), waited)
         })
@@ -159,10 +159,9 @@ impl Snapshotter for Thinlayer {
             .await?;
         if warm {
             // After the reply: the next Prepare on this parent finds a spare.
-            let engine = self.engine.clone();
+            let ops = self.ops.clone();
             tokio::task::spawn_blocking(move || {
-                engine
-                    .lock()
+                ops.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .provision_spare(&spare_of);
             });
@@ -200,7 +199,8 @@ impl Snapshotter for Thinlayer {
     }
 
     async fn clear(&self) -> Result<()> {
-        self.run("cleanup", String::new(), Engine::cleanup).await
+        self.run("cleanup", String::new(), SnapshotOps::cleanup)
+            .await
     }
 
     type InfoStream = tokio_stream::Iter<std::vec::IntoIter<Result<Info>>>;
@@ -225,8 +225,8 @@ impl Snapshotter for Thinlayer {
 /// (never deleted), or a second server on the same pool.
 ///
 /// # Errors
-/// [`Error::Engine`] with `Busy` (the socket: exit 4),
-/// [`Error::AlreadyServing`], engine errors at start (no pool, pool
+/// [`Error::Pool`] with `Busy` (the socket: exit 4),
+/// [`Error::AlreadyServing`], pool errors at start (no pool, pool
 /// inactive, not root), I/O and server errors.
 pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
     thinlayer_pool::socket::raise_nofile_limit();
@@ -245,9 +245,9 @@ async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> 
     // The socket first: a live server on it is the likelier mistake, and
     // its error is the clearer one. `file` removes it when we return.
     let (listener, file) = thinlayer_pool::socket::listen(socket, access)?;
-    let engine = Engine::open(root)?;
-    let snapshotter = Arc::new(Thinlayer::new(engine));
-    let engine = snapshotter.engine.clone();
+    let ops = SnapshotOps::open(root)?;
+    let snapshotter = Arc::new(Thinlayer::new(ops));
+    let ops = snapshotter.ops.clone();
     tracing::info!(
         socket = %socket.display(),
         root = %root.display(),
@@ -261,7 +261,7 @@ async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> 
         .map_err(|e| Error::Transport(e.to_string()));
     drop(file);
     let _ = tokio::task::spawn_blocking(move || {
-        engine.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        ops.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     })
     .await;
     tracing::info!("stopped");

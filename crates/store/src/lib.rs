@@ -26,15 +26,11 @@ use std::{
 };
 
 use thinlayer_image::{apply, diff, export};
-use thinlayer_pool::{Frozen, LockMode, MountUse, Pool, record};
+use thinlayer_pool::{Frozen, LockMode, MountUse, Pool, Record, record};
 
 use error::IoContext;
 pub use error::{Error, Result};
 use records::{ContainerRecord, ImageRecord, LayerKind, LayerMeta};
-
-const RECORD_META: &str = "layer-meta";
-const RECORD_IMAGE: &str = "image";
-const RECORD_CONTAINER: &str = "container";
 
 /// What a long operation reports as it goes.
 #[derive(Clone, Debug)]
@@ -161,8 +157,8 @@ impl Store {
         self.dir.join("containers").join(format!("{name}.rec"))
     }
 
-    fn read_opt<T: serde::de::DeserializeOwned>(path: &Path, kind: &str) -> Result<Option<T>> {
-        match record::read(path, kind) {
+    fn read_opt<T: Record>(path: &Path) -> Result<Option<T>> {
+        match T::load(path) {
             Ok(v) => Ok(Some(v)),
             Err(thinlayer_pool::Error::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -173,7 +169,7 @@ impl Store {
         }
     }
 
-    fn read_all<T: serde::de::DeserializeOwned>(&self, sub: &str, kind: &str) -> Result<Vec<T>> {
+    fn read_all<T: Record>(&self, sub: &str) -> Result<Vec<T>> {
         let dir = self.dir.join(sub);
         let mut out = Vec::new();
         let Ok(entries) = fs::read_dir(&dir) else {
@@ -182,7 +178,7 @@ impl Store {
         for e in entries.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "rec") {
-                out.push(record::read(&p, kind)?);
+                out.push(T::load(&p)?);
             }
         }
         Ok(out)
@@ -193,7 +189,7 @@ impl Store {
     /// # Errors
     /// Damaged records.
     pub fn layer_meta(&self, id: &str) -> Result<Option<LayerMeta>> {
-        Self::read_opt(&self.meta_path(id), RECORD_META)
+        Self::read_opt(&self.meta_path(id))
     }
 
     /// A private directory (0700, under the root's 0700 `store/tmp`) for
@@ -236,7 +232,7 @@ impl Store {
         if self.pool.layout().layer_record(id).exists() {
             return Err(thinlayer_pool::Error::LayerExists(id.to_owned()).into());
         }
-        record::write(&self.meta_path(id), RECORD_META, &meta)?;
+        meta.save(&self.meta_path(id))?;
         thinlayer_pool::fault::point("layer_apply.after_meta");
         // Owned by who made it: an import, a container, or a user.
         if let Err(e) = self.pool.create_layer_for(txn::owner_of(kind), id, parent) {
@@ -250,7 +246,7 @@ impl Store {
                 thinlayer_pool::fault::point("layer_apply.after_apply");
                 meta.diff_id = Some(diff_id);
                 meta.complete = true;
-                record::write(&self.meta_path(id), RECORD_META, &meta)?;
+                meta.save(&self.meta_path(id))?;
                 Ok(meta)
             }
             Err(e) => Err(self.roll_back_layer(id, e)),
@@ -281,7 +277,7 @@ impl Store {
             diff_id: Some(diff_id.clone()),
             complete: true,
         };
-        record::write(&self.meta_path(id), RECORD_META, &meta)?;
+        meta.save(&self.meta_path(id))?;
         Ok((diff_id, counted.get()))
     }
 
@@ -385,7 +381,7 @@ impl Store {
             .unwrap_or_else(|| src.config_digest.chars().take(19).collect());
         let diff_ids: Vec<String> = src.layers.iter().map(|l| l.diff_id.clone()).collect();
         let chain = source::chain_ids(&diff_ids);
-        if let Some(old) = Self::read_opt::<ImageRecord>(&self.image_path(&name), RECORD_IMAGE)? {
+        if let Some(old) = Self::read_opt::<ImageRecord>(&self.image_path(&name))? {
             if old.config_digest == src.config_digest && old.layers == chain {
                 return Ok(ImportReport {
                     name,
@@ -470,7 +466,7 @@ impl Store {
             volumes: src.volumes.clone(),
             created_unix: now_unix(),
         };
-        record::write(&self.image_path(&name), RECORD_IMAGE, &rec)?;
+        rec.save(&self.image_path(&name))?;
         Ok(ImportReport {
             name,
             applied,
@@ -485,7 +481,7 @@ impl Store {
     /// # Errors
     /// Damaged records.
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
-        let mut v: Vec<ImageRecord> = self.read_all("images", RECORD_IMAGE)?;
+        let mut v: Vec<ImageRecord> = self.read_all("images")?;
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
     }
@@ -495,8 +491,7 @@ impl Store {
     /// # Errors
     /// [`Error::UnknownImage`].
     pub fn image(&self, name: &str) -> Result<ImageRecord> {
-        Self::read_opt(&self.image_path(name), RECORD_IMAGE)?
-            .ok_or_else(|| Error::UnknownImage(name.to_owned()))
+        Self::read_opt(&self.image_path(name))?.ok_or_else(|| Error::UnknownImage(name.to_owned()))
     }
 
     /// Every container, by name.
@@ -504,7 +499,7 @@ impl Store {
     /// # Errors
     /// Damaged records.
     pub fn containers(&self) -> Result<Vec<ContainerRecord>> {
-        let mut v: Vec<ContainerRecord> = self.read_all("containers", RECORD_CONTAINER)?;
+        let mut v: Vec<ContainerRecord> = self.read_all("containers")?;
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
     }
@@ -515,7 +510,7 @@ impl Store {
     /// [`Error::UnknownContainer`].
     pub fn container(&self, name: &str) -> Result<ContainerRecord> {
         thinlayer_pool::names::check_id("container", name)?;
-        Self::read_opt(&self.container_path(name), RECORD_CONTAINER)?
+        Self::read_opt(&self.container_path(name))?
             .ok_or_else(|| Error::UnknownContainer(name.to_owned()))
     }
 
@@ -647,8 +642,9 @@ impl Store {
             created_unix: now_unix(),
         };
         // The commit point: the container record.
-        let written = record::write(&self.meta_path(&layer_id), RECORD_META, &meta)
-            .and_then(|()| record::write(&self.container_path(name), RECORD_CONTAINER, &rec));
+        let written = meta
+            .save(&self.meta_path(&layer_id))
+            .and_then(|()| rec.save(&self.container_path(name)));
         if let Err(e) = written {
             return Err(self.undo_container(&init_id, &layer_id, &anonymous, e.into()));
         }

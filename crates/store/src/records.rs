@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use thinlayer_pool::Record;
 
 /// What a layer is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,4 +148,20 @@ impl Intent {
             Intent::RemoveImage { name, .. } => format!("image rm of `{name}`"),
         }
     }
+}
+
+impl Record for LayerMeta {
+    const KIND: &'static str = "layer-meta";
+}
+
+impl Record for ImageRecord {
+    const KIND: &'static str = "image";
+}
+
+impl Record for ContainerRecord {
+    const KIND: &'static str = "container";
+}
+
+impl Record for Intent {
+    const KIND: &'static str = "store-intent";
 }

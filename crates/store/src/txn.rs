@@ -27,14 +27,12 @@
 
 use std::{fs, path::Path};
 
-use thinlayer_pool::{Owner, fault, names, record};
+use thinlayer_pool::{Owner, Record, fault, names, record};
 
 use crate::{
     Error, Result, Store,
     records::{Intent, LayerKind, LayerMeta},
 };
-
-const RECORD_INTENT: &str = "store-intent";
 
 /// The owner recorded for a layer of `kind`.
 pub(crate) fn owner_of(kind: LayerKind) -> Owner {
@@ -55,7 +53,7 @@ impl Store {
     /// # Errors
     /// A damaged intent record.
     pub fn pending_intent(&self) -> Result<Option<Intent>> {
-        Self::read_opt(&self.intent_path(), RECORD_INTENT)
+        Self::read_opt(&self.intent_path())
     }
 
     /// Records `intent` before the first change of its operation.
@@ -70,7 +68,7 @@ impl Store {
             ))
             .into());
         }
-        record::write(&self.intent_path(), RECORD_INTENT, intent)?;
+        intent.save(&self.intent_path())?;
         Ok(())
     }
 

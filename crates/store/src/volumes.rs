@@ -25,11 +25,9 @@ use nix::{
     sys::stat::{self, Mode},
 };
 use serde::{Deserialize, Serialize};
-use thinlayer_pool::{Bytes, FsType, MountUse, names, record};
+use thinlayer_pool::{Bytes, FsType, MountUse, Record, names, record};
 
 use crate::{Error, Result, Store, error::IoContext, now_unix};
-
-const RECORD_VOLUME: &str = "volume";
 
 /// Where a volume's content lives on its filesystem.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +79,10 @@ pub struct VolumeRecord {
     pub anonymous_for: Option<String>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+}
+
+impl Record for VolumeRecord {
+    const KIND: &'static str = "volume";
 }
 
 /// A volume mounted into a container.
@@ -796,7 +798,7 @@ impl Store {
             anonymous_for: anonymous_for.map(str::to_owned),
             created_unix: now_unix(),
         };
-        if let Err(e) = record::write(&self.volume_path(name), RECORD_VOLUME, &rec) {
+        if let Err(e) = rec.save(&self.volume_path(name)) {
             return Err(self.roll_back_layer(&layer, e.into()));
         }
         Ok(rec)
@@ -824,7 +826,7 @@ impl Store {
     /// # Errors
     /// Damaged records.
     pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
-        let mut v: Vec<VolumeRecord> = self.read_all("volumes", RECORD_VOLUME)?;
+        let mut v: Vec<VolumeRecord> = self.read_all("volumes")?;
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
     }
@@ -835,7 +837,7 @@ impl Store {
     /// Unknown volume.
     pub fn volume(&self, name: &str) -> Result<VolumeRecord> {
         names::check_id("volume", name)?;
-        Self::read_opt(&self.volume_path(name), RECORD_VOLUME)?.ok_or_else(|| {
+        Self::read_opt(&self.volume_path(name))?.ok_or_else(|| {
             thinlayer_pool::Error::InvalidArgument(format!(
                 "no volume `{name}`; `thinlayer volume ls` lists them, `thinlayer volume create {name}` makes it"
             ))

@@ -28,13 +28,12 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use thinlayer_pool::record;
+use thinlayer_pool::{Record, record};
 
 use crate::error::{Error, Result};
 
 /// Prefix of every layer id the snapshotter makes.
 pub const LAYER_PREFIX: &str = "ctrd-";
-const RECORD_KIND: &str = "snapshot";
 const HINT_MAX: usize = 48;
 
 /// A snapshot's kind, as containerd knows it.
@@ -85,9 +84,13 @@ pub struct Snapshot {
     pub own_bytes: Option<u64>,
 }
 
+impl Record for Snapshot {
+    const KIND: &'static str = "snapshot";
+}
+
 /// The records, loaded, with an index by key.
 #[derive(Debug)]
-pub struct Store {
+pub struct KeyStore {
     dir: PathBuf,
     by_key: Arc<HashMap<String, Snapshot>>,
     next: u64,
@@ -121,7 +124,7 @@ impl Snapshots {
     }
 }
 
-impl Store {
+impl KeyStore {
     /// `ROOT/snapshotter`.
     pub fn base_dir(root: &Path) -> PathBuf {
         root.join("snapshotter")
@@ -132,8 +135,8 @@ impl Store {
     ///
     /// # Errors
     /// I/O and damaged-record errors.
-    pub fn load(root: &Path) -> Result<Store> {
-        let dir = Store::base_dir(root).join("snapshots");
+    pub fn load(root: &Path) -> Result<KeyStore> {
+        let dir = KeyStore::base_dir(root).join("snapshots");
         record::create_dir(&dir)?;
         record::sweep_temp(&dir)?;
         let mut by_key = HashMap::new();
@@ -147,14 +150,14 @@ impl Store {
             if path.extension().is_none_or(|e| e != "rec") {
                 continue;
             }
-            let s: Snapshot = record::read(&path, RECORD_KIND)?;
+            let s = Snapshot::load(&path)?;
             next = next.max(layer_number(&s.layer).map_or(0, |n| n + 1));
             by_key.insert(s.key.clone(), s);
         }
         let by_key = Arc::new(by_key);
         let published = Snapshots::default();
         published.publish(&by_key);
-        Ok(Store {
+        Ok(KeyStore {
             dir,
             by_key,
             next,
@@ -162,8 +165,8 @@ impl Store {
         })
     }
 
-    /// The readers' view, kept current by every [`Store::put`] and
-    /// [`Store::remove`].
+    /// The readers' view, kept current by every [`KeyStore::put`] and
+    /// [`KeyStore::remove`].
     pub fn snapshots(&self) -> Snapshots {
         self.published.clone()
     }
@@ -221,7 +224,7 @@ impl Store {
     /// # Errors
     /// I/O errors.
     pub fn put(&mut self, s: Snapshot, old_key: Option<&str>) -> Result<()> {
-        record::write(&self.record_path(&s.layer), RECORD_KIND, &s)?;
+        s.save(&self.record_path(&s.layer))?;
         let index = Arc::make_mut(&mut self.by_key);
         if let Some(old) = old_key {
             index.remove(old);
@@ -335,7 +338,7 @@ mod tests {
     fn records_survive_reload_and_commit_renames_atomically() {
         let root = std::env::temp_dir().join(format!("thinlayer-snapstore-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        let mut st = Store::load(&root).unwrap();
+        let mut st = KeyStore::load(&root).unwrap();
         let view = st.snapshots();
         let l1 = st.new_layer_id("default/1/extract-1 sha256:aa");
         let before = view.current();
@@ -358,7 +361,7 @@ mod tests {
         .unwrap();
         assert_eq!(st.children("default/2/sha256:aa"), vec!["default/3/ctr"]);
 
-        let mut again = Store::load(&root).unwrap();
+        let mut again = KeyStore::load(&root).unwrap();
         assert!(!again.contains("default/1/extract-1 sha256:aa"));
         assert_eq!(
             again.get("default/2/sha256:aa").unwrap().kind,
@@ -379,7 +382,7 @@ mod tests {
         assert!(view.get("default/2/sha256:aa").is_ok());
         again.remove("default/3/ctr").unwrap();
         assert!(matches!(
-            Store::load(&root).unwrap().get("default/3/ctr"),
+            KeyStore::load(&root).unwrap().get("default/3/ctr"),
             Err(Error::NotFound(_))
         ));
         fs::remove_dir_all(&root).unwrap();

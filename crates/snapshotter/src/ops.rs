@@ -25,7 +25,7 @@ use thinlayer_pool::{FsType, LockMode, Owner, Pool};
 use crate::{
     error::{Error, Result},
     filter::Filters,
-    store::{Kind, LAYER_PREFIX, Snapshot, Snapshots, Store},
+    keys::{KeyStore, Kind, LAYER_PREFIX, Snapshot, Snapshots},
 };
 
 /// containerd's label asking for a snapshot of at most this many bytes.
@@ -34,28 +34,28 @@ pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
 /// The snapshotter's state: the pool root, the key store and the server's
 /// own lock on `ROOT/snapshotter/lock`.
 #[derive(Debug)]
-pub struct Engine {
+pub struct SnapshotOps {
     root: PathBuf,
-    store: Store,
+    store: KeyStore,
     _lock: thinlayer_pool::lock::FileLock,
     /// The records directory was missing at open: layers without records
     /// are then kept (they may be snapshots whose records were lost).
     records_missing: bool,
 }
 
-impl Engine {
+impl SnapshotOps {
     /// Opens the pool under `root` (which must be active), takes the
     /// snapshotter's lock (one server per pool), loads the key store and
     /// settles what a crash left: records whose layer is gone are dropped,
     /// `ctrd-*` layers without a record are removed.
     ///
     /// # Errors
-    /// [`Error::AlreadyServing`], engine errors (no pool, inactive, not
+    /// [`Error::AlreadyServing`], pool errors (no pool, inactive, not
     /// root), damaged records.
-    pub fn open(root: &Path) -> Result<Engine> {
+    pub fn open(root: &Path) -> Result<SnapshotOps> {
         let mut pool = Pool::open(root, LockMode::Exclusive, true)?;
         pool.require_active()?;
-        let dir = Store::base_dir(root);
+        let dir = KeyStore::base_dir(root);
         // Without its records directory nothing says which layers are
         // orphans: then none is removed (see `reconcile`).
         let records_missing = !dir.exists();
@@ -67,15 +67,15 @@ impl Engine {
                 root: root.to_owned(),
                 lock: lock_path,
             })?;
-        let mut engine = Engine {
+        let mut ops = SnapshotOps {
             root: root.to_owned(),
-            store: Store::load(root)?,
+            store: KeyStore::load(root)?,
             _lock: lock,
             records_missing: false,
         };
-        engine.records_missing = records_missing;
-        engine.reconcile(&mut pool)?;
-        Ok(engine)
+        ops.records_missing = records_missing;
+        ops.reconcile(&mut pool)?;
+        Ok(ops)
     }
 
     fn pool(&self) -> Result<Pool> {
@@ -128,7 +128,7 @@ impl Engine {
     ///
     /// # Errors
     /// AlreadyExists, NotFound (parent), InvalidArgument (parent not
-    /// committed, max-size above the pool's size), engine errors.
+    /// committed, max-size above the pool's size), pool errors.
     pub fn create(
         &mut self,
         key: &str,
@@ -200,7 +200,7 @@ impl Engine {
     /// directory; the pool's base filesystem has ext4's `lost+found`, so it
     /// goes (e2fsck makes it again when it needs it).
     fn empty_base(&self, pool: &mut Pool, layer: &str) -> Result<()> {
-        let dir = Store::base_dir(&self.root).join("mnt").join(layer);
+        let dir = KeyStore::base_dir(&self.root).join("mnt").join(layer);
         pool.mount_layer(layer, &dir, thinlayer_pool::MountUse::Scratch)?;
         let lf = dir.join("lost+found");
         let removed = match std::fs::remove_dir(&lf) {
@@ -218,7 +218,7 @@ impl Engine {
     /// The mounts of an active or view snapshot (its device activated).
     ///
     /// # Errors
-    /// NotFound, FailedPrecondition (committed), engine errors.
+    /// NotFound, FailedPrecondition (committed), pool errors.
     pub fn mounts(&mut self, key: &str) -> Result<Vec<Mount>> {
         let s = self.store.get(key)?.clone();
         if s.kind == Kind::Committed {
@@ -349,7 +349,7 @@ impl Engine {
     /// it was made (its parent's blocks); see README.
     ///
     /// # Errors
-    /// NotFound, engine errors.
+    /// NotFound, pool errors.
     pub fn usage(&mut self, key: &str) -> Result<Usage> {
         let s = self.store.get(key)?.clone();
         let own = match (s.kind, s.own_bytes) {
@@ -383,7 +383,7 @@ impl Engine {
         list_of(self.store.all(), filters)
     }
 
-    /// The pool root this engine serves.
+    /// The pool root these operations serve.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -398,7 +398,7 @@ impl Engine {
     /// devices of committed snapshots that nothing mounts.
     ///
     /// # Errors
-    /// Engine errors.
+    /// Pool errors.
     pub fn cleanup(&mut self) -> Result<()> {
         let mut pool = self.pool()?;
         self.reconcile(&mut pool)?;
