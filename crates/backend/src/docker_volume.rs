@@ -26,7 +26,7 @@ use std::{
 };
 
 use serde_json::Value;
-use thinlayer_pool::{Bytes, FsType, LockMode, record, socket::Access};
+use thinlayer_pool::{Bytes, FsType, LockMode, Record, record, socket::Access};
 use thinlayer_store::Store;
 
 use crate::{
@@ -44,7 +44,15 @@ use crate::{
 /// Where Docker looks for plugin sockets.
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/thinlayer.sock";
 
-const RECORD_REFS: &str = "plugin-mounts";
+/// The mount ids holding each volume, kept across plugin restarts
+/// (`ROOT/store/plugin-mounts.rec`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct VolumeRefs(BTreeMap<String, BTreeSet<String>>);
+
+impl Record for VolumeRefs {
+    const KIND: &'static str = "plugin-mounts";
+}
 
 /// The plugin: the pool root and the mount references.
 pub struct Plugin {
@@ -60,15 +68,7 @@ impl Plugin {
     /// The pool's open errors; a damaged references record.
     pub fn new(root: &Path) -> Result<Plugin> {
         drop(Store::open(root, LockMode::Exclusive, true)?);
-        let refs = match record::read(&refs_path(root), RECORD_REFS) {
-            Ok(r) => r,
-            Err(thinlayer_pool::Error::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                BTreeMap::new()
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let VolumeRefs(refs) = VolumeRefs::load_or_default(&refs_path(root))?;
         Ok(Plugin {
             root: root.to_owned(),
             refs,
@@ -86,7 +86,7 @@ impl Plugin {
     fn save_refs(&self) -> Result<()> {
         Ok(record::write(
             &refs_path(&self.root),
-            RECORD_REFS,
+            VolumeRefs::KIND,
             &self.refs,
         )?)
     }

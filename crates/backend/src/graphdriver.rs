@@ -41,7 +41,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use thinlayer_pool::{Bytes, LockMode, MountUse, Owner, record};
+use thinlayer_pool::{Bytes, LockMode, MountUse, Owner, Record, record};
 use thinlayer_store::Store;
 
 use crate::error::{Error, Result};
@@ -59,7 +59,15 @@ pub const TREE: &str = "rootfs";
 /// Pool layer ids of the driver's layers: this prefix, then Docker's id.
 pub const ID_PREFIX: &str = "docker-";
 
-const RECORD_REFS: &str = "graphdriver-mounts";
+/// Get/Put references per layer, kept across plugin restarts
+/// (`ROOT/graphdriver/mounts.rec`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct MountRefs(BTreeMap<String, u64>);
+
+impl Record for MountRefs {
+    const KIND: &'static str = "graphdriver-mounts";
+}
 const ASKER: &str = "Docker graphdriver";
 
 /// Docker's graphdriver interface, in Rust.
@@ -127,15 +135,7 @@ impl ThinDriver {
         // left.
         let mut store = Store::open(root, LockMode::Exclusive, true)?;
         record::create_dir(&root.join("graphdriver").join("mnt"))?;
-        let refs: BTreeMap<String, u64> = match record::read(&refs_path(root), RECORD_REFS) {
-            Ok(r) => r,
-            Err(thinlayer_pool::Error::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                BTreeMap::new()
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let MountRefs(refs) = MountRefs::load_or_default(&refs_path(root))?;
         let mut driver = ThinDriver {
             root: root.to_owned(),
             refs: BTreeMap::new(),
@@ -191,7 +191,7 @@ impl ThinDriver {
     fn save_refs(&self) -> Result<()> {
         Ok(record::write(
             &refs_path(&self.root),
-            RECORD_REFS,
+            MountRefs::KIND,
             &self.refs,
         )?)
     }

@@ -52,6 +52,24 @@ pub trait Record: Serialize + DeserializeOwned {
     fn save(&self, path: &Path) -> Result<()> {
         file::write(path, Self::KIND, self)
     }
+
+    /// Reads the record at `path`, or the default value when there is none.
+    ///
+    /// # Errors
+    /// I/O errors other than a missing file, damaged or mis-kinded records.
+    fn load_or_default(path: &Path) -> Result<Self>
+    where
+        Self: Default,
+    {
+        match Self::load(path) {
+            Err(crate::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(Self::default())
+            }
+            other => other,
+        }
+    }
 }
 
 impl Record for PoolRecord {
