@@ -14,7 +14,7 @@ Exit codes:
   0  success
   1  the operation failed (kernel, tool or I/O error)
   2  bad usage or input (flags, sizes, names)
-  3  no such pool or layer
+  3  no such pool, layer, image, container, volume or snapshot
   4  conflict: exists, has children, mounted, busy, locked
   5  the host cannot: not root, no device-mapper, no dm-thin, missing tool
   6  out of space

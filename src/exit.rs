@@ -6,7 +6,7 @@
 //! | 0 | success |
 //! | 1 | the operation failed: a kernel, tool or I/O error |
 //! | 2 | bad usage or input: flags, sizes, names |
-//! | 3 | no such pool or layer (or image, container, snapshot) |
+//! | 3 | no such pool, layer, image, container, volume or snapshot |
 //! | 4 | conflict: already exists, has children, mounted, busy, locked by another command |
 //! | 5 | the host cannot: not root, no device-mapper, no dm-thin target, a tool missing |
 //! | 6 | out of space |
