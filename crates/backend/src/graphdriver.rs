@@ -24,6 +24,11 @@
 //!   it). The counts are a crash-safe record (`ROOT/graphdriver/mounts.rec`),
 //!   so a restarted plugin carries on where it stopped; `cleanup` (Docker's
 //!   shutdown) unmounts everything and forgets them.
+//! - The driver's unmounts skip the filesystem trim the CLI's unmount does
+//!   ([`Trim::Skip`]): Docker removes container layers rather than keeping
+//!   them, and a removal gives every block back; the trim would walk all
+//!   of a layer's free space on each `put` (most of a `docker create`'s
+//!   storage cost). Docker's own devicemapper driver does not trim either.
 //!
 //! - `diff` and `apply_diff` stream with no lock held ([`stream`]): each
 //!   takes what its stream needs under the locks, streams, and settles
@@ -41,7 +46,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use thinlayer_pool::{Bytes, LockMode, MountUse, Owner, Record, record};
+use thinlayer_pool::{Bytes, LockMode, MountUse, Owner, Record, Trim, record};
 use thinlayer_store::Store;
 
 use crate::error::{Error, Result};
@@ -339,7 +344,9 @@ impl ThinDriver {
     fn unmount(&mut self, store: &mut Store, id: &str) -> Result<()> {
         let dir = self.mountpoint(id);
         if self.mounted_dirs()?.contains(&dir) {
-            store.pool().umount(&dir.to_string_lossy())?;
+            store
+                .pool()
+                .umount_with(&dir.to_string_lossy(), Trim::Skip)?;
         }
         Ok(())
     }
@@ -422,7 +429,7 @@ impl GraphDriver for ThinDriver {
         match std::fs::symlink_metadata(&tree) {
             Ok(m) if m.file_type().is_dir() => {}
             _ => {
-                let _ = store.pool().umount(&dir.to_string_lossy());
+                let _ = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip);
                 return Err(Error::Invalid(format!(
                     "layer `{id}` has no `{TREE}` directory: its filesystem was changed outside the \
                      driver; remove it (docker rmi / docker rm) and pull or create it again"
@@ -511,7 +518,7 @@ impl GraphDriver for ThinDriver {
         let mut store = self.store()?;
         let mut first_error = None;
         for dir in self.mounted_dirs()? {
-            if let Err(e) = store.pool().umount(&dir.to_string_lossy()) {
+            if let Err(e) = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cleanup: cannot unmount");
                 first_error.get_or_insert(e);
             }

@@ -40,7 +40,7 @@ use std::{
 };
 
 use thinlayer_image::{apply, export};
-use thinlayer_pool::{MountUse, Owner};
+use thinlayer_pool::{MountUse, Owner, Trim};
 use thinlayer_store::Store;
 
 use super::{ID_PREFIX, TREE, ThinDriver, pool_id};
@@ -203,7 +203,7 @@ impl ThinDriver {
             .snapshot
             .clone()
             .unwrap_or_else(|| m.dir.to_string_lossy().into_owned());
-        store.pool().umount(&target)?;
+        store.pool().umount_with(&target, Trim::Skip)?;
         if let Some(s) = &m.snapshot {
             store.pool().remove_layer(s)?;
         }

@@ -71,6 +71,7 @@ pub use create::{CreateOptions, DevicePair};
 pub use frozen::Frozen;
 pub use layer::{Holders, LayerInfo, Removal};
 pub use lifecycle::check_metadata;
+pub use mount::Trim;
 pub use reclaim::Reclaimed;
 pub use spare::Provisioned;
 pub use status::{KernelStatus, PoolMode, PoolStatus};

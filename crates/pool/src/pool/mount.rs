@@ -153,13 +153,26 @@ impl Pool {
     }
 
     /// Unmounts a layer (every mount of it) given its id, or one mount
-    /// given its directory; the layer's device is torn down once nothing
-    /// mounts it. Returns the directories unmounted.
+    /// given its directory, trimming each writable filesystem first (its
+    /// freed blocks go back to the pool); the layer's device is torn down
+    /// once nothing mounts it. Returns the directories unmounted.
     ///
     /// # Errors
     /// [`Error::UnknownLayer`] when `target` is neither a layer nor a
     /// mount of this pool; [`Error::Busy`].
     pub fn umount(&mut self, target: &str) -> Result<Vec<PathBuf>> {
+        self.umount_with(target, Trim::Before)
+    }
+
+    /// [`Pool::umount`], with the trim chosen by the caller. A caller whose
+    /// layers are removed, not kept, skips it: a removal gives every block
+    /// back anyway, and a trim walks the whole free space of the
+    /// filesystem (about 0.4 s for a 512 MiB ext4 in the VM, most of a
+    /// Docker `Put`).
+    ///
+    /// # Errors
+    /// As [`Pool::umount`].
+    pub fn umount_with(&mut self, target: &str, trim: Trim) -> Result<Vec<PathBuf>> {
         let by_id =
             names::check_id("layer", target).is_ok() && self.layout().layer_record(target).exists();
         let prefix = names::name_prefix(&self.record().pool_id);
@@ -206,7 +219,9 @@ impl Pool {
             (sel, vec![dir])
         };
         for d in dirs.iter().rev() {
-            crate::space::trim_before_umount(d);
+            if trim == Trim::Before {
+                crate::space::trim_before_umount(d);
+            }
             mounts::umount(d)?;
         }
         fault::point("umount.after_umount");
@@ -222,4 +237,14 @@ impl Pool {
         }
         Ok(dirs)
     }
+}
+
+/// Whether an unmount trims the filesystem first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trim {
+    /// FITRIM before unmounting: blocks the filesystem freed go back to
+    /// the pool (and the host) now.
+    Before,
+    /// No trim: for layers whose blocks a removal gives back.
+    Skip,
 }
