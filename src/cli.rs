@@ -104,7 +104,7 @@ pub enum ServeTo {
     Docker {
         /// The socket to listen on; its name is the driver's (a stale one is
         /// replaced; anything else there is kept and refused).
-        #[arg(long, default_value = thinlayer_backend::docker::DEFAULT_SOCKET)]
+        #[arg(long, default_value = thinlayer_docker::plugin::DEFAULT_SOCKET)]
         socket: PathBuf,
         #[command(flatten)]
         group: SocketGroup,
@@ -112,7 +112,7 @@ pub enum ServeTo {
     /// Docker's volume plugin protocol alone (thin volumes) on a Unix socket.
     DockerVolume {
         /// The socket to listen on (a stale one is replaced; anything else there is kept and refused).
-        #[arg(long, default_value = thinlayer_backend::docker_volume::DEFAULT_SOCKET)]
+        #[arg(long, default_value = thinlayer_docker::volume::DEFAULT_SOCKET)]
         socket: PathBuf,
         #[command(flatten)]
         group: SocketGroup,

@@ -57,10 +57,10 @@ fn class(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
     if let Some(e) = e.downcast_ref::<thinlayer_image::Error>() {
         return Some(image(e));
     }
-    if let Some(e) = e.downcast_ref::<thinlayer_backend::Error>() {
+    if let Some(e) = e.downcast_ref::<thinlayer_docker::Error>() {
         return Some(match e {
-            thinlayer_backend::Error::Store(e) => store(e),
-            thinlayer_backend::Error::Invalid(_) => CONFLICT,
+            thinlayer_docker::Error::Store(e) => store(e),
+            thinlayer_docker::Error::Invalid(_) => CONFLICT,
         });
     }
     if let Some(e) = e.downcast_ref::<thinlayer_snapshotter::Error>() {
@@ -228,9 +228,9 @@ mod tests {
             DAMAGED
         );
         // The Docker plugin.
-        assert_eq!(of(thinlayer_backend::Error::Invalid("x".into())), CONFLICT);
+        assert_eq!(of(thinlayer_docker::Error::Invalid("x".into())), CONFLICT);
         assert_eq!(
-            of(thinlayer_backend::Error::Store(St::Pool(P::NoPool {
+            of(thinlayer_docker::Error::Store(St::Pool(P::NoPool {
                 root: "/r".into()
             }))),
             NOT_FOUND

@@ -17,7 +17,7 @@ use crate::{
 ///
 /// # Errors
 /// The server's own error: `thinlayer_snapshotter::Error` or
-/// `thinlayer_backend::Error`; a bad `--socket-group` as the engine's.
+/// `thinlayer_docker::Error`; a bad `--socket-group` as the engine's.
 pub(crate) fn run(root: &Path, args: ServeArgs) -> anyhow::Result<Output> {
     match args.to {
         ServeTo::Containerd { socket, group } => {
@@ -26,11 +26,11 @@ pub(crate) fn run(root: &Path, args: ServeArgs) -> anyhow::Result<Output> {
         }
         ServeTo::Docker { socket, group } => {
             let access = Access::new(group.socket_group.as_deref())?;
-            thinlayer_backend::docker::serve(root, &socket, &access)?;
+            thinlayer_docker::plugin::serve(root, &socket, &access)?;
         }
         ServeTo::DockerVolume { socket, group } => {
             let access = Access::new(group.socket_group.as_deref())?;
-            thinlayer_backend::docker_volume::serve(root, &socket, &access)?;
+            thinlayer_docker::volume::serve(root, &socket, &access)?;
         }
     }
     Ok(Output {

@@ -1,5 +1,5 @@
 //! Layers whose tree lives in a subdirectory of their filesystem, as the
-//! Docker graphdriver keeps them (`crates/backend`): each layer's
+//! Docker graphdriver keeps them (`crates/docker`): each layer's
 //! filesystem holds the tree under one directory (`rootfs`), so what a
 //! container sees has no `lost+found` (Docker's own devicemapper driver
 //! does the same). The changes, the export and the apply of such a layer

@@ -8,7 +8,7 @@ use common::{Pool, vm_test};
 
 use std::{fs, path::Path};
 
-use thinlayer_backend::{GraphDriver, ThinDriver};
+use thinlayer_docker::{GraphDriver, ThinDriver};
 use thinlayer_image::{ChangeKind, tree};
 
 /// Whether the layer whose tree `get` returned (`MNT/ID/rootfs`) is

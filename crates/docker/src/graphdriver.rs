@@ -2,7 +2,7 @@
 //! Remove, Get, Put, Exists, Status, Cleanup, Diff, Changes, ApplyDiff,
 //! DiffSize), and its implementation over a thinlayer pool: every layer a
 //! thin snapshot of its parent. It is the engine behind `thinlayer serve
-//! docker` ([`crate::docker`]), and usable as a library.
+//! docker` ([`crate::plugin`]), and usable as a library.
 //!
 //! Layout, decided once:
 //!

@@ -1,10 +1,10 @@
-//! thinlayer as a storage backend for container engines:
+//! thinlayer for Docker: its storage driver and its volume driver.
 //!
 //! - [`graphdriver`]: a layer store shaped like Docker's graphdriver
 //!   interface, over the pool (the engine behind the plugin);
-//! - [`docker`]: the Docker plugin (`thinlayer serve docker`): Docker's
+//! - [`plugin`]: the Docker plugin (`thinlayer serve docker`): Docker's
 //!   graphdriver and volume plugin protocols on one socket;
-//! - [`docker_volume`]: Docker's volume plugin protocol serving thin
+//! - [`volume`]: Docker's volume plugin protocol serving thin
 //!   volumes (with instant snapshot clones), also served alone;
 //! - [`protocol`]: both protocols' requests and answers as moby sends and
 //!   reads them;
@@ -12,12 +12,12 @@
 //!
 //! (containerd's snapshotter is `crates/snapshotter`.)
 
-pub mod docker;
-pub mod docker_volume;
 pub mod error;
 pub mod graphdriver;
 pub mod http;
+pub mod plugin;
 pub mod protocol;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use graphdriver::{GraphDriver, ThinDriver};

@@ -1,9 +1,9 @@
-//! Errors of the backends; engine and store errors pass through.
+//! Errors of the Docker plugins; engine and store errors pass through.
 
-/// The backends' result.
+/// The Docker plugins' result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything the backends can fail with.
+/// Everything the Docker plugins can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// From the store (and through it the pool and layer-tar code).

@@ -28,7 +28,7 @@
 //!   commits a container by streaming its layer's Diff straight into the
 //!   new layer's ApplyDiff ([`crate::graphdriver::stream`]).
 //!
-//! `VolumeDriver.*` calls go to [`crate::docker_volume`] unchanged.
+//! `VolumeDriver.*` calls go to [`crate::volume`] unchanged.
 
 use std::{
     collections::BTreeMap,
@@ -41,7 +41,6 @@ use thinlayer_image::ChangeKind;
 use thinlayer_pool::{Bytes, socket::Access};
 
 use crate::{
-    docker_volume,
     error::{Error, Result},
     graphdriver::{GraphDriver, ThinDriver},
     http::{self, Download, Handler, Limits, Reply, Route, Upload},
@@ -54,10 +53,11 @@ use crate::{
         },
         parse, to_json,
     },
+    volume,
 };
 
 /// Where Docker looks for plugin sockets: the driver's name is the socket's.
-pub const DEFAULT_SOCKET: &str = docker_volume::DEFAULT_SOCKET;
+pub const DEFAULT_SOCKET: &str = volume::DEFAULT_SOCKET;
 
 /// The GraphDriver endpoints this plugin serves.
 const GRAPH_ENDPOINTS: &[&str] = &[
@@ -81,7 +81,7 @@ const GRAPH_ENDPOINTS: &[&str] = &[
 /// The plugin: the graphdriver and the volume driver over one pool.
 pub struct DockerPlugin {
     graph: ThinDriver,
-    volumes: docker_volume::Plugin,
+    volumes: volume::Plugin,
     /// The driver home Docker gave at `Init` (shown by `docker info`).
     home: Option<PathBuf>,
 }
@@ -95,7 +95,7 @@ impl DockerPlugin {
     pub fn new(root: &Path) -> Result<DockerPlugin> {
         Ok(DockerPlugin {
             graph: ThinDriver::new(root)?,
-            volumes: docker_volume::Plugin::new(root)?,
+            volumes: volume::Plugin::new(root)?,
             home: None,
         })
     }
