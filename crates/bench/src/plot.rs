@@ -97,24 +97,34 @@ fn marker<C, DB: DrawingBackend>((ring, shape): Mark, p: C, c: RGBColor) -> Mark
         + Polygon::new(shape.to_vec(), c.filled())
 }
 
+/// The plot's size, and the width of the legend panel at its right: the
+/// legend never covers data.
+const SIZE: (u32, u32) = (900, 500);
+const LEGEND_WIDTH: u32 = 170;
+
+/// The series' legend in its own panel, right of the chart, in drawing
+/// order.
+fn legend_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    r: &Report,
+) -> Draw {
+    let font = ("sans-serif", 15).into_font();
+    for (row, (i, b)) in r.backends.iter().enumerate().enumerate() {
+        let (c, m) = style(b, i);
+        let y = 70 + 26 * i32::try_from(row).unwrap_or(0);
+        let line = c.stroke_width(2);
+        area.draw(&PathElement::new(vec![(8, y), (36, y)], line))
+            .map_err(s)?;
+        area.draw(&marker(m, (22, y), c)).map_err(s)?;
+        area.draw(&Text::new(b.clone(), (46, y - 8), font.clone()))
+            .map_err(s)?;
+    }
+    Ok(())
+}
+
 /// A line with markers per backend (points from `pts`), thinlayer's drawn
 /// last and dashed, so that it stays on top and a series of equal values
 /// (the floor's) shows through it.
-/// The series' legend at `at`, over the (emptied) part of the chart there.
-fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
-    chart: &mut ChartContext<'a, DB, CT>,
-    at: SeriesLabelPosition,
-) -> Draw {
-    chart
-        .configure_series_labels()
-        .position(at)
-        .label_font(("sans-serif", 16))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(s)
-}
-
 fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
     chart: &mut ChartContext<'a, DB, CT>,
     r: &Report,
@@ -126,21 +136,78 @@ fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
         let b = r.backends[i].as_str();
         let ((c, m), pts) = (style(b, i), pts(b));
         let line = c.stroke_width(2);
-        let anno = if b == "thinlayer" {
+        if b == "thinlayer" {
             chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, line))
         } else {
             chart.draw_series(LineSeries::new(pts.clone(), line))
-        };
-        anno.map_err(s)?.label(b).legend(move |(x, y)| {
-            EmptyElement::at((x, y))
-                + PathElement::new(vec![(0, 0), (20, 0)], line)
-                + marker(m, (10, 0), c)
-        });
+        }
+        .map_err(s)?;
         chart
             .draw_series(pts.iter().map(|&p| marker(m, p, c)))
             .map_err(s)?;
     }
     Ok(())
+}
+
+/// `1,000` for 1000.
+pub(crate) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// `16 MiB`, `1 GiB`, `192 KiB`, `0`: the largest binary unit that keeps
+/// the number at least 1.
+pub(crate) fn human_bytes(b: f64) -> String {
+    if b <= 0.0 {
+        return "0".into();
+    }
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if (v - v.round()).abs() < 0.05 {
+        format!("{} {}", v.round(), units[u])
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+/// The x axis of a plot over a few parameters (populations, sizes): one
+/// evenly spaced category each, labelled as `label` says, so 10, 100 and
+/// 1,000 (or 16 MiB, 256 MiB and 1 GiB) read at a glance.
+fn category_labels(params: &[u64], label: impl Fn(u64) -> String) -> impl Fn(&f64) -> String {
+    let names: Vec<String> = params.iter().map(|&p| label(p)).collect();
+    // Ticks fall on whole numbers: the parameters' indexes.
+    move |x: &f64| {
+        names
+            .iter()
+            .zip(0u32..)
+            .find(|(_, i)| (x - f64::from(*i)).abs() < 0.01)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The chart area and the legend panel of a plot at `file`.
+type Areas<'a> = (
+    DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+);
+
+fn areas(file: &Path) -> std::result::Result<Areas<'_>, String> {
+    let root = BitMapBackend::new(file, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(s)?;
+    Ok(root.split_horizontally(SIZE.0 - LEGEND_WIDTH))
 }
 
 fn population(r: &Report, file: &Path) -> Draw {
@@ -153,10 +220,9 @@ fn population(r: &Report, file: &Path) -> Draw {
     {
         ymax = ymax.max(st.median);
     }
-    let root = BitMapBackend::new(file, (800, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(s)?;
-    let xmax = *pops.last().unwrap_or(&10) as f64 * 1.5;
-    let mut chart = ChartBuilder::on(&root)
+    let (chart_area, legend_area) = areas(file)?;
+    let n = pops.len().max(1);
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(
             "start path (snapshot + activate + mount) vs population",
             ("sans-serif", 20),
@@ -164,73 +230,111 @@ fn population(r: &Report, file: &Path) -> Draw {
         .margin(10)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        // The top 40% is left to the legend.
-        .build_cartesian_2d((5f64..xmax).log_scale(), 0f64..ymax * 1.7)
+        .build_cartesian_2d(-0.3f64..n as f64 - 0.7, 0f64..ymax * 1.1)
         .map_err(s)?;
     chart
         .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&category_labels(&pops, thousands))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .x_desc("snapshots in the pool")
         .y_desc("median ms")
         .draw()
         .map_err(s)?;
     series(&mut chart, r, |b| {
         pops.iter()
-            .filter_map(|&p| {
+            .enumerate()
+            .filter_map(|(i, &p)| {
                 r.stat(b, "population", p, "start-ms")
-                    .map(|st| (p as f64, st.median))
+                    .map(|st| (i as f64, st.median))
             })
             .collect()
     })?;
-    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
-    root.present().map_err(s)
+    legend_panel(&legend_area, r)?;
+    chart_area.present().map_err(s)
 }
+
+/// The y position of `bytes` on a log2 axis in KiB, with 0 (which a log
+/// axis cannot show) on its own row, `ZERO_ROW`, below 1 KiB.
+pub(crate) fn log_kib(bytes: f64) -> f64 {
+    if bytes < 1.0 {
+        ZERO_ROW
+    } else {
+        (bytes / 1024.0).max(1.0 / 1024.0).log2()
+    }
+}
+
+/// Where 0 bytes sit: a row of its own, labelled `0`, a step below 1 KiB.
+const ZERO_ROW: f64 = ZERO_ROW_STEP as f64;
+const ZERO_ROW_STEP: i32 = -4;
 
 fn first_write(r: &Report, file: &Path) -> Draw {
     let sizes = &r.params.file_sizes;
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    let xmin = mib(*sizes.first().unwrap_or(&(1 << 20))) / 1.5;
-    let xmax = mib(*sizes.last().unwrap_or(&(1 << 20))) * 1.5;
     let mut ymax: f64 = 1.0;
     for st in r
         .stats
         .iter()
         .filter(|s| s.workload == "first-write" && s.metric == "alloc-bytes")
     {
-        ymax = ymax.max(st.median / (1u64 << 20) as f64);
+        ymax = ymax.max(log_kib(st.median));
     }
-    let root = BitMapBackend::new(file, (800, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(s)?;
-    let mut chart = ChartBuilder::on(&root)
+    // The axis ends one step above the first labelled row (every 4 steps
+    // of log2: 16x) at or over the largest value.
+    let top_step = (0..16)
+        .map(|k| 4 * k)
+        .find(|&k| f64::from(k) >= ymax)
+        .unwrap_or(64)
+        + 1;
+    let top = f64::from(top_step);
+    let (chart_area, legend_area) = areas(file)?;
+    let n = sizes.len().max(1);
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(
             "bytes newly allocated by the first 4 KiB write",
             ("sans-serif", 20),
         )
         .margin(10)
         .x_label_area_size(40)
-        .y_label_area_size(60)
-        // The top third (log scale) is left to the legend.
-        .build_cartesian_2d(
-            (xmin..xmax).log_scale(),
-            (0.001f64..0.001 * (ymax / 0.001).powf(1.5)).log_scale(),
-        )
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.3f64..n as f64 - 0.7, ZERO_ROW - 1.0..top)
         .map_err(s)?;
+    // Ticks every 16x (4 steps of log2), and the zero row.
+    let rows = usize::try_from((top_step - ZERO_ROW_STEP) / 2 + 1).unwrap_or(1);
     chart
         .configure_mesh()
-        .x_desc("size of the lower-layer file (MiB)")
-        .y_desc("MiB allocated (median; floor 1 KiB)")
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&category_labels(sizes, |z| human_bytes(z as f64)))
+        .y_labels(rows)
+        .y_label_formatter(&|y| {
+            let k = y.round();
+            if (y - k).abs() > 0.01 {
+                String::new()
+            } else if k == ZERO_ROW {
+                "0".into()
+            } else if k >= 0.0 && k.rem_euclid(4.0) == 0.0 {
+                human_bytes(1024.0 * 2f64.powf(k))
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("size of the lower-layer file")
+        .y_desc("allocated (median, log scale)")
         .draw()
         .map_err(s)?;
     series(&mut chart, r, |b| {
         sizes
             .iter()
-            .filter_map(|&z| {
+            .enumerate()
+            .filter_map(|(i, &z)| {
                 r.stat(b, "first-write", z, "alloc-bytes")
-                    .map(|st| (mib(z), (st.median / (1u64 << 20) as f64).max(0.001)))
+                    .map(|st| (i as f64, log_kib(st.median)))
             })
             .collect()
     })?;
-    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
-    root.present().map_err(s)
+    legend_panel(&legend_area, r)?;
+    chart_area.present().map_err(s)
 }
 
 fn distribution(r: &Report, file: &Path) -> Draw {
@@ -298,4 +402,124 @@ fn distribution(r: &Report, file: &Path) -> Draw {
         }
     }
     root.present().map_err(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Params, report::Sample};
+
+    #[test]
+    fn labels_read_as_people_write_them() {
+        assert_eq!(thousands(10), "10");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(human_bytes(16.0 * 1048576.0), "16 MiB");
+        assert_eq!(human_bytes(1073741824.0), "1 GiB");
+        assert_eq!(human_bytes(196_608.0), "192 KiB");
+        assert_eq!(human_bytes(0.0), "0");
+        let x = category_labels(&[16 << 20, 256 << 20, 1 << 30], |z| human_bytes(z as f64));
+        assert_eq!(
+            [x(&0.0), x(&1.0), x(&2.0), x(&0.5)],
+            ["16 MiB", "256 MiB", "1 GiB", ""]
+        );
+    }
+
+    #[test]
+    fn zero_keeps_a_row_of_its_own_on_the_log_axis() {
+        assert_eq!(log_kib(0.0), ZERO_ROW);
+        assert_eq!(log_kib(1024.0), 0.0);
+        assert_eq!(log_kib(65536.0), 6.0);
+        assert!(
+            log_kib(512.0) > ZERO_ROW,
+            "below 1 KiB but not zero: above the zero row"
+        );
+    }
+
+    /// The run's plots, drawn from figures of a real run (docs/bench): every
+    /// file is written. `THINLAYER_PLOTS_TO=DIR` keeps them for a look.
+    #[test]
+    fn plots_are_drawn_with_zero_values_and_every_backend() {
+        let backends = [
+            "thinlayer",
+            "thinlayer-warm",
+            "floor",
+            "overlay-ext4",
+            "overlay-xfs",
+            "btrfs",
+            "vfs-copy",
+        ];
+        let start = [39.8, 18.9, 37.7, 5.2, 3.6, 9.7, 65.1];
+        let alloc = [
+            196_608.0, 196_608.0, 196_608.0, 0.0, 131_072.0, 69_632.0, 0.0,
+        ];
+        let mut samples = Vec::new();
+        for (i, b) in backends.iter().enumerate() {
+            for (j, p) in [10u64, 100, 1000].into_iter().enumerate() {
+                let v = start[i] * (1.0 + 0.1 * j as f64);
+                samples.push(Sample {
+                    backend: (*b).into(),
+                    workload: "population".into(),
+                    param: p,
+                    metric: "start-ms".into(),
+                    value: v,
+                });
+                samples.push(Sample {
+                    backend: (*b).into(),
+                    workload: "start".into(),
+                    param: 0,
+                    metric: "start-ms".into(),
+                    value: v,
+                });
+            }
+            for z in [16u64 << 20, 256 << 20, 1 << 30] {
+                // overlay on ext4 copies the whole file.
+                let v = if *b == "overlay-ext4" {
+                    z as f64
+                } else {
+                    alloc[i]
+                };
+                samples.push(Sample {
+                    backend: (*b).into(),
+                    workload: "first-write".into(),
+                    param: z,
+                    metric: "alloc-bytes".into(),
+                    value: v,
+                });
+            }
+        }
+        let mut params = Params::new(false);
+        params.populations = vec![10, 100, 1000];
+        params.file_sizes = vec![16 << 20, 256 << 20, 1 << 30];
+        let mut r = Report {
+            quick: false,
+            params,
+            backends: backends.iter().map(|b| (*b).into()).collect(),
+            disk: None,
+            kernel: String::new(),
+            samples,
+            stats: Vec::new(),
+            notes: Vec::new(),
+            phases: Vec::new(),
+            wall_seconds: 0.0,
+        };
+        r.compute_stats();
+        let out = std::env::var_os("THINLAYER_PLOTS_TO").map_or_else(
+            || std::env::temp_dir().join(format!("tl-plots-{}", std::process::id())),
+            std::path::PathBuf::from,
+        );
+        std::fs::create_dir_all(&out).unwrap();
+        all(&r, &out).unwrap();
+        for f in [
+            "start-vs-population.png",
+            "first-write-bytes.png",
+            "start-distribution.png",
+        ] {
+            let len = std::fs::metadata(out.join(f)).map(|m| m.len()).unwrap_or(0);
+            assert!(len > 1000, "{f}: {len} bytes");
+        }
+        if std::env::var_os("THINLAYER_PLOTS_TO").is_none() {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+    }
 }
