@@ -146,8 +146,9 @@ fn unprivileged_bin() -> &'static str {
             return super::bin().to_owned();
         }
         let dir = std::env::temp_dir();
-        let copy = dir.join(format!("thinlayer-nobody-{}", std::process::id()));
-        let tmp = copy.with_extension("tmp");
+        // One copy, replaced whole by each run, so runs leave no trail.
+        let copy = dir.join("thinlayer-nobody");
+        let tmp = dir.join(format!("thinlayer-nobody.{}", std::process::id()));
         std::fs::copy(super::bin(), &tmp).expect("copy thinlayer");
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::rename(&tmp, &copy).unwrap();
