@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::Scratch;
+use common::{Pool, Scratch, vm_test};
 use devicemapper::{DM, DevId, DmName, DmOptions};
 use thinlayer_pool::names::{PoolId, Role, dm_name};
 
@@ -48,85 +48,83 @@ fn pool_id(s: &Scratch) -> PoolId {
 
 #[test]
 fn vm_adopt_refuses_a_stale_layer_device_with_another_table() {
-    common::require_dm_thin();
-    let s = Scratch::new("adopt-layer");
-    s.create_pool(&[]);
-    s.ok(&["layer", "create", "a"]);
-    let layers = s.json(&["layer", "ls"]);
-    let thin_id = layers
-        .as_array()
-        .expect("layer ls lists layers")
-        .iter()
-        .find(|l| l["id"] == "a")
-        .and_then(|l| l["thin_id"].as_u64())
-        .expect("layer a has a thin id");
-    let name = dm_name(
-        &pool_id(&s),
-        Role::Thin(u32::try_from(thin_id).expect("24-bit id")),
-    );
-    // The layer is inactive until mounted: its name is free.
-    assert!(!common::dm_devices().contains(&name.to_string()));
+    vm_test("adopt-layer", Pool::Small, |s| {
+        s.ok(&["layer", "create", "a"]);
+        let layers = s.json(&["layer", "ls"]);
+        let thin_id = layers
+            .as_array()
+            .expect("layer ls lists layers")
+            .iter()
+            .find(|l| l["id"] == "a")
+            .and_then(|l| l["thin_id"].as_u64())
+            .expect("layer a has a thin id");
+        let name = dm_name(
+            &pool_id(s),
+            Role::Thin(u32::try_from(thin_id).expect("24-bit id")),
+        );
+        // The layer is inactive until mounted: its name is free.
+        assert!(!common::dm_devices().contains(&name.to_string()));
 
-    let dm = DM::new().expect("open /dev/mapper/control");
-    make_error_device(&dm, &name, (512 << 20) / 512);
-    let before = table_of(&dm, &name);
+        let dm = DM::new().expect("open /dev/mapper/control");
+        make_error_device(&dm, &name, (512 << 20) / 512);
+        let before = table_of(&dm, &name);
 
-    let dir = s.dir("a");
-    let err = s.fails(
-        &["mount", "a", dir.to_str().unwrap()],
-        4,
-        "another table than thinlayer would load",
-    );
-    assert!(err.contains(&*name.to_string()), "names the device: {err}");
-    assert!(err.contains("dmsetup remove"), "says what to do: {err}");
-    assert_eq!(
-        table_of(&dm, &name),
-        before,
-        "the stale device is untouched"
-    );
-    assert!(
-        !std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .contains(dir.to_str().unwrap()),
-        "nothing was mounted"
-    );
-    // A listing still works and shows the layer.
-    assert!(s.ok(&["layer", "ls"]).contains('a'));
+        let dir = s.dir("a");
+        let err = s.fails(
+            &["mount", "a", dir.to_str().unwrap()],
+            4,
+            "another table than thinlayer would load",
+        );
+        assert!(err.contains(&*name.to_string()), "names the device: {err}");
+        assert!(err.contains("dmsetup remove"), "says what to do: {err}");
+        assert_eq!(
+            table_of(&dm, &name),
+            before,
+            "the stale device is untouched"
+        );
+        assert!(
+            !std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .contains(dir.to_str().unwrap()),
+            "nothing was mounted"
+        );
+        // A listing still works and shows the layer.
+        assert!(s.ok(&["layer", "ls"]).contains('a'));
 
-    dm.device_remove(&DevId::Name(&name), DmOptions::default())
-        .expect("remove the stale device");
-    s.ok(&["mount", "a", dir.to_str().unwrap()]);
-    s.ok(&["umount", "a"]);
+        dm.device_remove(&DevId::Name(&name), DmOptions::default())
+            .expect("remove the stale device");
+        s.ok(&["mount", "a", dir.to_str().unwrap()]);
+        s.ok(&["umount", "a"]);
+    });
 }
 
 #[test]
 fn vm_adopt_refuses_a_stale_pool_device_with_another_table() {
-    common::require_dm_thin();
-    let s = Scratch::new("adopt-pool");
-    s.create_pool(&[]);
-    let name = dm_name(&pool_id(&s), Role::Pool);
-    s.ok(&["pool", "deactivate"]);
-    assert!(!common::dm_devices().contains(&name.to_string()));
+    vm_test("adopt-pool", Pool::Small, |s| {
+        let name = dm_name(&pool_id(s), Role::Pool);
+        s.ok(&["pool", "deactivate"]);
+        assert!(!common::dm_devices().contains(&name.to_string()));
 
-    let dm = DM::new().expect("open /dev/mapper/control");
-    make_error_device(&dm, &name, (2 << 30) / 512);
-    let before = table_of(&dm, &name);
+        let dm = DM::new().expect("open /dev/mapper/control");
+        make_error_device(&dm, &name, (2 << 30) / 512);
+        let before = table_of(&dm, &name);
 
-    let err = s.fails(
-        &["pool", "activate"],
-        4,
-        "another table than thinlayer would load",
-    );
-    assert!(err.contains(&*name.to_string()), "names the device: {err}");
-    assert!(err.contains("dmsetup remove"), "says what to do: {err}");
-    assert_eq!(
-        table_of(&dm, &name),
-        before,
-        "the stale device is untouched"
-    );
+        let err = s.fails(
+            &["pool", "activate"],
+            4,
+            "another table than thinlayer would load",
+        );
+        assert!(err.contains(&*name.to_string()), "names the device: {err}");
+        assert!(err.contains("dmsetup remove"), "says what to do: {err}");
+        assert_eq!(
+            table_of(&dm, &name),
+            before,
+            "the stale device is untouched"
+        );
 
-    dm.device_remove(&DevId::Name(&name), DmOptions::default())
-        .expect("remove the stale device");
-    s.ok(&["pool", "activate"]);
-    s.ok(&["layer", "create", "b"]);
+        dm.device_remove(&DevId::Name(&name), DmOptions::default())
+            .expect("remove the stale device");
+        s.ok(&["pool", "activate"]);
+        s.ok(&["layer", "create", "b"]);
+    });
 }

@@ -7,8 +7,8 @@
 
 mod common;
 
-use common::Scratch;
 use common::docker::{Dockerd, fixture, plugin, require_docker};
+use common::{Pool, Scratch, vm_test};
 use serde_json::Value;
 
 /// The pool's layers owned by the Docker graphdriver.
@@ -38,55 +38,55 @@ const READ: &str = "sha256sum /big.bin | cut -d' ' -f1; stat -c %s /big.bin; \
 
 #[test]
 fn vm_docker_commit_of_a_large_change() {
-    require_docker();
-    let s = Scratch::new("docker-commit");
-    s.create_pool(&[]);
-    let devices_before = common::dm_devices();
-    let base = s.root.parent().unwrap().to_path_buf();
-    let mut p = plugin(&s);
-    let mut d = Dockerd::start(&base.join("data"), "commit", "thinlayer", &[]);
-    let loaded = d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
-    assert!(loaded.contains("Loaded image: demo:docker"), "{loaded}");
-    let image_layers = docker_layers(&s).len();
+    vm_test("docker-commit", Pool::Small, |s| {
+        require_docker();
+        let devices_before = common::dm_devices();
+        let base = s.root.parent().unwrap().to_path_buf();
+        let mut p = plugin(s);
+        let mut d = Dockerd::start(&base.join("data"), "commit", "thinlayer", &[]);
+        let loaded = d.ok(&["load", "-i", fixture("demo-docker.tar").to_str().unwrap()]);
+        assert!(loaded.contains("Loaded image: demo:docker"), "{loaded}");
+        let image_layers = docker_layers(s).len();
 
-    let written = d.ok(&["run", "--name", "big", "demo:docker", "sh", "-c", WRITE]);
-    assert_eq!(written.len(), 64, "a sha256: {written}");
+        let written = d.ok(&["run", "--name", "big", "demo:docker", "sh", "-c", WRITE]);
+        assert_eq!(written.len(), 64, "a sha256: {written}");
 
-    // The commit streams the 64 MiB layer from Diff into ApplyDiff.
-    d.ok(&["commit", "big", "demo:big"]);
-    let back = d.ok(&["run", "--rm", "demo:big", "sh", "-c", READ]);
-    assert_eq!(
-        back,
-        format!("{written}\n{BIG}\none\ntwo\nsmall-1"),
-        "the committed image holds the container's change"
-    );
-    // A second commit of the same container (a Diff of the same layer
-    // again) while the image of the first is in use.
-    d.ok(&["create", "--name", "user", "demo:big", "true"]);
-    d.ok(&["commit", "big", "demo:big2"]);
-    assert_eq!(
-        d.ok(&["run", "--rm", "demo:big2", "sh", "-c", READ]),
-        back,
-        "a second commit holds the same"
-    );
+        // The commit streams the 64 MiB layer from Diff into ApplyDiff.
+        d.ok(&["commit", "big", "demo:big"]);
+        let back = d.ok(&["run", "--rm", "demo:big", "sh", "-c", READ]);
+        assert_eq!(
+            back,
+            format!("{written}\n{BIG}\none\ntwo\nsmall-1"),
+            "the committed image holds the container's change"
+        );
+        // A second commit of the same container (a Diff of the same layer
+        // again) while the image of the first is in use.
+        d.ok(&["create", "--name", "user", "demo:big", "true"]);
+        d.ok(&["commit", "big", "demo:big2"]);
+        assert_eq!(
+            d.ok(&["run", "--rm", "demo:big2", "sh", "-c", READ]),
+            back,
+            "a second commit holds the same"
+        );
 
-    // rm and rmi clean up: only the image's layers are left, no stream's.
-    d.ok(&["rm", "user", "big"]);
-    d.ok(&["rmi", "demo:big", "demo:big2"]);
-    assert_eq!(
-        docker_layers(&s).len(),
-        image_layers,
-        "{:?}",
-        docker_layers(&s)
-    );
-    d.ok(&["rmi", "demo:docker"]);
-    assert!(docker_layers(&s).is_empty(), "{:?}", docker_layers(&s));
-    d.stop();
-    p.stop();
-    assert_eq!(
-        common::dm_devices(),
-        devices_before,
-        "a thin device is left"
-    );
-    s.ok(&["pool", "check"]);
+        // rm and rmi clean up: only the image's layers are left, no stream's.
+        d.ok(&["rm", "user", "big"]);
+        d.ok(&["rmi", "demo:big", "demo:big2"]);
+        assert_eq!(
+            docker_layers(s).len(),
+            image_layers,
+            "{:?}",
+            docker_layers(s)
+        );
+        d.ok(&["rmi", "demo:docker"]);
+        assert!(docker_layers(s).is_empty(), "{:?}", docker_layers(s));
+        d.stop();
+        p.stop();
+        assert_eq!(
+            common::dm_devices(),
+            devices_before,
+            "a thin device is left"
+        );
+        s.ok(&["pool", "check"]);
+    });
 }
