@@ -57,7 +57,7 @@ pub(crate) fn rm(
     {
         return Err(e);
     }
-    pool.set_deferred_teardown(later);
+    pool.set_teardown_later(later);
     match pool.remove_layer_or_defer(id, deferred)? {
         Removal::Removed => Ok(said(
             Action::Done,

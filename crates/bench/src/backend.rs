@@ -168,7 +168,7 @@ fn flush_loops() {
 /// for the whole run, as a long-lived daemon would hold it.
 ///
 /// Warm (`thinlayer-warm`) is the same engine run as the containerd
-/// snapshotter runs it: deferred teardown (unmount and removal leave the
+/// snapshotter runs it: kernel teardown left for later (unmount and removal leave the
 /// kernel work to [`Backend::idle`]) and one spare (a snapshot provisioned
 /// ahead of demand) of every layer containers were made of.
 pub struct ThinLayer {
@@ -269,7 +269,7 @@ impl ThinLayer {
     /// As [`ThinLayer::new`].
     pub fn warm(name: &str, dir: &Path, sizes: &Sizes, block: u64) -> Result<ThinLayer> {
         let mut t = ThinLayer::new(name, dir, sizes, block)?;
-        t.pool().set_deferred_teardown(true);
+        t.pool().set_teardown_later(true);
         t.warm = Some(Vec::new());
         Ok(t)
     }

@@ -289,7 +289,7 @@ impl SnapshotOps {
         // The record goes now; the discard and delete wait for Cleanup
         // (containerd's garbage collector calls it), off the request path.
         let mut pool = self.pool()?;
-        pool.set_deferred_teardown(true);
+        pool.set_teardown_later(true);
         match pool.remove_layer(&s.layer) {
             Ok(()) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
             Err(e) => return Err(e.into()),

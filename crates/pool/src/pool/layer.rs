@@ -393,7 +393,7 @@ impl Pool {
                 });
             }
         }
-        if self.deferred_teardown {
+        if self.teardown_later {
             return self.remove_later(&layer);
         }
         if let Some(dev) = dev {
@@ -437,7 +437,7 @@ impl Pool {
         Ok(Removal::Removed)
     }
 
-    /// Removal under deferred teardown: the record now, the kernel work at
+    /// Removal under `teardown_later`: the record now, the kernel work at
     /// the next [`Pool::reclaim`].
     fn remove_later(&mut self, layer: &LayerRecord) -> Result<Removal> {
         self.drop_spares_of(&layer.id)?;

@@ -89,8 +89,8 @@ pub struct Pool {
     settled: bool,
     /// Unmounts leave devices up and removals go to the trash, for
     /// [`Pool::reclaim`] to finish off the request path.
-    deferred_teardown: bool,
-    /// Devices an unmount left up under `deferred_teardown`.
+    teardown_later: bool,
+    /// Devices an unmount left up under `teardown_later`.
     idle: BTreeSet<u32>,
     /// Parent -> children, built on first use (see [`Pool::children_of`]);
     /// dropped whenever recovery changes records.
@@ -117,7 +117,7 @@ impl Pool {
             kernel,
             active: None,
             settled: false,
-            deferred_teardown: false,
+            teardown_later: false,
             idle: BTreeSet::new(),
             children: None,
             _lock: lock,
@@ -281,8 +281,8 @@ impl Pool {
     /// With `on`, unmounts leave layer devices up and removals put thin ids
     /// in the trash; [`Pool::reclaim`] does that kernel work later. For a
     /// long-lived caller (a daemon) that can reclaim while idle.
-    pub fn set_deferred_teardown(&mut self, on: bool) {
-        self.deferred_teardown = on;
+    pub fn set_teardown_later(&mut self, on: bool) {
+        self.teardown_later = on;
     }
 
     pub(crate) fn interrupted_create_error(&self) -> Error {

@@ -1,6 +1,6 @@
 //! Mounting and unmounting layers: a layer's thin device is activated for
 //! its first mount and torn down when nothing mounts it (or, under
-//! deferred teardown, left idle for [`Pool::reclaim`]).
+//! `teardown_later`, left idle for [`Pool::reclaim`]).
 //!
 //! Mount points are made 0700; a caller that opened the directory itself
 //! mounts through `/proc/self/fd/N` ([`Pool::mount_layer_at_fd`]).
@@ -229,7 +229,7 @@ impl Pool {
             if !mounts::mountpoints_of(dev)?.is_empty() {
                 continue;
             }
-            if self.deferred_teardown {
+            if self.teardown_later {
                 self.idle.insert(thin_id);
             } else {
                 self.kernel()?.remove(&name)?;

@@ -5,7 +5,7 @@
 //! 3 ms pool message), and giving a removed layer's space back to the host
 //! needs its device once more, for a discard. A long-lived caller (the
 //! containerd snapshotter, the bench) turns on
-//! [`Pool::set_deferred_teardown`]: an unmount then leaves the device up,
+//! [`Pool::set_teardown_later`]: an unmount then leaves the device up,
 //! and a removal takes the layer's record away at once and puts its thin
 //! id in the trash, listed in the pool record. [`Pool::reclaim`], called
 //! when the caller is idle (containerd's `Cleanup`), or `pool reclaim`,
@@ -57,7 +57,7 @@ impl Pool {
         self.commit()
     }
 
-    /// Does the kernel work deferred teardown left: idle, unmounted devices
+    /// Does the kernel work `teardown_later` left: idle, unmounted devices
     /// down; trashed thin ids discarded, their devices removed, deleted.
     ///
     /// # Errors

@@ -106,7 +106,7 @@ impl Pool {
     /// The device of the existing thin id `thin_id` (`sectors` long),
     /// activated if the kernel does not have it (a live device of that
     /// name is taken only when its table is ours); says whether this call
-    /// activated it. An idle device (left up by deferred teardown) is
+    /// activated it. An idle device (left up under `teardown_later`) is
     /// taken back into use.
     ///
     /// # Errors
