@@ -286,360 +286,359 @@ const SCRIPT: &str = "cat /etc/motd; dd if=/dev/zero of=/written bs=64k count=12
 
 #[test]
 fn vm_cri_pod_runs_on_thinlayer() {
-    require_dm_thin();
-    let fx = fixtures();
-    let s = Scratch::new("cri");
-    s.create_pool(&[]);
-    let base = s.root.parent().unwrap().to_owned();
-    // The server refuses a socket directory others can write (/tmp).
-    let sockdir = base.join("sock");
-    fs::create_dir_all(&sockdir).unwrap();
-    fs::set_permissions(&sockdir, fs::Permissions::from_mode(0o700)).unwrap();
-    let socket = sockdir.join("s.sock");
-    let before = thin_devices();
+    vm_test("cri", Pool::Small, |s| {
+        let fx = fixtures();
+        let base = s.root.parent().unwrap().to_owned();
+        // The server refuses a socket directory others can write (/tmp).
+        let sockdir = base.join("sock");
+        fs::create_dir_all(&sockdir).unwrap();
+        fs::set_permissions(&sockdir, fs::Permissions::from_mode(0o700)).unwrap();
+        let socket = sockdir.join("s.sock");
+        let before = thin_devices();
 
-    let mut srv = Served::start(&s, &["serve", "containerd"], &socket);
-    let mut ctrd = Containerd::start(&base, &socket);
+        let mut srv = Served::start(s, &["serve", "containerd"], &socket);
+        let mut ctrd = Containerd::start(&base, &socket);
 
-    // Images, locally: the sandbox image and the workload, unpacked into
-    // thinlayer snapshots in CRI's namespace (they share the base layer).
-    for archive in ["pause-docker.tar", "demo-docker.tar"] {
-        let t = Instant::now();
-        ctrd.ctr(&[
-            "images",
-            "import",
-            "--snapshotter",
-            "thinlayer",
-            fx.join(archive).to_str().unwrap(),
-        ]);
-        eprintln!("import {archive}: {:.1} s", t.elapsed().as_secs_f64());
-    }
-    let images = ctrd.ctr(&["images", "ls", "-q"]);
-    for want in [PAUSE, DEMO] {
-        assert!(images.lines().any(|l| l == want), "{want} in {images}");
-    }
-    let layers_of_images = ctrd_layers(&s);
-    assert_eq!(
-        layers_of_images.len(),
-        3,
-        "base, mid and top: one thinlayer layer each: {layers_of_images:?}"
-    );
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let address = ctrd.address.clone();
-    let logs = base.join("pod-logs");
-    fs::create_dir_all(&logs).unwrap();
-    let (container_log, stats_bytes) = rt.block_on(async {
-        let ch = channel(&address).await;
-        let mut runtime = RuntimeServiceClient::new(ch.clone());
-        let mut images = ImageServiceClient::new(ch);
-
-        // The CRI plugin answers once it runs; it learns of the imported
-        // images from containerd's events.
-        let t = Instant::now();
-        let version = loop {
-            match runtime.version(VersionRequest::default()).await {
-                Ok(v) => break v.into_inner(),
-                Err(e) if t.elapsed() < Duration::from_secs(60) => {
-                    eprintln!("CRI not ready yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("CRI Version: {e}"),
-            }
-        };
-        eprintln!(
-            "CRI: {} {} (API {})",
-            version.runtime_name, version.runtime_version, version.runtime_api_version
-        );
-        for image in [PAUSE, DEMO] {
+        // Images, locally: the sandbox image and the workload, unpacked into
+        // thinlayer snapshots in CRI's namespace (they share the base layer).
+        for archive in ["pause-docker.tar", "demo-docker.tar"] {
             let t = Instant::now();
-            loop {
-                let st = images
-                    .image_status(ImageStatusRequest {
+            ctrd.ctr(&[
+                "images",
+                "import",
+                "--snapshotter",
+                "thinlayer",
+                fx.join(archive).to_str().unwrap(),
+            ]);
+            eprintln!("import {archive}: {:.1} s", t.elapsed().as_secs_f64());
+        }
+        let images = ctrd.ctr(&["images", "ls", "-q"]);
+        for want in [PAUSE, DEMO] {
+            assert!(images.lines().any(|l| l == want), "{want} in {images}");
+        }
+        let layers_of_images = ctrd_layers(s);
+        assert_eq!(
+            layers_of_images.len(),
+            3,
+            "base, mid and top: one thinlayer layer each: {layers_of_images:?}"
+        );
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let address = ctrd.address.clone();
+        let logs = base.join("pod-logs");
+        fs::create_dir_all(&logs).unwrap();
+        let (container_log, stats_bytes) = rt.block_on(async {
+            let ch = channel(&address).await;
+            let mut runtime = RuntimeServiceClient::new(ch.clone());
+            let mut images = ImageServiceClient::new(ch);
+
+            // The CRI plugin answers once it runs; it learns of the imported
+            // images from containerd's events.
+            let t = Instant::now();
+            let version = loop {
+                match runtime.version(VersionRequest::default()).await {
+                    Ok(v) => break v.into_inner(),
+                    Err(e) if t.elapsed() < Duration::from_secs(60) => {
+                        eprintln!("CRI not ready yet: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => panic!("CRI Version: {e}"),
+                }
+            };
+            eprintln!(
+                "CRI: {} {} (API {})",
+                version.runtime_name, version.runtime_version, version.runtime_api_version
+            );
+            for image in [PAUSE, DEMO] {
+                let t = Instant::now();
+                loop {
+                    let st = images
+                        .image_status(ImageStatusRequest {
+                            image: Some(ImageSpec {
+                                image: image.to_owned(),
+                                ..Default::default()
+                            }),
+                            verbose: false,
+                        })
+                        .await
+                        .expect("ImageStatus")
+                        .into_inner();
+                    if st.image.is_some() {
+                        break;
+                    }
+                    assert!(
+                        t.elapsed() < Duration::from_secs(60),
+                        "CRI does not see {image}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+
+            // The pod: host network (no CNI), its own pid namespace, logs
+            // under the scratch directory, a resolv.conf of its own.
+            let pod_config = PodSandboxConfig {
+                metadata: Some(PodSandboxMetadata {
+                    name: "thinlayer-pod".to_owned(),
+                    uid: "thinlayer-pod-uid".to_owned(),
+                    namespace: "default".to_owned(),
+                    attempt: 0,
+                }),
+                log_directory: logs.to_str().unwrap().to_owned(),
+                dns_config: Some(DnsConfig {
+                    servers: vec!["127.0.0.1".to_owned()],
+                    ..Default::default()
+                }),
+                linux: Some(LinuxPodSandboxConfig {
+                    security_context: Some(LinuxSandboxSecurityContext {
+                        namespace_options: Some(NamespaceOption {
+                            network: NamespaceMode::Node as i32,
+                            pid: NamespaceMode::Container as i32,
+                            ipc: NamespaceMode::Pod as i32,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let t_pod = Instant::now();
+            let pod = runtime
+                .run_pod_sandbox(RunPodSandboxRequest {
+                    config: Some(pod_config.clone()),
+                    ..Default::default()
+                })
+                .await
+                .expect("RunPodSandbox")
+                .into_inner()
+                .pod_sandbox_id;
+            let run_sandbox = t_pod.elapsed();
+            let t = Instant::now();
+            let container = runtime
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata {
+                            name: "app".to_owned(),
+                            attempt: 0,
+                        }),
+                        image: Some(ImageSpec {
+                            image: DEMO.to_owned(),
+                            ..Default::default()
+                        }),
+                        command: vec!["/bin/sh".to_owned(), "-c".to_owned(), SCRIPT.to_owned()],
+                        log_path: "app.log".to_owned(),
+                        ..Default::default()
+                    }),
+                    sandbox_config: Some(pod_config),
+                })
+                .await
+                .expect("CreateContainer")
+                .into_inner()
+                .container_id;
+            let create = t.elapsed();
+            let t = Instant::now();
+            runtime
+                .start_container(StartContainerRequest {
+                    container_id: container.clone(),
+                })
+                .await
+                .expect("StartContainer");
+            let start = t.elapsed();
+            eprintln!(
+                "pod start: RunPodSandbox {:.0} ms, CreateContainer {:.0} ms, StartContainer {:.0} ms, \
+                 {:.0} ms in all",
+                run_sandbox.as_secs_f64() * 1e3,
+                create.as_secs_f64() * 1e3,
+                start.as_secs_f64() * 1e3,
+                t_pod.elapsed().as_secs_f64() * 1e3
+            );
+
+            // The sandbox's and the container's snapshots are thinlayer layers.
+            let layers = ctrd_layers(s);
+            eprintln!("thinlayer layers while the pod runs: {layers:?}");
+            assert_eq!(
+                layers.len(),
+                5,
+                "the images' 3 layers plus the sandbox's and the container's: {layers:?}"
+            );
+            assert!(
+                layers_of_images.iter().all(|l| layers.contains(l)),
+                "{layers:?}"
+            );
+
+            // ExecSync answers from the image (the mid layer's os-release),
+            // on a root filesystem that is a thin device.
+            let exec = |cmd: &[&str]| {
+                let mut runtime = runtime.clone();
+                let req = ExecSyncRequest {
+                    container_id: container.clone(),
+                    cmd: cmd.iter().map(|c| (*c).to_owned()).collect(),
+                    timeout: 60,
+                };
+                async move {
+                    let r = runtime.exec_sync(req).await.expect("ExecSync").into_inner();
+                    assert_eq!(
+                        r.exit_code,
+                        0,
+                        "exec {:?}: {}",
+                        r.stdout,
+                        String::from_utf8_lossy(&r.stderr)
+                    );
+                    String::from_utf8(r.stdout).unwrap()
+                }
+            };
+            let t = Instant::now();
+            let out = exec(&["cat", "/etc/os-release"]).await;
+            eprintln!("ExecSync: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(out, "NAME=\"thinlayer-fixture\"\nVERSION_ID=2\n");
+            let mounts = exec(&["cat", "/proc/mounts"]).await;
+            let root = mounts
+                .lines()
+                .find(|l| l.split(' ').nth(1) == Some("/"))
+                .unwrap_or_else(|| panic!("no / in {mounts}"));
+            assert!(
+                root.starts_with("/dev/dm-") && root.contains(" ext4 "),
+                "the container's root is a thin device: {root}"
+            );
+            wait_until_async("the script to write", || {
+                let f = logs.join("app.log");
+                async move { fs::read_to_string(f).is_ok_and(|l| l.contains("written")) }
+            })
+            .await;
+
+            // Stats: the writable layer's usage, as the snapshotter's Usage
+            // reports it (CRI collects it every stats_collect_period).
+            let t = Instant::now();
+            let used = loop {
+                let st = runtime
+                    .container_stats(ContainerStatsRequest {
+                        container_id: container.clone(),
+                    })
+                    .await
+                    .expect("ContainerStats")
+                    .into_inner();
+                let wl = st
+                    .stats
+                    .and_then(|s| s.writable_layer)
+                    .expect("ContainerStats has a writable layer");
+                let used = wl.used_bytes.map_or(0, |u| u.value);
+                if used > 0 {
+                    eprintln!(
+                        "writable layer: {used} bytes, {} inodes, at {:?}",
+                        wl.inodes_used.map_or(0, |u| u.value),
+                        wl.fs_id.map(|f| f.mountpoint)
+                    );
+                    break used;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "the writable layer's usage stays 0: {wl:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
+
+            // Down: container, then pod.
+            let t = Instant::now();
+            runtime
+                .stop_container(StopContainerRequest {
+                    container_id: container.clone(),
+                    timeout: 0,
+                })
+                .await
+                .expect("StopContainer");
+            runtime
+                .remove_container(RemoveContainerRequest {
+                    container_id: container.clone(),
+                })
+                .await
+                .expect("RemoveContainer");
+            runtime
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                })
+                .await
+                .expect("StopPodSandbox");
+            runtime
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                })
+                .await
+                .expect("RemovePodSandbox");
+            eprintln!(
+                "pod stop and remove: {:.0} ms",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            let left = runtime
+                .list_pod_sandbox(ListPodSandboxRequest::default())
+                .await
+                .expect("ListPodSandbox")
+                .into_inner()
+                .items;
+            assert!(left.is_empty(), "pods left: {left:?}");
+            // The sandbox's and the container's snapshots are gone, the
+            // images' stay.
+            wait_until("the pod's snapshots to go", 60, || {
+                ctrd_layers(s) == layers_of_images
+            });
+
+            // The images go as kubelet removes them: RemoveImage drops every
+            // reference the CRI plugin keeps (name and image id), so the
+            // garbage collector takes their snapshots.
+            for image in [PAUSE, DEMO] {
+                images
+                    .remove_image(RemoveImageRequest {
                         image: Some(ImageSpec {
                             image: image.to_owned(),
                             ..Default::default()
                         }),
-                        verbose: false,
                     })
                     .await
-                    .expect("ImageStatus")
-                    .into_inner();
-                if st.image.is_some() {
-                    break;
-                }
-                assert!(
-                    t.elapsed() < Duration::from_secs(60),
-                    "CRI does not see {image}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                    .expect("RemoveImage");
             }
-        }
-
-        // The pod: host network (no CNI), its own pid namespace, logs
-        // under the scratch directory, a resolv.conf of its own.
-        let pod_config = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: "thinlayer-pod".to_owned(),
-                uid: "thinlayer-pod-uid".to_owned(),
-                namespace: "default".to_owned(),
-                attempt: 0,
-            }),
-            log_directory: logs.to_str().unwrap().to_owned(),
-            dns_config: Some(DnsConfig {
-                servers: vec!["127.0.0.1".to_owned()],
-                ..Default::default()
-            }),
-            linux: Some(LinuxPodSandboxConfig {
-                security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Node as i32,
-                        pid: NamespaceMode::Container as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let t_pod = Instant::now();
-        let pod = runtime
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config.clone()),
-                ..Default::default()
-            })
-            .await
-            .expect("RunPodSandbox")
-            .into_inner()
-            .pod_sandbox_id;
-        let run_sandbox = t_pod.elapsed();
-        let t = Instant::now();
-        let container = runtime
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: "app".to_owned(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: DEMO.to_owned(),
-                        ..Default::default()
-                    }),
-                    command: vec!["/bin/sh".to_owned(), "-c".to_owned(), SCRIPT.to_owned()],
-                    log_path: "app.log".to_owned(),
-                    ..Default::default()
-                }),
-                sandbox_config: Some(pod_config),
-            })
-            .await
-            .expect("CreateContainer")
-            .into_inner()
-            .container_id;
-        let create = t.elapsed();
-        let t = Instant::now();
-        runtime
-            .start_container(StartContainerRequest {
-                container_id: container.clone(),
-            })
-            .await
-            .expect("StartContainer");
-        let start = t.elapsed();
-        eprintln!(
-            "pod start: RunPodSandbox {:.0} ms, CreateContainer {:.0} ms, StartContainer {:.0} ms, \
-             {:.0} ms in all",
-            run_sandbox.as_secs_f64() * 1e3,
-            create.as_secs_f64() * 1e3,
-            start.as_secs_f64() * 1e3,
-            t_pod.elapsed().as_secs_f64() * 1e3
-        );
-
-        // The sandbox's and the container's snapshots are thinlayer layers.
-        let layers = ctrd_layers(&s);
-        eprintln!("thinlayer layers while the pod runs: {layers:?}");
-        assert_eq!(
-            layers.len(),
-            5,
-            "the images' 3 layers plus the sandbox's and the container's: {layers:?}"
-        );
-        assert!(
-            layers_of_images.iter().all(|l| layers.contains(l)),
-            "{layers:?}"
-        );
-
-        // ExecSync answers from the image (the mid layer's os-release),
-        // on a root filesystem that is a thin device.
-        let exec = |cmd: &[&str]| {
-            let mut runtime = runtime.clone();
-            let req = ExecSyncRequest {
-                container_id: container.clone(),
-                cmd: cmd.iter().map(|c| (*c).to_owned()).collect(),
-                timeout: 60,
-            };
-            async move {
-                let r = runtime.exec_sync(req).await.expect("ExecSync").into_inner();
-                assert_eq!(
-                    r.exit_code,
-                    0,
-                    "exec {:?}: {}",
-                    r.stdout,
-                    String::from_utf8_lossy(&r.stderr)
-                );
-                String::from_utf8(r.stdout).unwrap()
-            }
-        };
-        let t = Instant::now();
-        let out = exec(&["cat", "/etc/os-release"]).await;
-        eprintln!("ExecSync: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(out, "NAME=\"thinlayer-fixture\"\nVERSION_ID=2\n");
-        let mounts = exec(&["cat", "/proc/mounts"]).await;
-        let root = mounts
-            .lines()
-            .find(|l| l.split(' ').nth(1) == Some("/"))
-            .unwrap_or_else(|| panic!("no / in {mounts}"));
-        assert!(
-            root.starts_with("/dev/dm-") && root.contains(" ext4 "),
-            "the container's root is a thin device: {root}"
-        );
-        wait_until_async("the script to write", || {
-            let f = logs.join("app.log");
-            async move { fs::read_to_string(f).is_ok_and(|l| l.contains("written")) }
-        })
-        .await;
-
-        // Stats: the writable layer's usage, as the snapshotter's Usage
-        // reports it (CRI collects it every stats_collect_period).
-        let t = Instant::now();
-        let used = loop {
-            let st = runtime
-                .container_stats(ContainerStatsRequest {
-                    container_id: container.clone(),
-                })
-                .await
-                .expect("ContainerStats")
-                .into_inner();
-            let wl = st
-                .stats
-                .and_then(|s| s.writable_layer)
-                .expect("ContainerStats has a writable layer");
-            let used = wl.used_bytes.map_or(0, |u| u.value);
-            if used > 0 {
-                eprintln!(
-                    "writable layer: {used} bytes, {} inodes, at {:?}",
-                    wl.inodes_used.map_or(0, |u| u.value),
-                    wl.fs_id.map(|f| f.mountpoint)
-                );
-                break used;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "the writable layer's usage stays 0: {wl:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-
-        // Down: container, then pod.
-        let t = Instant::now();
-        runtime
-            .stop_container(StopContainerRequest {
-                container_id: container.clone(),
-                timeout: 0,
-            })
-            .await
-            .expect("StopContainer");
-        runtime
-            .remove_container(RemoveContainerRequest {
-                container_id: container.clone(),
-            })
-            .await
-            .expect("RemoveContainer");
-        runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .expect("StopPodSandbox");
-        runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .expect("RemovePodSandbox");
-        eprintln!(
-            "pod stop and remove: {:.0} ms",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-        let left = runtime
-            .list_pod_sandbox(ListPodSandboxRequest::default())
-            .await
-            .expect("ListPodSandbox")
-            .into_inner()
-            .items;
-        assert!(left.is_empty(), "pods left: {left:?}");
-        // The sandbox's and the container's snapshots are gone, the
-        // images' stay.
-        wait_until("the pod's snapshots to go", 60, || {
-            ctrd_layers(&s) == layers_of_images
+            (
+                fs::read_to_string(logs.join("app.log")).unwrap_or_default(),
+                used,
+            )
         });
+        eprintln!("container log:\n{container_log}");
+        assert!(
+            container_log.contains("stdout F welcome to the top layer"),
+            "the container printed from its image: {container_log}"
+        );
+        assert!(stats_bytes > 0, "the writable layer's usage: {stats_bytes}");
 
-        // The images go as kubelet removes them: RemoveImage drops every
-        // reference the CRI plugin keeps (name and image id), so the
-        // garbage collector takes their snapshots.
-        for image in [PAUSE, DEMO] {
-            images
-                .remove_image(RemoveImageRequest {
-                    image: Some(ImageSpec {
-                        image: image.to_owned(),
-                        ..Default::default()
-                    }),
-                })
-                .await
-                .expect("RemoveImage");
-        }
-        (
-            fs::read_to_string(logs.join("app.log")).unwrap_or_default(),
-            used,
-        )
-    });
-    eprintln!("container log:\n{container_log}");
-    assert!(
-        container_log.contains("stdout F welcome to the top layer"),
-        "the container printed from its image: {container_log}"
-    );
-    assert!(stats_bytes > 0, "the writable layer's usage: {stats_bytes}");
-
-    // The images' snapshots go with them.
-    let left = ctrd.ctr(&["images", "ls", "-q"]);
-    assert_eq!(left, "", "no image left in containerd");
-    let t = Instant::now();
-    while !ctrd_layers(&s).is_empty() {
-        if t.elapsed() > Duration::from_secs(60) {
-            for what in [
-                &["images", "ls"][..],
-                &["leases", "ls"],
-                &["content", "ls"],
-                &["containers", "ls"],
-                &["snapshots", "--snapshotter", "thinlayer", "ls"],
-            ] {
-                eprintln!("ctr {what:?}:\n{}", ctrd.ctr(what));
+        // The images' snapshots go with them.
+        let left = ctrd.ctr(&["images", "ls", "-q"]);
+        assert_eq!(left, "", "no image left in containerd");
+        let t = Instant::now();
+        while !ctrd_layers(s).is_empty() {
+            if t.elapsed() > Duration::from_secs(60) {
+                for what in [
+                    &["images", "ls"][..],
+                    &["leases", "ls"],
+                    &["content", "ls"],
+                    &["containers", "ls"],
+                    &["snapshots", "--snapshotter", "thinlayer", "ls"],
+                ] {
+                    eprintln!("ctr {what:?}:\n{}", ctrd.ctr(what));
+                }
+                panic!("the images' snapshots are left: {:?}", ctrd_layers(s));
             }
-            panic!("the images' snapshots are left: {:?}", ctrd_layers(&s));
+            sleep(Duration::from_millis(200));
         }
-        sleep(Duration::from_millis(200));
-    }
 
-    // Stop containerd, then the server: no thin device left, the pool clean.
-    ctrd.stop();
-    let st = srv.stop();
-    assert!(st.success(), "serve exit {st}:\n{}", srv.log());
-    assert_eq!(thin_devices(), before, "no thin device left");
-    assert_eq!(ctrd_layers(&s), Vec::<String>::new());
-    s.ok(&["pool", "check"]);
+        // Stop containerd, then the server: no thin device left, the pool clean.
+        ctrd.stop();
+        let st = srv.stop();
+        assert!(st.success(), "serve exit {st}:\n{}", srv.log());
+        assert_eq!(thin_devices(), before, "no thin device left");
+        assert_eq!(ctrd_layers(s), Vec::<String>::new());
+        s.ok(&["pool", "check"]);
+    });
 }
 
 async fn wait_until_async<F: std::future::Future<Output = bool>>(
