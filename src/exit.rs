@@ -98,6 +98,7 @@ fn pool(e: &thinlayer_pool::Error) -> u8 {
         | E::LayerExists(..)
         | E::NotOwner { .. }
         | E::HasChildren { .. }
+        | E::PoolHasLayers { .. }
         | E::Mounted { .. }
         | E::Busy { .. }
         | E::DeviceInUse { .. }

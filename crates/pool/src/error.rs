@@ -136,6 +136,18 @@ pub enum Error {
         children: Vec<String>,
     },
 
+    /// `pool destroy` without `--force` of a pool that still holds layers.
+    #[error(
+        "the pool under {} still holds {} layer(s): {}; remove them or pass --force",
+        .root.display(), .layers.len(), .layers.join(", ")
+    )]
+    PoolHasLayers {
+        /// The pool's root.
+        root: PathBuf,
+        /// The layers' ids.
+        layers: Vec<String>,
+    },
+
     /// The layer (or pool) is mounted.
     #[error(
         "{what} is mounted at {}; unmount it first with `thinlayer umount {hint}`",

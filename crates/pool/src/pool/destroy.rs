@@ -21,7 +21,7 @@ impl Pool {
     /// pool's devices.
     ///
     /// # Errors
-    /// [`Error::HasChildren`] (layers remain), [`Error::Busy`], kernel errors.
+    /// [`Error::PoolHasLayers`] (without `force`), [`Error::Busy`], kernel errors.
     pub fn destroy(self, force: bool) -> Result<()> {
         self.destroy_with(force, false).map(|_| ())
     }
@@ -87,12 +87,9 @@ impl Pool {
         };
         let layers = self.layer_records()?;
         if !layers.is_empty() && !force {
-            return Err(Error::HasChildren {
-                id: format!(
-                    "the pool under {} (pass --force to destroy it with them)",
-                    self.layout.root.display()
-                ),
-                children: layers.into_iter().map(|l| l.id).collect(),
+            return Err(Error::PoolHasLayers {
+                root: self.layout.root.clone(),
+                layers: layers.into_iter().map(|l| l.id).collect(),
             });
         }
         if force {
