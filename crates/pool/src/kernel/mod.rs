@@ -240,13 +240,17 @@ impl Kernel {
     /// # Errors
     /// device-mapper errors.
     pub fn table(&self, name: &DmName) -> Result<RawTable> {
+        self.table_status(name, DmFlags::DM_STATUS_TABLE, "table")
+    }
+
+    /// The `DM_TABLE_STATUS` lines of `name`: its table with
+    /// `DM_STATUS_TABLE` in `flags`, else its status; `what` names which in
+    /// an error.
+    fn table_status(&self, name: &DmName, flags: DmFlags, what: &str) -> Result<RawTable> {
         let (_, lines) = self
             .dm
-            .table_status(
-                &DevId::Name(name),
-                DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
-            )
-            .dm_ctx(|| format!("read the table of {name}"))?;
+            .table_status(&DevId::Name(name), DmOptions::default().set_flags(flags))
+            .dm_ctx(|| format!("read the {what} of {name}"))?;
         Ok(lines)
     }
 
