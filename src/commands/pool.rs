@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::json;
 use thinlayer_pool::{
-    Action, Bytes, CreateOptions, DevicePair, Error, LockMode, Pool, WatchOptions,
+    Action, Bytes, CreateOptions, DevicePair, Error, LockMode, Pool, PoolRecord, WatchOptions,
     space::ExtendRequest,
 };
 
@@ -40,20 +40,14 @@ pub(crate) fn create(root: &Path, a: &CreateArgs, wait: bool) -> thinlayer_pool:
         _ => Pool::create(root, &opts, wait)?,
     };
     let r = pool.record();
-    Ok(Output {
-        text: format!(
-            "created pool {} under {}: data {}, metadata {}, block size {}, base {} {}{}\n",
-            r.pool_id,
-            root.display(),
-            r.data_size,
-            r.metadata_size,
-            r.block_size,
-            r.fs.name(),
-            r.base_size,
-            backing_text(&r.backing)
-        ),
-        json: serde_json::to_value(r).expect("plain data"),
-    })
+    let head = format!(
+        "created pool {} under {}: data {}, metadata {}",
+        r.pool_id,
+        root.display(),
+        r.data_size,
+        r.metadata_size
+    );
+    Ok(made(head, r))
 }
 
 pub(crate) fn adopt(root: &Path, a: &AdoptArgs, wait: bool) -> thinlayer_pool::Result<Output> {
@@ -65,20 +59,29 @@ pub(crate) fn adopt(root: &Path, a: &AdoptArgs, wait: bool) -> thinlayer_pool::R
     };
     let pool = Pool::adopt(root, &a.pool_device, &opts, wait)?;
     let r = pool.record();
-    Ok(Output {
+    let head = format!(
+        "adopted {} under {} as pool {}: data {}",
+        a.pool_device,
+        root.display(),
+        r.pool_id,
+        r.data_size
+    );
+    Ok(made(head, r))
+}
+
+/// What `create` and `adopt` print: `head` (which pool, where, its sizes),
+/// then the block size and base filesystem both share; the JSON is the record.
+fn made(head: String, r: &PoolRecord) -> Output {
+    Output {
         text: format!(
-            "adopted {} under {} as pool {}: data {}, block size {}, base {} {}{}\n",
-            a.pool_device,
-            root.display(),
-            r.pool_id,
-            r.data_size,
+            "{head}, block size {}, base {} {}{}\n",
             r.block_size,
             r.fs.name(),
             r.base_size,
             backing_text(&r.backing)
         ),
         json: serde_json::to_value(r).expect("plain data"),
-    })
+    }
 }
 
 pub(crate) fn status(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {

@@ -765,6 +765,38 @@ fn terminate(child: &mut Child, what: &str, log: &Path) -> Result<()> {
     }
 }
 
+/// The API socket address of a dockerd whose exec root is `exec_root`.
+pub fn dockerd_host(exec_root: &Path) -> String {
+    format!("unix://{}/docker.sock", exec_root.display())
+}
+
+/// The command line of a private dockerd: storage driver `driver`, its own
+/// data root, exec root, pid file and socket ([`dockerd_host`]), and no
+/// networking (no bridge, iptables, forwarding or proxy), then `extra`.
+/// Standard input and output are left to the caller. It must never share a
+/// data or exec root with the host's own dockerd.
+pub fn dockerd_command(
+    dockerd: &Path,
+    driver: &str,
+    data_root: &Path,
+    exec_root: &Path,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = Command::new(dockerd);
+    cmd.args(["--experimental", "-s", driver])
+        .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
+        .args(["--ip-masq=false", "--userland-proxy=false"])
+        .arg("--data-root")
+        .arg(data_root)
+        .arg("--exec-root")
+        .arg(exec_root)
+        .arg("--pidfile")
+        .arg(exec_root.with_extension("pid"))
+        .args(["-H", &dockerd_host(exec_root)])
+        .args(extra);
+    cmd
+}
+
 /// A dockerd of the run: its own data root, exec root and API socket.
 struct Dockerd {
     child: Option<Child>,
@@ -787,25 +819,12 @@ impl Dockerd {
         let exec_root = PathBuf::from(format!("/run/tl-bench-{}-{driver}", std::process::id()));
         let _ = fs::remove_dir_all(&exec_root);
         sys::mkdir(data_root)?;
-        let host = format!("unix://{}/docker.sock", exec_root.display());
+        let host = dockerd_host(&exec_root);
         let log = dir.join("dockerd.log");
         let out = fs::File::create(&log).ctx(|| format!("create {}", log.display()))?;
         let err = out.try_clone().ctx(|| format!("open {}", log.display()))?;
-        let mut cmd = Command::new(&tools.dockerd);
-        cmd.args(["--experimental", "-s", driver])
-            .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
-            .args(["--ip-masq=false", "--userland-proxy=false"])
-            .arg("--data-root")
-            .arg(data_root)
-            .arg("--exec-root")
-            .arg(&exec_root)
-            .arg("--pidfile")
-            .arg(exec_root.with_extension("pid"))
-            .args(["-H", &host])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        let mut cmd = dockerd_command(&tools.dockerd, driver, data_root, &exec_root, extra);
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let child = cmd.spawn().map_err(|e| Error::Tool {
             command: describe(&cmd),
             detail: e.to_string(),
@@ -1643,9 +1662,10 @@ mod tests {
         r
     }
 
-    #[test]
-    fn table_shows_ratios_and_targets_met_or_not() {
-        let r = report(&[
+    /// One sample of every kind the table and the plots read, but a
+    /// thinlayer commit (so that target is "not measured").
+    fn sample() -> Report {
+        report(&[
             ("overlay2", "create-ms", 100.0),
             ("overlay2", "create-ms", 300.0),
             ("thinlayer", "create-ms", 220.0),
@@ -1653,7 +1673,19 @@ mod tests {
             ("overlay2", "rm-ms", 100.0),
             ("thinlayer", "rm-ms", 105.0),
             ("thinlayer", "first-write-alloc-blocks", 3.0),
-        ]);
+            ("overlay2", "run-rm-ms", 5000.0),
+            ("thinlayer", "run-rm-ms", 5200.0),
+            ("devicemapper", "commit-ms", 900.0),
+            ("thinlayer", "first-write-alloc-bytes", 196_608.0),
+            ("overlay2", "first-write-alloc-bytes", 268_435_456.0),
+            ("thinlayer", "trivial-alloc-bytes", 458_752.0),
+            ("thinlayer", "trivial-host-bytes", 600_000.0),
+        ])
+    }
+
+    #[test]
+    fn table_shows_ratios_and_targets_met_or_not() {
+        let r = sample();
         let mut t = String::new();
         table(&r, &mut t);
         let create = t.lines().find(|l| l.contains("docker create ms")).unwrap();
@@ -1664,6 +1696,7 @@ mod tests {
         assert!(line("rm <= 1.1x").ends_with("  met"), "{t}");
         assert!(line("commit <= 0.5x").ends_with("not measured"), "{t}");
         assert!(line("<= 3 pool blocks").ends_with("  met"), "{t}");
+        assert!(line("run --rm <= 1.05x").ends_with("  met"), "{t}");
         let r = report(&[
             ("overlay2", "run-rm-ms", 100.0),
             ("thinlayer", "run-rm-ms", 106.0),
@@ -1706,15 +1739,7 @@ mod tests {
 
     #[test]
     fn plots_are_drawn_for_docker_samples() {
-        let r = report(&[
-            ("overlay2", "run-rm-ms", 5000.0),
-            ("thinlayer", "run-rm-ms", 5200.0),
-            ("devicemapper", "commit-ms", 900.0),
-            ("thinlayer", "first-write-alloc-bytes", 196_608.0),
-            ("overlay2", "first-write-alloc-bytes", 268_435_456.0),
-            ("thinlayer", "trivial-alloc-bytes", 458_752.0),
-            ("thinlayer", "trivial-host-bytes", 600_000.0),
-        ]);
+        let r = sample();
         let out = std::env::temp_dir().join(format!("tl-docker-plots-{}", std::process::id()));
         fs::create_dir_all(&out).unwrap();
         crate::plot::all(&r, &out).unwrap();

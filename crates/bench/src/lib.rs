@@ -36,6 +36,7 @@ mod workloads;
 
 use std::path::PathBuf;
 
+pub use docker::{dockerd_command, dockerd_host};
 pub use error::{Error, Result};
 pub use report::{Report, Sample, Stat};
 

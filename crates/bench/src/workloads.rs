@@ -457,20 +457,7 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params, work: &Path) -> Resu
             if deep {
                 sys::drop_caches()?;
                 for (be, file) in b.all().into_iter().zip(&dirs) {
-                    let t = Instant::now();
-                    let mut f = fs::File::open(file).ctx(|| format!("open {}", file.display()))?;
-                    let mut buf = vec![0u8; 1 << 20];
-                    let mut n = 0u64;
-                    loop {
-                        let r = f
-                            .read(&mut buf)
-                            .ctx(|| format!("read {}", file.display()))?;
-                        if r == 0 {
-                            break;
-                        }
-                        n += r as u64;
-                    }
-                    let secs = t.elapsed().as_secs_f64();
+                    let (n, secs) = read_through(file)?;
                     let name = be.name().to_owned();
                     run.add(&name, "seq-read", size, "MB/s", n as f64 / 1e6 / secs);
                     run.add(&name, "seq-read", size, "ms", secs * 1e3);
@@ -552,6 +539,25 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params, work: &Path) -> Resu
         }
     }
     trim(work)
+}
+
+/// Reads `file` to its end in 1 MiB reads: the bytes read and the seconds it
+/// took, for a sequential-read rate (the caller drops caches first).
+fn read_through(file: &Path) -> Result<(u64, f64)> {
+    let t = Instant::now();
+    let mut f = fs::File::open(file).ctx(|| format!("open {}", file.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let r = f
+            .read(&mut buf)
+            .ctx(|| format!("read {}", file.display()))?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+    }
+    Ok((n, t.elapsed().as_secs_f64()))
 }
 
 /// Create, stat and unlink many small files in a container.
@@ -1088,20 +1094,7 @@ fn pair_workloads(
         }
         sys::drop_caches()?;
         for (be, file) in pair.iter_mut().zip(&files) {
-            let t = Instant::now();
-            let mut f = fs::File::open(file).ctx(|| format!("open {}", file.display()))?;
-            let mut buf = vec![0u8; 1 << 20];
-            let mut n = 0u64;
-            loop {
-                let r = f
-                    .read(&mut buf)
-                    .ctx(|| format!("read {}", file.display()))?;
-                if r == 0 {
-                    break;
-                }
-                n += r as u64;
-            }
-            let secs = t.elapsed().as_secs_f64();
+            let (n, secs) = read_through(file)?;
             run.add(be.name(), PAIR, 0, "seq-read-MB/s", n as f64 / 1e6 / secs);
         }
         sys::drop_caches()?;

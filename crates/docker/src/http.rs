@@ -1165,6 +1165,26 @@ mod tests {
         out
     }
 
+    /// Sends `raw` twice, pipelined on one kept-alive connection, and reads
+    /// until `answered` has been seen twice (panics if the server closes
+    /// first); the connection is then dropped.
+    async fn ask_twice(sock: &std::path::Path, raw: &[u8], answered: &[u8]) {
+        let mut c = UnixStream::connect(sock).await.unwrap();
+        c.write_all(&[raw, raw].concat()).await.unwrap();
+        let mut got = Vec::new();
+        while got
+            .windows(answered.len())
+            .filter(|w| *w == answered)
+            .count()
+            < 2
+        {
+            let mut b = [0u8; 1024];
+            let n = c.read(&mut b).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bounds_hold_and_the_server_stays_up() {
         let dir = std::env::temp_dir().join(format!("thinlayer-http-{}", std::process::id()));
@@ -1188,17 +1208,7 @@ mod tests {
 
         // Keep-alive: two requests on one connection, pipelined.
         let alive = b"POST /VolumeDriver.List HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}";
-        let two = [&alive[..], &alive[..]].concat();
-        let mut c = UnixStream::connect(&sock).await.unwrap();
-        c.write_all(&two).await.unwrap();
-        let mut got = Vec::new();
-        while got.windows(4).filter(|w| w == b"\"Len").count() < 2 {
-            let mut b = [0u8; 1024];
-            let n = c.read(&mut b).await.unwrap();
-            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&b[..n]);
-        }
-        drop(c);
+        ask_twice(&sock, alive, b"\"Len").await;
 
         // A slow client: dropped after the idle bound, with 408.
         let mut slow = UnixStream::connect(&sock).await.unwrap();
@@ -1249,16 +1259,7 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 411"), "{out}");
         // Two chunked uploads on one kept-alive connection.
         let one = b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n";
-        let mut c = UnixStream::connect(&sock).await.unwrap();
-        c.write_all(&[&one[..], &one[..]].concat()).await.unwrap();
-        let mut got = Vec::new();
-        while got.windows(8).filter(|w| w == b"\"Len\":2,").count() < 2 {
-            let mut b = [0u8; 1024];
-            let n = c.read(&mut b).await.unwrap();
-            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&b[..n]);
-        }
-        drop(c);
+        ask_twice(&sock, one, b"\"Len\":2,").await;
 
         // An upload that breaks off: the handler reads an error, answers.
         let mut c = UnixStream::connect(&sock).await.unwrap();

@@ -817,7 +817,7 @@ impl Applier<'_> {
         if rel.as_os_str().is_empty() {
             // The root directory's own metadata.
             let root = self.root_fd.try_clone().ctx("cannot duplicate", &path)?;
-            self.set_dir_meta(&raw, File::from(root), &path, &meta)?;
+            self.set_meta(&raw, &File::from(root), &path, &meta)?;
             self.dir_times.insert(rel, meta.mtime);
             return Ok(());
         }
@@ -840,7 +840,7 @@ impl Applier<'_> {
                     Err(e) => return Err(e).ctx("cannot stat", &path),
                 }
                 let dir = at::open_dir(parent, name).ctx("cannot open directory", &path)?;
-                self.set_dir_meta(&raw, File::from(dir), &path, &meta)?;
+                self.set_meta(&raw, &File::from(dir), &path, &meta)?;
                 self.dir_times.insert(rel.clone(), meta.mtime);
             }
             EntryType::Symlink => {
@@ -1214,34 +1214,24 @@ impl Applier<'_> {
             });
         }
         self.report.bytes += written;
-        fchown(
-            &file,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-        )
-        .ctx("cannot chown", path)?;
-        file.set_permissions(std::fs::Permissions::from_mode(meta.mode))
-            .ctx("cannot chmod", path)?;
-        for (name, value) in &meta.xattrs {
-            file.set_xattr(name, value)
-                .map_err(|e| self.io("cannot set xattr on", raw, path, e, 0))?;
-        }
+        self.set_meta(raw, &file, path, meta)?;
         futimens(&file, &meta.mtime, &meta.mtime).ctx("cannot set times of", path)?;
         Ok(())
     }
 
-    /// Owner, mode and xattrs of a directory, on its own descriptor.
-    fn set_dir_meta(&self, raw: &[u8], dir: File, path: &Path, meta: &EntryMeta) -> Result<()> {
+    /// Owner, mode and xattrs of a directory or regular file, on its own
+    /// descriptor (so no path is followed again).
+    fn set_meta(&self, raw: &[u8], f: &File, path: &Path, meta: &EntryMeta) -> Result<()> {
         fchown(
-            &dir,
+            f,
             Some(Uid::from_raw(meta.uid)),
             Some(Gid::from_raw(meta.gid)),
         )
         .ctx("cannot chown", path)?;
-        dir.set_permissions(std::fs::Permissions::from_mode(meta.mode))
+        f.set_permissions(std::fs::Permissions::from_mode(meta.mode))
             .ctx("cannot chmod", path)?;
         for (name, value) in &meta.xattrs {
-            dir.set_xattr(name, value)
+            f.set_xattr(name, value)
                 .map_err(|e| self.io("cannot set xattr on", raw, path, e, 0))?;
         }
         Ok(())

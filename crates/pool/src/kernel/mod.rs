@@ -31,19 +31,20 @@
 //! or foreign device would be handed out, mounted or snapshotted as a
 //! layer).
 
-use std::{collections::HashSet, path::PathBuf, str::FromStr};
+use std::{collections::HashSet, path::PathBuf};
 
 pub use devicemapper::Sectors;
 use devicemapper::{
     DM, DataBlocks, DevId, Device, DmFlags, DmName, DmOptions, DmUuid, LinearDevTargetParams,
     LinearDevTargetTable, LinearTargetParams, TargetLine, TargetTable, ThinDevTargetTable,
-    ThinPoolDevTargetTable, ThinPoolStatus, ThinPoolStatusSummary, ThinPoolTargetParams,
-    ThinPoolWorkingStatus, ThinStatus, ThinTargetParams,
+    ThinPoolDevTargetTable, ThinPoolStatusSummary, ThinPoolTargetParams, ThinTargetParams,
 };
 use nix::errno::Errno;
 
 use crate::error::{DmContext, Error, Result};
 pub use crate::units::ThinId;
+
+mod status;
 
 /// The mode a working thin-pool is in, from its status line (the crate's
 /// `ThinPoolStatusSummary`).
@@ -239,13 +240,17 @@ impl Kernel {
     /// # Errors
     /// device-mapper errors.
     pub fn table(&self, name: &DmName) -> Result<RawTable> {
+        self.table_status(name, DmFlags::DM_STATUS_TABLE, "table")
+    }
+
+    /// The `DM_TABLE_STATUS` lines of `name`: its table with
+    /// `DM_STATUS_TABLE` in `flags`, else its status; `what` names which in
+    /// an error.
+    fn table_status(&self, name: &DmName, flags: DmFlags, what: &str) -> Result<RawTable> {
         let (_, lines) = self
             .dm
-            .table_status(
-                &DevId::Name(name),
-                DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
-            )
-            .dm_ctx(|| format!("read the table of {name}"))?;
+            .table_status(&DevId::Name(name), DmOptions::default().set_flags(flags))
+            .dm_ctx(|| format!("read the {what} of {name}"))?;
         Ok(lines)
     }
 
@@ -549,90 +554,6 @@ impl Kernel {
     pub fn set_transaction_id(&self, pool: &DmName, old: u64, new: u64) -> Result<()> {
         self.pool_message(pool, &format!("set_transaction_id {old} {new}"))
     }
-
-    /// The pool's status, read from the kernel.
-    ///
-    /// # Errors
-    /// device-mapper errors; [`Error::Inconsistent`] for a failed pool.
-    pub fn pool_status(&self, pool: &DmName) -> Result<ThinPoolWorkingStatus> {
-        let line = self.status_line(pool)?;
-        match ThinPoolStatus::from_str(&line).dm_ctx(|| format!("parse the status of {pool}"))? {
-            ThinPoolStatus::Working(w) => Ok(*w),
-            ThinPoolStatus::Error => Err(Error::Inconsistent(format!(
-                "the kernel could not report the status of {pool}"
-            ))),
-            ThinPoolStatus::Fail => Err(Error::Inconsistent(format!(
-                "the pool {pool} has failed (metadata I/O error?); deactivate it and run `thinlayer pool check`"
-            ))),
-        }
-    }
-
-    /// The number of sectors a thin device has mapped (its own plus
-    /// shared), `None` when the kernel reports it failed or in error, or
-    /// when the device is no thin device (a stale one under our name: a
-    /// listing shows it, [`Kernel::setup_thin`] refuses it).
-    ///
-    /// # Errors
-    /// device-mapper errors.
-    pub fn thin_mapped_sectors(&self, thin: &DmName) -> Result<Option<Sectors>> {
-        let line = self.status_line(thin)?;
-        Ok(match ThinStatus::from_str(&line) {
-            Ok(ThinStatus::Working(w)) => Some(w.nr_mapped_sectors),
-            Ok(ThinStatus::Error | ThinStatus::Fail) | Err(_) => None,
-        })
-    }
-
-    fn status_line(&self, name: &DmName) -> Result<String> {
-        let (_, lines) = self
-            .dm
-            // DM_NOFLUSH: without it a thin-pool commits its metadata on
-            // every status read (1.5 ms against 0.2 ms measured in the VM);
-            // the figures come from the in-core space maps either way.
-            .table_status(
-                &DevId::Name(name),
-                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
-            )
-            .dm_ctx(|| format!("read the status of {name}"))?;
-        lines
-            .into_iter()
-            .next()
-            .map(|(_, _, _, params)| params)
-            .ok_or_else(|| Error::Inconsistent(format!("{name} has no table")))
-    }
-
-    /// Blocks until the kernel raises an event on `name` past `event_nr`
-    /// (the pool raises one when it crosses its low-water mark or fills).
-    ///
-    /// # Errors
-    /// device-mapper errors.
-    pub fn wait_event(&self, name: &DmName, event_nr: u32) -> Result<u32> {
-        let (info, _) = self
-            .dm
-            .device_wait(
-                &DevId::Name(name),
-                DmOptions::default().set_flags(DmFlags::empty()),
-            )
-            .dm_ctx(|| format!("wait for an event on {name}"))?;
-        let _ = event_nr;
-        Ok(info.event_nr())
-    }
-
-    /// Arms the control fd for events (`DM_DEV_ARM_POLL`): from now on,
-    /// any dm device's event makes [`Kernel::control_fd`] poll readable.
-    ///
-    /// # Errors
-    /// device-mapper errors.
-    pub fn arm_events(&self) -> Result<()> {
-        self.dm
-            .arm_poll()
-            .map(|_| ())
-            .dm_ctx(|| "arm /dev/mapper/control for events".into())
-    }
-
-    /// The control fd, to poll for `POLLIN` after [`Kernel::arm_events`].
-    pub fn control_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(self.dm.file())
-    }
 }
 
 /// The parts of a thin-pool table.
@@ -670,32 +591,4 @@ fn describe_table(raw: &[(u64, u64, String, String)]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wrong_table_error_names_the_device_and_what_to_do() {
-        let raw = vec![(0, 2048, "error".to_owned(), String::new())];
-        let e = Error::WrongTable {
-            name: "tl1-abc-thin-5".into(),
-            found: describe_table(&raw),
-            expected: describe_table(
-                &Kernel::thin_table(
-                    Device {
-                        major: 253,
-                        minor: 2,
-                    },
-                    ThinId::new(5).unwrap(),
-                    Sectors(2048),
-                )
-                .to_raw_table(),
-            ),
-        };
-        let text = e.to_string();
-        assert!(text.contains("`0 2048 error `"), "{text}");
-        assert!(text.contains("`0 2048 thin 253:2 5`"), "{text}");
-        assert!(text.contains("dmsetup remove tl1-abc-thin-5"), "{text}");
-        assert!(matches!(e, crate::Error::WrongTable { .. }), "{e}");
-        assert_eq!(describe_table(&[]), "no table");
-    }
-}
+mod tests;
