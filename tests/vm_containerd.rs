@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{containerd::*, *};
 
 /// The demo image: a busybox root filesystem in 3 layers (docker save).
 fn demo_archive() -> PathBuf {
@@ -33,20 +33,6 @@ fn demo_archive() -> PathBuf {
         d.display()
     );
     f
-}
-
-/// A program on PATH, or a failure saying how to get it into the guest.
-fn program(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not in this guest: boot it with THINLAYER_VM_EXTRAS=containerd \
-                 (tools/vm/run), after tools/setup installed containerd and runc"
-            )
-        })
 }
 
 /// A background server, killed on drop if still running.
@@ -116,25 +102,6 @@ impl Drop for Daemon {
             }
         }
     }
-}
-
-/// Runs `cmd`, killing it after `secs`.
-fn run_timeout(cmd: &mut Command, secs: u64) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 /// containerd, its config and its client for one test.
@@ -288,34 +255,6 @@ fn serve(s: &Scratch, socket: &Path) -> Daemon {
     }
     eprintln!("thinlayer serve up in {:.2} s", t.elapsed().as_secs_f64());
     d
-}
-
-/// Layer ids of the pool the snapshotter made.
-fn ctrd_layers(s: &Scratch) -> Vec<String> {
-    // --wait: the server holds the root's lock during each request.
-    s.json(&["--wait", "layer", "ls"])
-        .as_array()
-        .expect("layer ls --json is a list")
-        .iter()
-        .map(|l| l["id"].as_str().unwrap().to_owned())
-        .filter(|id| id.starts_with("ctrd-"))
-        .collect()
-}
-
-/// Active thin devices (of any pool): what must not leak.
-fn thin_devices() -> Vec<String> {
-    dm_devices()
-        .into_iter()
-        .filter(|n| n.contains("-thin-"))
-        .collect()
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(200));
-    }
 }
 
 const SCRIPT: &str = "echo hello > /tmp/f; cat /tmp/f; cat /etc/os-release";

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{containerd::*, *};
 use hyper_util_cri::rt::TokioIo;
 use k8s_cri::v1::{
     image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient, *,
@@ -39,47 +39,6 @@ const PAUSE: &str = "docker.io/library/pause:thinlayer";
 const DEMO: &str = "docker.io/library/demo:docker";
 /// containerd's namespace for CRI.
 const NS: &str = "k8s.io";
-
-/// A program on PATH, or a failure saying how to get it into the guest.
-fn program(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not in this guest: boot it with THINLAYER_VM_EXTRAS=docker \
-                 (tools/vm/run), after tools/setup installed containerd and runc"
-            )
-        })
-}
-
-/// Runs `cmd`, killing it after `secs`.
-fn run_timeout(cmd: &mut Command, secs: u64) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(200));
-    }
-}
 
 /// containerd with its CRI plugin on thinlayer, its config, state and
 /// socket under the scratch directory; killed on drop (its log printed if
@@ -256,26 +215,6 @@ async fn channel(socket: &Path) -> Channel {
         }))
         .await
         .expect("connect to containerd's socket")
-}
-
-/// Layer ids of the pool the snapshotter made.
-fn ctrd_layers(s: &Scratch) -> Vec<String> {
-    // --wait: the server holds the root's lock during each request.
-    s.json(&["--wait", "layer", "ls"])
-        .as_array()
-        .expect("layer ls --json is a list")
-        .iter()
-        .map(|l| l["id"].as_str().unwrap().to_owned())
-        .filter(|id| id.starts_with("ctrd-"))
-        .collect()
-}
-
-/// Active thin devices (of any pool): what must not leak.
-fn thin_devices() -> Vec<String> {
-    dm_devices()
-        .into_iter()
-        .filter(|n| n.contains("-thin-"))
-        .collect()
 }
 
 /// The container's script: print a file only its image's top layer holds,

@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod containerd;
 #[macro_use]
 pub mod contract;
 pub mod docker;

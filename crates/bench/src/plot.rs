@@ -182,12 +182,14 @@ pub(crate) fn human_bytes(b: f64) -> String {
     }
 }
 
-/// The x axis of a plot over a few parameters (populations, sizes): one
-/// evenly spaced category each, labelled as `label` says, so 10, 100 and
-/// 1,000 (or 16 MiB, 256 MiB and 1 GiB) read at a glance.
-fn category_labels(params: &[u64], label: impl Fn(u64) -> String) -> impl Fn(&f64) -> String {
-    let names: Vec<String> = params.iter().map(|&p| label(p)).collect();
-    // Ticks fall on whole numbers: the parameters' indexes.
+/// `label` of each of `params`.
+fn labels(params: &[u64], label: impl Fn(u64) -> String) -> Vec<String> {
+    params.iter().map(|&p| label(p)).collect()
+}
+
+/// The x axis's labels of categories `names`, one per whole number.
+fn categories(names: Vec<String>) -> impl Fn(&f64) -> String {
+    // Ticks fall on whole numbers: the categories' indexes.
     move |x: &f64| {
         names
             .iter()
@@ -196,6 +198,59 @@ fn category_labels(params: &[u64], label: impl Fn(u64) -> String) -> impl Fn(&f6
             .map(|(n, _)| n.clone())
             .unwrap_or_default()
     }
+}
+
+/// A chart of f64 by f64 on `area`.
+type Chart<'a> = ChartContext<
+    'a,
+    BitMapBackend<'a>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// What a plot's axes say: the x axis's categories (one per whole
+/// number), the y range, its ticks and their labels, and both captions.
+struct Axes<'f> {
+    categories: Vec<String>,
+    y: std::ops::Range<f64>,
+    y_ticks: usize,
+    y_label: &'f dyn Fn(&f64) -> String,
+    x_desc: &'f str,
+    y_desc: &'f str,
+}
+
+/// The chart every plot here draws on, its mesh drawn: the categories
+/// spread evenly along x, `pad` of a step beyond the first and the last.
+fn category_chart<'a>(
+    area: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    caption: &str,
+    pad: f64,
+    axes: Axes<'_>,
+) -> std::result::Result<Chart<'a>, String> {
+    let n = axes.categories.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-pad..(n - 1) as f64 + pad, axes.y)
+        .map_err(s)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&categories(axes.categories))
+        .y_labels(axes.y_ticks)
+        .y_label_formatter(axes.y_label)
+        .x_desc(axes.x_desc)
+        .y_desc(axes.y_desc)
+        .draw()
+        .map_err(s)?;
+    Ok(chart)
+}
+
+/// The largest of `values`, at least `floor`.
+fn max_or(floor: f64, values: impl Iterator<Item = f64>) -> f64 {
+    values.fold(floor, f64::max)
 }
 
 /// The chart area and the legend panel of a plot at `file`.
@@ -212,36 +267,27 @@ fn areas(file: &Path) -> std::result::Result<Areas<'_>, String> {
 
 fn population(r: &Report, file: &Path) -> Draw {
     let pops: Vec<u64> = r.params.populations.iter().map(|&p| p as u64).collect();
-    let mut ymax: f64 = 1.0;
-    for st in r
-        .stats
-        .iter()
-        .filter(|s| s.workload == "population" && s.metric == "start-ms")
-    {
-        ymax = ymax.max(st.median);
-    }
+    let ymax = max_or(
+        1.0,
+        r.stats
+            .iter()
+            .filter(|s| s.workload == "population" && s.metric == "start-ms")
+            .map(|st| st.median),
+    );
     let (chart_area, legend_area) = areas(file)?;
-    let n = pops.len().max(1);
-    let mut chart = ChartBuilder::on(&chart_area)
-        .caption(
-            "start path (snapshot + activate + mount) vs population",
-            ("sans-serif", 20),
-        )
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.3f64..n as f64 - 0.7, 0f64..ymax * 1.1)
-        .map_err(s)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&category_labels(&pops, thousands))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .x_desc("snapshots in the pool")
-        .y_desc("median ms")
-        .draw()
-        .map_err(s)?;
+    let mut chart = category_chart(
+        &chart_area,
+        "start path (snapshot + activate + mount) vs population",
+        0.3,
+        Axes {
+            categories: labels(&pops, thousands),
+            y: 0f64..ymax * 1.1,
+            y_ticks: 10,
+            y_label: &|y| format!("{y:.0}"),
+            x_desc: "snapshots in the pool",
+            y_desc: "median ms",
+        },
+    )?;
     series(&mut chart, r, |b| {
         pops.iter()
             .enumerate()
@@ -271,14 +317,13 @@ const ZERO_ROW_STEP: i32 = -4;
 
 fn first_write(r: &Report, file: &Path) -> Draw {
     let sizes = &r.params.file_sizes;
-    let mut ymax: f64 = 1.0;
-    for st in r
-        .stats
-        .iter()
-        .filter(|s| s.workload == "first-write" && s.metric == "alloc-bytes")
-    {
-        ymax = ymax.max(log_kib(st.median));
-    }
+    let ymax = max_or(
+        1.0,
+        r.stats
+            .iter()
+            .filter(|s| s.workload == "first-write" && s.metric == "alloc-bytes")
+            .map(|st| log_kib(st.median)),
+    );
     // The axis ends one step above the first labelled row (every 4 steps
     // of log2: 16x) at or over the largest value.
     let top_step = (0..16)
@@ -288,41 +333,32 @@ fn first_write(r: &Report, file: &Path) -> Draw {
         + 1;
     let top = f64::from(top_step);
     let (chart_area, legend_area) = areas(file)?;
-    let n = sizes.len().max(1);
-    let mut chart = ChartBuilder::on(&chart_area)
-        .caption(
-            "bytes newly allocated by the first 4 KiB write",
-            ("sans-serif", 20),
-        )
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(-0.3f64..n as f64 - 0.7, ZERO_ROW - 1.0..top)
-        .map_err(s)?;
     // Ticks every 16x (4 steps of log2), and the zero row.
     let rows = usize::try_from((top_step - ZERO_ROW_STEP) / 2 + 1).unwrap_or(1);
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&category_labels(sizes, |z| human_bytes(z as f64)))
-        .y_labels(rows)
-        .y_label_formatter(&|y| {
-            let k = y.round();
-            if (y - k).abs() > 0.01 {
-                String::new()
-            } else if k == ZERO_ROW {
-                "0".into()
-            } else if k >= 0.0 && k.rem_euclid(4.0) == 0.0 {
-                human_bytes(1024.0 * 2f64.powf(k))
-            } else {
-                String::new()
-            }
-        })
-        .x_desc("size of the lower-layer file")
-        .y_desc("allocated (median, log scale)")
-        .draw()
-        .map_err(s)?;
+    let mut chart = category_chart(
+        &chart_area,
+        "bytes newly allocated by the first 4 KiB write",
+        0.3,
+        Axes {
+            categories: labels(sizes, |z| human_bytes(z as f64)),
+            y: ZERO_ROW - 1.0..top,
+            y_ticks: rows,
+            y_label: &|y| {
+                let k = y.round();
+                if (y - k).abs() > 0.01 {
+                    String::new()
+                } else if k == ZERO_ROW {
+                    "0".into()
+                } else if k >= 0.0 && k.rem_euclid(4.0) == 0.0 {
+                    human_bytes(1024.0 * 2f64.powf(k))
+                } else {
+                    String::new()
+                }
+            },
+            x_desc: "size of the lower-layer file",
+            y_desc: "allocated (median, log scale)",
+        },
+    )?;
     series(&mut chart, r, |b| {
         sizes
             .iter()
@@ -338,44 +374,29 @@ fn first_write(r: &Report, file: &Path) -> Draw {
 }
 
 fn distribution(r: &Report, file: &Path) -> Draw {
-    let mut ymax: f64 = 1.0;
-    for sm in r
-        .samples
-        .iter()
-        .filter(|x| x.workload == "start" && x.metric == "start-ms")
-    {
-        ymax = ymax.max(sm.value);
-    }
-    let n = r.backends.len();
-    let root = BitMapBackend::new(file, (800, 500)).into_drawing_area();
+    let ymax = max_or(
+        1.0,
+        r.samples
+            .iter()
+            .filter(|x| x.workload == "start" && x.metric == "start-ms")
+            .map(|sm| sm.value),
+    );
+    // The backends are the x axis's categories: no legend needed.
+    let root = BitMapBackend::new(file, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(s)?;
-    let names = r.backends.clone();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "start path latency, every sample (bar: median)",
-            ("sans-serif", 20),
-        )
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0f64..ymax * 1.1)
-        .map_err(s)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| {
-            // Ticks fall on whole numbers: the backends' indexes.
-            names
-                .iter()
-                .enumerate()
-                .find(|(i, _)| (x - *i as f64).abs() < 0.01)
-                .map(|(_, n)| n.clone())
-                .unwrap_or_default()
-        })
-        .y_desc("ms")
-        .draw()
-        .map_err(s)?;
+    let mut chart = category_chart(
+        &root,
+        "start path latency, every sample (bar: median)",
+        0.5,
+        Axes {
+            categories: r.backends.clone(),
+            y: 0f64..ymax * 1.1,
+            y_ticks: 10,
+            y_label: &|y| format!("{y:.0}"),
+            x_desc: "",
+            y_desc: "ms",
+        },
+    )?;
     for (i, b) in r.backends.iter().enumerate() {
         let c = style(b, i).0;
         let vals: Vec<f64> = r
@@ -418,7 +439,9 @@ mod tests {
         assert_eq!(human_bytes(1073741824.0), "1 GiB");
         assert_eq!(human_bytes(196_608.0), "192 KiB");
         assert_eq!(human_bytes(0.0), "0");
-        let x = category_labels(&[16 << 20, 256 << 20, 1 << 30], |z| human_bytes(z as f64));
+        let x = categories(labels(&[16 << 20, 256 << 20, 1 << 30], |z| {
+            human_bytes(z as f64)
+        }));
         assert_eq!(
             [x(&0.0), x(&1.0), x(&2.0), x(&0.5)],
             ["16 MiB", "256 MiB", "1 GiB", ""]

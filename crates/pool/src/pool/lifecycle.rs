@@ -209,25 +209,22 @@ pub(super) fn start_pool(
         }
     };
     fault::point(points.loops);
-    let meta_name = names::dm_name(id, Role::Meta);
-    let meta = kernel.create_linear(
-        &meta_name,
-        &names::dm_uuid(id, Role::Meta),
-        meta_under,
-        Sectors(offset),
-        Sectors(rec.metadata_size.sectors()),
-    )?;
-    made(&meta_name);
+    // The metadata's, then the data's linear device over what lies under it.
+    let mut linear = |role: Role, under, size: crate::Bytes| -> Result<devicemapper::Device> {
+        let name = names::dm_name(id, role);
+        let dev = kernel.create_linear(
+            &name,
+            &names::dm_uuid(id, role),
+            under,
+            Sectors(offset),
+            Sectors(size.sectors()),
+        )?;
+        made(&name);
+        Ok(dev)
+    };
+    let meta = linear(Role::Meta, meta_under, rec.metadata_size)?;
     fault::point(points.meta);
-    let data_name = names::dm_name(id, Role::Data);
-    let data = kernel.create_linear(
-        &data_name,
-        &names::dm_uuid(id, Role::Data),
-        data_under,
-        Sectors(offset),
-        Sectors(rec.data_size.sectors()),
-    )?;
-    made(&data_name);
+    let data = linear(Role::Data, data_under, rec.data_size)?;
     fault::point(points.data);
     let pool_name = names::dm_name(id, Role::Pool);
     kernel.create_pool(
