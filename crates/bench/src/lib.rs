@@ -32,6 +32,7 @@ pub mod error;
 mod plot;
 pub mod report;
 pub mod sys;
+mod table;
 mod workloads;
 
 use std::path::PathBuf;

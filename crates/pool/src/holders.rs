@@ -16,7 +16,7 @@ use std::{
 use devicemapper::Device;
 use procfs::process::{FDTarget, Process};
 
-use crate::mounts;
+use crate::mountinfo;
 
 /// One holder of a device or mount.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub fn of_device(device: Device) -> Vec<Holder> {
         let Ok(mounts) = p.mountinfo() else {
             continue;
         };
-        for m in mounts.iter().filter_map(mounts::from_procfs) {
+        for m in mounts.iter().filter_map(mountinfo::from_procfs) {
             if m.device == device {
                 out.push(Holder {
                     pid,

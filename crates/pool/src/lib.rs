@@ -24,6 +24,7 @@ pub mod holders;
 pub mod kernel;
 pub mod lock;
 pub mod loopback;
+pub mod mountinfo;
 pub mod mounts;
 pub mod names;
 mod owner;

@@ -79,10 +79,10 @@ pub struct ContainerRecord {
     pub mountpoint: PathBuf,
     /// Volumes mounted inside it (named, anonymous, from another container).
     #[serde(default)]
-    pub volumes: Vec<crate::volumes::VolumeMount>,
+    pub volumes: Vec<VolumeMount>,
     /// Host paths bind-mounted inside it.
     #[serde(default)]
-    pub binds: Vec<crate::volumes::BindMount>,
+    pub binds: Vec<BindMount>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
 }
@@ -164,4 +164,33 @@ impl Record for ContainerRecord {
 
 impl Record for Intent {
     const KIND: &'static str = "store-intent";
+}
+
+/// A volume mounted into a container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The volume.
+    pub volume: String,
+    /// Absolute path inside the container.
+    pub path: PathBuf,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Made for this container (its own anonymous volume, which `container
+    /// rm --volumes` removes); false for a named one and for one shared
+    /// from another container.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+/// A host path bind-mounted into a container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    /// The host path (a directory or a file).
+    pub source: PathBuf,
+    /// Absolute path inside the container.
+    pub path: PathBuf,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub readonly: bool,
 }

@@ -85,34 +85,7 @@ impl Record for VolumeRecord {
     const KIND: &'static str = "volume";
 }
 
-/// A volume mounted into a container.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VolumeMount {
-    /// The volume.
-    pub volume: String,
-    /// Absolute path inside the container.
-    pub path: PathBuf,
-    /// Mounted read-only.
-    #[serde(default)]
-    pub readonly: bool,
-    /// Made for this container (its own anonymous volume, which `container
-    /// rm --volumes` removes); false for a named one and for one shared
-    /// from another container.
-    #[serde(default)]
-    pub anonymous: bool,
-}
-
-/// A host path bind-mounted into a container.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BindMount {
-    /// The host path (a directory or a file).
-    pub source: PathBuf,
-    /// Absolute path inside the container.
-    pub path: PathBuf,
-    /// Mounted read-only.
-    #[serde(default)]
-    pub readonly: bool,
-}
+pub use crate::records::{BindMount, VolumeMount};
 
 /// One `container create --volume` spec, Docker's `-v` forms.
 #[derive(Clone, Debug, PartialEq, Eq)]
