@@ -155,7 +155,19 @@ fn tools(opts: &Options) -> Result<Tools> {
             ),
         ));
     }
-    let exe = std::env::current_exe().ctx(|| "find this thinlayer binary".into())?;
+    // The plugin is `thinlayer serve docker`: the `thinlayer` next to this
+    // program (as `thinlayer bench` found this one), else the one on PATH.
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("thinlayer")))
+        .filter(|p| p.is_file())
+        .or_else(|| which("thinlayer"))
+        .ok_or_else(|| {
+            missing(
+                "thinlayer",
+                "not next to thinlayer-bench nor in PATH: build it (cargo build) or install it",
+            )
+        })?;
     Ok(Tools {
         dockerd,
         docker,
