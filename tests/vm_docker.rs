@@ -18,19 +18,8 @@ use std::{
     path::Path,
 };
 
-use common::docker::{Dockerd, fixture, plugin, require_docker};
+use common::docker::{Dockerd, docker_layers, finish_clean, fixture, plugin, require_docker};
 use serde_json::Value;
-
-/// The pool's layers owned by the Docker graphdriver.
-fn docker_layers(s: &Scratch) -> Vec<Value> {
-    let v = s.json(&["layer", "ls"]);
-    v.as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["owner"] == "graphdriver")
-        .cloned()
-        .collect()
-}
 
 /// The tree `docker export` of a container from `image` holds, extracted
 /// and described; the files Docker writes per container (their mtimes
@@ -258,16 +247,7 @@ fn vm_docker_runs_on_thin_snapshots() {
         );
 
         // Everything removed: no layer, no thin device left; the pool checks clean.
-        d.ok(&["rmi", "demo:docker"]);
-        assert!(docker_layers(s).is_empty(), "{:?}", docker_layers(s));
-        d.stop();
-        p.stop();
-        assert_eq!(
-            common::dm_devices(),
-            devices_before,
-            "a thin device is left"
-        );
-        s.ok(&["pool", "check"]);
+        finish_clean(s, &mut d, &mut p, &devices_before);
 
         // save + load into a fresh pool and dockerd: the identical tree.
         let s2 = Scratch::new("docker-fresh");
@@ -507,7 +487,7 @@ fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
         );
 
         // ApplyDiff of hostile and truncated tars: refused, the layer empty again.
-        let hostile = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images/hostile");
+        let hostile = fixture("hostile");
         assert_eq!(
             call(
                 &sock,
@@ -549,11 +529,7 @@ fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
         // A chunked upload that breaks off half way (as Go sends a body).
         {
             let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-            let good = fs::read(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("target/fixtures/images/layers/base.tar"),
-            )
-            .unwrap();
+            let good = fs::read(fixture("layers/base.tar")).unwrap();
             let half = &good[..good.len() / 2];
             let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
             req.extend_from_slice(format!("{:x}\r\n", half.len()).as_bytes());
@@ -580,11 +556,7 @@ fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
         }
         // A good one, streamed chunked, then Diff streams it back out.
         {
-            let good = fs::read(
-                Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("target/fixtures/images/layers/other.tar"),
-            )
-            .unwrap();
+            let good = fs::read(fixture("layers/other.tar")).unwrap();
             let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
             let mut req = b"POST /GraphDriver.ApplyDiff?id=h1&parent=b1 HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
             for piece in good.chunks(7000) {

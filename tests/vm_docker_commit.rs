@@ -7,20 +7,8 @@
 
 mod common;
 
-use common::docker::{Dockerd, fixture, plugin, require_docker};
-use common::{Pool, Scratch, vm_test};
-use serde_json::Value;
-
-/// The pool's layers owned by the Docker graphdriver.
-fn docker_layers(s: &Scratch) -> Vec<Value> {
-    let v = s.json(&["layer", "ls"]);
-    v.as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["owner"] == "graphdriver")
-        .cloned()
-        .collect()
-}
+use common::docker::{Dockerd, docker_layers, finish_clean, fixture, plugin, require_docker};
+use common::{Pool, vm_test};
 
 /// A 64 MiB file of a known pattern (64 blocks of 1 MiB, each 65,536
 /// numbered 16-byte lines after its own 16-byte block header), and small
@@ -78,15 +66,6 @@ fn vm_docker_commit_of_a_large_change() {
             "{:?}",
             docker_layers(s)
         );
-        d.ok(&["rmi", "demo:docker"]);
-        assert!(docker_layers(s).is_empty(), "{:?}", docker_layers(s));
-        d.stop();
-        p.stop();
-        assert_eq!(
-            common::dm_devices(),
-            devices_before,
-            "a thin device is left"
-        );
-        s.ok(&["pool", "check"]);
+        finish_clean(s, &mut d, &mut p, &devices_before);
     });
 }

@@ -192,3 +192,26 @@ pub fn plugin(s: &Scratch) -> Served {
     let _ = fs::remove_file(PLUGIN_SOCKET);
     Served::start(s, &["serve", "docker"], Path::new(PLUGIN_SOCKET))
 }
+
+/// The pool's layers owned by the Docker graphdriver.
+pub fn docker_layers(s: &Scratch) -> Vec<Value> {
+    let v = s.json(&["layer", "ls"]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["owner"] == "graphdriver")
+        .cloned()
+        .collect()
+}
+
+/// The end of a Docker test: the image removed, no graphdriver layer left,
+/// dockerd and the plugin stopped, no thin device beyond `devices_before`,
+/// and `pool check` clean.
+pub fn finish_clean(s: &Scratch, d: &mut Dockerd, p: &mut Served, devices_before: &[String]) {
+    d.ok(&["rmi", "demo:docker"]);
+    assert!(docker_layers(s).is_empty(), "{:?}", docker_layers(s));
+    d.stop();
+    p.stop();
+    assert_eq!(super::dm_devices(), devices_before, "a thin device is left");
+    s.ok(&["pool", "check"]);
+}
