@@ -20,6 +20,16 @@ use std::{
 
 use serde_json::{Value, json};
 
+/// The entry of `container inspect`'s `Mounts` at `destination`.
+fn mount_at(inspect: &Value, destination: &str) -> Value {
+    inspect["Mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["Destination"] == destination)
+        .unwrap_or_else(|| panic!("no mount at {destination}: {inspect}"))
+        .clone()
+}
 #[test]
 fn vm_a_volume_outlives_its_containers_and_clones_are_independent() {
     vm_test("volumes", Pool::Small, |s| {
@@ -624,13 +634,7 @@ fn vm_container_volumes_named_anonymous_bind_ro_volumes_from_and_refusals() {
             "{opts}"
         );
         let inspect = s.json(&["container", "inspect", "binds"]);
-        let motd = inspect["Mounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["Destination"] == "/etc/motd")
-            .unwrap()
-            .clone();
+        let motd = mount_at(&inspect, "/etc/motd");
         assert_eq!(motd["Type"], "bind", "{inspect}");
         assert_eq!(motd["Source"], host_file.to_str().unwrap());
         assert_eq!(motd["RW"], false);
@@ -692,13 +696,7 @@ fn vm_container_volumes_named_anonymous_bind_ro_volumes_from_and_refusals() {
             "data:/usr/share",
         ]);
         let inspect = s.json(&["container", "inspect", "img2"]);
-        let share = inspect["Mounts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|m| m["Destination"] == "/usr/share")
-            .unwrap()
-            .clone();
+        let share = mount_at(&inspect, "/usr/share");
         assert_eq!(share["Name"], "data", "{inspect}");
         // Without --volumes the anonymous volumes outlive the container.
         s.ok(&["container", "rm", "img"]);
