@@ -504,18 +504,8 @@ fn first_write(run: &mut Run, b: &mut Backends, p: &Params, work: &Path) -> Resu
                     );
                 }
                 if deep {
-                    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-                    let blocks = size / KIB4 as u64;
-                    let data = sys::pattern(5, KIB4);
                     let t = Instant::now();
-                    for _ in 0..p.random_writes {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        f.write_all_at(&data, (x % blocks) * KIB4 as u64)
-                            .ctx(|| format!("write {}", file.display()))?;
-                    }
-                    f.sync_all().ctx(|| format!("fsync {}", file.display()))?;
+                    random_writes(&f, file, size / KIB4 as u64, p.random_writes, 0)?;
                     let ms = ms_since(t);
                     let used3 = be.used_bytes()?;
                     run.add(&name, "random-write", size, "ms", ms);
@@ -1119,17 +1109,8 @@ fn pair_workloads(
                 "first-write-disk-bytes",
                 dev1 as f64 - dev0 as f64,
             );
-            let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ k as u64;
-            let data = sys::pattern(5, KIB4);
             let t = Instant::now();
-            for _ in 0..p.random_writes {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                f.write_all_at(&data, (x % blocks) * KIB4 as u64)
-                    .ctx(|| format!("write {}", file.display()))?;
-            }
-            f.sync_all().ctx(|| format!("fsync {}", file.display()))?;
+            random_writes(&f, file, blocks, p.random_writes, k as u64)?;
             run.add(&name, PAIR, 0, "random-write-ms", ms_since(t));
         }
         for (be, file) in pair.iter_mut().zip(&files) {
@@ -1154,4 +1135,25 @@ fn pair_workloads(
         be.remove_layer("base")?;
     }
     Ok(())
+}
+
+/// `n` 4 KiB writes at xorshift-chosen blocks of the first `blocks` of `f`
+/// (seeded by `seed`), then an fsync.
+fn random_writes(
+    f: &std::fs::File,
+    file: &std::path::Path,
+    blocks: u64,
+    n: usize,
+    seed: u64,
+) -> Result<()> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed;
+    let data = sys::pattern(5, KIB4);
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f.write_all_at(&data, (x % blocks) * KIB4 as u64)
+            .ctx(|| format!("write {}", file.display()))?;
+    }
+    f.sync_all().ctx(|| format!("fsync {}", file.display()))
 }
