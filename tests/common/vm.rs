@@ -179,44 +179,23 @@ fn in_scratch(p: &Path) -> bool {
         .is_some_and(|c| c.as_os_str().to_string_lossy().starts_with("tl-"))
 }
 
-/// One line of `/proc/self/mountinfo`: the device and the mount point.
+/// One mount: the device (`major:minor`) and the mount point.
 struct Mount {
     devno: String,
     point: PathBuf,
 }
 
-/// The mounts of this namespace, in mount order.
+/// The mounts of this namespace, in mount order (the engine's mountinfo
+/// reader: the sweep avoids the CLI under test, not the parser).
 fn mounts() -> Vec<Mount> {
-    let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            Some(Mount {
-                devno: (*f.get(2)?).to_owned(),
-                point: PathBuf::from(unescape(f.get(4)?)),
-            })
+    thinlayer_pool::mounts::all()
+        .expect("read mountinfo")
+        .into_iter()
+        .map(|m| Mount {
+            devno: format!("{}:{}", m.device.major, m.device.minor),
+            point: m.mountpoint,
         })
         .collect()
-}
-
-/// mountinfo's octal escapes (`\040` for a space) undone.
-fn unescape(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        let esc = b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c));
-        if esc {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Unmounts `p`; lazily if it is busy.
