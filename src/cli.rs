@@ -35,7 +35,8 @@ pub struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Wait for another thinlayer command on this root instead of failing.
+    /// Wait for another thinlayer command on this root instead of failing
+    /// (without it, a root still busy after 2 s is refused).
     #[arg(long, global = true)]
     pub wait: bool,
     /// Log what is done (repeat for more); RUST_LOG also works.

@@ -239,6 +239,22 @@ fn vm_docker_runs_on_thin_snapshots() {
         d.ok(&["rm", "writer"]);
         d.ok(&["rmi", "demo:committed"]);
         assert_eq!(docker_layers(s).len(), 3, "{:?}", docker_layers(s));
+        // The kernel work of a removal runs once requests pause: the
+        // blocks come back then, with no request asking for them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let trash = || {
+            s.json(&["pool", "status"])["trash"]
+                .as_array()
+                .map_or(0, Vec::len)
+        };
+        while trash() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        assert_eq!(
+            trash(),
+            0,
+            "removed layers still in the trash 60 s after rm/rmi"
+        );
         let used_after = s.used_data_blocks();
         println!("data blocks: {used_image} with the image, {used_after} after rm and rmi");
         assert!(

@@ -495,7 +495,7 @@ fn vm_concurrent_layer_creates_all_succeed_with_distinct_thin_ids() {
         let st = s.json(&["pool", "status"]);
         assert_eq!(st["kernel"]["transaction_id"], st["transaction_id"]);
         assert_eq!(st["layers"], 8);
-        // Without --wait a held lock is refused at once, not queued.
+        // Without --wait a lock held past the grace period is refused, not queued.
         let _lock = nix::fcntl::Flock::lock(
             fs::File::open(s.root.join("lock")).unwrap(),
             nix::fcntl::FlockArg::LockExclusive,

@@ -30,6 +30,17 @@
 //!   of a layer's free space on each `put` (most of a `docker create`'s
 //!   storage cost). Docker's own devicemapper driver does not trim either.
 //!
+//! - Kernel work no answer needs waits until requests pause (the
+//!   server's settler calls [`ThinDriver::settle_step`]): a `put` unmounts
+//!   and leaves the device up, a `remove` takes the layer's record away
+//!   and puts its thin id in the pool's trash (see the pool's
+//!   `set_teardown_later`). Each step then tears one idle device down or
+//!   reclaims one trashed thin id (discard, device, thin id), so a request
+//!   arriving meanwhile waits one step at most; `cleanup` (Docker's
+//!   shutdown) and the next start finish whatever is left. A device a
+//!   `put` left up also makes the next `get` of that layer cheaper, and a
+//!   snapshot of it suspends it for the moment of the `create_snap`.
+//!
 //! - `diff` and `apply_diff` stream with no lock held ([`stream`]): each
 //!   takes what its stream needs under the locks, streams, and settles
 //!   under the locks again, so Docker can stream one layer's Diff straight
@@ -117,6 +128,8 @@ pub struct ThinDriver {
     streams: stream::Streams,
     /// The last number given to a stream's directory.
     stream_seq: u64,
+    /// Docker layers whose device a `put` left up, for the settler.
+    idle: std::collections::BTreeSet<String>,
 }
 
 /// The pool layer id of Docker layer `id`.
@@ -146,6 +159,7 @@ impl ThinDriver {
             refs: BTreeMap::new(),
             streams: stream::Streams::default(),
             stream_seq: 0,
+            idle: std::collections::BTreeSet::new(),
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -158,7 +172,43 @@ impl ThinDriver {
             }
         }
         driver.save_refs()?;
+        // What a previous run left for its settler: every unmounted
+        // layer's device, then the trash.
+        let mut store = driver.store()?;
+        for l in store.pool().layer_records()? {
+            if l.owner == Owner::Graphdriver {
+                store.pool().deactivate_layer(&l.id)?;
+            }
+        }
+        store.pool().reclaim()?;
         Ok(driver)
+    }
+
+    /// One step of the kernel work answers left for later: one idle
+    /// device torn down, else one trashed thin id reclaimed. Returns
+    /// whether more is left. A failure is logged and the work dropped from
+    /// this run's list (the next start or `thinlayer pool reclaim` finishes
+    /// it).
+    pub fn settle_step(&mut self) -> bool {
+        let t = std::time::Instant::now();
+        let step = self.store().and_then(|mut store| {
+            if let Some(id) = self.idle.pop_first() {
+                if !self.refs.contains_key(&id) {
+                    match store.pool().deactivate_layer(&pool_id(&id)) {
+                        Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            } else {
+                store.pool().reclaim_some(1)?;
+            }
+            Ok(!self.idle.is_empty() || !store.pool().record().trash.is_empty())
+        });
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+        step.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "deferred kernel work failed; the next start or `thinlayer pool reclaim` finishes it");
+            false
+        })
     }
 
     /// Each call takes the root's lock for its own duration, so other
@@ -404,11 +454,13 @@ impl GraphDriver for ThinDriver {
         }
         // Docker removes what it no longer uses; a mount it forgot to put
         // goes with it, unless a process still works in it (then Busy).
+        store.pool().set_teardown_later(true);
         self.unmount(&mut store, id)?;
         if self.refs.remove(id).is_some() {
             self.save_refs()?;
         }
         store.pool().remove_layer(&pid)?;
+        self.idle.remove(id);
         Ok(())
     }
 
@@ -452,8 +504,10 @@ impl GraphDriver for ThinDriver {
             return self.save_refs();
         }
         let mut store = self.store()?;
+        store.pool().set_teardown_later(true);
         self.unmount(&mut store, id)?;
         self.refs.remove(id);
+        self.idle.insert(id.to_owned());
         self.save_refs()
     }
 
@@ -525,6 +579,18 @@ impl GraphDriver for ThinDriver {
         }
         self.refs.clear();
         self.save_refs()?;
+        // Docker stops: nothing stays up for a settler that is going away.
+        for id in std::mem::take(&mut self.idle) {
+            match store.pool().deactivate_layer(&pool_id(&id)) {
+                Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Err(e) = store.pool().reclaim() {
+            first_error.get_or_insert(e);
+        }
         match first_error {
             Some(e) => Err(e.into()),
             None => Ok(()),

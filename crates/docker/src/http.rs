@@ -59,7 +59,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -69,7 +69,7 @@ use thinlayer_pool::socket::{Access, accept_error_is_transient};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
-    sync::{Mutex, mpsc},
+    sync::{Mutex, Notify, mpsc},
 };
 
 /// The bounds one connection lives within.
@@ -170,6 +170,14 @@ pub trait Handler: Send + 'static {
     /// Answers one request whose body was read whole.
     fn handle(&mut self, path: &str, body: &[u8]) -> Reply;
 
+    /// One step of work the answers left for later (a device to tear
+    /// down, a removal's kernel work), run between requests once they
+    /// pause; returns whether more is left. Errors are the handler's to
+    /// log: the work stays for the next step or the next start.
+    fn idle(&mut self) -> bool {
+        false
+    }
+
     /// Starts one [`Route::Upload`] request: checks it and takes what its
     /// stream needs, and returns the job that reads the body.
     ///
@@ -219,7 +227,11 @@ pub async fn serve<H: Handler>(
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) {
-    let handler = Arc::new(Mutex::new(handler));
+    let handler = Served {
+        handler: Arc::new(Mutex::new(handler)),
+        activity: Arc::new(Activity::default()),
+    };
+    let settler = tokio::spawn(settle(handler.clone()));
     let open = Arc::new(AtomicUsize::new(0));
     tokio::pin!(shutdown);
     loop {
@@ -255,12 +267,14 @@ pub async fn serve<H: Handler>(
             continue;
         }
         let counted = Counted::new(&open);
-        let handler = Arc::clone(&handler);
+        let handler = handler.clone();
         tokio::spawn(async move {
             let _counted = counted;
             connection(stream, &handler, &limits).await;
         });
     }
+    // A step under way finishes on its thread; no new one starts.
+    settler.abort();
 }
 
 /// Serves `make()`'s handler on `socket` until SIGTERM or SIGINT, to root
@@ -356,7 +370,7 @@ enum Refusal {
 }
 
 /// Serves one connection's requests until it closes or breaks a bound.
-async fn connection<H: Handler>(mut stream: UnixStream, handler: &Arc<Mutex<H>>, limits: &Limits) {
+async fn connection<H: Handler>(mut stream: UnixStream, handler: &Served<H>, limits: &Limits) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         let started = Instant::now();
@@ -407,7 +421,7 @@ async fn refuse(stream: &mut UnixStream, refusal: Refusal, limits: &Limits) {
 /// Runs the handler on a blocking thread, one request at a time; a panic
 /// is a 500. Logs (debug) how long the request waited for the handler and
 /// how long it took in all.
-async fn run<H: Handler>(handler: &Arc<Mutex<H>>, path: String, body: Vec<u8>) -> Reply {
+async fn run<H: Handler>(handler: &Served<H>, path: String, body: Vec<u8>) -> Reply {
     let started = Instant::now();
     let shown = path.clone();
     let (reply, waited) = locked(handler, move |h| {
@@ -429,12 +443,74 @@ async fn run<H: Handler>(handler: &Arc<Mutex<H>>, path: String, body: Vec<u8>) -
 /// Runs `f` with the handler on a blocking thread, one at a time; a panic
 /// is a 500.
 async fn locked<H: Handler, T: Send + 'static>(
-    handler: &Arc<Mutex<H>>,
+    handler: &Served<H>,
     f: impl FnOnce(&mut H) -> T + Send + 'static,
 ) -> Result<T, Reply> {
-    let mut guard = Arc::clone(handler).lock_owned().await;
+    let a = &handler.activity;
+    a.started.fetch_add(1, Ordering::Relaxed);
+    a.in_flight.fetch_add(1, Ordering::Relaxed);
+    let mut guard = Arc::clone(&handler.handler).lock_owned().await;
     let done = tokio::task::spawn_blocking(move || f(&mut guard)).await;
+    a.in_flight.fetch_sub(1, Ordering::Relaxed);
+    a.ended.notify_one();
     done.map_err(|e| panicked(&e))
+}
+
+/// The handler, shared by the connections and the settler, and what the
+/// settler watches.
+struct Served<H> {
+    handler: Arc<Mutex<H>>,
+    activity: Arc<Activity>,
+}
+
+impl<H> Clone for Served<H> {
+    fn clone(&self) -> Self {
+        Served {
+            handler: Arc::clone(&self.handler),
+            activity: Arc::clone(&self.activity),
+        }
+    }
+}
+
+/// Requests started and running, and a wake-up when one ends.
+#[derive(Default)]
+struct Activity {
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+    ended: Notify,
+}
+
+/// How long no request may have started before the settler runs the
+/// handler's [`Handler::idle`] work.
+const SETTLE_AFTER: Duration = Duration::from_millis(50);
+
+/// Runs the handler's idle work, one step at a time, whenever requests
+/// pause for [`SETTLE_AFTER`], until it says nothing is left; a request
+/// arriving meanwhile waits for one step at most.
+async fn settle<H: Handler>(served: Served<H>) {
+    let a = &served.activity;
+    loop {
+        a.ended.notified().await;
+        loop {
+            let seen = a.started.load(Ordering::Relaxed);
+            tokio::time::sleep(SETTLE_AFTER).await;
+            if a.started.load(Ordering::Relaxed) != seen || a.in_flight.load(Ordering::Relaxed) > 0
+            {
+                continue;
+            }
+            let mut guard = Arc::clone(&served.handler).lock_owned().await;
+            let more = match tokio::task::spawn_blocking(move || guard.idle()).await {
+                Ok(more) => more,
+                Err(e) => {
+                    tracing::error!(error = %e, "the idle work failed");
+                    false
+                }
+            };
+            if !more {
+                break;
+            }
+        }
+    }
 }
 
 fn panicked(e: &tokio::task::JoinError) -> Reply {
@@ -450,7 +526,7 @@ fn panicked(e: &tokio::task::JoinError) -> Reply {
 async fn upload<H: Handler>(
     stream: &mut UnixStream,
     buf: &mut Vec<u8>,
-    handler: &Arc<Mutex<H>>,
+    handler: &Served<H>,
     head: Head,
     limits: &Limits,
 ) -> bool {
@@ -527,7 +603,7 @@ async fn upload<H: Handler>(
 /// Returns whether the connection may serve another request.
 async fn download<H: Handler>(
     stream: &mut UnixStream,
-    handler: &Arc<Mutex<H>>,
+    handler: &Served<H>,
     head: Head,
     body: Vec<u8>,
     limits: &Limits,

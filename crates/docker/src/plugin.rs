@@ -348,6 +348,10 @@ impl Handler for DockerPlugin {
     fn download(&mut self, path: &str, body: &[u8]) -> Result<Download<DockerPlugin>, Reply> {
         DockerPlugin::download(self, path, body)
     }
+
+    fn idle(&mut self) -> bool {
+        self.graph.settle_step()
+    }
 }
 
 /// The endpoint of a request target: the path without its query.

@@ -78,16 +78,33 @@ pub fn open_lock_file(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Takes the lock on `root` (which must exist).
+/// How long a caller that does not queue (`wait` false) still tries for
+/// the root's lock: the servers hold it for one request or one step of
+/// their idle work at a time (tens of milliseconds), and a `layer ls`
+/// beside a busy dockerd should not fail for that.
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Takes the lock on `root` (which must exist); without `wait`, tries for
+/// [`GRACE`] before giving up.
 ///
 /// # Errors
-/// [`Error::Locked`] when held and `wait` is false; I/O errors.
+/// [`Error::Locked`] when held all that time and `wait` is false; I/O
+/// errors.
 pub fn lock(root: &Path, mode: LockMode, wait: bool) -> Result<RootLock> {
     let path: PathBuf = root.join("lock");
-    lock_file(&path, mode, wait)?.ok_or_else(|| Error::Locked {
-        root: root.to_owned(),
-        lock: path,
-    })
+    let deadline = std::time::Instant::now() + GRACE;
+    loop {
+        if let Some(l) = lock_file(&path, mode, wait)? {
+            return Ok(l);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Locked {
+                root: root.to_owned(),
+                lock: path,
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// Takes a `flock` on the lock file at `path` ([`open_lock_file`]'s

@@ -63,6 +63,16 @@ impl Pool {
     /// # Errors
     /// Record and kernel errors (what is left stays listed for next time).
     pub fn reclaim(&mut self) -> Result<Reclaimed> {
+        self.reclaim_some(usize::MAX)
+    }
+
+    /// [`Pool::reclaim`], bounded: the idle devices, then at most `max`
+    /// trashed thin ids (the oldest), so a server doing it between
+    /// requests keeps each step short. The rest stays in the trash.
+    ///
+    /// # Errors
+    /// As [`Pool::reclaim`].
+    pub fn reclaim_some(&mut self, max: usize) -> Result<Reclaimed> {
         let mut done = Reclaimed::default();
         if self.pool_device()?.is_none() {
             return Ok(done);
@@ -79,14 +89,15 @@ impl Pool {
                 }
             }
         }
-        let trash = std::mem::take(&mut self.rec.trash);
-        if trash.is_empty() {
+        let n = max.min(self.rec.trash.len());
+        if n == 0 {
             return Ok(done);
         }
+        let trash: Vec<Trashed> = self.rec.trash.drain(..n).collect();
         if let Err(e) = self.begin(Pending::Reclaim {
             trash: trash.clone(),
         }) {
-            self.rec.trash = trash;
+            self.rec.trash.splice(0..0, trash);
             return Err(e);
         }
         fault::point("reclaim.after_intent");
