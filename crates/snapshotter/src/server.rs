@@ -6,7 +6,10 @@
 //! The socket is root's only (0600 in a 0700 directory), or a group's with
 //! `--socket-group` (`thinlayer_pool::socket`); every accepted connection's
 //! peer is checked before gRPC sees it, and an accept error (`EMFILE`) is
-//! logged and retried, never the end of the server.
+//! logged and retried, never the end of the server. Each connection is
+//! wrapped in [`FixAuthority`], which hands h2 `localhost` for an
+//! `:authority` it would refuse (a socket path, as grpc-go's
+//! `passthrough:///PATH` sends).
 
 use std::{
     collections::HashMap,
@@ -27,6 +30,7 @@ use tokio::{
 use tokio_stream::Stream;
 
 use crate::{
+    authority::FixAuthority,
     error::{Error, Result},
     keys::Kind,
     ops::SnapshotOps,
@@ -268,8 +272,9 @@ async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> 
     served
 }
 
-/// The connections the gRPC server gets: accepted, and admitted by the
-/// socket's [`Access`] (others are closed at once, logged). It never ends
+/// The connections the gRPC server gets: accepted, admitted by the
+/// socket's [`Access`] (others are closed at once, logged), and wrapped in
+/// [`FixAuthority`]. It never ends
 /// and never yields an error: an accept error (out of descriptors) is
 /// logged, and accepting resumes after a short pause, since tonic would
 /// stop serving at the first error it is given.
@@ -291,7 +296,7 @@ impl Admitted {
 }
 
 impl Stream for Admitted {
-    type Item = io::Result<UnixStream>;
+    type Item = io::Result<FixAuthority<UnixStream>>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -302,7 +307,7 @@ impl Stream for Admitted {
             }
             match ready!(this.listener.poll_accept(cx)) {
                 Ok((stream, _)) => match this.access.admit(&stream) {
-                    Ok(_) => return Poll::Ready(Some(Ok(stream))),
+                    Ok(_) => return Poll::Ready(Some(Ok(FixAuthority::new(stream)))),
                     Err(why) => tracing::warn!("connection refused: {why}"),
                 },
                 Err(e) => {
@@ -350,7 +355,7 @@ mod tests {
             .expect("an admitted connection")
             .unwrap()
             .unwrap();
-        let peer = thinlayer_pool::socket::peer(&got).unwrap();
+        let peer = thinlayer_pool::socket::peer(got.get_ref()).unwrap();
         assert_eq!(peer.pid, i32::try_from(std::process::id()).unwrap());
         drop((admitted, file));
         if !nix::unistd::Uid::effective().is_root() {
