@@ -342,7 +342,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
 
-    /// A snapshotter whose Stat answers any key with its name; nothing else.
+    /// A snapshotter whose Stat answers any key with its name and whose List
+    /// is empty; nothing else.
     struct Fake;
 
     #[tonic::async_trait]
@@ -402,7 +403,7 @@ mod tests {
         type InfoStream = tokio_stream::Iter<std::vec::IntoIter<Result<Info, Status>>>;
 
         async fn list(&self, _: String, _: Vec<String>) -> Result<Self::InfoStream, Status> {
-            Err(Status::unimplemented("fake"))
+            Ok(tokio_stream::iter(Vec::new()))
         }
     }
 
