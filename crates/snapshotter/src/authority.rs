@@ -27,7 +27,10 @@
 //!   state h2's decoder is in. It goes out as HEADERS (END_STREAM and the
 //!   priority kept, padding dropped) and CONTINUATION frames of at most
 //!   16,384 bytes, the least `SETTINGS_MAX_FRAME_SIZE` any peer must accept
-//!   (and what tonic 0.9's h2 server advertises).
+//!   (and what tonic 0.9's h2 server advertises). A "never indexed" mark
+//!   is not kept: h2 is the endpoint, no intermediary reads it. A
+//!   PUSH_PROMISE, which no client may send, passes through for h2 to
+//!   end the connection.
 //!
 //! What must never happen:
 //! - a byte of anything but a header block changed, or a frame reordered;
@@ -791,6 +794,15 @@ mod tests {
         let got = through(&input, 11).await.unwrap();
         let b: Vec<Fields> = blocks(&got).into_iter().map(|b| b.1).collect();
         assert_eq!(b, sent);
+
+        // An emptied table is empty: an index into it is refused.
+        let mut emptied = opening();
+        let mut enc = Encoder::new();
+        let fields = request("x", &[("x-new", "1")]);
+        emptied.extend(frame(HEADERS, END_HEADERS, 1, &encode(&mut enc, &fields)));
+        assert!(feed_all(&emptied).is_ok());
+        emptied.extend(frame(HEADERS, END_HEADERS, 3, &[0x20, 0x80 | 62]));
+        assert!(feed_all(&emptied).is_err());
 
         // A size update beyond what h2 allows is refused.
         let mut bad = opening();
