@@ -1121,6 +1121,22 @@ mod tests {
         assert_eq!(status(&format!("POST /x HTTP/1.1\r\n{many}\r\n")), 431);
     }
 
+    /// HTTP/1.1's `Host` is never read: clients that send the socket path
+    /// there (or none at all) are answered, unlike
+    /// h2's strict `:authority` (crates/snapshotter authority.rs).
+    #[test]
+    fn any_host_is_taken() {
+        for req in [
+            "POST /Plugin.Activate HTTP/1.1\r\nHost: /run/docker/plugins/thinlayer.sock\r\n\r\n",
+            "POST /Plugin.Activate HTTP/1.1\r\nHost: unix:///run/x.sock\r\n\r\n",
+            "POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n\r\n",
+            "POST /Plugin.Activate HTTP/1.0\r\n\r\n",
+        ] {
+            let h = head(req).unwrap().unwrap();
+            assert_eq!(h.path, "/Plugin.Activate", "{req:?}");
+        }
+    }
+
     struct Echo;
     impl Handler for Echo {
         fn route(path: &str) -> Route {

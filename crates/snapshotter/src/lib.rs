@@ -13,7 +13,10 @@
 //! engine (`thinlayer_pool::Pool`, opened per request under the root's
 //! flock) + the key store. Reads (Stat, List, and Usage and Mounts of a
 //! snapshot whose device is up) skip the queue and the lock ([`reads`]).
+//! Every connection reaches gRPC through [`authority::FixAuthority`], so a
+//! client sending its socket path as `:authority` is answered, not reset.
 
+pub mod authority;
 pub mod error;
 pub mod filter;
 pub mod keys;

@@ -17,16 +17,19 @@
 // that suite itself for every snapshotter (its first line is t.Skip,
 // because of overlay on some kernels). A block snapshotter must not skip
 // it, so TestThinlayerRename below runs the same rename scenario against
-// the service.
+// the service. TestThinlayerAuthority dials as grpc-go clients that send
+// the socket path as `:authority` do.
 package testsuite
 
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/errdefs"
 	"github.com/containerd/containerd/mount"
 	"github.com/containerd/continuity/fs/fstest"
 
@@ -178,5 +181,37 @@ func removeAll(ctx context.Context, sn snapshots.Snapshotter) {
 				_ = sn.Remove(ctx, i.Name)
 			}
 		}
+	}
+}
+
+// TestThinlayerAuthority: grpc-go dialing `passthrough:///PATH` (or the bare
+// path) sends the path as the HTTP/2 `:authority` ("run/..." or "/run/..."
+// in this grpc-go), which h2 alone resets with PROTOCOL_ERROR (an Internal
+// error here); the server must answer it: a Stat of a missing key is
+// NotFound (or found), and a walk succeeds.
+func TestThinlayerAuthority(t *testing.T) {
+	ctx := context.Background()
+	sock := socket(t)
+	for _, target := range []string{"passthrough:///" + sock, sock} {
+		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		conn, err := grpc.DialContext(dctx, target, grpc.WithInsecure(), grpc.WithBlock(),
+			grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", sock)
+			}))
+		cancel()
+		if err != nil {
+			t.Fatalf("%s: %v", target, err)
+		}
+		sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "thinlayer")
+		for i := 0; i < 3; i++ {
+			if _, err := sn.Stat(ctx, "thinlayer-authority-missing"); err != nil && !errdefs.IsNotFound(err) {
+				t.Fatalf("%s: Stat: %v", target, err)
+			}
+			if err := sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil }); err != nil {
+				t.Fatalf("%s: Walk: %v", target, err)
+			}
+		}
+		conn.Close()
 	}
 }
