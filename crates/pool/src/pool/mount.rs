@@ -19,7 +19,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Action, Pool, layer::refuse_removing};
+use super::{Action, Pool, layer::refuse_removing, spare};
 use crate::{
     error::{Error, IoContext, Result},
     fault, kernel,
@@ -94,8 +94,34 @@ impl Pool {
             self.activate_thin(pool_dev, layer.thin_id, layer.size_in(&self.rec).sectors())?;
         fault::point("mount.after_activation");
         let node = kernel::devnode(dev);
-        if !activated && mounts::mountpoints_of(dev)?.iter().any(|m| m == real) {
-            return Ok((node, Action::AlreadyDone));
+        let mut premount = None;
+        if !activated {
+            let points = mounts::mountpoints_of(dev)?;
+            if points.iter().any(|m| m == real) {
+                return Ok((node, Action::AlreadyDone));
+            }
+            premount = self.premount_in(layer.thin_id, &points)?;
+        }
+        // Idle once a premount is given up: undone as if activated here.
+        let mut activated = activated;
+        if let Some(from) = premount {
+            // The layer took a mounted spare: for the spare's own options,
+            // its mount moves here (no mount(2), no journal replay).
+            if spare::spare_use(how, fs_type) {
+                match mounts::move_mount(&from, target) {
+                    Ok(()) => {
+                        fault::point("spare_take.after_move");
+                        // Empty now; `pool recover` sweeps it if this fails.
+                        let _ = fs::remove_dir(&from);
+                        return Ok((node, Action::Done));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not move a spare's mount; mounting afresh");
+                    }
+                }
+            }
+            self.release_spare_mount(layer.thin_id)?;
+            activated = true;
         }
         if let Err(e) = mounts::mount(&node, target, fs_type, how) {
             if activated {
@@ -126,6 +152,9 @@ impl Pool {
         let layer = self.layer(id)?;
         // The caller may write it: its spares would not be its snapshots.
         self.drop_spares_of(id)?;
+        // The caller mounts the device itself: a mount kept from the spare
+        // it took (see `spare`) is given up.
+        self.release_spare_mount(layer.thin_id)?;
         let (dev, _) =
             self.activate_thin(pool_dev, layer.thin_id, layer.size_in(&self.rec).sectors())?;
         Ok(kernel::devnode(dev))
@@ -218,11 +247,16 @@ impl Pool {
             }
             (sel, vec![dir])
         };
+        let spares = self.real_spares_dir()?;
         for d in dirs.iter().rev() {
             if trim == Trim::Before {
                 crate::space::trim_before_umount(d);
             }
             mounts::umount(d)?;
+            if d.parent() == Some(spares.as_path()) {
+                // A taken spare's mount, never used: its directory goes.
+                let _ = fs::remove_dir(d);
+            }
         }
         fault::point("umount.after_umount");
         for (thin_id, name, dev) in selected {
