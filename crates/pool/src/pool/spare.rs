@@ -177,6 +177,11 @@ impl Pool {
         }
         let what = parent.map_or("the base device".to_owned(), |p| format!("layer `{p}`"));
         let origin_name = self.name(Role::Thin(origin));
+        if have.len() < count && parent.is_some() && self.release_spare_mount(origin)? {
+            // The parent took a mounted spare and was never mounted since:
+            // that mount is nobody's work, and its device goes with it.
+            self.kernel()?.remove_if_present(&origin_name)?;
+        }
         if have.len() < count && self.kernel()?.device(&origin_name)?.is_some() {
             return Err(Error::Busy {
                 what,
@@ -429,8 +434,8 @@ impl Pool {
     /// Unmounts the spare mounts under `ROOT/spares` that neither a listed
     /// spare nor a record in `known` (layer and trashed thin ids) names,
     /// deleting their thin ids (only a spare is ever mounted there), and
-    /// removes empty directories nobody lists. For `pool recover`: says
-    /// what it did.
+    /// removes the empty directories. For `pool recover`: says what it
+    /// did.
     ///
     /// # Errors
     /// Kernel and I/O errors.
@@ -474,11 +479,9 @@ impl Pool {
         }
         let entries = fs::read_dir(&dir).ctx(|| format!("list {}", dir.display()))?;
         for e in entries.flatten() {
-            let t = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
-            if t.is_some_and(|t| !listed.contains(&t) && !known.contains(&t)) {
-                // Empty (a move left it) or busy: remove_dir refuses a mount.
-                let _ = fs::remove_dir(e.path());
-            }
+            // Left empty by a move, or by a crash: rmdir refuses a mount
+            // point, and a listed spare's directory is made again.
+            let _ = fs::remove_dir(e.path());
         }
         Ok(said)
     }
