@@ -770,6 +770,16 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         assert_eq!(thin_device_count(s), 0);
         s.ok(&["pool", "check"]);
 
+        // Removing a parent drops its mounted spares.
+        s.ok(&["layer", "create", "p2"]);
+        s.ok(&["layer", "provision", "p2", "--spares", "2", "--mounted"]);
+        assert_eq!(spare_mounts(s).len(), 2);
+        s.ok(&["layer", "rm", "p2"]);
+        assert!(spare_mounts(s).is_empty());
+        assert!(spares(s).is_empty());
+        assert_eq!(thin_device_count(s), 0);
+        s.ok(&["pool", "check"]);
+
         // Destroy (the harness's) takes a mounted spare down too.
         s.ok(&["layer", "provision", "a", "--mounted"]);
         assert_eq!(spare_mounts(s).len(), 1);

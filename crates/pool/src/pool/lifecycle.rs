@@ -438,7 +438,6 @@ impl Pool {
             });
         }
         self.unmount_spares_dir(&all)?;
-        let kernel = self.kernel.as_ref().expect("opened above");
         for (name, _) in &thins {
             let n =
                 devicemapper::DmNameBuf::new(name.clone()).expect("valid: listed by the kernel");

@@ -5,6 +5,11 @@
 //! Mount points are made 0700; a caller that opened the directory itself
 //! mounts through `/proc/self/fd/N` ([`Pool::mount_layer_at_fd`]).
 //!
+//! A layer that took a mounted spare (see `spare`) is already mounted at
+//! `ROOT/spares/THIN_ID`: a mount for the spare's own options
+//! ([`MountUse::Container`]) moves that mount to the target (`MS_MOVE`),
+//! any other unmounts it first and mounts as usual.
+//!
 //! What must never happen: a layer half-removed by a crash, or whose
 //! removal is deferred, mounted or activated; a device torn down while
 //! something mounts it; a mount of something that is not this pool's
@@ -30,7 +35,9 @@ use crate::{
 impl Pool {
     /// Activates layer `id`'s thin device if needed and mounts it at `dir`
     /// (created 0700 if missing) for `how` (which decides `ro`, `nosuid`,
-    /// `nodev`; see [`MountUse`]). Returns the device node.
+    /// `nodev`; see [`MountUse`]). A layer that took a mounted spare gets
+    /// that mount moved to `dir` when `how` has the spare's options
+    /// ([`MountUse::Container`]). Returns the device node.
     ///
     /// # Errors
     /// [`Error::UnknownLayer`], [`Error::PoolInactive`], mount errors.

@@ -208,7 +208,7 @@ impl Pool {
             self.write_record()?;
             fault::point("spare_mount.after_record");
         }
-        let wants_mounts = mount || kept.iter().any(|&t| flagged(&self.rec, t));
+        let wants_mounts = count > 0 && (mount || kept.iter().any(|&t| flagged(&self.rec, t)));
         let (all, dir) = if wants_mounts {
             let all = mounts::all()?;
             let dir = self.spares_dir_ready(&all)?;
