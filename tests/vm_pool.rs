@@ -644,9 +644,44 @@ fn mountpoints(s: &Scratch, id: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The id of the mount at `at` (the newest there), from mountinfo: a
+/// moved mount keeps its id.
+fn mount_id(at: &Path) -> Option<u64> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (Path::new(f[4]) == at).then(|| f[0].parse().unwrap())
+        })
+        .last()
+}
+
 #[test]
 fn vm_pool_mounted_spares_are_taken_by_a_move() {
     vm_test("mounted-spares", Pool::Small, |s| {
+        // Under a shared mount, as `/` is under systemd: the kernel moves
+        // no mount whose parent is shared, which the spares' own private
+        // tmpfs avoids.
+        use nix::mount::{MntFlags, MsFlags, mount, umount2};
+        let base = s.root.parent().unwrap().to_owned();
+        mount(
+            Some(&base),
+            &base,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mount(
+            None::<&str>,
+            &base,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .unwrap();
+
         s.ok(&["layer", "create", "a"]);
         let d = s.mount("a");
         write_file(&d.join("v.txt"), b"one");
@@ -690,8 +725,14 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         let c1 = s.json(&["layer", "create", "c1", "--parent", "a"]);
         assert_eq!(c1["thin_id"].as_u64(), Some(sp[0].1), "took the spare");
         assert_eq!(spares(s), sp[1..].to_vec());
+        let spare_mount = mount_id(&want[0]).expect("the spare is mounted");
         let d1 = s.mount("c1");
         assert_eq!(spare_mounts(s), want[1..].to_vec(), "its mount moved");
+        assert_eq!(
+            mount_id(&fs::canonicalize(&d1).unwrap()),
+            Some(spare_mount),
+            "the spare's very mount is at the target"
+        );
         assert!(!want[0].exists(), "its directory is gone");
         assert_eq!(
             mountpoints(s, "c1"),
@@ -780,9 +821,19 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         assert_eq!(thin_device_count(s), 0);
         s.ok(&["pool", "check"]);
 
-        // Destroy (the harness's) takes a mounted spare down too.
+        // Destroy takes a mounted spare and the spares' tmpfs down too.
         s.ok(&["layer", "provision", "a", "--mounted"]);
         assert_eq!(spare_mounts(s).len(), 1);
+        s.ok(&["pool", "destroy", "--force"]);
+        let canon_base = fs::canonicalize(&base).unwrap();
+        let under: Vec<PathBuf> = thinlayer_pool::mounts::all()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mountpoint)
+            .filter(|p| p.starts_with(&canon_base) && *p != canon_base)
+            .collect();
+        assert!(under.is_empty(), "destroy left mounts: {under:?}");
+        umount2(&base, MntFlags::MNT_DETACH).unwrap();
     });
 }
 
