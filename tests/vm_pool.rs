@@ -654,7 +654,7 @@ fn mount_id(at: &Path) -> Option<u64> {
             let f: Vec<&str> = l.split(' ').collect();
             (Path::new(f[4]) == at).then(|| f[0].parse().unwrap())
         })
-        .last()
+        .next_back()
 }
 
 #[test]
