@@ -297,8 +297,13 @@ pub enum LayerCommand {
         #[arg(long)]
         base: bool,
         /// How many spares to keep ready (0 drops them).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, alias = "count", default_value_t = 1)]
         spares: usize,
+        /// Keep them mounted too (under ROOT/spares, only root can enter):
+        /// a `thinlayer mount` of a layer made from one then moves that
+        /// mount instead of mounting.
+        #[arg(long)]
+        mounted: bool,
     },
 }
 

@@ -116,6 +116,13 @@ pub(crate) fn status_text(st: &PoolStatus) -> String {
         }
         let list: Vec<String> = by.iter().map(|(p, n)| format!("{p} x{n}")).collect();
         s += &format!("  spares (provisioned snapshots): {}\n", list.join(", "));
+        let c = &st.spare_cost;
+        s += &format!(
+            "  spares cost: {} device(s) active, {} mounted, {} mapped\n",
+            c.devices,
+            c.mounts,
+            Bytes(c.mapped_bytes)
+        );
     }
     if !st.trash.is_empty() {
         s += &format!(

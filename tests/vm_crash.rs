@@ -99,6 +99,27 @@ fn verify(s: &Scratch, want: &Contents, why: &str) {
     }
 }
 
+/// The mounts under `ROOT/spares` (real paths), from mountinfo.
+fn spare_mounts(s: &Scratch) -> Vec<PathBuf> {
+    let Ok(root) = fs::canonicalize(&s.root) else {
+        return Vec::new();
+    };
+    let dir = root.join("spares");
+    thinlayer_pool::mounts::all()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mountpoint.parent() == Some(dir.as_path()))
+        .map(|m| m.mountpoint)
+        .collect()
+}
+
+fn spares_listed(s: &Scratch) -> usize {
+    s.json(&["pool", "status"])["spares"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
 fn pool_id(s: &Scratch) -> String {
     s.json(&["pool", "status"])["pool_id"]
         .as_str()
@@ -198,6 +219,20 @@ fn kernel_state(s: &Scratch) -> (Vec<String>, Vec<PathBuf>) {
 fn assert_settled(s: &Scratch, why: &str) {
     let st = s.json(&["pool", "status"]);
     assert_eq!(st["spares"], serde_json::json!([]), "{why}: spares left");
+    assert_eq!(
+        spare_mounts(s),
+        Vec::<PathBuf>::new(),
+        "{why}: spare mounts left"
+    );
+    let dir = s.root.join("spares");
+    if dir.exists() {
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "{why}: spare directories left: {left:?}");
+    }
     assert_eq!(st["trash"], serde_json::json!([]), "{why}: trash left");
     assert_eq!(st["pending"], Value::Null, "{why}: still pending");
 }
@@ -404,22 +439,115 @@ fn walk_pool_verbs(on: &On) {
     }
 
     // A provision rolls back; a drop finishes. Either way no spare is
-    // left listed or active, and nothing leaks.
+    // left listed, active or mounted, and nothing leaks. Each point is
+    // walked for a plain and a mounted spare (`--mounted` reaches every
+    // point, `spare_provision.after_mount` only it).
     for p in points("spare_provision.") {
         let t = Instant::now();
-        crash(&s, p, &["layer", "provision", "b", "--spares", "1"]);
+        for mounted in [false, true] {
+            if !mounted && p.ends_with("after_mount") {
+                continue;
+            }
+            let mut args = vec!["layer", "provision", "b", "--spares", "1"];
+            if mounted {
+                args.push("--mounted");
+            }
+            crash(&s, p, &args);
+            code_in(&s, &["pool", "recover"], &[0], p);
+            assert_settled(&s, p);
+            assert_consistent_on(&s, on, true, p);
+        }
+        walked += 1;
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    // Mounting kept spares: a crash leaves them listed, mounted or not;
+    // the next provision mounts them, a drop takes them away whole.
+    for p in points("spare_mount.") {
+        let t = Instant::now();
+        s.ok(&["layer", "provision", "b", "--spares", "2"]);
+        crash(
+            &s,
+            p,
+            &["layer", "provision", "b", "--spares", "2", "--mounted"],
+        );
         walked += 1;
         code_in(&s, &["pool", "recover"], &[0], p);
+        // Recorded, then the first mounted: the mounts made are kept.
+        let made = usize::from(p.ends_with("after_mount"));
+        assert_eq!(spare_mounts(&s).len(), made, "{p}");
+        assert_eq!(spares_listed(&s), 2, "{p}: both still listed");
+        s.ok(&["layer", "provision", "b", "--spares", "2", "--mounted"]);
+        assert_eq!(spare_mounts(&s).len(), 2, "{p}: provision mounts them");
+        for m in spare_mounts(&s) {
+            assert!(
+                fs::read(m.join("b.bin")).unwrap() == want["b"].1,
+                "{p}: a spare of b"
+            );
+        }
+        s.ok(&["layer", "provision", "b", "--spares", "0"]);
         assert_settled(&s, p);
         assert_consistent_on(&s, on, true, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
     for p in points("spare_drop.") {
         let t = Instant::now();
-        s.ok(&["layer", "provision", "b", "--spares", "1"]);
-        crash(&s, p, &["layer", "provision", "b", "--spares", "0"]);
+        for mounted in [false, true] {
+            let mut args = vec!["layer", "provision", "b", "--spares", "1"];
+            if mounted {
+                args.push("--mounted");
+            }
+            s.ok(&args);
+            crash(&s, p, &["layer", "provision", "b", "--spares", "0"]);
+            code_in(&s, &["pool", "recover"], &[0], p);
+            assert_settled(&s, p);
+            assert_consistent_on(&s, on, true, p);
+        }
         walked += 1;
+        verify(&s, &want, p);
+        eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    // Taking a mounted spare: a create that aborts (walked above for a
+    // fresh snapshot, here again with a mounted spare, not counted twice)
+    // and a mount whose move aborts. The user's retry gets b's snapshot.
+    for (i, p) in points("layer_create.").into_iter().enumerate() {
+        let t = Instant::now();
+        let id = format!("t{i}");
+        s.ok(&["layer", "provision", "b", "--mounted"]);
+        crash(&s, p, &["layer", "create", &id, "--parent", "b"]);
+        code_in(&s, &["layer", "create", &id, "--parent", "b"], &[0, 4], p);
         code_in(&s, &["pool", "recover"], &[0], p);
+        let d = s.dir(&id);
+        s.ok(&["mount", &id, d.to_str().unwrap()]);
+        assert!(
+            fs::read(d.join("b.bin")).unwrap() == want["b"].1,
+            "{p}: {id} is not b's snapshot"
+        );
+        s.ok(&["umount", &id]);
+        s.ok(&["layer", "rm", &id]);
+        assert_settled(&s, p);
+        assert_consistent_on(&s, on, true, p);
+        eprintln!(
+            "walked {p} with a mounted spare in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    for p in points("spare_take.") {
+        let t = Instant::now();
+        s.ok(&["layer", "provision", "b", "--mounted"]);
+        s.ok(&["layer", "create", "taker", "--parent", "b"]);
+        let d = s.dir("taker");
+        crash(&s, p, &["mount", "taker", d.to_str().unwrap()]);
+        walked += 1;
+        // The move happened: mounting again is nothing to do.
+        code_in(&s, &["mount", "taker", d.to_str().unwrap()], &[0], p);
+        assert!(
+            fs::read(d.join("b.bin")).unwrap() == want["b"].1,
+            "{p}: taker is b's snapshot"
+        );
+        write_file(&d.join("own.bin"), b"taker's");
+        s.ok(&["umount", "taker"]);
+        code_in(&s, &["pool", "recover"], &[0], p);
+        s.ok(&["layer", "rm", "taker"]);
         assert_settled(&s, p);
         assert_consistent_on(&s, on, true, p);
         verify(&s, &want, p);

@@ -1,8 +1,9 @@
 //! A model test: seeded random sequences of operations against the real
-//! pool (create, write, delete a file, remove, deactivate/activate, and
-//! aborts at random fault points followed by recovery), checked after every
-//! step against a model of what must exist: records == kernel == model,
-//! file contents as the model says, `pool check` clean.
+//! pool (create, write, delete a file, remove, deactivate/activate, mounted
+//! spares provisioned, taken and dropped, and aborts at random fault points
+//! followed by recovery), checked after every step against a model of what
+//! must exist: records == kernel == model, file contents as the model says
+//! (a mounted spare's too), `pool check` clean.
 //!
 //! `THINLAYER_MODEL_SEED` replays a run (the seed is printed at the start
 //! and in every failure); `THINLAYER_MODEL_STEPS` sets its length (200).
@@ -47,12 +48,24 @@ struct LayerModel {
     files: BTreeMap<String, Vec<u8>>,
 }
 
+/// The mounted spares of one parent, as the model expects them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SparesModel {
+    /// How many are listed.
+    count: usize,
+    /// Whether they are up (device active, mounted at ROOT/spares/ID):
+    /// a pool deactivate takes them down, the next provision brings them
+    /// back.
+    up: bool,
+}
+
 struct Run<'a> {
     s: &'a Scratch,
     rng: Rng,
     seed: u64,
     step: usize,
     model: BTreeMap<String, LayerModel>,
+    spares: BTreeMap<String, SparesModel>,
     next_id: usize,
     aborts: usize,
 }
@@ -124,11 +137,74 @@ impl Run<'_> {
             self.rng.pick(&ids).cloned()
         };
         self.engine("layer create", |p| p.create_layer(&id, parent.as_deref()));
+        self.took_spare(parent.as_deref());
         let files = parent
             .as_ref()
             .map(|p| self.model[p].files.clone())
             .unwrap_or_default();
         self.model.insert(id, LayerModel { parent, files });
+    }
+
+    /// A create of a child of `parent` took one of its spares, if any.
+    fn took_spare(&mut self, parent: Option<&str>) {
+        if let Some(sp) = parent.and_then(|p| self.spares.get_mut(p)) {
+            sp.count = sp.count.saturating_sub(1);
+        }
+    }
+
+    /// Its spares are dropped: `id` is written or removed.
+    fn spares_dropped(&mut self, id: &str) {
+        self.spares.remove(id);
+    }
+
+    /// `provision --mounted` of a random layer, 1 to 3 spares.
+    fn provision(&mut self) {
+        let ids: Vec<String> = self.model.keys().cloned().collect();
+        let Some(id) = self.rng.pick(&ids).cloned() else {
+            return self.create();
+        };
+        let n = 1 + self.rng.below(3);
+        self.engine("provision --mounted", |p| p.provision_mounted(Some(&id), n));
+        self.spares.insert(id, SparesModel { count: n, up: true });
+    }
+
+    /// Takes a mounted spare: a child of a parent that has one, mounted
+    /// for a container (the move), written, unmounted.
+    fn take(&mut self) {
+        let with: Vec<String> = self
+            .spares
+            .iter()
+            .filter(|(_, sp)| sp.count > 0)
+            .map(|(p, _)| p.clone())
+            .collect();
+        let Some(parent) = self.rng.pick(&with).cloned() else {
+            return self.provision();
+        };
+        let id = self.new_id();
+        self.engine("layer create", |p| p.create_layer(&id, Some(&parent)));
+        self.took_spare(Some(&parent));
+        let mut files = self.model[&parent].files.clone();
+        let name = format!("f{}", self.rng.below(6));
+        let data = common::pattern(self.rng.next(), 1 + self.rng.below(32 << 10));
+        self.with_mount(&id, false, |d| fs::write(d.join(&name), &data).unwrap());
+        files.insert(name, data);
+        self.model.insert(
+            id,
+            LayerModel {
+                parent: Some(parent),
+                files,
+            },
+        );
+    }
+
+    /// Drops a parent's spares: `provision --mounted` of none.
+    fn drop_spares(&mut self) {
+        let with: Vec<String> = self.spares.keys().cloned().collect();
+        let Some(parent) = self.rng.pick(&with).cloned() else {
+            return self.provision();
+        };
+        self.engine("provision 0", |p| p.provision_mounted(Some(&parent), 0));
+        self.spares_dropped(&parent);
     }
 
     fn write(&mut self) {
@@ -140,6 +216,7 @@ impl Run<'_> {
         let len = 1 + self.rng.below(96 << 10);
         let data = common::pattern(self.rng.next(), len);
         self.with_mount(&id, false, |d| fs::write(d.join(&name), &data).unwrap());
+        self.spares_dropped(&id);
         self.model.get_mut(&id).unwrap().files.insert(name, data);
     }
 
@@ -156,6 +233,7 @@ impl Run<'_> {
         let names: Vec<String> = self.model[&id].files.keys().cloned().collect();
         let name = self.rng.pick(&names).cloned().unwrap();
         self.with_mount(&id, false, |d| fs::remove_file(d.join(&name)).unwrap());
+        self.spares_dropped(&id);
         self.model.get_mut(&id).unwrap().files.remove(&name);
     }
 
@@ -165,12 +243,16 @@ impl Run<'_> {
             return self.create();
         };
         self.engine("layer rm", |p| p.remove_layer(&id));
+        self.spares_dropped(&id);
         self.model.remove(&id);
     }
 
     fn cycle(&mut self) {
         self.engine("deactivate", Pool::deactivate);
         self.engine("activate", Pool::activate);
+        for sp in self.spares.values_mut() {
+            sp.up = false;
+        }
     }
 
     /// Runs a create or a remove that aborts at a random one of its fault
@@ -210,6 +292,16 @@ impl Run<'_> {
         }
         self.aborts += 1;
         self.engine("recover", |p| p.recover_all(false));
+        // A create took a spare whether it was kept or not; a removal may
+        // or may not have dropped its spares: the records say.
+        let listed = self.engine("spares", |p| Ok(p.record().spares.clone()));
+        for (parent, sp) in self.spares.iter_mut() {
+            sp.count = listed
+                .iter()
+                .filter(|l| l.parent.as_deref() == Some(parent.as_str()))
+                .count();
+        }
+        self.spares.retain(|_, sp| sp.count > 0);
         let exists = self
             .s
             .root
@@ -255,26 +347,60 @@ impl Run<'_> {
         {
             self.fail(&format!("kernel and records disagree: {st:?}"));
         }
-        if let Some(l) = ls.iter().find(|l| l.devnode.is_some()) {
+        let spares_dir = fs::canonicalize(&self.s.root).unwrap().join("spares");
+        // Active only while mounted from the spare it took.
+        let premount = |l: &thinlayer_pool::LayerInfo| {
+            l.mountpoints == [spares_dir.join(l.thin_id.to_string())]
+        };
+        if let Some(l) = ls.iter().find(|l| l.devnode.is_some() && !premount(l)) {
             self.fail(&format!("layer {} was left active: {l:?}", l.id));
+        }
+        self.check_spares(&spares_dir);
+    }
+
+    /// The listed spares are the model's: as many per parent, each with
+    /// its device and its mount at ROOT/spares/ID while up (none while
+    /// down), and a mounted one holds its parent's files.
+    fn check_spares(&self, spares_dir: &Path) {
+        let infos = self.engine("spare infos", Pool::spare_infos);
+        let mut got: BTreeMap<String, usize> = BTreeMap::new();
+        for i in &infos {
+            let Some(parent) = &i.parent else {
+                self.fail(&format!("a spare of the base device: {i:?}"));
+            };
+            *got.entry(parent.clone()).or_default() += 1;
+            let Some(sp) = self.spares.get(parent) else {
+                self.fail(&format!("spare {i:?} of a parent the model has none of"));
+            };
+            let at = spares_dir.join(i.thin_id.to_string());
+            let want_at = sp.up.then_some(&at);
+            if !i.mounted || i.devnode.is_some() != sp.up || i.mountpoint.as_ref() != want_at {
+                self.fail(&format!("spare {i:?}: the model says {sp:?}"));
+            }
+            if sp.up {
+                let files = read_tree(&at);
+                if files != self.model[parent].files {
+                    self.fail(&format!(
+                        "spare {} is not its parent {parent} as it is",
+                        i.thin_id
+                    ));
+                }
+            }
+        }
+        let want: BTreeMap<String, usize> = self
+            .spares
+            .iter()
+            .filter(|(_, sp)| sp.count > 0)
+            .map(|(p, sp)| (p.clone(), sp.count))
+            .collect();
+        if got != want {
+            self.fail(&format!("spares listed {got:?} != model {want:?}"));
         }
     }
 
     fn check_contents(&self, id: &str) {
         let want = &self.model[id].files;
-        let got: BTreeMap<String, Vec<u8>> = self.with_mount(id, true, |d| {
-            fs::read_dir(d)
-                .unwrap()
-                .flatten()
-                .filter(|e| e.file_name() != "lost+found")
-                .map(|e| {
-                    (
-                        e.file_name().to_string_lossy().into_owned(),
-                        fs::read(e.path()).unwrap(),
-                    )
-                })
-                .collect()
-        });
+        let got = self.with_mount(id, true, read_tree);
         if &got != want {
             let names = |m: &BTreeMap<String, Vec<u8>>| {
                 m.iter()
@@ -295,6 +421,21 @@ impl Run<'_> {
             self.fail(&format!("pool check: {report:?}"));
         }
     }
+}
+
+/// The files at the top of a mounted layer, but `lost+found`.
+fn read_tree(d: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != "lost+found")
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// The model's pool: room for its 200 steps.
@@ -325,6 +466,7 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
             seed,
             step: 0,
             model: BTreeMap::new(),
+            spares: BTreeMap::new(),
             next_id: 0,
             aborts: 0,
         };
@@ -332,13 +474,16 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
         let mut spent: BTreeMap<&str, std::time::Duration> = BTreeMap::new();
         for step in 0..steps {
             run.step = step;
-            let op = match run.rng.below(20) {
+            let op = match run.rng.below(26) {
                 0..=5 => "create",
                 6..=10 => "write",
                 11..=12 => "delete_file",
                 13..=15 => "remove",
                 16 => "cycle",
-                _ => "abort",
+                17..=19 => "abort",
+                20..=21 => "provision",
+                22..=24 => "take",
+                _ => "drop_spares",
             };
             *counts.entry(op).or_insert(0) += 1;
             let t = std::time::Instant::now();
@@ -348,6 +493,9 @@ fn vm_model_random_operations_keep_records_kernel_and_model_equal() {
                 "delete_file" => run.delete_file(),
                 "remove" => run.remove(),
                 "cycle" => run.cycle(),
+                "provision" => run.provision(),
+                "take" => run.take(),
+                "drop_spares" => run.drop_spares(),
                 _ => run.abort(),
             }
             *spent.entry(op).or_default() += t.elapsed();

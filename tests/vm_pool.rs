@@ -12,7 +12,7 @@ use std::{
     fs::{self, OpenOptions},
     io::{Seek, SeekFrom, Write},
     os::unix::fs::FileExt,
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
 };
 
@@ -615,6 +615,225 @@ fn vm_pool_spares_are_the_parent_as_it_is_and_cost_no_kernel_step_to_take() {
         assert_eq!(thin_device_count(s), 0);
         s.ok(&["pool", "check"]);
         s.fails(&["layer", "provision", "a"], 3, "a");
+    });
+}
+
+/// The mounts under `ROOT/spares` (real paths), from mountinfo.
+fn spare_mounts(s: &Scratch) -> Vec<PathBuf> {
+    let dir = fs::canonicalize(&s.root).unwrap().join("spares");
+    thinlayer_pool::mounts::all()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.mountpoint.parent() == Some(dir.as_path()))
+        .map(|m| m.mountpoint)
+        .collect()
+}
+
+/// Where `layer ls --json` says layer `id` is mounted.
+fn mountpoints(s: &Scratch, id: &str) -> Vec<PathBuf> {
+    s.json(&["layer", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == id)
+        .unwrap_or_else(|| panic!("no layer {id}"))["mountpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PathBuf::from(p.as_str().unwrap()))
+        .collect()
+}
+
+/// The id of the mount at `at` (the newest there), from mountinfo: a
+/// moved mount keeps its id.
+fn mount_id(at: &Path) -> Option<u64> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (Path::new(f[4]) == at).then(|| f[0].parse().unwrap())
+        })
+        .next_back()
+}
+
+#[test]
+fn vm_pool_mounted_spares_are_taken_by_a_move() {
+    vm_test("mounted-spares", Pool::Small, |s| {
+        // Under a shared mount, as `/` is under systemd: the kernel moves
+        // no mount whose parent is shared, which the spares' own private
+        // tmpfs avoids.
+        use nix::mount::{MntFlags, MsFlags, mount, umount2};
+        let base = s.root.parent().unwrap().to_owned();
+        mount(
+            Some(&base),
+            &base,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mount(
+            None::<&str>,
+            &base,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .unwrap();
+
+        s.ok(&["layer", "create", "a"]);
+        let d = s.mount("a");
+        write_file(&d.join("v.txt"), b"one");
+        s.ok(&["umount", "a"]);
+
+        // Two spares, made and mounted under ROOT/spares, only root's.
+        let out = s.ok(&["layer", "provision", "a", "--count", "2", "--mounted"]);
+        assert!(out.contains("2 made") && out.contains("2 mounted"), "{out}");
+        let sp = spares(s);
+        assert_eq!(sp.len(), 2, "{sp:?}");
+        let dir = fs::canonicalize(&s.root).unwrap().join("spares");
+        let want: Vec<PathBuf> = sp.iter().map(|(_, t)| dir.join(t.to_string())).collect();
+        assert_eq!(spare_mounts(s), want);
+        assert_eq!(common::mode(&dir) & 0o777, 0o700, "only root enters");
+        assert_eq!(fs::read(want[0].join("v.txt")).unwrap(), b"one");
+        let ls = s.ok(&["layer", "ls"]);
+        for w in &want {
+            let w = w.display().to_string();
+            assert!(
+                ls.lines().any(|l| l.contains(" yes ") && l.ends_with(&w)),
+                "layer ls shows {w} mounted: {ls}"
+            );
+        }
+        let st = s.json(&["pool", "status"]);
+        assert_eq!(st["spare_cost"]["devices"], 2, "{st:#}");
+        assert_eq!(st["spare_cost"]["mounts"], 2, "{st:#}");
+        assert!(st["spare_cost"]["mapped_bytes"].as_u64().unwrap() > 0);
+        assert!(
+            st["spares"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|v| v["mounted"] == true)
+        );
+        assert!(s.ok(&["pool", "status"]).contains("2 mounted"));
+        s.ok(&["pool", "check"]);
+        let out = s.ok(&["layer", "provision", "a", "--spares", "2", "--mounted"]);
+        assert!(out.contains("2 kept") && !out.contains("mounted"), "{out}");
+
+        // Taking one: records only; the mount moves to the target.
+        let c1 = s.json(&["layer", "create", "c1", "--parent", "a"]);
+        assert_eq!(c1["thin_id"].as_u64(), Some(sp[0].1), "took the spare");
+        assert_eq!(spares(s), sp[1..].to_vec());
+        let spare_mount = mount_id(&want[0]).expect("the spare is mounted");
+        let d1 = s.mount("c1");
+        assert_eq!(spare_mounts(s), want[1..].to_vec(), "its mount moved");
+        assert_eq!(
+            mount_id(&fs::canonicalize(&d1).unwrap()),
+            Some(spare_mount),
+            "the spare's very mount is at the target"
+        );
+        assert!(!want[0].exists(), "its directory is gone");
+        assert_eq!(
+            mountpoints(s, "c1"),
+            vec![fs::canonicalize(&d1).unwrap()],
+            "mounted once, at the target"
+        );
+        assert_eq!(fs::read(d1.join("v.txt")).unwrap(), b"one");
+        write_file(&d1.join("own.txt"), b"c1's");
+        s.ok(&["umount", "c1"]);
+        assert_eq!(
+            thin_device_count(s),
+            1,
+            "c1's device is down, one spare's up"
+        );
+        let ro = s.dir("a-ro");
+        s.ok(&["mount", "a", ro.to_str().unwrap(), "--readonly"]);
+        assert_eq!(fs::read(ro.join("v.txt")).unwrap(), b"one");
+        assert!(!ro.join("own.txt").exists(), "the parent is unchanged");
+        s.ok(&["umount", "a"]);
+        let d1 = s.mount("c1");
+        assert_eq!(fs::read(d1.join("own.txt")).unwrap(), b"c1's");
+        s.ok(&["umount", "c1"]);
+
+        // Other options: the spare's mount goes, the layer mounts as usual.
+        s.ok(&["layer", "create", "c2", "--parent", "a"]);
+        assert_eq!(spare_mounts(s), want[1..].to_vec(), "c2's, from its spare");
+        let ro2 = s.dir("c2-ro");
+        s.ok(&["mount", "c2", ro2.to_str().unwrap(), "--readonly"]);
+        assert!(spare_mounts(s).is_empty(), "{:?}", spare_mounts(s));
+        assert_eq!(mountpoints(s, "c2"), vec![fs::canonicalize(&ro2).unwrap()]);
+        assert_eq!(fs::read(ro2.join("v.txt")).unwrap(), b"one");
+        s.ok(&["umount", "c2"]);
+
+        // Taken, never mounted, removed: rm unmounts it.
+        s.ok(&["layer", "provision", "a", "--mounted"]);
+        s.ok(&["layer", "create", "c3", "--parent", "a"]);
+        assert_eq!(spare_mounts(s).len(), 1, "c3's mount from its spare");
+        s.ok(&["layer", "rm", "c3"]);
+        assert!(spare_mounts(s).is_empty());
+        assert_eq!(thin_device_count(s), 0);
+        s.ok(&["pool", "check"]);
+
+        // Deactivate unmounts spares (and a taken one) and keeps them
+        // listed; provision mounts them again.
+        s.ok(&["layer", "provision", "a", "--spares", "2", "--mounted"]);
+        s.ok(&["layer", "create", "c4", "--parent", "a"]);
+        s.ok(&["pool", "deactivate"]);
+        assert!(spare_mounts(s).is_empty());
+        assert!(
+            !thinlayer_pool::mounts::all()
+                .unwrap()
+                .iter()
+                .any(|m| m.mountpoint.starts_with(&dir)),
+            "the spares' tmpfs is gone"
+        );
+        s.ok(&["pool", "activate"]);
+        assert_eq!(spares(s).len(), 1);
+        assert!(spare_mounts(s).is_empty());
+        let st = s.json(&["pool", "status"]);
+        assert_eq!(st["spares"][0]["mounted"], true);
+        assert_eq!(st["spare_cost"]["mounts"], 0);
+        s.ok(&["pool", "check"]);
+        let out = s.ok(&["layer", "provision", "a", "--mounted"]);
+        assert!(out.contains("1 kept") && out.contains("1 mounted"), "{out}");
+        assert_eq!(spare_mounts(s).len(), 1);
+        let d4 = s.mount("c4");
+        assert_eq!(fs::read(d4.join("v.txt")).unwrap(), b"one");
+        s.ok(&["umount", "c4"]);
+
+        // A write to the parent drops the rest, mounts and all.
+        let d = s.mount("a");
+        assert!(spares(s).is_empty(), "{:?}", spares(s));
+        assert!(spare_mounts(s).is_empty());
+        write_file(&d.join("v.txt"), b"two");
+        s.ok(&["umount", "a"]);
+        assert_eq!(thin_device_count(s), 0);
+        s.ok(&["pool", "check"]);
+
+        // Removing a parent drops its mounted spares.
+        s.ok(&["layer", "create", "p2"]);
+        s.ok(&["layer", "provision", "p2", "--spares", "2", "--mounted"]);
+        assert_eq!(spare_mounts(s).len(), 2);
+        s.ok(&["layer", "rm", "p2"]);
+        assert!(spare_mounts(s).is_empty());
+        assert!(spares(s).is_empty());
+        assert_eq!(thin_device_count(s), 0);
+        s.ok(&["pool", "check"]);
+
+        // Destroy takes a mounted spare and the spares' tmpfs down too.
+        s.ok(&["layer", "provision", "a", "--mounted"]);
+        assert_eq!(spare_mounts(s).len(), 1);
+        s.ok(&["pool", "destroy", "--force"]);
+        let canon_base = fs::canonicalize(&base).unwrap();
+        let under: Vec<PathBuf> = thinlayer_pool::mounts::all()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.mountpoint)
+            .filter(|p| p.starts_with(&canon_base) && *p != canon_base)
+            .collect();
+        assert!(under.is_empty(), "destroy left mounts: {under:?}");
+        umount2(&base, MntFlags::MNT_DETACH).unwrap();
     });
 }
 

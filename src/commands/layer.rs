@@ -85,14 +85,24 @@ pub(crate) fn provision(
     root: &Path,
     id: Option<&str>,
     spares: usize,
+    mounted: bool,
     wait: bool,
 ) -> thinlayer_pool::Result<Output> {
-    let p = Pool::open(root, LockMode::Exclusive, wait)?.provision(id, spares)?;
+    let mut pool = Pool::open(root, LockMode::Exclusive, wait)?;
+    let p = if mounted {
+        pool.provision_mounted(id, spares)?
+    } else {
+        pool.provision(id, spares)?
+    };
     let of = id.map_or("the base device".to_owned(), |i| format!("layer {i}"));
-    let text = format!(
-        "{spares} spare(s) of {of} ready: {} made, {} kept, {} dropped\n",
+    let mut text = format!(
+        "{spares} spare(s) of {of} ready: {} made, {} kept, {} dropped",
         p.made, p.kept, p.dropped
     );
+    if p.mounted > 0 {
+        text += &format!(", {} mounted", p.mounted);
+    }
+    text += "\n";
     Ok(Output {
         text,
         json: serde_json::to_value(&p).expect("plain data"),
@@ -101,7 +111,9 @@ pub(crate) fn provision(
 
 pub(crate) fn ls(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
     // Shared lock: listing must not wait behind, or block, another reader.
-    let layers = Pool::open(root, LockMode::Shared, wait)?.layers()?;
+    let mut pool = Pool::open(root, LockMode::Shared, wait)?;
+    let layers = pool.layers()?;
+    let spares = pool.spare_infos()?;
     let mut text = format!(
         "{:<24} {:<24} {:<11} {:>7}  {:<12} {:>10}  MOUNTED AT\n",
         "ID", "PARENT", "OWNER", "THIN-ID", "DEVICE", "MAPPED"
@@ -123,6 +135,35 @@ pub(crate) fn ls(root: &Path, wait: bool) -> thinlayer_pool::Result<Output> {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
+    }
+    if !spares.is_empty() {
+        // The spares, below the layers: the JSON form stays the list of
+        // layers (`pool status --json` lists the spares).
+        text += &format!(
+            "\n{:<24} {:<8} {:>7}  {:<12} {:>10}  MOUNTED AT\n",
+            "SPARE OF", "MOUNTED", "THIN-ID", "DEVICE", "MAPPED"
+        );
+        for sp in &spares {
+            text += &format!(
+                "{:<24} {:<8} {:>7}  {:<12} {:>10}  {}\n",
+                sp.parent.as_deref().unwrap_or("(base)"),
+                if sp.mountpoint.is_some() {
+                    "yes"
+                } else if sp.mounted {
+                    "not now"
+                } else {
+                    "no"
+                },
+                sp.thin_id,
+                sp.devnode
+                    .as_ref()
+                    .map_or("-".into(), |d| d.display().to_string()),
+                sp.mapped_bytes.map_or("-".into(), |b| Bytes(b).to_string()),
+                sp.mountpoint
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string()),
+            );
+        }
     }
     Ok(Output {
         text,

@@ -63,9 +63,12 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<Output> {
                 later,
             } => layer::rm(root, &id, deferred, later, wait)?,
             LayerCommand::Ls => layer::ls(root, wait)?,
-            LayerCommand::Provision { id, spares, .. } => {
-                layer::provision(root, id.as_deref(), spares, wait)?
-            }
+            LayerCommand::Provision {
+                id,
+                spares,
+                mounted,
+                ..
+            } => layer::provision(root, id.as_deref(), spares, mounted, wait)?,
         },
         Command::Mount { id, dir, readonly } => layer::mount(root, &id, &dir, readonly, wait)?,
         Command::Umount { target } => layer::umount(root, &target, wait)?,

@@ -77,11 +77,16 @@ pub const ALL: &[&str] = &[
     "spare_provision.after_intent",
     "spare_provision.after_snapshot",
     "spare_provision.after_activation",
+    "spare_provision.after_mount",
+    "spare_mount.after_record",
+    "spare_mount.after_mount",
     "spare_drop.after_intent",
+    "spare_drop.after_umount",
     "spare_drop.after_delete",
-    // mount, umount
+    // mount, umount (and a mounted spare's mount moved to the target)
     "mount.after_activation",
     "mount.after_mount",
+    "spare_take.after_move",
     "umount.after_umount",
     // layer apply and container commit (the store's ApplyLayer intent);
     // the inner points are reached by every layer applied from a tar

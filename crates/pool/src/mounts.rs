@@ -119,6 +119,54 @@ pub fn mount(devnode: &Path, dir: &Path, fs: FsType, how: MountUse) -> Result<()
         })
 }
 
+/// Moves the mount at `from` (a real path) to `to` (a path, or
+/// `/proc/self/fd/N`) with `MS_MOVE`: the filesystem stays mounted, only
+/// where changes. The kernel refuses (`EINVAL`) when `from`'s parent
+/// mount is shared, which is why spares live under a private mount.
+///
+/// # Errors
+/// [`Error::Io`] with the errno.
+pub fn move_mount(from: &Path, to: &Path) -> Result<()> {
+    nix::mount::mount(Some(from), to, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("move the mount at {} to {}", from.display(), to.display()))
+}
+
+/// Mounts a tmpfs only root can enter (`mode=0700`, `nosuid,nodev,noexec`)
+/// at `dir` and makes it a private mount: mounts under it then propagate
+/// nowhere and may be moved out of it (`MS_MOVE` refuses a mount whose
+/// parent is shared, as `/` is under systemd).
+///
+/// # Errors
+/// [`Error::Io`] with the errno.
+pub fn mount_private_tmpfs(dir: &Path) -> Result<()> {
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    nix::mount::mount(Some("tmpfs"), dir, Some("tmpfs"), flags, Some("mode=0700"))
+        .and_then(|()| {
+            nix::mount::mount(
+                None::<&str>,
+                dir,
+                None::<&str>,
+                MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+        })
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("mount a private tmpfs at {}", dir.display()))
+}
+
+/// Detaches the mount at `dir` (`MNT_DETACH`, `UMOUNT_NOFOLLOW`): gone
+/// from the tree now, freed once nothing uses it. For thinlayer's own
+/// directory mounts (the spares' tmpfs), never a layer's.
+///
+/// # Errors
+/// [`Error::Io`] with the errno.
+pub fn detach(dir: &Path) -> Result<()> {
+    nix::mount::umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("detach {}", dir.display()))
+}
+
 /// Unmounts `dir` (a real path, as mountinfo shows it). `UMOUNT_NOFOLLOW`:
 /// a symlink a container swapped in at the last component is not followed
 /// to a mount elsewhere.

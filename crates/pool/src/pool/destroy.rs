@@ -123,6 +123,7 @@ impl Pool {
             }
         }
         let _ = fs::remove_dir(self.layout.layers_dir());
+        let _ = fs::remove_dir(self.layout.spares_dir());
         let _ = fs::remove_file(self.layout.root.join("lock"));
         // Only succeeds when nothing else lives in the root.
         let _ = fs::remove_dir(&self.layout.root);

@@ -384,13 +384,19 @@ impl Pool {
         let name = self.name(Role::Thin(layer.thin_id));
         let dev = self.kernel()?.device(&name)?;
         if let Some(dev) = dev {
-            let points = mounts::mountpoints_of(dev)?;
+            let mut points = mounts::mountpoints_of(dev)?;
+            // A mount kept from the spare it took is nobody's work.
+            let premount = self.premount_in(layer.thin_id, &points)?;
+            points.retain(|p| Some(p) != premount.as_ref());
             if !points.is_empty() {
                 return Err(Error::Mounted {
                     what: format!("layer `{id}`"),
                     mountpoints: points,
                     hint: id.to_owned(),
                 });
+            }
+            if premount.is_some() {
+                self.release_spare_mount(layer.thin_id)?;
             }
         }
         if self.teardown_later {

@@ -394,7 +394,10 @@ impl Pool {
     }
 
     /// Tears down every dm device of the pool and (by autoclear) its loop
-    /// devices, keeping all data. Refuses while any layer is mounted.
+    /// devices, keeping all data. Refuses while any layer is mounted; the
+    /// mounts under `ROOT/spares` (mounted spares, and layers that took
+    /// one and were not mounted since) are nobody's work: they are
+    /// unmounted, the spares stay listed.
     ///
     /// # Errors
     /// [`Error::Mounted`], [`Error::Busy`], kernel errors.
@@ -402,11 +405,14 @@ impl Pool {
         self.forget_pool_device();
         let prefix = names::name_prefix(&self.rec.pool_id);
         let pool_id = self.rec.pool_id.clone();
-        let kernel = self.kernel()?;
-        let present = kernel.names_with_prefix(&prefix)?;
+        let present = self.kernel()?.names_with_prefix(&prefix)?;
         if present.is_empty() {
+            // A crash may have left the spares' tmpfs.
+            self.unmount_spares_dir(&mounts::all()?)?;
             return Ok(Action::AlreadyDone);
         }
+        let spares = self.real_spares_dir()?;
+        let kernel = self.kernel.as_ref().expect("opened above");
         let mut thins: Vec<(String, devicemapper::Device)> = Vec::new();
         for name in &present {
             if let Some(Role::Thin(_)) = names::parse_role(&pool_id, name) {
@@ -421,6 +427,7 @@ impl Pool {
         let mounted: Vec<PathBuf> = all
             .iter()
             .filter(|m| thins.iter().any(|(_, d)| *d == m.device))
+            .filter(|m| m.mountpoint.parent() != Some(spares.as_path()))
             .map(|m| m.mountpoint.clone())
             .collect();
         if let Some(first) = mounted.first() {
@@ -430,6 +437,7 @@ impl Pool {
                 mountpoints: mounted,
             });
         }
+        self.unmount_spares_dir(&all)?;
         for (name, _) in &thins {
             let n =
                 devicemapper::DmNameBuf::new(name.clone()).expect("valid: listed by the kernel");

@@ -9,6 +9,7 @@
 //! ROOT/metadata.img      sparse metadata file  -> loop -> linear tl1-P-meta
 //!                                                   thin-pool tl1-P-pool
 //! ROOT/lock              flock(2) target
+//! ROOT/spares/THIN_ID    mounted spares, on a private tmpfs (see `spare`)
 //! ```
 //!
 //! The root and every directory under it are 0700, every file 0600, all
@@ -73,8 +74,8 @@ pub use layer::{Holders, LayerInfo, Removal};
 pub use lifecycle::check_metadata;
 pub use mount::Trim;
 pub use reclaim::Reclaimed;
-pub use spare::Provisioned;
-pub use status::{KernelStatus, PoolMode, PoolStatus};
+pub use spare::{Provisioned, SpareInfo};
+pub use status::{KernelStatus, PoolMode, PoolStatus, SpareCost};
 
 /// An open pool: its record, loaded under the root's lock.
 pub struct Pool {

@@ -5,6 +5,11 @@
 //! Mount points are made 0700; a caller that opened the directory itself
 //! mounts through `/proc/self/fd/N` ([`Pool::mount_layer_at_fd`]).
 //!
+//! A layer that took a mounted spare (see `spare`) is already mounted at
+//! `ROOT/spares/THIN_ID`: a mount for the spare's own options
+//! ([`MountUse::Container`]) moves that mount to the target (`MS_MOVE`),
+//! any other unmounts it first and mounts as usual.
+//!
 //! What must never happen: a layer half-removed by a crash, or whose
 //! removal is deferred, mounted or activated; a device torn down while
 //! something mounts it; a mount of something that is not this pool's
@@ -19,7 +24,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::{Action, Pool, layer::refuse_removing};
+use super::{Action, Pool, layer::refuse_removing, spare};
 use crate::{
     error::{Error, IoContext, Result},
     fault, kernel,
@@ -30,7 +35,9 @@ use crate::{
 impl Pool {
     /// Activates layer `id`'s thin device if needed and mounts it at `dir`
     /// (created 0700 if missing) for `how` (which decides `ro`, `nosuid`,
-    /// `nodev`; see [`MountUse`]). Returns the device node.
+    /// `nodev`; see [`MountUse`]). A layer that took a mounted spare gets
+    /// that mount moved to `dir` when `how` has the spare's options
+    /// ([`MountUse::Container`]). Returns the device node.
     ///
     /// # Errors
     /// [`Error::UnknownLayer`], [`Error::PoolInactive`], mount errors.
@@ -94,8 +101,34 @@ impl Pool {
             self.activate_thin(pool_dev, layer.thin_id, layer.size_in(&self.rec).sectors())?;
         fault::point("mount.after_activation");
         let node = kernel::devnode(dev);
-        if !activated && mounts::mountpoints_of(dev)?.iter().any(|m| m == real) {
-            return Ok((node, Action::AlreadyDone));
+        let mut premount = None;
+        if !activated {
+            let points = mounts::mountpoints_of(dev)?;
+            if points.iter().any(|m| m == real) {
+                return Ok((node, Action::AlreadyDone));
+            }
+            premount = self.premount_in(layer.thin_id, &points)?;
+        }
+        // Idle once a premount is given up: undone as if activated here.
+        let mut activated = activated;
+        if let Some(from) = premount {
+            // The layer took a mounted spare: for the spare's own options,
+            // its mount moves here (no mount(2), no journal replay).
+            if spare::spare_use(how, fs_type) {
+                match mounts::move_mount(&from, target) {
+                    Ok(()) => {
+                        fault::point("spare_take.after_move");
+                        // Empty now; `pool recover` sweeps it if this fails.
+                        let _ = fs::remove_dir(&from);
+                        return Ok((node, Action::Done));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not move a spare's mount; mounting afresh");
+                    }
+                }
+            }
+            self.release_spare_mount(layer.thin_id)?;
+            activated = true;
         }
         if let Err(e) = mounts::mount(&node, target, fs_type, how) {
             if activated {
@@ -126,6 +159,9 @@ impl Pool {
         let layer = self.layer(id)?;
         // The caller may write it: its spares would not be its snapshots.
         self.drop_spares_of(id)?;
+        // The caller mounts the device itself: a mount kept from the spare
+        // it took (see `spare`) is given up.
+        self.release_spare_mount(layer.thin_id)?;
         let (dev, _) =
             self.activate_thin(pool_dev, layer.thin_id, layer.size_in(&self.rec).sectors())?;
         Ok(kernel::devnode(dev))
@@ -218,11 +254,16 @@ impl Pool {
             }
             (sel, vec![dir])
         };
+        let spares = self.real_spares_dir()?;
         for d in dirs.iter().rev() {
             if trim == Trim::Before {
                 crate::space::trim_before_umount(d);
             }
             mounts::umount(d)?;
+            if d.parent() == Some(spares.as_path()) {
+                // A taken spare's mount, never used: its directory goes.
+                let _ = fs::remove_dir(d);
+            }
         }
         fault::point("umount.after_umount");
         for (thin_id, name, dev) in selected {

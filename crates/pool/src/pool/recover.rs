@@ -57,6 +57,8 @@ impl Pool {
                 .chain(self.record().trash.iter().map(|t| t.thin_id))
                 .collect();
             let spare_ids: BTreeSet<u32> = self.record().spares.iter().map(|s| s.thin_id).collect();
+            // Before the idle devices: an orphan spare's device is mounted.
+            actions.extend(self.sweep_spare_mounts(&layer_ids)?);
             let kernel = self.kernel()?;
             let mut present: Vec<String> = kernel.names_with_prefix(&prefix)?.into_iter().collect();
             present.sort();
@@ -113,6 +115,8 @@ impl Pool {
                 }
             }
         } else {
+            // Spares' mounts first: their devices go below.
+            self.unmount_spares_dir(&mounts::all()?)?;
             let kernel = self.kernel()?;
             let mut present: Vec<String> = kernel.names_with_prefix(&prefix)?.into_iter().collect();
             present.sort_by_key(|n| match names::parse_role(&rec.pool_id, n) {

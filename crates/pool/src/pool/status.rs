@@ -81,6 +81,8 @@ pub struct PoolStatus {
     pub layers: usize,
     /// Snapshots provisioned ahead of demand.
     pub spares: Vec<Spare>,
+    /// What the spares hold of the kernel now.
+    pub spare_cost: SpareCost,
     /// Removed layers' thin ids waiting for `pool reclaim`.
     pub trash: Vec<Trashed>,
     /// The records' transaction id.
@@ -96,6 +98,20 @@ pub struct PoolStatus {
     pub host: crate::space::HostSpace,
     /// Low water, needs_check, read-only, host space...
     pub warnings: Vec<String>,
+}
+
+/// What the listed spares cost now: active devices, mounts and the bytes
+/// their devices map (shared with their parents until taken).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SpareCost {
+    /// Spares listed.
+    pub count: usize,
+    /// Of those, with an active device.
+    pub devices: usize,
+    /// Of those, mounted at `ROOT/spares/ID`.
+    pub mounts: usize,
+    /// Bytes their devices map, summed.
+    pub mapped_bytes: u64,
 }
 
 /// The kernel's view of an active pool.
@@ -184,6 +200,13 @@ impl Pool {
         } else {
             None
         };
+        let mut spare_cost = SpareCost::default();
+        for i in self.spare_infos()? {
+            spare_cost.count += 1;
+            spare_cost.devices += usize::from(i.devnode.is_some());
+            spare_cost.mounts += usize::from(i.mountpoint.is_some());
+            spare_cost.mapped_bytes += i.mapped_bytes.unwrap_or(0);
+        }
         let host = self.host_space()?;
         warnings.extend(host.warnings(&self.layout.root));
         Ok(PoolStatus {
@@ -201,6 +224,7 @@ impl Pool {
             low_water_percent: self.rec.low_water_percent,
             pending: self.rec.pending.clone(),
             spares: self.rec.spares.clone(),
+            spare_cost,
             trash: self.rec.trash.clone(),
             kernel: kernel_status,
             host,

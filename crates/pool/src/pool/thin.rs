@@ -141,6 +141,8 @@ impl Pool {
     /// [`Error::PoolInactive`], [`Error::Busy`], kernel errors.
     pub(crate) fn discard_thin(&mut self, thin_id: u32, len: Bytes) -> Result<()> {
         let pool_dev = self.require_active()?;
+        // A spare's mount (see `spare`) goes with it.
+        self.release_spare_mount(thin_id)?;
         let name = self.name(Role::Thin(thin_id));
         let uuid = self.uuid(Role::Thin(thin_id));
         let kernel = self.kernel()?;
@@ -193,12 +195,15 @@ impl Pool {
         Ok(())
     }
 
-    /// Removes the devices of `thin_ids` if active and deletes the ids;
-    /// with `settling`, ids already gone are fine.
+    /// Unmounts the spare directories of `thin_ids` (if mounted), removes
+    /// their devices if active and deletes the ids; with `settling`, ids
+    /// already gone are fine.
     pub(crate) fn delete_thins(&mut self, thin_ids: &[u32], settling: bool) -> Result<()> {
         let pool = self.name(Role::Pool);
         for &thin_id in thin_ids {
             self.refuse_foreign(thin_id)?;
+            // A spare's mount (see `spare`) goes with it.
+            self.release_spare_mount(thin_id)?;
             let name = self.name(Role::Thin(thin_id));
             let kernel = self.kernel()?;
             kernel.remove_if_present(&name)?;

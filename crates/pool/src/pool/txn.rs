@@ -32,17 +32,30 @@
 //! | crashed during | found | recovery |
 //! |---|---|---|
 //! | `CreateLayer` | layer record naming the thin id | kept: clear the intent |
-//! | `CreateLayer` | no such record | rolled back: delete the thin id if the kernel made it |
+//! | `CreateLayer` | no such record | rolled back: unmount a taken spare's mount, delete the thin id if the kernel made it |
 //! | `RemoveLayer` | layer record | finished: discard, delete, remove the record |
 //! | `RemoveLayer` | no record | finished: delete the thin id if still there |
-//! | `ProvisionSpare` | (a listed spare was committed with its intent) | rolled back: delete the thin id |
-//! | `DropSpares` | ids already off the list | finished: delete them |
+//! | `ProvisionSpare` | (a listed spare was committed with its intent) | rolled back: unmount `ROOT/spares/ID` if mounted, delete the thin id |
+//! | `DropSpares` | ids already off the list | finished: unmount them if mounted, delete them |
 //! | `TrashLayer` | record maybe gone | finished: record removed, id in the trash |
 //! | `Reclaim` | ids already off the trash | finished: discard and delete them |
 //!
 //! Every kernel step recovery repeats is idempotent: deleting an id that
 //! is gone, or discarding one the pool no longer has, is nothing to do
 //! (`settling`). A crash during recovery is recovered the same way.
+//! Deleting or discarding a thin id first unmounts its spare directory
+//! (`ROOT/spares/ID`) if something is mounted there, so each row above
+//! holds for mounted spares too.
+//!
+//! Mounted spares (see `spare`) add steps no intent needs, because
+//! mountinfo, not a record, says where a spare is mounted:
+//!
+//! | crashed | found | settled by |
+//! |---|---|---|
+//! | mounting a kept spare (`spare_mount.*`) | listed, flagged mounted, mounted or not | nothing: a listed spare not mounted is a plain spare; the next `provision --mounted` mounts it |
+//! | taking one (`layer create`, then `mount`) | the layer's device mounted at `ROOT/spares/ID` | nothing: the next mount moves it (or, for other options, unmounts it and mounts as usual); `layer rm`, `umount`, `pool deactivate` unmount it |
+//! | the move (`spare_take.after_move`) | the mount at the target, an empty `ROOT/spares/ID` | `pool recover` (or `pool deactivate`) removes the directory |
+//! | anything else | a mount under `ROOT/spares` no list or record names | `pool recover`: unmounted, its thin id deleted |
 //!
 //! `pool create` has its own intent, [`Pending::CreatePool`]: what a crash
 //! leaves under it is leftovers, cleared by the next create, recover or

@@ -260,6 +260,13 @@ pub struct Spare {
     pub parent: Option<String>,
     /// Its thin id.
     pub thin_id: u32,
+    /// Kept with its filesystem mounted at `ROOT/spares/THIN_ID`
+    /// (`layer provision --mounted`), so taking it costs a move mount.
+    /// What the flag asks for, not what is: mountinfo says whether the
+    /// mount is there (a pool deactivate unmounts it; the next provision
+    /// mounts it again). Records from before mounted spares load `false`.
+    #[serde(default)]
+    pub mounted: bool,
 }
 
 impl Pending {
@@ -358,6 +365,15 @@ impl Layout {
     /// `ROOT/layers/ID.rec`.
     pub fn layer_record(&self, id: &str) -> PathBuf {
         self.layers_dir().join(format!("{id}.rec"))
+    }
+    /// `ROOT/spares`: the mounts of mounted spares (a private tmpfs,
+    /// 0700, root's; see `pool::spare`).
+    pub fn spares_dir(&self) -> PathBuf {
+        self.root.join("spares")
+    }
+    /// `ROOT/spares/THIN_ID`: where spare `thin_id` is mounted.
+    pub fn spare_mount(&self, thin_id: u32) -> PathBuf {
+        self.spares_dir().join(thin_id.to_string())
     }
     /// `ROOT/data.img`.
     pub fn data_file(&self) -> PathBuf {
