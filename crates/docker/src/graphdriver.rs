@@ -41,6 +41,12 @@
 //!   `put` left up also makes the next `get` of that layer cheaper, and a
 //!   snapshot of it suspends it for the moment of the `create_snap`.
 //!
+//! - An image layer containers are created on keeps one mounted spare
+//!   (the engine's `provision_mounted`), made by the settler after the
+//!   first `docker create` on it and dropped after [`SPARE_IDLE`] without
+//!   one: the next container's init layer takes it, and its `get` moves a
+//!   mount instead of activating a device and mounting a filesystem.
+//!
 //! - `diff` and `apply_diff` stream with no lock held ([`stream`]): each
 //!   takes what its stream needs under the locks, streams, and settles
 //!   under the locks again, so Docker can stream one layer's Diff straight
@@ -130,7 +136,17 @@ pub struct ThinDriver {
     stream_seq: u64,
     /// Docker layers whose device a `put` left up, for the settler.
     idle: std::collections::BTreeSet<String>,
+    /// Image layers containers were lately created on, and when: the
+    /// settler keeps one mounted spare of each (see [`SPARE_IDLE`]).
+    demand: BTreeMap<String, std::time::Instant>,
 }
+
+/// How long an image layer no container was created on keeps its spare.
+pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Docker's suffix of a container's init layer, made on the image's top
+/// layer by every `docker create`.
+const INIT_SUFFIX: &str = "-init";
 
 /// The pool layer id of Docker layer `id`.
 pub fn pool_id(id: &str) -> String {
@@ -160,6 +176,7 @@ impl ThinDriver {
             streams: stream::Streams::default(),
             stream_seq: 0,
             idle: std::collections::BTreeSet::new(),
+            demand: BTreeMap::new(),
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -184,8 +201,9 @@ impl ThinDriver {
         Ok(driver)
     }
 
-    /// One step of the kernel work answers left for later: one idle
-    /// device torn down, else one trashed thin id reclaimed. Returns
+    /// One step of the work answers left for later: one idle device torn
+    /// down, else one trashed thin id reclaimed, else one image layer's
+    /// mounted spare made (or, idle past [`SPARE_IDLE`], dropped). Returns
     /// whether more is left. A failure is logged and the work dropped from
     /// this run's list (the next start or `thinlayer pool reclaim` finishes
     /// it).
@@ -199,10 +217,26 @@ impl ThinDriver {
                         Err(e) => return Err(e.into()),
                     }
                 }
-            } else {
+            } else if !store.pool().record().trash.is_empty() {
                 store.pool().reclaim_some(1)?;
+            } else if let Some((id, want)) = self.spare_wanted(&mut store) {
+                let pid = pool_id(&id);
+                let kept = if want == 0 {
+                    self.demand.remove(&id);
+                    store.pool().provision(Some(&pid), 0).map(|_| ())
+                } else {
+                    store.pool().provision_mounted(Some(&pid), want).map(|_| ())
+                };
+                if let Err(e) = kept {
+                    // Gone, or in use (a spare must stay what its parent
+                    // is): no spare for it until a container asks again.
+                    tracing::debug!(%id, error = %e, "no spare kept");
+                    self.demand.remove(&id);
+                }
             }
-            Ok(!self.idle.is_empty() || !store.pool().record().trash.is_empty())
+            Ok(!self.idle.is_empty()
+                || !store.pool().record().trash.is_empty()
+                || self.spare_wanted(&mut store).is_some())
         });
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
         step.unwrap_or_else(|e| {
@@ -218,6 +252,16 @@ impl ThinDriver {
         let store = Store::open(&self.root, LockMode::Exclusive, true)?;
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool root opened");
         Ok(store)
+    }
+
+    /// An image layer whose spares are not what its demand asks for, and
+    /// the count it should keep (1 lately asked for, 0 idle).
+    fn spare_wanted(&self, store: &mut Store) -> Option<(String, usize)> {
+        self.demand.iter().find_map(|(id, at)| {
+            let have = store.pool().spares_of(Some(&pool_id(id))).len();
+            let want = usize::from(at.elapsed() < SPARE_IDLE);
+            (have != want).then(|| (id.clone(), want))
+        })
     }
 
     /// Where layer `id` is mounted.
@@ -433,7 +477,13 @@ impl GraphDriver for ThinDriver {
     fn create_read_write(&mut self, id: &str, parent: Option<&str>) -> Result<()> {
         // Block-level snapshots are writable either way; the distinction is
         // the caller's (Docker commits read-write layers into read-only ones).
-        self.create_layer(id, parent, None)
+        self.create_layer(id, parent, None)?;
+        // A container's init layer on an image: the next one takes a
+        // mounted spare of that image, so its `get` is one move of a mount.
+        if let Some(p) = parent.filter(|_| id.ends_with(INIT_SUFFIX)) {
+            self.demand.insert(p.to_owned(), std::time::Instant::now());
+        }
+        Ok(())
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
@@ -461,6 +511,7 @@ impl GraphDriver for ThinDriver {
         }
         store.pool().remove_layer(&pid)?;
         self.idle.remove(id);
+        self.demand.remove(id);
         Ok(())
     }
 
