@@ -10,8 +10,8 @@ use std::{
 };
 
 use devicemapper::{DevId, DmFlags, DmOptions};
-use thinlayer_pool::FsType;
 use indicatif::{ProgressBar, ProgressStyle};
+use thinlayer_pool::FsType;
 
 use crate::{
     Options, Params,
@@ -1161,7 +1161,8 @@ fn random_writes(
 
 /// The ext4 layouts the layout workload compares: a label and the mkfs
 /// options after `-q -F`. The first is the layout pools were made with
-/// before `inline_data`; the shipped one is [`FsType::mkfs_layout`].
+/// before `inline_data` and `-G 4`; the shipped one is
+/// [`FsType::mkfs_layout`].
 fn layout_candidates() -> Vec<(String, Vec<&'static str>)> {
     const BEFORE: [&str; 4] = [
         "-b",
@@ -1182,12 +1183,19 @@ fn layout_candidates() -> Vec<(String, Vec<&'static str>)> {
             v[3] = "nodiscard,lazy_itable_init=1,lazy_journal_init=1,packed_meta_blocks=1";
             v
         }),
+        ("inline_data".into(), with(&["-O", "inline_data"])),
         (
-            "shipped: inline_data".into(),
+            "shipped: inline_data, -G 4".into(),
             FsType::Ext4.mkfs_layout().to_vec(),
         ),
-        ("inline_data, -G 4".into(), with(&["-O", "inline_data", "-G", "4"])),
-        ("inline_data, -I 512".into(), with(&["-O", "inline_data", "-I", "512"])),
+        (
+            "inline_data, -G 2".into(),
+            with(&["-O", "inline_data", "-G", "2"]),
+        ),
+        (
+            "inline_data, -I 512".into(),
+            with(&["-O", "inline_data", "-I", "512"]),
+        ),
         (
             "inline_data, no journal".into(),
             with(&["-O", "inline_data,^has_journal"]),
@@ -1228,9 +1236,18 @@ fn layout(run: &mut Run, floor: &mut Floor) -> Result<()> {
         }
         let used1 = floor.used_bytes()?;
         let per = (used1 - used0) as f64 / f64::from(LAYOUT_CONTAINERS);
-        run.add(&label, "layout", row as u64, "trivial-blocks", per / block as f64);
+        run.add(
+            &label,
+            "layout",
+            row as u64,
+            "trivial-blocks",
+            per / block as f64,
+        );
         run.add(&label, "layout", row as u64, "trivial-bytes", per);
-        run.notes.push(format!("layout {row}: {label}: mkfs.ext4 {}", mkfs.join(" ")));
+        run.notes.push(format!(
+            "layout {row}: {label}: mkfs.ext4 {}",
+            mkfs.join(" ")
+        ));
         for i in 0..LAYOUT_CONTAINERS {
             floor.remove(&format!("lc{row}-{i}"))?;
         }

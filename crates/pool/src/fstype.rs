@@ -66,6 +66,8 @@ impl FsType {
                 "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
                 "-O",
                 "inline_data",
+                "-G",
+                "4",
             ],
             FsType::Xfs => &[],
         }
