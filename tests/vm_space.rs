@@ -630,11 +630,15 @@ fn vm_an_extend_whose_record_was_lost_never_shrinks_the_live_device() {
     });
 }
 
-/// The pool blocks a trivial container may take on a new pool: the
-/// superblock's, the journal's head, its group's inode bitmap and table,
-/// and its directory's block (three small files and a directory live in
-/// their inodes: `inline_data`). The layout before it took 7.
-const TRIVIAL_CONTAINER_BLOCKS: u64 = 5;
+/// The pool blocks a trivial container may take on a new pool (64 KiB
+/// each). Measured with this test's image: 13-14 with the layout before
+/// `inline_data` and `-G 4`, 6-7 with it (the superblock's block, the
+/// journal's head, and for each of the two image directories written its
+/// flex group's bitmaps and first inode table blocks, and its directory
+/// block). One block of margin: ext4 places top-level directories by a
+/// hash seeded per filesystem, so the groups touched vary between pools.
+/// The target of 2 is not reached (README, Space).
+const TRIVIAL_CONTAINER_BLOCKS: u64 = 8;
 
 #[test]
 fn vm_a_trivial_container_on_a_new_pool_copies_few_pool_blocks() {
