@@ -465,6 +465,11 @@ impl Floor {
         })
     }
 
+    /// The pool's block size, bytes.
+    pub fn block_bytes(&self) -> u64 {
+        self.block
+    }
+
     /// The thin id of the pool's formatted base device.
     pub fn base_thin_id(&self) -> u32 {
         self.base_id
@@ -556,6 +561,51 @@ impl Floor {
         ]);
         self.active.insert(id.to_owned(), name);
         Ok(dir)
+    }
+
+    /// Makes `id` a fresh thin device formatted by `mkfs.ext4` with the
+    /// options `mkfs` (the layout workload's candidates), then takes its
+    /// device down; snapshots of it are made with [`Backend::make_layer`].
+    ///
+    /// # Errors
+    /// Device-mapper and mkfs errors.
+    pub fn format_fresh(&mut self, id: &str, mkfs: &[&str]) -> Result<()> {
+        let new = self.next_id;
+        self.next_id += 1;
+        self.msg(&format!("create_thin {new}"))?;
+        self.ids.insert(id.to_owned(), new);
+        let name =
+            DmNameBuf::new(format!("tlbench-floor-{new}")).dm(|| "name a floor device".into())?;
+        let table = ThinDevTargetTable::new(
+            Sectors(0),
+            Sectors(self.thin_sectors),
+            ThinTargetParams::new(
+                self.pool_dev,
+                ThinDevId::new_u64(u64::from(new)).dm(|| "thin id".into())?,
+                None,
+            ),
+        );
+        let dev = DevId::Name(&name);
+        self.dm
+            .device_create(&name, None, DmOptions::private())
+            .dm(|| format!("create {}", &*name))?;
+        let up = self
+            .dm
+            .table_load(&dev, &table.to_raw_table(), DmOptions::private())
+            .and_then(|_| self.dm.device_suspend(&dev, DmOptions::private()))
+            .dm(|| format!("load and resume {}", &*name));
+        let made = up.and_then(|info| {
+            let node = format!("/dev/dm-{}", info.device().minor);
+            let mut args = vec!["-q", "-F"];
+            args.extend_from_slice(mkfs);
+            args.push(&node);
+            sys::tool("mkfs.ext4", &args)
+        });
+        let removed = self
+            .dm
+            .device_remove(&dev, DmOptions::private())
+            .dm(|| format!("remove {}", &*name));
+        made.and(removed.map(|_| ()))
     }
 
     fn deactivate(&mut self, id: &str) -> Result<()> {

@@ -59,6 +59,9 @@ pub struct Options {
     /// Also the docker workload (`src/docker.rs`): needs dockerd, the
     /// docker CLI and the `other-docker.tar` fixture.
     pub docker: bool,
+    /// Only the ext4 layout workload: pool blocks per trivial container
+    /// for each mkfs candidate (`bench.json` and the table; no plots).
+    pub layout: bool,
 }
 
 /// The sizes and counts of one run.
@@ -147,6 +150,12 @@ impl Params {
 /// output write errors.
 pub fn run(opts: &Options) -> Result<Report> {
     let params = Params::new(opts.quick);
+    if opts.layout {
+        let report = workloads::run_layout(opts, &params)?;
+        sys::mkdir(&opts.out)?;
+        report.write_json(&opts.out.join("bench.json"))?;
+        return Ok(report);
+    }
     if opts.docker {
         docker::preflight(opts)?;
     }

@@ -43,6 +43,10 @@ struct BenchArgs {
     /// docker CLI: THINLAYER_VM_EXTRAS=docker in the VM).
     #[arg(long)]
     docker: bool,
+    /// Only the ext4 layout workload: the pool blocks a trivial container
+    /// copies for each mkfs candidate, as a table.
+    #[arg(long)]
+    layout: bool,
     /// Print machine-readable JSON.
     #[arg(long)]
     json: bool,
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         fixtures: a.fixtures.clone(),
         disk: a.disk.clone(),
         docker: a.docker,
+        layout: a.layout,
     };
     match thinlayer_bench::run(&opts) {
         Ok(report) => {

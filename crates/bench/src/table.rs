@@ -13,6 +13,15 @@ impl Report {
     /// thinlayer/overlay-ext4 ratios.
     pub fn table(&self) -> String {
         let mut t = String::new();
+        if self.backends.is_empty() {
+            // `--layout` alone.
+            self.layout(&mut t);
+            for n in &self.notes {
+                let _ = writeln!(t, "note: {n}");
+            }
+            let _ = writeln!(t, "kernel {}, {:.0} s", self.kernel, self.wall_seconds);
+            return t;
+        }
         let w = 13;
         let _ = write!(t, "{:<26}", "figure (median)");
         for b in &self.backends {
@@ -233,6 +242,34 @@ impl Report {
 }
 
 impl Report {
+    /// The `--layout` section: pool blocks and bytes per trivial container
+    /// for each ext4 layout candidate, in the order measured.
+    fn layout(&self, t: &mut String) {
+        let mut rows: Vec<&Stat> = self
+            .stats
+            .iter()
+            .filter(|s| s.workload == "layout" && s.metric == "trivial-blocks")
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        rows.sort_by_key(|s| s.param);
+        let _ = writeln!(
+            t,
+            "ext4 layout: space per trivial container (3 files of 100 bytes + 1 mkdir, 64 KiB pool blocks)"
+        );
+        let _ = writeln!(t, "  {:<32}{:>8}{:>10}", "candidate", "blocks", "KiB");
+        for s in rows {
+            let _ = writeln!(
+                t,
+                "  {:<32}{:>8.1}{:>10.0}",
+                s.backend,
+                s.median,
+                s.median * 64.0
+            );
+        }
+    }
+
     /// The `--disk` section: each figure for the pool on loop files and
     /// the pool on the disk, and their ratio.
     fn loop_vs_disk(&self, t: &mut String) {

@@ -11,6 +11,7 @@ use std::{
 
 use devicemapper::{DevId, DmFlags, DmOptions};
 use indicatif::{ProgressBar, ProgressStyle};
+use thinlayer_pool::FsType;
 
 use crate::{
     Options, Params,
@@ -1156,4 +1157,147 @@ fn random_writes(
             .ctx(|| format!("write {}", file.display()))?;
     }
     f.sync_all().ctx(|| format!("fsync {}", file.display()))
+}
+
+/// The ext4 layouts the layout workload compares: a label and the mkfs
+/// options after `-q -F`. The first is the layout pools were made with
+/// before `inline_data` and `-G 4`; the shipped one is
+/// [`FsType::mkfs_layout`].
+fn layout_candidates() -> Vec<(String, Vec<&'static str>)> {
+    const BEFORE: [&str; 4] = [
+        "-b",
+        "4096",
+        "-E",
+        "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        BEFORE.iter().chain(extra).copied().collect()
+    };
+    vec![
+        ("before: journal, flex_bg 16".into(), with(&[])),
+        ("no journal".into(), with(&["-O", "^has_journal"])),
+        ("flex_bg 4 (-G 4)".into(), with(&["-G", "4"])),
+        ("no flex_bg".into(), with(&["-O", "^flex_bg"])),
+        ("packed_meta_blocks".into(), {
+            let mut v = with(&[]);
+            v[3] = "nodiscard,lazy_itable_init=1,lazy_journal_init=1,packed_meta_blocks=1";
+            v
+        }),
+        ("inline_data".into(), with(&["-O", "inline_data"])),
+        (
+            "shipped: inline_data, -G 4".into(),
+            FsType::Ext4.mkfs_layout().to_vec(),
+        ),
+        (
+            "inline_data, -G 2".into(),
+            with(&["-O", "inline_data", "-G", "2"]),
+        ),
+        (
+            "inline_data, -I 512".into(),
+            with(&["-O", "inline_data", "-I", "512"]),
+        ),
+        (
+            "inline_data, no journal".into(),
+            with(&["-O", "inline_data,^has_journal"]),
+        ),
+    ]
+}
+
+/// Containers measured per layout candidate.
+const LAYOUT_CONTAINERS: u32 = 3;
+
+/// Space per trivial container for each ext4 layout candidate: a fresh
+/// thin device formatted with the candidate's options, an image layer of
+/// it ([`fill_base`]), then containers (snapshots of the image) that each
+/// write three 100-byte files and make one directory in the image's
+/// directories, and are trimmed and unmounted as the engine does. The
+/// figure is the pool blocks the containers took, per container. Samples:
+/// backend = the candidate, workload `layout`, param = its row.
+fn layout(run: &mut Run, floor: &mut Floor) -> Result<()> {
+    run.phase("ext4 layout: pool blocks per trivial container");
+    let block = floor.block_bytes();
+    for (row, (label, mkfs)) in layout_candidates().into_iter().enumerate() {
+        let base = format!("lb{row}");
+        let image = format!("li{row}");
+        floor.format_fresh(&base, &mkfs)?;
+        floor.make_layer(&image, Some(&base), &mut fill_base)?;
+        let used0 = floor.used_bytes()?;
+        for i in 0..LAYOUT_CONTAINERS {
+            let c = format!("lc{row}-{i}");
+            floor.create(&c, &image)?;
+            let dir = floor.mount(&c)?;
+            for f in ["hostname", "hosts", "resolv.conf"] {
+                fs::write(dir.join("usr0").join(f), sys::pattern(7, 100))
+                    .ctx(|| format!("write {f} into {}", dir.display()))?;
+            }
+            sys::mkdir(&dir.join("usr1").join("run"))?;
+            thinlayer_pool::space::fitrim(&dir)?;
+            floor.umount(&c)?;
+        }
+        let used1 = floor.used_bytes()?;
+        let per = (used1 - used0) as f64 / f64::from(LAYOUT_CONTAINERS);
+        run.add(
+            &label,
+            "layout",
+            row as u64,
+            "trivial-blocks",
+            per / block as f64,
+        );
+        run.add(&label, "layout", row as u64, "trivial-bytes", per);
+        run.notes.push(format!(
+            "layout {row}: {label}: mkfs.ext4 {}",
+            mkfs.join(" ")
+        ));
+        for i in 0..LAYOUT_CONTAINERS {
+            floor.remove(&format!("lc{row}-{i}"))?;
+        }
+        floor.remove_layer(&image)?;
+        floor.remove_layer(&base)?;
+    }
+    Ok(())
+}
+
+/// `--layout` alone: the layout workload on a floor pool of the engine's
+/// default base size (the layout depends on the filesystem's size), torn
+/// down also on error.
+pub(crate) fn run_layout(opts: &Options, p: &Params) -> Result<Report> {
+    let started = Instant::now();
+    let mut run = Run {
+        samples: Vec::new(),
+        notes: Vec::new(),
+        bar: ProgressBar::hidden(),
+        current: None,
+        phases: Vec::new(),
+        started,
+    };
+    let work = &opts.work;
+    let _ = fs::remove_dir_all(work);
+    sys::mkdir(work)?;
+    let sizes = Sizes {
+        device: p.device_size,
+        thin: thinlayer_pool::CreateOptions::default().base_size.0,
+    };
+    let mut floor = Floor::new(&sys::mkdir(&work.join("floor"))?, &sizes, 64 << 10)?;
+    let result = layout(&mut run, &mut floor);
+    let down = floor.teardown();
+    let _ = sys_cleanup(work);
+    result?;
+    down?;
+    run.phase("done");
+    let mut report = Report {
+        quick: opts.quick,
+        params: p.clone(),
+        backends: Vec::new(),
+        disk: None,
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        samples: run.samples,
+        stats: Vec::new(),
+        notes: run.notes,
+        phases: run.phases,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    };
+    report.compute_stats();
+    Ok(report)
 }

@@ -26,27 +26,23 @@ use crate::{
 };
 
 /// Makes a filesystem of type `fs` on the thin device at `node`, without
-/// discarding (a fresh thin device is all unprovisioned) and, for ext4,
-/// with lazy inode tables and journal: unprovisioned blocks read as zeros,
-/// so nothing is written that a snapshot would then share for nothing.
+/// discarding (a fresh thin device is all unprovisioned) and with the
+/// layout of [`FsType::mkfs_layout`] (for ext4: lazy inode tables and
+/// journal, which unprovisioned blocks read back as zeros, and small files
+/// and directories kept inside their inodes).
 ///
 /// # Errors
 /// The mkfs tool's failure.
 pub(crate) fn make_filesystem(fs: FsType, node: &Path) -> Result<()> {
-    let args: &[&str] = match fs {
-        FsType::Ext4 => &[
-            "-q",
-            "-F",
-            "-b",
-            "4096",
-            "-E",
-            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-            "-L",
-            "thinlayer",
-        ],
+    let common: &[&str] = match fs {
+        FsType::Ext4 => &["-q", "-F", "-L", "thinlayer"],
         FsType::Xfs => &["-q", "-f", "-K", "-L", "thinlayer"],
     };
-    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let mut all: Vec<&std::ffi::OsStr> = common
+        .iter()
+        .chain(fs.mkfs_layout())
+        .map(std::ffi::OsStr::new)
+        .collect();
     all.push(node.as_os_str());
     fs.mkfs().run(&all).map(|_| ())
 }
