@@ -450,6 +450,11 @@ struct Client {
     target: PathBuf,
 }
 
+/// The lease every snapshot the bench makes is held by: containerd's
+/// garbage collection removes unreferenced snapshots (the population, the
+/// parent) otherwise. A removed snapshot leaves it.
+const HOLD: &str = "tl-bench-hold";
+
 /// `containerd.services.leases.v1.CreateRequest` (its id alone).
 #[derive(Clone, PartialEq, prost::Message)]
 struct LeaseCreate {
@@ -499,21 +504,34 @@ impl Client {
                 detail: e.to_string(),
             })?;
         sys::mkdir(&target)?;
-        Ok(Client {
+        let mut c = Client {
             rt,
             snapshots: SnapshotsClient::new(channel.clone()),
             grpc: tonic::client::Grpc::new(channel),
             target,
-        })
+        };
+        c.lease_call(
+            "/containerd.services.leases.v1.Leases/Create",
+            LeaseCreate { id: HOLD.into() },
+        )?;
+        Ok(c)
     }
 
     /// `msg` with the namespace header containerd requires.
-    fn req<T>(msg: T) -> Request<T> {
+    fn ns<T>(msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         r.metadata_mut().insert(
             "containerd-namespace",
             MetadataValue::from_static(NAMESPACE),
         );
+        r
+    }
+
+    /// `msg` in the namespace, held by the lease [`HOLD`].
+    fn req<T>(msg: T) -> Request<T> {
+        let mut r = Self::ns(msg);
+        r.metadata_mut()
+            .insert("containerd-lease", MetadataValue::from_static(HOLD));
         r
     }
 
@@ -585,7 +603,7 @@ impl Client {
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 grpc.unary(
-                    Self::req(msg),
+                    Self::ns(msg),
                     PathAndQuery::from_static(method),
                     ProstCodec::default(),
                 )
