@@ -225,6 +225,14 @@ pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()>
     let _ = fs::remove_dir_all(&base);
     report.samples.extend(m.samples);
     report.notes.extend(m.notes);
+    if !m.no_cleanup.is_empty() {
+        report.notes.push(format!(
+            "containerd: the Snapshots service's Cleanup failed ({}); containerd 1.6 wraps \
+             every snapshotter in its metadata store, which has no Cleanup: the deferred work \
+             is timed as a synchronous garbage collection instead",
+            m.no_cleanup.join("; ")
+        ));
+    }
     report.phases.extend(m.phases);
     report.notes.push(format!(
         "containerd: {version}, one containerd, its overlayfs, native and devmapper \
@@ -269,6 +277,8 @@ struct Meas {
     phases: Vec<(String, f64)>,
     version: String,
     failed: usize,
+    /// The snapshotters whose `Cleanup` call failed, and how.
+    no_cleanup: Vec<String>,
 }
 
 impl Meas {
@@ -349,11 +359,7 @@ fn one_snapshotter(
     cl.commit(sn, PARENT, "tl-parent-active")?;
     match cl.cleanup(sn) {
         Ok(ms) => m.add(sn, 0, "cleanup-call-ms", ms),
-        Err(e) => m.notes.push(format!(
-            "containerd {sn}: the Snapshots service's Cleanup answered: {e} (containerd 1.6 \
-             wraps every snapshotter in its metadata store, which has no Cleanup; the \
-             deferred work is timed as a synchronous garbage collection instead)"
-        )),
+        Err(e) => m.no_cleanup.push(format!("{sn}: {e}")),
     }
 
     let mut background = 0;
