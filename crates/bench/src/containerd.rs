@@ -149,28 +149,8 @@ fn tools(opts: &Options) -> Result<Tools> {
             &format!("{e} (the containerd workload runs in the VM: tools/vm/run)"),
         )
     })?;
-    let fixture = opts.fixtures.join(FIXTURE);
-    if !fixture.is_file() {
-        return Err(missing(
-            FIXTURE,
-            &format!(
-                "{} missing: run tests/fixtures/make-images {} (or pass --fixtures DIR)",
-                fixture.display(),
-                opts.fixtures.display()
-            ),
-        ));
-    }
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("thinlayer")))
-        .filter(|p| p.is_file())
-        .or_else(|| which("thinlayer"))
-        .ok_or_else(|| {
-            missing(
-                "thinlayer",
-                "not next to thinlayer-bench nor in PATH: build it (cargo build) or install it",
-            )
-        })?;
+    let fixture = docker::fixture(opts, FIXTURE, "--containerd")?;
+    let exe = docker::thinlayer_exe("--containerd")?;
     Ok(Tools {
         containerd,
         ctr,

@@ -144,36 +144,53 @@ fn tools(opts: &Options) -> Result<Tools> {
             "the docker CLI is not in PATH: install docker.io (tools/setup does)",
         )
     })?;
-    let fixture = opts.fixtures.join(FIXTURE);
-    if !fixture.is_file() {
-        return Err(missing(
-            FIXTURE,
-            &format!(
-                "{} missing: run tests/fixtures/make-images {} (or pass --fixtures DIR)",
-                fixture.display(),
-                opts.fixtures.display()
-            ),
-        ));
-    }
-    // The plugin is `thinlayer serve docker`: the `thinlayer` next to this
-    // program (as `thinlayer bench` found this one), else the one on PATH.
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("thinlayer")))
-        .filter(|p| p.is_file())
-        .or_else(|| which("thinlayer"))
-        .ok_or_else(|| {
-            missing(
-                "thinlayer",
-                "not next to thinlayer-bench nor in PATH: build it (cargo build) or install it",
-            )
-        })?;
+    let fixture = fixture(opts, FIXTURE, "--docker")?;
+    // The plugin is `thinlayer serve docker`.
+    let exe = thinlayer_exe("--docker")?;
     Ok(Tools {
         dockerd,
         docker,
         exe,
         fixture,
     })
+}
+
+/// The fixture `name` of `--fixtures`, or an error (for workload `flag`)
+/// saying how to build it.
+///
+/// # Errors
+/// [`Error::Tool`].
+pub(crate) fn fixture(opts: &Options, name: &str, flag: &str) -> Result<PathBuf> {
+    let path = opts.fixtures.join(name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(Error::Tool {
+        command: format!("thinlayer bench {flag}: {name}"),
+        detail: format!(
+            "{} missing: run tests/fixtures/make-images {} (or pass --fixtures DIR)",
+            path.display(),
+            opts.fixtures.display()
+        ),
+    })
+}
+
+/// The `thinlayer` next to this program (as `thinlayer bench` found this
+/// one), else the one on PATH: the plugins' server and their pools' CLI.
+///
+/// # Errors
+/// [`Error::Tool`] (for workload `flag`) when there is none.
+pub(crate) fn thinlayer_exe(flag: &str) -> Result<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("thinlayer")))
+        .filter(|p| p.is_file())
+        .or_else(|| which("thinlayer"))
+        .ok_or_else(|| Error::Tool {
+            command: format!("thinlayer bench {flag}: thinlayer"),
+            detail: "not next to thinlayer-bench nor in PATH: build it (cargo build) or install it"
+                .into(),
+        })
 }
 
 /// Runs the docker workload for every driver, adds its samples, phases
