@@ -158,3 +158,116 @@ fn vm_bench_quick_writes_every_backend_and_workload() {
         let _ = fs::remove_dir_all(&base);
     });
 }
+
+/// containerd's snapshotters and thinlayer's proxy through containerd's
+/// Snapshots service (`--containerd`), on a tiny population: every
+/// snapshotter has every step of the cycle, its deferred garbage
+/// collection and `ctr run --rm`, in the table and in bench.json, and the
+/// run leaves no dm device of its own behind. Needs containerd, ctr and
+/// runc in the guest (THINLAYER_VM_EXTRAS=docker).
+#[test]
+fn vm_bench_containerd_measures_every_snapshotter() {
+    const SNAPSHOTTERS: [&str; 4] = ["overlayfs", "native", "devmapper", "thinlayer"];
+    const STEPS: [&str; 8] = [
+        "prepare-ms",
+        "mounts-ms",
+        "mount-ms",
+        "umount-ms",
+        "start-ms",
+        "commit-ms",
+        "remove-ms",
+        "gc-ms",
+    ];
+    swept(|| {
+        let base = std::env::temp_dir().join(format!("tl-bench-ctrd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let out = base.join("out");
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images");
+        let run = Command::new(common::bin())
+            .args(["bench", "--quick", "--containerd", "--populations", "3"])
+            .arg("--out")
+            .arg(&out)
+            .arg("--work")
+            .arg(base.join("work"))
+            .arg("--fixtures")
+            .arg(&fixtures)
+            .output()
+            .expect("run thinlayer bench");
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "thinlayer bench --containerd failed ({}):\n{stdout}{}",
+            run.status,
+            String::from_utf8_lossy(&run.stderr)
+        );
+        println!("{stdout}");
+        let section = stdout
+            .split_once("\ncontainerd, one client")
+            .unwrap_or_else(|| panic!("no containerd section in the table:\n{stdout}"))
+            .1;
+        for w in SNAPSHOTTERS.iter().chain(&[
+            "tl/ovl",
+            "tl/dm",
+            "at 3 snapshots",
+            "start path ms",
+            "ctr run --rm",
+        ]) {
+            assert!(
+                section.contains(w),
+                "the containerd table lacks `{w}`:\n{section}"
+            );
+        }
+
+        let report: Value =
+            serde_json::from_str(&fs::read_to_string(out.join("bench.json")).expect("bench.json"))
+                .expect("bench.json is JSON");
+        let notes = report["notes"].to_string();
+        assert!(
+            !notes.contains("not measured past this error"),
+            "a snapshotter failed: {notes}"
+        );
+        let ctrd = |sn: &str, param: u64, metric: &str| -> f64 {
+            report["stats"]
+                .as_array()
+                .expect("stats")
+                .iter()
+                .find(|s| {
+                    s["backend"] == sn
+                        && s["workload"] == "containerd"
+                        && s["param"] == param
+                        && s["metric"] == metric
+                })
+                .unwrap_or_else(|| panic!("no containerd {sn} {param} {metric} in bench.json"))
+                ["median"]
+                .as_f64()
+                .expect("a number")
+        };
+        for sn in SNAPSHOTTERS {
+            for m in STEPS {
+                let v = ctrd(sn, 3, m);
+                assert!(v >= 0.0, "{sn} {m}: {v}");
+            }
+            assert!(ctrd(sn, 0, "run-rm-ms") > 0.0, "{sn}: ctr run --rm");
+            assert!(ctrd(sn, 0, "run-rm-gc-ms") >= 0.0, "{sn}: its gc");
+        }
+        for png in [
+            "containerd-start-path.png",
+            "containerd-commit-remove.png",
+            "containerd-ctr-run.png",
+            "containerd-vs-population.png",
+        ] {
+            let bytes = fs::read(out.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+            assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+        }
+        let left: Vec<String> = common::dm_devices()
+            .into_iter()
+            .filter(|n| n.starts_with("tlbench-ctrd"))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "the devmapper pool's devices are left: {left:?}"
+        );
+        assert!(!Path::new("/dev/mapper/tlbench-ctrd-pool").exists());
+        let _ = fs::remove_dir_all(&base);
+    });
+}

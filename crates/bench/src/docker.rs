@@ -109,7 +109,7 @@ struct Tools {
     fixture: PathBuf,
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
@@ -144,36 +144,53 @@ fn tools(opts: &Options) -> Result<Tools> {
             "the docker CLI is not in PATH: install docker.io (tools/setup does)",
         )
     })?;
-    let fixture = opts.fixtures.join(FIXTURE);
-    if !fixture.is_file() {
-        return Err(missing(
-            FIXTURE,
-            &format!(
-                "{} missing: run tests/fixtures/make-images {} (or pass --fixtures DIR)",
-                fixture.display(),
-                opts.fixtures.display()
-            ),
-        ));
-    }
-    // The plugin is `thinlayer serve docker`: the `thinlayer` next to this
-    // program (as `thinlayer bench` found this one), else the one on PATH.
-    let exe = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("thinlayer")))
-        .filter(|p| p.is_file())
-        .or_else(|| which("thinlayer"))
-        .ok_or_else(|| {
-            missing(
-                "thinlayer",
-                "not next to thinlayer-bench nor in PATH: build it (cargo build) or install it",
-            )
-        })?;
+    let fixture = fixture(opts, FIXTURE, "--docker")?;
+    // The plugin is `thinlayer serve docker`.
+    let exe = thinlayer_exe("--docker")?;
     Ok(Tools {
         dockerd,
         docker,
         exe,
         fixture,
     })
+}
+
+/// The fixture `name` of `--fixtures`, or an error (for workload `flag`)
+/// saying how to build it.
+///
+/// # Errors
+/// [`Error::Tool`].
+pub(crate) fn fixture(opts: &Options, name: &str, flag: &str) -> Result<PathBuf> {
+    let path = opts.fixtures.join(name);
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(Error::Tool {
+        command: format!("thinlayer bench {flag}: {name}"),
+        detail: format!(
+            "{} missing: run tests/fixtures/make-images {} (or pass --fixtures DIR)",
+            path.display(),
+            opts.fixtures.display()
+        ),
+    })
+}
+
+/// The `thinlayer` next to this program (as `thinlayer bench` found this
+/// one), else the one on PATH: the plugins' server and their pools' CLI.
+///
+/// # Errors
+/// [`Error::Tool`] (for workload `flag`) when there is none.
+pub(crate) fn thinlayer_exe(flag: &str) -> Result<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("thinlayer")))
+        .filter(|p| p.is_file())
+        .or_else(|| which("thinlayer"))
+        .ok_or_else(|| Error::Tool {
+            command: format!("thinlayer bench {flag}: thinlayer"),
+            detail: "not next to thinlayer-bench nor in PATH: build it (cargo build) or install it"
+                .into(),
+        })
 }
 
 /// Runs the docker workload for every driver, adds its samples, phases
@@ -350,7 +367,13 @@ fn one_driver(m: &mut Meas, tools: &Tools, base: &Path, big: &Big, p: &Params) -
     let data_root = disk.fs.join("docker");
     let mut result = (|| {
         let mut plugin = match m.driver {
-            "thinlayer" => Some(Plugin::start(tools, &disk.fs.join("thinlayer"), &dir)?),
+            "thinlayer" => Some(Plugin::start(
+                &tools.exe,
+                &disk.fs.join("thinlayer"),
+                &dir,
+                "docker",
+                Path::new(PLUGIN_SOCKET),
+            )?),
             _ => None,
         };
         let r = (|| {
@@ -718,7 +741,7 @@ fn output_within(cmd: &mut Command) -> std::io::Result<Output> {
     out
 }
 
-fn describe(cmd: &Command) -> String {
+pub(crate) fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
@@ -727,7 +750,7 @@ fn describe(cmd: &Command) -> String {
 }
 
 /// Runs `cmd`, failing with its stderr.
-fn cli(cmd: &mut Command) -> Result<Output> {
+pub(crate) fn cli(cmd: &mut Command) -> Result<Output> {
     let out = output_within(cmd).map_err(|e| Error::Tool {
         command: describe(cmd),
         detail: e.to_string(),
@@ -746,14 +769,14 @@ fn cli(cmd: &mut Command) -> Result<Output> {
     }
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// SIGTERM, then waits up to [`LIMIT`]; SIGKILL and an error past it.
-fn terminate(child: &mut Child, what: &str, log: &Path) -> Result<()> {
+pub(crate) fn terminate(child: &mut Child, what: &str, log: &Path) -> Result<()> {
     let pid = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
     let _ = kill(pid, Signal::SIGTERM);
     let deadline = Instant::now() + LIMIT;
@@ -933,32 +956,42 @@ impl Drop for Dockerd {
     }
 }
 
-/// `thinlayer serve docker` on a fresh pool.
-struct Plugin {
+/// `thinlayer serve docker` (or `serve containerd`) on a fresh pool.
+pub(crate) struct Plugin {
     child: Option<Child>,
     exe: PathBuf,
     root: PathBuf,
-    log: PathBuf,
+    /// Its stderr.
+    pub(crate) log: PathBuf,
 }
 
 impl Plugin {
-    fn start(tools: &Tools, root: &Path, dir: &Path) -> Result<Plugin> {
-        cli(Command::new(&tools.exe)
+    /// Creates a pool at `root` and starts `thinlayer serve KIND` on it,
+    /// listening on `socket`; its log goes to `dir`.
+    pub(crate) fn start(
+        exe: &Path,
+        root: &Path,
+        dir: &Path,
+        kind: &str,
+        socket: &Path,
+    ) -> Result<Plugin> {
+        cli(Command::new(exe)
             .arg("--root")
             .arg(root)
             .args(["pool", "create"]))?;
         let log = dir.join("plugin.log");
         let mut pl = Plugin {
             child: None,
-            exe: tools.exe.clone(),
+            exe: exe.to_owned(),
             root: root.to_owned(),
             log,
         };
         let out = fs::File::create(&pl.log).ctx(|| format!("create {}", pl.log.display()))?;
-        let mut cmd = Command::new(&tools.exe);
+        let mut cmd = Command::new(exe);
         cmd.arg("--root")
             .arg(root)
-            .args(["serve", "docker", "--socket", PLUGIN_SOCKET])
+            .args(["serve", kind, "--socket"])
+            .arg(socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(out);
@@ -967,7 +1000,7 @@ impl Plugin {
             Err(e) => return Err(pl.failed(&cmd, e.to_string())),
         }
         let deadline = Instant::now() + LIMIT;
-        while std::os::unix::net::UnixStream::connect(PLUGIN_SOCKET).is_err() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
             let exited = pl
                 .child
                 .as_mut()
@@ -977,7 +1010,8 @@ impl Plugin {
             if exited.is_some() || Instant::now() > deadline {
                 pl.child = pl.child.take().filter(|_| exited.is_none());
                 let detail = format!(
-                    "not listening on {PLUGIN_SOCKET} ({}); its log:\n{}",
+                    "not listening on {} ({}); its log:\n{}",
+                    socket.display(),
                     exited.map_or("still starting".into(), |s| s.to_string()),
                     tail(&pl.log, 20)
                 );
@@ -1001,8 +1035,8 @@ impl Plugin {
         }
     }
 
-    /// Stops the plugin (after dockerd) and destroys its pool.
-    fn stop_and_destroy(&mut self) -> Result<()> {
+    /// Stops the plugin (after its daemon) and destroys its pool.
+    pub(crate) fn stop_and_destroy(&mut self) -> Result<()> {
         let stopped = match self.child.take() {
             Some(mut c) => terminate(&mut c, "thinlayer serve docker", &self.log),
             None => Ok(()),
@@ -1033,13 +1067,15 @@ impl Drop for Plugin {
 }
 
 /// An ext4 on a loop device over a sparse file: a host's root filesystem.
-struct Ext4 {
+pub(crate) struct Ext4 {
     img: PathBuf,
-    fs: PathBuf,
+    /// Where it is mounted.
+    pub(crate) fs: PathBuf,
 }
 
 impl Ext4 {
-    fn new(dir: &Path) -> Result<Ext4> {
+    /// Makes and mounts it under `dir`.
+    pub(crate) fn new(dir: &Path) -> Result<Ext4> {
         let img = dir.join("disk.img");
         sys::sparse_file(&img, DISK)?;
         // Inode tables and journal left unzeroed (and not zeroed later:
@@ -1068,7 +1104,8 @@ impl Ext4 {
         Ok(Ext4 { img, fs })
     }
 
-    fn teardown(&self) -> Result<()> {
+    /// Unmounts it (the loop device detaches itself) and removes its file.
+    pub(crate) fn teardown(&self) -> Result<()> {
         let r = sys::umount(&self.fs);
         let _ = fs::remove_file(&self.img);
         r
@@ -1077,7 +1114,7 @@ impl Ext4 {
 
 /// Unmounts what is still mounted under `fs` (a driver's mounts its
 /// daemon left), deepest first.
-fn sweep_mounts(fs_dir: &Path) -> Result<()> {
+pub(crate) fn sweep_mounts(fs_dir: &Path) -> Result<()> {
     let text =
         fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo".into())?;
     let mut under: Vec<PathBuf> = text
@@ -1091,7 +1128,7 @@ fn sweep_mounts(fs_dir: &Path) -> Result<()> {
     for p in under {
         let u = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH)
             .map_err(std::io::Error::from)
-            .ctx(|| format!("unmount {} (left by dockerd)", p.display()));
+            .ctx(|| format!("unmount {} (left by the daemon)", p.display()));
         r = r.and(u);
     }
     r
@@ -1110,20 +1147,26 @@ fn sweep_dm(home: &Path) -> Result<()> {
         nix::sys::stat::minor(dev),
         st.ino()
     );
+    sweep_dm_prefix(&prefix, "dockerd's devicemapper")
+}
+
+/// Removes the dm devices whose names start with `prefix` (left by
+/// `whose` driver), a pool (`-pool`) last.
+pub(crate) fn sweep_dm_prefix(prefix: &str, whose: &str) -> Result<()> {
     let dm = DM::new().dm(|| "open /dev/mapper/control".into())?;
     let mut left: Vec<String> = dm
         .list_devices()
         .dm(|| "list dm devices".into())?
         .into_iter()
         .map(|(n, _, _)| n.to_string())
-        .filter(|n| n.starts_with(&prefix))
+        .filter(|n| n.starts_with(prefix))
         .collect();
     left.sort_by_key(|n| n.ends_with("-pool"));
     let mut r = Ok(());
     for name in left {
         let rm = DmName::new(&name)
             .and_then(|n| dm.device_remove(&DevId::Name(n), DmOptions::default()))
-            .dm(|| format!("remove {name} (left by dockerd's devicemapper)"));
+            .dm(|| format!("remove {name} (left by {whose})"));
         r = r.and(rm.map(|_| ()));
     }
     r
@@ -1131,7 +1174,7 @@ fn sweep_dm(home: &Path) -> Result<()> {
 
 /// Detaches loop devices over files under `fs_dir` (devicemapper's
 /// loop-lvm files, if dockerd left them attached).
-fn sweep_loops(fs_dir: &Path) -> Result<()> {
+pub(crate) fn sweep_loops(fs_dir: &Path) -> Result<()> {
     let mut r = Ok(());
     for e in fs::read_dir("/sys/block")
         .ctx(|| "list /sys/block".into())?
@@ -1198,14 +1241,14 @@ fn bytes(v: f64) -> String {
     }
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     }
 }
 
-fn show_ratio(x: Option<f64>) -> String {
+pub(crate) fn show_ratio(x: Option<f64>) -> String {
     x.map_or("-".into(), |x| format!("{x:.2}x"))
 }
 
@@ -1333,7 +1376,7 @@ fn pale(c: RGBColor) -> RGBColor {
     RGBColor(m(c.0), m(c.1), m(c.2))
 }
 
-type Draw = std::result::Result<(), String>;
+pub(crate) type Draw = std::result::Result<(), String>;
 
 fn s<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
@@ -1434,7 +1477,7 @@ fn category_labels<DB: DrawingBackend, Y: Ranged<ValueType = f64>>(
 
 /// Grouped bars: per operation, one bar per series (`vals(op, series)`).
 #[allow(clippy::too_many_arguments)] // one drawing, its parts named
-fn grouped(
+pub(crate) fn grouped(
     file: &Path,
     caption: &str,
     y_desc: &str,

@@ -18,6 +18,11 @@
 //! devicemapper drivers and thinlayer's plugin, one after another, on the
 //! same image and operations (`src/docker.rs`), in its own section.
 //!
+//! With `--containerd`, also one containerd with its own `overlayfs`,
+//! `native` and `devmapper` snapshotters and thinlayer as a proxy plugin,
+//! all four driven through containerd's Snapshots service by one client
+//! (`src/containerd.rs`), in its own section.
+//!
 //! Output: a table with medians and the thinlayer/floor and
 //! thinlayer/overlayfs ratios, `bench.json` with every sample, PNG plots.
 //!
@@ -26,6 +31,7 @@
 
 pub mod backend;
 mod btrfs;
+mod containerd;
 mod disk;
 mod docker;
 pub mod error;
@@ -62,6 +68,13 @@ pub struct Options {
     /// Only the ext4 layout workload: pool blocks per trivial container
     /// for each mkfs candidate (`bench.json` and the table; no plots).
     pub layout: bool,
+    /// Also the containerd workload (`src/containerd.rs`): needs
+    /// containerd, ctr, runc, dmsetup, the dm thin-pool target and the
+    /// `other-docker.tar` fixture.
+    pub containerd: bool,
+    /// Populations to use instead of the mode's (`--populations`), for the
+    /// start-path workload and the containerd workload alike.
+    pub populations: Option<Vec<usize>>,
 }
 
 /// The sizes and counts of one run.
@@ -95,6 +108,12 @@ pub struct Params {
     pub thin_size: u64,
     /// Samples per figure of the docker workload (`--docker`).
     pub docker_samples: usize,
+    /// Snapshot populations of the containerd workload (`--containerd`).
+    pub containerd_populations: Vec<usize>,
+    /// Containers (Prepare ... Remove cycles) per population there.
+    pub containerd_samples: usize,
+    /// `ctr run --rm` samples per snapshotter.
+    pub ctr_run_samples: usize,
 }
 
 impl Params {
@@ -119,6 +138,9 @@ impl Params {
                 device_size: 4 << 30,
                 thin_size: 2 << 30,
                 docker_samples: 5,
+                containerd_populations: vec![10, 100],
+                containerd_samples: 10,
+                ctr_run_samples: 5,
             }
         } else {
             Params {
@@ -136,6 +158,9 @@ impl Params {
                 device_size: 16 << 30,
                 thin_size: 4 << 30,
                 docker_samples: 15,
+                containerd_populations: vec![10, 100, 1000],
+                containerd_samples: 30,
+                ctr_run_samples: 5,
             }
         }
     }
@@ -149,7 +174,11 @@ impl Params {
 /// Any backend or workload error (the backends are torn down first), and
 /// output write errors.
 pub fn run(opts: &Options) -> Result<Report> {
-    let params = Params::new(opts.quick);
+    let mut params = Params::new(opts.quick);
+    if let Some(pops) = &opts.populations {
+        params.populations.clone_from(pops);
+        params.containerd_populations.clone_from(pops);
+    }
     if opts.layout {
         let report = workloads::run_layout(opts, &params)?;
         sys::mkdir(&opts.out)?;
@@ -159,9 +188,15 @@ pub fn run(opts: &Options) -> Result<Report> {
     if opts.docker {
         docker::preflight(opts)?;
     }
+    if opts.containerd {
+        containerd::preflight(opts)?;
+    }
     let mut report = workloads::run_all(opts, &params)?;
     if opts.docker {
         docker::run(&mut report, opts, &params)?;
+    }
+    if opts.containerd {
+        containerd::run(&mut report, opts, &params)?;
     }
     sys::mkdir(&opts.out)?;
     report.write_json(&opts.out.join("bench.json"))?;

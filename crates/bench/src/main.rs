@@ -47,6 +47,17 @@ struct BenchArgs {
     /// copies for each mkfs candidate, as a table.
     #[arg(long)]
     layout: bool,
+    /// Also measure one containerd with its overlayfs, native and devmapper
+    /// snapshotters (devmapper on a thin-pool the bench makes) and thinlayer
+    /// as a proxy plugin, all through containerd's Snapshots service, and
+    /// `ctr run --rm` on each (needs containerd, ctr, runc, dmsetup and
+    /// dm-thin: THINLAYER_VM_EXTRAS=docker in the VM).
+    #[arg(long)]
+    containerd: bool,
+    /// Snapshot populations instead of the mode's, comma-separated (e.g.
+    /// `3` for a fast check): the start-path workload's and containerd's.
+    #[arg(long, value_delimiter = ',', value_name = "N,...", value_parser = clap::value_parser!(usize))]
+    populations: Option<Vec<usize>>,
     /// Print machine-readable JSON.
     #[arg(long)]
     json: bool,
@@ -67,6 +78,8 @@ fn main() -> ExitCode {
         disk: a.disk.clone(),
         docker: a.docker,
         layout: a.layout,
+        containerd: a.containerd,
+        populations: a.populations.clone(),
     };
     match thinlayer_bench::run(&opts) {
         Ok(report) => {

@@ -25,7 +25,7 @@ const HEXAGON: Mark = (0, &[(-3, -5), (3, -5), (6, 0), (3, 5), (-3, 5), (-6, 0)]
 /// Each backend's colour and marker, all distinct so that series of equal
 /// values stay apart (thinlayer's ring around thinlayer-warm's around the
 /// floor's square).
-const STYLES: [(&str, RGBColor, Mark); 7] = [
+const STYLES: [(&str, RGBColor, Mark); 10] = [
     ("thinlayer", rgb(0xd62728), (9, &[])),
     ("thinlayer-warm", rgb(0x8c564b), (6, &[])),
     ("floor", rgb(0x555555), SQUARE),
@@ -33,6 +33,10 @@ const STYLES: [(&str, RGBColor, Mark); 7] = [
     ("overlay-xfs", rgb(0x2ca02c), TRIANGLE_DOWN),
     ("btrfs", rgb(0xff7f0e), DIAMOND),
     ("vfs-copy", rgb(0x9467bd), HEXAGON),
+    // containerd's own snapshotters (`--containerd`).
+    ("overlayfs", rgb(0x1f77b4), TRIANGLE),
+    ("native", rgb(0x9467bd), HEXAGON),
+    ("devmapper", rgb(0x555555), SQUARE),
 ];
 
 const fn rgb(hex: u32) -> RGBColor {
@@ -42,7 +46,7 @@ const fn rgb(hex: u32) -> RGBColor {
 
 /// The colour and marker of backend `b`, the `i`th of the run (which picks
 /// one for a name not listed).
-fn style(b: &str, i: usize) -> (RGBColor, Mark) {
+pub(crate) fn style(b: &str, i: usize) -> (RGBColor, Mark) {
     let s = STYLES.iter().find(|s| s.0 == b);
     let s = s.unwrap_or(&STYLES[i % STYLES.len()]);
     (s.1, s.2)
@@ -73,7 +77,8 @@ pub(crate) fn all(report: &Report, out: &Path) -> Result<()> {
     first_write(report, &f).map_err(plot_err(&f))?;
     let f = out.join("start-distribution.png");
     distribution(report, &f).map_err(plot_err(&f))?;
-    crate::docker::plots(report, out)
+    crate::docker::plots(report, out)?;
+    crate::containerd::plots(report, out)
 }
 
 type Draw = std::result::Result<(), String>;
@@ -102,14 +107,14 @@ fn marker<C, DB: DrawingBackend>((ring, shape): Mark, p: C, c: RGBColor) -> Mark
 const SIZE: (u32, u32) = (900, 500);
 const LEGEND_WIDTH: u32 = 170;
 
-/// The series' legend in its own panel, right of the chart, in drawing
-/// order.
-fn legend_panel<DB: DrawingBackend>(
+/// The legend of series `names` in its own panel, right of the chart, in
+/// drawing order.
+pub(crate) fn legend_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
-    r: &Report,
+    names: &[String],
 ) -> Draw {
     let font = ("sans-serif", 15).into_font();
-    for (row, (i, b)) in r.backends.iter().enumerate().enumerate() {
+    for (row, (i, b)) in names.iter().enumerate().enumerate() {
         let (c, m) = style(b, i);
         let y = 70 + 26 * i32::try_from(row).unwrap_or(0);
         let line = c.stroke_width(2);
@@ -122,18 +127,18 @@ fn legend_panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// A line with markers per backend (points from `pts`), thinlayer's drawn
-/// last and dashed, so that it stays on top and a series of equal values
-/// (the floor's) shows through it.
-fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
+/// A line with markers per series of `names` (points from `pts`),
+/// thinlayer's drawn last and dashed, so that it stays on top and a series
+/// of equal values (the floor's) shows through it.
+pub(crate) fn series<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
     chart: &mut ChartContext<'a, DB, CT>,
-    r: &Report,
+    names: &[String],
     pts: impl Fn(&str) -> Vec<(f64, f64)>,
 ) -> Draw {
-    let mut order: Vec<usize> = (0..r.backends.len()).collect();
-    order.sort_by_key(|&i| r.backends[i] == "thinlayer");
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by_key(|&i| names[i] == "thinlayer");
     for i in order {
-        let b = r.backends[i].as_str();
+        let b = names[i].as_str();
         let ((c, m), pts) = (style(b, i), pts(b));
         let line = c.stroke_width(2);
         if b == "thinlayer" {
@@ -183,7 +188,7 @@ pub(crate) fn human_bytes(b: f64) -> String {
 }
 
 /// `label` of each of `params`.
-fn labels(params: &[u64], label: impl Fn(u64) -> String) -> Vec<String> {
+pub(crate) fn labels(params: &[u64], label: impl Fn(u64) -> String) -> Vec<String> {
     params.iter().map(|&p| label(p)).collect()
 }
 
@@ -201,7 +206,7 @@ fn categories(names: Vec<String>) -> impl Fn(&f64) -> String {
 }
 
 /// A chart of f64 by f64 on `area`.
-type Chart<'a> = ChartContext<
+pub(crate) type Chart<'a> = ChartContext<
     'a,
     BitMapBackend<'a>,
     Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
@@ -209,18 +214,18 @@ type Chart<'a> = ChartContext<
 
 /// What a plot's axes say: the x axis's categories (one per whole
 /// number), the y range, its ticks and their labels, and both captions.
-struct Axes<'f> {
-    categories: Vec<String>,
-    y: std::ops::Range<f64>,
-    y_ticks: usize,
-    y_label: &'f dyn Fn(&f64) -> String,
-    x_desc: &'f str,
-    y_desc: &'f str,
+pub(crate) struct Axes<'f> {
+    pub(crate) categories: Vec<String>,
+    pub(crate) y: std::ops::Range<f64>,
+    pub(crate) y_ticks: usize,
+    pub(crate) y_label: &'f dyn Fn(&f64) -> String,
+    pub(crate) x_desc: &'f str,
+    pub(crate) y_desc: &'f str,
 }
 
 /// The chart every plot here draws on, its mesh drawn: the categories
 /// spread evenly along x, `pad` of a step beyond the first and the last.
-fn category_chart<'a>(
+pub(crate) fn category_chart<'a>(
     area: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
     caption: &str,
     pad: f64,
@@ -249,17 +254,17 @@ fn category_chart<'a>(
 }
 
 /// The largest of `values`, at least `floor`.
-fn max_or(floor: f64, values: impl Iterator<Item = f64>) -> f64 {
+pub(crate) fn max_or(floor: f64, values: impl Iterator<Item = f64>) -> f64 {
     values.fold(floor, f64::max)
 }
 
 /// The chart area and the legend panel of a plot at `file`.
-type Areas<'a> = (
+pub(crate) type Areas<'a> = (
     DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
     DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
 );
 
-fn areas(file: &Path) -> std::result::Result<Areas<'_>, String> {
+pub(crate) fn areas(file: &Path) -> std::result::Result<Areas<'_>, String> {
     let root = BitMapBackend::new(file, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(s)?;
     Ok(root.split_horizontally(SIZE.0 - LEGEND_WIDTH))
@@ -288,7 +293,7 @@ fn population(r: &Report, file: &Path) -> Draw {
             y_desc: "median ms",
         },
     )?;
-    series(&mut chart, r, |b| {
+    series(&mut chart, &r.backends, |b| {
         pops.iter()
             .enumerate()
             .filter_map(|(i, &p)| {
@@ -297,7 +302,7 @@ fn population(r: &Report, file: &Path) -> Draw {
             })
             .collect()
     })?;
-    legend_panel(&legend_area, r)?;
+    legend_panel(&legend_area, &r.backends)?;
     chart_area.present().map_err(s)
 }
 
@@ -359,7 +364,7 @@ fn first_write(r: &Report, file: &Path) -> Draw {
             y_desc: "allocated (median, log scale)",
         },
     )?;
-    series(&mut chart, r, |b| {
+    series(&mut chart, &r.backends, |b| {
         sizes
             .iter()
             .enumerate()
@@ -369,7 +374,7 @@ fn first_write(r: &Report, file: &Path) -> Draw {
             })
             .collect()
     })?;
-    legend_panel(&legend_area, r)?;
+    legend_panel(&legend_area, &r.backends)?;
     chart_area.present().map_err(s)
 }
 

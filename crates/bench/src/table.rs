@@ -201,6 +201,7 @@ impl Report {
         }
         self.loop_vs_disk(&mut t);
         crate::docker::table(self, &mut t);
+        crate::containerd::table(self, &mut t);
         let ioctls: Vec<&Stat> = self.stats.iter().filter(|s| s.workload == "step").collect();
         if !ioctls.is_empty() {
             let _ = writeln!(t, "\nper-step costs (median ms):");
