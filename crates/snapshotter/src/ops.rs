@@ -54,6 +54,11 @@ pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
 /// device node (for runtimes that pass it into a VM) instead of a bind.
 pub const MOUNTS_LABEL: &str = "thinlayer.io/mounts";
 
+/// The label containerd's unpacker puts on the Prepare of a layer it is
+/// about to apply (the chain id it commits as): an image pull, not a
+/// container start, so no demand for spares.
+pub const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
+
 /// After a request, the reclaim of removed layers' space waits this long
 /// for quiet (it discards, and holds the mutex while it does).
 const RECLAIM_QUIET: Duration = Duration::from_secs(1);
@@ -343,6 +348,7 @@ impl SnapshotOps {
             self.settle_layer(pl);
         }
         let bind = self.binds(&labels);
+        let unpack = labels.contains_key(UNPACK_LABEL);
         let mut pool = self.pool()?;
         check_max_size(&labels, pool.record().base_size.0)?;
         let layer = self.store.new_layer_id(key);
@@ -378,7 +384,7 @@ impl SnapshotOps {
             }
         }
         let m = made?;
-        if let Some(pl) = parent_layer {
+        if let Some(pl) = parent_layer.filter(|_| !unpack) {
             let live = self
                 .store
                 .children(parent)
