@@ -639,8 +639,15 @@ fn vm_containerd_bind_mounts_settle_after_commit() {
         assert_eq!((ty.as_str(), options.as_str()), ("bind", "rbind,ro"));
         assert_eq!(holder_mounts(s).1.len(), 2, "a2's and v1's holders");
 
+        // containerd's garbage collector may take snapshots nothing
+        // references (a2's removal runs it): gone already is fine.
         for key in ["a2", "v1", "c1"] {
-            snap(&c, &["rm", key]);
+            let out = c.try_ctr(&["snapshots", "--snapshotter", "thinlayer", "rm", key], 60);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() || err.contains("not found"),
+                "rm {key}: {err}"
+            );
         }
         wait_until("the snapshots' layers and holders to go", 60, || {
             ctrd_layers(s).len() == 3 && holder_mounts(s).1.is_empty()

@@ -598,8 +598,9 @@ fn vm_servers_containerd_reads_while_a_write_waits_and_hostile_clients() {
         });
 
         // A long write: the pool's exclusive lock is held (as an `image
-        // import` would); a Prepare queues behind it.
-        let lock = thinlayer_pool::lock::lock(&s.root, thinlayer_pool::LockMode::Exclusive, false)
+        // import` would); a Prepare queues behind it. (The server's worker
+        // may hold it for a moment after the Prepare: waited for.)
+        let lock = thinlayer_pool::lock::lock(&s.root, thinlayer_pool::LockMode::Exclusive, true)
             .expect("take the pool's lock");
         let mut writer = c.clone();
         let waiting = rt.spawn(async move { writer.prepare(prepare("k3", "c1")).await });

@@ -59,6 +59,14 @@ pub const MOUNTS_LABEL: &str = "thinlayer.io/mounts";
 /// container start, so no demand for spares.
 pub const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
 
+/// Whether a Prepare of `key` with `labels` applies an image layer
+/// (containerd's unpack: keys `NS/N/extract-NANOS-RAND CHAINID`, or the
+/// [`UNPACK_LABEL`]) rather than starting a container.
+pub fn is_unpack(key: &str, labels: &HashMap<String, String>) -> bool {
+    let last = key.rsplit('/').next().unwrap_or_default();
+    last.starts_with("extract-") || labels.contains_key(UNPACK_LABEL)
+}
+
 /// After a request, the reclaim of removed layers' space waits this long
 /// for quiet (it discards, and holds the mutex while it does).
 const RECLAIM_QUIET: Duration = Duration::from_secs(1);
@@ -195,14 +203,8 @@ impl SnapshotOps {
         &self.holders
     }
 
-    /// Whether a snapshot with `labels` is mounted at its holder (and
-    /// Mounts returns a bind), or hands out its device.
     fn binds(&self, labels: &HashMap<String, String>) -> bool {
-        match labels.get(MOUNTS_LABEL).map(String::as_str) {
-            Some("device") => false,
-            Some("bind") => true,
-            _ => self.config.mounts == MountMode::Bind,
-        }
+        binds(labels, self.config.mounts)
     }
 
     /// A request arrived: the idle work (reclaim) waits for quiet.
@@ -348,7 +350,7 @@ impl SnapshotOps {
             self.settle_layer(pl);
         }
         let bind = self.binds(&labels);
-        let unpack = labels.contains_key(UNPACK_LABEL);
+        let unpack = is_unpack(key, &labels);
         let mut pool = self.pool()?;
         check_max_size(&labels, pool.record().base_size.0)?;
         let layer = self.store.new_layer_id(key);
@@ -839,6 +841,17 @@ pub fn keep_spares(pool: &mut Pool, parent_layer: &str, n: usize) -> thinlayer_p
     Ok(())
 }
 
+/// Whether a snapshot with `labels` on a server handing out `mode` mounts
+/// is mounted at its holder (Mounts returns a bind) or hands out its
+/// device: the [`MOUNTS_LABEL`] label decides, else `mode`.
+pub fn binds(labels: &HashMap<String, String>, mode: MountMode) -> bool {
+    match labels.get(MOUNTS_LABEL).map(String::as_str) {
+        Some("device") => false,
+        Some("bind") => true,
+        _ => mode == MountMode::Bind,
+    }
+}
+
 /// How a `kind` snapshot is mounted at its holder.
 fn mount_use(kind: Kind) -> MountUse {
     if kind == Kind::View {
@@ -973,6 +986,39 @@ pub fn info_of(s: &Snapshot) -> Info {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mounts_label_overrides_the_servers_choice() {
+        let l = |v: &str| HashMap::from([(MOUNTS_LABEL.to_owned(), v.to_owned())]);
+        assert!(binds(&HashMap::new(), MountMode::Bind));
+        assert!(!binds(&HashMap::new(), MountMode::Device));
+        assert!(!binds(&l("device"), MountMode::Bind));
+        assert!(binds(&l("bind"), MountMode::Device));
+        assert!(binds(&l("other"), MountMode::Bind));
+    }
+
+    #[test]
+    fn unpacks_are_told_from_container_starts() {
+        let none = HashMap::new();
+        assert!(is_unpack(
+            "default/3/extract-114670870-R1IG sha256:af90",
+            &none
+        ));
+        assert!(!is_unpack("default/7/k0", &none));
+        assert!(!is_unpack("default/7/my-extract-x", &none));
+        let l = HashMap::from([(UNPACK_LABEL.to_owned(), "sha256:af90".to_owned())]);
+        assert!(is_unpack("k/1/x", &l));
+    }
+
+    #[test]
+    fn bind_mounts_are_read_only_for_views() {
+        let dir = Path::new("/r/snapshotter/mnt/ctrd-1-k");
+        let m = bind_mounts(dir, Kind::Active);
+        assert_eq!(m[0].r#type, "bind");
+        assert_eq!(m[0].source, "/r/snapshotter/mnt/ctrd-1-k");
+        assert_eq!(m[0].options, ["rbind", "rw"]);
+        assert_eq!(bind_mounts(dir, Kind::View)[0].options, ["rbind", "ro"]);
+    }
 
     #[test]
     fn max_size_label() {
