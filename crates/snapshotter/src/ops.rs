@@ -534,6 +534,7 @@ impl SnapshotOps {
         // The record goes now; a crash before the job leaves a layer
         // without a record, which the next start removes.
         self.store.remove(key)?;
+        thinlayer_pool::fault::point("snapshotter_remove.after_record");
         if s.kind == Kind::Committed {
             self.demand.forget(&s.layer);
         }
