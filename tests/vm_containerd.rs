@@ -639,19 +639,26 @@ fn vm_containerd_bind_mounts_settle_after_commit() {
         assert_eq!((ty.as_str(), options.as_str()), ("bind", "rbind,ro"));
         assert_eq!(holder_mounts(s).1.len(), 2, "a2's and v1's holders");
 
-        // containerd's garbage collector may take snapshots nothing
-        // references (a2's removal runs it): gone already is fine, and a
-        // parent is removed once containerd has let go of its children.
-        for key in ["a2", "v1", "c1"] {
-            wait_until(&format!("containerd to remove {key}"), 60, || {
-                let out = c.try_ctr(&["snapshots", "--snapshotter", "thinlayer", "rm", key], 60);
-                let err = String::from_utf8_lossy(&out.stderr);
-                eprintln!("rm {key}: {} {err}", out.status);
-                out.status.success() || err.contains("not found")
-            });
+        // containerd's garbage collector takes snapshots nothing references
+        // (ctr's own are not leased) when a removal runs it, and may leave
+        // c1 counted as a parent: gone already, or kept for a child
+        // containerd still lists, is fine for c1.
+        for key in ["v1", "a2", "c1"] {
+            let out = c.try_ctr(&["snapshots", "--snapshotter", "thinlayer", "rm", key], 60);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success()
+                    || err.contains("not found")
+                    || (key == "c1" && err.contains("with child")),
+                "rm {key}: {err}"
+            );
         }
-        wait_until("the snapshots' layers and holders to go", 60, || {
-            ctrd_layers(s).len() == 3 && holder_mounts(s).1.is_empty()
+        wait_until("a2's and v1's layers and holders to go", 60, || {
+            let layers = ctrd_layers(s);
+            !layers
+                .iter()
+                .any(|l| l.ends_with("-a2") || l.ends_with("-v1"))
+                && holder_mounts(s).1.is_empty()
         });
         ctrd.stop(nix::sys::signal::Signal::SIGTERM);
         assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
