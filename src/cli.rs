@@ -99,6 +99,20 @@ pub enum ServeTo {
         socket: PathBuf,
         #[command(flatten)]
         group: SocketGroup,
+        /// What Mounts hands containerd: `bind`, a bind mount of the
+        /// snapshot's filesystem, which the server mounts itself (runc);
+        /// `device`, its thin device node (runtimes that pass devices into
+        /// a VM: Kata, Firecracker). The snapshot label
+        /// `thinlayer.io/mounts=device` (or `=bind`) chooses per snapshot.
+        #[arg(long, value_enum, default_value_t = MountsArg::Bind)]
+        mounts: MountsArg,
+        /// The most spares (snapshots made ahead of a Prepare) kept over all
+        /// parents; 0 makes none.
+        #[arg(long, default_value_t = 8)]
+        max_spares: usize,
+        /// Seconds without a Prepare after which a parent keeps no spare.
+        #[arg(long, default_value_t = 300)]
+        spare_idle: u64,
     },
     /// Docker's plugin: graphdriver (`dockerd --experimental -s thinlayer`)
     /// and volume driver (`-d thinlayer`) on one Unix socket; start it before dockerd.
@@ -118,6 +132,15 @@ pub enum ServeTo {
         #[command(flatten)]
         group: SocketGroup,
     },
+}
+
+/// `serve containerd --mounts`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountsArg {
+    /// A bind mount of the filesystem the server mounted.
+    Bind,
+    /// The thin device node.
+    Device,
 }
 
 #[derive(Args, Debug)]

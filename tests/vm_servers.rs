@@ -598,8 +598,9 @@ fn vm_servers_containerd_reads_while_a_write_waits_and_hostile_clients() {
         });
 
         // A long write: the pool's exclusive lock is held (as an `image
-        // import` would); a Prepare queues behind it.
-        let lock = thinlayer_pool::lock::lock(&s.root, thinlayer_pool::LockMode::Exclusive, false)
+        // import` would); a Prepare queues behind it. (The server's worker
+        // may hold it for a moment after the Prepare: waited for.)
+        let lock = thinlayer_pool::lock::lock(&s.root, thinlayer_pool::LockMode::Exclusive, true)
             .expect("take the pool's lock");
         let mut writer = c.clone();
         let waiting = rt.spawn(async move { writer.prepare(prepare("k3", "c1")).await });
@@ -654,7 +655,9 @@ fn vm_servers_containerd_reads_while_a_write_waits_and_hostile_clients() {
             .unwrap()
             .into_inner()
             .mounts;
-            assert!(mounts[0].source.starts_with("/dev/dm-"), "{mounts:?}");
+            // A bind of the holder the server mounted (read without the lock).
+            assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
+            assert!(mounts[0].source.contains("/snapshotter/mnt/"), "{mounts:?}");
             println!("four reads while a write waited: {:?}", t.elapsed());
         });
         assert!(!waiting.is_finished(), "the Prepare ran under a held lock");
@@ -750,6 +753,49 @@ fn vm_servers_containerd_start_removes_only_its_own_orphans() {
             vec![("mine".to_owned(), "user".to_owned())],
             "only the snapshotter's orphan is gone"
         );
+        assert!(again.stop().success(), "{}", again.log());
+
+        // A Remove that dies with its record gone and its layer's removal
+        // queued: the layer stays, mounted at its holder; the next start
+        // unmounts and removes it.
+        let holders = fs::canonicalize(s.root.join("snapshotter/mnt")).unwrap();
+        let held = || -> usize {
+            thinlayer_pool::mounts::all()
+                .unwrap()
+                .iter()
+                .filter(|m| m.mountpoint.starts_with(&holders))
+                .count()
+        };
+        let mut srv = Server::Containerd.start(s, &socket, &[]);
+        rt.block_on(async {
+            let mut c = client(&socket).await.unwrap();
+            c.prepare(prepare("k2", "")).await.unwrap();
+        });
+        assert!(srv.stop().success(), "{}", srv.log());
+        assert_eq!(held(), 1, "an active snapshot's holder stays mounted");
+        let fault = [("THINLAYER_FAULT", "snapshotter_remove.after_record")];
+        let mut dying = Served::start_with(s, &Server::Containerd.args(), &socket, &fault);
+        let answer = rt.block_on(async {
+            client(&socket)
+                .await
+                .unwrap()
+                .remove(RemoveSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: "k2".into(),
+                })
+                .await
+        });
+        assert!(answer.is_err(), "the Remove was to die half-way");
+        assert!(!dying.wait_exit().success(), "{}", dying.log());
+        assert_eq!(owners(s).len(), 2, "the removed snapshot's layer is left");
+        let mut again = Server::Containerd.start(s, &socket, &[]);
+        again.assert_running();
+        assert_eq!(
+            owners(s),
+            vec![("mine".to_owned(), "user".to_owned())],
+            "the interrupted Remove's layer is gone"
+        );
+        assert_eq!(held(), 0, "its holder is unmounted");
         assert!(again.stop().success(), "{}", again.log());
     });
 }

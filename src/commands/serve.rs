@@ -9,7 +9,7 @@ use serde_json::json;
 use thinlayer_pool::socket::Access;
 
 use crate::{
-    cli::{ServeArgs, ServeTo},
+    cli::{MountsArg, ServeArgs, ServeTo},
     render::Output,
 };
 
@@ -20,9 +20,23 @@ use crate::{
 /// `thinlayer_docker::Error`; a bad `--socket-group` as the engine's.
 pub(crate) fn run(root: &Path, args: ServeArgs) -> anyhow::Result<Output> {
     match args.to {
-        ServeTo::Containerd { socket, group } => {
+        ServeTo::Containerd {
+            socket,
+            group,
+            mounts,
+            max_spares,
+            spare_idle,
+        } => {
             let access = Access::new(group.socket_group.as_deref())?;
-            thinlayer_snapshotter::serve(root, &socket, &access)?;
+            let config = thinlayer_snapshotter::Config {
+                mounts: match mounts {
+                    MountsArg::Bind => thinlayer_snapshotter::MountMode::Bind,
+                    MountsArg::Device => thinlayer_snapshotter::MountMode::Device,
+                },
+                max_spares,
+                spare_idle: std::time::Duration::from_secs(spare_idle),
+            };
+            thinlayer_snapshotter::serve(root, &socket, &access, &config)?;
         }
         ServeTo::Docker { socket, group } => {
             let access = Access::new(group.socket_group.as_deref())?;

@@ -113,6 +113,8 @@ pub const ALL: &[&str] = &[
     "image_rm.after_layer",
     // the containerd snapshotter's Prepare (`serve containerd`)
     "snapshotter_prepare.after_layer",
+    // its Remove: the record gone, the layer's removal still queued
+    "snapshotter_remove.after_record",
 ];
 
 #[cfg(feature = "fault-injection")]

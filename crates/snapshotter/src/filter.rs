@@ -191,6 +191,7 @@ mod tests {
             updated: SystemTime::now(),
             mapped_at_create: None,
             own_bytes: None,
+            bind: false,
         }
     }
 

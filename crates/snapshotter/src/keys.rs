@@ -82,6 +82,11 @@ pub struct Snapshot {
     /// Its own bytes, measured at commit (committed snapshots are immutable).
     #[serde(default)]
     pub own_bytes: Option<u64>,
+    /// The snapshotter mounts it itself at its holder directory and
+    /// Mounts hands out a bind mount of that; without, the thin device
+    /// (records from before bind mounts have none).
+    #[serde(default)]
+    pub bind: bool,
 }
 
 impl Record for Snapshot {
@@ -331,6 +336,7 @@ mod tests {
             updated: SystemTime::now(),
             mapped_at_create: Some(4096),
             own_bytes: None,
+            bind: false,
         }
     }
 

@@ -6,30 +6,115 @@
 //! same root (`layer ls` works while the server runs), and an open costs a
 //! stat, a flock and one small record read.
 //!
+//! An active or view snapshot is mounted by the snapshotter itself at its
+//! holder directory `ROOT/snapshotter/mnt/<layer>` (0700 parents: only root
+//! traverses them), and Mounts hands containerd a bind mount of it; with
+//! `--mounts device` or the label `thinlayer.io/mounts=device` (runtimes
+//! that pass block devices into a VM) it hands out the thin device node
+//! instead, as records from before bind mounts say too.
+//!
+//! Only what the answer needs runs inside a request; the rest is a
+//! [`Job`] the server's worker runs after it ([`SnapshotOps::work`]), under
+//! the same mutex: after Commit the holder's unmount, the measure and the
+//! device's teardown; after Remove the unmount and the layer's removal;
+//! spares (as [`Demand`] says) and the reclaim of removed layers' space
+//! when idle. A request on a layer with queued jobs runs them first.
+//!
 //! Order of steps, so a crash leaves nothing the next start cannot settle:
 //! Prepare makes the layer, then its record (a crash in between leaves a
-//! `ctrd-*` layer without a record, which the next start removes); Commit
-//! is one record rewrite (the key becomes the name, the layer stays);
-//! Remove removes the layer, then the record (a record whose layer is gone
-//! is dropped at start).
+//! `ctrd-*` layer without a record, which the next start removes, its
+//! holder unmounted first); Commit is one record rewrite (the key becomes
+//! the name, the layer stays; a committed snapshot whose holder is still
+//! mounted or whose device is up is settled at start and Cleanup); Remove
+//! removes the record, then (queued) the layer: a layer without a record is
+//! removed at start and Cleanup, and a record whose layer is gone is
+//! dropped.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use thinlayer_pool::{FsType, LockMode, Owner, Pool};
+use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, Trim};
 
 use crate::{
     error::{Error, Result},
     filter::Filters,
+    jobs::{Job, Queue},
     keys::{KeyStore, Kind, LAYER_PREFIX, Snapshot, Snapshots},
+    spares::Demand,
 };
 
 /// containerd's label asking for a snapshot of at most this many bytes.
 pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
+
+/// The label choosing a snapshot's mounts: `device` hands out the thin
+/// device node (for runtimes that pass it into a VM) instead of a bind.
+pub const MOUNTS_LABEL: &str = "thinlayer.io/mounts";
+
+/// The label containerd's unpacker puts on the Prepare of a layer it is
+/// about to apply (the chain id it commits as): an image pull, not a
+/// container start, so no demand for spares.
+pub const UNPACK_LABEL: &str = "containerd.io/snapshot.ref";
+
+/// Whether a Prepare of `key` with `labels` applies an image layer
+/// (containerd's unpack: keys `NS/N/extract-NANOS-RAND CHAINID`, or the
+/// [`UNPACK_LABEL`]) rather than starting a container.
+pub fn is_unpack(key: &str, labels: &HashMap<String, String>) -> bool {
+    let last = key.rsplit('/').next().unwrap_or_default();
+    last.starts_with("extract-") || labels.contains_key(UNPACK_LABEL)
+}
+
+/// After a request, the reclaim of removed layers' space waits this long
+/// for quiet (it discards, and holds the mutex while it does).
+const RECLAIM_QUIET: Duration = Duration::from_secs(1);
+
+/// What Mounts hands containerd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MountMode {
+    /// A bind mount of the snapshot's filesystem, mounted by the
+    /// snapshotter (runc-based runtimes).
+    #[default]
+    Bind,
+    /// The thin device node, for containerd (or a VM runtime) to mount.
+    Device,
+}
+
+/// How the server hands out mounts and keeps spares (the flags of
+/// `thinlayer serve containerd`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Mounts of snapshots without the [`MOUNTS_LABEL`] label.
+    pub mounts: MountMode,
+    /// The most spares kept over all parents (0: none).
+    pub max_spares: usize,
+    /// A parent without a Prepare for this long keeps no spare.
+    pub spare_idle: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            mounts: MountMode::Bind,
+            max_spares: 8,
+            spare_idle: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What one call of [`SnapshotOps::work`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Some work: call again.
+    Worked,
+    /// Nothing to do until `until` (or a request), if ever.
+    Idle {
+        /// When something falls due without a request.
+        until: Option<Instant>,
+    },
+}
 
 /// The snapshotter's state: the pool root, the key store and the server's
 /// own lock on `ROOT/snapshotter/lock`.
@@ -41,6 +126,14 @@ pub struct SnapshotOps {
     /// The records directory was missing at open: layers without records
     /// are then kept (they may be snapshots whose records were lost).
     records_missing: bool,
+    config: Config,
+    /// `ROOT/snapshotter/mnt`, resolved: the holders' parent.
+    holders: PathBuf,
+    queue: Queue,
+    demand: Demand,
+    /// A removal put a thin id in the pool's trash since the last reclaim.
+    reclaim_due: bool,
+    last_request: Instant,
 }
 
 impl SnapshotOps {
@@ -52,7 +145,7 @@ impl SnapshotOps {
     /// # Errors
     /// [`Error::AlreadyServing`], pool errors (no pool, inactive, not
     /// root), damaged records.
-    pub fn open(root: &Path) -> Result<SnapshotOps> {
+    pub fn open(root: &Path, config: Config) -> Result<SnapshotOps> {
         let mut pool = Pool::open(root, LockMode::Exclusive, true)?;
         pool.require_active()?;
         let dir = KeyStore::base_dir(root);
@@ -67,15 +160,73 @@ impl SnapshotOps {
                 root: root.to_owned(),
                 lock: lock_path,
             })?;
+        let holders = holders_dir(root)?;
+        let now = Instant::now();
         let mut ops = SnapshotOps {
             root: root.to_owned(),
             store: KeyStore::load(root)?,
             _lock: lock,
             records_missing: false,
+            demand: Demand::new(config.max_spares, config.spare_idle),
+            config,
+            holders,
+            queue: Queue::default(),
+            reclaim_due: false,
+            last_request: now,
         };
         ops.records_missing = records_missing;
         ops.reconcile(&mut pool)?;
+        // Spares a previous server left: kept one idle window.
+        let ours: Vec<String> = ops.committed_layers();
+        for p in &ours {
+            ops.demand.adopt(p, pool.spares_of(Some(p)).len(), now);
+        }
         Ok(ops)
+    }
+
+    /// The layers of committed snapshots.
+    fn committed_layers(&self) -> Vec<String> {
+        self.store
+            .all()
+            .filter(|s| s.kind == Kind::Committed)
+            .map(|s| s.layer.clone())
+            .collect()
+    }
+
+    /// `layer`'s holder directory.
+    pub fn holder(&self, layer: &str) -> PathBuf {
+        self.holders.join(layer)
+    }
+
+    /// `ROOT/snapshotter/mnt`, resolved.
+    pub fn holders(&self) -> &Path {
+        &self.holders
+    }
+
+    fn binds(&self, labels: &HashMap<String, String>) -> bool {
+        binds(labels, self.config.mounts)
+    }
+
+    /// A request arrived: the idle work (reclaim) waits for quiet.
+    pub fn note_request(&mut self) {
+        self.last_request = Instant::now();
+    }
+
+    /// Unmounts `layer`'s holder if it is mounted (no trim: the caller
+    /// removes or freezes the layer) and removes the directory; returns
+    /// whether it was mounted.
+    fn release_holder(&self, pool: &mut Pool, layer: &str) -> Result<bool> {
+        let dir = self.holder(layer);
+        let mounted = is_mountpoint(&dir)?;
+        if mounted {
+            pool.umount_with(&dir.to_string_lossy(), Trim::Skip)?;
+        }
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "holder directory stays"),
+        }
+        Ok(mounted)
     }
 
     fn pool(&self) -> Result<Pool> {
@@ -115,11 +266,49 @@ impl SnapshotOps {
             if !recorded.contains(&l.id) && self.records_missing {
                 tracing::warn!(layer = %l.id, "snapshotter layer without a record, and the records directory was missing: keeping it; restore the records directory, or list it with `thinlayer layer ls`");
             } else if !recorded.contains(&l.id) {
-                tracing::warn!(layer = %l.id, "layer without a snapshot record (interrupted prepare): removing it");
-                pool.remove_layer(&l.id)?;
+                tracing::warn!(layer = %l.id, "layer without a snapshot record (interrupted prepare or remove): removing it");
+                let removed = self
+                    .release_holder(pool, &l.id)
+                    .and_then(|_| Ok(pool.remove_layer(&l.id)?));
+                if let Err(e) = removed {
+                    tracing::warn!(layer = %l.id, error = %e, "layer without a record stays; the next start or Cleanup tries again");
+                }
             }
         }
+        // Committed snapshots are never mounted: a holder or device left
+        // by an interrupted settle goes.
+        for layer in self.committed_layers() {
+            let settled = self
+                .release_holder(pool, &layer)
+                .and_then(|_| Ok(pool.deactivate_layer(&layer)?));
+            match settled {
+                Ok(true) => tracing::info!(%layer, "committed snapshot's device torn down"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%layer, error = %e, "committed snapshot's device stays"),
+            }
+        }
+        self.sweep_holders();
         Ok(())
+    }
+
+    /// Removes holder directories no bind snapshot needs and nothing
+    /// mounts (left by a crash).
+    fn sweep_holders(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.holders) else {
+            return;
+        };
+        let live: std::collections::HashSet<String> = self
+            .store
+            .all()
+            .filter(|s| s.kind != Kind::Committed)
+            .map(|s| s.layer.clone())
+            .collect();
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !live.contains(&name) && !is_mountpoint(&e.path()).unwrap_or(true) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
     }
 
     /// Prepare (`kind` Active) or View (`kind` View): a new thin snapshot
@@ -156,6 +345,12 @@ impl SnapshotOps {
             }
             Some(p.layer.clone())
         };
+        if let Some(pl) = &parent_layer {
+            // Its filesystem unmounted and its device down first.
+            self.settle_layer(pl);
+        }
+        let bind = self.binds(&labels);
+        let unpack = is_unpack(key, &labels);
         let mut pool = self.pool()?;
         check_max_size(&labels, pool.record().base_size.0)?;
         let layer = self.store.new_layer_id(key);
@@ -163,13 +358,8 @@ impl SnapshotOps {
         // A crash here leaves our layer without a snapshot record: the next
         // start removes it (`reconcile`).
         thinlayer_pool::fault::point("snapshotter_prepare.after_layer");
-        let emptied = if parent_layer.is_none() {
-            self.empty_base(&mut pool, &layer)
-        } else {
-            Ok(())
-        };
-        let made = emptied
-            .and_then(|()| mounts_of(&mut pool, &layer, kind))
+        let made = self
+            .expose(&mut pool, &layer, kind, bind, parent_layer.is_none())
             .and_then(|m| {
                 let now = SystemTime::now();
                 let s = Snapshot {
@@ -182,32 +372,71 @@ impl SnapshotOps {
                     updated: now,
                     mapped_at_create: mapped_bytes(&mut pool, &layer).ok().flatten(),
                     own_bytes: None,
+                    bind,
                 };
                 self.store.put(s, None)?;
                 Ok(m)
             });
         if made.is_err() {
-            if let Err(undo) = pool.remove_layer(&layer) {
+            let undone = self
+                .release_holder(&mut pool, &layer)
+                .and_then(|_| Ok(pool.remove_layer(&layer)?));
+            if let Err(undo) = undone {
                 tracing::error!(%layer, error = %undo, "undoing a failed prepare failed");
             }
         }
         let m = made?;
-        tracing::info!(%key, %layer, parent = %parent, kind = kind.name(), "snapshot created");
+        if let Some(pl) = parent_layer.filter(|_| !unpack) {
+            let live = self
+                .store
+                .children(parent)
+                .iter()
+                .filter(|c| self.store.get(c).is_ok_and(|c| c.kind != Kind::Committed))
+                .count();
+            self.demand.prepared(&pl, live, Instant::now());
+        }
+        tracing::info!(%key, %layer, parent = %parent, kind = kind.name(), bind, "snapshot created");
         Ok(m)
+    }
+
+    /// Makes new layer `layer` usable as a `kind` snapshot and returns its
+    /// mounts: mounted at its holder (`bind`) or its device up; a snapshot
+    /// of the base device (`empty`) loses `lost+found` first.
+    fn expose(
+        &self,
+        pool: &mut Pool,
+        layer: &str,
+        kind: Kind,
+        bind: bool,
+        empty: bool,
+    ) -> Result<Vec<Mount>> {
+        if !bind {
+            if empty {
+                self.empty_base(pool, layer)?;
+            }
+            return mounts_of(pool, layer, kind);
+        }
+        let dir = self.holder(layer);
+        if empty && kind == Kind::Active {
+            // The holder mount is the one the emptying needs.
+            pool.mount_layer(layer, &dir, mount_use(kind))?;
+            remove_lost_found(&dir)?;
+        } else {
+            if empty {
+                self.empty_base(pool, layer)?;
+            }
+            pool.mount_layer(layer, &dir, mount_use(kind))?;
+        }
+        Ok(bind_mounts(&dir, kind))
     }
 
     /// containerd's snapshots without a parent start as an empty
     /// directory; the pool's base filesystem has ext4's `lost+found`, so it
     /// goes (e2fsck makes it again when it needs it).
     fn empty_base(&self, pool: &mut Pool, layer: &str) -> Result<()> {
-        let dir = KeyStore::base_dir(&self.root).join("mnt").join(layer);
-        pool.mount_layer(layer, &dir, thinlayer_pool::MountUse::Scratch)?;
-        let lf = dir.join("lost+found");
-        let removed = match std::fs::remove_dir(&lf) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("remove {}", lf.display()), e)),
-        };
+        let dir = self.holder(layer);
+        pool.mount_layer(layer, &dir, MountUse::Scratch)?;
+        let removed = remove_lost_found(&dir);
         let unmounted = pool.umount(&dir.to_string_lossy());
         let _ = std::fs::remove_dir(&dir);
         removed?;
@@ -226,11 +455,19 @@ impl SnapshotOps {
                 "snapshot `{key}` is committed: only active and view snapshots have mounts"
             )));
         }
-        mounts_of(&mut self.pool()?, &s.layer, s.kind)
+        let mut pool = self.pool()?;
+        if s.bind {
+            let dir = self.holder(&s.layer);
+            pool.mount_layer(&s.layer, &dir, mount_use(s.kind))?;
+            return Ok(bind_mounts(&dir, s.kind));
+        }
+        mounts_of(&mut pool, &s.layer, s.kind)
     }
 
     /// Commits active snapshot `key` as `name`: the same layer, now
-    /// immutable; its own bytes are measured and its device torn down.
+    /// immutable. A device snapshot's own bytes are measured now; the
+    /// holder's unmount (and a bind snapshot's measure) and the device's
+    /// teardown are queued ([`Job::Settle`]).
     ///
     /// # Errors
     /// NotFound, AlreadyExists (name), FailedPrecondition (not active).
@@ -250,13 +487,16 @@ impl SnapshotOps {
         if self.store.contains(name) {
             return Err(Error::AlreadyExists(name.to_owned()));
         }
-        let mut pool = self.pool()?;
-        pool.activate_layer(&s.layer)?;
-        let mapped = mapped_bytes(&mut pool, &s.layer)?.unwrap_or_default();
-        let own = mapped.saturating_sub(s.mapped_at_create.unwrap_or_default());
-        if let Err(e) = pool.deactivate_layer(&s.layer) {
-            tracing::warn!(layer = %s.layer, error = %e, "could not tear down a committed snapshot's device");
-        }
+        // A bind snapshot's writes may still be in the page cache: it is
+        // measured once its holder is unmounted.
+        let own = if s.bind {
+            None
+        } else {
+            let mut pool = self.pool()?;
+            pool.activate_layer(&s.layer)?;
+            let mapped = mapped_bytes(&mut pool, &s.layer)?.unwrap_or_default();
+            Some(mapped.saturating_sub(s.mapped_at_create.unwrap_or_default()))
+        };
         let now = SystemTime::now();
         let layer = s.layer.clone();
         let committed = Snapshot {
@@ -265,18 +505,23 @@ impl SnapshotOps {
             labels: labels.into_iter().collect(),
             created: now,
             updated: now,
-            own_bytes: Some(own),
+            own_bytes: own,
             ..s
         };
         self.store.put(committed, Some(key))?;
-        tracing::info!(%key, %name, %layer, own_bytes = own, "snapshot committed");
+        self.queue.push(Job::Settle {
+            key: name.to_owned(),
+            layer: layer.clone(),
+        });
+        tracing::info!(%key, %name, %layer, own_bytes = ?own, "snapshot committed");
         Ok(())
     }
 
-    /// Removes snapshot `key` and its layer.
+    /// Removes snapshot `key`: its record now, its layer after the answer
+    /// ([`Job::Remove`]).
     ///
     /// # Errors
-    /// NotFound, FailedPrecondition (children; mounted or busy device).
+    /// NotFound, FailedPrecondition (children).
     pub fn remove(&mut self, key: &str) -> Result<()> {
         let s = self.store.get(key)?.clone();
         let children = self.store.children(key);
@@ -286,15 +531,16 @@ impl SnapshotOps {
                 children.join(", ")
             )));
         }
-        // The record goes now; the discard and delete wait for Cleanup
-        // (containerd's garbage collector calls it), off the request path.
-        let mut pool = self.pool()?;
-        pool.set_teardown_later(true);
-        match pool.remove_layer(&s.layer) {
-            Ok(()) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        // The record goes now; a crash before the job leaves a layer
+        // without a record, which the next start removes.
         self.store.remove(key)?;
+        thinlayer_pool::fault::point("snapshotter_remove.after_record");
+        if s.kind == Kind::Committed {
+            self.demand.forget(&s.layer);
+        }
+        self.queue.push(Job::Remove {
+            layer: s.layer.clone(),
+        });
         tracing::info!(%key, layer = %s.layer, "snapshot removed");
         Ok(())
     }
@@ -351,6 +597,9 @@ impl SnapshotOps {
     /// # Errors
     /// NotFound, pool errors.
     pub fn usage(&mut self, key: &str) -> Result<Usage> {
+        let layer = self.store.get(key)?.layer.clone();
+        // A committed snapshot's measure may be queued.
+        self.settle_layer(&layer);
         let s = self.store.get(key)?.clone();
         let own = match (s.kind, s.own_bytes) {
             (Kind::Committed, Some(b)) => b,
@@ -394,53 +643,168 @@ impl SnapshotOps {
         self.store.snapshots()
     }
 
-    /// Cleanup: removes `ctrd-*` layers no record knows and tears down the
-    /// devices of committed snapshots that nothing mounts.
+    /// Cleanup: runs every queued job, removes `ctrd-*` layers no record
+    /// knows, settles committed snapshots still mounted or up, and gives
+    /// removed snapshots' space back.
     ///
     /// # Errors
     /// Pool errors.
     pub fn cleanup(&mut self) -> Result<()> {
+        while let Some(job) = self.queue.pop() {
+            self.run_job(job);
+        }
         let mut pool = self.pool()?;
         self.reconcile(&mut pool)?;
-        for s in self.store.all().filter(|s| s.kind == Kind::Committed) {
-            pool.deactivate_layer(&s.layer)?;
-        }
         let r = pool.reclaim()?;
+        self.reclaim_due = false;
         tracing::info!(thin_ids = r.thin_ids, "removed snapshots' space given back");
         Ok(())
     }
 
-    /// Keeps one spare (a snapshot provisioned ahead of demand) of
-    /// committed snapshot `parent` once it is the parent of two snapshots
-    /// (an image's top layer, not a layer being unpacked, which has one
-    /// child), so the next Prepare on it writes only records and its device
-    /// is up. Run after a Prepare; a parent that is gone or active (so may
-    /// change) is skipped.
-    pub fn provision_spare(&mut self, parent: &str) {
-        let Ok(p) = self.store.get(parent).cloned() else {
-            return;
-        };
-        if p.kind != Kind::Committed || self.store.children(parent).len() < 2 {
-            return;
-        }
-        let t = std::time::Instant::now();
-        match self
-            .pool()
-            .and_then(|mut pool| Ok(pool.provision(Some(&p.layer), 1)?))
-        {
-            Ok(r) => tracing::debug!(
-                %parent,
-                made = r.made,
-                ms = t.elapsed().as_secs_f64() * 1000.0,
-                "spare provisioned"
-            ),
-            Err(e) => tracing::debug!(%parent, error = %e, "no spare provisioned"),
+    /// Runs the queued jobs `layer` needs done before it is used (see
+    /// [`Queue::take_through`]).
+    fn settle_layer(&mut self, layer: &str) {
+        for job in self.queue.take_through(layer) {
+            self.run_job(job);
         }
     }
 
-    /// At shutdown: tears down every snapshot's device that nothing mounts
-    /// (Mounts activates again after a restart).
+    /// Whether jobs are queued (the worker's state, for tests and logs).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// One piece of the work left for after the answers, oldest first:
+    /// a queued job; else a parent's spares as the demand says; else, once
+    /// requests have paused for [`RECLAIM_QUIET`], the reclaim of removed
+    /// layers' space. While `draining` (shutdown) only jobs run.
+    pub fn work(&mut self, now: Instant, draining: bool) -> Step {
+        if let Some(job) = self.queue.pop() {
+            self.run_job(job);
+            return Step::Worked;
+        }
+        if draining {
+            return Step::Idle { until: None };
+        }
+        if let Some((parent, n)) = self.demand.due(now).into_iter().next() {
+            self.spares_of(&parent, n);
+            return Step::Worked;
+        }
+        let quiet_at = self.last_request + RECLAIM_QUIET;
+        if self.reclaim_due && now >= quiet_at {
+            self.reclaim_due = false;
+            let t = Instant::now();
+            match self.pool().and_then(|mut p| Ok(p.reclaim()?)) {
+                Ok(r) => tracing::debug!(
+                    job = "reclaim",
+                    thin_ids = r.thin_ids,
+                    devices = r.devices,
+                    ms = t.elapsed().as_secs_f64() * 1000.0,
+                    "job done"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reclaim failed; Cleanup or `thinlayer pool reclaim` finishes it")
+                }
+            }
+            return Step::Worked;
+        }
+        let reclaim_at = self.reclaim_due.then_some(quiet_at);
+        let until = match (self.demand.next_change(), reclaim_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Step::Idle { until }
+    }
+
+    /// Keeps `n` spares of committed layer `parent` (a removed one is
+    /// forgotten).
+    fn spares_of(&mut self, parent: &str, n: usize) {
+        let committed = self
+            .store
+            .all()
+            .any(|s| s.layer == parent && s.kind == Kind::Committed);
+        if !committed {
+            self.demand.forget(parent);
+            return;
+        }
+        let t = Instant::now();
+        // Mounted when Mounts hands out binds: taking one is then a move.
+        let mounted = self.config.mounts == MountMode::Bind;
+        let kept = self
+            .pool()
+            .and_then(|mut pool| Ok(keep_spares(&mut pool, parent, n, mounted)?));
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        match kept {
+            Ok(()) => tracing::debug!(job = "spares", %parent, n, ms, "job done"),
+            Err(e) => {
+                tracing::debug!(job = "spares", %parent, n, ms, error = %e, "spares not kept")
+            }
+        }
+        // Set either way: a parent that cannot have spares now (active)
+        // is tried again at its next Prepare, not in a loop.
+        self.demand.kept(parent, n);
+    }
+
+    /// Runs `job`, logging it with its duration; a failure is logged and
+    /// left to the next start or Cleanup (which settle what a job would).
+    fn run_job(&mut self, job: Job) {
+        let t = Instant::now();
+        let done = match &job {
+            Job::Settle { key, layer } => self.settle(key, layer),
+            Job::Remove { layer } => self.remove_layer(layer),
+        };
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        match done {
+            Ok(()) => tracing::debug!(job = job.name(), layer = job.layer(), ms, "job done"),
+            Err(e) => {
+                tracing::warn!(job = job.name(), layer = job.layer(), ms, error = %e, "job failed; the next start or Cleanup settles it")
+            }
+        }
+    }
+
+    /// After Commit: committed snapshot `key`'s holder unmounted, its own
+    /// bytes measured if they are not yet, its device torn down.
+    fn settle(&mut self, key: &str, layer: &str) -> Result<()> {
+        let mut pool = self.pool()?;
+        // The device stays up through the unmount for the measure.
+        pool.set_teardown_later(true);
+        self.release_holder(&mut pool, layer)?;
+        if let Ok(s) = self.store.get(key) {
+            if s.layer == layer && s.own_bytes.is_none() {
+                let mut s = s.clone();
+                if let Some(mapped) = mapped_bytes(&mut pool, layer)? {
+                    s.own_bytes =
+                        Some(mapped.saturating_sub(s.mapped_at_create.unwrap_or_default()));
+                    self.store.put(s, None)?;
+                }
+            }
+        }
+        pool.deactivate_layer(layer)?;
+        Ok(())
+    }
+
+    /// After Remove: `layer`'s holder unmounted and the layer removed (to
+    /// the pool's trash: the reclaim gives its space back).
+    fn remove_layer(&mut self, layer: &str) -> Result<()> {
+        let mut pool = self.pool()?;
+        pool.set_teardown_later(true);
+        self.release_holder(&mut pool, layer)?;
+        match pool.remove_layer(layer) {
+            Ok(()) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.reclaim_due = true;
+        Ok(())
+    }
+
+    /// At shutdown: runs what is still queued (the worker has drained it
+    /// unless it died), then tears down every snapshot's device that
+    /// nothing mounts (Mounts activates again after a restart); holders of
+    /// active and view snapshots stay mounted for their containers.
     pub fn shutdown(&mut self) {
+        while let Some(job) = self.queue.pop() {
+            self.run_job(job);
+        }
         let mut pool = match self.pool() {
             Ok(p) => p,
             Err(e) => {
@@ -460,6 +824,99 @@ impl SnapshotOps {
         if let Err(e) = pool.reclaim().and_then(|_| pool.rest_spares()) {
             tracing::warn!(error = %e, "reclaim at shutdown failed; `thinlayer pool reclaim` finishes it");
         }
+    }
+}
+
+/// Keeps `n` spares of `parent_layer`, `mounted` (their filesystems
+/// mounted, for a server handing out binds: a Prepare that takes one has
+/// its holder by a move of that mount) or not: the one call the worker
+/// makes for spares.
+///
+/// # Errors
+/// As `Pool::provision`.
+pub fn keep_spares(
+    pool: &mut Pool,
+    parent_layer: &str,
+    n: usize,
+    mounted: bool,
+) -> thinlayer_pool::Result<()> {
+    let r = if mounted {
+        pool.provision_mounted(Some(parent_layer), n)?
+    } else {
+        pool.provision(Some(parent_layer), n)?
+    };
+    tracing::debug!(
+        parent = parent_layer,
+        made = r.made,
+        kept = r.kept,
+        dropped = r.dropped,
+        "spares"
+    );
+    Ok(())
+}
+
+/// Whether a snapshot with `labels` on a server handing out `mode` mounts
+/// is mounted at its holder (Mounts returns a bind) or hands out its
+/// device: the [`MOUNTS_LABEL`] label decides, else `mode`.
+pub fn binds(labels: &HashMap<String, String>, mode: MountMode) -> bool {
+    match labels.get(MOUNTS_LABEL).map(String::as_str) {
+        Some("device") => false,
+        Some("bind") => true,
+        _ => mode == MountMode::Bind,
+    }
+}
+
+/// How a `kind` snapshot is mounted at its holder.
+fn mount_use(kind: Kind) -> MountUse {
+    if kind == Kind::View {
+        MountUse::ReadOnly
+    } else {
+        MountUse::Container
+    }
+}
+
+/// The mounts of a snapshot mounted at holder `dir`: a recursive bind,
+/// read-only for a view.
+pub fn bind_mounts(dir: &Path, kind: Kind) -> Vec<Mount> {
+    let rw = if kind == Kind::View { "ro" } else { "rw" };
+    vec![Mount {
+        r#type: "bind".to_owned(),
+        source: dir.to_string_lossy().into_owned(),
+        target: String::new(),
+        options: vec!["rbind".to_owned(), rw.to_owned()],
+    }]
+}
+
+/// `ROOT/snapshotter/mnt`, made 0700 (only root traverses it), resolved.
+///
+/// # Errors
+/// I/O errors.
+pub fn holders_dir(root: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = KeyStore::base_dir(root).join("mnt");
+    thinlayer_pool::record::create_dir(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("make {} root's only", dir.display()), e))?;
+    std::fs::canonicalize(&dir).map_err(|e| Error::io(format!("resolve {}", dir.display()), e))
+}
+
+/// Whether something is mounted at `dir`.
+///
+/// # Errors
+/// Reading mountinfo.
+pub fn is_mountpoint(dir: &Path) -> Result<bool> {
+    Ok(thinlayer_pool::mounts::all()?
+        .iter()
+        .any(|m| m.mountpoint == dir))
+}
+
+/// Removes `dir/lost+found` if it is there.
+fn remove_lost_found(dir: &Path) -> Result<()> {
+    let lf = dir.join("lost+found");
+    match std::fs::remove_dir(&lf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", lf.display()), e)),
     }
 }
 
@@ -543,6 +1000,39 @@ pub fn info_of(s: &Snapshot) -> Info {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mounts_label_overrides_the_servers_choice() {
+        let l = |v: &str| HashMap::from([(MOUNTS_LABEL.to_owned(), v.to_owned())]);
+        assert!(binds(&HashMap::new(), MountMode::Bind));
+        assert!(!binds(&HashMap::new(), MountMode::Device));
+        assert!(!binds(&l("device"), MountMode::Bind));
+        assert!(binds(&l("bind"), MountMode::Device));
+        assert!(binds(&l("other"), MountMode::Bind));
+    }
+
+    #[test]
+    fn unpacks_are_told_from_container_starts() {
+        let none = HashMap::new();
+        assert!(is_unpack(
+            "default/3/extract-114670870-R1IG sha256:af90",
+            &none
+        ));
+        assert!(!is_unpack("default/7/k0", &none));
+        assert!(!is_unpack("default/7/my-extract-x", &none));
+        let l = HashMap::from([(UNPACK_LABEL.to_owned(), "sha256:af90".to_owned())]);
+        assert!(is_unpack("k/1/x", &l));
+    }
+
+    #[test]
+    fn bind_mounts_are_read_only_for_views() {
+        let dir = Path::new("/r/snapshotter/mnt/ctrd-1-k");
+        let m = bind_mounts(dir, Kind::Active);
+        assert_eq!(m[0].r#type, "bind");
+        assert_eq!(m[0].source, "/r/snapshotter/mnt/ctrd-1-k");
+        assert_eq!(m[0].options, ["rbind", "rw"]);
+        assert_eq!(bind_mounts(dir, Kind::View)[0].options, ["rbind", "ro"]);
+    }
 
     #[test]
     fn max_size_label() {

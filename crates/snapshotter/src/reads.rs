@@ -6,10 +6,11 @@
 //! - Stat and List read the key store's published index
 //!   ([`Snapshots`]): each write updates its record on disk first, then the
 //!   index, so a reader sees the state before or after a write, never half.
-//! - Usage of a committed snapshot is in its record; of an active or view
-//!   snapshot whose device is up, it is the kernel's thin status.
-//! - Mounts of an active or view snapshot whose device is up is its device
-//!   node.
+//! - Usage of a committed snapshot is in its record (once measured); of an
+//!   active or view snapshot whose device is up, it is the kernel's thin
+//!   status.
+//! - Mounts of an active or view snapshot is a bind of its holder when the
+//!   holder is mounted, or its device node when its device is up.
 //!
 //! The last two read the pool's records and the kernel without the root's
 //! lock ([`thinlayer_pool::peek`]); when the device is down (activating it
@@ -24,21 +25,24 @@ use thinlayer_pool::peek::Peek;
 use crate::{
     error::{Error, Result},
     keys::{Kind, Snapshot, Snapshots},
-    ops::{info_of, list_of, mounts_for},
+    ops::{bind_mounts, info_of, is_mountpoint, list_of, mounts_for},
 };
 
 /// Reads over a pool's snapshots that never take the engine or the lock.
 #[derive(Clone, Debug)]
 pub struct Reads {
     root: PathBuf,
+    holders: PathBuf,
     snapshots: Snapshots,
 }
 
 impl Reads {
-    /// Reads of the pool under `root` through the engine's published view.
-    pub fn new(root: &Path, snapshots: Snapshots) -> Reads {
+    /// Reads of the pool under `root`, whose holders are under `holders`,
+    /// through the engine's published view.
+    pub fn new(root: &Path, holders: &Path, snapshots: Snapshots) -> Reads {
         Reads {
             root: root.to_owned(),
+            holders: holders.to_owned(),
             snapshots,
         }
     }
@@ -66,16 +70,20 @@ impl Reads {
     /// NotFound.
     pub fn usage(&self, key: &str) -> Result<Option<Usage>> {
         let s = self.snapshots.get(key)?;
-        if let (Kind::Committed, Some(own)) = (s.kind, s.own_bytes) {
-            return Ok(Some(usage_of(own)));
+        match (s.kind, s.own_bytes) {
+            (Kind::Committed, Some(own)) => return Ok(Some(usage_of(own))),
+            // Measured by its queued settle: the engine runs it first.
+            (Kind::Committed, None) => return Ok(None),
+            _ => {}
         }
         Ok(self.peek(&s, |_, mapped, _| {
             mapped.map(|m| usage_of(m.saturating_sub(s.mapped_at_create.unwrap_or_default())))
         }))
     }
 
-    /// Snapshot `key`'s mounts if its device is up; `None` when only the
-    /// engine can tell (it must activate the device).
+    /// Snapshot `key`'s mounts if its holder is mounted (a bind snapshot)
+    /// or its device is up; `None` when only the engine can tell (it must
+    /// mount or activate).
     ///
     /// # Errors
     /// NotFound, FailedPrecondition (committed).
@@ -85,6 +93,12 @@ impl Reads {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot `{key}` is committed: only active and view snapshots have mounts"
             )));
+        }
+        if s.bind {
+            let dir = self.holders.join(&s.layer);
+            return Ok(is_mountpoint(&dir)
+                .unwrap_or(false)
+                .then(|| bind_mounts(&dir, s.kind)));
         }
         Ok(self.peek(&s, |node, _, fs| Some(mounts_for(node, fs, s.kind))))
     }

@@ -3,6 +3,11 @@
 //! (Stat, List, and Usage and Mounts of a snapshot whose device is up) go
 //! around it ([`Reads`]), so a long write never stalls them.
 //!
+//! A worker thread owned by the server does what the answers left
+//! ([`SnapshotOps::work`]: queued jobs, spares, reclaim), one piece at a
+//! time under the same mutex, woken after each write request; at shutdown
+//! it drains the queue before the server stops.
+//!
 //! The socket is root's only (0600 in a 0700 directory), or a group's with
 //! `--socket-group` (`thinlayer_pool::socket`); every accepted connection's
 //! peer is checked before gRPC sees it, and an accept error (`EMFILE`) is
@@ -16,7 +21,7 @@ use std::{
     io,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex},
     task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
@@ -33,7 +38,7 @@ use crate::{
     authority::FixAuthority,
     error::{Error, Result},
     keys::Kind,
-    ops::SnapshotOps,
+    ops::{Config, SnapshotOps, Step},
     reads::Reads,
 };
 
@@ -45,16 +50,89 @@ pub const DEFAULT_SOCKET: &str = "/run/thinlayer/containerd.sock";
 pub struct Thinlayer {
     ops: Arc<Mutex<SnapshotOps>>,
     reads: Reads,
+    wake: Arc<Wake>,
+}
+
+/// Wakes the worker: something was queued, or the server stops.
+#[derive(Debug, Default)]
+struct Wake {
+    /// (work may be waiting, stop)
+    state: Mutex<(bool, bool)>,
+    cond: Condvar,
+}
+
+impl Wake {
+    fn poke(&self, stop: bool) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = true;
+        s.1 |= stop;
+        self.cond.notify_all();
+    }
+
+    /// Waits for a poke or until `until` (at most a minute); returns
+    /// whether the server stops.
+    fn wait(&self, until: Option<Instant>) -> bool {
+        let cap = Instant::now() + Duration::from_secs(60);
+        let until = until.map_or(cap, |u| u.min(cap));
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !s.0 {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            s = self
+                .cond
+                .wait_timeout(s, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.0 = false;
+        s.1
+    }
 }
 
 impl Thinlayer {
     /// Wraps the opened operations.
     pub fn new(ops: SnapshotOps) -> Thinlayer {
-        let reads = Reads::new(ops.root(), ops.snapshots());
+        let reads = Reads::new(ops.root(), ops.holders(), ops.snapshots());
         Thinlayer {
             ops: Arc::new(Mutex::new(ops)),
             reads,
+            wake: Arc::default(),
         }
+    }
+
+    /// Starts the worker thread: it runs [`SnapshotOps::work`] until the
+    /// server stops ([`Thinlayer::stop_worker`]), then drains the queue.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn start_worker(&self) -> Result<std::thread::JoinHandle<()>> {
+        let ops = self.ops.clone();
+        let wake = self.wake.clone();
+        std::thread::Builder::new()
+            .name("snapshotter-worker".into())
+            .spawn(move || {
+                let mut stopping = false;
+                loop {
+                    let step = ops
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .work(Instant::now(), stopping);
+                    match step {
+                        Step::Worked => continue,
+                        Step::Idle { .. } if stopping => break,
+                        Step::Idle { until } => stopping = wake.wait(until),
+                    }
+                }
+                tracing::debug!("worker drained");
+            })
+            .map_err(|e| Error::io("start the snapshotter's worker", e))
+    }
+
+    /// Tells the worker to drain the queue and end.
+    pub fn stop_worker(&self) {
+        self.wake.poke(true);
     }
 
     /// Answers a read without the operations: `f` runs on a blocking thread
@@ -89,10 +167,15 @@ impl Thinlayer {
         let ops = self.ops.clone();
         let started = Instant::now();
         let key2 = key.clone();
+        let wake = self.wake.clone();
         let out = tokio::task::spawn_blocking(move || {
             let mut e = ops.lock().unwrap_or_else(|p| p.into_inner());
             let waited = started.elapsed();
-            (f(&mut e), waited)
+            let r = f(&mut e);
+            e.note_request();
+            drop(e);
+            wake.poke(false);
+            (r, waited)
         })
         .await
         .map_err(|e| Error::Transport(format!("request task failed: {e}")))?;
@@ -154,23 +237,10 @@ impl Snapshotter for Thinlayer {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        let spare_of = parent.clone();
-        let warm = !parent.is_empty();
-        let mounts = self
-            .run("prepare", key.clone(), move |e| {
-                e.create(&key, &parent, labels, Kind::Active)
-            })
-            .await?;
-        if warm {
-            // After the reply: the next Prepare on this parent finds a spare.
-            let ops = self.ops.clone();
-            tokio::task::spawn_blocking(move || {
-                ops.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .provision_spare(&spare_of);
-            });
-        }
-        Ok(mounts)
+        self.run("prepare", key.clone(), move |e| {
+            e.create(&key, &parent, labels, Kind::Active)
+        })
+        .await
     }
 
     async fn view(
@@ -220,9 +290,9 @@ impl Snapshotter for Thinlayer {
 }
 
 /// Serves containerd's snapshots API for the pool under `root` on
-/// `socket`, to root and the members of `access`'s group, until SIGTERM or
-/// SIGINT; then tears down the devices nothing mounts and removes the
-/// socket.
+/// `socket`, to root and the members of `access`'s group, as `config`
+/// says, until SIGTERM or SIGINT; then runs the queued jobs, tears down
+/// the devices nothing mounts and removes the socket.
 ///
 /// A socket file left by a dead server is replaced; one a live server
 /// answers on is an error, as is anything at `socket` that is not a socket
@@ -232,16 +302,16 @@ impl Snapshotter for Thinlayer {
 /// [`Error::Pool`] with `Busy` (the socket: exit 4),
 /// [`Error::AlreadyServing`], pool errors at start (no pool, pool
 /// inactive, not root), I/O and server errors.
-pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
+pub fn serve(root: &Path, socket: &Path, access: &Access, config: &Config) -> Result<()> {
     thinlayer_pool::socket::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Error::io("start the async runtime", e))?;
-    rt.block_on(serve_async(root, socket, access))
+    rt.block_on(serve_async(root, socket, access, config))
 }
 
-async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> {
+async fn serve_async(root: &Path, socket: &Path, access: &Access, config: &Config) -> Result<()> {
     let started = Instant::now();
     // Signals first: a SIGTERM from the moment the socket exists is a
     // graceful stop, never the default (instant) death.
@@ -249,12 +319,15 @@ async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> 
     // The socket first: a live server on it is the likelier mistake, and
     // its error is the clearer one. `file` removes it when we return.
     let (listener, file) = thinlayer_pool::socket::listen(socket, access)?;
-    let ops = SnapshotOps::open(root)?;
+    let ops = SnapshotOps::open(root, config.clone())?;
     let snapshotter = Arc::new(Thinlayer::new(ops));
+    let worker = snapshotter.start_worker()?;
     let ops = snapshotter.ops.clone();
+    let stopper = snapshotter.clone();
     tracing::info!(
         socket = %socket.display(),
         root = %root.display(),
+        ?config,
         ms = started.elapsed().as_secs_f64() * 1000.0,
         "serving containerd snapshots"
     );
@@ -264,7 +337,11 @@ async fn serve_async(root: &Path, socket: &Path, access: &Access) -> Result<()> 
         .await
         .map_err(|e| Error::Transport(e.to_string()));
     drop(file);
+    stopper.stop_worker();
     let _ = tokio::task::spawn_blocking(move || {
+        if worker.join().is_err() {
+            tracing::error!("the worker panicked; the next start settles what it left");
+        }
         ops.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
     })
     .await;
