@@ -55,26 +55,8 @@ fn vm_bench_quick_writes_every_backend_and_workload() {
     // stacks) under its own scratch; the sweeps still guard it.
     swept(|| {
         let base = std::env::temp_dir().join(format!("tl-bench-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
         let out = base.join("out");
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images");
-        let run = Command::new(common::bin())
-            .args(["bench", "--quick", "--out"])
-            .arg(&out)
-            .arg("--work")
-            .arg(base.join("work"))
-            .arg("--fixtures")
-            .arg(&fixtures)
-            .output()
-            .expect("run thinlayer bench");
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "thinlayer bench failed ({}):\n{stdout}{}",
-            run.status,
-            String::from_utf8_lossy(&run.stderr)
-        );
-        println!("{stdout}");
+        let stdout = bench(&base, &[]);
         for ratio in ["tl/floor", "tl/ovl", "create", "mount", "commit", "remove"] {
             assert!(
                 stdout.contains(ratio),
@@ -180,27 +162,8 @@ fn vm_bench_containerd_measures_every_snapshotter() {
     ];
     swept(|| {
         let base = std::env::temp_dir().join(format!("tl-bench-ctrd-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
         let out = base.join("out");
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images");
-        let run = Command::new(common::bin())
-            .args(["bench", "--quick", "--containerd", "--populations", "3"])
-            .arg("--out")
-            .arg(&out)
-            .arg("--work")
-            .arg(base.join("work"))
-            .arg("--fixtures")
-            .arg(&fixtures)
-            .output()
-            .expect("run thinlayer bench");
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "thinlayer bench --containerd failed ({}):\n{stdout}{}",
-            run.status,
-            String::from_utf8_lossy(&run.stderr)
-        );
-        println!("{stdout}");
+        let stdout = bench(&base, &["--containerd", "--populations", "3"]);
         let section = stdout
             .split_once("\ncontainerd, one client")
             .unwrap_or_else(|| panic!("no containerd section in the table:\n{stdout}"))
@@ -270,4 +233,32 @@ fn vm_bench_containerd_measures_every_snapshotter() {
         assert!(!Path::new("/dev/mapper/tlbench-ctrd-pool").exists());
         let _ = fs::remove_dir_all(&base);
     });
+}
+
+/// Runs `thinlayer bench --quick EXTRA...` with its output and work under
+/// `base` (made afresh) and the built fixtures; asserts it succeeds and
+/// returns (and prints) what it printed.
+fn bench(base: &Path, extra: &[&str]) -> String {
+    let _ = fs::remove_dir_all(base);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures/images");
+    let run = Command::new(common::bin())
+        .args(["bench", "--quick"])
+        .args(extra)
+        .arg("--out")
+        .arg(base.join("out"))
+        .arg("--work")
+        .arg(base.join("work"))
+        .arg("--fixtures")
+        .arg(&fixtures)
+        .output()
+        .expect("run thinlayer bench");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "thinlayer bench {extra:?} failed ({}):\n{stdout}{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    println!("{stdout}");
+    stdout
 }

@@ -35,6 +35,33 @@ struct Run {
 }
 
 impl Run {
+    /// The report of a finished run over `backends` (`disk`: the
+    /// `--disk` it ran on), its statistics computed.
+    fn report(
+        self,
+        opts: &Options,
+        p: &Params,
+        backends: Vec<String>,
+        disk: Option<String>,
+    ) -> Report {
+        let mut report = Report {
+            quick: opts.quick,
+            params: p.clone(),
+            backends,
+            disk,
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            samples: self.samples,
+            stats: Vec::new(),
+            notes: self.notes,
+            phases: self.phases,
+            wall_seconds: self.started.elapsed().as_secs_f64(),
+        };
+        report.compute_stats();
+        report
+    }
+
     fn add(&mut self, backend: &str, workload: &str, param: u64, metric: &str, value: f64) {
         self.samples.push(Sample {
             backend: backend.to_owned(),
@@ -201,22 +228,9 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
     teardown?;
     run.phase("done");
     run.bar.finish_and_clear();
-    let mut report = Report {
-        quick: opts.quick,
-        params: p.clone(),
-        backends: b.all().iter().map(|x| x.name().to_owned()).collect(),
-        disk: opts.disk.as_ref().map(|d| d.display().to_string()),
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        samples: run.samples,
-        stats: Vec::new(),
-        notes: run.notes,
-        phases: run.phases,
-        wall_seconds: started.elapsed().as_secs_f64(),
-    };
-    report.compute_stats();
-    Ok(report)
+    let backends = b.all().iter().map(|x| x.name().to_owned()).collect();
+    let disk = opts.disk.as_ref().map(|d| d.display().to_string());
+    Ok(run.report(opts, p, backends, disk))
 }
 
 /// The backends' loop-backed filesystems (`DIR/fs` under their work
@@ -1284,20 +1298,5 @@ pub(crate) fn run_layout(opts: &Options, p: &Params) -> Result<Report> {
     result?;
     down?;
     run.phase("done");
-    let mut report = Report {
-        quick: opts.quick,
-        params: p.clone(),
-        backends: Vec::new(),
-        disk: None,
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        samples: run.samples,
-        stats: Vec::new(),
-        notes: run.notes,
-        phases: run.phases,
-        wall_seconds: started.elapsed().as_secs_f64(),
-    };
-    report.compute_stats();
-    Ok(report)
+    Ok(run.report(opts, p, Vec::new(), None))
 }
