@@ -220,6 +220,7 @@ impl ThinDriver {
             } else if !store.pool().record().trash.is_empty() {
                 store.pool().reclaim_some(1)?;
             } else if let Some((id, want)) = self.spare_wanted(&mut store) {
+                tracing::debug!(%id, want, "keeping an image layer's spares");
                 let pid = pool_id(&id);
                 let kept = if want == 0 {
                     self.demand.remove(&id);
@@ -386,6 +387,11 @@ impl ThinDriver {
         store
             .pool()
             .create_layer_for(Owner::Graphdriver, &pid, parent_pid.as_deref())?;
+        // A container's init layer on an image: the next one takes a
+        // mounted spare of that image, so its `get` is one move of a mount.
+        if let Some(p) = parent.filter(|_| id.ends_with(INIT_SUFFIX)) {
+            self.demand.insert(p.to_owned(), std::time::Instant::now());
+        }
         if parent.is_none() {
             if let Err(e) = store.make_subtree(&pid, TREE) {
                 return Err(match store.pool().remove_layer(&pid) {
@@ -477,13 +483,7 @@ impl GraphDriver for ThinDriver {
     fn create_read_write(&mut self, id: &str, parent: Option<&str>) -> Result<()> {
         // Block-level snapshots are writable either way; the distinction is
         // the caller's (Docker commits read-write layers into read-only ones).
-        self.create_layer(id, parent, None)?;
-        // A container's init layer on an image: the next one takes a
-        // mounted spare of that image, so its `get` is one move of a mount.
-        if let Some(p) = parent.filter(|_| id.ends_with(INIT_SUFFIX)) {
-            self.demand.insert(p.to_owned(), std::time::Instant::now());
-        }
-        Ok(())
+        self.create_layer(id, parent, None)
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {

@@ -118,6 +118,7 @@ impl Pool {
                 match mounts::move_mount(&from, target) {
                     Ok(()) => {
                         fault::point("spare_take.after_move");
+                        tracing::debug!(%id, from = %from.display(), "mounted by moving its spare's mount");
                         // Empty now; `pool recover` sweeps it if this fails.
                         let _ = fs::remove_dir(&from);
                         return Ok((node, Action::Done));
