@@ -38,7 +38,7 @@ use std::{
     fmt::Write as _,
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -66,8 +66,8 @@ use thinlayer_pool::kernel::{Kernel, PoolSpec, devnode};
 use crate::{
     Options, Params,
     docker::{
-        self, Ext4, Plugin, cli, describe, ratio, show_ratio, sweep_dm_prefix, sweep_loops,
-        sweep_mounts, tail, terminate, which,
+        self, Daemon, Ext4, Plugin, cli, ratio, show_ratio, sweep_dm_prefix, sweep_loops,
+        sweep_mounts, tail, which,
     },
     error::{Error, IoContext, Result},
     plot,
@@ -186,8 +186,8 @@ pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()>
             let r = (|| {
                 let mut c = Containerd::start(&tools, &disk.fs, &base, pool)?;
                 let r = measure_all(&mut m, &c, &tools, p);
-                let r = r.map_err(|e| c.with_log(e, &plugin));
-                r.and(c.stop())
+                let r = r.map_err(|e| c.daemon.with_log(e, Some(&plugin)));
+                r.and(c.daemon.stop())
             })();
             r.and(plugin.stop_and_destroy())
         });
@@ -300,7 +300,7 @@ fn measure_all(m: &mut Meas, c: &Containerd, tools: &Tools, p: &Params) -> Resul
         if let Err(e) = r {
             let msg = format!(
                 "containerd {sn}: not measured past this error: {e}\n--- containerd log (tail) ---\n{}",
-                tail(&c.log, 15)
+                tail(&c.daemon.log, 15)
             );
             eprintln!("bench: {msg}");
             m.notes.push(msg);
@@ -728,14 +728,13 @@ impl DmPool {
 
 /// The bench's containerd.
 struct Containerd {
-    child: Option<Child>,
+    /// The process; its run directory is containerd's state directory
+    /// (shims' mounts live under it).
+    daemon: Daemon,
     ctr: PathBuf,
     address: PathBuf,
-    /// Its state directory (shims' mounts live under it).
-    state: PathBuf,
     /// The bench's directory beside it (config, log, mount point).
     dir: PathBuf,
-    log: PathBuf,
 }
 
 impl Containerd {
@@ -779,53 +778,23 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             snap = dir.join("thinlayer.sock").display(),
         );
         fs::write(&config, text).ctx(|| format!("write {}", config.display()))?;
-        let log = dir.join("containerd.log");
-        let out = fs::File::create(&log).ctx(|| format!("create {}", log.display()))?;
-        let err = out.try_clone().ctx(|| format!("open {}", log.display()))?;
         let mut cmd = Command::new(&tools.containerd);
-        cmd.arg("--config")
-            .arg(&config)
-            .env("DM_DISABLE_UDEV", "1")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = cmd.spawn().map_err(|e| Error::Tool {
-            command: describe(&cmd),
-            detail: e.to_string(),
-        })?;
-        let mut c = Containerd {
-            child: Some(child),
+        cmd.arg("--config").arg(&config).env("DM_DISABLE_UDEV", "1");
+        let version = || ctr(&tools.ctr, &address, &["version"]).is_ok();
+        let daemon = Daemon::start(
+            "containerd",
+            "containerd",
+            cmd,
+            dir.join("containerd.log"),
+            state,
+            version,
+        )?;
+        let c = Containerd {
+            daemon,
             ctr: tools.ctr.clone(),
             address,
-            state,
             dir: dir.to_owned(),
-            log,
         };
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if c.ctr(&["version"]).is_ok() {
-                break;
-            }
-            let child = c.child.as_mut().expect("just started");
-            if let Some(st) = child.try_wait().ctx(|| "wait for containerd".into())? {
-                c.child = None;
-                return Err(Error::Tool {
-                    command: describe(&cmd),
-                    detail: format!("containerd exited ({st}); its log:\n{}", tail(&c.log, 25)),
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Tool {
-                    command: describe(&cmd),
-                    detail: format!(
-                        "containerd not answering after {} s; its log:\n{}",
-                        LIMIT.as_secs(),
-                        tail(&c.log, 25)
-                    ),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
         // Every snapshotter loaded, or a clear error now.
         let plugins = c.ctr(&["plugins", "ls"])?;
         for sn in SNAPSHOTTERS {
@@ -838,7 +807,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                     command: "ctr plugins ls".into(),
                     detail: format!(
                         "containerd's snapshotter {sn} did not load:\n{plugins}\n--- containerd log (tail) ---\n{}",
-                        tail(&c.log, 25)
+                        tail(&c.daemon.log, 25)
                     ),
                 });
             }
@@ -848,49 +817,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// `ctr -n NAMESPACE ARGS`; its stdout.
     fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = cli(Command::new(&self.ctr)
-            .arg("--address")
-            .arg(&self.address)
-            .args(["--namespace", NAMESPACE])
-            .args(args))?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    /// `e` with the tail of containerd's log and the plugin's.
-    fn with_log(&self, e: Error, plugin: &Plugin) -> Error {
-        let mut detail = format!(
-            "{e}\n--- containerd log (tail) ---\n{}",
-            tail(&self.log, 15)
-        );
-        let _ = write!(
-            detail,
-            "\n--- thinlayer serve containerd log (tail) ---\n{}",
-            tail(&plugin.log, 15)
-        );
-        Error::Tool {
-            command: "containerd workload".into(),
-            detail,
-        }
-    }
-
-    /// SIGTERM, then what its shims left mounted.
-    fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let r = terminate(&mut child, "containerd", &self.log);
-        let r = r.and(sweep_mounts(&self.state));
-        let _ = fs::remove_dir_all(&self.state);
-        r
+        ctr(&self.ctr, &self.address, args)
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = terminate(&mut c, "containerd", &self.log);
-        }
-    }
+/// `ctr --address ADDRESS -n NAMESPACE ARGS`; its stdout.
+fn ctr(ctr: &Path, address: &Path, args: &[&str]) -> Result<String> {
+    let out = cli(Command::new(ctr)
+        .arg("--address")
+        .arg(address)
+        .args(["--namespace", NAMESPACE])
+        .args(args))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 // ---------------------------------------------------------------------------

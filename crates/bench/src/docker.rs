@@ -387,8 +387,8 @@ fn one_driver(m: &mut Meas, tools: &Tools, base: &Path, big: &Big, p: &Params) -
             }
             let mut d = Dockerd::start(tools, m.driver, &data_root, &dir, &extra)?;
             let r = measure(m, &d, plugin.as_ref(), tools, &disk, big, p);
-            let r = r.map_err(|e| d.with_log(e, plugin.as_ref()));
-            r.and(d.stop())
+            let r = r.map_err(|e| d.daemon.with_log(e, plugin.as_ref()));
+            r.and(d.daemon.stop())
         })();
         let r = r.and(sweep_mounts(&disk.fs));
         match plugin.as_mut() {
@@ -713,7 +713,7 @@ fn measure(
         Err(e) => m.notes.push(format!(
             "docker {}: docker commit of a container holding a new 256 MiB file failed: {}",
             m.driver,
-            d.with_log(e, plugin)
+            d.daemon.with_log(e, plugin)
         )),
     }
     Ok(())
@@ -832,14 +832,121 @@ pub fn dockerd_command(
     cmd
 }
 
+/// A daemon the bench started (dockerd, containerd): its process, its log
+/// and its run directory (swept of mounts and removed when it stops).
+pub(crate) struct Daemon {
+    /// The program's name, for messages.
+    name: &'static str,
+    /// The workload it serves (`docker`, `containerd`): names the
+    /// `thinlayer serve` verb beside it in messages.
+    workload: &'static str,
+    child: Option<Child>,
+    /// Its stdout and stderr.
+    pub(crate) log: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with its output to `log`, then waits until `ready`
+    /// says it answers; fails with the log's tail if it exits first or
+    /// does not answer within [`LIMIT`].
+    pub(crate) fn start(
+        name: &'static str,
+        workload: &'static str,
+        mut cmd: Command,
+        log: PathBuf,
+        run_dir: PathBuf,
+        ready: impl Fn() -> bool,
+    ) -> Result<Daemon> {
+        let out = fs::File::create(&log).ctx(|| format!("create {}", log.display()))?;
+        let err = out.try_clone().ctx(|| format!("open {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd.spawn().map_err(|e| Error::Tool {
+            command: describe(&cmd),
+            detail: e.to_string(),
+        })?;
+        let mut d = Daemon {
+            name,
+            workload,
+            child: Some(child),
+            log,
+            run_dir,
+        };
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if ready() {
+                return Ok(d);
+            }
+            let child = d.child.as_mut().expect("just started");
+            if let Some(st) = child.try_wait().ctx(|| format!("wait for {name}"))? {
+                d.child = None;
+                return Err(Error::Tool {
+                    command: describe(&cmd),
+                    detail: format!("{name} exited ({st}); its log:\n{}", tail(&d.log, 25)),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Tool {
+                    command: describe(&cmd),
+                    detail: format!(
+                        "{name} not answering after {} s; its log:\n{}",
+                        LIMIT.as_secs(),
+                        tail(&d.log, 25)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `e` with the tail of the daemon's log (and the plugin's).
+    pub(crate) fn with_log(&self, e: Error, plugin: Option<&Plugin>) -> Error {
+        let mut detail = format!(
+            "{e}\n--- {} log (tail) ---\n{}",
+            self.name,
+            tail(&self.log, 15)
+        );
+        if let Some(pl) = plugin {
+            let _ = write!(
+                detail,
+                "\n--- thinlayer serve {} log (tail) ---\n{}",
+                self.workload,
+                tail(&pl.log, 15)
+            );
+        }
+        Error::Tool {
+            command: format!("{} workload", self.workload),
+            detail,
+        }
+    }
+
+    /// SIGTERM (dockerd then stops its containers and calls the driver's
+    /// Cleanup), then what its shims left mounted under its run directory.
+    pub(crate) fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let r = terminate(&mut child, self.name, &self.log);
+        let r = r.and(sweep_mounts(&self.run_dir));
+        let _ = fs::remove_dir_all(&self.run_dir);
+        r
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = terminate(&mut c, self.name, &self.log);
+        }
+    }
+}
+
 /// A dockerd of the run: its own data root, exec root and API socket.
 struct Dockerd {
-    child: Option<Child>,
+    daemon: Daemon,
     docker: PathBuf,
     host: String,
     data_root: PathBuf,
-    exec_root: PathBuf,
-    log: PathBuf,
 }
 
 impl Dockerd {
@@ -855,48 +962,22 @@ impl Dockerd {
         let _ = fs::remove_dir_all(&exec_root);
         sys::mkdir(data_root)?;
         let host = dockerd_host(&exec_root);
-        let log = dir.join("dockerd.log");
-        let out = fs::File::create(&log).ctx(|| format!("create {}", log.display()))?;
-        let err = out.try_clone().ctx(|| format!("open {}", log.display()))?;
-        let mut cmd = dockerd_command(&tools.dockerd, driver, data_root, &exec_root, extra);
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd.spawn().map_err(|e| Error::Tool {
-            command: describe(&cmd),
-            detail: e.to_string(),
-        })?;
-        let mut d = Dockerd {
-            child: Some(child),
+        let cmd = dockerd_command(&tools.dockerd, driver, data_root, &exec_root, extra);
+        let version = || cli(Command::new(&tools.docker).args(["-H", &host, "version"])).is_ok();
+        let daemon = Daemon::start(
+            "dockerd",
+            "docker",
+            cmd,
+            dir.join("dockerd.log"),
+            exec_root,
+            version,
+        )?;
+        Ok(Dockerd {
+            daemon,
             docker: tools.docker.clone(),
             host,
             data_root: data_root.to_owned(),
-            exec_root,
-            log,
-        };
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if d.ok(&["version"]).is_ok() {
-                return Ok(d);
-            }
-            let child = d.child.as_mut().expect("just started");
-            if let Some(st) = child.try_wait().ctx(|| "wait for dockerd".into())? {
-                d.child = None;
-                return Err(Error::Tool {
-                    command: describe(&cmd),
-                    detail: format!("dockerd exited ({st}); its log:\n{}", tail(&d.log, 25)),
-                });
-            }
-            if Instant::now() > deadline {
-                return Err(Error::Tool {
-                    command: describe(&cmd),
-                    detail: format!(
-                        "dockerd not answering after {} s; its log:\n{}",
-                        LIMIT.as_secs(),
-                        tail(&d.log, 25)
-                    ),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        })
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -917,42 +998,6 @@ impl Dockerd {
         let t = Instant::now();
         cli(&mut c)?;
         Ok(ms_since(t))
-    }
-
-    /// `e` with the tail of dockerd's log (and the plugin's).
-    fn with_log(&self, e: Error, plugin: Option<&Plugin>) -> Error {
-        let mut detail = format!("{e}\n--- dockerd log (tail) ---\n{}", tail(&self.log, 15));
-        if let Some(pl) = plugin {
-            let _ = write!(
-                detail,
-                "\n--- thinlayer serve docker log (tail) ---\n{}",
-                tail(&pl.log, 15)
-            );
-        }
-        Error::Tool {
-            command: "docker workload".into(),
-            detail,
-        }
-    }
-
-    /// SIGTERM: dockerd stops its containers, calls the driver's Cleanup,
-    /// stops its containerd.
-    fn stop(&mut self) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let r = terminate(&mut child, "dockerd", &self.log);
-        let r = r.and(sweep_mounts(&self.exec_root));
-        let _ = fs::remove_dir_all(&self.exec_root);
-        r
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = terminate(&mut c, "dockerd", &self.log);
-        }
     }
 }
 
