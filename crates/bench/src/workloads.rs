@@ -35,6 +35,18 @@ struct Run {
 }
 
 impl Run {
+    /// A run started at `started`, showing its phases on `bar`.
+    fn new(bar: ProgressBar, started: Instant) -> Run {
+        Run {
+            samples: Vec::new(),
+            notes: Vec::new(),
+            bar,
+            current: None,
+            phases: Vec::new(),
+            started,
+        }
+    }
+
     /// The report of a finished run over `backends` (`disk`: the
     /// `--disk` it ran on), its statistics computed.
     fn report(
@@ -128,17 +140,9 @@ pub(crate) fn run_all(opts: &Options, p: &Params) -> Result<Report> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed} {msg}")
             .expect("a valid template"),
     );
-    let mut run = Run {
-        samples: Vec::new(),
-        notes: Vec::new(),
-        bar,
-        current: None,
-        phases: Vec::new(),
-        started,
-    };
+    let mut run = Run::new(bar, started);
     let work = &opts.work;
-    let _ = fs::remove_dir_all(work);
-    sys::mkdir(work)?;
+    fresh_dir(work)?;
     let sizes = Sizes {
         device: p.device_size,
         thin: p.thin_size,
@@ -1275,18 +1279,9 @@ fn layout(run: &mut Run, floor: &mut Floor) -> Result<()> {
 /// default base size (the layout depends on the filesystem's size), torn
 /// down also on error.
 pub(crate) fn run_layout(opts: &Options, p: &Params) -> Result<Report> {
-    let started = Instant::now();
-    let mut run = Run {
-        samples: Vec::new(),
-        notes: Vec::new(),
-        bar: ProgressBar::hidden(),
-        current: None,
-        phases: Vec::new(),
-        started,
-    };
+    let mut run = Run::new(ProgressBar::hidden(), Instant::now());
     let work = &opts.work;
-    let _ = fs::remove_dir_all(work);
-    sys::mkdir(work)?;
+    fresh_dir(work)?;
     let sizes = Sizes {
         device: p.device_size,
         thin: thinlayer_pool::CreateOptions::default().base_size.0,
@@ -1299,4 +1294,10 @@ pub(crate) fn run_layout(opts: &Options, p: &Params) -> Result<Report> {
     down?;
     run.phase("done");
     Ok(run.report(opts, p, Vec::new(), None))
+}
+
+/// `dir`, emptied of what an earlier run left.
+fn fresh_dir(dir: &Path) -> Result<()> {
+    let _ = fs::remove_dir_all(dir);
+    sys::mkdir(dir).map(|_| ())
 }
