@@ -99,20 +99,6 @@ fn verify(s: &Scratch, want: &Contents, why: &str) {
     }
 }
 
-/// The mounts under `ROOT/spares` (real paths), from mountinfo.
-fn spare_mounts(s: &Scratch) -> Vec<PathBuf> {
-    let Ok(root) = fs::canonicalize(&s.root) else {
-        return Vec::new();
-    };
-    let dir = root.join("spares");
-    thinlayer_pool::mounts::all()
-        .unwrap()
-        .into_iter()
-        .filter(|m| m.mountpoint.parent() == Some(dir.as_path()))
-        .map(|m| m.mountpoint)
-        .collect()
-}
-
 fn spares_listed(s: &Scratch) -> usize {
     s.json(&["pool", "status"])["spares"]
         .as_array()
@@ -220,7 +206,7 @@ fn assert_settled(s: &Scratch, why: &str) {
     let st = s.json(&["pool", "status"]);
     assert_eq!(st["spares"], serde_json::json!([]), "{why}: spares left");
     assert_eq!(
-        spare_mounts(s),
+        s.spare_mounts(),
         Vec::<PathBuf>::new(),
         "{why}: spare mounts left"
     );
@@ -474,11 +460,11 @@ fn walk_pool_verbs(on: &On) {
         code_in(&s, &["pool", "recover"], &[0], p);
         // Recorded, then the first mounted: the mounts made are kept.
         let made = usize::from(p.ends_with("after_mount"));
-        assert_eq!(spare_mounts(&s).len(), made, "{p}");
+        assert_eq!(s.spare_mounts().len(), made, "{p}");
         assert_eq!(spares_listed(&s), 2, "{p}: both still listed");
         s.ok(&["layer", "provision", "b", "--spares", "2", "--mounted"]);
-        assert_eq!(spare_mounts(&s).len(), 2, "{p}: provision mounts them");
-        for m in spare_mounts(&s) {
+        assert_eq!(s.spare_mounts().len(), 2, "{p}: provision mounts them");
+        for m in s.spare_mounts() {
             assert!(
                 fs::read(m.join("b.bin")).unwrap() == want["b"].1,
                 "{p}: a spare of b"

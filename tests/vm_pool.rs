@@ -618,17 +618,6 @@ fn vm_pool_spares_are_the_parent_as_it_is_and_cost_no_kernel_step_to_take() {
     });
 }
 
-/// The mounts under `ROOT/spares` (real paths), from mountinfo.
-fn spare_mounts(s: &Scratch) -> Vec<PathBuf> {
-    let dir = fs::canonicalize(&s.root).unwrap().join("spares");
-    thinlayer_pool::mounts::all()
-        .unwrap()
-        .into_iter()
-        .filter(|m| m.mountpoint.parent() == Some(dir.as_path()))
-        .map(|m| m.mountpoint)
-        .collect()
-}
-
 /// Where `layer ls --json` says layer `id` is mounted.
 fn mountpoints(s: &Scratch, id: &str) -> Vec<PathBuf> {
     s.json(&["layer", "ls"])
@@ -694,7 +683,7 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         assert_eq!(sp.len(), 2, "{sp:?}");
         let dir = fs::canonicalize(&s.root).unwrap().join("spares");
         let want: Vec<PathBuf> = sp.iter().map(|(_, t)| dir.join(t.to_string())).collect();
-        assert_eq!(spare_mounts(s), want);
+        assert_eq!(s.spare_mounts(), want);
         assert_eq!(common::mode(&dir) & 0o777, 0o700, "only root enters");
         assert_eq!(fs::read(want[0].join("v.txt")).unwrap(), b"one");
         let ls = s.ok(&["layer", "ls"]);
@@ -727,7 +716,7 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         assert_eq!(spares(s), sp[1..].to_vec());
         let spare_mount = mount_id(&want[0]).expect("the spare is mounted");
         let d1 = s.mount("c1");
-        assert_eq!(spare_mounts(s), want[1..].to_vec(), "its mount moved");
+        assert_eq!(s.spare_mounts(), want[1..].to_vec(), "its mount moved");
         assert_eq!(
             mount_id(&fs::canonicalize(&d1).unwrap()),
             Some(spare_mount),
@@ -758,10 +747,10 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
 
         // Other options: the spare's mount goes, the layer mounts as usual.
         s.ok(&["layer", "create", "c2", "--parent", "a"]);
-        assert_eq!(spare_mounts(s), want[1..].to_vec(), "c2's, from its spare");
+        assert_eq!(s.spare_mounts(), want[1..].to_vec(), "c2's, from its spare");
         let ro2 = s.dir("c2-ro");
         s.ok(&["mount", "c2", ro2.to_str().unwrap(), "--readonly"]);
-        assert!(spare_mounts(s).is_empty(), "{:?}", spare_mounts(s));
+        assert!(s.spare_mounts().is_empty(), "{:?}", s.spare_mounts());
         assert_eq!(mountpoints(s, "c2"), vec![fs::canonicalize(&ro2).unwrap()]);
         assert_eq!(fs::read(ro2.join("v.txt")).unwrap(), b"one");
         s.ok(&["umount", "c2"]);
@@ -769,9 +758,9 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         // Taken, never mounted, removed: rm unmounts it.
         s.ok(&["layer", "provision", "a", "--mounted"]);
         s.ok(&["layer", "create", "c3", "--parent", "a"]);
-        assert_eq!(spare_mounts(s).len(), 1, "c3's mount from its spare");
+        assert_eq!(s.spare_mounts().len(), 1, "c3's mount from its spare");
         s.ok(&["layer", "rm", "c3"]);
-        assert!(spare_mounts(s).is_empty());
+        assert!(s.spare_mounts().is_empty());
         assert_eq!(thin_device_count(s), 0);
         s.ok(&["pool", "check"]);
 
@@ -780,7 +769,7 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         s.ok(&["layer", "provision", "a", "--spares", "2", "--mounted"]);
         s.ok(&["layer", "create", "c4", "--parent", "a"]);
         s.ok(&["pool", "deactivate"]);
-        assert!(spare_mounts(s).is_empty());
+        assert!(s.spare_mounts().is_empty());
         assert!(
             !thinlayer_pool::mounts::all()
                 .unwrap()
@@ -790,14 +779,14 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         );
         s.ok(&["pool", "activate"]);
         assert_eq!(spares(s).len(), 1);
-        assert!(spare_mounts(s).is_empty());
+        assert!(s.spare_mounts().is_empty());
         let st = s.json(&["pool", "status"]);
         assert_eq!(st["spares"][0]["mounted"], true);
         assert_eq!(st["spare_cost"]["mounts"], 0);
         s.ok(&["pool", "check"]);
         let out = s.ok(&["layer", "provision", "a", "--mounted"]);
         assert!(out.contains("1 kept") && out.contains("1 mounted"), "{out}");
-        assert_eq!(spare_mounts(s).len(), 1);
+        assert_eq!(s.spare_mounts().len(), 1);
         let d4 = s.mount("c4");
         assert_eq!(fs::read(d4.join("v.txt")).unwrap(), b"one");
         s.ok(&["umount", "c4"]);
@@ -805,7 +794,7 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         // A write to the parent drops the rest, mounts and all.
         let d = s.mount("a");
         assert!(spares(s).is_empty(), "{:?}", spares(s));
-        assert!(spare_mounts(s).is_empty());
+        assert!(s.spare_mounts().is_empty());
         write_file(&d.join("v.txt"), b"two");
         s.ok(&["umount", "a"]);
         assert_eq!(thin_device_count(s), 0);
@@ -814,16 +803,16 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
         // Removing a parent drops its mounted spares.
         s.ok(&["layer", "create", "p2"]);
         s.ok(&["layer", "provision", "p2", "--spares", "2", "--mounted"]);
-        assert_eq!(spare_mounts(s).len(), 2);
+        assert_eq!(s.spare_mounts().len(), 2);
         s.ok(&["layer", "rm", "p2"]);
-        assert!(spare_mounts(s).is_empty());
+        assert!(s.spare_mounts().is_empty());
         assert!(spares(s).is_empty());
         assert_eq!(thin_device_count(s), 0);
         s.ok(&["pool", "check"]);
 
         // Destroy takes a mounted spare and the spares' tmpfs down too.
         s.ok(&["layer", "provision", "a", "--mounted"]);
-        assert_eq!(spare_mounts(s).len(), 1);
+        assert_eq!(s.spare_mounts().len(), 1);
         s.ok(&["pool", "destroy", "--force"]);
         let canon_base = fs::canonicalize(&base).unwrap();
         let under: Vec<PathBuf> = thinlayer_pool::mounts::all()

@@ -171,6 +171,21 @@ impl Scratch {
             .collect()
     }
 
+    /// The mounts under `ROOT/spares` (real paths), from mountinfo; none
+    /// when the root is gone.
+    pub fn spare_mounts(&self) -> Vec<std::path::PathBuf> {
+        let Ok(root) = std::fs::canonicalize(&self.root) else {
+            return Vec::new();
+        };
+        let dir = root.join("spares");
+        thinlayer_pool::mounts::all()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mountpoint.parent() == Some(dir.as_path()))
+            .map(|m| m.mountpoint)
+            .collect()
+    }
+
     /// Pool data blocks in use, from the kernel.
     pub fn used_data_blocks(&self) -> u64 {
         self.json(&["pool", "status"])["kernel"]["data_used_blocks"]
