@@ -358,25 +358,6 @@ impl Pool {
         Ok(mountpoints.iter().find(|p| **p == want).cloned())
     }
 
-    /// Where layer `id`'s device is mounted from the spare it took, if it
-    /// is (`ROOT/spares/THIN_ID`): a caller that hands out a bind mount
-    /// rather than the device can bind that directory.
-    ///
-    /// # Errors
-    /// [`Error::UnknownLayer`], kernel and I/O errors.
-    pub fn premount(&mut self, id: &str) -> Result<Option<PathBuf>> {
-        let thin_id = self.layer(id)?.thin_id;
-        if !self.layout().spare_mount(thin_id).exists() {
-            return Ok(None);
-        }
-        let name = self.name(Role::Thin(thin_id));
-        let Some(dev) = self.kernel()?.device(&name)? else {
-            return Ok(None);
-        };
-        let points = mounts::mountpoints_of(dev)?;
-        self.premount_in(thin_id, &points)
-    }
-
     /// Unmounts thin id `thin_id`'s spare directory if something is
     /// mounted there, and removes the directory; says whether it
     /// unmounted. One `stat` when there is none: every deletion of a thin
