@@ -367,6 +367,15 @@ fn holder_mounts(s: &Scratch) -> (PathBuf, Vec<PathBuf>) {
 
 const SCRIPT: &str = "echo hello > /tmp/f; cat /tmp/f; cat /etc/os-release";
 
+/// The end of a test: containerd and the server stopped (the server
+/// cleanly), no thin device beyond `before`, `pool check` clean.
+fn finish(s: &Scratch, ctrd: &mut Daemon, srv: &mut Daemon, before: &[String]) {
+    ctrd.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
+    assert_eq!(thin_devices(), before, "no thin device left");
+    s.ok(&["pool", "check"]);
+}
+
 fn run_container(c: &Containerd, image: &str, id: &str) {
     let out = c.ctr(&[
         "run",
@@ -667,10 +676,7 @@ fn vm_containerd_bind_mounts_settle_after_commit() {
                 .any(|l| l.ends_with("-a2") || l.ends_with("-v1"))
                 && holder_mounts(s).1.is_empty()
         });
-        ctrd.stop(nix::sys::signal::Signal::SIGTERM);
-        assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
-        assert_eq!(thin_devices(), before, "no thin device left");
-        s.ok(&["pool", "check"]);
+        finish(s, &mut ctrd, &mut srv, &before);
     });
 }
 
@@ -720,10 +726,7 @@ fn vm_containerd_spares_follow_demand() {
         wait_until("the idle parent's spare to be dropped", 60, || {
             spares(s).is_empty()
         });
-        ctrd.stop(nix::sys::signal::Signal::SIGTERM);
-        assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
-        assert_eq!(thin_devices(), before, "no thin device left");
-        s.ok(&["pool", "check"]);
+        finish(s, &mut ctrd, &mut srv, &before);
     });
 }
 
@@ -755,9 +758,6 @@ fn vm_containerd_device_mounts() {
         assert!(spares(s).is_empty(), "--max-spares 0 keeps none");
         snap(&c, &["rm", "dc"]);
         wait_until("dc's layer to go", 60, || ctrd_layers(s).len() == 3);
-        ctrd.stop(nix::sys::signal::Signal::SIGTERM);
-        assert!(srv.stop(nix::sys::signal::Signal::SIGTERM).success());
-        assert_eq!(thin_devices(), before, "no thin device left");
-        s.ok(&["pool", "check"]);
+        finish(s, &mut ctrd, &mut srv, &before);
     });
 }
