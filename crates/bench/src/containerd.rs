@@ -202,6 +202,7 @@ pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()>
         }
     })();
     let result = result.and(sweep_loops(&disk.fs)).and(disk.teardown());
+    sys::keep_logs(&base, &opts.out.join("logs/containerd"));
     let _ = fs::remove_dir_all(&base);
     report.samples.extend(m.samples);
     report.notes.extend(m.notes);

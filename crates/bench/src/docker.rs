@@ -241,6 +241,7 @@ pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()>
             failed.push(msg);
         }
     }
+    sys::keep_logs(&base, &opts.out.join("logs/docker"));
     let _ = fs::remove_dir_all(&base);
     report.notes.push(format!(
         "docker: {version}, one dockerd after another (--experimental --bridge=none \

@@ -72,6 +72,9 @@ pub struct Options {
     /// containerd, ctr, runc, dmsetup, the dm thin-pool target and the
     /// `other-docker.tar` fixture.
     pub containerd: bool,
+    /// Skip the engine workloads (`--skip-common`): the report holds only
+    /// the docker and containerd sections.
+    pub skip_common: bool,
     /// Populations to use instead of the mode's (`--populations`), for the
     /// start-path workload and the containerd workload alike.
     pub populations: Option<Vec<usize>>,
@@ -191,7 +194,11 @@ pub fn run(opts: &Options) -> Result<Report> {
     if opts.containerd {
         containerd::preflight(opts)?;
     }
-    let mut report = workloads::run_all(opts, &params)?;
+    let mut report = if opts.skip_common {
+        workloads::empty_report(opts, &params)
+    } else {
+        workloads::run_all(opts, &params)?
+    };
     if opts.docker {
         docker::run(&mut report, opts, &params)?;
     }

@@ -21,7 +21,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(name = "thinlayer-bench", bin_name = "thinlayer bench", version)]
 struct BenchArgs {
-    /// Directory for bench.json (every sample) and the PNG plots.
+    /// Directory for bench.json (every sample), the PNG plots and, with
+    /// --docker or --containerd, the daemons' logs (logs/).
     #[arg(long, default_value = "bench-out")]
     out: PathBuf,
     /// Fewer samples, smaller files and populations (about 2 minutes in the VM).
@@ -41,7 +42,7 @@ struct BenchArgs {
     /// Also measure a real dockerd with Docker's overlay2, vfs and devicemapper
     /// drivers and thinlayer's plugin, one after another (needs dockerd and the
     /// docker CLI: THINLAYER_VM_EXTRAS=docker in the VM).
-    #[arg(long)]
+    #[arg(long, group = "section")]
     docker: bool,
     /// Only the ext4 layout workload: the pool blocks a trivial container
     /// copies for each mkfs candidate, as a table.
@@ -52,8 +53,12 @@ struct BenchArgs {
     /// as a proxy plugin, all through containerd's Snapshots service, and
     /// `ctr run --rm` on each (needs containerd, ctr, runc, dmsetup and
     /// dm-thin: THINLAYER_VM_EXTRAS=docker in the VM).
-    #[arg(long)]
+    #[arg(long, group = "section")]
     containerd: bool,
+    /// Skip the engine workloads (thinlayer against the floor, overlayfs,
+    /// btrfs and full copies): only the --docker and --containerd sections.
+    #[arg(long, requires = "section")]
+    skip_common: bool,
     /// Snapshot populations instead of the mode's, comma-separated (e.g.
     /// `3` for a fast check): the start-path workload's and containerd's.
     #[arg(long, value_delimiter = ',', value_name = "N,...", value_parser = clap::value_parser!(usize))]
@@ -79,6 +84,7 @@ fn main() -> ExitCode {
         docker: a.docker,
         layout: a.layout,
         containerd: a.containerd,
+        skip_common: a.skip_common,
         populations: a.populations.clone(),
     };
     match thinlayer_bench::run(&opts) {

@@ -71,12 +71,14 @@ pub(crate) fn all(report: &Report, out: &Path) -> Result<()> {
             detail: "the compiled-in font does not parse".into(),
         }
     })?;
-    let f = out.join("start-vs-population.png");
-    population(report, &f).map_err(plot_err(&f))?;
-    let f = out.join("first-write-bytes.png");
-    first_write(report, &f).map_err(plot_err(&f))?;
-    let f = out.join("start-distribution.png");
-    distribution(report, &f).map_err(plot_err(&f))?;
+    if !report.backends.is_empty() {
+        let f = out.join("start-vs-population.png");
+        population(report, &f).map_err(plot_err(&f))?;
+        let f = out.join("first-write-bytes.png");
+        first_write(report, &f).map_err(plot_err(&f))?;
+        let f = out.join("start-distribution.png");
+        distribution(report, &f).map_err(plot_err(&f))?;
+    }
     crate::docker::plots(report, out)?;
     crate::containerd::plots(report, out)
 }

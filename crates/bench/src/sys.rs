@@ -272,3 +272,25 @@ pub fn mkdir(dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
     Ok(dir.to_path_buf())
 }
+
+/// Copies the daemons' logs (`*.log`) found in `from` and its
+/// subdirectories, at most two levels down, into `to` (made), flattened
+/// to `sub_dir_name.log`, so that a run's scratch can be removed and its
+/// logs still read. Best effort: a log that cannot be copied is skipped.
+pub fn keep_logs(from: &Path, to: &Path) {
+    fn walk(dir: &Path, prefix: &str, depth: u8, to: &Path) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() && depth > 0 {
+                walk(&e.path(), &format!("{prefix}{name}_"), depth - 1, to);
+            } else if kind.is_file() && name.ends_with(".log") && fs::create_dir_all(to).is_ok() {
+                let _ = fs::copy(e.path(), to.join(format!("{prefix}{name}")));
+            }
+        }
+    }
+    walk(from, "", 2, to);
+}

@@ -14,8 +14,10 @@ impl Report {
     pub fn table(&self) -> String {
         let mut t = String::new();
         if self.backends.is_empty() {
-            // `--layout` alone.
+            // `--layout` alone, or `--skip-common`.
             self.layout(&mut t);
+            crate::docker::table(self, &mut t);
+            crate::containerd::table(self, &mut t);
             for n in &self.notes {
                 let _ = writeln!(t, "note: {n}");
             }

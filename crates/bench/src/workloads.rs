@@ -1296,6 +1296,12 @@ pub(crate) fn run_layout(opts: &Options, p: &Params) -> Result<Report> {
     Ok(run.report(opts, p, Vec::new(), None))
 }
 
+/// The report of a run without the engine workloads (`--skip-common`),
+/// for the docker and containerd sections to fill.
+pub(crate) fn empty_report(opts: &Options, p: &Params) -> Report {
+    Run::new(ProgressBar::hidden(), Instant::now()).report(opts, p, Vec::new(), None)
+}
+
 /// `dir`, emptied of what an earlier run left.
 fn fresh_dir(dir: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(dir);
