@@ -26,6 +26,14 @@ pub fn mountpoints_of(device: Device) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Whether something is mounted at `dir` (as mountinfo spells it).
+///
+/// # Errors
+/// Reading mountinfo.
+pub fn is_mountpoint(dir: &Path) -> Result<bool> {
+    Ok(all()?.iter().any(|m| m.mountpoint == dir))
+}
+
 /// What a mount is for, which decides what it may do on the host.
 ///
 /// Every mount thinlayer makes is `nodev`: device nodes in an image do not

@@ -10,10 +10,50 @@
 //! queued runs them first ([`Queue::take_through`]): a snapshot of a parent
 //! needs the parent's filesystem unmounted and its device down.
 //!
+//! A Settle's kernel work (the holder's unmount and the device's removal)
+//! runs outside the mutex ([`crate::ops::Tail`]), the layer marked
+//! [`InFlight`] meanwhile: a request that needs that layer waits for it,
+//! every other goes ahead.
+//!
 //! What must never happen: a job skipped or run twice, or a job run out of
-//! order with one queued before it.
+//! order with one queued before it; a layer used while its tail runs.
 
-use std::collections::VecDeque;
+use std::{
+    collections::{BTreeSet, VecDeque},
+    sync::{Condvar, Mutex},
+};
+
+/// Layers whose job's kernel work runs outside the server's mutex.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    layers: Mutex<BTreeSet<String>>,
+    done: Condvar,
+}
+
+impl InFlight {
+    /// `layer`'s tail starts.
+    pub fn begin(&self, layer: &str) {
+        self.lock().insert(layer.to_owned());
+    }
+
+    /// `layer`'s tail ended: whoever waits for it goes on.
+    pub fn end(&self, layer: &str) {
+        self.lock().remove(layer);
+        self.done.notify_all();
+    }
+
+    /// Waits until `layer` (`None`: every layer) has no tail running.
+    pub fn wait(&self, layer: Option<&str>) {
+        let mut set = self.lock();
+        while layer.map_or(!set.is_empty(), |l| set.contains(l)) {
+            set = self.done.wait(set).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.layers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// One deferred piece of work on a layer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +150,26 @@ mod tests {
         Job::Remove {
             layer: l.to_owned(),
         }
+    }
+
+    #[test]
+    fn a_waiter_goes_on_when_its_layer_ends() {
+        let f = std::sync::Arc::new(InFlight::default());
+        f.begin("a");
+        f.begin("b");
+        f.wait(Some("c"));
+        let g = f.clone();
+        let waiter = std::thread::spawn(move || g.wait(Some("a")));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiter.is_finished(), "went on while `a` ran");
+        f.end("a");
+        waiter.join().unwrap();
+        let g = f.clone();
+        let all = std::thread::spawn(move || g.wait(None));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!all.is_finished(), "went on while `b` ran");
+        f.end("b");
+        all.join().unwrap();
     }
 
     #[test]

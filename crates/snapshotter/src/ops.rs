@@ -33,16 +33,17 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, Trim};
+use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, Teardown, Trim};
 
 use crate::{
     error::{Error, Result},
     filter::Filters,
-    jobs::{Job, Queue},
+    jobs::{InFlight, Job, Queue},
     keys::{KeyStore, Kind, LAYER_PREFIX, Snapshot, Snapshots},
     spares::Demand,
 };
@@ -105,15 +106,66 @@ impl Default for Config {
 }
 
 /// What one call of [`SnapshotOps::work`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Step {
     /// Some work: call again.
     Worked,
+    /// A job whose kernel work the caller runs without the mutex
+    /// ([`Tail::run`]), then hands back ([`SnapshotOps::tail_done`]).
+    Tail(Tail),
     /// Nothing to do until `until` (or a request), if ever.
     Idle {
         /// When something falls due without a request.
         until: Option<Instant>,
     },
+}
+
+/// A Settle's kernel work, run outside the server's mutex: committed
+/// snapshot `key`'s holder unmounted, its layer's device measured and torn
+/// down. Its layer is [`InFlight`] until it has run.
+#[derive(Debug)]
+pub struct Tail {
+    key: String,
+    layer: String,
+    /// Whether the snapshot's own bytes still need the measure.
+    measure: bool,
+    teardown: Teardown,
+    holder: PathBuf,
+    in_flight: Arc<InFlight>,
+}
+
+/// What a [`Tail`] did, for [`SnapshotOps::tail_done`].
+#[derive(Debug)]
+pub struct TailDone {
+    key: String,
+    layer: String,
+    measure: bool,
+    mapped: thinlayer_pool::Result<Option<u64>>,
+    ms: f64,
+}
+
+impl Tail {
+    /// Runs the kernel work, then lets requests waiting for the layer go
+    /// on. Needs no lock: nothing but the kernel is asked.
+    pub fn run(self) -> TailDone {
+        let t = Instant::now();
+        let mapped = self.teardown.run();
+        match std::fs::remove_dir(&self.holder) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.holder.display(), error = %e, "holder directory stays");
+            }
+        }
+        self.in_flight.end(&self.layer);
+        TailDone {
+            key: self.key,
+            layer: self.layer,
+            measure: self.measure,
+            mapped,
+            ms: t.elapsed().as_secs_f64() * 1000.0,
+        }
+    }
 }
 
 /// The snapshotter's state: the pool root, the key store and the server's
@@ -134,6 +186,8 @@ pub struct SnapshotOps {
     /// A removal put a thin id in the pool's trash since the last reclaim.
     reclaim_due: bool,
     last_request: Instant,
+    /// Layers whose Settle's kernel work runs outside the mutex.
+    in_flight: Arc<InFlight>,
 }
 
 impl SnapshotOps {
@@ -173,6 +227,7 @@ impl SnapshotOps {
             queue: Queue::default(),
             reclaim_due: false,
             last_request: now,
+            in_flight: Arc::default(),
         };
         ops.records_missing = records_missing;
         ops.reconcile(&mut pool)?;
@@ -650,6 +705,7 @@ impl SnapshotOps {
     /// # Errors
     /// Pool errors.
     pub fn cleanup(&mut self) -> Result<()> {
+        self.in_flight.wait(None);
         while let Some(job) = self.queue.pop() {
             self.run_job(job);
         }
@@ -664,6 +720,8 @@ impl SnapshotOps {
     /// Runs the queued jobs `layer` needs done before it is used (see
     /// [`Queue::take_through`]).
     fn settle_layer(&mut self, layer: &str) {
+        // Its queued jobs run after a tail of its own: wait for that first.
+        self.in_flight.wait(Some(layer));
         for job in self.queue.take_through(layer) {
             self.run_job(job);
         }
@@ -680,6 +738,15 @@ impl SnapshotOps {
     /// layers' space. While `draining` (shutdown) only jobs run.
     pub fn work(&mut self, now: Instant, draining: bool) -> Step {
         if let Some(job) = self.queue.pop() {
+            if let Job::Settle { key, layer } = &job {
+                match self.settle_tail(key, layer) {
+                    Ok(t) => return Step::Tail(t),
+                    Err(e) => {
+                        tracing::warn!(job = "settle", %layer, error = %e, "job failed; the next start or Cleanup settles it")
+                    }
+                }
+                return Step::Worked;
+            }
             self.run_job(job);
             return Step::Worked;
         }
@@ -730,19 +797,27 @@ impl SnapshotOps {
         let t = Instant::now();
         // Mounted when Mounts hands out binds: taking one is then a move.
         let mounted = self.config.mounts == MountMode::Bind;
-        let kept = self
-            .pool()
-            .and_then(|mut pool| Ok(keep_spares(&mut pool, parent, n, mounted)?));
+        // One spare more per step, so that a request waits for at most
+        // one spare's making; drops (n below what is kept) go at once.
+        let kept = self.pool().and_then(|mut pool| {
+            let has = pool.spares_of(Some(parent)).len();
+            let step = if has < n { has + 1 } else { n };
+            keep_spares(&mut pool, parent, step, mounted)?;
+            Ok(step)
+        });
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         match kept {
-            Ok(()) => tracing::debug!(job = "spares", %parent, n, ms, "job done"),
+            Ok(step) => {
+                tracing::debug!(job = "spares", %parent, n, step, ms, "job done");
+                self.demand.kept(parent, step);
+            }
             Err(e) => {
-                tracing::debug!(job = "spares", %parent, n, ms, error = %e, "spares not kept")
+                tracing::debug!(job = "spares", %parent, n, ms, error = %e, "spares not kept");
+                // A parent that cannot have spares now (active) is tried
+                // again at its next Prepare, not in a loop.
+                self.demand.kept(parent, n);
             }
         }
-        // Set either way: a parent that cannot have spares now (active)
-        // is tried again at its next Prepare, not in a loop.
-        self.demand.kept(parent, n);
     }
 
     /// Runs `job`, logging it with its duration; a failure is logged and
@@ -762,8 +837,62 @@ impl SnapshotOps {
         }
     }
 
+    /// A Settle's kernel work planned under the mutex, `layer` marked in
+    /// flight until it has run.
+    fn settle_tail(&mut self, key: &str, layer: &str) -> Result<Tail> {
+        let pool = self.pool()?;
+        let holder = self.holder(layer);
+        let teardown = pool.teardown_of(layer, vec![holder.clone()])?;
+        let measure = self
+            .store
+            .get(key)
+            .is_ok_and(|s| s.layer == layer && s.own_bytes.is_none());
+        self.in_flight.begin(layer);
+        Ok(Tail {
+            key: key.to_owned(),
+            layer: layer.to_owned(),
+            measure,
+            teardown,
+            holder,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+
+    /// Takes back what a [`Tail`] did: the committed snapshot's own bytes
+    /// recorded (if it still exists and had none), the outcome logged.
+    pub fn tail_done(&mut self, done: TailDone) {
+        let TailDone {
+            key,
+            layer,
+            measure,
+            mapped,
+            ms,
+        } = done;
+        let recorded = mapped.map_err(Error::from).and_then(|mapped| {
+            let Some(mapped) = mapped.filter(|_| measure) else {
+                return Ok(());
+            };
+            match self.store.get(&key) {
+                Ok(s) if s.layer == layer && s.own_bytes.is_none() => {
+                    let mut s = s.clone();
+                    s.own_bytes =
+                        Some(mapped.saturating_sub(s.mapped_at_create.unwrap_or_default()));
+                    self.store.put(s, None)
+                }
+                _ => Ok(()),
+            }
+        });
+        match recorded {
+            Ok(()) => tracing::debug!(job = "settle", %layer, ms, "job done (outside the lock)"),
+            Err(e) => {
+                tracing::warn!(job = "settle", %layer, ms, error = %e, "job failed; the next start or Cleanup settles it")
+            }
+        }
+    }
+
     /// After Commit: committed snapshot `key`'s holder unmounted, its own
-    /// bytes measured if they are not yet, its device torn down.
+    /// bytes measured if they are not yet, its device torn down (the
+    /// path of a request that needs it now; the worker's is [`Tail`]).
     fn settle(&mut self, key: &str, layer: &str) -> Result<()> {
         let mut pool = self.pool()?;
         // The device stays up through the unmount for the measure.
@@ -905,9 +1034,7 @@ pub fn holders_dir(root: &Path) -> Result<PathBuf> {
 /// # Errors
 /// Reading mountinfo.
 pub fn is_mountpoint(dir: &Path) -> Result<bool> {
-    Ok(thinlayer_pool::mounts::all()?
-        .iter()
-        .any(|m| m.mountpoint == dir))
+    Ok(thinlayer_pool::mounts::is_mountpoint(dir)?)
 }
 
 /// Removes `dir/lost+found` if it is there.
@@ -957,11 +1084,7 @@ pub fn list_of<'a>(
 
 /// Bytes `layer`'s thin device maps, if it is active.
 fn mapped_bytes(pool: &mut Pool, layer: &str) -> Result<Option<u64>> {
-    Ok(pool
-        .layers()?
-        .into_iter()
-        .find(|l| l.id == layer)
-        .and_then(|l| l.mapped_bytes))
+    Ok(pool.layer_mapped_bytes(layer)?)
 }
 
 /// Refuses a max-size above what every thin device of the pool has.

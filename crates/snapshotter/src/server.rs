@@ -5,7 +5,8 @@
 //!
 //! A worker thread owned by the server does what the answers left
 //! ([`SnapshotOps::work`]: queued jobs, spares, reclaim), one piece at a
-//! time under the same mutex, woken after each write request; at shutdown
+//! time under the same mutex, woken after each write request; a request
+//! waiting for the mutex goes before the worker's next piece. At shutdown
 //! it drains the queue before the server stops.
 //!
 //! The socket is root's only (0600 in a 0700 directory), or a group's with
@@ -21,7 +22,10 @@ use std::{
     io,
     path::{Path, PathBuf},
     pin::Pin,
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
@@ -51,6 +55,8 @@ pub struct Thinlayer {
     ops: Arc<Mutex<SnapshotOps>>,
     reads: Reads,
     wake: Arc<Wake>,
+    /// Requests waiting for `ops`: the worker lets them go first.
+    waiting: Arc<AtomicUsize>,
 }
 
 /// Wakes the worker: something was queued, or the server stops.
@@ -99,6 +105,7 @@ impl Thinlayer {
             ops: Arc::new(Mutex::new(ops)),
             reads,
             wake: Arc::default(),
+            waiting: Arc::default(),
         }
     }
 
@@ -110,17 +117,31 @@ impl Thinlayer {
     pub fn start_worker(&self) -> Result<std::thread::JoinHandle<()>> {
         let ops = self.ops.clone();
         let wake = self.wake.clone();
+        let waiting = self.waiting.clone();
         std::thread::Builder::new()
             .name("snapshotter-worker".into())
             .spawn(move || {
                 let mut stopping = false;
                 loop {
+                    // The mutex is not fair: without this a worker going
+                    // from one piece to the next could keep a request out.
+                    while waiting.load(Ordering::Acquire) > 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                     let step = ops
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .work(Instant::now(), stopping);
                     match step {
                         Step::Worked => continue,
+                        Step::Tail(t) => {
+                            // The kernel work without the mutex: requests
+                            // on other layers go ahead meanwhile.
+                            let done = t.run();
+                            ops.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .tail_done(done);
+                        }
                         Step::Idle { .. } if stopping => break,
                         Step::Idle { until } => stopping = wake.wait(until),
                     }
@@ -168,8 +189,11 @@ impl Thinlayer {
         let started = Instant::now();
         let key2 = key.clone();
         let wake = self.wake.clone();
+        let waiting = self.waiting.clone();
         let out = tokio::task::spawn_blocking(move || {
+            waiting.fetch_add(1, Ordering::AcqRel);
             let mut e = ops.lock().unwrap_or_else(|p| p.into_inner());
+            waiting.fetch_sub(1, Ordering::AcqRel);
             let waited = started.elapsed();
             let r = f(&mut e);
             e.note_request();

@@ -976,13 +976,7 @@ impl Store {
     /// Unknown volume, kernel errors.
     pub fn volume_mountpoints(&mut self, name: &str) -> Result<Vec<PathBuf>> {
         let v = self.volume(name)?;
-        Ok(self
-            .pool
-            .layers()?
-            .into_iter()
-            .find(|l| l.id == v.layer)
-            .map(|l| l.mountpoints)
-            .unwrap_or_default())
+        self.layer_mountpoints(&v.layer)
     }
 
     /// Bytes of pool data volume `name`'s thin device maps (own and shared
@@ -992,12 +986,18 @@ impl Store {
     /// Unknown volume, kernel errors.
     pub fn volume_usage(&mut self, name: &str) -> Result<Option<u64>> {
         let v = self.volume(name)?;
-        Ok(self
-            .pool
-            .layers()?
-            .into_iter()
-            .find(|l| l.id == v.layer)
-            .and_then(|l| l.mapped_bytes))
+        match self.pool.layer_mapped_bytes(&v.layer) {
+            Err(thinlayer_pool::Error::UnknownLayer(_)) => Ok(None),
+            r => Ok(r?),
+        }
+    }
+
+    /// Where `layer` is mounted; nowhere when it has no record.
+    fn layer_mountpoints(&mut self, layer: &str) -> Result<Vec<PathBuf>> {
+        match self.pool.layer_info(layer) {
+            Err(thinlayer_pool::Error::UnknownLayer(_)) => Ok(Vec::new()),
+            r => Ok(r?.mountpoints),
+        }
     }
 
     /// Container `name`'s mounts as Docker's `inspect` shows them, in
@@ -1007,13 +1007,7 @@ impl Store {
     /// [`Error::UnknownContainer`], kernel errors.
     pub fn container_mounts(&mut self, name: &str) -> Result<Vec<MountView>> {
         let c = self.container(name)?;
-        let roots = self
-            .pool
-            .layers()?
-            .into_iter()
-            .find(|l| l.id == c.layer)
-            .map(|l| l.mountpoints)
-            .unwrap_or_default();
+        let roots = self.layer_mountpoints(&c.layer)?;
         let mut out = Vec::new();
         for v in &c.volumes {
             out.push(MountView {

@@ -153,39 +153,85 @@ impl Pool {
         };
         let mut out = Vec::with_capacity(records.len());
         for l in records {
-            let name = self.name(Role::Thin(l.thin_id));
-            let (devnode, mountpoints, mapped_bytes) = if present.contains(&name.to_string()) {
-                let kernel = self.kernel()?;
-                match kernel.device(&name)? {
-                    Some(dev) => (
-                        Some(kernel::devnode(dev)),
-                        all_mounts
-                            .iter()
-                            .filter(|m| m.device == dev)
-                            .map(|m| m.mountpoint.clone())
-                            .collect(),
-                        kernel
-                            .thin_mapped_sectors(&name)?
-                            .map(|s| s.0 * crate::units::SECTOR),
-                    ),
-                    None => (None, Vec::new(), None),
-                }
-            } else {
-                (None, Vec::new(), None)
-            };
-            out.push(LayerInfo {
-                id: l.id,
-                parent: l.parent,
-                thin_id: l.thin_id,
-                devnode,
-                mountpoints,
-                mapped_bytes,
-                created_unix: l.created_unix,
-                removing: l.removing,
-                owner: l.owner,
-            });
+            let up = present.contains(&self.name(Role::Thin(l.thin_id)).to_string());
+            out.push(self.info_of(l, up, |dev| {
+                Ok(all_mounts
+                    .iter()
+                    .filter(|m| m.device == dev)
+                    .map(|m| m.mountpoint.clone())
+                    .collect())
+            })?);
         }
         Ok(out)
+    }
+
+    /// Layer `id` with its kernel state, as [`Pool::layers`] lists it, at
+    /// the cost of that one layer (not of the pool's every layer).
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], kernel and record errors.
+    pub fn layer_info(&mut self, id: &str) -> Result<LayerInfo> {
+        let l = self.layer(id)?;
+        let up = self.pool_device()?.is_some();
+        self.info_of(l, up, mounts::mountpoints_of)
+    }
+
+    /// Bytes layer `id`'s thin device maps (own and shared), while it is
+    /// active: one record read and two ioctls, whatever the pool holds.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], kernel and record errors.
+    pub fn layer_mapped_bytes(&mut self, id: &str) -> Result<Option<u64>> {
+        let l = self.layer(id)?;
+        if self.pool_device()?.is_none() {
+            return Ok(None);
+        }
+        let name = self.name(Role::Thin(l.thin_id));
+        let kernel = self.kernel()?;
+        if kernel.device(&name)?.is_none() {
+            return Ok(None);
+        }
+        Ok(kernel
+            .thin_mapped_sectors(&name)?
+            .map(|s| s.0 * crate::units::SECTOR))
+    }
+
+    /// `l` with its kernel state: its device asked for when `maybe_up`
+    /// (the pool is active and may hold it), its mountpoints from
+    /// `mountpoints_of` its device.
+    fn info_of(
+        &mut self,
+        l: LayerRecord,
+        maybe_up: bool,
+        mountpoints_of: impl FnOnce(devicemapper::Device) -> Result<Vec<PathBuf>>,
+    ) -> Result<LayerInfo> {
+        let name = self.name(Role::Thin(l.thin_id));
+        let (devnode, mountpoints, mapped_bytes) = if maybe_up {
+            let kernel = self.kernel()?;
+            match kernel.device(&name)? {
+                Some(dev) => (
+                    Some(kernel::devnode(dev)),
+                    mountpoints_of(dev)?,
+                    kernel
+                        .thin_mapped_sectors(&name)?
+                        .map(|s| s.0 * crate::units::SECTOR),
+                ),
+                None => (None, Vec::new(), None),
+            }
+        } else {
+            (None, Vec::new(), None)
+        };
+        Ok(LayerInfo {
+            id: l.id,
+            parent: l.parent,
+            thin_id: l.thin_id,
+            devnode,
+            mountpoints,
+            mapped_bytes,
+            created_unix: l.created_unix,
+            removing: l.removing,
+            owner: l.owner,
+        })
     }
 
     /// Creates layer `id` as a thin snapshot of `parent` (or of the base

@@ -72,7 +72,7 @@ pub use create::{CreateOptions, DevicePair};
 pub use frozen::Frozen;
 pub use layer::{Holders, LayerInfo, Removal};
 pub use lifecycle::check_metadata;
-pub use mount::Trim;
+pub use mount::{Teardown, Trim};
 pub use reclaim::Reclaimed;
 pub use spare::{Provisioned, SpareInfo};
 pub use status::{KernelStatus, PoolMode, PoolStatus, SpareCost};

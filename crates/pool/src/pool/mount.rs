@@ -168,6 +168,23 @@ impl Pool {
         Ok(kernel::devnode(dev))
     }
 
+    /// What tearing layer `id` down takes, for a caller that runs it
+    /// after giving up the root's lock ([`Teardown::run`]): `dirs`
+    /// unmounted (no trim), then the layer's device removed if nothing
+    /// else mounts it. A server does this so that the slow kernel work
+    /// (a journal commit, `DM_DEV_REMOVE`) does not hold its requests up.
+    /// The caller keeps the layer's other users out until it has run.
+    ///
+    /// # Errors
+    /// [`Error::UnknownLayer`], record errors.
+    pub fn teardown_of(&self, id: &str, dirs: Vec<PathBuf>) -> Result<Teardown> {
+        let layer = self.layer(id)?;
+        Ok(Teardown {
+            device: self.name(Role::Thin(layer.thin_id)),
+            dirs,
+        })
+    }
+
     /// Tears down layer `id`'s thin device if it is active and nothing
     /// mounts it; returns whether it removed it. A mounted device stays.
     ///
@@ -289,4 +306,43 @@ pub enum Trim {
     Before,
     /// No trim: for layers whose blocks a removal gives back.
     Skip,
+}
+
+/// A layer's unmounts and device removal, planned under the root's lock
+/// ([`Pool::teardown_of`]) and run without it: only the kernel is asked,
+/// no record changes, so a crash half-way leaves what a recovery or the
+/// next teardown finishes.
+#[derive(Debug)]
+pub struct Teardown {
+    device: devicemapper::DmNameBuf,
+    dirs: Vec<PathBuf>,
+}
+
+impl Teardown {
+    /// Unmounts the directories that are mounted, measures what the device
+    /// maps (own and shared bytes, after the unmounts' last writes), and
+    /// removes the device unless something still mounts it. Returns the
+    /// measure (`None`: the device was not active).
+    ///
+    /// # Errors
+    /// [`Error::Busy`] (a process under a directory, or holding the
+    /// device), kernel errors: what was done stays done.
+    pub fn run(&self) -> Result<Option<u64>> {
+        for d in &self.dirs {
+            if mounts::is_mountpoint(d)? {
+                mounts::umount(d)?;
+            }
+        }
+        let kernel = kernel::Kernel::open()?;
+        let Some(dev) = kernel.device(&self.device)? else {
+            return Ok(None);
+        };
+        let mapped = kernel
+            .thin_mapped_sectors(&self.device)?
+            .map(|s| s.0 * crate::units::SECTOR);
+        if mounts::mountpoints_of(dev)?.is_empty() {
+            kernel.remove(&self.device)?;
+        }
+        Ok(mapped)
+    }
 }
