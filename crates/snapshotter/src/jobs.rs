@@ -50,11 +50,6 @@ impl InFlight {
         }
     }
 
-    /// What is in flight now.
-    pub fn held(&self) -> BTreeSet<String> {
-        self.lock().clone()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.layers.lock().unwrap_or_else(|p| p.into_inner())
     }

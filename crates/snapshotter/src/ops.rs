@@ -38,7 +38,7 @@ use std::{
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, SpareMount, Teardown, Trim};
+use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, Teardown, Trim};
 
 use crate::{
     error::{Error, Result},
@@ -113,9 +113,6 @@ pub enum Step {
     /// A job whose kernel work the caller runs without the mutex
     /// ([`Tail::run`]), then hands back ([`SnapshotOps::tail_done`]).
     Tail(Tail),
-    /// A new spare's mount, which the caller makes without the mutex
-    /// ([`SpareTail::run`]).
-    Spare(SpareTail),
     /// Nothing to do until `until` (or a request), if ever.
     Idle {
         /// When something falls due without a request.
@@ -135,33 +132,6 @@ pub struct Tail {
     teardown: Teardown,
     holder: PathBuf,
     in_flight: Arc<InFlight>,
-}
-
-/// A new mounted spare's mount, made outside the server's mutex; the
-/// spare is held (no Prepare takes it) until it has run.
-#[derive(Debug)]
-pub struct SpareTail {
-    parent: String,
-    mount: SpareMount,
-    held: Arc<InFlight>,
-}
-
-impl SpareTail {
-    /// Mounts the spare, then lets Prepares take it. Needs no lock.
-    pub fn run(self) {
-        let t = Instant::now();
-        let r = self.mount.run();
-        self.held.end(&self.mount.thin_id().to_string());
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        match r {
-            Ok(()) => {
-                tracing::debug!(job = "spares", parent = %self.parent, thin_id = self.mount.thin_id(), ms, "spare mounted (outside the lock)")
-            }
-            Err(e) => {
-                tracing::debug!(job = "spares", parent = %self.parent, ms, error = %e, "spare left unmounted (a Prepare that takes it mounts it)")
-            }
-        }
-    }
 }
 
 /// What a [`Tail`] did, for [`SnapshotOps::tail_done`].
@@ -218,8 +188,6 @@ pub struct SnapshotOps {
     last_request: Instant,
     /// Layers whose Settle's kernel work runs outside the mutex.
     in_flight: Arc<InFlight>,
-    /// Spares being mounted outside the mutex, by thin id.
-    held: Arc<InFlight>,
 }
 
 impl SnapshotOps {
@@ -260,7 +228,6 @@ impl SnapshotOps {
             reclaim_due: false,
             last_request: now,
             in_flight: Arc::default(),
-            held: Arc::default(),
         };
         ops.records_missing = records_missing;
         ops.reconcile(&mut pool)?;
@@ -319,8 +286,7 @@ impl SnapshotOps {
 
     fn pool(&self) -> Result<Pool> {
         let t = std::time::Instant::now();
-        let mut pool = Pool::open(&self.root, LockMode::Exclusive, true)?;
-        pool.hold_spares(self.held.held().iter().filter_map(|t| t.parse().ok()));
+        let pool = Pool::open(&self.root, LockMode::Exclusive, true)?;
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool opened");
         Ok(pool)
     }
@@ -740,7 +706,6 @@ impl SnapshotOps {
     /// Pool errors.
     pub fn cleanup(&mut self) -> Result<()> {
         self.in_flight.wait(None);
-        self.held.wait(None);
         while let Some(job) = self.queue.pop() {
             self.run_job(job);
         }
@@ -789,7 +754,8 @@ impl SnapshotOps {
             return Step::Idle { until: None };
         }
         if let Some((parent, n)) = self.demand.due(now).into_iter().next() {
-            return self.spares_of(&parent, n).map_or(Step::Worked, Step::Spare);
+            self.spares_of(&parent, n);
+            return Step::Worked;
         }
         let quiet_at = self.last_request + RECLAIM_QUIET;
         if self.reclaim_due && now >= quiet_at {
@@ -818,55 +784,38 @@ impl SnapshotOps {
     }
 
     /// Keeps `n` spares of committed layer `parent` (a removed one is
-    /// forgotten), one more per call: a request waits for at most one
-    /// spare's making, and a new mounted spare's mount is left to the
-    /// caller, outside the mutex (the [`SpareTail`] returned).
-    fn spares_of(&mut self, parent: &str, n: usize) -> Option<SpareTail> {
+    /// forgotten).
+    fn spares_of(&mut self, parent: &str, n: usize) {
         let committed = self
             .store
             .all()
             .any(|s| s.layer == parent && s.kind == Kind::Committed);
         if !committed {
             self.demand.forget(parent);
-            return None;
+            return;
         }
         let t = Instant::now();
         // Mounted when Mounts hands out binds: taking one is then a move.
         let mounted = self.config.mounts == MountMode::Bind;
+        // One spare more per step, so that a request waits for at most
+        // one spare's making; drops (n below what is kept) go at once.
         let kept = self.pool().and_then(|mut pool| {
             let has = pool.spares_of(Some(parent)).len();
-            if has >= n {
-                // Drops go at once.
-                keep_spares(&mut pool, parent, n, mounted)?;
-                return Ok((n, None));
-            }
-            if mounted {
-                let mount = pool.provision_one_mount_later(parent)?;
-                return Ok((has + 1, Some(mount)));
-            }
-            keep_spares(&mut pool, parent, has + 1, false)?;
-            Ok((has + 1, None))
+            let step = if has < n { has + 1 } else { n };
+            keep_spares(&mut pool, parent, step, mounted)?;
+            Ok(step)
         });
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         match kept {
-            Ok((step, mount)) => {
+            Ok(step) => {
                 tracing::debug!(job = "spares", %parent, n, step, ms, "job done");
                 self.demand.kept(parent, step);
-                mount.map(|mount| {
-                    self.held.begin(&mount.thin_id().to_string());
-                    SpareTail {
-                        parent: parent.to_owned(),
-                        mount,
-                        held: self.held.clone(),
-                    }
-                })
             }
             Err(e) => {
                 tracing::debug!(job = "spares", %parent, n, ms, error = %e, "spares not kept");
                 // A parent that cannot have spares now (active) is tried
                 // again at its next Prepare, not in a loop.
                 self.demand.kept(parent, n);
-                None
             }
         }
     }
