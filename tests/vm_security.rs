@@ -1102,6 +1102,20 @@ fn vm_a_renamer_in_the_container_never_moves_a_volume_mount_outside_it() {
             v.sort();
             v
         };
+        // The directory back where it belongs if the flipper left the
+        // symlink in its place.
+        let put_back = || {
+            if fs::symlink_metadata(p.join("vol")).is_ok_and(|m| m.file_type().is_symlink()) {
+                nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &p.join("vol"),
+                    nix::fcntl::AT_FDCWD,
+                    &p.join("vol.alt"),
+                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                )
+                .unwrap();
+            }
+        };
         let flipper = MntFlipper::start(p.clone(), &[("vol", "vol.alt")]);
         let (mut mounted, mut refused) = (0, 0);
         const ROUNDS: usize = 30;
@@ -1144,18 +1158,20 @@ fn vm_a_renamer_in_the_container_never_moves_a_volume_mount_outside_it() {
                 assert_eq!(vol_points.len(), 1, "round {i}: {vol_points:?}");
             }
             // Put the directory back where it belongs, then unmount the volume.
-            if fs::symlink_metadata(p.join("vol")).is_ok_and(|m| m.file_type().is_symlink()) {
-                nix::fcntl::renameat2(
-                    nix::fcntl::AT_FDCWD,
-                    &p.join("vol"),
-                    nix::fcntl::AT_FDCWD,
-                    &p.join("vol.alt"),
-                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-                )
-                .unwrap();
-            }
+            put_back();
             s.ok(&["volume", "umount", "vd"]);
         }
+        // A refused round unmounts the root, which may keep `vol` as the
+        // flipper left it (a symlink) out of sight: flip on until a mount
+        // lands, then put the directory back.
+        let landed = (0..50).any(|_| {
+            flipper.resume();
+            let ok = s.run(&["container", "mount", "v"]).status.success();
+            flipper.pause();
+            ok
+        });
+        assert!(landed, "no mount landed in 50 tries");
+        put_back();
         let flips = flipper.finish();
         println!("{flips} flips; {mounted} mounts landed inside the root, {refused} were refused");
         assert!(flips > 0, "the flipper ran");
@@ -1163,7 +1179,6 @@ fn vm_a_renamer_in_the_container_never_moves_a_volume_mount_outside_it() {
         assert_eq!(listing(&canary), ["data"]);
         assert_eq!(listing(&canary.join("data")), ["keep"]);
         assert_eq!(fs::read(canary.join("data/keep")).unwrap(), secret);
-        s.ok(&["container", "mount", "v"]);
         assert_eq!(
             fs::read_to_string(p.join("vol/data/x")).unwrap(),
             "volume\n"
