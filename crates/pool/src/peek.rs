@@ -87,10 +87,7 @@ impl Peek {
         let Some(dev) = self.kernel.device(&name)? else {
             return Ok(None);
         };
-        let mapped_bytes = self
-            .kernel
-            .thin_mapped_sectors(&name)?
-            .map(|s| s.0 * crate::units::SECTOR);
+        let mapped_bytes = self.kernel.thin_mapped_bytes(&name)?;
         Ok(Some(ActiveLayer {
             record,
             devnode: kernel::devnode(dev),

@@ -127,8 +127,6 @@ pub enum Step {
 pub struct Tail {
     key: String,
     layer: String,
-    /// Whether the snapshot's own bytes still need the measure.
-    measure: bool,
     teardown: Teardown,
     holder: PathBuf,
     in_flight: Arc<InFlight>,
@@ -139,7 +137,6 @@ pub struct Tail {
 pub struct TailDone {
     key: String,
     layer: String,
-    measure: bool,
     mapped: thinlayer_pool::Result<Option<u64>>,
     ms: f64,
 }
@@ -150,18 +147,11 @@ impl Tail {
     pub fn run(self) -> TailDone {
         let t = Instant::now();
         let mapped = self.teardown.run();
-        match std::fs::remove_dir(&self.holder) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(dir = %self.holder.display(), error = %e, "holder directory stays");
-            }
-        }
+        remove_holder_dir(&self.holder);
         self.in_flight.end(&self.layer);
         TailDone {
             key: self.key,
             layer: self.layer,
-            measure: self.measure,
             mapped,
             ms: t.elapsed().as_secs_f64() * 1000.0,
         }
@@ -276,11 +266,7 @@ impl SnapshotOps {
         if mounted {
             pool.umount_with(&dir.to_string_lossy(), Trim::Skip)?;
         }
-        match std::fs::remove_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "holder directory stays"),
-        }
+        remove_holder_dir(&dir);
         Ok(mounted)
     }
 
@@ -843,15 +829,10 @@ impl SnapshotOps {
         let pool = self.pool()?;
         let holder = self.holder(layer);
         let teardown = pool.teardown_of(layer, vec![holder.clone()])?;
-        let measure = self
-            .store
-            .get(key)
-            .is_ok_and(|s| s.layer == layer && s.own_bytes.is_none());
         self.in_flight.begin(layer);
         Ok(Tail {
             key: key.to_owned(),
             layer: layer.to_owned(),
-            measure,
             teardown,
             holder,
             in_flight: self.in_flight.clone(),
@@ -864,24 +845,12 @@ impl SnapshotOps {
         let TailDone {
             key,
             layer,
-            measure,
             mapped,
             ms,
         } = done;
-        let recorded = mapped.map_err(Error::from).and_then(|mapped| {
-            let Some(mapped) = mapped.filter(|_| measure) else {
-                return Ok(());
-            };
-            match self.store.get(&key) {
-                Ok(s) if s.layer == layer && s.own_bytes.is_none() => {
-                    let mut s = s.clone();
-                    s.own_bytes =
-                        Some(mapped.saturating_sub(s.mapped_at_create.unwrap_or_default()));
-                    self.store.put(s, None)
-                }
-                _ => Ok(()),
-            }
-        });
+        let recorded = mapped
+            .map_err(Error::from)
+            .and_then(|mapped| self.record_own_bytes(&key, &layer, mapped));
         match recorded {
             Ok(()) => tracing::debug!(job = "settle", %layer, ms, "job done (outside the lock)"),
             Err(e) => {
@@ -898,18 +867,32 @@ impl SnapshotOps {
         // The device stays up through the unmount for the measure.
         pool.set_teardown_later(true);
         self.release_holder(&mut pool, layer)?;
-        if let Ok(s) = self.store.get(key) {
-            if s.layer == layer && s.own_bytes.is_none() {
-                let mut s = s.clone();
-                if let Some(mapped) = mapped_bytes(&mut pool, layer)? {
-                    s.own_bytes =
-                        Some(mapped.saturating_sub(s.mapped_at_create.unwrap_or_default()));
-                    self.store.put(s, None)?;
-                }
-            }
+        if self.needs_own_bytes(key, layer) {
+            let mapped = mapped_bytes(&mut pool, layer)?;
+            self.record_own_bytes(key, layer, mapped)?;
         }
         pool.deactivate_layer(layer)?;
         Ok(())
+    }
+
+    /// Whether committed snapshot `key` (still on `layer`) has no measure
+    /// of its own bytes yet.
+    fn needs_own_bytes(&self, key: &str, layer: &str) -> bool {
+        self.store
+            .get(key)
+            .is_ok_and(|s| s.layer == layer && s.own_bytes.is_none())
+    }
+
+    /// Records committed snapshot `key`'s own bytes from what its device
+    /// maps now (`None`: not active, nothing to record), unless it has them
+    /// or is gone.
+    fn record_own_bytes(&mut self, key: &str, layer: &str, mapped: Option<u64>) -> Result<()> {
+        let Some(mapped) = mapped.filter(|_| self.needs_own_bytes(key, layer)) else {
+            return Ok(());
+        };
+        let mut s = self.store.get(key)?.clone();
+        s.own_bytes = Some(mapped.saturating_sub(s.mapped_at_create.unwrap_or_default()));
+        self.store.put(s, None)
     }
 
     /// After Remove: `layer`'s holder unmounted and the layer removed (to
@@ -1035,6 +1018,16 @@ pub fn holders_dir(root: &Path) -> Result<PathBuf> {
 /// Reading mountinfo.
 pub fn is_mountpoint(dir: &Path) -> Result<bool> {
     Ok(thinlayer_pool::mounts::is_mountpoint(dir)?)
+}
+
+/// Removes holder directory `dir` once unmounted; one that will not go
+/// is logged and left (the next start's sweep removes it).
+fn remove_holder_dir(dir: &Path) {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "holder directory stays"),
+    }
 }
 
 /// Removes `dir/lost+found` if it is there.

@@ -6,7 +6,7 @@
 use std::str::FromStr;
 
 use devicemapper::{
-    DevId, DmFlags, DmName, DmOptions, Sectors, ThinPoolStatus, ThinPoolWorkingStatus, ThinStatus,
+    DevId, DmFlags, DmName, DmOptions, ThinPoolStatus, ThinPoolWorkingStatus, ThinStatus,
 };
 
 use super::Kernel;
@@ -30,17 +30,17 @@ impl Kernel {
         }
     }
 
-    /// The number of sectors a thin device has mapped (its own plus
-    /// shared), `None` when the kernel reports it failed or in error, or
-    /// when the device is no thin device (a stale one under our name: a
-    /// listing shows it, [`Kernel::setup_thin`] refuses it).
+    /// The bytes a thin device has mapped (its own plus shared), `None`
+    /// when the kernel reports it failed or in error, or when the device
+    /// is no thin device (a stale one under our name: a listing shows it,
+    /// [`Kernel::setup_thin`] refuses it).
     ///
     /// # Errors
     /// device-mapper errors.
-    pub fn thin_mapped_sectors(&self, thin: &DmName) -> Result<Option<Sectors>> {
+    pub fn thin_mapped_bytes(&self, thin: &DmName) -> Result<Option<u64>> {
         let line = self.status_line(thin)?;
         Ok(match ThinStatus::from_str(&line) {
-            Ok(ThinStatus::Working(w)) => Some(w.nr_mapped_sectors),
+            Ok(ThinStatus::Working(w)) => Some(w.nr_mapped_sectors.0 * crate::units::SECTOR),
             Ok(ThinStatus::Error | ThinStatus::Fail) | Err(_) => None,
         })
     }

@@ -177,23 +177,14 @@ impl Pool {
     }
 
     /// Bytes layer `id`'s thin device maps (own and shared), while it is
-    /// active: one record read and two ioctls, whatever the pool holds.
+    /// active: one record read and a few ioctls, whatever the pool holds.
     ///
     /// # Errors
     /// [`Error::UnknownLayer`], kernel and record errors.
     pub fn layer_mapped_bytes(&mut self, id: &str) -> Result<Option<u64>> {
         let l = self.layer(id)?;
-        if self.pool_device()?.is_none() {
-            return Ok(None);
-        }
-        let name = self.name(Role::Thin(l.thin_id));
-        let kernel = self.kernel()?;
-        if kernel.device(&name)?.is_none() {
-            return Ok(None);
-        }
-        Ok(kernel
-            .thin_mapped_sectors(&name)?
-            .map(|s| s.0 * crate::units::SECTOR))
+        let up = self.pool_device()?.is_some();
+        Ok(self.info_of(l, up, |_| Ok(Vec::new()))?.mapped_bytes)
     }
 
     /// `l` with its kernel state: its device asked for when `maybe_up`
@@ -212,9 +203,7 @@ impl Pool {
                 Some(dev) => (
                     Some(kernel::devnode(dev)),
                     mountpoints_of(dev)?,
-                    kernel
-                        .thin_mapped_sectors(&name)?
-                        .map(|s| s.0 * crate::units::SECTOR),
+                    kernel.thin_mapped_bytes(&name)?,
                 ),
                 None => (None, Vec::new(), None),
             }

@@ -337,9 +337,7 @@ impl Teardown {
         let Some(dev) = kernel.device(&self.device)? else {
             return Ok(None);
         };
-        let mapped = kernel
-            .thin_mapped_sectors(&self.device)?
-            .map(|s| s.0 * crate::units::SECTOR);
+        let mapped = kernel.thin_mapped_bytes(&self.device)?;
         if mounts::mountpoints_of(dev)?.is_empty() {
             kernel.remove(&self.device)?;
         }

@@ -500,9 +500,7 @@ impl Pool {
                         .iter()
                         .find(|m| m.device == dev && m.mountpoint == at)
                         .map(|m| m.mountpoint.clone());
-                    info.mapped_bytes = kernel
-                        .thin_mapped_sectors(&name)?
-                        .map(|s| s.0 * crate::units::SECTOR);
+                    info.mapped_bytes = kernel.thin_mapped_bytes(&name)?;
                 }
             }
             out.push(info);
