@@ -42,7 +42,7 @@ pub use mounts::MountUse;
 pub use pool::watch::{WatchEnd, WatchOptions, watch};
 pub use pool::{
     CreateOptions, DevicePair, Frozen, Holders, KernelStatus, LayerInfo, Pool, PoolMode,
-    PoolStatus, Provisioned, Reclaimed, Removal, SpareCost, SpareInfo, Teardown, Trim,
+    PoolStatus, Provisioned, Reclaimed, Removal, SpareCost, SpareInfo, SpareMount, Teardown, Trim,
 };
 pub use records::{
     Backing, FsType, LayerRecord, Layout, Owner, Pending, PoolRecord, Record, Spare, Trashed,

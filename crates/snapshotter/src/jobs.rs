@@ -1,6 +1,7 @@
 //! Work a request leaves for after its answer: the queue the server's
 //! worker drains ([`crate::server`]), one job at a time under the same
-//! mutex as the requests.
+//! mutex as the requests, once requests pause
+//! ([`crate::ops::SnapshotOps::work`]).
 //!
 //! A Commit needs only its record rewritten before the answer; the
 //! snapshot's holder mount, its measure and its device wait ([`Job::Settle`]).
@@ -48,6 +49,11 @@ impl InFlight {
         while layer.map_or(!set.is_empty(), |l| set.contains(l)) {
             set = self.done.wait(set).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// What is in flight now.
+    pub fn held(&self) -> BTreeSet<String> {
+        self.lock().clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -106,6 +112,15 @@ impl Queue {
     /// The oldest job, taken off the queue.
     pub fn pop(&mut self) -> Option<Job> {
         self.jobs.pop_front()
+    }
+
+    /// The oldest job, taken off the queue if `due` says so.
+    pub fn pop_if(&mut self, due: impl FnOnce(&Job) -> bool) -> Option<Job> {
+        if due(self.jobs.front()?) {
+            self.jobs.pop_front()
+        } else {
+            None
+        }
     }
 
     /// Whether nothing is queued.
@@ -170,6 +185,19 @@ mod tests {
         assert!(!all.is_finished(), "went on while `b` ran");
         f.end("b");
         all.join().unwrap();
+    }
+
+    #[test]
+    fn pop_if_takes_the_oldest_only_when_due() {
+        let mut q = Queue::default();
+        assert_eq!(q.pop_if(|_| true), None);
+        q.push(settle("a"));
+        q.push(remove("b"));
+        assert_eq!(q.pop_if(|_| false), None);
+        assert_eq!(q.len(), 2, "nothing taken when not due");
+        assert_eq!(q.pop_if(|j| j.layer() == "a"), Some(settle("a")));
+        assert_eq!(q.pop_if(|j| j.layer() == "a"), None);
+        assert_eq!(q.pop(), Some(remove("b")));
     }
 
     #[test]

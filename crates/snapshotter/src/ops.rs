@@ -38,7 +38,7 @@ use std::{
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, Teardown, Trim};
+use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, SpareMount, Teardown, Trim};
 
 use crate::{
     error::{Error, Result},
@@ -71,6 +71,15 @@ pub fn is_unpack(key: &str, labels: &HashMap<String, String>) -> bool {
 /// After a request, the reclaim of removed layers' space waits this long
 /// for quiet (it discards, and holds the mutex while it does).
 const RECLAIM_QUIET: Duration = Duration::from_secs(1);
+
+/// Queued jobs wait until requests pause this long (or a request needs
+/// their layer, or [`JOBS_MAX_WAITING`] wait): a teardown never shares the
+/// kernel with the next request of a burst.
+const JOBS_QUIET: Duration = Duration::from_millis(250);
+
+/// The most jobs left waiting for a pause; past it they run between
+/// requests (each holds a mount and a device until it runs).
+const JOBS_MAX_WAITING: usize = 16;
 
 /// What Mounts hands containerd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -113,6 +122,9 @@ pub enum Step {
     /// A job whose kernel work the caller runs without the mutex
     /// ([`Tail::run`]), then hands back ([`SnapshotOps::tail_done`]).
     Tail(Tail),
+    /// A new spare's mount, which the caller makes without the mutex
+    /// ([`SpareTail::run`]).
+    Spare(SpareTail),
     /// Nothing to do until `until` (or a request), if ever.
     Idle {
         /// When something falls due without a request.
@@ -130,6 +142,33 @@ pub struct Tail {
     teardown: Teardown,
     holder: PathBuf,
     in_flight: Arc<InFlight>,
+}
+
+/// A new mounted spare's mount, made outside the server's mutex; the
+/// spare is held (no Prepare takes it) until it has run.
+#[derive(Debug)]
+pub struct SpareTail {
+    parent: String,
+    mount: SpareMount,
+    held: Arc<InFlight>,
+}
+
+impl SpareTail {
+    /// Mounts the spare, then lets Prepares take it. Needs no lock.
+    pub fn run(self) {
+        let t = Instant::now();
+        let r = self.mount.run();
+        self.held.end(&self.mount.thin_id().to_string());
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        match r {
+            Ok(()) => {
+                tracing::debug!(job = "spares", parent = %self.parent, thin_id = self.mount.thin_id(), ms, "spare mounted (outside the lock)")
+            }
+            Err(e) => {
+                tracing::debug!(job = "spares", parent = %self.parent, ms, error = %e, "spare left unmounted (a Prepare that takes it mounts it)")
+            }
+        }
+    }
 }
 
 /// What a [`Tail`] did, for [`SnapshotOps::tail_done`].
@@ -178,6 +217,8 @@ pub struct SnapshotOps {
     last_request: Instant,
     /// Layers whose Settle's kernel work runs outside the mutex.
     in_flight: Arc<InFlight>,
+    /// Spares being mounted outside the mutex, by thin id.
+    held: Arc<InFlight>,
 }
 
 impl SnapshotOps {
@@ -211,13 +252,21 @@ impl SnapshotOps {
             store: KeyStore::load(root)?,
             _lock: lock,
             records_missing: false,
-            demand: Demand::new(config.max_spares, config.spare_idle),
+            // Mounted spares mount outside the lock, after the worker's
+            // step: one more per busy parent, so a Prepare takes one
+            // mounted earlier while the next one mounts.
+            demand: Demand::new(
+                config.max_spares,
+                config.spare_idle,
+                usize::from(config.mounts == MountMode::Bind),
+            ),
             config,
             holders,
             queue: Queue::default(),
             reclaim_due: false,
             last_request: now,
             in_flight: Arc::default(),
+            held: Arc::default(),
         };
         ops.records_missing = records_missing;
         ops.reconcile(&mut pool)?;
@@ -272,7 +321,8 @@ impl SnapshotOps {
 
     fn pool(&self) -> Result<Pool> {
         let t = std::time::Instant::now();
-        let pool = Pool::open(&self.root, LockMode::Exclusive, true)?;
+        let mut pool = Pool::open(&self.root, LockMode::Exclusive, true)?;
+        pool.hold_spares(self.held.held().iter().filter_map(|t| t.parse().ok()));
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool opened");
         Ok(pool)
     }
@@ -427,6 +477,9 @@ impl SnapshotOps {
             }
         }
         let m = made?;
+        let ready = parent_layer
+            .as_deref()
+            .map_or(0, |pl| pool.spares_of(Some(pl)).len());
         if let Some(pl) = parent_layer.filter(|_| !unpack) {
             let live = self
                 .store
@@ -434,7 +487,7 @@ impl SnapshotOps {
                 .iter()
                 .filter(|c| self.store.get(c).is_ok_and(|c| c.kind != Kind::Committed))
                 .count();
-            self.demand.prepared(&pl, live, Instant::now());
+            self.demand.prepared(&pl, live, ready, Instant::now());
         }
         tracing::info!(%key, %layer, parent = %parent, kind = kind.name(), bind, "snapshot created");
         Ok(m)
@@ -692,6 +745,7 @@ impl SnapshotOps {
     /// Pool errors.
     pub fn cleanup(&mut self) -> Result<()> {
         self.in_flight.wait(None);
+        self.held.wait(None);
         while let Some(job) = self.queue.pop() {
             self.run_job(job);
         }
@@ -718,12 +772,17 @@ impl SnapshotOps {
         self.queue.len()
     }
 
-    /// One piece of the work left for after the answers, oldest first:
-    /// a queued job; else a parent's spares as the demand says; else, once
-    /// requests have paused for [`RECLAIM_QUIET`], the reclaim of removed
-    /// layers' space. While `draining` (shutdown) only jobs run.
+    /// One piece of the work left for after the answers: a queued job,
+    /// oldest first, once requests have paused for [`JOBS_QUIET`] (or
+    /// [`JOBS_MAX_WAITING`] wait); else a parent's spares as the demand
+    /// says: at once for a parent with none left (a burst's next Prepare
+    /// needs one), in a pause otherwise; else, once requests have paused
+    /// for [`RECLAIM_QUIET`], the reclaim of removed layers' space. While
+    /// `draining` (shutdown) only jobs run, at once.
     pub fn work(&mut self, now: Instant, draining: bool) -> Step {
-        if let Some(job) = self.queue.pop() {
+        let jobs_at = self.last_request + JOBS_QUIET;
+        let jobs_due = draining || now >= jobs_at || self.queue.len() >= JOBS_MAX_WAITING;
+        if let Some(job) = self.queue.pop_if(|_| jobs_due) {
             if let Job::Settle { key, layer } = &job {
                 match self.settle_tail(key, layer) {
                     Ok(t) => return Step::Tail(t),
@@ -739,9 +798,15 @@ impl SnapshotOps {
         if draining {
             return Step::Idle { until: None };
         }
-        if let Some((parent, n)) = self.demand.due(now).into_iter().next() {
-            self.spares_of(&parent, n);
-            return Step::Worked;
+        // A parent with no spare left gets one now (its next Prepare would
+        // make a snapshot itself); topping up or dropping waits for a pause,
+        // like the jobs.
+        let spares = self.demand.due(now);
+        let next = spares
+            .iter()
+            .find(|(p, n)| jobs_due || self.demand.urgent(p, *n));
+        if let Some((parent, n)) = next {
+            return self.spares_of(parent, *n).map_or(Step::Worked, Step::Spare);
         }
         let quiet_at = self.last_request + RECLAIM_QUIET;
         if self.reclaim_due && now >= quiet_at {
@@ -762,46 +827,64 @@ impl SnapshotOps {
             return Step::Worked;
         }
         let reclaim_at = self.reclaim_due.then_some(quiet_at);
-        let until = match (self.demand.next_change(), reclaim_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let jobs_at = (!self.queue.is_empty() || !spares.is_empty()).then_some(jobs_at);
+        let until = [self.demand.next_change(), reclaim_at, jobs_at]
+            .into_iter()
+            .flatten()
+            .min();
         Step::Idle { until }
     }
 
     /// Keeps `n` spares of committed layer `parent` (a removed one is
-    /// forgotten).
-    fn spares_of(&mut self, parent: &str, n: usize) {
+    /// forgotten), one more per call: a request waits for at most one
+    /// spare's making, and a new mounted spare's mount is left to the
+    /// caller, outside the mutex (the [`SpareTail`] returned).
+    fn spares_of(&mut self, parent: &str, n: usize) -> Option<SpareTail> {
         let committed = self
             .store
             .all()
             .any(|s| s.layer == parent && s.kind == Kind::Committed);
         if !committed {
             self.demand.forget(parent);
-            return;
+            return None;
         }
         let t = Instant::now();
         // Mounted when Mounts hands out binds: taking one is then a move.
         let mounted = self.config.mounts == MountMode::Bind;
-        // One spare more per step, so that a request waits for at most
-        // one spare's making; drops (n below what is kept) go at once.
         let kept = self.pool().and_then(|mut pool| {
             let has = pool.spares_of(Some(parent)).len();
-            let step = if has < n { has + 1 } else { n };
-            keep_spares(&mut pool, parent, step, mounted)?;
-            Ok(step)
+            if has >= n {
+                // Drops go at once.
+                keep_spares(&mut pool, parent, n, mounted)?;
+                return Ok((n, None));
+            }
+            if mounted {
+                let mount = pool.provision_one_mount_later(parent)?;
+                return Ok((has + 1, Some(mount)));
+            }
+            keep_spares(&mut pool, parent, has + 1, false)?;
+            Ok((has + 1, None))
         });
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         match kept {
-            Ok(step) => {
+            Ok((step, mount)) => {
                 tracing::debug!(job = "spares", %parent, n, step, ms, "job done");
                 self.demand.kept(parent, step);
+                mount.map(|mount| {
+                    self.held.begin(&mount.thin_id().to_string());
+                    SpareTail {
+                        parent: parent.to_owned(),
+                        mount,
+                        held: self.held.clone(),
+                    }
+                })
             }
             Err(e) => {
                 tracing::debug!(job = "spares", %parent, n, ms, error = %e, "spares not kept");
                 // A parent that cannot have spares now (active) is tried
                 // again at its next Prepare, not in a loop.
                 self.demand.kept(parent, n);
+                None
             }
         }
     }

@@ -134,6 +134,7 @@ impl Thinlayer {
                         .work(Instant::now(), stopping);
                     match step {
                         Step::Worked => continue,
+                        Step::Spare(t) => t.run(),
                         Step::Tail(t) => {
                             // The kernel work without the mutex: requests
                             // on other layers go ahead meanwhile.

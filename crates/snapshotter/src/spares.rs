@@ -3,9 +3,12 @@
 //! tracker of Prepares, the clock passed in.
 //!
 //! A parent with a Prepare within the last `idle` keeps as many spares as
-//! it had children live at once at its busiest Prepare in that window
-//! (so containers run one after another keep 1 ready, a burst of k keeps
-//! k), at most [`PER_PARENT`]; a parent idle for `idle` falls back to 0. All
+//! it had children live at once at its busiest Prepare in that window,
+//! plus `headroom` (so containers run one after another keep 1 + headroom
+//! ready, a burst of k keeps k + headroom), at most [`PER_PARENT`]; a
+//! parent idle for `idle` falls back to 0. The headroom is for spares
+//! whose making ends after the worker's step (a mount outside the lock): a
+//! Prepare then takes one made earlier while the next one mounts. All
 //! parents together keep at most `total`: the parents prepared most
 //! recently first get one each, then more in the same order.
 //!
@@ -26,35 +29,44 @@ pub const PER_PARENT: usize = 4;
 pub struct Demand {
     total: usize,
     idle: Duration,
-    /// Per parent: (when, children live after that Prepare), oldest first.
+    headroom: usize,
+    /// Per parent: (when, spares wanted after that Prepare: children live
+    /// then plus the headroom), oldest first.
     prepares: HashMap<String, VecDeque<(Instant, usize)>>,
     /// Per parent: the spares the worker last kept (absent: 0).
     kept: HashMap<String, usize>,
     /// Parents prepared since the worker last kept their spares: a
     /// Prepare may have taken one.
     taken: Vec<String>,
+    /// Per parent: the spares ready now, as the last Prepare or the
+    /// worker left them (absent: 0).
+    ready: HashMap<String, usize>,
 }
 
 impl Demand {
-    /// A tracker keeping at most `total` spares (0: none), dropping a
+    /// A tracker keeping at most `total` spares (0: none), `headroom`
+    /// more per busy parent than it had children live at once, dropping a
     /// parent's after `idle` without a Prepare.
-    pub fn new(total: usize, idle: Duration) -> Demand {
+    pub fn new(total: usize, idle: Duration, headroom: usize) -> Demand {
         Demand {
             total,
             idle,
+            headroom,
             prepares: HashMap::new(),
             kept: HashMap::new(),
             taken: Vec::new(),
+            ready: HashMap::new(),
         }
     }
 
     /// A Prepare on `parent` at `now`, after which it has `live` active
-    /// or view children.
-    pub fn prepared(&mut self, parent: &str, live: usize, now: Instant) {
+    /// or view children and `ready` spares.
+    pub fn prepared(&mut self, parent: &str, live: usize, ready: usize, now: Instant) {
+        self.ready.insert(parent.to_owned(), ready);
         self.prepares
             .entry(parent.to_owned())
             .or_default()
-            .push_back((now, live.max(1)));
+            .push_back((now, live.max(1) + self.headroom));
         if !self.taken.iter().any(|p| p == parent) {
             self.taken.push(parent.to_owned());
         }
@@ -67,6 +79,7 @@ impl Demand {
             return;
         }
         self.kept.insert(parent.to_owned(), n);
+        self.ready.insert(parent.to_owned(), n);
         self.prepares
             .entry(parent.to_owned())
             .or_default()
@@ -77,12 +90,14 @@ impl Demand {
     pub fn forget(&mut self, parent: &str) {
         self.prepares.remove(parent);
         self.kept.remove(parent);
+        self.ready.remove(parent);
         self.taken.retain(|p| p != parent);
     }
 
     /// The worker kept `n` spares of `parent`.
     pub fn kept(&mut self, parent: &str, n: usize) {
         self.taken.retain(|p| p != parent);
+        self.ready.insert(parent.to_owned(), n);
         if n == 0 {
             self.kept.remove(parent);
         } else {
@@ -150,6 +165,13 @@ impl Demand {
         out
     }
 
+    /// Whether `parent`'s spares are due now rather than in the next
+    /// pause of requests: it has none ready and its target is above zero
+    /// (the next Prepare on it would make a snapshot itself).
+    pub fn urgent(&self, parent: &str, target: usize) -> bool {
+        target > 0 && self.ready.get(parent).copied().unwrap_or(0) == 0
+    }
+
     /// When the next parent falls idle (the worker wakes then), if any
     /// keeps spares.
     pub fn next_change(&self) -> Option<Instant> {
@@ -177,10 +199,10 @@ mod tests {
     #[test]
     fn sequential_containers_keep_one_then_none_when_idle() {
         let t0 = Instant::now();
-        let mut d = Demand::new(8, secs(300));
+        let mut d = Demand::new(8, secs(300), 0);
         assert!(d.due(t0).is_empty());
         for i in 0..5 {
-            d.prepared("img", 1, t0 + secs(i * 10));
+            d.prepared("img", 1, 0, t0 + secs(i * 10));
             let due = d.due(t0 + secs(i * 10));
             assert_eq!(due, vec![("img".to_owned(), 1)], "prepare {i}");
             d.kept("img", 1);
@@ -200,14 +222,14 @@ mod tests {
     #[test]
     fn a_burst_keeps_as_many_as_ran_at_once_within_the_bound() {
         let t0 = Instant::now();
-        let mut d = Demand::new(8, secs(60));
+        let mut d = Demand::new(8, secs(60), 0);
         for live in 1..=3 {
-            d.prepared("p", live, t0);
+            d.prepared("p", live, 0, t0);
         }
         assert_eq!(d.due(t0), vec![("p".to_owned(), 3)]);
         d.kept("p", 3);
         for live in 4..=9 {
-            d.prepared("p", live, t0 + secs(1));
+            d.prepared("p", live, 0, t0 + secs(1));
         }
         assert_eq!(d.due(t0 + secs(1)), vec![("p".to_owned(), PER_PARENT)]);
     }
@@ -215,20 +237,20 @@ mod tests {
     #[test]
     fn the_total_bound_gives_one_each_to_the_latest_parents_first() {
         let t0 = Instant::now();
-        let mut d = Demand::new(3, secs(60));
-        d.prepared("old", 4, t0);
-        d.prepared("mid", 4, t0 + secs(1));
-        d.prepared("new", 4, t0 + secs(2));
-        d.prepared("newest", 1, t0 + secs(3));
+        let mut d = Demand::new(3, secs(60), 0);
+        d.prepared("old", 4, 0, t0);
+        d.prepared("mid", 4, 0, t0 + secs(1));
+        d.prepared("new", 4, 0, t0 + secs(2));
+        d.prepared("newest", 1, 0, t0 + secs(3));
         let t = d.targets(t0 + secs(3));
         assert_eq!(t.values().sum::<usize>(), 3);
         assert_eq!(t.get("newest"), Some(&1));
         assert_eq!(t.get("new"), Some(&1));
         assert_eq!(t.get("mid"), Some(&1));
         assert_eq!(t.get("old"), None);
-        let mut d = Demand::new(5, secs(60));
-        d.prepared("a", 4, t0);
-        d.prepared("b", 1, t0 + secs(1));
+        let mut d = Demand::new(5, secs(60), 0);
+        d.prepared("a", 4, 0, t0);
+        d.prepared("b", 1, 0, t0 + secs(1));
         let t = d.targets(t0 + secs(1));
         assert_eq!((t["a"], t["b"]), (4, 1));
     }
@@ -236,12 +258,12 @@ mod tests {
     #[test]
     fn zero_total_keeps_none_and_forget_drops_a_parent() {
         let t0 = Instant::now();
-        let mut d = Demand::new(0, secs(60));
-        d.prepared("p", 2, t0);
+        let mut d = Demand::new(0, secs(60), 1);
+        d.prepared("p", 2, 0, t0);
         assert!(d.targets(t0).is_empty());
         assert!(d.due(t0).is_empty());
-        let mut d = Demand::new(8, secs(60));
-        d.prepared("p", 1, t0);
+        let mut d = Demand::new(8, secs(60), 0);
+        d.prepared("p", 1, 0, t0);
         d.kept("p", 1);
         d.forget("p");
         assert!(d.due(t0).is_empty());
@@ -251,11 +273,60 @@ mod tests {
     #[test]
     fn adopted_spares_last_one_window_at_most_their_count() {
         let t0 = Instant::now();
-        let mut d = Demand::new(8, secs(60));
+        let mut d = Demand::new(8, secs(60), 0);
         d.adopt("p", 2, t0);
         d.adopt("none", 0, t0);
         assert!(d.due(t0).is_empty(), "kept as found");
         assert_eq!(d.next_change(), Some(t0 + secs(60)));
         assert_eq!(d.due(t0 + secs(60)), vec![("p".to_owned(), 0)]);
+    }
+
+    #[test]
+    fn headroom_keeps_one_more_per_busy_parent_within_both_bounds() {
+        let t0 = Instant::now();
+        let mut d = Demand::new(8, secs(60), 1);
+        d.prepared("seq", 1, 0, t0);
+        assert_eq!(
+            d.due(t0),
+            vec![("seq".to_owned(), 2)],
+            "one taken, one mounting"
+        );
+        d.kept("seq", 2);
+        d.prepared("seq", 1, 0, t0 + secs(1));
+        assert_eq!(
+            d.due(t0 + secs(1)),
+            vec![("seq".to_owned(), 2)],
+            "topped up"
+        );
+        d.prepared("burst", PER_PARENT, 0, t0 + secs(2));
+        assert_eq!(
+            d.targets(t0 + secs(2))["burst"],
+            PER_PARENT,
+            "the per-parent bound holds"
+        );
+        // The total bound still gives one each first.
+        let mut d = Demand::new(2, secs(60), 1);
+        d.prepared("a", 1, 0, t0);
+        d.prepared("b", 1, 0, t0 + secs(1));
+        let t = d.targets(t0 + secs(1));
+        assert_eq!((t["a"], t["b"]), (1, 1));
+        assert_eq!(
+            d.due(t0 + secs(61)),
+            Vec::new(),
+            "idle: nothing kept, nothing due"
+        );
+        // A parent with none ready is urgent; one with a spare left waits.
+        let mut d = Demand::new(8, secs(60), 1);
+        assert!(d.urgent("p", 2), "never kept: none ready");
+        d.kept("p", 2);
+        d.prepared("p", 1, 1, t0);
+        assert!(!d.urgent("p", 2), "one left");
+        d.prepared("p", 1, 0, t0);
+        assert!(d.urgent("p", 2), "the last one taken");
+        assert!(!d.urgent("p", 0), "a drop is never urgent");
+        // Adopted spares are kept as found, headroom or not.
+        let mut d = Demand::new(8, secs(60), 1);
+        d.adopt("p", 1, t0);
+        assert!(d.due(t0).is_empty(), "kept as found");
     }
 }

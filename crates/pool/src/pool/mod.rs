@@ -74,6 +74,7 @@ pub use layer::{Holders, LayerInfo, Removal};
 pub use lifecycle::check_metadata;
 pub use mount::{Teardown, Trim};
 pub use reclaim::Reclaimed;
+pub use spare::SpareMount;
 pub use spare::{Provisioned, SpareInfo};
 pub use status::{KernelStatus, PoolMode, PoolStatus, SpareCost};
 
@@ -96,6 +97,9 @@ pub struct Pool {
     /// Parent -> children, built on first use (see [`Pool::children_of`]);
     /// dropped whenever recovery changes records.
     children: Option<ChildIndex>,
+    /// Spares a caller is mounting without the lock
+    /// ([`Pool::provision_one_mount_later`]): not handed out by this handle.
+    held: BTreeSet<u32>,
     _lock: RootLock,
 }
 
@@ -121,6 +125,7 @@ impl Pool {
             teardown_later: false,
             idle: BTreeSet::new(),
             children: None,
+            held: BTreeSet::new(),
             _lock: lock,
         }
     }

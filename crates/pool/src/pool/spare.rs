@@ -95,6 +95,45 @@ pub struct SpareInfo {
     pub mapped_bytes: Option<u64>,
 }
 
+/// A spare's mount, planned under the root's lock
+/// ([`Pool::provision_one_mount_later`]) and made without it.
+#[derive(Debug)]
+pub struct SpareMount {
+    thin_id: u32,
+    devnode: PathBuf,
+    dir: PathBuf,
+    fs: FsType,
+}
+
+impl SpareMount {
+    /// The spare's thin id.
+    pub fn thin_id(&self) -> u32 {
+        self.thin_id
+    }
+
+    /// Mounts the spare at `ROOT/spares/THIN_ID` (a directory only root
+    /// can enter, in the private tmpfs the plan made ready), with a
+    /// container root's options.
+    ///
+    /// # Errors
+    /// Mount and I/O errors: the spare stays listed, unmounted (a taker
+    /// mounts it as usual).
+    pub fn run(&self) -> Result<()> {
+        match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).ctx(|| format!("create {}", self.dir.display()));
+            }
+            _ => {}
+        }
+        check_private_dir(&self.dir)?;
+        // A crash here or before leaves the states `keep_spares`' mounted
+        // path has at `spare_mount.*` (listed, flagged, mounted or not),
+        // which the crash walk covers: no points of its own.
+        mounts::mount(&self.devnode, &self.dir, self.fs, MountUse::Container)?;
+        Ok(())
+    }
+}
+
 /// Mountinfo as a provision began, and the ready `ROOT/spares` (real path).
 struct SpareMounts<'a> {
     all: &'a [MountEntry],
@@ -530,9 +569,57 @@ impl Pool {
     /// Takes the oldest spare of `parent` off the list (in memory; the
     /// caller's intent write makes it durable).
     pub(crate) fn take_spare(&mut self, parent: Option<&str>) -> Option<Spare> {
+        let held = &self.held;
         let spares = &mut self.rec.spares;
-        let at = spares.iter().position(|s| s.parent.as_deref() == parent)?;
+        let at = spares
+            .iter()
+            .position(|s| s.parent.as_deref() == parent && !held.contains(&s.thin_id))?;
         Some(spares.remove(at))
+    }
+
+    /// Keeps spares `thin_ids` from being handed out by this handle: a
+    /// caller mounts them without the lock ([`SpareMount::run`]).
+    pub fn hold_spares(&mut self, thin_ids: impl IntoIterator<Item = u32>) {
+        self.held.extend(thin_ids);
+    }
+
+    /// One more spare of layer `parent` (as [`Pool::provision`] makes it:
+    /// snapshot, activation, listed) and flagged to be mounted, its mount
+    /// left to the caller ([`SpareMount::run`], without the lock: a mount
+    /// costs a journal replay's reads, the slowest step of a spare). Until
+    /// it has run the caller holds the spare ([`Pool::hold_spares`] on
+    /// every handle it opens); a crash before the mount leaves a listed
+    /// spare that is simply not mounted.
+    ///
+    /// # Errors
+    /// As [`Pool::provision`].
+    pub fn provision_one_mount_later(&mut self, parent: &str) -> Result<SpareMount> {
+        let had = self.spares_of(Some(parent));
+        self.keep_spares(Some(parent), had.len() + 1, false)?;
+        let thin_id = self
+            .spares_of(Some(parent))
+            .into_iter()
+            .find(|t| !had.contains(t))
+            .ok_or_else(|| {
+                Error::Inconsistent(format!("no new spare of layer `{parent}` is listed"))
+            })?;
+        let fs = self.layer(parent)?.fs_in(self.record());
+        for s in self.rec.spares.iter_mut().filter(|s| s.thin_id == thin_id) {
+            s.mounted = true;
+        }
+        self.write_record()?;
+        let all = mounts::all()?;
+        let spares = self.spares_dir_ready(&all)?;
+        let name = self.name(Role::Thin(thin_id));
+        let dev = self.kernel()?.device(&name)?.ok_or_else(|| {
+            Error::Inconsistent(format!("spare {thin_id}'s device {} is not active", &*name))
+        })?;
+        Ok(SpareMount {
+            thin_id,
+            devnode: kernel::devnode(dev),
+            dir: spares.join(thin_id.to_string()),
+            fs,
+        })
     }
 
     /// Drops every spare of layer `id`: it is about to be written or
