@@ -159,7 +159,7 @@ impl SpareTail {
         let t = Instant::now();
         let r = self.mount.run();
         self.held.end(&self.mount.thin_id().to_string());
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let ms = ms_since(t);
         match r {
             Ok(()) => {
                 tracing::debug!(job = "spares", parent = %self.parent, thin_id = self.mount.thin_id(), ms, "spare mounted (outside the lock)")
@@ -192,7 +192,7 @@ impl Tail {
             key: self.key,
             layer: self.layer,
             mapped,
-            ms: t.elapsed().as_secs_f64() * 1000.0,
+            ms: ms_since(t),
         }
     }
 }
@@ -323,7 +323,7 @@ impl SnapshotOps {
         let t = std::time::Instant::now();
         let mut pool = Pool::open(&self.root, LockMode::Exclusive, true)?;
         pool.hold_spares(self.held.held().iter().filter_map(|t| t.parse().ok()));
-        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool opened");
+        tracing::debug!(ms = ms_since(t), "pool opened");
         Ok(pool)
     }
 
@@ -442,16 +442,21 @@ impl SnapshotOps {
         }
         let bind = self.binds(&labels);
         let unpack = is_unpack(key, &labels);
+        // Phase times for the log line: where a Prepare's time goes.
+        let t0 = Instant::now();
         let mut pool = self.pool()?;
         check_max_size(&labels, pool.record().base_size.0)?;
         let layer = self.store.new_layer_id(key);
         pool.create_layer_for(Owner::Snapshotter, &layer, parent_layer.as_deref())?;
+        let layer_ms = ms_since(t0);
         // A crash here leaves our layer without a snapshot record: the next
         // start removes it (`reconcile`).
         thinlayer_pool::fault::point("snapshotter_prepare.after_layer");
+        let mut expose_ms = 0.0;
         let made = self
             .expose(&mut pool, &layer, kind, bind, parent_layer.is_none())
             .and_then(|m| {
+                expose_ms = ms_since(t0) - layer_ms;
                 let now = SystemTime::now();
                 let s = Snapshot {
                     key: key.to_owned(),
@@ -489,7 +494,8 @@ impl SnapshotOps {
                 .count();
             self.demand.prepared(&pl, live, ready, Instant::now());
         }
-        tracing::info!(%key, %layer, parent = %parent, kind = kind.name(), bind, "snapshot created");
+        let ms = ms_since(t0);
+        tracing::info!(%key, %layer, parent = %parent, kind = kind.name(), bind, layer_ms, expose_ms, record_ms = ms - layer_ms - expose_ms, "snapshot created");
         Ok(m)
     }
 
@@ -817,7 +823,7 @@ impl SnapshotOps {
                     job = "reclaim",
                     thin_ids = r.thin_ids,
                     devices = r.devices,
-                    ms = t.elapsed().as_secs_f64() * 1000.0,
+                    ms = ms_since(t),
                     "job done"
                 ),
                 Err(e) => {
@@ -865,7 +871,7 @@ impl SnapshotOps {
             keep_spares(&mut pool, parent, has + 1, false)?;
             Ok((has + 1, None))
         });
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let ms = ms_since(t);
         match kept {
             Ok((step, mount)) => {
                 tracing::debug!(job = "spares", %parent, n, step, ms, "job done");
@@ -897,7 +903,7 @@ impl SnapshotOps {
             Job::Settle { key, layer } => self.settle(key, layer),
             Job::Remove { layer } => self.remove_layer(layer),
         };
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let ms = ms_since(t);
         match done {
             Ok(()) => tracing::debug!(job = job.name(), layer = job.layer(), ms, "job done"),
             Err(e) => {
@@ -1020,6 +1026,11 @@ impl SnapshotOps {
             tracing::warn!(error = %e, "reclaim at shutdown failed; `thinlayer pool reclaim` finishes it");
         }
     }
+}
+
+/// Milliseconds since `t`, for log lines.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }
 
 /// Keeps `n` spares of `parent_layer`, `mounted` (their filesystems

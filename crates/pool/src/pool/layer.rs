@@ -305,6 +305,9 @@ impl Pool {
     /// (the commit point), the intent cleared.
     fn make_layer(&mut self, id: &str, source: Source<'_>, owner: Owner) -> Result<LayerRecord> {
         names::check_id("layer", id)?;
+        // Phase times for the debug log: where a create's time goes.
+        let t0 = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1000.0;
         // Settle an interrupted operation first: it may be this very layer.
         if self.pool_device()?.is_some() {
             self.recover()?;
@@ -346,6 +349,7 @@ impl Pool {
             return Err(e);
         }
         fault::point("layer_create.after_intent");
+        let intent_at = ms(t0);
 
         let made = match origin {
             _ if spare.is_some() => Ok(()),
@@ -353,6 +357,7 @@ impl Pool {
             None => self.fresh_thin(pool_dev, thin_id, size, fs),
         };
         fault::point("layer_create.after_snapshot");
+        let kernel_at = ms(t0);
         if let Err(e) = made {
             // The kernel refused: forget the intent. The thin id stays used
             // up; ids are never handed out twice.
@@ -374,7 +379,17 @@ impl Pool {
         layer.save(&self.layout().layer_record(id))?;
         self.index_added(id, layer.parent.as_deref());
         fault::point("layer_create.after_record");
+        let record_at = ms(t0);
         self.commit()?;
+        tracing::debug!(
+            %id,
+            spare = spare.is_some(),
+            intent_at,
+            kernel_at,
+            record_at,
+            ms = ms(t0),
+            "layer made"
+        );
         Ok(layer)
     }
 
