@@ -1108,9 +1108,20 @@ pub fn holders_dir(root: &Path) -> Result<PathBuf> {
 
 /// Whether something is mounted at `dir`.
 ///
+/// A directory on another device than its parent is a mount's root: that
+/// answer costs two stats, where mountinfo grows with every snapshot in use
+/// (a holder each). A bind of the same filesystem keeps the device, so
+/// only then is mountinfo read.
+///
 /// # Errors
 /// Reading mountinfo.
 pub fn is_mountpoint(dir: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.dev()).ok();
+    let parent = dir.parent().and_then(dev);
+    if dev(dir).is_some_and(|d| parent.is_some_and(|p| p != d)) {
+        return Ok(true);
+    }
     Ok(thinlayer_pool::mounts::is_mountpoint(dir)?)
 }
 
@@ -1210,6 +1221,18 @@ pub fn info_of(s: &Snapshot) -> Info {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountpoints_are_told_by_device_or_mountinfo() {
+        // /proc is its own filesystem on every Linux host; a fresh
+        // directory is not a mount; a path that is not there neither.
+        assert!(is_mountpoint(Path::new("/proc")).unwrap());
+        let tmp = std::env::temp_dir().join(format!("tl-mp-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        assert!(!is_mountpoint(&tmp).unwrap());
+        assert!(!is_mountpoint(&tmp.join("absent")).unwrap());
+        std::fs::remove_dir(&tmp).unwrap();
+    }
 
     #[test]
     fn the_mounts_label_overrides_the_servers_choice() {
