@@ -114,15 +114,6 @@ impl Queue {
         self.jobs.pop_front()
     }
 
-    /// The oldest job, taken off the queue if `due` says so.
-    pub fn pop_if(&mut self, due: impl FnOnce(&Job) -> bool) -> Option<Job> {
-        if due(self.jobs.front()?) {
-            self.jobs.pop_front()
-        } else {
-            None
-        }
-    }
-
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
@@ -185,19 +176,6 @@ mod tests {
         assert!(!all.is_finished(), "went on while `b` ran");
         f.end("b");
         all.join().unwrap();
-    }
-
-    #[test]
-    fn pop_if_takes_the_oldest_only_when_due() {
-        let mut q = Queue::default();
-        assert_eq!(q.pop_if(|_| true), None);
-        q.push(settle("a"));
-        q.push(remove("b"));
-        assert_eq!(q.pop_if(|_| false), None);
-        assert_eq!(q.len(), 2, "nothing taken when not due");
-        assert_eq!(q.pop_if(|j| j.layer() == "a"), Some(settle("a")));
-        assert_eq!(q.pop_if(|j| j.layer() == "a"), None);
-        assert_eq!(q.pop(), Some(remove("b")));
     }
 
     #[test]

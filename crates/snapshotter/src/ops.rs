@@ -482,10 +482,8 @@ impl SnapshotOps {
             }
         }
         let m = made?;
-        let ready = parent_layer
-            .as_deref()
-            .map_or(0, |pl| pool.spares_of(Some(pl)).len());
         if let Some(pl) = parent_layer.filter(|_| !unpack) {
+            let ready = pool.spares_of(Some(&pl)).len();
             let live = self
                 .store
                 .children(parent)
@@ -788,7 +786,7 @@ impl SnapshotOps {
     pub fn work(&mut self, now: Instant, draining: bool) -> Step {
         let jobs_at = self.last_request + JOBS_QUIET;
         let jobs_due = draining || now >= jobs_at || self.queue.len() >= JOBS_MAX_WAITING;
-        if let Some(job) = self.queue.pop_if(|_| jobs_due) {
+        if let Some(job) = jobs_due.then(|| self.queue.pop()).flatten() {
             if let Job::Settle { key, layer } = &job {
                 match self.settle_tail(key, layer) {
                     Ok(t) => return Step::Tail(t),

@@ -134,6 +134,17 @@ impl SpareMount {
     }
 }
 
+/// Which spares a provision mounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mounting {
+    /// None it was not asked to keep mounted before.
+    None,
+    /// Every spare of the parent, new ones as they are made.
+    Now,
+    /// New ones are listed to be mounted; the caller mounts them.
+    Later,
+}
+
 /// Mountinfo as a provision began, and the ready `ROOT/spares` (real path).
 struct SpareMounts<'a> {
     all: &'a [MountEntry],
@@ -167,7 +178,7 @@ impl Pool {
     /// [`Error::UnknownLayer`], [`Error::Busy`] (the parent is active, so
     /// it may be written), [`Error::NoSpace`], kernel errors.
     pub fn provision(&mut self, parent: Option<&str>, count: usize) -> Result<Provisioned> {
-        self.keep_spares(parent, count, false)
+        self.keep_spares(parent, count, Mounting::None)
     }
 
     /// As [`Pool::provision`], with every spare of `parent` mounted at
@@ -179,17 +190,19 @@ impl Pool {
     /// As [`Pool::provision`]; mount errors (a spare whose mount fails is
     /// not listed).
     pub fn provision_mounted(&mut self, parent: Option<&str>, count: usize) -> Result<Provisioned> {
-        self.keep_spares(parent, count, true)
+        self.keep_spares(parent, count, Mounting::Now)
     }
 
-    /// [`Pool::provision`] and [`Pool::provision_mounted`]: `mount` asks
-    /// for every spare of `parent` mounted.
+    /// [`Pool::provision`], [`Pool::provision_mounted`] and
+    /// [`Pool::provision_one_mount_later`]: `mounting` says which spares
+    /// of `parent` are mounted, and when.
     fn keep_spares(
         &mut self,
         parent: Option<&str>,
         count: usize,
-        mount: bool,
+        mounting: Mounting,
     ) -> Result<Provisioned> {
+        let mount = mounting == Mounting::Now;
         let (origin, sectors, fs) = match parent {
             Some(p) => {
                 let l = self.layer(p)?;
@@ -285,7 +298,9 @@ impl Pool {
             self.rec.spares.push(Spare {
                 parent: parent.map(str::to_owned),
                 thin_id,
-                mounted: mount,
+                // Later: listed as to be mounted, so a crash before the
+                // caller's mount leaves a spare the next provision mounts.
+                mounted: mounting != Mounting::None,
             });
             self.commit()?;
             report.made += 1;
@@ -595,7 +610,7 @@ impl Pool {
     /// As [`Pool::provision`].
     pub fn provision_one_mount_later(&mut self, parent: &str) -> Result<SpareMount> {
         let had = self.spares_of(Some(parent));
-        self.keep_spares(Some(parent), had.len() + 1, false)?;
+        self.keep_spares(Some(parent), had.len() + 1, Mounting::Later)?;
         let thin_id = self
             .spares_of(Some(parent))
             .into_iter()
@@ -604,10 +619,6 @@ impl Pool {
                 Error::Inconsistent(format!("no new spare of layer `{parent}` is listed"))
             })?;
         let fs = self.layer(parent)?.fs_in(self.record());
-        for s in self.rec.spares.iter_mut().filter(|s| s.thin_id == thin_id) {
-            s.mounted = true;
-        }
-        self.write_record()?;
         let all = mounts::all()?;
         let spares = self.spares_dir_ready(&all)?;
         let name = self.name(Role::Thin(thin_id));
