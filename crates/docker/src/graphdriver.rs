@@ -250,7 +250,7 @@ impl ThinDriver {
     /// thinlayer processes interleave with a long-lived driver.
     fn store(&self) -> Result<Store> {
         let t = std::time::Instant::now();
-        let store = Store::open(&self.root, LockMode::Exclusive, true)?;
+        let store = Store::open_again(&self.root)?;
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool root opened");
         Ok(store)
     }

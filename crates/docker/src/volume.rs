@@ -76,7 +76,7 @@ impl Plugin {
     }
 
     fn store(&self) -> Result<Store> {
-        Ok(Store::open(&self.root, LockMode::Exclusive, true)?)
+        Ok(Store::open_again(&self.root)?)
     }
 
     fn mountpoint(&self, name: &str) -> PathBuf {

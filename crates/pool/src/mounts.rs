@@ -26,12 +26,45 @@ pub fn mountpoints_of(device: Device) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Whether something is mounted at `dir` (as mountinfo spells it).
+/// The device of the filesystem mounted at `dir` when `dir` is a mount's
+/// root (a bind's too), else `None` (also when `dir` is missing).
+///
+/// One `statx` (`STATX_ATTR_MOUNT_ROOT`, Linux 5.8): mountinfo grows with
+/// every snapshot in use, and reading it is what made a start slower at
+/// 1,000 snapshots than at 10. Older kernels get the mountinfo answer
+/// (`dir` as mountinfo spells it, the top mount).
 ///
 /// # Errors
-/// Reading mountinfo.
+/// I/O errors other than a missing `dir`.
+pub fn mount_root(dir: &Path) -> Result<Option<Device>> {
+    use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags};
+    let flags = AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT;
+    let st = match rustix::fs::statx(CWD, dir, flags, StatxFlags::BASIC_STATS) {
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        r => r
+            .map_err(std::io::Error::from)
+            .ctx(|| format!("statx {}", dir.display()))?,
+    };
+    if !st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
+        return Ok(all()?
+            .into_iter()
+            .rev()
+            .find(|m| m.mountpoint == dir)
+            .map(|m| m.device));
+    }
+    let root = st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
+    Ok(root.then_some(Device {
+        major: st.stx_dev_major,
+        minor: st.stx_dev_minor,
+    }))
+}
+
+/// Whether something is mounted at `dir` (see [`mount_root`]).
+///
+/// # Errors
+/// As [`mount_root`].
 pub fn is_mountpoint(dir: &Path) -> Result<bool> {
-    Ok(all()?.iter().any(|m| m.mountpoint == dir))
+    Ok(mount_root(dir)?.is_some())
 }
 
 /// What a mount is for, which decides what it may do on the host.
@@ -220,5 +253,29 @@ mod tests {
     fn reads_this_hosts_mounts() {
         let all = all().unwrap();
         assert!(all.iter().any(|m| m.mountpoint == Path::new("/")));
+    }
+
+    #[test]
+    fn mount_roots_agree_with_mountinfo() {
+        // /proc is its own filesystem on every Linux host: statx names the
+        // device mountinfo names for its top mount. A fresh directory is
+        // no mount's root; a path that is not there neither.
+        let top = |p: &str| {
+            all()
+                .unwrap()
+                .into_iter()
+                .rev()
+                .find(|m| m.mountpoint == Path::new(p))
+                .map(|m| m.device)
+        };
+        for p in ["/", "/proc"] {
+            assert_eq!(mount_root(Path::new(p)).unwrap(), top(p), "{p}");
+            assert!(is_mountpoint(Path::new(p)).unwrap(), "{p}");
+        }
+        let tmp = std::env::temp_dir().join(format!("tl-mr-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        assert_eq!(mount_root(&tmp).unwrap(), None);
+        assert_eq!(mount_root(&tmp.join("absent")).unwrap(), None);
+        std::fs::remove_dir(&tmp).unwrap();
     }
 }

@@ -38,7 +38,7 @@ use std::{
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, SpareMount, Teardown, Trim};
+use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, Teardown, Trim};
 
 use crate::{
     error::{Error, Result},
@@ -122,9 +122,9 @@ pub enum Step {
     /// A job whose kernel work the caller runs without the mutex
     /// ([`Tail::run`]), then hands back ([`SnapshotOps::tail_done`]).
     Tail(Tail),
-    /// A new spare's mount, which the caller makes without the mutex
-    /// ([`SpareTail::run`]).
-    Spare(SpareTail),
+    /// A spare step, which the caller runs without the mutex
+    /// ([`SpareStep::run`]), then hands back ([`SnapshotOps::spare_done`]).
+    Spare(SpareStep),
     /// Nothing to do until `until` (or a request), if ever.
     Idle {
         /// When something falls due without a request.
@@ -144,29 +144,71 @@ pub struct Tail {
     in_flight: Arc<InFlight>,
 }
 
-/// A new mounted spare's mount, made outside the server's mutex; the
-/// spare is held (no Prepare takes it) until it has run.
+/// One step towards `n` spares of committed layer `parent`, run outside
+/// the server's mutex: requests that need no pool (Commit, Remove, Mounts
+/// of a mounted holder, the reads) go on meanwhile, and one that needs
+/// the pool waits for its lock as it would for the mutex.
 #[derive(Debug)]
-pub struct SpareTail {
+pub struct SpareStep {
+    root: PathBuf,
     parent: String,
-    mount: SpareMount,
+    n: usize,
+    /// Mounted when Mounts hands out binds: taking one is then a move.
+    mounted: bool,
     held: Arc<InFlight>,
 }
 
-impl SpareTail {
-    /// Mounts the spare, then lets Prepares take it. Needs no lock.
-    pub fn run(self) {
+/// What a [`SpareStep`] did, for [`SnapshotOps::spare_done`].
+#[derive(Debug)]
+pub struct SpareDone {
+    parent: String,
+    n: usize,
+    /// How many spares the parent has now.
+    kept: thinlayer_pool::Result<usize>,
+    /// Of `ms`, the part under the pool's lock.
+    locked_ms: f64,
+    ms: f64,
+}
+
+impl SpareStep {
+    /// Drops down to `n` spares at once, or makes one more under the
+    /// pool's lock and mounts it after (held meanwhile, so no Prepare
+    /// takes it half-mounted). Needs no mutex.
+    pub fn run(self) -> SpareDone {
         let t = Instant::now();
-        let r = self.mount.run();
-        self.held.end(&self.mount.thin_id().to_string());
-        let ms = ms_since(t);
-        match r {
-            Ok(()) => {
-                tracing::debug!(job = "spares", parent = %self.parent, thin_id = self.mount.thin_id(), ms, "spare mounted (outside the lock)")
+        let parent = self.parent.as_str();
+        let made = open_pool(&self.root, &self.held).and_then(|mut pool| {
+            let has = pool.spares_of(Some(parent)).len();
+            if has >= self.n {
+                keep_spares(&mut pool, parent, self.n, self.mounted)?;
+                return Ok((self.n, None));
             }
-            Err(e) => {
-                tracing::debug!(job = "spares", parent = %self.parent, ms, error = %e, "spare left unmounted (a Prepare that takes it mounts it)")
+            if self.mounted {
+                let mount = pool.provision_one_mount_later(parent)?;
+                // Before the pool's lock goes: no Prepare may take it yet.
+                self.held.begin(&mount.thin_id().to_string());
+                return Ok((has + 1, Some(mount)));
             }
+            keep_spares(&mut pool, parent, has + 1, false)?;
+            Ok((has + 1, None))
+        });
+        let locked_ms = ms_since(t);
+        let kept = made.map(|(step, mount)| {
+            if let Some(mount) = mount {
+                let thin_id = mount.thin_id();
+                if let Err(e) = mount.run() {
+                    tracing::debug!(job = "spares", %parent, thin_id, error = %e, "spare left unmounted (a Prepare that takes it mounts it)");
+                }
+                self.held.end(&thin_id.to_string());
+            }
+            step
+        });
+        SpareDone {
+            parent: self.parent,
+            n: self.n,
+            kept,
+            locked_ms,
+            ms: ms_since(t),
         }
     }
 }
@@ -320,11 +362,7 @@ impl SnapshotOps {
     }
 
     fn pool(&self) -> Result<Pool> {
-        let t = std::time::Instant::now();
-        let mut pool = Pool::open(&self.root, LockMode::Exclusive, true)?;
-        pool.hold_spares(self.held.held().iter().filter_map(|t| t.parse().ok()));
-        tracing::debug!(ms = ms_since(t), "pool opened");
-        Ok(pool)
+        Ok(open_pool(&self.root, &self.held)?)
     }
 
     /// Drops records without layers; removes our layers without records.
@@ -810,7 +848,7 @@ impl SnapshotOps {
             .iter()
             .find(|(p, n)| jobs_due || self.demand.urgent(p, *n));
         if let Some((parent, n)) = next {
-            return self.spares_of(parent, *n).map_or(Step::Worked, Step::Spare);
+            return self.spare_step(parent, *n).map_or(Step::Worked, Step::Spare);
         }
         let quiet_at = self.last_request + RECLAIM_QUIET;
         if self.reclaim_due && now >= quiet_at {
@@ -839,11 +877,11 @@ impl SnapshotOps {
         Step::Idle { until }
     }
 
-    /// Keeps `n` spares of committed layer `parent` (a removed one is
-    /// forgotten), one more per call: a request waits for at most one
-    /// spare's making, and a new mounted spare's mount is left to the
-    /// caller, outside the mutex (the [`SpareTail`] returned).
-    fn spares_of(&mut self, parent: &str, n: usize) -> Option<SpareTail> {
+    /// The next step towards `n` spares of committed layer `parent`, for
+    /// the caller to run outside the mutex (one more spare per step: a
+    /// request waits for at most one spare's making); `None` for a parent
+    /// no longer committed, which is forgotten.
+    fn spare_step(&mut self, parent: &str, n: usize) -> Option<SpareStep> {
         let committed = self
             .store
             .all()
@@ -852,43 +890,35 @@ impl SnapshotOps {
             self.demand.forget(parent);
             return None;
         }
-        let t = Instant::now();
-        // Mounted when Mounts hands out binds: taking one is then a move.
-        let mounted = self.config.mounts == MountMode::Bind;
-        let kept = self.pool().and_then(|mut pool| {
-            let has = pool.spares_of(Some(parent)).len();
-            if has >= n {
-                // Drops go at once.
-                keep_spares(&mut pool, parent, n, mounted)?;
-                return Ok((n, None));
-            }
-            if mounted {
-                let mount = pool.provision_one_mount_later(parent)?;
-                return Ok((has + 1, Some(mount)));
-            }
-            keep_spares(&mut pool, parent, has + 1, false)?;
-            Ok((has + 1, None))
-        });
-        let ms = ms_since(t);
+        Some(SpareStep {
+            root: self.root.clone(),
+            parent: parent.to_owned(),
+            n,
+            mounted: self.config.mounts == MountMode::Bind,
+            held: self.held.clone(),
+        })
+    }
+
+    /// Takes back what a [`SpareStep`] did: the parent's demand told how
+    /// many spares it has, the outcome logged.
+    pub fn spare_done(&mut self, done: SpareDone) {
+        let SpareDone {
+            parent,
+            n,
+            kept,
+            locked_ms,
+            ms,
+        } = done;
         match kept {
-            Ok((step, mount)) => {
-                tracing::debug!(job = "spares", %parent, n, step, ms, "job done");
-                self.demand.kept(parent, step);
-                mount.map(|mount| {
-                    self.held.begin(&mount.thin_id().to_string());
-                    SpareTail {
-                        parent: parent.to_owned(),
-                        mount,
-                        held: self.held.clone(),
-                    }
-                })
+            Ok(step) => {
+                tracing::debug!(job = "spares", %parent, n, step, locked_ms, ms, "job done (outside the mutex)");
+                self.demand.kept(&parent, step);
             }
             Err(e) => {
                 tracing::debug!(job = "spares", %parent, n, ms, error = %e, "spares not kept");
                 // A parent that cannot have spares now (active) is tried
                 // again at its next Prepare, not in a loop.
-                self.demand.kept(parent, n);
-                None
+                self.demand.kept(&parent, n);
             }
         }
     }
@@ -1031,6 +1061,16 @@ fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
+/// The pool under `root`, opened again for one request or step, with the
+/// spares being mounted outside the mutex (`held`) out of its reach.
+fn open_pool(root: &Path, held: &InFlight) -> thinlayer_pool::Result<Pool> {
+    let t = std::time::Instant::now();
+    let mut pool = Pool::open_again(root)?;
+    pool.hold_spares(held.held().iter().filter_map(|t| t.parse().ok()));
+    tracing::debug!(ms = ms_since(t), "pool opened");
+    Ok(pool)
+}
+
 /// Keeps `n` spares of `parent_layer`, `mounted` (their filesystems
 /// mounted, for a server handing out binds: a Prepare that takes one has
 /// its holder by a move of that mount) or not: the one call the worker
@@ -1104,22 +1144,13 @@ pub fn holders_dir(root: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(&dir).map_err(|e| Error::io(format!("resolve {}", dir.display()), e))
 }
 
-/// Whether something is mounted at `dir`.
-///
-/// A directory on another device than its parent is a mount's root: that
-/// answer costs two stats, where mountinfo grows with every snapshot in use
-/// (a holder each). A bind of the same filesystem keeps the device, so
-/// only then is mountinfo read.
+/// Whether something is mounted at `dir`: one `statx`, where mountinfo
+/// grows with every snapshot in use (a holder each); see
+/// [`thinlayer_pool::mounts::mount_root`].
 ///
 /// # Errors
-/// Reading mountinfo.
+/// I/O errors inspecting `dir`.
 pub fn is_mountpoint(dir: &Path) -> Result<bool> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.dev()).ok();
-    let parent = dir.parent().and_then(dev);
-    if dev(dir).is_some_and(|d| parent.is_some_and(|p| p != d)) {
-        return Ok(true);
-    }
     Ok(thinlayer_pool::mounts::is_mountpoint(dir)?)
 }
 
@@ -1219,18 +1250,6 @@ pub fn info_of(s: &Snapshot) -> Info {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountpoints_are_told_by_device_or_mountinfo() {
-        // /proc is its own filesystem on every Linux host; a fresh
-        // directory is not a mount; a path that is not there neither.
-        assert!(is_mountpoint(Path::new("/proc")).unwrap());
-        let tmp = std::env::temp_dir().join(format!("tl-mp-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).unwrap();
-        assert!(!is_mountpoint(&tmp).unwrap());
-        assert!(!is_mountpoint(&tmp.join("absent")).unwrap());
-        std::fs::remove_dir(&tmp).unwrap();
-    }
 
     #[test]
     fn the_mounts_label_overrides_the_servers_choice() {

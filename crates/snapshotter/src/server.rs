@@ -134,7 +134,13 @@ impl Thinlayer {
                         .work(Instant::now(), stopping);
                     match step {
                         Step::Worked => continue,
-                        Step::Spare(t) => t.run(),
+                        Step::Spare(s) => {
+                            // Requests that need no pool go ahead meanwhile.
+                            let done = s.run();
+                            ops.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .spare_done(done);
+                        }
                         Step::Tail(t) => {
                             // The kernel work without the mutex: requests
                             // on other layers go ahead meanwhile.

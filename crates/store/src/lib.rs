@@ -142,6 +142,26 @@ impl Store {
         Ok(store)
     }
 
+    /// As [`Store::open`] (exclusive, waiting for the lock) for a server
+    /// that opened the store once at its start and opens it again per
+    /// request: an interrupted operation is still settled first, but what
+    /// a crash left (temp files, mounts under `tmp`, frozen copies,
+    /// scratch) is not looked for again; the listings that finds them grow
+    /// with the pool and cost a request several milliseconds. The next
+    /// command or start sweeps them.
+    ///
+    /// # Errors
+    /// The pool's open errors; an interrupted operation that cannot be
+    /// settled.
+    pub fn open_again(root: &Path) -> Result<Store> {
+        let mut store = Store {
+            pool: Pool::open_again(root)?,
+            dir: root.join("store"),
+        };
+        store.settle_intent()?;
+        Ok(store)
+    }
+
     /// The pool underneath.
     pub fn pool(&mut self) -> &mut Pool {
         &mut self.pool

@@ -130,8 +130,39 @@ impl Kernel {
     /// # Errors
     /// device-mapper errors other than "no such device".
     pub fn device(&self, name: &DmName) -> Result<Option<Device>> {
+        Ok(self.device_open(name)?.map(|(dev, _)| dev))
+    }
+
+    /// `name`'s device number and where it is mounted, if the kernel has
+    /// it. A device nothing holds open is mounted nowhere: that answer
+    /// needs no mountinfo read (mountinfo grows with every snapshot in
+    /// use).
+    ///
+    /// # Errors
+    /// device-mapper errors; I/O errors reading mountinfo.
+    pub fn mounted(&self, name: &DmName) -> Result<Option<(Device, Vec<std::path::PathBuf>)>> {
+        let Some((dev, open)) = self.device_open(name)? else {
+            return Ok(None);
+        };
+        let points = if open == 0 {
+            Vec::new()
+        } else {
+            crate::mounts::mountpoints_of(dev)?
+        };
+        Ok(Some((dev, points)))
+    }
+
+    /// The device number of `name` and how many hold it open (a mount is
+    /// one), if the kernel has it.
+    ///
+    /// # Errors
+    /// device-mapper errors other than "no such device".
+    pub fn device_open(&self, name: &DmName) -> Result<Option<(Device, u32)>> {
         match self.dm.device_info(&DevId::Name(name)) {
-            Ok(info) => Ok(Some(info.device())),
+            Ok(info) => Ok(Some((
+                info.device(),
+                u32::try_from(info.open_count()).unwrap_or(u32::MAX),
+            ))),
             Err(e) => {
                 let err = Error::Dm {
                     context: format!("look up {name}"),
@@ -144,6 +175,29 @@ impl Kernel {
                 }
             }
         }
+    }
+
+    /// The dm name of device `dev`, `None` when it is no dm device: one
+    /// sysfs read (`/sys/dev/block/MAJ:MIN/dm/name`), the kernel's list of
+    /// every device only where sysfs cannot tell.
+    ///
+    /// # Errors
+    /// device-mapper errors listing the devices.
+    pub fn name_of(&self, dev: Device) -> Result<Option<devicemapper::DmNameBuf>> {
+        let sys = format!("/sys/dev/block/{}:{}", dev.major, dev.minor);
+        match std::fs::read_to_string(format!("{sys}/dm/name")) {
+            Ok(name) => return Ok(devicemapper::DmNameBuf::new(name.trim_end().to_owned()).ok()),
+            // A block device without a dm directory is not dm's.
+            Err(_) if std::path::Path::new(&sys).exists() => return Ok(None),
+            Err(_) => {}
+        }
+        Ok(self
+            .dm
+            .list_devices()
+            .dm_ctx(|| "list dm devices".into())?
+            .into_iter()
+            .find(|(_, d, _)| *d == dev)
+            .map(|(name, ..)| name))
     }
 
     /// The names of all dm devices whose name starts with `prefix`.

@@ -432,11 +432,15 @@ impl Pool {
         // recover() ran above: the pool is settled.
         self.require_active()?;
         let name = self.name(Role::Thin(layer.thin_id));
-        let dev = self.kernel()?.device(&name)?;
-        if let Some(dev) = dev {
-            let mut points = mounts::mountpoints_of(dev)?;
+        let mounted = self.kernel()?.mounted(&name)?;
+        let dev = mounted.as_ref().map(|(dev, _)| *dev);
+        if let Some((dev, mut points)) = mounted {
             // A mount kept from the spare it took is nobody's work.
-            let premount = self.premount_in(layer.thin_id, &points)?;
+            let premount = if points.is_empty() {
+                None
+            } else {
+                self.premount_of(layer.thin_id, dev)?
+            };
             points.retain(|p| Some(p) != premount.as_ref());
             if !points.is_empty() {
                 return Err(Error::Mounted {

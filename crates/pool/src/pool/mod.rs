@@ -138,6 +138,23 @@ impl Pool {
     /// [`Error::NotRoot`], [`Error::RootOwner`], [`Error::NoPool`],
     /// [`Error::Locked`], damaged records.
     pub fn open(root: &Path, mode: LockMode, wait: bool) -> Result<Pool> {
+        Pool::open_swept(root, mode, wait, true)
+    }
+
+    /// As [`Pool::open`] (exclusive, waiting for the lock), without the
+    /// sweep of the temp files a crash left: for a server that opened the
+    /// pool once at its start (which swept them) and opens it again per
+    /// request. The sweep lists the directory of every layer record, so
+    /// it grows with the pool; a temp file is harmless until the next
+    /// command or start sweeps it.
+    ///
+    /// # Errors
+    /// As [`Pool::open`].
+    pub fn open_again(root: &Path) -> Result<Pool> {
+        Pool::open_swept(root, LockMode::Exclusive, true, false)
+    }
+
+    fn open_swept(root: &Path, mode: LockMode, wait: bool, sweep: bool) -> Result<Pool> {
         let layout = Layout {
             root: root.to_owned(),
         };
@@ -160,7 +177,7 @@ impl Pool {
             }
             r => r?,
         };
-        if mode == LockMode::Exclusive {
+        if mode == LockMode::Exclusive && sweep {
             file::sweep_temp(root)?;
             file::sweep_temp(&layout.layers_dir())?;
         }

@@ -103,11 +103,10 @@ impl Pool {
         let node = kernel::devnode(dev);
         let mut premount = None;
         if !activated {
-            let points = mounts::mountpoints_of(dev)?;
-            if points.iter().any(|m| m == real) {
+            if mounts::mount_root(real)? == Some(dev) {
                 return Ok((node, Action::AlreadyDone));
             }
-            premount = self.premount_in(layer.thin_id, &points)?;
+            premount = self.premount_of(layer.thin_id, dev)?;
         }
         // Idle once a premount is given up: undone as if activated here.
         let mut activated = activated;
@@ -197,13 +196,33 @@ impl Pool {
         }
         let name = self.name(Role::Thin(layer.thin_id));
         let kernel = self.kernel()?;
-        match kernel.device(&name)? {
-            Some(dev) if mounts::mountpoints_of(dev)?.is_empty() => {
+        match kernel.mounted(&name)? {
+            Some((_, points)) if points.is_empty() => {
                 kernel.remove(&name)?;
                 Ok(true)
             }
             _ => Ok(false),
         }
+    }
+
+    /// The thin id and dm name of the device `dev` when it is one of this
+    /// pool's thin devices.
+    ///
+    /// # Errors
+    /// Kernel errors.
+    fn thin_of_device(
+        &mut self,
+        dev: devicemapper::Device,
+    ) -> Result<Option<(u32, devicemapper::DmNameBuf)>> {
+        let Some(name) = self.kernel()?.name_of(dev)? else {
+            return Ok(None);
+        };
+        Ok(
+            match names::parse_role(&self.record().pool_id, &name.to_string()) {
+                Some(Role::Thin(thin_id)) => Some((thin_id, name)),
+                _ => None,
+            },
+        )
     }
 
     /// Unmounts a layer (every mount of it) given its id, or one mount
@@ -229,48 +248,32 @@ impl Pool {
     pub fn umount_with(&mut self, target: &str, trim: Trim) -> Result<Vec<PathBuf>> {
         let by_id =
             names::check_id("layer", target).is_ok() && self.layout().layer_record(target).exists();
-        let prefix = names::name_prefix(&self.record().pool_id);
-        let pool_id = self.record().pool_id.clone();
-        let kernel = self.kernel()?;
-        let mut ours = Vec::new();
-        for name in kernel.names_with_prefix(&prefix)? {
-            if let Some(Role::Thin(thin_id)) = names::parse_role(&pool_id, &name) {
-                let n = devicemapper::DmNameBuf::new(name).expect("valid: listed by the kernel");
-                if let Some(dev) = kernel.device(&n)? {
-                    ours.push((thin_id, n, dev));
-                }
-            }
-        }
-        let all = mounts::all()?;
+        // No listing of every device or mount: both grow with every
+        // snapshot in use, and a container engine unmounts once per
+        // container.
         let (selected, dirs): (Vec<_>, Vec<PathBuf>) = if by_id {
             let thin_id = self.layer(target)?.thin_id;
-            let sel: Vec<_> = ours.into_iter().filter(|(t, ..)| *t == thin_id).collect();
-            let dirs = all
-                .iter()
-                .filter(|m| sel.iter().any(|(_, _, d)| *d == m.device))
-                .map(|m| m.mountpoint.clone())
-                .collect();
-            (sel, dirs)
+            let name = self.name(Role::Thin(thin_id));
+            match self.kernel()?.mounted(&name)? {
+                Some((_, points)) => (vec![(thin_id, name)], points),
+                None => (Vec::new(), Vec::new()),
+            }
         } else {
             let dir =
                 fs::canonicalize(target).map_err(|_| Error::UnknownLayer(target.to_owned()))?;
-            let Some(entry) = all.iter().rev().find(|m| m.mountpoint == dir) else {
+            let Some(dev) = mounts::mount_root(&dir)? else {
                 return Err(Error::InvalidArgument(format!(
                     "{} is not mounted; `thinlayer layer ls` shows the layers' mounts",
                     dir.display()
                 )));
             };
-            let sel: Vec<_> = ours
-                .into_iter()
-                .filter(|(.., d)| *d == entry.device)
-                .collect();
-            if sel.is_empty() {
+            let Some(thin) = self.thin_of_device(dev)? else {
                 return Err(Error::InvalidArgument(format!(
                     "{} is not a layer of this pool; unmount it with umount(8)",
                     dir.display()
                 )));
-            }
-            (sel, vec![dir])
+            };
+            (vec![thin], vec![dir])
         };
         let spares = self.real_spares_dir()?;
         for d in dirs.iter().rev() {
@@ -284,8 +287,12 @@ impl Pool {
             }
         }
         fault::point("umount.after_umount");
-        for (thin_id, name, dev) in selected {
-            if !mounts::mountpoints_of(dev)?.is_empty() {
+        for (thin_id, name) in selected {
+            if self
+                .kernel()?
+                .mounted(&name)?
+                .is_some_and(|(_, p)| !p.is_empty())
+            {
                 continue;
             }
             if self.teardown_later {
@@ -334,11 +341,11 @@ impl Teardown {
             }
         }
         let kernel = kernel::Kernel::open()?;
-        let Some(dev) = kernel.device(&self.device)? else {
+        let Some((_, points)) = kernel.mounted(&self.device)? else {
             return Ok(None);
         };
         let mapped = kernel.thin_mapped_bytes(&self.device)?;
-        if mounts::mountpoints_of(dev)?.is_empty() {
+        if points.is_empty() {
             kernel.remove(&self.device)?;
         }
         Ok(mapped)

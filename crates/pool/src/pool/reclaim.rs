@@ -26,7 +26,7 @@ use serde::Serialize;
 use super::Pool;
 use crate::{
     error::Result,
-    fault, mounts,
+    fault,
     names::Role,
     records::{Pending, Trashed, file},
 };
@@ -82,8 +82,8 @@ impl Pool {
         for thin_id in idle {
             let name = self.name(Role::Thin(thin_id));
             let kernel = self.kernel()?;
-            if let Some(dev) = kernel.device(&name)? {
-                if mounts::mountpoints_of(dev)?.is_empty() {
+            if let Some((_, points)) = kernel.mounted(&name)? {
+                if points.is_empty() {
                     kernel.remove(&name)?;
                     done.devices += 1;
                 }

@@ -145,12 +145,6 @@ enum Mounting {
     Later,
 }
 
-/// Mountinfo as a provision began, and the ready `ROOT/spares` (real path).
-struct SpareMounts<'a> {
-    all: &'a [MountEntry],
-    dir: &'a Path,
-}
-
 /// Whether a mount for `how` of a filesystem `fs` has exactly a spare's
 /// flags and options, so a spare's mount can simply be moved there.
 pub(crate) fn spare_use(how: MountUse, fs: FsType) -> bool {
@@ -261,16 +255,10 @@ impl Pool {
             fault::point("spare_mount.after_record");
         }
         let wants_mounts = count > 0 && (mount || kept.iter().any(|&t| flagged(&self.rec, t)));
-        let (all, dir) = if wants_mounts {
-            let all = mounts::all()?;
-            let dir = self.spares_dir_ready(&all)?;
-            (all, dir)
+        let at = if wants_mounts {
+            self.spares_dir_ready()?
         } else {
-            (Vec::new(), PathBuf::new())
-        };
-        let at = SpareMounts {
-            all: &all,
-            dir: &dir,
+            PathBuf::new()
         };
         for &thin_id in &kept {
             let (dev, _) = self.activate_thin(pool_dev, thin_id, sectors)?;
@@ -289,7 +277,7 @@ impl Pool {
                 thin_id,
             })?;
             fault::point("spare_provision.after_intent");
-            let fs = mount.then_some((fs, &at));
+            let fs = mount.then_some((fs, at.as_path()));
             if let Err(e) = self.make_spare(pool_dev, thin_id, origin, sectors, fs) {
                 // Nothing was listed: forget the intent (the id stays used).
                 self.commit()?;
@@ -317,7 +305,7 @@ impl Pool {
         thin_id: u32,
         origin: u32,
         sectors: u64,
-        mount: Option<(FsType, &SpareMounts<'_>)>,
+        mount: Option<(FsType, &Path)>,
     ) -> Result<()> {
         self.snapshot_thin(thin_id, origin)?;
         fault::point("spare_provision.after_snapshot");
@@ -347,9 +335,8 @@ impl Pool {
 
     /// Makes `ROOT/spares` ready for mounts: a directory (0700, root's,
     /// never a symlink) with a private tmpfs on it (see
-    /// [`mounts::mount_private_tmpfs`]). `all` is mountinfo. Returns its
-    /// real path.
-    fn spares_dir_ready(&self, all: &[MountEntry]) -> Result<PathBuf> {
+    /// [`mounts::mount_private_tmpfs`]). Returns its real path.
+    fn spares_dir_ready(&self) -> Result<PathBuf> {
         let dir = self.real_spares_dir()?;
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
@@ -358,7 +345,7 @@ impl Pool {
             _ => {}
         }
         check_private_dir(&dir)?;
-        if !all.iter().any(|m| m.mountpoint == dir) {
+        if !mounts::is_mountpoint(&dir)? {
             mounts::mount_private_tmpfs(&dir)?;
             check_private_dir(&dir)?;
         }
@@ -373,14 +360,10 @@ impl Pool {
         thin_id: u32,
         dev: devicemapper::Device,
         fs: FsType,
-        at: &SpareMounts<'_>,
+        spares: &Path,
     ) -> Result<bool> {
-        let dir = at.dir.join(thin_id.to_string());
-        if at
-            .all
-            .iter()
-            .any(|m| m.mountpoint == dir && m.device == dev)
-        {
+        let dir = spares.join(thin_id.to_string());
+        if mounts::mount_root(&dir)? == Some(dev) {
             return Ok(false);
         }
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -394,22 +377,18 @@ impl Pool {
         Ok(true)
     }
 
-    /// Of `mountpoints` (a device's, as mountinfo shows them), the one that
-    /// is thin id `thin_id`'s spare directory: the mount a spare kept there
-    /// and a layer that took it may move.
+    /// Thin id `thin_id`'s spare directory when device `dev` is mounted
+    /// there: the mount a spare kept and a layer that took it may move.
     ///
     /// # Errors
-    /// I/O errors resolving the root.
-    pub(crate) fn premount_in(
+    /// I/O errors resolving the root or inspecting the directory.
+    pub(crate) fn premount_of(
         &self,
         thin_id: u32,
-        mountpoints: &[PathBuf],
+        dev: devicemapper::Device,
     ) -> Result<Option<PathBuf>> {
-        if mountpoints.is_empty() {
-            return Ok(None);
-        }
         let want = self.real_spares_dir()?.join(thin_id.to_string());
-        Ok(mountpoints.iter().find(|p| **p == want).cloned())
+        Ok((mounts::mount_root(&want)? == Some(dev)).then_some(want))
     }
 
     /// Unmounts thin id `thin_id`'s spare directory if something is
@@ -427,7 +406,7 @@ impl Pool {
         };
         let real = self.real_spares_dir()?.join(thin_id.to_string());
         let mut unmounted = false;
-        while mounts::all()?.iter().any(|m| m.mountpoint == real) {
+        while mounts::is_mountpoint(&real)? {
             mounts::umount(&real)?;
             unmounted = true;
         }
@@ -619,8 +598,7 @@ impl Pool {
                 Error::Inconsistent(format!("no new spare of layer `{parent}` is listed"))
             })?;
         let fs = self.layer(parent)?.fs_in(self.record());
-        let all = mounts::all()?;
-        let spares = self.spares_dir_ready(&all)?;
+        let spares = self.spares_dir_ready()?;
         let name = self.name(Role::Thin(thin_id));
         let dev = self.kernel()?.device(&name)?.ok_or_else(|| {
             Error::Inconsistent(format!("spare {thin_id}'s device {} is not active", &*name))

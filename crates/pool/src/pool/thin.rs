@@ -18,7 +18,6 @@ use super::Pool;
 use crate::{
     error::{Error, Result},
     kernel::{self, Sectors, ThinId},
-    mounts,
     names::Role,
     records::{FsType, Trashed},
     space::discard_device,
@@ -149,7 +148,7 @@ impl Pool {
                 let id = ThinId::new(thin_id)?;
                 let length = Sectors(len.sectors());
                 let (dev, _) = kernel.setup_thin(&name, &uuid, pool_dev, id, length)?;
-                let points = mounts::mountpoints_of(dev)?;
+                let points = kernel.mounted(&name)?.map(|(_, p)| p).unwrap_or_default();
                 if !points.is_empty() {
                     return Err(Error::Mounted {
                         what: format!("thin device {thin_id}"),
