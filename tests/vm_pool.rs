@@ -829,6 +829,44 @@ fn vm_pool_mounted_spares_are_taken_by_a_move() {
 /// The harness's sweep (tests/common/vm.rs) removes what a test leaks,
 /// without the CLI: a pool left active with a layer mounted.
 #[test]
+fn vm_a_process_kept_child_index_never_hides_another_process_layer() {
+    // A server opens the pool per request and keeps the parent -> children
+    // index from one handle to the next; a layer another process adds or
+    // removes in between must show, or a parent with a child could go.
+    use thinlayer_pool::{Error, LockMode};
+    vm_test("kids", Pool::Small, |s| {
+        let open = || thinlayer_pool::Pool::open(&s.root, LockMode::Exclusive, true).unwrap();
+        s.ok(&["layer", "create", "p"]);
+        assert!(open().children_of("p").unwrap().is_empty(), "index built");
+        s.ok(&["layer", "create", "c", "--parent", "p"]);
+        {
+            let mut pool = open();
+            assert_eq!(
+                pool.children_of("p").unwrap(),
+                ["c"],
+                "another process's child"
+            );
+            assert!(matches!(
+                pool.remove_layer("p"),
+                Err(Error::HasChildren { .. })
+            ));
+            pool.create_layer("d", Some("p")).unwrap();
+        }
+        assert_eq!(
+            open().children_of("p").unwrap(),
+            ["c", "d"],
+            "this process's child"
+        );
+        s.ok(&["layer", "rm", "d"]);
+        assert_eq!(open().children_of("p").unwrap(), ["c"]);
+        s.ok(&["layer", "rm", "c"]);
+        open().remove_layer("p").unwrap();
+        assert_eq!(s.json(&["layer", "ls"]), serde_json::json!([]));
+        s.ok(&["pool", "check"]);
+    });
+}
+
+#[test]
 fn vm_the_harness_sweep_removes_a_leaked_pool_without_the_cli() {
     swept(|| {
         let s = Scratch::new("leak");

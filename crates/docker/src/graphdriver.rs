@@ -440,10 +440,11 @@ impl ThinDriver {
         Ok(out)
     }
 
-    /// Unmounts layer `id`'s mount of this driver, if mounted.
+    /// Unmounts layer `id`'s mount of this driver, if mounted (one
+    /// `statx`: mountinfo grows with every container).
     fn unmount(&mut self, store: &mut Store, id: &str) -> Result<()> {
         let dir = self.mountpoint(id);
-        if self.mounted_dirs()?.contains(&dir) {
+        if thinlayer_pool::mounts::is_mountpoint(&dir)? {
             store
                 .pool()
                 .umount_with(&dir.to_string_lossy(), Trim::Skip)?;

@@ -848,7 +848,9 @@ impl SnapshotOps {
             .iter()
             .find(|(p, n)| jobs_due || self.demand.urgent(p, *n));
         if let Some((parent, n)) = next {
-            return self.spare_step(parent, *n).map_or(Step::Worked, Step::Spare);
+            return self
+                .spare_step(parent, *n)
+                .map_or(Step::Worked, Step::Spare);
         }
         let quiet_at = self.last_request + RECLAIM_QUIET;
         if self.reclaim_due && now >= quiet_at {

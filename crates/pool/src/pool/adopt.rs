@@ -183,6 +183,7 @@ impl Pool {
             spares: Vec::new(),
             trash: Vec::new(),
             created_unix: now_unix(),
+            layers_gen: 0,
         };
         let intent = PoolRecord {
             pending: Some(Pending::CreatePool),

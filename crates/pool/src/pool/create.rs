@@ -296,6 +296,7 @@ impl Pool {
             spares: Vec::new(),
             trash: Vec::new(),
             created_unix: now_unix(),
+            layers_gen: 0,
         };
         let mut undo = Undo {
             kernel: &kernel,

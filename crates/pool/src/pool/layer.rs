@@ -537,6 +537,7 @@ impl Pool {
     /// # Errors
     /// Record errors while building the index.
     pub fn children_of(&mut self, id: &str) -> Result<Vec<String>> {
+        self.take_cached_children();
         if self.children.is_none() {
             let mut index: ChildIndex = Default::default();
             for l in self.layer_records()? {

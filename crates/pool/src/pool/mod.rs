@@ -52,7 +52,8 @@ pub mod watch;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    path::Path,
+    path::{Path, PathBuf},
+    sync::Mutex,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -105,6 +106,64 @@ pub struct Pool {
 
 /// Layer id -> the ids of its children.
 type ChildIndex = HashMap<String, BTreeSet<String>>;
+
+/// The child index the last handle of this process left, for the next
+/// handle on the same pool: a server opens the pool per request, and
+/// building the index reads every layer record. Valid while the record's
+/// [`PoolRecord::layers_gen`](crate::records::PoolRecord) is the one it was
+/// left at: another process's layer change bumps it, and a recovery that
+/// settles an interrupted change drops the cache.
+static CHILDREN: Mutex<Option<CachedChildren>> = Mutex::new(None);
+
+struct CachedChildren {
+    root: PathBuf,
+    pool_id: names::PoolId,
+    layers_gen: u64,
+    index: ChildIndex,
+}
+
+fn cached_children() -> std::sync::MutexGuard<'static, Option<CachedChildren>> {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Still under the root's lock (fields drop after this).
+        if let Some(index) = self.children.take() {
+            *cached_children() = Some(CachedChildren {
+                root: self.layout.root.clone(),
+                pool_id: self.rec.pool_id.clone(),
+                layers_gen: self.rec.layers_gen,
+                index,
+            });
+        }
+    }
+}
+
+impl Pool {
+    /// Takes the child index an earlier handle of this process left, if
+    /// it is still this pool's as the records stand.
+    pub(crate) fn take_cached_children(&mut self) {
+        if self.children.is_some() {
+            return;
+        }
+        let mut cache = cached_children();
+        let fits = cache.as_ref().is_some_and(|c| {
+            c.layers_gen == self.rec.layers_gen
+                && c.pool_id == self.rec.pool_id
+                && c.root == self.layout.root
+        });
+        if fits {
+            self.children = cache.take().map(|c| c.index);
+        }
+    }
+
+    /// Drops this process's cached child index (recovery changed records).
+    pub(crate) fn forget_cached_children(&mut self) {
+        self.children = None;
+        *cached_children() = None;
+    }
+}
 
 pub(crate) fn now_unix() -> u64 {
     SystemTime::now()

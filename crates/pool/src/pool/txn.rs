@@ -90,6 +90,15 @@ impl Pool {
     /// # Errors
     /// Record write errors (nothing changed on disk then).
     pub(crate) fn begin(&mut self, op: Pending) -> Result<()> {
+        if matches!(
+            op,
+            Pending::CreateLayer { .. } | Pending::RemoveLayer { .. } | Pending::TrashLayer { .. }
+        ) {
+            // The index follows this change; other processes' copies are
+            // stale from now on.
+            self.take_cached_children();
+            self.rec.layers_gen += 1;
+        }
         let rec = &mut self.rec;
         if let Pending::CreateLayer { thin_id, .. } | Pending::ProvisionSpare { thin_id, .. } = op {
             rec.next_thin_id = rec.next_thin_id.max(thin_id + 1);
@@ -138,7 +147,7 @@ impl Pool {
         };
         let before = self.rec.pending.clone();
         if before.is_some() {
-            self.children = None;
+            self.forget_cached_children();
         }
         let outcome = self.settle(t, kt)?;
         self.settled = true;

@@ -181,6 +181,15 @@ pub struct PoolRecord {
     pub trash: Vec<Trashed>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+    /// Bumped by every operation that adds or removes a layer record, so
+    /// a process may keep its parent -> children index from one handle to
+    /// the next while no other process changed the layers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub layers_gen: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An operation recorded as begun, for recovery after a crash.
