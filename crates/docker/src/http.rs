@@ -481,12 +481,8 @@ struct Activity {
 }
 
 /// How long no request may have started before the settler runs the
-/// handler's [`Handler::idle`] work. Longer than the gaps dockerd leaves
-/// between the calls of one docker command (its own work between them,
-/// tens of milliseconds under emulation): a step begun in one of those
-/// made the command's next call wait for it. Pauses between commands, or
-/// while a container runs, are longer.
-const SETTLE_AFTER: Duration = Duration::from_millis(250);
+/// handler's [`Handler::idle`] work.
+const SETTLE_AFTER: Duration = Duration::from_millis(50);
 
 /// Runs the handler's idle work, one step at a time, whenever requests
 /// pause for [`SETTLE_AFTER`], until it says nothing is left; a request
