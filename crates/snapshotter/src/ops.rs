@@ -38,7 +38,9 @@ use std::{
 };
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use thinlayer_pool::{FsType, LockMode, MountUse, Owner, Pool, Teardown, Trim};
+use thinlayer_pool::{
+    FsType, LockMode, MountUse, Owner, Pool, Teardown, Trim, mounts::is_mountpoint,
+};
 
 use crate::{
     error::{Error, Result},
@@ -1144,16 +1146,6 @@ pub fn holders_dir(root: &Path) -> Result<PathBuf> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("make {} root's only", dir.display()), e))?;
     std::fs::canonicalize(&dir).map_err(|e| Error::io(format!("resolve {}", dir.display()), e))
-}
-
-/// Whether something is mounted at `dir`: one `statx`, where mountinfo
-/// grows with every snapshot in use (a holder each); see
-/// [`thinlayer_pool::mounts::mount_root`].
-///
-/// # Errors
-/// I/O errors inspecting `dir`.
-pub fn is_mountpoint(dir: &Path) -> Result<bool> {
-    Ok(thinlayer_pool::mounts::is_mountpoint(dir)?)
 }
 
 /// Removes holder directory `dir` once unmounted; one that will not go

@@ -20,12 +20,12 @@
 use std::path::{Path, PathBuf};
 
 use containerd_snapshots::{Info, Usage, api::types::Mount};
-use thinlayer_pool::peek::Peek;
+use thinlayer_pool::{mounts::is_mountpoint, peek::Peek};
 
 use crate::{
     error::{Error, Result},
     keys::{Kind, Snapshot, Snapshots},
-    ops::{bind_mounts, info_of, is_mountpoint, list_of, mounts_for},
+    ops::{bind_mounts, info_of, list_of, mounts_for},
 };
 
 /// Reads over a pool's snapshots that never take the engine or the lock.

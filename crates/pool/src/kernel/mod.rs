@@ -157,7 +157,7 @@ impl Kernel {
     ///
     /// # Errors
     /// device-mapper errors other than "no such device".
-    pub fn device_open(&self, name: &DmName) -> Result<Option<(Device, u32)>> {
+    fn device_open(&self, name: &DmName) -> Result<Option<(Device, u32)>> {
         match self.dm.device_info(&DevId::Name(name)) {
             Ok(info) => Ok(Some((
                 info.device(),
