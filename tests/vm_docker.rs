@@ -605,7 +605,8 @@ fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
                 "the diff stream holds the layer's file"
             );
         }
-        // Get twice, the same path; Put twice unmounts; the tree has no lost+found.
+        // Get twice, the same path; the second Put parks the mount (the
+        // Remove unmounts it); the tree has no lost+found.
         let dir = call(&sock, "/GraphDriver.Get", &json(r#"{"ID":"h1"}"#)).1["Dir"]
             .as_str()
             .unwrap()
@@ -630,7 +631,15 @@ fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
             "one reference left"
         );
         call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#));
-        assert!(!Path::new(&dir).exists(), "unmounted at zero references");
+        assert!(
+            Path::new(&dir).join("etc/other").exists(),
+            "parked at zero references"
+        );
+        assert!(
+            err_of(&call(&sock, "/GraphDriver.Put", &json(r#"{"ID":"h1"}"#)))
+                .contains("without a Get"),
+            "a parked layer takes no Put"
+        );
 
         for id in ["h1", "c1", "b1"] {
             assert_eq!(
@@ -643,6 +652,7 @@ fn vm_docker_plugin_refuses_bad_input_and_changes_nothing() {
                 json("{}")
             );
         }
+        assert!(!Path::new(&dir).exists(), "the Remove unmounted it");
         s.ok(&["pool", "check"]);
     });
 }

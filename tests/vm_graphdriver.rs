@@ -35,8 +35,16 @@ fn vm_graphdriver_conformance() {
         fs::write(dir.join("etc/gone"), "to be deleted\n").unwrap();
         fs::write(dir.join("big"), vec![1u8; 300_000]).unwrap();
         d.put("base").unwrap();
-        assert!(!is_mount(&dir), "put at zero references unmounts");
+        assert!(is_mount(&dir), "the last put parks the mount");
+        assert_eq!(
+            d.get("base").unwrap(),
+            dir,
+            "a get takes a parked mount back"
+        );
+        assert!(d.put("base").is_ok() && d.put("base").is_err());
 
+        // A child of a parked (mounted, written) layer holds what was
+        // written: the snapshot freezes the filesystem first.
         d.create("app", Some("base")).unwrap();
         d.create_read_write("ctr", Some("app")).unwrap();
         let a = d.get("ctr").unwrap();
@@ -53,8 +61,45 @@ fn vm_graphdriver_conformance() {
         d.put("ctr").unwrap();
         assert!(is_mount(&a), "one reference left: still mounted");
         d.put("ctr").unwrap();
-        assert!(!is_mount(&a));
+        assert!(is_mount(&a), "parked");
         assert!(d.put("ctr").is_err(), "put without get is refused");
+        // The settler unmounts a mount parked too long.
+        d.keep_parked_for(std::time::Duration::ZERO);
+        while d.settle_step() {}
+        assert!(!is_mount(&a) && !is_mount(&dir), "parked mounts expire");
+        d.keep_parked_for(thinlayer_docker::graphdriver::PARK_IDLE);
+
+        // Docker's create: an init layer on the image, written and put
+        // (unmounted: never mounted again), the container's layer on it,
+        // mounted at once for the get that follows (and kept parked by
+        // its put for the start's get).
+        d.create_read_write("c1-init", Some("app")).unwrap();
+        let init = d.get("c1-init").unwrap();
+        fs::write(init.join(".dockerenv"), "").unwrap();
+        d.put("c1-init").unwrap();
+        assert!(!is_mount(&init), "an init layer's last put unmounts");
+        d.create_read_write("c1", Some("c1-init")).unwrap();
+        assert!(
+            d.has_urgent(),
+            "the container layer is to be mounted at once"
+        );
+        d.urgent_step();
+        let c1 = d.mountpoint("c1").join("rootfs");
+        assert!(is_mount(&c1), "mounted before its get");
+        assert_eq!(d.get("c1").unwrap(), c1);
+        assert!(c1.join(".dockerenv").exists() && c1.join("etc/os").exists());
+        d.put("c1").unwrap();
+        assert!(is_mount(&c1), "parked for the start");
+        // A restarted driver unmounts what a previous run parked.
+        drop(d);
+        let mut d = ThinDriver::new(&s.root).unwrap();
+        assert!(!is_mount(&c1), "a new driver unmounts parked mounts");
+        let _ = d.get("c1").unwrap();
+        d.put("c1").unwrap();
+        // A remove unmounts a parked layer.
+        d.remove("c1").unwrap();
+        assert!(!is_mount(&c1) && !d.exists("c1").unwrap());
+        d.remove("c1-init").unwrap();
 
         // exists / remove rules.
         assert!(d.exists("ctr").unwrap() && !d.exists("nope").unwrap());

@@ -20,10 +20,22 @@
 //!   setuid kept: Docker runs containers from it), and returns
 //!   `ROOT/graphdriver/mnt/ID/rootfs`, the same path every time.
 //! - `get` and `put` nest: references are counted per layer, the first
-//!   `get` mounts, the last `put` unmounts (and the thin device goes with
-//!   it). The counts are a crash-safe record (`ROOT/graphdriver/mounts.rec`),
-//!   so a restarted plugin carries on where it stopped; `cleanup` (Docker's
-//!   shutdown) unmounts everything and forgets them.
+//!   `get` mounts, the last `put` lets the mount go. The counts are a
+//!   crash-safe record (`ROOT/graphdriver/mounts.rec`), so a restarted
+//!   plugin carries on where it stopped; `cleanup` (Docker's shutdown)
+//!   unmounts everything and forgets them.
+//! - A container's layer is mounted again soon after its last `put`: a
+//!   `docker create` puts it, the `docker start` gets it again, and its
+//!   exit puts it before the `docker rm`. So that `put` keeps the mount
+//!   ("parked"), and a `get` within [`PARK_IDLE`] takes it back with one
+//!   `statx`; the settler unmounts what stays parked longer (at most
+//!   [`PARK_MAX`] are kept), and a `remove` unmounts its layer as it did.
+//!   The mount a container's layer needs first is made before Docker asks:
+//!   right after the create of a layer on its container's init layer
+//!   (`ID` on `ID-init`), as urgent work the server runs at once, so it
+//!   overlaps dockerd's own work before its `get`. An init layer's `put`
+//!   still unmounts: Docker never mounts it again, and its child is a
+//!   snapshot of it taken next.
 //! - The driver's unmounts skip the filesystem trim the CLI's unmount does
 //!   ([`Trim::Skip`]): Docker removes container layers rather than keeping
 //!   them, and a removal gives every block back; the trim would walk all
@@ -139,7 +151,21 @@ pub struct ThinDriver {
     /// Image layers containers were lately created on, and when: the
     /// settler keeps one mounted spare of each (see [`SPARE_IDLE`]).
     demand: BTreeMap<String, std::time::Instant>,
+    /// Layers still mounted after their last `put`, and since when (see
+    /// [`PARK_IDLE`]).
+    parked: BTreeMap<String, std::time::Instant>,
+    /// A container layer to mount at once, before its `get` comes.
+    premount: Option<String>,
+    /// How long a parked mount is kept ([`PARK_IDLE`] unless set).
+    park_idle: std::time::Duration,
 }
+
+/// How long a layer's mount is kept after its last `put`.
+pub const PARK_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The most mounts kept after their last `put`: beyond, the settler
+/// unmounts the oldest.
+pub const PARK_MAX: usize = 64;
 
 /// How long an image layer no container was created on keeps its spare.
 pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
@@ -177,6 +203,9 @@ impl ThinDriver {
             stream_seq: 0,
             idle: std::collections::BTreeSet::new(),
             demand: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            premount: None,
+            park_idle: PARK_IDLE,
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -189,9 +218,19 @@ impl ThinDriver {
             }
         }
         driver.save_refs()?;
+        let mut store = driver.store()?;
+        // Mounts a previous run kept after their last `put` (or made before
+        // a `get` that never came).
+        for dir in mounted {
+            let id = dir.file_name().unwrap_or_default().to_string_lossy();
+            if !driver.refs.contains_key(id.as_ref()) {
+                store
+                    .pool()
+                    .umount_with(&dir.to_string_lossy(), Trim::Skip)?;
+            }
+        }
         // What a previous run left for its settler: every unmounted
         // layer's device, then the trash.
-        let mut store = driver.store()?;
         for l in store.pool().layer_records()? {
             if l.owner == Owner::Graphdriver {
                 store.pool().deactivate_layer(&l.id)?;
@@ -211,7 +250,7 @@ impl ThinDriver {
         let t = std::time::Instant::now();
         let step = self.store().and_then(|mut store| {
             if let Some(id) = self.idle.pop_first() {
-                if !self.refs.contains_key(&id) {
+                if !self.refs.contains_key(&id) && !self.parked.contains_key(&id) {
                     match store.pool().deactivate_layer(&pool_id(&id)) {
                         Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
                         Err(e) => return Err(e.into()),
@@ -234,16 +273,68 @@ impl ThinDriver {
                     tracing::debug!(%id, error = %e, "no spare kept");
                     self.demand.remove(&id);
                 }
+            } else if let Some(id) = self.parked_due() {
+                self.parked.remove(&id);
+                self.unmount(&mut store, &id)?;
             }
             Ok(!self.idle.is_empty()
                 || !store.pool().record().trash.is_empty()
-                || self.spare_wanted(&mut store).is_some())
+                || self.spare_wanted(&mut store).is_some()
+                || self.parked_due().is_some())
         });
         tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
         step.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "deferred kernel work failed; the next start or `thinlayer pool reclaim` finishes it");
             false
         })
+    }
+
+    /// The parked mount the settler should unmount now: the oldest, if
+    /// idle past [`PARK_IDLE`] (or what [`ThinDriver::keep_parked_for`]
+    /// set) or beyond [`PARK_MAX`].
+    fn parked_due(&self) -> Option<String> {
+        let (id, at) = self.parked.iter().min_by_key(|(_, at)| **at)?;
+        (at.elapsed() >= self.park_idle || self.parked.len() > PARK_MAX).then(|| id.clone())
+    }
+
+    /// Keeps parked mounts for `idle` instead of [`PARK_IDLE`].
+    pub fn keep_parked_for(&mut self, idle: std::time::Duration) {
+        self.park_idle = idle;
+    }
+
+    /// Whether a layer's mount is still there (a parked mount someone
+    /// unmounted behind the driver's back is not).
+    fn still_mounted(&self, id: &str) -> Result<bool> {
+        Ok(thinlayer_pool::mounts::is_mountpoint(&self.mountpoint(id))?)
+    }
+
+    /// The urgent work [`ThinDriver::has_urgent`] announced: the mount of
+    /// the container layer just created, parked for its `get`. A failure
+    /// is logged; the `get` mounts then, and reports it.
+    pub fn urgent_step(&mut self) -> bool {
+        let Some(id) = self.premount.take() else {
+            return false;
+        };
+        if self.refs.contains_key(&id) || self.parked.contains_key(&id) {
+            return false;
+        }
+        let t = std::time::Instant::now();
+        match self.mount_tree(&id) {
+            Ok(_) => {
+                self.parked.insert(id, std::time::Instant::now());
+            }
+            Err(e) => tracing::debug!(%id, error = %e, "no mount made ahead of its get"),
+        }
+        tracing::debug!(
+            ms = t.elapsed().as_secs_f64() * 1000.0,
+            "mounted a layer ahead"
+        );
+        false
+    }
+
+    /// Whether [`ThinDriver::urgent_step`] has work.
+    pub fn has_urgent(&self) -> bool {
+        self.premount.is_some()
     }
 
     /// Each call takes the root's lock for its own duration, so other
@@ -392,6 +483,11 @@ impl ThinDriver {
         if let Some(p) = parent.filter(|_| id.ends_with(INIT_SUFFIX)) {
             self.demand.insert(p.to_owned(), std::time::Instant::now());
         }
+        // A container's layer on its init layer: mounted at once, for the
+        // `get` that follows.
+        if parent.and_then(|p| p.strip_suffix(INIT_SUFFIX)) == Some(id) {
+            self.premount = Some(id.to_owned());
+        }
         if parent.is_none() {
             if let Err(e) = store.make_subtree(&pid, TREE) {
                 return Err(match store.pool().remove_layer(&pid) {
@@ -452,6 +548,40 @@ impl ThinDriver {
         Ok(())
     }
 
+    /// Mounts layer `id` at its mount point (not counted yet); returns its
+    /// tree.
+    fn mount_tree(&mut self, id: &str) -> Result<PathBuf> {
+        let dir = self.mountpoint(id);
+        let tree = dir.join(TREE);
+        self.streams.not_applying(id, "mount")?;
+        let mut store = self.store()?;
+        Self::own(&mut store, id, "mount")?;
+        store
+            .pool()
+            .mount_layer(&pool_id(id), &dir, MountUse::Container)?;
+        match std::fs::symlink_metadata(&tree) {
+            Ok(m) if m.file_type().is_dir() => Ok(tree),
+            _ => {
+                let _ = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip);
+                Err(Error::Invalid(format!(
+                    "layer `{id}` has no `{TREE}` directory: its filesystem was changed outside the \
+                     driver; remove it (docker rmi / docker rm) and pull or create it again"
+                )))
+            }
+        }
+    }
+
+    /// Unmounts layer `id` if its mount is parked (before work that needs
+    /// it unmounted).
+    fn unpark(&mut self, store: &mut Store, id: &str) -> Result<()> {
+        if self.parked.remove(id).is_some() {
+            store.pool().set_teardown_later(true);
+            self.unmount(store, id)?;
+            self.idle.insert(id.to_owned());
+        }
+        Ok(())
+    }
+
     /// Remakes layer `id` empty on `parent` after a failed apply.
     fn remake_empty(&self, store: &mut Store, id: &str, parent: Option<&str>) -> Result<()> {
         let pid = pool_id(id);
@@ -504,9 +634,11 @@ impl GraphDriver for ThinDriver {
             )));
         }
         // Docker removes what it no longer uses; a mount it forgot to put
-        // goes with it, unless a process still works in it (then Busy).
+        // (or one parked) goes with it, unless a process still works in it
+        // (then Busy).
         store.pool().set_teardown_later(true);
         self.unmount(&mut store, id)?;
+        self.parked.remove(id);
         if self.refs.remove(id).is_some() {
             self.save_refs()?;
         }
@@ -517,29 +649,15 @@ impl GraphDriver for ThinDriver {
     }
 
     fn get(&mut self, id: &str) -> Result<PathBuf> {
-        let dir = self.mountpoint(id);
-        let tree = dir.join(TREE);
         if let Some(refs) = self.refs.get_mut(id) {
             *refs += 1;
             self.save_refs()?;
-            return Ok(tree);
+            return Ok(self.mountpoint(id).join(TREE));
         }
-        self.streams.not_applying(id, "mount")?;
-        let mut store = self.store()?;
-        Self::own(&mut store, id, "mount")?;
-        store
-            .pool()
-            .mount_layer(&pool_id(id), &dir, MountUse::Container)?;
-        match std::fs::symlink_metadata(&tree) {
-            Ok(m) if m.file_type().is_dir() => {}
-            _ => {
-                let _ = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip);
-                return Err(Error::Invalid(format!(
-                    "layer `{id}` has no `{TREE}` directory: its filesystem was changed outside the \
-                     driver; remove it (docker rmi / docker rm) and pull or create it again"
-                )));
-            }
-        }
+        let tree = match self.parked.remove(id) {
+            Some(_) if self.still_mounted(id)? => self.mountpoint(id).join(TREE),
+            _ => self.mount_tree(id)?,
+        };
         self.refs.insert(id.to_owned(), 1);
         self.save_refs()?;
         Ok(tree)
@@ -555,11 +673,15 @@ impl GraphDriver for ThinDriver {
             *refs -= 1;
             return self.save_refs();
         }
-        let mut store = self.store()?;
-        store.pool().set_teardown_later(true);
-        self.unmount(&mut store, id)?;
         self.refs.remove(id);
-        self.idle.insert(id.to_owned());
+        if id.ends_with(INIT_SUFFIX) {
+            let mut store = self.store()?;
+            store.pool().set_teardown_later(true);
+            self.unmount(&mut store, id)?;
+            self.idle.insert(id.to_owned());
+        } else {
+            self.parked.insert(id.to_owned(), std::time::Instant::now());
+        }
         self.save_refs()
     }
 
@@ -630,6 +752,8 @@ impl GraphDriver for ThinDriver {
             }
         }
         self.refs.clear();
+        self.parked.clear();
+        self.premount = None;
         self.save_refs()?;
         // Docker stops: nothing stays up for a settler that is going away.
         for id in std::mem::take(&mut self.idle) {

@@ -59,7 +59,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -175,6 +175,21 @@ pub trait Handler: Send + 'static {
     /// pause; returns whether more is left. Errors are the handler's to
     /// log: the work stays for the next step or the next start.
     fn idle(&mut self) -> bool {
+        false
+    }
+
+    /// Whether an answer left work due at once (see [`Handler::urgent`]).
+    fn has_urgent(&self) -> bool {
+        false
+    }
+
+    /// One step of work an answer made due at once, for a request likely
+    /// to follow (a container layer's mount, which its next request asks
+    /// for): run as soon as the request that made it ends, without waiting
+    /// for requests to pause, so it overlaps the client's own work between
+    /// its calls; returns whether more is left. Errors are the handler's
+    /// to log: the request that needs the work does it then.
+    fn urgent(&mut self) -> bool {
         false
     }
 
@@ -450,7 +465,15 @@ async fn locked<H: Handler, T: Send + 'static>(
     a.started.fetch_add(1, Ordering::Relaxed);
     a.in_flight.fetch_add(1, Ordering::Relaxed);
     let mut guard = Arc::clone(&handler.handler).lock_owned().await;
-    let done = tokio::task::spawn_blocking(move || f(&mut guard)).await;
+    let activity = Arc::clone(a);
+    let done = tokio::task::spawn_blocking(move || {
+        let out = f(&mut guard);
+        if guard.has_urgent() {
+            activity.urgent.store(true, Ordering::Relaxed);
+        }
+        out
+    })
+    .await;
     a.in_flight.fetch_sub(1, Ordering::Relaxed);
     a.ended.notify_one();
     done.map_err(|e| panicked(&e))
@@ -472,43 +495,65 @@ impl<H> Clone for Served<H> {
     }
 }
 
-/// Requests started and running, and a wake-up when one ends.
+/// Requests started and running, a wake-up when one ends, and whether
+/// one left work due at once.
 #[derive(Default)]
 struct Activity {
     started: AtomicU64,
     in_flight: AtomicUsize,
     ended: Notify,
+    urgent: AtomicBool,
 }
 
 /// How long no request may have started before the settler runs the
 /// handler's [`Handler::idle`] work.
 const SETTLE_AFTER: Duration = Duration::from_millis(50);
 
-/// Runs the handler's idle work, one step at a time, whenever requests
-/// pause for [`SETTLE_AFTER`], until it says nothing is left; a request
-/// arriving meanwhile waits for one step at most.
+/// How often the settler looks for idle work when no request comes (work
+/// that falls due with time: a kept mount or spare idle too long).
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Runs the handler's urgent work as soon as a request that made some
+/// ends; then its idle work, one step at a time, whenever requests pause
+/// for [`SETTLE_AFTER`], until it says nothing is left (and again every
+/// [`RECHECK`]). A request arriving meanwhile waits for one step at most.
 async fn settle<H: Handler>(served: Served<H>) {
     let a = &served.activity;
     loop {
-        a.ended.notified().await;
+        let _ = tokio::time::timeout(RECHECK, a.ended.notified()).await;
         loop {
+            while a.urgent.swap(false, Ordering::Relaxed) {
+                if step(&served, H::urgent).await {
+                    a.urgent.store(true, Ordering::Relaxed);
+                }
+            }
             let seen = a.started.load(Ordering::Relaxed);
-            tokio::time::sleep(SETTLE_AFTER).await;
-            if a.started.load(Ordering::Relaxed) != seen || a.in_flight.load(Ordering::Relaxed) > 0
+            // A request ending meanwhile may have left urgent work: at once
+            // to it, then the pause counts from there.
+            if tokio::time::timeout(SETTLE_AFTER, a.ended.notified())
+                .await
+                .is_ok()
+                || a.started.load(Ordering::Relaxed) != seen
+                || a.in_flight.load(Ordering::Relaxed) > 0
             {
                 continue;
             }
-            let mut guard = Arc::clone(&served.handler).lock_owned().await;
-            let more = match tokio::task::spawn_blocking(move || guard.idle()).await {
-                Ok(more) => more,
-                Err(e) => {
-                    tracing::error!(error = %e, "the idle work failed");
-                    false
-                }
-            };
-            if !more {
+            if !step(&served, H::idle).await {
                 break;
             }
+        }
+    }
+}
+
+/// Runs one step of the handler's deferred work (`work`: its urgent or
+/// idle work) on a blocking thread; returns whether more is left.
+async fn step<H: Handler>(served: &Served<H>, work: fn(&mut H) -> bool) -> bool {
+    let mut guard = Arc::clone(&served.handler).lock_owned().await;
+    match tokio::task::spawn_blocking(move || work(&mut guard)).await {
+        Ok(more) => more,
+        Err(e) => {
+            tracing::error!(error = %e, "the deferred work failed");
+            false
         }
     }
 }

@@ -352,6 +352,14 @@ impl Handler for DockerPlugin {
     fn idle(&mut self) -> bool {
         self.graph.settle_step()
     }
+
+    fn has_urgent(&self) -> bool {
+        self.graph.has_urgent()
+    }
+
+    fn urgent(&mut self) -> bool {
+        self.graph.urgent_step()
+    }
 }
 
 /// The endpoint of a request target: the path without its query.

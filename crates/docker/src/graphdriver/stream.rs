@@ -318,6 +318,7 @@ impl ThinDriver {
                 "layer `{id}` is mounted (Get without Put): a layer is applied before anything uses it"
             )));
         }
+        self.unpark(&mut store, id)?;
         let free_before = free_data_bytes(&mut store)?;
         let dir = self.new_stream_dir("apply")?;
         if let Err(e) = store
