@@ -21,7 +21,8 @@
 //!   `ROOT/graphdriver/mnt/ID/rootfs`, the same path every time.
 //! - `get` and `put` nest: references are counted per layer, the first
 //!   `get` mounts, the last `put` lets the mount go. The counts are a
-//!   crash-safe record (`ROOT/graphdriver/mounts.rec`), so a restarted
+//!   record (`ROOT/graphdriver/mounts.rec`, written atomically but not
+//!   durably: a host crash takes the mounts with it), so a restarted
 //!   plugin carries on where it stopped; `cleanup` (Docker's shutdown)
 //!   unmounts everything and forgets them.
 //! - A container's layer is mounted again soon after its last `put`: a
@@ -195,7 +196,6 @@ impl ThinDriver {
         // left.
         let mut store = Store::open(root, LockMode::Exclusive, true)?;
         record::create_dir(&root.join("graphdriver").join("mnt"))?;
-        let MountRefs(refs) = MountRefs::load_or_default(&refs_path(root))?;
         let mut driver = ThinDriver {
             root: root.to_owned(),
             refs: BTreeMap::new(),
@@ -210,6 +210,8 @@ impl ThinDriver {
         driver.sweep_streams(&mut store)?;
         drop(store);
         let mounted = driver.mounted_dirs()?;
+        let MountRefs(refs) =
+            record::read_volatile(&refs_path(root), MountRefs::KIND, mounted.is_empty())?;
         for (id, n) in refs {
             if mounted.contains(&driver.mountpoint(&id)) {
                 driver.refs.insert(id, n);
@@ -379,8 +381,11 @@ impl ThinDriver {
             .collect())
     }
 
+    /// Saves the references, not durably: they count mounts, which a host
+    /// crash takes away with them (and a start forgets the references of
+    /// a layer not mounted), so each Get and Put saves two fsyncs.
     fn save_refs(&self) -> Result<()> {
-        Ok(record::write(
+        Ok(record::write_volatile(
             &refs_path(&self.root),
             MountRefs::KIND,
             &self.refs,

@@ -45,6 +45,47 @@ pub const FILE_MODE: u32 = 0o600;
 /// # Errors
 /// I/O errors, with the path.
 pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<()> {
+    write_as(path, kind, value, true)
+}
+
+/// As [`write`], atomically but not durably (no fsync): for a record of
+/// what only lasts until the host stops (mounts and who holds them), which
+/// a host crash makes void anyway. A process crash still finds it whole;
+/// after a host crash it may be torn or old, and its reader must then take
+/// it as empty when nothing it describes is left (see
+/// [`read_volatile`]).
+///
+/// # Errors
+/// I/O errors, with the path.
+pub fn write_volatile<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<()> {
+    write_as(path, kind, value, false)
+}
+
+/// Loads a record [`write_volatile`] wrote: a missing one, or a damaged
+/// one when `nothing_left` (what it describes is gone, as after a host
+/// crash), is the default.
+///
+/// # Errors
+/// As [`read`], for a damaged record while something it describes is
+/// still there.
+pub fn read_volatile<T: DeserializeOwned + Default>(
+    path: &Path,
+    kind: &str,
+    nothing_left: bool,
+) -> Result<T> {
+    match read(path, kind) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Ok(T::default())
+        }
+        Err(Error::Record { reason, .. }) if nothing_left => {
+            tracing::info!(path = %path.display(), %reason, "a damaged record of mounts none of which is left: starting empty");
+            Ok(T::default())
+        }
+        other => other,
+    }
+}
+
+fn write_as<T: Serialize>(path: &Path, kind: &str, value: &T, durable: bool) -> Result<()> {
     let body = serde_json::to_vec_pretty(value).expect("records are plain data: serialisable");
     let header = format!(
         "{MAGIC} {FORMAT} {kind} len={} crc32={:08x}\n",
@@ -57,7 +98,7 @@ pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<()> {
         .write_all(header.as_bytes())
         .and_then(|()| f.write_all(&body))
         .and_then(|()| f.write_all(b"\n"))
-        .and_then(|()| f.sync_all());
+        .and_then(|()| if durable { f.sync_all() } else { Ok(()) });
     drop(f);
     if let Err(e) = written {
         // A full host filesystem: leave no half-written temp behind.
@@ -65,7 +106,7 @@ pub fn write<T: Serialize>(path: &Path, kind: &str, value: &T) -> Result<()> {
         return Err(e).ctx(|| format!("write {}", tmp.display()));
     }
     fs::rename(&tmp, path).ctx(|| format!("rename {} into place", tmp.display()))?;
-    sync_dir(path)
+    if durable { sync_dir(path) } else { Ok(()) }
 }
 
 /// Loads a record of `kind` from `path`, checking magic, version, kind,
@@ -370,6 +411,36 @@ mod tests {
         write(&p, "sample", &sample()).unwrap();
         assert_eq!(read::<Sample>(&p, "sample").unwrap(), sample());
         assert_eq!(sweep_temp(&d).unwrap(), 0);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_volatile_record_reads_back_and_a_torn_one_counts_only_when_its_mounts_are_left() {
+        let d = tempdir("vol");
+        let p = d.join("m.rec");
+        let none: std::collections::BTreeMap<String, u64> =
+            read_volatile(&p, "mounts", false).unwrap();
+        assert!(none.is_empty(), "missing: empty");
+        let refs = std::collections::BTreeMap::from([("a".to_owned(), 2u64)]);
+        write_volatile(&p, "mounts", &refs).unwrap();
+        assert_eq!(
+            read_volatile::<std::collections::BTreeMap<String, u64>>(&p, "mounts", false).unwrap(),
+            refs
+        );
+        assert_eq!(sweep_temp(&d).unwrap(), 0);
+        // Torn, as a host crash may leave it.
+        let whole = fs::read(&p).unwrap();
+        fs::write(&p, &whole[..whole.len() / 2]).unwrap();
+        let after_crash: std::collections::BTreeMap<String, u64> =
+            read_volatile(&p, "mounts", true).unwrap();
+        assert!(after_crash.is_empty(), "nothing mounted: starts empty");
+        assert!(
+            matches!(
+                read_volatile::<std::collections::BTreeMap<String, u64>>(&p, "mounts", false),
+                Err(Error::Record { .. })
+            ),
+            "mounts still there: the damage is reported"
+        );
         fs::remove_dir_all(d).unwrap();
     }
 
