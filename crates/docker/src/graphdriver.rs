@@ -304,12 +304,6 @@ impl ThinDriver {
         self.park_idle = idle;
     }
 
-    /// Whether a layer's mount is still there (a parked mount someone
-    /// unmounted behind the driver's back is not).
-    fn still_mounted(&self, id: &str) -> Result<bool> {
-        Ok(thinlayer_pool::mounts::is_mountpoint(&self.mountpoint(id))?)
-    }
-
     /// The urgent work [`ThinDriver::has_urgent`] announced: the mount of
     /// the container layer just created, parked for its `get`. A failure
     /// is logged; the `get` mounts then, and reports it.
@@ -324,13 +318,13 @@ impl ThinDriver {
         match self.mount_tree(&id) {
             Ok(_) => {
                 self.parked.insert(id, std::time::Instant::now());
+                tracing::debug!(
+                    ms = t.elapsed().as_secs_f64() * 1000.0,
+                    "mounted a layer ahead"
+                );
             }
             Err(e) => tracing::debug!(%id, error = %e, "no mount made ahead of its get"),
         }
-        tracing::debug!(
-            ms = t.elapsed().as_secs_f64() * 1000.0,
-            "mounted a layer ahead"
-        );
         false
     }
 
@@ -580,10 +574,16 @@ impl ThinDriver {
     /// it unmounted).
     fn unpark(&mut self, store: &mut Store, id: &str) -> Result<()> {
         if self.parked.remove(id).is_some() {
-            store.pool().set_teardown_later(true);
-            self.unmount(store, id)?;
-            self.idle.insert(id.to_owned());
+            self.let_go(store, id)?;
         }
+        Ok(())
+    }
+
+    /// Unmounts layer `id` and leaves its device for the settler.
+    fn let_go(&mut self, store: &mut Store, id: &str) -> Result<()> {
+        store.pool().set_teardown_later(true);
+        self.unmount(store, id)?;
+        self.idle.insert(id.to_owned());
         Ok(())
     }
 
@@ -659,8 +659,12 @@ impl GraphDriver for ThinDriver {
             self.save_refs()?;
             return Ok(self.mountpoint(id).join(TREE));
         }
+        // A parked mount someone unmounted behind the driver's back is
+        // made again.
         let tree = match self.parked.remove(id) {
-            Some(_) if self.still_mounted(id)? => self.mountpoint(id).join(TREE),
+            Some(_) if thinlayer_pool::mounts::is_mountpoint(&self.mountpoint(id))? => {
+                self.mountpoint(id).join(TREE)
+            }
             _ => self.mount_tree(id)?,
         };
         self.refs.insert(id.to_owned(), 1);
@@ -680,10 +684,7 @@ impl GraphDriver for ThinDriver {
         }
         self.refs.remove(id);
         if id.ends_with(INIT_SUFFIX) {
-            let mut store = self.store()?;
-            store.pool().set_teardown_later(true);
-            self.unmount(&mut store, id)?;
-            self.idle.insert(id.to_owned());
+            self.let_go(&mut self.store()?, id)?;
         } else {
             self.parked.insert(id.to_owned(), std::time::Instant::now());
         }
