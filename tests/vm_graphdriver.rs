@@ -96,10 +96,22 @@ fn vm_graphdriver_conformance() {
         assert!(!is_mount(&c1), "a new driver unmounts parked mounts");
         let _ = d.get("c1").unwrap();
         d.put("c1").unwrap();
-        // A remove unmounts a parked layer.
+        // The remove of a parked layer a process still works in is refused
+        // before its filesystem is shut down: it stays whole and writable.
+        let held = fs::File::open(c1.join("etc/os")).unwrap();
+        let busy = d.remove("c1").unwrap_err().to_string();
+        assert!(busy.contains("fuser"), "{busy}");
+        fs::write(c1.join("after-busy"), "kept\n").unwrap();
+        assert!(d.exists("c1").unwrap() && is_mount(&c1));
+        drop(held);
+        // A remove unmounts a parked layer, shut down first: nothing is
+        // written back, and the layers it was made from are untouched.
         d.remove("c1").unwrap();
         assert!(!is_mount(&c1) && !d.exists("c1").unwrap());
         d.remove("c1-init").unwrap();
+        let app = d.get("app").unwrap();
+        assert_eq!(fs::read_to_string(app.join("etc/os")).unwrap(), "base\n");
+        d.put("app").unwrap();
 
         // exists / remove rules.
         assert!(d.exists("ctr").unwrap() && !d.exists("nope").unwrap());

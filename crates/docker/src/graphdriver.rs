@@ -277,7 +277,7 @@ impl ThinDriver {
                 }
             } else if let Some(id) = self.parked_due() {
                 self.parked.remove(&id);
-                self.unmount(&mut store, &id)?;
+                self.unmount(&mut store, &id, Trim::Skip)?;
             }
             Ok(!self.idle.is_empty()
                 || !store.pool().record().trash.is_empty()
@@ -537,12 +537,10 @@ impl ThinDriver {
 
     /// Unmounts layer `id`'s mount of this driver, if mounted (one
     /// `statx`: mountinfo grows with every container).
-    fn unmount(&mut self, store: &mut Store, id: &str) -> Result<()> {
+    fn unmount(&mut self, store: &mut Store, id: &str, trim: Trim) -> Result<()> {
         let dir = self.mountpoint(id);
         if thinlayer_pool::mounts::is_mountpoint(&dir)? {
-            store
-                .pool()
-                .umount_with(&dir.to_string_lossy(), Trim::Skip)?;
+            store.pool().umount_with(&dir.to_string_lossy(), trim)?;
         }
         Ok(())
     }
@@ -582,7 +580,7 @@ impl ThinDriver {
     /// Unmounts layer `id` and leaves its device for the settler.
     fn let_go(&mut self, store: &mut Store, id: &str) -> Result<()> {
         store.pool().set_teardown_later(true);
-        self.unmount(store, id)?;
+        self.unmount(store, id, Trim::Skip)?;
         self.idle.insert(id.to_owned());
         Ok(())
     }
@@ -640,9 +638,9 @@ impl GraphDriver for ThinDriver {
         }
         // Docker removes what it no longer uses; a mount it forgot to put
         // (or one parked) goes with it, unless a process still works in it
-        // (then Busy).
+        // (then Busy), and without writing back what is deleted next.
         store.pool().set_teardown_later(true);
-        self.unmount(&mut store, id)?;
+        self.unmount(&mut store, id, Trim::Discard)?;
         self.parked.remove(id);
         if self.refs.remove(id).is_some() {
             self.save_refs()?;

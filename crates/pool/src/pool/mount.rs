@@ -276,11 +276,18 @@ impl Pool {
             (vec![thin], vec![dir])
         };
         let spares = self.real_spares_dir()?;
-        for d in dirs.iter().rev() {
-            if trim == Trim::Before {
-                crate::space::trim_before_umount(d);
+        for (i, d) in dirs.iter().rev().enumerate() {
+            // A filesystem is shut down only at its last mount: a busy one
+            // before it keeps it whole.
+            let last = i + 1 == dirs.len();
+            match trim {
+                Trim::Before => {
+                    crate::space::trim_before_umount(d);
+                    mounts::umount(d)?;
+                }
+                Trim::Discard if last => mounts::umount_discarding(d)?,
+                Trim::Skip | Trim::Discard => mounts::umount(d)?,
             }
-            mounts::umount(d)?;
             if d.parent() == Some(spares.as_path()) {
                 // A taken spare's mount, never used: its directory goes.
                 let _ = fs::remove_dir(d);
@@ -313,6 +320,9 @@ pub enum Trim {
     Before,
     /// No trim: for layers whose blocks a removal gives back.
     Skip,
+    /// The layer is removed next: nothing is written back at all
+    /// ([`mounts::umount_discarding`] at the filesystem's last mount).
+    Discard,
 }
 
 /// A layer's unmounts and device removal, planned under the root's lock
