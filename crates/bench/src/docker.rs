@@ -250,8 +250,9 @@ pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()>
          image {IMAGE} ({FIXTURE}, {LAYERS} layers); medians of {n}; every time is a docker CLI call \
          from spawn to exit. Allocated: thinlayer and devicemapper pool blocks (64 KiB each), \
          overlay2 and vfs bytes under the driver's directory (du -x: overlay2's upper dirs); \
-         host bytes: the ext4's use. The first write goes through /proc/PID/root of a running \
-         container, caches dropped first",
+         host bytes: the ext4's use; returned on rm: once the use stops falling (3 s unchanged, \
+         60 s at most), so space given back after the answer counts. The first write goes \
+         through /proc/PID/root of a running container, caches dropped first",
         n = p.docker_samples
     ));
     report.compute_stats();
@@ -443,6 +444,25 @@ impl Meter {
             Meter::Pool(name) => pool_used(name).map(|(blocks, bs)| blocks * bs),
             Meter::Thinlayer(exe, root) => thinlayer_status(exe, root).map(|(n, bs)| n * bs),
         }
+    }
+
+    /// Bytes in use once they stop falling: a driver that gives space back
+    /// after it answers (thinlayer's settler, devicemapper's deferred
+    /// deletion) is measured when done. Unchanged for 3 s, or 60 s at most.
+    fn used_when_settled(&self) -> Result<u64> {
+        let start = std::time::Instant::now();
+        let mut last = self.used()?;
+        let mut unchanged = 0;
+        while unchanged < 3 && start.elapsed() < std::time::Duration::from_secs(60) {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let now = self.used()?;
+            if now == last {
+                unchanged += 1;
+            } else {
+                (last, unchanged) = (now, 0);
+            }
+        }
+        Ok(last)
     }
 }
 
@@ -643,7 +663,7 @@ fn measure(
     let mut rm = vec!["rm"];
     rm.extend(names.iter().map(String::as_str));
     d.ok(&rm)?;
-    let used2 = meter.used()?;
+    let used2 = meter.used_when_settled()?;
     let per = |a: u64, z: u64| (z as f64 - a as f64) / k as f64;
     m.add("trivial-alloc-bytes", per(used0, used1));
     m.add("trivial-host-bytes", per(host0, host1));

@@ -30,7 +30,12 @@
 //!   exit puts it before the `docker rm`. So that `put` keeps the mount
 //!   ("parked"), and a `get` within [`PARK_IDLE`] takes it back with one
 //!   `statx`; the settler unmounts what stays parked longer (at most
-//!   [`PARK_MAX`] are kept), and a `remove` unmounts its layer as it did.
+//!   [`PARK_MAX`] are kept), and a `remove` unmounts its layer as it did,
+//!   with its filesystem shut down first ([`Trim::Discard`]): nothing the
+//!   removal deletes is written back (its dirty data, journal and
+//!   superblock would each copy a pool block shared with the image). A
+//!   process still working in it is found before the shutdown, and the
+//!   remove refused with nothing changed.
 //!   The mount a container's layer needs first is made before Docker asks:
 //!   right after the create of a layer on its container's init layer
 //!   (`ID` on `ID-init`), as urgent work the server runs at once, so it
