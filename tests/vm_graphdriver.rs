@@ -104,6 +104,32 @@ fn vm_graphdriver_conformance() {
         fs::write(c1.join("after-busy"), "kept\n").unwrap();
         assert!(d.exists("c1").unwrap() && is_mount(&c1));
         drop(held);
+        // A bind of it elsewhere keeps the filesystem whole: the remove
+        // unmounts the driver's mount only, and refuses.
+        let bind = s.root.join("bind-c1");
+        fs::create_dir(&bind).unwrap();
+        let bound = std::process::Command::new("mount")
+            .arg("--bind")
+            .args([&c1, &bind])
+            .status()
+            .unwrap();
+        assert!(bound.success());
+        assert!(
+            d.remove("c1").is_err(),
+            "a mount elsewhere refuses the remove"
+        );
+        fs::write(bind.join("after-bind"), "kept\n").unwrap();
+        assert_eq!(
+            fs::read_to_string(bind.join("after-busy")).unwrap(),
+            "kept\n"
+        );
+        let unbound = std::process::Command::new("umount")
+            .arg(&bind)
+            .status()
+            .unwrap();
+        assert!(unbound.success() && d.exists("c1").unwrap());
+        let _ = d.get("c1").unwrap();
+        d.put("c1").unwrap();
         // A remove unmounts a parked layer, shut down first: nothing is
         // written back, and the layers it was made from are untouched.
         d.remove("c1").unwrap();

@@ -241,7 +241,8 @@ const SHUTDOWN_NOLOGFLUSH: u32 = 2;
 /// journal nor superblock, each of which would copy a pool block shared
 /// with the parent only to be deleted. The kernel logs the shutdown once
 /// per filesystem (ext4: "shut down requested (2)"). A filesystem that
-/// cannot be shut down is unmounted as usual.
+/// cannot be shut down, or that this namespace also mounts elsewhere, is
+/// unmounted as usual.
 ///
 /// # Errors
 /// [`Error::Busy`] when a process works inside it, found before anything
@@ -258,7 +259,13 @@ pub fn umount_discarding(dir: &Path) -> Result<()> {
             return Err(std::io::Error::from(e)).ctx(|| format!("unmount {}", dir.display()));
         }
     }
-    if let Err(e) = shutdown(dir) {
+    // The filesystem mounted elsewhere too (a bind of it): only this
+    // mount goes, and the filesystem stays whole for the others.
+    let elsewhere = match mount_root(dir)? {
+        Some(dev) => mountpoints_of(dev)?.iter().any(|p| p != dir),
+        None => false,
+    };
+    if !elsewhere && let Err(e) = shutdown(dir) {
         tracing::debug!(dir = %dir.display(), error = %e, "not shut down before unmount");
     }
     umount(dir)
