@@ -276,17 +276,14 @@ impl Pool {
             (vec![thin], vec![dir])
         };
         let spares = self.real_spares_dir()?;
-        for (i, d) in dirs.iter().rev().enumerate() {
-            // A filesystem is shut down only at its last mount: a busy one
-            // before it keeps it whole.
-            let last = i + 1 == dirs.len();
+        for d in dirs.iter().rev() {
             match trim {
                 Trim::Before => {
                     crate::space::trim_before_umount(d);
                     mounts::umount(d)?;
                 }
-                Trim::Discard if last => mounts::umount_discarding(d)?,
-                Trim::Skip | Trim::Discard => mounts::umount(d)?,
+                Trim::Skip => mounts::umount(d)?,
+                Trim::Discard => mounts::umount_discarding(d)?,
             }
             if d.parent() == Some(spares.as_path()) {
                 // A taken spare's mount, never used: its directory goes.
@@ -321,7 +318,8 @@ pub enum Trim {
     /// No trim: for layers whose blocks a removal gives back.
     Skip,
     /// The layer is removed next: nothing is written back at all
-    /// ([`mounts::umount_discarding`] at the filesystem's last mount).
+    /// ([`mounts::umount_discarding`]; of several mounts, the filesystem
+    /// is shut down at the last).
     Discard,
 }
 
