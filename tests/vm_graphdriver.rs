@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Pool, vm_test};
+use common::{Pool, dm_devices, vm_test};
 
 use std::{fs, path::Path};
 
@@ -129,11 +129,44 @@ fn vm_graphdriver_conformance() {
             .unwrap();
         assert!(unbound.success() && d.exists("c1").unwrap());
         let _ = d.get("c1").unwrap();
+        // 8 MiB the kernel has not written back yet (delayed allocation:
+        // no pool block is allocated for them until it does).
+        fs::write(c1.join("dirty"), vec![3u8; 8 << 20]).unwrap();
         d.put("c1").unwrap();
-        // A remove unmounts a parked layer, shut down first: nothing is
-        // written back, and the layers it was made from are untouched.
+        let thin = d
+            .metadata("c1")
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k == "ThinId")
+            .unwrap()
+            .1;
+        let device = dm_devices()
+            .into_iter()
+            .find(|n| n.ends_with(&format!("-thin-{thin}")))
+            .expect("a parked layer's device is up");
+        let before = s.used_data_blocks();
+        // A remove takes a parked layer's filesystem out of the tree at
+        // once; the settler's first step finishes the unmount, shut down
+        // first: nothing is written back (the shutdown itself copies the
+        // journal's superblock block), and the layers it was made from
+        // are untouched.
         d.remove("c1").unwrap();
         assert!(!is_mount(&c1) && !d.exists("c1").unwrap());
+        assert!(
+            dm_devices().contains(&device),
+            "the detached filesystem holds its device until the settler runs"
+        );
+        assert!(d.settle_step(), "the trashed thin id is still to reclaim");
+        let after = s.used_data_blocks();
+        assert!(
+            after <= before + 2,
+            "the unmount wrote the removed layer back: {before} -> {after} pool blocks"
+        );
+        while d.settle_step() {}
+        assert!(
+            !dm_devices().contains(&device),
+            "the settler tears the removed layer's device down"
+        );
         d.remove("c1-init").unwrap();
         let app = d.get("app").unwrap();
         assert_eq!(fs::read_to_string(app.join("etc/os")).unwrap(), "base\n");

@@ -30,12 +30,15 @@
 //!   exit puts it before the `docker rm`. So that `put` keeps the mount
 //!   ("parked"), and a `get` within [`PARK_IDLE`] takes it back with one
 //!   `statx`; the settler unmounts what stays parked longer (at most
-//!   [`PARK_MAX`] are kept), and a `remove` unmounts its layer as it did,
-//!   with its filesystem shut down first ([`Trim::Discard`]): nothing the
-//!   removal deletes is written back (its dirty data, journal and
-//!   superblock would each copy a pool block shared with the image). A
-//!   process still working in it is found before the shutdown, and the
-//!   remove refused with nothing changed.
+//!   [`PARK_MAX`] are kept). A `remove` takes its layer's filesystem out
+//!   of the mount tree at once ([`Trim::Discard`]) and the settler's next
+//!   step finishes the unmount with the filesystem shut down first:
+//!   nothing the removal deletes is written back (its dirty data, journal
+//!   and superblock would each copy a pool block shared with the image),
+//!   and the shutdown's own forced journal write is off the request path.
+//!   That step comes before any reclaim: the device is open until then. A
+//!   process still working in it is found before anything is detached,
+//!   and the remove refused with nothing changed.
 //!   The mount a container's layer needs first is made before Docker asks:
 //!   right after the create of a layer on its container's init layer
 //!   (`ID` on `ID-init`), as urgent work the server runs at once, so it
@@ -154,6 +157,9 @@ pub struct ThinDriver {
     stream_seq: u64,
     /// Docker layers whose device a `put` left up, for the settler.
     idle: std::collections::BTreeSet<String>,
+    /// Removed layers' filesystems, out of the mount tree, whose unmounts
+    /// the settler finishes (before it reclaims their thin ids).
+    dead: Vec<thinlayer_pool::mounts::Detached>,
     /// Image layers containers were lately created on, and when: the
     /// settler keeps one mounted spare of each (see [`SPARE_IDLE`]).
     demand: BTreeMap<String, std::time::Instant>,
@@ -208,6 +214,7 @@ impl ThinDriver {
             stream_seq: 0,
             idle: std::collections::BTreeSet::new(),
             demand: BTreeMap::new(),
+            dead: Vec::new(),
             parked: BTreeMap::new(),
             premount: None,
             park_idle: PARK_IDLE,
@@ -256,7 +263,10 @@ impl ThinDriver {
     pub fn settle_step(&mut self) -> bool {
         let t = std::time::Instant::now();
         let step = self.store().and_then(|mut store| {
-            if let Some(id) = self.idle.pop_first() {
+            if let Some(fs) = self.dead.pop() {
+                // First: its device is reclaimed only once this is done.
+                drop(fs);
+            } else if let Some(id) = self.idle.pop_first() {
                 if !self.refs.contains_key(&id) && !self.parked.contains_key(&id) {
                     match store.pool().deactivate_layer(&pool_id(&id)) {
                         Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
@@ -284,7 +294,8 @@ impl ThinDriver {
                 self.parked.remove(&id);
                 self.unmount(&mut store, &id, Trim::Skip)?;
             }
-            Ok(!self.idle.is_empty()
+            Ok(!self.dead.is_empty()
+                || !self.idle.is_empty()
                 || !store.pool().record().trash.is_empty()
                 || self.spare_wanted(&mut store).is_some()
                 || self.parked_due().is_some())
@@ -546,6 +557,9 @@ impl ThinDriver {
         let dir = self.mountpoint(id);
         if thinlayer_pool::mounts::is_mountpoint(&dir)? {
             store.pool().umount_with(&dir.to_string_lossy(), trim)?;
+            // A removal's filesystem is out of the tree; the settler
+            // finishes its unmount.
+            self.dead.extend(store.pool().take_detached());
         }
         Ok(())
     }
@@ -752,6 +766,9 @@ impl GraphDriver for ThinDriver {
     }
 
     fn cleanup(&mut self) -> Result<()> {
+        // Removed layers' filesystems finish their unmounts first: their
+        // devices go in the reclaim below.
+        self.dead.clear();
         let mut store = self.store()?;
         let mut first_error = None;
         for dir in self.mounted_dirs()? {

@@ -234,55 +234,116 @@ mod ioctl {
 /// stop all writes now, without committing the journal first.
 const SHUTDOWN_NOLOGFLUSH: u32 = 2;
 
-/// Unmounts `dir`, whose filesystem is deleted next, without writing back
-/// what it holds: once nothing is found using the mount, the filesystem is
-/// shut down (ext4 `EXT4_IOC_SHUTDOWN`, XFS `XFS_IOC_GOINGDOWN`, both
-/// without a log flush), so the unmount writes neither dirty data nor
-/// journal nor superblock, each of which would copy a pool block shared
-/// with the parent only to be deleted. The kernel logs the shutdown once
-/// per filesystem (ext4: "shut down requested (2)"). A filesystem that
-/// cannot be shut down, or that this namespace also mounts elsewhere, is
-/// unmounted as usual.
+/// A layer's filesystem taken out of the mount tree
+/// ([`detach_discarding`]) and kept alive only by this handle. Dropping it
+/// shuts the filesystem down (ext4 `EXT4_IOC_SHUTDOWN`, XFS
+/// `XFS_IOC_GOINGDOWN`, both without a log flush) and closes the last
+/// reference, so the kernel finishes the unmount writing neither dirty
+/// data nor journal nor superblock, each of which would copy a pool block
+/// shared with the parent only to be deleted. The kernel logs the
+/// shutdown once per filesystem (ext4: "shut down requested (2)").
+///
+/// The drop is the slow half of the unmount (the shutdown records it in
+/// the journal's superblock with a forced write, a pool commit), so a
+/// daemon keeps these for its idle time; the device stays open until
+/// then. A process that dies holding one leaves the kernel to finish the
+/// unmount as a plain one (written back, then deleted with the layer).
+#[derive(Debug)]
+pub struct Detached {
+    root: std::fs::File,
+    dir: PathBuf,
+}
+
+impl Detached {
+    /// Where the filesystem was mounted.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Err(e) = shutdown(&self.root) {
+            tracing::debug!(dir = %self.dir.display(), error = %e, "not shut down before unmount");
+        }
+        // `root` closes next: the last reference, so the kernel unmounts.
+    }
+}
+
+/// Takes `dir`'s filesystem, which is deleted next, out of the mount tree
+/// at once (`MNT_DETACH`) and returns the [`Detached`] handle whose drop
+/// finishes the unmount without writing anything back. A filesystem this
+/// namespace also mounts elsewhere (a bind of it) is not shut down: only
+/// this mount goes, unmounted as usual, and `None` is returned.
 ///
 /// # Errors
 /// [`Error::Busy`] when a process works inside it, found before anything
-/// is shut down; other errors as I/O.
-pub fn umount_discarding(dir: &Path) -> Result<()> {
+/// is detached; other errors as I/O.
+pub fn detach_discarding(dir: &Path) -> Result<Option<Detached>> {
+    use nix::fcntl::OFlag;
+    use std::os::unix::fs::OpenOptionsExt;
     // `MNT_EXPIRE` asks whether anything but the mount tree holds the
     // mount: `EAGAIN` (and an expiry mark a plain unmount ignores) when
     // nothing does, `EBUSY` when a process does.
     match nix::mount::umount2(dir, MntFlags::MNT_EXPIRE | MntFlags::UMOUNT_NOFOLLOW) {
         Err(nix::errno::Errno::EAGAIN) => {}
-        Ok(()) => return Ok(()),
+        Ok(()) => return Ok(None),
         Err(nix::errno::Errno::EBUSY) => return Err(busy(dir)),
         Err(e) => {
             return Err(std::io::Error::from(e)).ctx(|| format!("unmount {}", dir.display()));
         }
     }
-    // The filesystem mounted elsewhere too (a bind of it): only this
-    // mount goes, and the filesystem stays whole for the others.
-    let elsewhere = match mount_root(dir)? {
-        Some(dev) => mountpoints_of(dev)?.iter().any(|p| p != dir),
-        None => false,
+    let Some(dev) = mount_root(dir)? else {
+        return Ok(None);
     };
-    if !elsewhere && let Err(e) = shutdown(dir) {
-        tracing::debug!(dir = %dir.display(), error = %e, "not shut down before unmount");
+    // The filesystem mounted elsewhere too: only this mount goes, and the
+    // filesystem stays whole for the others.
+    if mountpoints_of(dev)?.iter().any(|p| p != dir) {
+        umount(dir)?;
+        return Ok(None);
     }
-    umount(dir)
+    let root = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(dir)
+        .ctx(|| format!("open {}", dir.display()))?;
+    let seen = rustix::fs::statx(
+        &root,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::BASIC_STATS,
+    )
+    .map_err(std::io::Error::from)
+    .ctx(|| format!("statx {}", dir.display()))?;
+    let own = Device {
+        major: seen.stx_dev_major,
+        minor: seen.stx_dev_minor,
+    };
+    if own != dev {
+        // Not the mount's own root (nothing should swap it): unmount as
+        // usual rather than hold something else.
+        drop(root);
+        umount(dir)?;
+        return Ok(None);
+    }
+    nix::mount::umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("detach {}", dir.display()))?;
+    Ok(Some(Detached {
+        root,
+        dir: dir.to_path_buf(),
+    }))
 }
 
-/// Shuts the filesystem mounted at `dir` down without a log flush.
-fn shutdown(dir: &Path) -> Result<()> {
+/// Shuts the filesystem `root` is open on down without a log flush.
+fn shutdown(root: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(dir).ctx(|| format!("open {}", dir.display()))?;
     let mut flags = SHUTDOWN_NOLOGFLUSH;
-    // SAFETY: `f` is open for the whole call and `flags` is the `__u32`
+    // SAFETY: `root` is open for the whole call and `flags` is the `__u32`
     // the kernel reads; it keeps no pointer.
     #[allow(unsafe_code)]
-    let r = unsafe { ioctl::shutdown(f.as_raw_fd(), &mut flags) };
-    r.map(|_| ())
-        .map_err(std::io::Error::from)
-        .ctx(|| format!("shut down the filesystem at {}", dir.display()))
+    let r = unsafe { ioctl::shutdown(root.as_raw_fd(), &mut flags) };
+    r.map(|_| ()).map_err(std::io::Error::from)
 }
 
 fn busy(dir: &Path) -> Error {

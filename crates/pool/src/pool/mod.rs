@@ -95,6 +95,10 @@ pub struct Pool {
     teardown_later: bool,
     /// Devices an unmount left up under `teardown_later`.
     idle: BTreeSet<u32>,
+    /// Filesystems a [`Trim::Discard`] unmount detached under
+    /// `teardown_later`, for the caller to finish ([`Pool::take_detached`]);
+    /// finished when the handle drops if not taken.
+    detached: Vec<crate::mounts::Detached>,
     /// Parent -> children, built on first use (see [`Pool::children_of`]);
     /// dropped whenever recovery changes records.
     children: Option<ChildIndex>,
@@ -183,6 +187,7 @@ impl Pool {
             settled: false,
             teardown_later: false,
             idle: BTreeSet::new(),
+            detached: Vec::new(),
             children: None,
             held: BTreeSet::new(),
             _lock: lock,
@@ -365,6 +370,14 @@ impl Pool {
     /// long-lived caller (a daemon) that can reclaim while idle.
     pub fn set_teardown_later(&mut self, on: bool) {
         self.teardown_later = on;
+    }
+
+    /// The filesystems [`Trim::Discard`] unmounts detached under
+    /// `teardown_later`: each one's drop finishes its unmount (see
+    /// [`crate::mounts::Detached`]). Drop them before their layers'
+    /// thin ids are reclaimed: until then their devices stay open.
+    pub fn take_detached(&mut self) -> Vec<crate::mounts::Detached> {
+        std::mem::take(&mut self.detached)
     }
 
     pub(crate) fn interrupted_create_error(&self) -> Error {

@@ -283,7 +283,7 @@ impl Pool {
                     mounts::umount(d)?;
                 }
                 Trim::Skip => mounts::umount(d)?,
-                Trim::Discard => mounts::umount_discarding(d)?,
+                Trim::Discard => self.detached.extend(mounts::detach_discarding(d)?),
             }
             if d.parent() == Some(spares.as_path()) {
                 // A taken spare's mount, never used: its directory goes.
@@ -291,6 +291,10 @@ impl Pool {
             }
         }
         fault::point("umount.after_umount");
+        if !self.teardown_later {
+            // The device goes now: its detached filesystems first.
+            self.detached.clear();
+        }
         for (thin_id, name) in selected {
             if self
                 .kernel()?
@@ -317,9 +321,11 @@ pub enum Trim {
     Before,
     /// No trim: for layers whose blocks a removal gives back.
     Skip,
-    /// The layer is removed next: nothing is written back at all
-    /// ([`mounts::umount_discarding`]; of several mounts, the filesystem
-    /// is shut down at the last).
+    /// The layer is removed next: nothing is written back at all. The
+    /// filesystem leaves the mount tree at once ([`mounts::detach_discarding`];
+    /// of several mounts, only at the last); under `teardown_later` the
+    /// rest of the unmount waits in [`Pool::take_detached`] for the
+    /// caller's idle time, else it is done before the call returns.
     Discard,
 }
 

@@ -74,6 +74,8 @@ impl Pool {
     /// As [`Pool::reclaim`].
     pub fn reclaim_some(&mut self, max: usize) -> Result<Reclaimed> {
         let mut done = Reclaimed::default();
+        // Detached filesystems keep their devices open: finish them first.
+        self.detached.clear();
         if self.pool_device()?.is_none() {
             return Ok(done);
         }
