@@ -254,13 +254,6 @@ pub struct Detached {
     dir: PathBuf,
 }
 
-impl Detached {
-    /// Where the filesystem was mounted.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
 impl Drop for Detached {
     fn drop(&mut self) {
         if let Err(e) = shutdown(&self.root) {
