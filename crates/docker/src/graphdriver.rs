@@ -254,19 +254,25 @@ impl ThinDriver {
         Ok(driver)
     }
 
-    /// One step of the work answers left for later: one idle device torn
-    /// down, else one trashed thin id reclaimed, else one image layer's
+    /// One step of the work answers left for later: one removed layer's
+    /// unmount finished, else one idle device torn down, else one trashed
+    /// thin id reclaimed, else one image layer's
     /// mounted spare made (or, idle past [`SPARE_IDLE`], dropped). Returns
     /// whether more is left. A failure is logged and the work dropped from
     /// this run's list (the next start or `thinlayer pool reclaim` finishes
     /// it).
     pub fn settle_step(&mut self) -> bool {
         let t = std::time::Instant::now();
+        if let Some(fs) = self.dead.pop() {
+            // First, and with no store opened (it needs no record or
+            // lock): its device is reclaimed only once this is done, and
+            // its thin id is still in the trash.
+            drop(fs);
+            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+            return true;
+        }
         let step = self.store().and_then(|mut store| {
-            if let Some(fs) = self.dead.pop() {
-                // First: its device is reclaimed only once this is done.
-                drop(fs);
-            } else if let Some(id) = self.idle.pop_first() {
+            if let Some(id) = self.idle.pop_first() {
                 if !self.refs.contains_key(&id) && !self.parked.contains_key(&id) {
                     match store.pool().deactivate_layer(&pool_id(&id)) {
                         Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
@@ -294,8 +300,7 @@ impl ThinDriver {
                 self.parked.remove(&id);
                 self.unmount(&mut store, &id, Trim::Skip)?;
             }
-            Ok(!self.dead.is_empty()
-                || !self.idle.is_empty()
+            Ok(!self.idle.is_empty()
                 || !store.pool().record().trash.is_empty()
                 || self.spare_wanted(&mut store).is_some()
                 || self.parked_due().is_some())
