@@ -66,14 +66,6 @@ use crate::error::{Error, Result};
 /// it, one per line.
 const REPLAYED: &str = ".thinlayer-replayed";
 
-/// Whether overlayfs options can name `paths` (it separates options with
-/// `,` and lower layers with `:`).
-fn nameable(paths: &[&Path]) -> bool {
-    !paths
-        .iter()
-        .any(|p| p.to_string_lossy().contains([',', ':', '\\']))
-}
-
 impl ThinDriver {
     /// The private tmpfs the init layers' overlays live on.
     fn overlays_dir(&self) -> PathBuf {
@@ -203,7 +195,11 @@ impl ThinDriver {
             upper.display(),
             work.display()
         );
-        if !nameable(&[&lower, &upper, &work]) {
+        // overlayfs separates options with `,` and lower layers with `:`.
+        if [&lower, &upper, &work]
+            .iter()
+            .any(|p| p.to_string_lossy().contains([',', ':', '\\']))
+        {
             return Ok(None);
         }
         self.streams.not_applying(id, "mount")?;
@@ -261,56 +257,8 @@ impl ThinDriver {
             mounts::umount(&merged)?;
         }
         self.save_recipe(id, &ovl.join("upper"))?;
-        // The upper stays (a few KiB on the tmpfs) for Diffs against the
-        // layer (`recipe_upper`).
-        let _ = fs::remove_dir_all(ovl.join("work"));
-        let _ = fs::remove_dir(&merged);
+        let _ = fs::remove_dir_all(&ovl);
         self.let_go(store, id)
-    }
-
-    /// The upper directory of init layer `id`'s overlay, kept since its
-    /// `put`, when the layer is exactly its unwritten device with that
-    /// upper on top (its own recipe, none of its ancestors', not replayed
-    /// here): a Diff against it reads it through an overlay view instead
-    /// of writing the recipe into it first.
-    ///
-    /// # Errors
-    /// Pool errors reading the layer chain.
-    pub(super) fn recipe_upper(&self, store: &mut Store, id: &str) -> Result<Option<PathBuf>> {
-        let upper = self.overlay_dir(id).join("upper");
-        if self.materialized.contains(id) || self.has_overlay(id)? || !upper.is_dir() {
-            return Ok(None);
-        }
-        Ok((self.recipes_for(store, id)? == [id]).then_some(upper))
-    }
-
-    /// Mounts at `dir` a read-only overlay of `upper` over `lower`: the
-    /// tree `upper`'s layer has once its recipe is replayed.
-    ///
-    /// # Errors
-    /// Mount errors; paths overlayfs options cannot name.
-    pub(super) fn mount_view(upper: &Path, lower: &Path, dir: &Path) -> Result<()> {
-        let opts = format!("lowerdir={}:{}", upper.display(), lower.display());
-        if !nameable(&[upper, lower]) {
-            return Err(Error::Invalid(format!(
-                "cannot name {} or {} in overlayfs options",
-                upper.display(),
-                lower.display()
-            )));
-        }
-        let flags = nix::mount::MsFlags::MS_RDONLY
-            | nix::mount::MsFlags::MS_NODEV
-            | nix::mount::MsFlags::MS_NOSUID;
-        nix::mount::mount(
-            Some("overlay"),
-            dir,
-            Some("overlay"),
-            flags,
-            Some(opts.as_str()),
-        )
-        .map_err(std::io::Error::from)
-        .ctx(|| format!("mount an overlay view at {}", dir.display()))?;
-        Ok(())
     }
 
     /// Writes `upper` as layer `id`'s recipe: temp file, fsync, rename,
@@ -388,9 +336,7 @@ impl ThinDriver {
         if let Ok(entries) = fs::read_dir(self.overlays_dir()) {
             for e in entries.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
-                if !store.pool().layout().layer_record(&pool_id(&id)).exists() {
-                    let _ = fs::remove_dir_all(e.path());
-                } else if self.has_overlay(&id)? && (all || !self.refs.contains_key(&id)) {
+                if all || !self.refs.contains_key(&id) {
                     tracing::info!(%id, "an init layer's overlay no get holds: writing its recipe");
                     self.put_overlay(store, &id)?;
                 }

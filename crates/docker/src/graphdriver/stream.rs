@@ -85,14 +85,11 @@ impl Streams {
 }
 
 /// One mount a stream made: the directory, and the snapshot mounted there
-/// (none for an ApplyDiff's own layer, or for an overlay view of an init
-/// layer with its recipe, see `initlayer`).
+/// (none for an ApplyDiff's own layer).
 #[derive(Debug)]
-pub(super) struct StreamMount {
-    pub(super) dir: PathBuf,
-    pub(super) snapshot: Option<String>,
-    /// An overlay view, not a layer's mount.
-    pub(super) view: bool,
+struct StreamMount {
+    dir: PathBuf,
+    snapshot: Option<String>,
 }
 
 /// A Diff in flight: what [`ThinDriver::begin_diff`] took.
@@ -197,17 +194,11 @@ impl ThinDriver {
         Ok(StreamMount {
             dir,
             snapshot: Some(snapshot),
-            view: false,
         })
     }
 
     /// Unmounts `m` and removes its snapshot and directory.
     fn release(store: &mut Store, m: &StreamMount) -> Result<()> {
-        if m.view {
-            thinlayer_pool::mounts::umount(&m.dir)?;
-            let _ = fs::remove_dir(&m.dir);
-            return Ok(());
-        }
         let target = m
             .snapshot
             .clone()
@@ -234,16 +225,9 @@ impl ThinDriver {
         }
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;
-        // The parent seen through its recipe's overlay view when it has
-        // one (a container's init layer: nothing written to it for this).
-        let view = match parent {
-            Some(p) => self.recipe_upper(&mut store, p)?,
-            None => None,
-        };
-        if let (Some(p), None) = (parent, &view) {
-            self.materialize(&mut store, p)?;
+        for l in parent.into_iter().chain([id]) {
+            self.materialize(&mut store, l)?;
         }
-        self.materialize(&mut store, id)?;
         let mut s = DiffStream {
             id: id.to_owned(),
             parent: parent.map(str::to_owned),
@@ -258,23 +242,7 @@ impl ThinDriver {
                     let m = self.snapshot_mount(&mut store, p)?;
                     let tree = tree_in(&m.dir, p);
                     s.mounts.push(m);
-                    match &view {
-                        Some(upper) => {
-                            let dir = self.new_stream_dir("view")?;
-                            let v = StreamMount {
-                                dir: dir.clone(),
-                                snapshot: None,
-                                view: true,
-                            };
-                            if let Err(e) = Self::mount_view(upper, &tree?, &dir) {
-                                let _ = fs::remove_dir(&dir);
-                                return Err(e);
-                            }
-                            s.mounts.push(v);
-                            dir
-                        }
-                        None => tree?,
-                    }
+                    tree?
                 }
                 None => {
                     let d = self.new_stream_dir("empty")?;
@@ -366,7 +334,6 @@ impl ThinDriver {
         let mount = StreamMount {
             dir,
             snapshot: None,
-            view: false,
         };
         let tree = match tree_in(&mount.dir, id)
             .and_then(|t| self.replay(&mut store, id, &mount.dir).map(|()| t))
@@ -452,19 +419,8 @@ impl ThinDriver {
         let base = self.stream_dir();
         record_dir(&base)?;
         let base_real = fs::canonicalize(&base).unwrap_or_else(|_| base.clone());
-        // Overlay views first: each holds the snapshot mount below it.
-        let mut left = thinlayer_pool::mounts::all()?;
-        left.retain(|m| m.mountpoint.starts_with(&base_real));
-        left.sort_by_key(|m| m.fstype != "overlay");
-        for m in left {
-            if m.fstype == "overlay" {
-                if let Err(e) = thinlayer_pool::mounts::umount(&m.mountpoint) {
-                    tracing::warn!(dir = %m.mountpoint.display(), error = %e,
-                        "a Diff's overlay view a crash left could not be unmounted");
-                }
-                continue;
-            }
-            {
+        for m in thinlayer_pool::mounts::all()? {
+            if m.mountpoint.starts_with(&base_real) {
                 if let Err(e) = store.pool().umount(&m.mountpoint.to_string_lossy()) {
                     tracing::warn!(dir = %m.mountpoint.display(), error = %e,
                         "a stream's mount a crash left could not be unmounted");
