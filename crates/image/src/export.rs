@@ -284,7 +284,7 @@ fn write_entry<W: Write>(
 }
 
 /// PAX time: `[-]SECONDS.NANOSECONDS`.
-pub(crate) fn format_pax_time(secs: i64, nsecs: i64) -> String {
+fn format_pax_time(secs: i64, nsecs: i64) -> String {
     if nsecs == 0 {
         format!("{secs}")
     } else {

@@ -7,7 +7,6 @@
 //! - [`changes`] compares a parent's tree with a child's (`docker diff`).
 //! - [`write_layer`] writes that difference as a layer tar, deterministically.
 //! - [`manifest`] describes a tree so two trees can be compared.
-//! - [`write_upper`] writes an overlayfs upper directory as a layer tar.
 //!
 //! What must never happen: a write outside the root the caller names, for any
 //! archive; a symlink followed while reading or writing a tree. The crate
@@ -20,7 +19,6 @@ pub mod diff;
 mod error;
 pub mod export;
 pub mod tree;
-pub mod upper;
 
 pub use apply::{
     ApplyOptions, ApplyReport, DEFAULT_MAX_BYTES, apply_layer, tar_content_size,
@@ -30,4 +28,3 @@ pub use diff::{Change, ChangeKind, changes};
 pub use error::{Error, Result};
 pub use export::{ExportReport, write_layer};
 pub use tree::{EntryDigest, Kind, Manifest, differences, manifest};
-pub use upper::{UpperReport, write_upper};

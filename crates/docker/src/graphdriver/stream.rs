@@ -225,9 +225,6 @@ impl ThinDriver {
         }
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;
-        for l in parent.into_iter().chain([id]) {
-            self.materialize(&mut store, l)?;
-        }
         let mut s = DiffStream {
             id: id.to_owned(),
             parent: parent.map(str::to_owned),
@@ -335,9 +332,7 @@ impl ThinDriver {
             dir,
             snapshot: None,
         };
-        let tree = match tree_in(&mount.dir, id)
-            .and_then(|t| self.replay(&mut store, id, &mount.dir).map(|()| t))
-        {
+        let tree = match tree_in(&mount.dir, id) {
             Ok(t) => t,
             Err(e) => {
                 if let Err(undo) = Self::release(&mut store, &mount) {
