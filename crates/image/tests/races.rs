@@ -35,20 +35,28 @@ fn swapper(
     swaps: Arc<AtomicU64>,
 ) -> thread::JoinHandle<()> {
     let dir = fs::File::open(dir).unwrap();
-    let exchange = move || {
-        renameat2(dir.as_fd(), a, dir.as_fd(), b, RenameFlags::RENAME_EXCHANGE).unwrap();
-    };
+    // Whether it swapped: a name the walk is replacing (an apply removes
+    // the symlink it finds where its directory goes, then makes the
+    // directory) is briefly missing; that swap is skipped.
+    let exchange =
+        move || match renameat2(dir.as_fd(), a, dir.as_fd(), b, RenameFlags::RENAME_EXCHANGE) {
+            Ok(()) => true,
+            Err(nix::errno::Errno::ENOENT) => false,
+            Err(e) => panic!("swap {a} and {b}: {e}"),
+        };
     thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            exchange();
-            swaps.fetch_add(1, Ordering::Relaxed);
-            match pause {
-                Some(pause) => {
+            if exchange() {
+                swaps.fetch_add(1, Ordering::Relaxed);
+                if let Some(pause) = pause {
+                    // Undone at once; if the name went meanwhile, the next
+                    // swap finds the tree as it is.
                     exchange();
                     thread::sleep(pause);
+                    continue;
                 }
-                None => thread::yield_now(),
             }
+            thread::yield_now();
         }
     })
 }
