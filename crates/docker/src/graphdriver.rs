@@ -256,9 +256,8 @@ impl ThinDriver {
 
     /// One step of the work answers left for later: one removed layer's
     /// unmount finished, else one idle device torn down, else one trashed
-    /// thin id reclaimed, else one image layer's
-    /// mounted spare made (or, idle past [`SPARE_IDLE`], dropped). Returns
-    /// whether more is left. A failure is logged and the work dropped from
+    /// thin id reclaimed, else one image layer's mounted spare made (or,
+    /// idle past [`SPARE_IDLE`], dropped). Returns whether more is left. A failure is logged and the work dropped from
     /// this run's list (the next start or `thinlayer pool reclaim` finishes
     /// it).
     pub fn settle_step(&mut self) -> bool {
