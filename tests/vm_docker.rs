@@ -18,7 +18,9 @@ use std::{
     path::Path,
 };
 
-use common::docker::{Dockerd, docker_layers, finish_clean, fixture, plugin, require_docker};
+use common::docker::{
+    Dockerd, docker_layers, finish_clean, fixture, init_templates, plugin, require_docker,
+};
 use serde_json::Value;
 
 /// The tree `docker export` of a container from `image` holds, extracted
@@ -171,6 +173,12 @@ fn vm_docker_runs_on_thin_snapshots() {
             6,
             "3 image layers, the commit's, the container's two"
         );
+        // The containers on the image taught the plugin its init layer.
+        assert!(
+            !init_templates(s).is_empty(),
+            "{:?}",
+            s.json(&["layer", "ls"])
+        );
 
         // export holds it.
         let export = base.join("w-export.tar");
@@ -229,6 +237,8 @@ fn vm_docker_runs_on_thin_snapshots() {
             images.contains("demo:docker") && images.contains("demo:committed"),
             "{images}"
         );
+        // A new dockerd (perhaps another version) teaches them again.
+        assert_eq!(init_templates(s), Vec::<Value>::new());
         assert_eq!(d.ok(&["diff", "writer"]), "A /hello.txt");
         assert_eq!(
             d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),

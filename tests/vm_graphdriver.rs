@@ -21,6 +21,52 @@ fn is_mount(tree: &Path) -> bool {
         .any(|l| l.split(' ').nth(1) == Some(dir.to_str().unwrap()))
 }
 
+/// What Docker 20.10's init code (moby `daemon/initlayer`) does to a
+/// container's init layer at `tree`: for each of its paths, unlink every
+/// prefix (a file or symlink there goes; a directory stays), then make
+/// what is missing (parents 0755, then an empty directory, an empty file
+/// or the `/etc/mtab` symlink).
+fn docker_init(tree: &Path) {
+    for (path, kind) in [
+        ("dev/pts", "dir"),
+        ("dev/shm", "dir"),
+        ("proc", "dir"),
+        ("sys", "dir"),
+        (".dockerenv", "file"),
+        ("etc/resolv.conf", "file"),
+        ("etc/hosts", "file"),
+        ("etc/hostname", "file"),
+        ("dev/console", "file"),
+        ("etc/mtab", "/proc/mounts"),
+    ] {
+        let mut prefix = tree.to_path_buf();
+        for part in Path::new(path).components() {
+            prefix.push(part);
+            let _ = fs::remove_file(&prefix);
+        }
+        let at = tree.join(path);
+        if fs::metadata(&at).is_ok() {
+            continue;
+        }
+        fs::create_dir_all(at.parent().unwrap()).unwrap();
+        match kind {
+            "dir" => fs::create_dir_all(&at).unwrap(),
+            "file" => drop(fs::File::create(&at).unwrap()),
+            target => std::os::unix::fs::symlink(target, &at).unwrap(),
+        }
+    }
+}
+
+/// Layer changes as `KIND PATH` lines, sorted.
+fn summary(changes: &[thinlayer_docker::graphdriver::Change]) -> Vec<String> {
+    let mut out: Vec<String> = changes
+        .iter()
+        .map(|c| format!("{:?} {}", c.kind, c.path.display()))
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn vm_graphdriver_conformance() {
     vm_test("graphdriver", Pool::Small, |s| {
@@ -73,10 +119,13 @@ fn vm_graphdriver_conformance() {
         // (unmounted: never mounted again), the container's layer on it,
         // mounted at once for the get that follows (and kept parked by
         // its put for the start's get).
+        let before = s.used_data_blocks();
         d.create_read_write("c1-init", Some("app")).unwrap();
         let init = d.get("c1-init").unwrap();
-        fs::write(init.join(".dockerenv"), "").unwrap();
+        docker_init(&init);
         d.put("c1-init").unwrap();
+        let plain = s.used_data_blocks() - before;
+        println!("c1-init: {plain} pool blocks");
         assert!(!is_mount(&init), "an init layer's last put unmounts");
         d.create_read_write("c1", Some("c1-init")).unwrap();
         assert!(
@@ -90,6 +139,10 @@ fn vm_graphdriver_conformance() {
         assert!(c1.join(".dockerenv").exists() && c1.join("etc/os").exists());
         d.put("c1").unwrap();
         assert!(is_mount(&c1), "parked for the start");
+        // The settler makes `app`'s init template from `c1-init`: Docker
+        // had finished it, since a container layer was made on it.
+        while d.settle_step() {}
+        assert!(d.exists("app-init-template").unwrap() && is_mount(&c1));
         // A restarted driver unmounts what a previous run parked.
         drop(d);
         let mut d = ThinDriver::new(&s.root).unwrap();
@@ -167,7 +220,62 @@ fn vm_graphdriver_conformance() {
             !dm_devices().contains(&device),
             "the settler tears the removed layer's device down"
         );
+        // The init layers of the next containers on `app` start with
+        // what Docker wrote in `c1-init`: Docker still unlinks its files
+        // and makes them again, but finds its directories there.
+        let learnt = summary(&d.changes("c1-init", Some("app")).unwrap());
+        assert!(
+            learnt.contains(&"Added .dockerenv".to_owned()),
+            "{learnt:?}"
+        );
         d.remove("c1-init").unwrap();
+        let status = d.status().unwrap();
+        let layers = status.iter().find(|(k, _)| k == "Docker Layers");
+        assert_eq!(
+            layers.map(|(_, v)| v.as_str()),
+            Some("3"),
+            "the template is not Docker's: {status:?}"
+        );
+        for (n, init) in ["c2-init", "c3-init"].into_iter().enumerate() {
+            let before = s.used_data_blocks();
+            // Each takes the mounted spare the settler keeps of the
+            // template (the image's own spare went with its template).
+            d.create_read_write(init, Some("app")).unwrap();
+            let tree = d.get(init).unwrap();
+            let found = fs::symlink_metadata(tree.join(".dockerenv")).unwrap();
+            assert!(found.is_file() && found.len() == 0, "the template's file");
+            docker_init(&tree);
+            d.put(init).unwrap();
+            let copied = s.used_data_blocks() - before;
+            println!("{init}: {copied} pool blocks");
+            // Docker's files and directories are the template's already:
+            // only what its unlink and remake touch is copied.
+            assert!(
+                copied < plain,
+                "{init} took {copied} pool blocks, the first init layer {plain}"
+            );
+            assert_eq!(
+                summary(&d.changes(init, Some("app")).unwrap()),
+                learnt,
+                "{init} against its image, as the first init layer"
+            );
+            if n == 0 {
+                while d.settle_step() {}
+            }
+        }
+        d.create_read_write("c2", Some("c2-init")).unwrap();
+        let c2 = d.get("c2").unwrap();
+        assert!(c2.join(".dockerenv").exists() && c2.join("etc/os").exists());
+        d.put("c2").unwrap();
+        let refused = d.remove("app").unwrap_err().to_string();
+        assert!(
+            refused.contains("c2-init, c3-init") && !refused.contains("template"),
+            "the children named are Docker's: {refused}"
+        );
+        for id in ["c2", "c2-init", "c3-init"] {
+            d.remove(id).unwrap();
+        }
+        while d.settle_step() {}
         let app = d.get("app").unwrap();
         assert_eq!(fs::read_to_string(app.join("etc/os")).unwrap(), "base\n");
         d.put("app").unwrap();
@@ -259,5 +367,9 @@ fn vm_graphdriver_conformance() {
             d.remove(id).unwrap();
             assert!(!d.exists(id).unwrap());
         }
+        assert!(
+            !d.exists("app-init-template").unwrap(),
+            "an image layer's removal takes its template with it"
+        );
     });
 }

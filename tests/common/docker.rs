@@ -193,15 +193,29 @@ pub fn plugin(s: &Scratch) -> Served {
     Served::start(s, &["serve", "docker"], Path::new(PLUGIN_SOCKET))
 }
 
-/// The pool's layers owned by the Docker graphdriver.
-pub fn docker_layers(s: &Scratch) -> Vec<Value> {
+/// The pool's layers owned by the Docker graphdriver, with its init
+/// templates (which Docker never sees) or without.
+fn graphdriver_layers(s: &Scratch, templates: bool) -> Vec<Value> {
     let v = s.json(&["layer", "ls"]);
     v.as_array()
         .unwrap()
         .iter()
         .filter(|l| l["owner"] == "graphdriver")
+        .filter(|l| templates || !l["id"].as_str().unwrap().ends_with("-init-template"))
         .cloned()
         .collect()
+}
+
+/// Docker's layers in the pool.
+pub fn docker_layers(s: &Scratch) -> Vec<Value> {
+    graphdriver_layers(s, false)
+}
+
+/// The graphdriver's init templates in the pool.
+pub fn init_templates(s: &Scratch) -> Vec<Value> {
+    let mut all = graphdriver_layers(s, true);
+    all.retain(|l| !docker_layers(s).contains(l));
+    all
 }
 
 /// The end of a Docker test: the image removed, no graphdriver layer left,
@@ -209,7 +223,11 @@ pub fn docker_layers(s: &Scratch) -> Vec<Value> {
 /// and `pool check` clean.
 pub fn finish_clean(s: &Scratch, d: &mut Dockerd, p: &mut Served, devices_before: &[String]) {
     d.ok(&["rmi", "demo:docker"]);
-    assert!(docker_layers(s).is_empty(), "{:?}", docker_layers(s));
+    let left = graphdriver_layers(s, true);
+    assert!(
+        left.is_empty(),
+        "init templates go with their images: {left:?}"
+    );
     d.stop();
     p.stop();
     assert_eq!(super::dm_devices(), devices_before, "a thin device is left");

@@ -162,7 +162,13 @@ impl DockerPlugin {
                  --storage-opt size=`); remove it"
             )));
         }
-        tracing::info!(home = %req.home, root = %self.graph.root().display(), "graphdriver initialised");
+        // Init layers learnt from another dockerd (perhaps another version)
+        // are learnt again.
+        let templates = self.graph.forget_templates().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "init templates kept (the next dockerd start tries again, and `docker rmi` of an image removes its template)");
+            0
+        });
+        tracing::info!(home = %req.home, root = %self.graph.root().display(), templates, "graphdriver initialised");
         self.home = (!req.home.is_empty()).then(|| PathBuf::from(req.home));
         Ok(())
     }

@@ -247,6 +247,25 @@ impl Pool {
         self.make_layer(id, Source::Snapshot(parent), owner)
     }
 
+    /// As [`Pool::create_layer_for`], with the thin snapshot taken of
+    /// layer `origin` instead of `parent`, which is still the recorded
+    /// parent: for an `origin` that is `parent` plus changes every such
+    /// layer starts with (a template), so each starts with them already
+    /// written, in blocks it shares. The caller vouches for that: the pool
+    /// cannot tell. A spare of `origin` is taken if there is one.
+    ///
+    /// # Errors
+    /// As [`Pool::create_layer`], for `parent` and for `origin`.
+    pub fn create_layer_derived(
+        &mut self,
+        owner: Owner,
+        id: &str,
+        parent: &str,
+        origin: &str,
+    ) -> Result<LayerRecord> {
+        self.make_layer(id, Source::Derived { parent, origin }, owner)
+    }
+
     /// Layer `id`'s record, checked to belong to `owner`: `asker` and
     /// `action` word the refusal ("the image import", "reuse").
     ///
@@ -322,6 +341,13 @@ impl Pool {
                 (Some(pr.thin_id), Some(p.to_owned()), pr.size, pr.fs)
             }
             Source::Snapshot(None) => (Some(self.record().base_thin_id), None, None, None),
+            Source::Derived { parent, origin } => {
+                let pr = self.layer(parent)?;
+                refuse_removing(&pr)?;
+                let or = self.layer(origin)?;
+                refuse_removing(&or)?;
+                (Some(or.thin_id), Some(parent.to_owned()), pr.size, pr.fs)
+            }
             Source::Fresh { size, fs } => (None, None, Some(size), Some(fs)),
         };
         // recover() ran above: the pool is settled.
@@ -331,6 +357,7 @@ impl Pool {
         // A spare provisioned ahead of demand is this very snapshot, made.
         let spare = match source {
             Source::Snapshot(p) => self.take_spare(p),
+            Source::Derived { origin, .. } => self.take_spare(Some(origin)),
             Source::Fresh { .. } => None,
         };
         let thin_id = spare
@@ -575,6 +602,13 @@ impl Pool {
 enum Source<'a> {
     /// A snapshot of this layer, or of the base device.
     Snapshot(Option<&'a str>),
+    /// A snapshot of layer `origin`, recorded as a child of `parent`.
+    Derived {
+        /// The recorded parent.
+        parent: &'a str,
+        /// The layer whose thin device is snapshotted.
+        origin: &'a str,
+    },
     /// A fresh device of this size with a new filesystem (a volume).
     Fresh {
         /// Its virtual size.
