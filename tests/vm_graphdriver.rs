@@ -295,11 +295,8 @@ fn vm_graphdriver_conformance() {
 
         // changes / diff-size / diff.
         let changes = d.changes("ctr", Some("app")).unwrap();
-        let summary: Vec<String> = changes
-            .iter()
-            .map(|c| format!("{:?} {}", c.kind, c.path.display()))
-            .collect();
-        println!("changes: {summary:?}");
+        let listed = summary(&changes);
+        println!("changes: {listed:?}");
         for (kind, path) in [
             (ChangeKind::Modified, "etc/os"),
             (ChangeKind::Deleted, "etc/gone"),
@@ -309,7 +306,7 @@ fn vm_graphdriver_conformance() {
                 changes
                     .iter()
                     .any(|c| c.kind == kind && c.path == Path::new(path)),
-                "{kind:?} {path} missing from {summary:?}"
+                "{kind:?} {path} missing from {listed:?}"
             );
         }
         assert!(
