@@ -193,28 +193,34 @@ pub fn plugin(s: &Scratch) -> Served {
     Served::start(s, &["serve", "docker"], Path::new(PLUGIN_SOCKET))
 }
 
-/// The pool's layers owned by the Docker graphdriver, with its init
-/// templates (which Docker never sees) or without.
-fn graphdriver_layers(s: &Scratch, templates: bool) -> Vec<Value> {
+/// The pool's layers owned by the Docker graphdriver, its init templates
+/// (which Docker never sees) included.
+fn graphdriver_layers(s: &Scratch) -> Vec<Value> {
     let v = s.json(&["layer", "ls"]);
     v.as_array()
         .unwrap()
         .iter()
         .filter(|l| l["owner"] == "graphdriver")
-        .filter(|l| templates || !l["id"].as_str().unwrap().ends_with("-init-template"))
         .cloned()
         .collect()
 }
 
+/// Whether pool layer `l` (from `layer ls`) is an init template.
+fn is_template(l: &Value) -> bool {
+    l["id"].as_str().unwrap().ends_with("-init-template")
+}
+
 /// Docker's layers in the pool.
 pub fn docker_layers(s: &Scratch) -> Vec<Value> {
-    graphdriver_layers(s, false)
+    let mut all = graphdriver_layers(s);
+    all.retain(|l| !is_template(l));
+    all
 }
 
 /// The graphdriver's init templates in the pool.
 pub fn init_templates(s: &Scratch) -> Vec<Value> {
-    let mut all = graphdriver_layers(s, true);
-    all.retain(|l| !docker_layers(s).contains(l));
+    let mut all = graphdriver_layers(s);
+    all.retain(is_template);
     all
 }
 
@@ -223,7 +229,7 @@ pub fn init_templates(s: &Scratch) -> Vec<Value> {
 /// and `pool check` clean.
 pub fn finish_clean(s: &Scratch, d: &mut Dockerd, p: &mut Served, devices_before: &[String]) {
     d.ok(&["rmi", "demo:docker"]);
-    let left = graphdriver_layers(s, true);
+    let left = graphdriver_layers(s);
     assert!(
         left.is_empty(),
         "init templates go with their images: {left:?}"

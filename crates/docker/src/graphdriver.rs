@@ -221,6 +221,15 @@ fn is_template(id: &str) -> bool {
     id.ends_with(TEMPLATE_SUFFIX)
 }
 
+/// Whether image layer `image` has an init template.
+fn has_template(store: &mut Store, image: &str) -> bool {
+    store
+        .pool()
+        .layout()
+        .layer_record(&pool_id(&template_of(image)))
+        .exists()
+}
+
 /// The pool layer id of Docker layer `id`.
 pub fn pool_id(id: &str) -> String {
     format!("{ID_PREFIX}{id}")
@@ -292,10 +301,11 @@ impl ThinDriver {
 
     /// One step of the work answers left for later: one removed layer's
     /// unmount finished, else one idle device torn down, else one trashed
-    /// thin id reclaimed, else one image layer's mounted spare made (or,
-    /// idle past [`SPARE_IDLE`], dropped). Returns whether more is left. A failure is logged and the work dropped from
-    /// this run's list (the next start or `thinlayer pool reclaim` finishes
-    /// it).
+    /// thin id reclaimed, else one image layer's init template made, else
+    /// one image layer's mounted spare made (or, idle past [`SPARE_IDLE`],
+    /// dropped). Returns whether more is left. A failure is logged and the
+    /// work dropped from this run's list (the next start or `thinlayer pool
+    /// reclaim` finishes it).
     pub fn settle_step(&mut self) -> bool {
         let t = std::time::Instant::now();
         if let Some(fs) = self.dead.pop() {
@@ -356,14 +366,13 @@ impl ThinDriver {
     /// (the init layer removed meanwhile) is logged: the next container
     /// created on the image tries again.
     fn make_template(&mut self, store: &mut Store, image: &str, init: &str) {
-        let tid = template_of(image);
-        let tpid = pool_id(&tid);
-        if store.pool().layout().layer_record(&tpid).exists() {
+        if has_template(store, image) {
             return;
         }
+        let tid = template_of(image);
         let made = store.pool().create_layer_derived(
             Owner::Graphdriver,
-            &tpid,
+            &pool_id(&tid),
             &pool_id(image),
             &pool_id(init),
         );
@@ -590,8 +599,8 @@ impl ThinDriver {
         let parent_pid = parent.map(pool_id);
         let init_on = parent.filter(|_| id.ends_with(INIT_SUFFIX));
         let template = init_on
-            .map(template_of)
-            .filter(|t| store.pool().layout().layer_record(&pool_id(t)).exists());
+            .filter(|p| has_template(&mut store, p))
+            .map(template_of);
         match (&template, &parent_pid) {
             // A container's init layer on an image that has an init
             // template: a snapshot of that, so Docker finds its
@@ -619,8 +628,7 @@ impl ThinDriver {
             self.premount = Some(id.to_owned());
             if let (Some(init), Some(image)) = (parent, grandparent.as_deref()) {
                 let image = image.strip_prefix(ID_PREFIX).unwrap_or(image);
-                let tpid = pool_id(&template_of(image));
-                if !store.pool().layout().layer_record(&tpid).exists() {
+                if !has_template(&mut store, image) {
                     self.learn.insert(image.to_owned(), init.to_owned());
                 }
             }
@@ -790,7 +798,7 @@ impl GraphDriver for ThinDriver {
         }
         // The image's init template goes first (its spares with it): it is
         // the driver's, and nothing but this layer's next containers use it.
-        if store.pool().layout().layer_record(&template).exists() {
+        if has_template(&mut store, id) {
             store.pool().remove_layer(&template)?;
         }
         store.pool().remove_layer(&pid)?;
