@@ -56,9 +56,10 @@ fn vm_bench_quick_writes_every_backend_and_workload() {
     swept(|| {
         let base = std::env::temp_dir().join(format!("tl-bench-{}", std::process::id()));
         let out = base.join("out");
-        // One small population: the workload's shape is checked, not
-        // its growth (the full bench measures 10 / 100 / 1,000).
-        let stdout = bench(&base, &["--populations", "5"]);
+        // One small population and three samples per figure: the
+        // workload's shape is checked, not its growth (the full bench
+        // measures 10 / 100 / 1,000) or its spread.
+        let stdout = bench(&base, &["--populations", "5", "--samples", "3"]);
         for ratio in ["tl/floor", "tl/ovl", "create", "mount", "commit", "remove"] {
             assert!(
                 stdout.contains(ratio),
@@ -70,6 +71,18 @@ fn vm_bench_quick_writes_every_backend_and_workload() {
             serde_json::from_str(&fs::read_to_string(out.join("bench.json")).expect("bench.json"))
                 .expect("bench.json is JSON");
         let samples = report["samples"].as_array().expect("samples");
+        assert_eq!(report["params"]["samples"], 3, "--samples 3 is not used");
+        assert_eq!(
+            samples
+                .iter()
+                .filter(|s| s["backend"] == "thinlayer"
+                    && s["workload"] == "start"
+                    && s["param"] == 0
+                    && s["metric"] == "create-ms")
+                .count(),
+            3,
+            "thinlayer's create was not sampled 3 times"
+        );
         let seen: BTreeSet<(String, String)> = samples
             .iter()
             .map(|s| {
@@ -167,7 +180,14 @@ fn vm_bench_containerd_measures_every_snapshotter() {
         let out = base.join("out");
         let stdout = bench(
             &base,
-            &["--containerd", "--skip-common", "--populations", "3"],
+            &[
+                "--containerd",
+                "--skip-common",
+                "--populations",
+                "3",
+                "--samples",
+                "2",
+            ],
         );
         let section = stdout
             .split_once("\ncontainerd, one client")
@@ -216,6 +236,16 @@ fn vm_bench_containerd_measures_every_snapshotter() {
                 assert!(v >= 0.0, "{sn} {m}: {v}");
             }
             assert!(ctrd(sn, 0, "run-rm-ms") > 0.0, "{sn}: ctr run --rm");
+            let runs = report["samples"]
+                .as_array()
+                .expect("samples")
+                .iter()
+                .filter(|s| s["backend"] == sn && s["metric"] == "run-rm-ms")
+                .count();
+            assert_eq!(
+                runs, 2,
+                "{sn}: `ctr run --rm` ran {runs} times, not --samples 2"
+            );
             assert!(ctrd(sn, 0, "run-rm-gc-ms") >= 0.0, "{sn}: its gc");
         }
         for png in [

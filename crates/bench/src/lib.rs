@@ -78,6 +78,9 @@ pub struct Options {
     /// Populations to use instead of the mode's (`--populations`), for the
     /// start-path workload and the containerd workload alike.
     pub populations: Option<Vec<usize>>,
+    /// Samples per figure instead of the mode's (`--samples`), for every
+    /// workload: the engine's, docker's, containerd's and `ctr run`'s.
+    pub samples: Option<usize>,
 }
 
 /// The sizes and counts of one run.
@@ -181,6 +184,13 @@ pub fn run(opts: &Options) -> Result<Report> {
     if let Some(pops) = &opts.populations {
         params.populations.clone_from(pops);
         params.containerd_populations.clone_from(pops);
+    }
+    if let Some(n) = opts.samples {
+        params.samples = n;
+        params.write_samples = n;
+        params.docker_samples = n;
+        params.containerd_samples = n;
+        params.ctr_run_samples = n;
     }
     if opts.layout {
         let report = workloads::run_layout(opts, &params)?;

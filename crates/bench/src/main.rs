@@ -63,6 +63,10 @@ struct BenchArgs {
     /// `3` for a fast check): the start-path workload's and containerd's.
     #[arg(long, value_delimiter = ',', value_name = "N,...", value_parser = clap::value_parser!(usize))]
     populations: Option<Vec<usize>>,
+    /// Samples per figure instead of the mode's, for every workload (e.g.
+    /// `3` for a fast check; medians of few samples are rough).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    samples: Option<u32>,
     /// Print machine-readable JSON.
     #[arg(long)]
     json: bool,
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
         containerd: a.containerd,
         skip_common: a.skip_common,
         populations: a.populations.clone(),
+        samples: a.samples.map(|n| n as usize),
     };
     match thinlayer_bench::run(&opts) {
         Ok(report) => {
