@@ -236,22 +236,31 @@ fn vm_graphdriver_conformance() {
             Some("3"),
             "the template is not Docker's: {status:?}"
         );
-        for (n, init) in ["c2-init", "c3-init"].into_iter().enumerate() {
+        for init in ["c2-init", "c3-init"] {
             let before = s.used_data_blocks();
-            // Each takes the mounted spare the settler keeps of the
-            // template (the image's own spare went with its template).
+            // A snapshot of the template, got through an overlay on it:
+            // Docker's init code finds its files there and writes into a
+            // private upper directory.
             d.create_read_write(init, Some("app")).unwrap();
             let tree = d.get(init).unwrap();
+            assert!(is_mount(&tree));
             let found = fs::symlink_metadata(tree.join(".dockerenv")).unwrap();
             assert!(found.is_file() && found.len() == 0, "the template's file");
             docker_init(&tree);
+            if init == "c3-init" {
+                // A restarted driver keeps an overlay a reference holds.
+                drop(d);
+                d = ThinDriver::new(&s.root).unwrap();
+                assert!(is_mount(&tree), "an overlay in use survives a restart");
+            }
             d.put(init).unwrap();
+            assert!(!is_mount(&tree), "an init layer's last put unmounts");
             let copied = s.used_data_blocks() - before;
             println!("{init}: {copied} pool blocks");
-            // Docker's files and directories are the template's already:
-            // only what its unlink and remake touch is copied.
-            assert!(
-                copied < plain,
+            // What Docker wrote is the template's: the put compares and
+            // writes nothing.
+            assert_eq!(
+                copied, 0,
                 "{init} took {copied} pool blocks, the first init layer {plain}"
             );
             assert_eq!(
@@ -259,20 +268,45 @@ fn vm_graphdriver_conformance() {
                 learnt,
                 "{init} against its image, as the first init layer"
             );
-            if n == 0 {
-                while d.settle_step() {}
-            }
         }
+        // An init code that writes something else (another dockerd): the
+        // put writes the difference into the layer's device.
+        d.create_read_write("c4-init", Some("app")).unwrap();
+        let tree = d.get("c4-init").unwrap();
+        docker_init(&tree);
+        fs::write(tree.join("etc/extra"), "not the template's\n").unwrap();
+        fs::remove_file(tree.join("etc/os")).unwrap();
+        d.put("c4-init").unwrap();
+        assert!(!is_mount(&tree));
+        let other = summary(&d.changes("c4-init", Some("app")).unwrap());
+        for want in learnt
+            .iter()
+            .map(String::as_str)
+            .chain(["Added etc/extra", "Deleted etc/os"])
+        {
+            assert!(
+                other.iter().any(|c| c == want),
+                "{want} missing from {other:?}"
+            );
+        }
+        d.create_read_write("c4", Some("c4-init")).unwrap();
+        let c4 = d.get("c4").unwrap();
+        assert_eq!(
+            fs::read_to_string(c4.join("etc/extra")).unwrap(),
+            "not the template's\n"
+        );
+        assert!(!c4.join("etc/os").exists() && c4.join(".dockerenv").exists());
+        d.put("c4").unwrap();
         d.create_read_write("c2", Some("c2-init")).unwrap();
         let c2 = d.get("c2").unwrap();
         assert!(c2.join(".dockerenv").exists() && c2.join("etc/os").exists());
         d.put("c2").unwrap();
         let refused = d.remove("app").unwrap_err().to_string();
         assert!(
-            refused.contains("c2-init, c3-init") && !refused.contains("template"),
+            refused.contains("c2-init, c3-init, c4-init") && !refused.contains("template"),
             "the children named are Docker's: {refused}"
         );
-        for id in ["c2", "c2-init", "c3-init"] {
+        for id in ["c2", "c2-init", "c3-init", "c4", "c4-init"] {
             d.remove(id).unwrap();
         }
         while d.settle_step() {}

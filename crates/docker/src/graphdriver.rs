@@ -44,7 +44,8 @@
 //!   (`ID` on `ID-init`), as urgent work the server runs at once, so it
 //!   overlaps dockerd's own work before its `get`. An init layer's `put`
 //!   still unmounts: Docker never mounts it again, and its child is a
-//!   snapshot of it taken next.
+//!   snapshot of it taken next (one made from a template is an overlay,
+//!   below).
 //! - The driver's unmounts skip the filesystem trim the CLI's unmount does
 //!   ([`Trim::Skip`]): Docker removes container layers rather than keeping
 //!   them, and a removal gives every block back; the trim would walk all
@@ -63,10 +64,11 @@
 //!   snapshot of it suspends it for the moment of the `create_snap`.
 //!
 //! - An image layer containers are created on keeps one mounted spare
-//!   (the engine's `provision_mounted`), made by the settler after the
-//!   first `docker create` on it and dropped after [`SPARE_IDLE`] without
-//!   one: the next container's init layer takes it, and its `get` moves a
-//!   mount instead of activating a device and mounting a filesystem.
+//!   (the engine's `provision_mounted`) until it has an init template,
+//!   made by the settler after the first `docker create` on it and
+//!   dropped after [`SPARE_IDLE`] without one: the next container's init
+//!   layer takes it, and its `get` moves a mount instead of activating a
+//!   device and mounting a filesystem.
 //!
 //! - An image layer containers are created on gets an **init template**,
 //!   pool layer `docker-ID-init-template` (never a Docker id): what
@@ -77,14 +79,18 @@
 //!   makes it, a thin snapshot of that init layer, once a container's
 //!   layer has been made on it (so Docker finished it; a failed init code
 //!   puts the layer too). Every later init layer on the image is a
-//!   snapshot of the template, recorded as the image's child as before.
-//!   Docker's init code still unlinks its files and makes them again, but
-//!   finds its directories there: its `put` writes back and copies less
-//!   (2 pool blocks instead of 3 in `tests/vm_graphdriver.rs`). The
-//!   image's mounted spare is then the template's. The template is removed
-//!   with its image layer, just before it. Docker's `Init` (each dockerd
-//!   start) removes the templates: the next dockerd, perhaps another
-//!   version with other init files, teaches them again.
+//!   snapshot of the template, recorded as the image's child as before,
+//!   and its first `get` is an overlay on the template (mounted read-only
+//!   and kept), with the upper directory on a private tmpfs ([`initlayer`]).
+//!   Docker's init code unlinks its files and makes them again there; the
+//!   `put` compares what it left with the template and, the same, writes
+//!   nothing: no pool block, no journal, no flush (3 pool blocks for the
+//!   first init layer, 0 for the next in `tests/vm_graphdriver.rs`).
+//!   Anything else is written into the layer's device as Docker would
+//!   have. The template is removed with its image layer, just before it.
+//!   Docker's `Init` (each dockerd start) removes the templates: the next
+//!   dockerd, perhaps another version with other init files, teaches them
+//!   again.
 //!
 //! - `diff` and `apply_diff` stream with no lock held ([`stream`]): each
 //!   takes what its stream needs under the locks, streams, and settles
@@ -107,8 +113,10 @@ use thinlayer_store::Store;
 
 use crate::error::{Error, Result};
 
+mod initlayer;
 pub mod stream;
 
+pub use initlayer::upper_matches;
 pub use stream::{ApplyStream, DiffStream};
 
 /// One changed path, as `Changes` reports it.
@@ -191,6 +199,10 @@ pub struct ThinDriver {
     learn: BTreeMap<String, String>,
     /// How long a parked mount is kept ([`PARK_IDLE`] unless set).
     park_idle: std::time::Duration,
+    /// Init layers made as snapshots of their image's template and not
+    /// got yet, each with its template: the first `get` overlays them
+    /// (see [`initlayer`]).
+    fresh_inits: BTreeMap<String, String>,
 }
 
 /// How long a layer's mount is kept after its last `put`.
@@ -263,6 +275,7 @@ impl ThinDriver {
             premount: None,
             learn: BTreeMap::new(),
             park_idle: PARK_IDLE,
+            fresh_inits: BTreeMap::new(),
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -277,12 +290,17 @@ impl ThinDriver {
             }
         }
         driver.save_refs()?;
+        driver.sweep_overlays(&mounted)?;
         let mut store = driver.store()?;
         // Mounts a previous run kept after their last `put` (or made before
-        // a `get` that never came).
+        // a `get` that never came); the templates' read-only mounts stay
+        // (overlays a reference holds may be on them).
         for dir in mounted {
             let id = dir.file_name().unwrap_or_default().to_string_lossy();
-            if !driver.refs.contains_key(id.as_ref()) {
+            if !driver.refs.contains_key(id.as_ref())
+                && !is_template(&id)
+                && thinlayer_pool::mounts::is_mountpoint(&dir)?
+            {
                 store
                     .pool()
                     .umount_with(&dir.to_string_lossy(), Trim::Skip)?;
@@ -379,13 +397,18 @@ impl ThinDriver {
         match made {
             Ok(_) => {
                 tracing::debug!(%image, %init, "made an image layer's init template");
+                // Mounted now, for the next init layer's overlay.
+                if let Err(e) = self.mount_template(store, &tid) {
+                    tracing::debug!(%image, error = %e, "its template is mounted at the next get");
+                }
                 // The image's own spares would only be taken by an init
-                // layer made before the template: none is now.
+                // layer made before the template: none is now. The
+                // template keeps none: it is mounted (read-only), and an
+                // init layer's snapshot of it costs no mount.
                 if self.demand.remove(image).is_some() {
                     if let Err(e) = store.pool().provision(Some(&pool_id(image)), 0) {
                         tracing::debug!(%image, error = %e, "its spares are left to the next start");
                     }
-                    self.demand.insert(tid, std::time::Instant::now());
                 }
             }
             Err(e) => tracing::debug!(%image, %init, error = %e, "no init template made"),
@@ -404,8 +427,9 @@ impl ThinDriver {
         let mut gone = 0;
         for l in store.pool().layer_records()? {
             if l.owner == Owner::Graphdriver && is_template(&l.id) {
-                store.pool().remove_layer(&l.id)?;
                 let tid = l.id.strip_prefix(ID_PREFIX).unwrap_or(&l.id);
+                self.unmount_template(&mut store, tid)?;
+                store.pool().remove_layer(&l.id)?;
                 self.demand.remove(tid);
                 gone += 1;
             }
@@ -603,23 +627,27 @@ impl ThinDriver {
             .map(template_of);
         match (&template, &parent_pid) {
             // A container's init layer on an image that has an init
-            // template: a snapshot of that, so Docker finds its
-            // directories there (it makes its files again).
+            // template: a snapshot of that, which its first `get`
+            // overlays (Docker's init code then writes nothing to it).
             (Some(t), Some(ppid)) => {
-                store
-                    .pool()
-                    .create_layer_derived(Owner::Graphdriver, &pid, ppid, &pool_id(t))?
+                let made = store.pool().create_layer_derived(
+                    Owner::Graphdriver,
+                    &pid,
+                    ppid,
+                    &pool_id(t),
+                )?;
+                self.fresh_inits.insert(id.to_owned(), t.clone());
+                made
             }
             _ => store
                 .pool()
                 .create_layer_for(Owner::Graphdriver, &pid, parent_pid.as_deref())?,
         };
-        // A container's init layer on an image: the next one takes a
-        // mounted spare of the image's template (or of the image, before
-        // it has one), so its `get` is one move of a mount.
-        if let Some(p) = init_on {
-            let keep = template.unwrap_or_else(|| p.to_owned());
-            self.demand.insert(keep, std::time::Instant::now());
+        // A container's init layer on an image without a template yet:
+        // the next one takes a mounted spare of the image, so its `get`
+        // is one move of a mount (one made from a template is overlaid).
+        if let Some(p) = init_on.filter(|_| template.is_none()) {
+            self.demand.insert(p.to_owned(), std::time::Instant::now());
         }
         // A container's layer on its init layer: mounted at once, for the
         // `get` that follows. Docker has finished the init layer: it makes
@@ -684,6 +712,9 @@ impl ThinDriver {
     /// Unmounts layer `id`'s mount of this driver, if mounted (one
     /// `statx`: mountinfo grows with every container).
     fn unmount(&mut self, store: &mut Store, id: &str, trim: Trim) -> Result<()> {
+        if self.drop_overlay(id)? {
+            return Ok(());
+        }
         let dir = self.mountpoint(id);
         if thinlayer_pool::mounts::is_mountpoint(&dir)? {
             store.pool().umount_with(&dir.to_string_lossy(), trim)?;
@@ -799,9 +830,11 @@ impl GraphDriver for ThinDriver {
         // The image's init template goes first (its spares with it): it is
         // the driver's, and nothing but this layer's next containers use it.
         if has_template(&mut store, id) {
+            self.unmount_template(&mut store, &template_of(id))?;
             store.pool().remove_layer(&template)?;
         }
         store.pool().remove_layer(&pid)?;
+        self.fresh_inits.remove(id);
         self.idle.remove(id);
         self.demand.remove(id);
         self.demand.remove(&template_of(id));
@@ -814,6 +847,14 @@ impl GraphDriver for ThinDriver {
             *refs += 1;
             self.save_refs()?;
             return Ok(self.mountpoint(id).join(TREE));
+        }
+        // An init layer made from its image's template: an overlay on it.
+        if let Some(tid) = self.fresh_inits.remove(id) {
+            if let Some(tree) = self.get_overlay(id, &tid) {
+                self.refs.insert(id.to_owned(), 1);
+                self.save_refs()?;
+                return Ok(tree);
+            }
         }
         // A parked mount someone unmounted behind the driver's back is
         // made again.
@@ -839,7 +880,9 @@ impl GraphDriver for ThinDriver {
             return self.save_refs();
         }
         self.refs.remove(id);
-        if id.ends_with(INIT_SUFFIX) {
+        if self.put_overlay(id)? {
+            // Compared with its template, and written only if it differs.
+        } else if id.ends_with(INIT_SUFFIX) {
             self.let_go(&mut self.store()?, id)?;
         } else {
             self.parked.insert(id.to_owned(), std::time::Instant::now());
@@ -914,6 +957,16 @@ impl GraphDriver for ThinDriver {
         self.dead.clear();
         let mut store = self.store()?;
         let mut first_error = None;
+        // Overlays first: the templates' mounts under them are then free.
+        for id in self.refs.keys().cloned().collect::<Vec<_>>() {
+            if let Err(e) = self.drop_overlay(&id) {
+                tracing::warn!(%id, error = %e, "cleanup: cannot unmount an overlay");
+            }
+        }
+        self.fresh_inits.clear();
+        if let Err(e) = self.drop_overlay_root() {
+            first_error.get_or_insert(e);
+        }
         for dir in self.mounted_dirs()? {
             if let Err(e) = store.pool().umount_with(&dir.to_string_lossy(), Trim::Skip) {
                 tracing::warn!(dir = %dir.display(), error = %e, "cleanup: cannot unmount");
