@@ -297,6 +297,15 @@ fn vm_graphdriver_conformance() {
         );
         assert!(!c4.join("etc/os").exists() && c4.join(".dockerenv").exists());
         d.put("c4").unwrap();
+        // A dockerd start forgets the templates, but not one an overlay
+        // still stands on (the create of a dockerd that crashed).
+        d.create_read_write("c5-init", Some("app")).unwrap();
+        let c5 = d.get("c5-init").unwrap();
+        assert_eq!(d.forget_templates().unwrap(), 0);
+        assert!(d.exists("app-init-template").unwrap() && is_mount(&c5));
+        d.put("c5-init").unwrap();
+        assert_eq!(d.forget_templates().unwrap(), 1);
+        assert!(!d.exists("app-init-template").unwrap());
         d.create_read_write("c2", Some("c2-init")).unwrap();
         let c2 = d.get("c2").unwrap();
         assert!(c2.join(".dockerenv").exists() && c2.join("etc/os").exists());
@@ -306,7 +315,7 @@ fn vm_graphdriver_conformance() {
             refused.contains("c2-init, c3-init, c4-init") && !refused.contains("template"),
             "the children named are Docker's: {refused}"
         );
-        for id in ["c2", "c2-init", "c3-init", "c4", "c4-init"] {
+        for id in ["c2", "c2-init", "c3-init", "c4", "c4-init", "c5-init"] {
             d.remove(id).unwrap();
         }
         while d.settle_step() {}

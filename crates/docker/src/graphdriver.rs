@@ -428,7 +428,12 @@ impl ThinDriver {
         for l in store.pool().layer_records()? {
             if l.owner == Owner::Graphdriver && is_template(&l.id) {
                 let tid = l.id.strip_prefix(ID_PREFIX).unwrap_or(&l.id);
-                self.unmount_template(&mut store, tid)?;
+                // An overlay a crashed dockerd left on it keeps it (and it
+                // stays in use) until that init layer is put or removed.
+                if let Err(e) = self.unmount_template(&mut store, tid) {
+                    tracing::warn!(template = %tid, error = %e, "an init template still in use is kept");
+                    continue;
+                }
                 store.pool().remove_layer(&l.id)?;
                 self.demand.remove(tid);
                 gone += 1;
