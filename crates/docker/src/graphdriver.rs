@@ -116,7 +116,6 @@ use crate::error::{Error, Result};
 mod initlayer;
 pub mod stream;
 
-pub use initlayer::upper_matches;
 pub use stream::{ApplyStream, DiffStream};
 
 /// One changed path, as `Changes` reports it.

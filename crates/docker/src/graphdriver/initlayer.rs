@@ -62,7 +62,7 @@ const COMPARE_MAX: u64 = 1 << 20;
 /// # Errors
 /// A directory or entry that cannot be read (the caller treats it as a
 /// change).
-pub fn upper_matches(upper: &Path, lower: &Path) -> std::io::Result<bool> {
+fn upper_matches(upper: &Path, lower: &Path) -> std::io::Result<bool> {
     for entry in fs::read_dir(upper)? {
         let name = entry?.file_name();
         let (u, l) = (upper.join(&name), lower.join(&name));
