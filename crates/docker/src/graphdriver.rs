@@ -199,9 +199,8 @@ pub struct ThinDriver {
     /// How long a parked mount is kept ([`PARK_IDLE`] unless set).
     park_idle: std::time::Duration,
     /// Init layers made as snapshots of their image's template and not
-    /// got yet, each with its template: the first `get` overlays them
-    /// (see [`initlayer`]).
-    fresh_inits: BTreeMap<String, String>,
+    /// got yet: the first `get` overlays them (see [`initlayer`]).
+    fresh_inits: std::collections::BTreeSet<String>,
 }
 
 /// How long a layer's mount is kept after its last `put`.
@@ -274,7 +273,7 @@ impl ThinDriver {
             premount: None,
             learn: BTreeMap::new(),
             park_idle: PARK_IDLE,
-            fresh_inits: BTreeMap::new(),
+            fresh_inits: std::collections::BTreeSet::new(),
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -429,7 +428,7 @@ impl ThinDriver {
                 let tid = l.id.strip_prefix(ID_PREFIX).unwrap_or(&l.id);
                 // An overlay a crashed dockerd left on it keeps it (and it
                 // stays in use) until that init layer is put or removed.
-                if let Err(e) = self.unmount_template(&mut store, tid) {
+                if let Err(e) = self.unmount(&mut store, tid, Trim::Skip) {
                     tracing::warn!(template = %tid, error = %e, "an init template still in use is kept");
                     continue;
                 }
@@ -640,7 +639,7 @@ impl ThinDriver {
                     ppid,
                     &pool_id(t),
                 )?;
-                self.fresh_inits.insert(id.to_owned(), t.clone());
+                self.fresh_inits.insert(id.to_owned());
                 made
             }
             _ => store
@@ -834,7 +833,7 @@ impl GraphDriver for ThinDriver {
         // The image's init template goes first (its spares with it): it is
         // the driver's, and nothing but this layer's next containers use it.
         if has_template(&mut store, id) {
-            self.unmount_template(&mut store, &template_of(id))?;
+            self.unmount(&mut store, &template_of(id), Trim::Skip)?;
             store.pool().remove_layer(&template)?;
         }
         store.pool().remove_layer(&pid)?;
@@ -853,8 +852,8 @@ impl GraphDriver for ThinDriver {
             return Ok(self.mountpoint(id).join(TREE));
         }
         // An init layer made from its image's template: an overlay on it.
-        if let Some(tid) = self.fresh_inits.remove(id) {
-            if let Some(tree) = self.get_overlay(id, &tid) {
+        if self.fresh_inits.remove(id) {
+            if let Some(tree) = self.get_overlay(id) {
                 self.refs.insert(id.to_owned(), 1);
                 self.save_refs()?;
                 return Ok(tree);

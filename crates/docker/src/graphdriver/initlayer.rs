@@ -44,10 +44,10 @@ use std::{
 };
 
 use nix::mount::MsFlags;
-use thinlayer_pool::{MountUse, Trim};
+use thinlayer_pool::MountUse;
 use thinlayer_store::Store;
 
-use super::{TREE, ThinDriver, pool_id, template_of};
+use super::{ID_PREFIX, INIT_SUFFIX, TREE, ThinDriver, pool_id, template_of};
 use crate::error::{Error, Result};
 
 /// The largest file compared by content; a larger one in the upper
@@ -144,7 +144,20 @@ fn private_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("cannot make {}: {e}", dir.display())))
 }
 
+/// The template init layer `layer` was made from: its image's.
+fn template_above(layer: &thinlayer_pool::LayerRecord) -> String {
+    let image = layer.parent.as_deref().unwrap_or_default();
+    template_of(image.strip_prefix(ID_PREFIX).unwrap_or(image))
+}
+
 impl ThinDriver {
+    /// Whether layer `id` is an init layer served through an overlay (only
+    /// an init layer can be: other layers' `put` and `remove` skip the
+    /// `statfs`).
+    fn overlaid(&self, id: &str) -> Result<bool> {
+        Ok(id.ends_with(INIT_SUFFIX) && is_overlay(&self.mountpoint(id))?)
+    }
+
     /// Where the overlays' upper and work directories live: a private
     /// tmpfs.
     fn overlay_root(&self) -> PathBuf {
@@ -173,12 +186,12 @@ impl ThinDriver {
         Ok(dir)
     }
 
-    /// Layer `id`'s tree through an overlay on template `tid` (see the
-    /// module's notes); `None` when it cannot be had (logged: the caller
-    /// mounts the layer as any other, which holds the same tree).
-    pub(super) fn get_overlay(&mut self, id: &str, tid: &str) -> Option<PathBuf> {
+    /// Init layer `id`'s tree through an overlay on its image's template
+    /// (see the module's notes); `None` when it cannot be had (logged: the
+    /// caller mounts the layer as any other, which holds the same tree).
+    pub(super) fn get_overlay(&mut self, id: &str) -> Option<PathBuf> {
         let t = std::time::Instant::now();
-        match self.mount_overlay(id, tid) {
+        match self.mount_overlay(id) {
             Ok(tree) => {
                 tracing::debug!(%id, ms = t.elapsed().as_secs_f64() * 1000.0, "an init layer overlaid on its template");
                 Some(tree)
@@ -191,11 +204,11 @@ impl ThinDriver {
         }
     }
 
-    fn mount_overlay(&mut self, id: &str, tid: &str) -> Result<PathBuf> {
+    fn mount_overlay(&mut self, id: &str) -> Result<PathBuf> {
         let lower = {
             let mut store = self.store()?;
-            Self::own(&mut store, id, "mount")?;
-            self.mount_template(&mut store, tid)?
+            let tid = template_above(&Self::own(&mut store, id, "mount")?);
+            self.mount_template(&mut store, &tid)?
         };
         let own = self.overlays_ready()?.join(id);
         let (upper, work) = (own.join("upper"), own.join("work"));
@@ -240,17 +253,12 @@ impl ThinDriver {
     /// overlay is gone by then; Docker's create fails and removes it).
     pub(super) fn put_overlay(&mut self, id: &str) -> Result<bool> {
         let dir = self.mountpoint(id);
-        if !is_overlay(&dir)? {
+        if !self.overlaid(id)? {
             return Ok(false);
         }
         let t = std::time::Instant::now();
         let own = self.overlay_root().join(id);
-        let tid = {
-            let mut store = self.store()?;
-            let layer = Self::own(&mut store, id, "put")?;
-            let image = layer.parent.unwrap_or_default();
-            template_of(image.strip_prefix(super::ID_PREFIX).unwrap_or(&image))
-        };
+        let tid = template_above(&Self::own(&mut self.store()?, id, "put")?);
         let lower = self.mountpoint(&tid);
         let same = upper_matches(&own.join("upper"), &lower).unwrap_or_else(|e| {
             tracing::debug!(%id, error = %e, "cannot compare an init layer with its template");
@@ -284,11 +292,10 @@ impl ThinDriver {
 
     /// Unmounts layer `id`'s overlay if it has one (`false` if not).
     pub(super) fn drop_overlay(&mut self, id: &str) -> Result<bool> {
-        let dir = self.mountpoint(id);
-        if !is_overlay(&dir)? {
+        if !self.overlaid(id)? {
             return Ok(false);
         }
-        thinlayer_pool::mounts::umount(&dir)?;
+        thinlayer_pool::mounts::umount(&self.mountpoint(id))?;
         let _ = fs::remove_dir_all(self.overlay_root().join(id));
         Ok(true)
     }
@@ -321,11 +328,6 @@ impl ThinDriver {
             }
         }
         Ok(())
-    }
-
-    /// Unmounts template `tid` (before it is removed).
-    pub(super) fn unmount_template(&mut self, store: &mut Store, tid: &str) -> Result<()> {
-        self.unmount(store, tid, Trim::Skip)
     }
 }
 
