@@ -236,12 +236,24 @@ fn vm_graphdriver_conformance() {
             Some("3"),
             "the template is not Docker's: {status:?}"
         );
+        // The settler made the template two spares: one kept mounted,
+        // one not.
+        let spares = |s: &common::Scratch| s.json(&["pool", "status"])["spares"].clone();
+        let kept = spares(s);
+        assert_eq!(kept.as_array().map(Vec::len), Some(2), "{kept}");
+        assert_eq!(s.spare_mounts().len(), 1, "{kept}");
         for init in ["c2-init", "c3-init"] {
             let before = s.used_data_blocks();
             // A snapshot of the template, got through an overlay on it:
             // Docker's init code finds its files there and writes into a
             // private upper directory.
             d.create_read_write(init, Some("app")).unwrap();
+            if init == "c2-init" {
+                // It took the spare kept unmounted.
+                let left = spares(s);
+                assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+                assert_eq!(left[0]["mounted"], true, "{left}");
+            }
             let tree = d.get(init).unwrap();
             assert!(is_mount(&tree));
             let found = fs::symlink_metadata(tree.join(".dockerenv")).unwrap();
@@ -269,6 +281,28 @@ fn vm_graphdriver_conformance() {
                 "{init} against its image, as the first init layer"
             );
         }
+        // The container's layer on an init layer that holds just the
+        // template is a snapshot of the template, the same tree: it takes
+        // the spare the template keeps mounted (the init layers did not),
+        // so its mount is a move, and the settler makes the next spare.
+        d.create_read_write("c3", Some("c3-init")).unwrap();
+        d.urgent_step();
+        assert!(
+            s.spare_mounts().is_empty(),
+            "c3 took the template's spare: its mount moved"
+        );
+        let c3 = d.get("c3").unwrap();
+        assert!(c3.join(".dockerenv").exists() && c3.join("etc/os").exists());
+        assert!(
+            d.changes("c3", Some("c3-init")).unwrap().is_empty(),
+            "c3 is its init layer's tree"
+        );
+        fs::write(c3.join("own"), "c3's\n").unwrap();
+        d.put("c3").unwrap();
+        while d.settle_step() {}
+        let kept = spares(s);
+        assert_eq!(kept.as_array().map(Vec::len), Some(2), "{kept}");
+        assert_eq!(s.spare_mounts().len(), 1, "the template's next spares");
         // An init code that writes something else (another dockerd): the
         // put writes the difference into the layer's device.
         d.create_read_write("c4-init", Some("app")).unwrap();
@@ -315,7 +349,7 @@ fn vm_graphdriver_conformance() {
             refused.contains("c2-init, c3-init, c4-init") && !refused.contains("template"),
             "the children named are Docker's: {refused}"
         );
-        for id in ["c2", "c2-init", "c3-init", "c4", "c4-init", "c5-init"] {
+        for id in ["c2", "c2-init", "c3", "c3-init", "c4", "c4-init", "c5-init"] {
             d.remove(id).unwrap();
         }
         while d.settle_step() {}

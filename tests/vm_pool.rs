@@ -563,15 +563,25 @@ fn vm_pool_spares_are_the_parent_as_it_is_and_cost_no_kernel_step_to_take() {
         s.ok(&["umount", "c1"]);
         s.ok(&["pool", "check"]);
 
-        // A read-only mount of the parent keeps its spares; a read-write one
-        // drops them (device and thin id), so a write is never missed.
+        // A read-only mount of the parent keeps its spares, and more can be
+        // made while it stands (nothing writes the parent); a read-write
+        // one drops them (device and thin id), so a write is never missed,
+        // and refuses more while it stands.
         let ro = s.dir("a-ro");
         s.ok(&["mount", "a", ro.to_str().unwrap(), "--readonly"]);
-        s.fails(&["layer", "provision", "a", "--spares", "2"], 4, "umount");
+        s.ok(&["layer", "provision", "a", "--spares", "2"]);
         s.ok(&["umount", "a"]);
+        assert_eq!(spares(s).len(), 2);
+        // One made under the read-only mount is `a` as it is.
+        s.ok(&["layer", "create", "c-ro", "--parent", "a"]);
+        let dro = s.mount("c-ro");
+        assert_eq!(fs::read(dro.join("v.txt")).unwrap(), b"one");
+        s.ok(&["umount", "c-ro"]);
+        s.ok(&["layer", "rm", "c-ro"]);
         assert_eq!(spares(s).len(), 1);
         let d = s.mount("a");
         assert!(spares(s).is_empty(), "a read-write mount drops the spares");
+        s.fails(&["layer", "provision", "a", "--spares", "1"], 4, "umount");
         write_file(&d.join("v.txt"), b"two");
         s.ok(&["umount", "a"]);
         assert_eq!(thin_device_count(s), 0, "no device left behind");

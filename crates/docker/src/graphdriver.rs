@@ -87,7 +87,15 @@
 //!   nothing: no pool block, no journal, no flush (3 pool blocks for the
 //!   first init layer, 0 for the next in `tests/vm_graphdriver.rs`).
 //!   Anything else is written into the layer's device as Docker would
-//!   have. The template is removed with its image layer, just before it.
+//!   have. Such an init layer then holds the template's tree and nothing
+//!   else, so the container's layer made on it next is a snapshot of the
+//!   template instead (recorded as the init layer's child). The template
+//!   (mounted read-only: nothing writes it) keeps two spares, which the
+//!   settler makes again while requests pause: one an init layer takes
+//!   (no kernel snapshot in its create), and one kept mounted that the
+//!   container's layer takes (none in its create, and its `get` moves a
+//!   mount).
+//!   The template is removed with its image layer, just before it.
 //!   Docker's `Init` (each dockerd start) removes the templates: the next
 //!   dockerd, perhaps another version with other init files, teaches them
 //!   again.
@@ -201,6 +209,11 @@ pub struct ThinDriver {
     /// Init layers made as snapshots of their image's template and not
     /// got yet: the first `get` overlays them (see [`initlayer`]).
     fresh_inits: std::collections::BTreeSet<String>,
+    /// Init layers whose device holds their template's tree and nothing
+    /// else (their overlay's `put` wrote nothing, and they were not got
+    /// since): the container layer on one is a snapshot of the template,
+    /// the same tree, which keeps a mounted spare for it.
+    plain_inits: std::collections::BTreeSet<String>,
 }
 
 /// How long a layer's mount is kept after its last `put`.
@@ -240,6 +253,39 @@ fn has_template(store: &mut Store, image: &str) -> bool {
         .exists()
 }
 
+/// A provision the settler makes: `count` spares of `id` kept, every one
+/// mounted if `mounted` (else those made now are not).
+struct Wanted {
+    id: String,
+    count: usize,
+    mounted: bool,
+}
+
+/// Pool layer `pid`'s spares: how many are kept mounted, and how many in
+/// all.
+fn spare_counts(store: &mut Store, pid: &str) -> (usize, usize) {
+    let spares = &store.pool().record().spares;
+    let of: Vec<bool> = spares
+        .iter()
+        .filter(|s| s.parent.as_deref() == Some(pid))
+        .map(|s| s.mounted)
+        .collect();
+    (of.iter().filter(|m| **m).count(), of.len())
+}
+
+/// Pool layer `pid`'s spares kept mounted (`mounted`) or not, oldest
+/// first.
+fn spares_kept(store: &mut Store, pid: &str, mounted: bool) -> Vec<u32> {
+    store
+        .pool()
+        .record()
+        .spares
+        .iter()
+        .filter(|s| s.parent.as_deref() == Some(pid) && s.mounted == mounted)
+        .map(|s| s.thin_id)
+        .collect()
+}
+
 /// The pool layer id of Docker layer `id`.
 pub fn pool_id(id: &str) -> String {
     format!("{ID_PREFIX}{id}")
@@ -274,6 +320,7 @@ impl ThinDriver {
             learn: BTreeMap::new(),
             park_idle: PARK_IDLE,
             fresh_inits: std::collections::BTreeSet::new(),
+            plain_inits: std::collections::BTreeSet::new(),
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -344,14 +391,19 @@ impl ThinDriver {
                 store.pool().reclaim_some(1)?;
             } else if let Some((image, init)) = self.learn.pop_first() {
                 self.make_template(&mut store, &image, &init);
-            } else if let Some((id, want)) = self.spare_wanted(&mut store) {
-                tracing::debug!(%id, want, "keeping an image layer's spares");
+            } else if let Some(Wanted { id, count, mounted }) = self.spare_wanted(&mut store) {
+                tracing::debug!(%id, count, mounted, "keeping an image layer's spares");
                 let pid = pool_id(&id);
-                let kept = if want == 0 {
+                if count == 0 {
                     self.demand.remove(&id);
-                    store.pool().provision(Some(&pid), 0).map(|_| ())
+                }
+                let kept = if mounted {
+                    store
+                        .pool()
+                        .provision_mounted(Some(&pid), count)
+                        .map(|_| ())
                 } else {
-                    store.pool().provision_mounted(Some(&pid), want).map(|_| ())
+                    store.pool().provision(Some(&pid), count).map(|_| ())
                 };
                 if let Err(e) = kept {
                     // Gone, or in use (a spare must stay what its parent
@@ -401,8 +453,9 @@ impl ThinDriver {
                 }
                 // The image's own spares would only be taken by an init
                 // layer made before the template: none is now. The
-                // template keeps none: it is mounted (read-only), and an
-                // init layer's snapshot of it costs no mount.
+                // template keeps two, for the next container's init layer
+                // and its layer (see `spare_wanted`).
+                self.demand.insert(tid, std::time::Instant::now());
                 if self.demand.remove(image).is_some() {
                     if let Err(e) = store.pool().provision(Some(&pool_id(image)), 0) {
                         tracing::debug!(%image, error = %e, "its spares are left to the next start");
@@ -492,13 +545,32 @@ impl ThinDriver {
         Ok(store)
     }
 
-    /// An image layer whose spares are not what its demand asks for, and
-    /// the count it should keep (1 lately asked for, 0 idle).
-    fn spare_wanted(&self, store: &mut Store) -> Option<(String, usize)> {
+    /// The provision an image layer or template lately asked for needs
+    /// next, if its spares are not what it wants: an image layer one
+    /// mounted spare (for the init layer of a container made before its
+    /// template); a template one mounted (for a container's layer) and one
+    /// not (for an init layer, which is overlaid, never mounted itself);
+    /// none past [`SPARE_IDLE`].
+    fn spare_wanted(&self, store: &mut Store) -> Option<Wanted> {
         self.demand.iter().find_map(|(id, at)| {
-            let have = store.pool().spares_of(Some(&pool_id(id))).len();
-            let want = usize::from(at.elapsed() < SPARE_IDLE);
-            (have != want).then(|| (id.clone(), want))
+            let (mounted, all) = spare_counts(store, &pool_id(id));
+            let want = |count, mounted| {
+                Some(Wanted {
+                    id: id.clone(),
+                    count,
+                    mounted,
+                })
+            };
+            if at.elapsed() >= SPARE_IDLE {
+                return if all > 0 { want(0, false) } else { None };
+            }
+            match (is_template(id), mounted, all) {
+                // Kept ones are mounted too: the one there becomes it.
+                (true, 0, _) => want(all.max(1), true),
+                (true, _, 0 | 1) => want(2, false),
+                (false, 1, 1) | (true, _, _) => None,
+                (false, _, _) => want(1, true),
+            }
         })
     }
 
@@ -628,24 +700,47 @@ impl ThinDriver {
         let template = init_on
             .filter(|p| has_template(&mut store, p))
             .map(template_of);
-        match (&template, &parent_pid) {
+        // A container's layer on an init layer that holds just its
+        // image's template: a snapshot of the template (the same tree).
+        let plain_under = parent
+            .filter(|p| self.plain_inits.contains(*p))
+            .and(grandparent.as_deref())
+            .map(|image| image.strip_prefix(ID_PREFIX).unwrap_or(image))
+            .filter(|image| has_template(&mut store, image))
+            .map(template_of);
+        match (template.as_ref().or(plain_under.as_ref()), &parent_pid) {
             // A container's init layer on an image that has an init
             // template: a snapshot of that, which its first `get`
             // overlays (Docker's init code then writes nothing to it).
+            // Either takes a spare the template keeps: an init layer one
+            // kept unmounted (it is never mounted itself), a container's
+            // layer one kept mounted if there is one (its `get` is then a
+            // move of that mount).
             (Some(t), Some(ppid)) => {
-                let made = store.pool().create_layer_derived(
-                    Owner::Graphdriver,
-                    &pid,
-                    ppid,
-                    &pool_id(t),
-                )?;
-                self.fresh_inits.insert(id.to_owned());
-                made
+                let tpid = pool_id(t);
+                let mounted = spares_kept(&mut store, &tpid, true);
+                let not_for_it = if template.is_some() {
+                    mounted
+                } else if mounted.is_empty() {
+                    Vec::new()
+                } else {
+                    spares_kept(&mut store, &tpid, false)
+                };
+                store.pool().hold_spares(not_for_it);
+                store
+                    .pool()
+                    .create_layer_derived(Owner::Graphdriver, &pid, ppid, &tpid)?;
+                if template.is_some() {
+                    self.fresh_inits.insert(id.to_owned());
+                }
+                self.demand.insert(t.clone(), std::time::Instant::now());
             }
-            _ => store
-                .pool()
-                .create_layer_for(Owner::Graphdriver, &pid, parent_pid.as_deref())?,
-        };
+            _ => {
+                store
+                    .pool()
+                    .create_layer_for(Owner::Graphdriver, &pid, parent_pid.as_deref())?;
+            }
+        }
         // A container's init layer on an image without a template yet:
         // the next one takes a mounted spare of the image, so its `get`
         // is one move of a mount (one made from a template is overlaid).
@@ -838,6 +933,7 @@ impl GraphDriver for ThinDriver {
         }
         store.pool().remove_layer(&pid)?;
         self.fresh_inits.remove(id);
+        self.plain_inits.remove(id);
         self.idle.remove(id);
         self.demand.remove(id);
         self.demand.remove(&template_of(id));
@@ -846,6 +942,8 @@ impl GraphDriver for ThinDriver {
     }
 
     fn get(&mut self, id: &str) -> Result<PathBuf> {
+        // What is got may be written: no longer just its template.
+        self.plain_inits.remove(id);
         if let Some(refs) = self.refs.get_mut(id) {
             *refs += 1;
             self.save_refs()?;

@@ -18,6 +18,9 @@ pub struct MountEntry {
     pub mountpoint: PathBuf,
     /// The filesystem type.
     pub fstype: String,
+    /// Whether the filesystem itself (its superblock, so every mount of
+    /// it) is read-only, not just this mount.
+    pub read_only: bool,
 }
 
 /// Parses mountinfo text, line by line with `procfs`'s parser (its
@@ -40,6 +43,7 @@ pub(crate) fn from_procfs(m: &procfs::process::MountInfo) -> Option<MountEntry> 
         },
         mountpoint: PathBuf::from(unescape(m.mount_point.to_str()?)),
         fstype: m.fs_type.clone(),
+        read_only: m.super_options.contains_key("ro"),
     })
 }
 
@@ -83,10 +87,12 @@ mod tests {
 22 1 0:21 / /proc rw,nosuid - proc proc rw
 36 35 253:4 / /mnt/with\\040space rw,noatime shared:1 - ext4 /dev/dm-4 rw
 37 35 253:5 / /mnt/x rw - xfs /dev/dm-5 rw,nouuid
+38 35 253:6 / /mnt/t ro,nodev - ext4 /dev/dm-6 ro
+39 35 253:6 / /mnt/b rw - ext4 /dev/dm-6 ro
 garbage line
 ";
         let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.len(), 5);
         assert_eq!(
             m[1].device,
             Device {
@@ -97,5 +103,8 @@ garbage line
         assert_eq!(m[1].mountpoint, PathBuf::from("/mnt/with space"));
         assert_eq!(m[1].fstype, "ext4");
         assert_eq!(m[2].fstype, "xfs");
+        // The superblock's options decide, not the mount's.
+        let ro: Vec<bool> = m.iter().map(|e| e.read_only).collect();
+        assert_eq!(ro, [false, false, false, true, true]);
     }
 }

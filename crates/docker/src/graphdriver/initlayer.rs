@@ -267,9 +267,10 @@ impl ThinDriver {
         if same {
             thinlayer_pool::mounts::umount(&dir)?;
             let _ = fs::remove_dir_all(&own);
-            // Its device is up only if it took a spare the template kept
-            // from an older plugin: the settler takes it down.
+            // Its device is up if it took a spare the template kept: the
+            // settler takes it down.
             self.idle.insert(id.to_owned());
+            self.plain_inits.insert(id.to_owned());
             tracing::debug!(%id, ms = t.elapsed().as_secs_f64() * 1000.0, "an init layer as its template: nothing written");
             return Ok(true);
         }

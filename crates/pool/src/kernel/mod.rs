@@ -152,6 +152,23 @@ impl Kernel {
         Ok(Some((dev, points)))
     }
 
+    /// Whether `name` is active and held open only by a filesystem that is
+    /// read-only itself (its superblock, so each of its mounts): nothing
+    /// writes it then but a remount, which only root can make.
+    ///
+    /// # Errors
+    /// device-mapper errors; I/O errors reading mountinfo.
+    pub fn held_read_only(&self, name: &DmName) -> Result<bool> {
+        let Some((dev, 1)) = self.device_open(name)? else {
+            return Ok(false);
+        };
+        let mut on = crate::mounts::all()?
+            .into_iter()
+            .filter(|m| m.device == dev)
+            .peekable();
+        Ok(on.peek().is_some() && on.all(|m| m.read_only))
+    }
+
     /// The device number of `name` and how many hold it open (a mount is
     /// one), if the kernel has it.
     ///

@@ -232,7 +232,7 @@ impl Pool {
         let lock = lock::lock(root, mode, wait)?;
         // Under the lock: one command tightens and says so.
         file::secure_root(root, mode == LockMode::Exclusive)?;
-        let rec: PoolRecord = match PoolRecord::load(&layout.pool_record()) {
+        let mut rec: PoolRecord = match PoolRecord::load(&layout.pool_record()) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 // Destroyed while we waited for the lock.
                 return Err(Error::NoPool {
@@ -241,6 +241,7 @@ impl Pool {
             }
             r => r?,
         };
+        txn::clear_committed_create(&layout, &mut rec);
         if mode == LockMode::Exclusive && sweep {
             file::sweep_temp(root)?;
             file::sweep_temp(&layout.layers_dir())?;

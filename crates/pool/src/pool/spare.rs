@@ -27,7 +27,10 @@
 //! A spare is P as it was when provisioned, so any later write to P makes
 //! it stale: P's spares are dropped (thin ids deleted) whenever P is
 //! activated for writing or removed, and P is only provisioned while
-//! nothing has it active.
+//! nothing can write it: inactive, or held by nothing but a filesystem
+//! mounted read-only (its superblock, not just one mount: a read-only
+//! template other layers are made from, for one). The snapshot of an
+//! active P suspends it for the moment of the `create_snap`.
 //!
 //! Transactions as for layers. Provision: intent -> `create_snap` ->
 //! activation -> (mount) -> the pool record lists the spare (the commit
@@ -169,8 +172,9 @@ impl Pool {
     /// that were provisioned mounted are mounted again if they are not.
     ///
     /// # Errors
-    /// [`Error::UnknownLayer`], [`Error::Busy`] (the parent is active, so
-    /// it may be written), [`Error::NoSpace`], kernel errors.
+    /// [`Error::UnknownLayer`], [`Error::Busy`] (the parent is active and
+    /// not just mounted read-only, so it may be written), [`Error::NoSpace`],
+    /// kernel errors.
     pub fn provision(&mut self, parent: Option<&str>, count: usize) -> Result<Provisioned> {
         self.keep_spares(parent, count, Mounting::None)
     }
@@ -229,12 +233,16 @@ impl Pool {
             self.kernel()?.remove_if_present(&origin_name)?;
         }
         if have.len() < count && self.kernel()?.device(&origin_name)?.is_some() {
-            return Err(Error::Busy {
-                what,
-                detail: "it is active, so it may be written, and a spare must stay what its \
-                         parent is; unmount it (`thinlayer umount`) and provision again"
-                    .into(),
-            });
+            // Mounted read-only and held by nothing else: nothing writes it.
+            if !self.kernel()?.held_read_only(&origin_name)? {
+                return Err(Error::Busy {
+                    what,
+                    detail: "it is active and not just mounted read-only, so it may be written, \
+                             and a spare must stay what its parent is; unmount it (`thinlayer \
+                             umount`) and provision again"
+                        .into(),
+                });
+            }
         }
         let kept: Vec<u32> = have.iter().take(count).copied().collect();
         let flagged = |rec: &super::PoolRecord, t: u32| {

@@ -20,6 +20,14 @@
 //!    a spare listed or the trash extended in the pool record.
 //! 4. **Done** (`Pool::commit`): `pending` cleared.
 //!
+//! A layer create skips the write of step 4 (`Pool::commit_created`): its
+//! commit point is a record of its own, the layer record, so the intent
+//! it leaves in the pool record says nothing a reader cannot tell. Every
+//! open takes a `CreateLayer` intent whose layer record names its thin id
+//! as done (`clear_committed_create`), as recovery would, and the pool
+//! record's next write drops it. A create costs two durable writes (the
+//! intent, the layer record), not three.
+//!
 //! A failure that is not a crash (the kernel refuses a message) before the
 //! commit point undoes the kernel step (`Pool::undo_thin`) and clears the
 //! intent; the thin id stays used up.
@@ -31,7 +39,7 @@
 //!
 //! | crashed during | found | recovery |
 //! |---|---|---|
-//! | `CreateLayer` | layer record naming the thin id | kept: clear the intent |
+//! | `CreateLayer` | layer record naming the thin id | kept: the intent is cleared at open |
 //! | `CreateLayer` | no such record | rolled back: unmount a taken spare's mount, delete the thin id if the kernel made it |
 //! | `RemoveLayer` | layer record | finished: discard, delete, remove the record |
 //! | `RemoveLayer` | no record | finished: delete the thin id if still there |
@@ -81,7 +89,7 @@ use super::Pool;
 use crate::{
     error::{Error, Result},
     names::Role,
-    records::{LayerRecord, Pending, Record, Trashed, file},
+    records::{LayerRecord, Layout, Pending, PoolRecord, Record, Trashed, file},
 };
 
 impl Pool {
@@ -114,6 +122,16 @@ impl Pool {
     pub(crate) fn commit(&mut self) -> Result<()> {
         self.rec.pending = None;
         self.write_record()
+    }
+
+    /// Step 4 of a layer create, once its layer record (its commit point)
+    /// is written: `pending` cleared in memory only (see the module notes).
+    pub(crate) fn commit_created(&mut self) {
+        debug_assert!(matches!(
+            self.rec.pending,
+            Some(Pending::CreateLayer { .. })
+        ));
+        self.rec.pending = None;
     }
 
     /// Finishes or undoes an operation a crash interrupted (see the module
@@ -225,6 +243,19 @@ impl Pool {
                 "an interrupted {p:?} left the kernel at transaction {kt} and the records at {t}; \
                  run `thinlayer pool check`"
             ))),
+        }
+    }
+}
+
+/// Clears, in `rec` as loaded, a `CreateLayer` intent whose layer record
+/// was written (naming its thin id): the create is done, and the intent is
+/// left only because a create does not write the pool record again (see
+/// the module notes). Anything else stays for [`Pool::recover`].
+pub(super) fn clear_committed_create(layout: &Layout, rec: &mut PoolRecord) {
+    if let Some(Pending::CreateLayer { id, thin_id, .. }) = &rec.pending {
+        let path = layout.layer_record(id);
+        if path.exists() && LayerRecord::load(&path).is_ok_and(|l| l.thin_id == *thin_id) {
+            rec.pending = None;
         }
     }
 }
