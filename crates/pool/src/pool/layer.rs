@@ -407,7 +407,7 @@ impl Pool {
         self.index_added(id, layer.parent.as_deref());
         fault::point("layer_create.after_record");
         let record_at = ms(t0);
-        self.commit_created();
+        self.commit_lazily();
         tracing::debug!(
             %id,
             spare = spare.is_some(),

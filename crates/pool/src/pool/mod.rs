@@ -241,7 +241,7 @@ impl Pool {
             }
             r => r?,
         };
-        txn::clear_committed_create(&layout, &mut rec);
+        txn::settle_committed(&layout, &mut rec);
         if mode == LockMode::Exclusive && sweep {
             file::sweep_temp(root)?;
             file::sweep_temp(&layout.layers_dir())?;

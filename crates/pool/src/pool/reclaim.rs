@@ -54,7 +54,8 @@ impl Pool {
         fault::point("layer_trash.after_record_removal");
         self.idle.remove(&thin_id);
         self.rec.trash.push(Trashed { thin_id, size });
-        self.commit()
+        self.commit_lazily();
+        Ok(())
     }
 
     /// Does the kernel work `teardown_later` left: idle, unmounted devices

@@ -20,13 +20,15 @@
 //!    a spare listed or the trash extended in the pool record.
 //! 4. **Done** (`Pool::commit`): `pending` cleared.
 //!
-//! A layer create skips the write of step 4 (`Pool::commit_created`): its
-//! commit point is a record of its own, the layer record, so the intent
-//! it leaves in the pool record says nothing a reader cannot tell. Every
-//! open takes a `CreateLayer` intent whose layer record names its thin id
-//! as done (`clear_committed_create`), as recovery would, and the pool
-//! record's next write drops it. A create costs two durable writes (the
-//! intent, the layer record), not three.
+//! A layer create and a layer rm --later skip the write of step 4
+//! (`Pool::commit_lazily`): their commit point is the layer record
+//! (written, removed), so the intent they leave in the pool record says
+//! nothing a reader cannot tell from it. Every open settles such an intent
+//! in memory, as recovery would (`settle_committed`): a `CreateLayer` whose
+//! layer record names its thin id is done; a `TrashLayer` whose layer
+//! record is gone is done once its thin id is in the trash list. The pool
+//! record's next write keeps that. A create costs two durable writes (the
+//! intent, the layer record), a trashing one and a removal.
 //!
 //! A failure that is not a crash (the kernel refuses a message) before the
 //! commit point undoes the kernel step (`Pool::undo_thin`) and clears the
@@ -45,7 +47,8 @@
 //! | `RemoveLayer` | no record | finished: delete the thin id if still there |
 //! | `ProvisionSpare` | (a listed spare was committed with its intent) | rolled back: unmount `ROOT/spares/ID` if mounted, delete the thin id |
 //! | `DropSpares` | ids already off the list | finished: unmount them if mounted, delete them |
-//! | `TrashLayer` | record maybe gone | finished: record removed, id in the trash |
+//! | `TrashLayer` | record gone | finished at open: id in the trash |
+//! | `TrashLayer` | record there | finished: record removed, id in the trash |
 //! | `Reclaim` | ids already off the trash | finished: discard and delete them |
 //!
 //! Every kernel step recovery repeats is idempotent: deleting an id that
@@ -124,12 +127,13 @@ impl Pool {
         self.write_record()
     }
 
-    /// Step 4 of a layer create, once its layer record (its commit point)
-    /// is written: `pending` cleared in memory only (see the module notes).
-    pub(crate) fn commit_created(&mut self) {
+    /// Step 4 of a layer create or trashing, once its layer record (its
+    /// commit point) is written or removed: `pending` cleared in memory
+    /// only (see the module notes).
+    pub(crate) fn commit_lazily(&mut self) {
         debug_assert!(matches!(
             self.rec.pending,
-            Some(Pending::CreateLayer { .. })
+            Some(Pending::CreateLayer { .. } | Pending::TrashLayer { .. })
         ));
         self.rec.pending = None;
     }
@@ -247,15 +251,25 @@ impl Pool {
     }
 }
 
-/// Clears, in `rec` as loaded, a `CreateLayer` intent whose layer record
-/// was written (naming its thin id): the create is done, and the intent is
-/// left only because a create does not write the pool record again (see
-/// the module notes). Anything else stays for [`Pool::recover`].
-pub(super) fn clear_committed_create(layout: &Layout, rec: &mut PoolRecord) {
-    if let Some(Pending::CreateLayer { id, thin_id, .. }) = &rec.pending {
-        let path = layout.layer_record(id);
-        if path.exists() && LayerRecord::load(&path).is_ok_and(|l| l.thin_id == *thin_id) {
+/// Settles, in `rec` as loaded, an intent whose commit point is behind it
+/// (see the module notes): a `CreateLayer` whose layer record names its
+/// thin id, a `TrashLayer` whose layer record is gone (its thin id put in
+/// the trash). Anything else stays for [`Pool::recover`].
+pub(super) fn settle_committed(layout: &Layout, rec: &mut PoolRecord) {
+    match rec.pending.clone() {
+        Some(Pending::CreateLayer { id, thin_id, .. }) => {
+            let path = layout.layer_record(&id);
+            if path.exists() && LayerRecord::load(&path).is_ok_and(|l| l.thin_id == thin_id) {
+                rec.pending = None;
+            }
+        }
+        Some(Pending::TrashLayer { id, thin_id, size }) if !layout.layer_record(&id).exists() => {
+            let item = Trashed { thin_id, size };
+            if !rec.trash.contains(&item) {
+                rec.trash.push(item);
+            }
             rec.pending = None;
         }
+        _ => {}
     }
 }
