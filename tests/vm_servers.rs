@@ -318,8 +318,8 @@ fn sockets_are_root_only_and_a_group_is_granted(s: &Scratch, server: Server) {
 
     // A group: its members in, others still out.
     let mut srv = server.start(s, &socket, &["--socket-group", &GROUP.to_string()]);
-    assert_eq!(mode(&socket), 0o660);
-    assert_eq!(mode(&dir), 0o750);
+    assert_eq!(mode(&socket), 0o660, "{}", srv.log());
+    assert_eq!(mode(&dir), 0o750, "{}", srv.log());
     assert_eq!(fs::metadata(&socket).unwrap().gid(), GROUP);
     assert_eq!(fs::metadata(&dir).unwrap().gid(), GROUP);
     assert_eq!(probe_as(GROUP, server, &socket), "answered");
