@@ -261,18 +261,6 @@ struct Wanted {
     mounted: bool,
 }
 
-/// Pool layer `pid`'s spares: how many are kept mounted, and how many in
-/// all.
-fn spare_counts(store: &mut Store, pid: &str) -> (usize, usize) {
-    let spares = &store.pool().record().spares;
-    let of: Vec<bool> = spares
-        .iter()
-        .filter(|s| s.parent.as_deref() == Some(pid))
-        .map(|s| s.mounted)
-        .collect();
-    (of.iter().filter(|m| **m).count(), of.len())
-}
-
 /// Pool layer `pid`'s spares kept mounted (`mounted`) or not, oldest
 /// first.
 fn spares_kept(store: &mut Store, pid: &str, mounted: bool) -> Vec<u32> {
@@ -392,7 +380,7 @@ impl ThinDriver {
             } else if let Some((image, init)) = self.learn.pop_first() {
                 self.make_template(&mut store, &image, &init);
             } else if let Some(Wanted { id, count, mounted }) = self.spare_wanted(&mut store) {
-                tracing::debug!(%id, count, mounted, "keeping an image layer's spares");
+                tracing::debug!(%id, count, mounted, "keeping a layer's spares");
                 let pid = pool_id(&id);
                 if count == 0 {
                     self.demand.remove(&id);
@@ -553,7 +541,9 @@ impl ThinDriver {
     /// none past [`SPARE_IDLE`].
     fn spare_wanted(&self, store: &mut Store) -> Option<Wanted> {
         self.demand.iter().find_map(|(id, at)| {
-            let (mounted, all) = spare_counts(store, &pool_id(id));
+            let pid = pool_id(id);
+            let mounted = spares_kept(store, &pid, true).len();
+            let all = mounted + spares_kept(store, &pid, false).len();
             let want = |count, mounted| {
                 Some(Wanted {
                     id: id.clone(),
