@@ -261,19 +261,6 @@ struct Wanted {
     mounted: bool,
 }
 
-/// Pool layer `pid`'s spares kept mounted (`mounted`) or not, oldest
-/// first.
-fn spares_kept(store: &mut Store, pid: &str, mounted: bool) -> Vec<u32> {
-    store
-        .pool()
-        .record()
-        .spares
-        .iter()
-        .filter(|s| s.parent.as_deref() == Some(pid) && s.mounted == mounted)
-        .map(|s| s.thin_id)
-        .collect()
-}
-
 /// The pool layer id of Docker layer `id`.
 pub fn pool_id(id: &str) -> String {
     format!("{ID_PREFIX}{id}")
@@ -542,8 +529,9 @@ impl ThinDriver {
     fn spare_wanted(&self, store: &mut Store) -> Option<Wanted> {
         self.demand.iter().find_map(|(id, at)| {
             let pid = pool_id(id);
-            let mounted = spares_kept(store, &pid, true).len();
-            let all = mounted + spares_kept(store, &pid, false).len();
+            let pool = store.pool();
+            let mounted = pool.spares_kept(Some(&pid), true).len();
+            let all = pool.spares_of(Some(&pid)).len();
             let want = |count, mounted| {
                 Some(Wanted {
                     id: id.clone(),
@@ -708,15 +696,16 @@ impl ThinDriver {
             // move of that mount).
             (Some(t), Some(ppid)) => {
                 let tpid = pool_id(t);
-                let mounted = spares_kept(&mut store, &tpid, true);
+                let pool = store.pool();
+                let mounted = pool.spares_kept(Some(&tpid), true);
                 let not_for_it = if template.is_some() {
                     mounted
                 } else if mounted.is_empty() {
                     Vec::new()
                 } else {
-                    spares_kept(&mut store, &tpid, false)
+                    pool.spares_kept(Some(&tpid), false)
                 };
-                store.pool().hold_spares(not_for_it);
+                pool.hold_spares(not_for_it);
                 store
                     .pool()
                     .create_layer_derived(Owner::Graphdriver, &pid, ppid, &tpid)?;

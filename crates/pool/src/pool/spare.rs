@@ -166,6 +166,17 @@ impl Pool {
             .collect()
     }
 
+    /// The spares of `parent` kept mounted (`mounted`) or not, oldest
+    /// first.
+    pub fn spares_kept(&self, parent: Option<&str>, mounted: bool) -> Vec<u32> {
+        self.record()
+            .spares
+            .iter()
+            .filter(|s| s.parent.as_deref() == parent && s.mounted == mounted)
+            .map(|s| s.thin_id)
+            .collect()
+    }
+
     /// Keeps `count` active spares of `parent` (`None`: the base device):
     /// makes the missing ones, activates kept ones the kernel lost (a pool
     /// deactivate tears them down), drops any beyond `count`. Kept spares

@@ -190,9 +190,7 @@ impl Pool {
                  the metadata or the records were replaced; run `thinlayer pool check`"
             ))),
             Some(Pending::CreateLayer { id, thin_id, .. }) if kt == t => {
-                let path = self.layout.layer_record(&id);
-                let kept = path.exists() && LayerRecord::load(&path)?.thin_id == thin_id;
-                if kept {
+                if created(&self.layout, &id, thin_id)? {
                     tracing::info!(%id, thin_id, "recovery: layer create had committed");
                     return self.commit().map(|()| "kept (its record was written)");
                 }
@@ -226,10 +224,7 @@ impl Pool {
                 // Finish it: the record goes, the thin id to the trash.
                 tracing::info!(%id, thin_id, "recovery: finishing layer rm --later");
                 file::remove(&self.layout.layer_record(&id))?;
-                let item = Trashed { thin_id, size };
-                if !self.rec.trash.contains(&item) {
-                    self.rec.trash.push(item);
-                }
+                trash_once(&mut self.rec, Trashed { thin_id, size });
                 self.commit()
                     .map(|()| "finished (its space comes back at the next reclaim)")
             }
@@ -257,19 +252,36 @@ impl Pool {
 /// the trash). Anything else stays for [`Pool::recover`].
 pub(super) fn settle_committed(layout: &Layout, rec: &mut PoolRecord) {
     match rec.pending.clone() {
-        Some(Pending::CreateLayer { id, thin_id, .. }) => {
-            let path = layout.layer_record(&id);
-            if path.exists() && LayerRecord::load(&path).is_ok_and(|l| l.thin_id == thin_id) {
-                rec.pending = None;
-            }
+        // A damaged record is recovery's to report.
+        Some(Pending::CreateLayer { id, thin_id, .. })
+            if created(layout, &id, thin_id).unwrap_or(false) =>
+        {
+            rec.pending = None;
         }
         Some(Pending::TrashLayer { id, thin_id, size }) if !layout.layer_record(&id).exists() => {
-            let item = Trashed { thin_id, size };
-            if !rec.trash.contains(&item) {
-                rec.trash.push(item);
-            }
+            trash_once(rec, Trashed { thin_id, size });
             rec.pending = None;
         }
         _ => {}
+    }
+}
+
+/// Whether layer `id`'s record names `thin_id`: its create passed its
+/// commit point.
+///
+/// # Errors
+/// A damaged record.
+fn created(layout: &Layout, id: &str, thin_id: u32) -> Result<bool> {
+    match LayerRecord::load(&layout.layer_record(id)) {
+        Ok(l) => Ok(l.thin_id == thin_id),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Puts `item` in `rec`'s trash unless it is there already.
+fn trash_once(rec: &mut PoolRecord, item: Trashed) {
+    if !rec.trash.contains(&item) {
+        rec.trash.push(item);
     }
 }
