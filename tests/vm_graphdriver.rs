@@ -303,6 +303,46 @@ fn vm_graphdriver_conformance() {
         let kept = spares(s);
         assert_eq!(kept.as_array().map(Vec::len), Some(2), "{kept}");
         assert_eq!(s.spare_mounts().len(), 1, "the template's next spares");
+        // `docker commit` of a stopped container: one get, then the Diff.
+        // It reads c3's own mount and the template's (c3-init is plain):
+        // no snapshot. While it streams, a put parks the mount and the
+        // settler leaves it, and the layer and its template stay.
+        assert_eq!(d.get("c3").unwrap(), c3);
+        let diff = d.begin_diff("c3", Some("c3-init")).unwrap();
+        assert!(
+            !d.exists(".stream-0").unwrap(),
+            "a Diff of a layer with one reference takes no snapshot"
+        );
+        d.put("c3").unwrap();
+        d.keep_parked_for(std::time::Duration::ZERO);
+        while d.settle_step() {}
+        assert!(is_mount(&c3), "a mount a Diff reads is not unmounted");
+        for id in ["c3", "app"] {
+            let refused = d.remove(id).unwrap_err().to_string();
+            assert!(refused.contains("Diff"), "{id}: {refused}");
+        }
+        assert_eq!(d.forget_templates().unwrap(), 0, "a template read is kept");
+        let mut held = Vec::new();
+        let diff_id = diff.run(&mut held).unwrap().diff_id;
+        d.end_diff(diff);
+        while d.settle_step() {}
+        assert!(!is_mount(&c3), "parked again, then unmounted");
+        d.keep_parked_for(thinlayer_docker::graphdriver::PARK_IDLE);
+        // The same Diff from snapshots (two references: a running
+        // container's; c3-init got, so no longer plain) gives the same
+        // bytes.
+        let _ = d.get("c3").unwrap();
+        let _ = d.get("c3").unwrap();
+        let _ = d.get("c3-init").unwrap();
+        d.put("c3-init").unwrap();
+        let diff = d.begin_diff("c3", Some("c3-init")).unwrap();
+        assert!(d.exists(".stream-0").unwrap() && d.exists(".stream-1").unwrap());
+        let mut snapped = Vec::new();
+        assert_eq!(diff.run(&mut snapped).unwrap().diff_id, diff_id);
+        d.end_diff(diff);
+        assert!(held == snapped, "the two Diffs differ");
+        d.put("c3").unwrap();
+        d.put("c3").unwrap();
         // An init code that writes something else (another dockerd): the
         // put writes the difference into the layer's device.
         d.create_read_write("c4-init", Some("app")).unwrap();

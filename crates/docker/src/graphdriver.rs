@@ -454,6 +454,10 @@ impl ThinDriver {
         for l in store.pool().layer_records()? {
             if l.owner == Owner::Graphdriver && is_template(&l.id) {
                 let tid = l.id.strip_prefix(ID_PREFIX).unwrap_or(&l.id);
+                if self.streams.reads(tid) {
+                    tracing::warn!(template = %tid, "an init template a Diff reads is kept");
+                    continue;
+                }
                 // An overlay a crashed dockerd left on it keeps it (and it
                 // stays in use) until that init layer is put or removed.
                 if let Err(e) = self.unmount(&mut store, tid, Trim::Skip) {
@@ -466,14 +470,24 @@ impl ThinDriver {
             }
         }
         self.learn.clear();
+        // Init layers made from, or found the same as, a template gone:
+        // nothing takes their tree from a template again (a new one may
+        // differ).
+        self.fresh_inits.clear();
+        self.plain_inits.clear();
         Ok(gone)
     }
 
     /// The parked mount the settler should unmount now: the oldest, if
     /// idle past [`PARK_IDLE`] (or what [`ThinDriver::keep_parked_for`]
     /// set) or beyond [`PARK_MAX`].
+    /// A mount a Diff reads is never due.
     fn parked_due(&self) -> Option<String> {
-        let (id, at) = self.parked.iter().min_by_key(|(_, at)| **at)?;
+        let (id, at) = self
+            .parked
+            .iter()
+            .filter(|(id, _)| !self.streams.reads(id))
+            .min_by_key(|(_, at)| **at)?;
         (at.elapsed() >= self.park_idle || self.parked.len() > PARK_MAX).then(|| id.clone())
     }
 
@@ -879,6 +893,8 @@ impl GraphDriver for ThinDriver {
 
     fn remove(&mut self, id: &str) -> Result<()> {
         self.streams.unused(id, "remove")?;
+        // Its init template goes with it: not while a Diff reads that.
+        self.streams.unused(&template_of(id), "remove")?;
         let mut store = self.store()?;
         let pid = pool_id(id);
         Self::own(&mut store, id, "remove")?;
@@ -962,7 +978,7 @@ impl GraphDriver for ThinDriver {
         self.refs.remove(id);
         if self.put_overlay(id)? {
             // Compared with its template, and written only if it differs.
-        } else if id.ends_with(INIT_SUFFIX) {
+        } else if id.ends_with(INIT_SUFFIX) && !self.streams.reads(id) {
             self.let_go(&mut self.store()?, id)?;
         } else {
             self.parked.insert(id.to_owned(), std::time::Instant::now());

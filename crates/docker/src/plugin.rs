@@ -34,6 +34,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use serde_json::Value;
@@ -276,17 +277,23 @@ impl DockerPlugin {
             ));
         }
         let parent = (!parent.is_empty()).then_some(parent.as_str());
+        let begun = Instant::now();
         let apply = match self.graph.begin_apply(&id, parent) {
             Ok(a) => a,
             Err(e) => return Err(answer(endpoint, &id, Err(e))),
         };
+        let begin_ms = ms_since(begun);
         Ok(Box::new(move |body: &mut dyn Read| {
+            let ran = Instant::now();
             let applied = apply.run(body);
+            let run_ms = ms_since(ran);
             Box::new(move |p: &mut DockerPlugin| {
+                let ended = Instant::now();
                 let result = p
                     .graph
                     .end_apply(apply, applied)
                     .map(|size| to_json(&SizeAnswer { size }));
+                tracing::debug!(%id, begin_ms, run_ms, end_ms = ms_since(ended), "diff applied");
                 answer("/GraphDriver.ApplyDiff", &id, result)
             })
         }))
@@ -311,17 +318,24 @@ impl DockerPlugin {
             tracing::warn!(endpoint, id = %req.id, error = %e, "request failed");
             Reply::err(500, e.to_string())
         };
+        let begun = Instant::now();
         let diff = required_id(&req)
             .and_then(|id| self.graph.begin_diff(id, parent))
             .map_err(failed)?;
+        let begin_ms = ms_since(begun);
         let id = req.id.clone();
         Ok(Box::new(move |out: &mut dyn Write| {
+            let ran = Instant::now();
             let sent = diff.run(out);
+            let run_ms = ms_since(ran);
             Box::new(move |p: &mut DockerPlugin| {
+                let ended = Instant::now();
                 p.graph.end_diff(diff);
+                let end_ms = ms_since(ended);
                 match sent {
                     Ok(report) => {
                         tracing::info!(%id, diff_id = %report.diff_id, "diff sent");
+                        tracing::debug!(%id, begin_ms, run_ms, end_ms, "diff timings");
                         Ok(())
                     }
                     Err(e) => {
@@ -483,6 +497,11 @@ pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
         "Docker's graphdriver and volume plugin protocols",
         || DockerPlugin::new(root),
     )
+}
+
+/// Milliseconds since `t`, for the debug log's timings.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }
 
 #[cfg(test)]

@@ -15,6 +15,11 @@
 //! on every write or metadata change; userspace cannot set it back), so the
 //! common case costs no reads, and nothing else is trusted: a same-size
 //! rewrite with a restored mtime (`touch -r`, tar extraction) is still found.
+//! The same holds for what only a read shows of any entry, its extended
+//! attributes and a symlink's target (setting an attribute moves ctime; a
+//! target is fixed at the link's creation): an entry untouched in that sense
+//! is compared by its `stat` alone, so the walk of an unchanged tree reads
+//! nothing but directories and `stat`s.
 //!
 //! Both trees are read with the walker of [`crate::tree`]: every entry is
 //! reached from its root's descriptor without following a symlink and
@@ -168,27 +173,20 @@ fn differs(rel: &Path, l: &Stat, u: &Stat, t: &Trees) -> Result<bool> {
     }
     match kind {
         Kind::File if l.size() != u.size() => return Ok(true),
-        Kind::Symlink => {
-            let lt = t.lower.read_link(rel)?;
-            let ut = t.upper.read_link(rel)?;
-            if lt != ut {
-                return Ok(true);
-            }
-        }
         Kind::CharDevice | Kind::BlockDevice if l.rdev() != u.rdev() => return Ok(true),
         _ => {}
+    }
+    // The same inode, never changed since the snapshot: nothing to read.
+    if l.ino() == u.ino() && (l.ctime(), l.ctime_nsec()) == (u.ctime(), u.ctime_nsec()) {
+        return Ok(false);
+    }
+    if kind == Kind::Symlink && t.lower.read_link(rel)? != t.upper.read_link(rel)? {
+        return Ok(true);
     }
     if t.lower.xattrs(rel)? != t.upper.xattrs(rel)? {
         return Ok(true);
     }
-    if kind == Kind::File {
-        let untouched =
-            l.ino() == u.ino() && (l.ctime(), l.ctime_nsec()) == (u.ctime(), u.ctime_nsec());
-        if !untouched && !same_content(t, rel)? {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(kind == Kind::File && !same_content(t, rel)?)
 }
 
 /// Byte-by-byte comparison of `rel` in both trees (equal size), stopping at

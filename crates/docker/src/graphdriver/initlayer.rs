@@ -154,7 +154,7 @@ impl ThinDriver {
     /// Whether layer `id` is an init layer served through an overlay (only
     /// an init layer can be: other layers' `put` and `remove` skip the
     /// `statfs`).
-    fn overlaid(&self, id: &str) -> Result<bool> {
+    pub(super) fn overlaid(&self, id: &str) -> Result<bool> {
         Ok(id.ends_with(INIT_SUFFIX) && is_overlay(&self.mountpoint(id))?)
     }
 
@@ -184,6 +184,29 @@ impl ThinDriver {
                 .mount_layer(&pool_id(tid), &dir, MountUse::ReadOnlyScratch)?;
         }
         Ok(dir)
+    }
+
+    /// For a plain init layer `id` (its device holds its template's tree
+    /// and nothing else), the template's id and its tree, read-only at
+    /// its mount point (mounted if it is not); `None` for any other layer
+    /// or a template gone.
+    pub(super) fn template_tree(
+        &self,
+        store: &mut Store,
+        id: &str,
+    ) -> Result<Option<(String, PathBuf)>> {
+        if !self.plain_inits.contains(id) {
+            return Ok(None);
+        }
+        let tid = template_above(&Self::own(store, id, "diff against")?);
+        if !store.pool().layout().layer_record(&pool_id(&tid)).exists() {
+            return Ok(None);
+        }
+        let dir = self.mount_template(store, &tid)?;
+        let tree = dir.join(TREE);
+        Ok(fs::symlink_metadata(&tree)
+            .is_ok_and(|m| m.file_type().is_dir())
+            .then_some((tid, tree)))
     }
 
     /// Init layer `id`'s tree through an overlay on its image's template

@@ -9,15 +9,34 @@
 //! 1. **begin**, under the driver (the plugin's lock) and the pool root's
 //!    lock: the request is checked, and what the stream needs is taken and
 //!    recorded in the driver's in-flight table ([`Streams`]): for a Diff,
-//!    a private read-only snapshot of the layer and one of its parent,
-//!    each mounted (`ro,nosuid,nodev`, no journal replay) under
-//!    `ROOT/graphdriver/stream/`; for an ApplyDiff, the layer itself
-//!    mounted writable there.
+//!    a tree of the layer and one of its parent that nothing writes while
+//!    the stream reads them (below); for an ApplyDiff, the layer itself
+//!    mounted writable under `ROOT/graphdriver/stream/`.
 //! 2. **run**, with no lock: the tar is written from, or applied to, those
 //!    mounts only.
 //! 3. **end**, under both locks again: the mounts go, the snapshots are
 //!    removed, the in-flight entry is dropped; an apply that failed leaves
 //!    the layer empty again, as Create made it.
+//!
+//! The trees a Diff reads, cheapest first:
+//! - **the layer's own mount**, when Docker holds one reference to it and
+//!   it is not an overlay: `docker commit` gets a stopped container's
+//!   layer before its Diff, and nothing else holds it (a running
+//!   container's layer has two references, its start's and the
+//!   commit's). While the Diff reads it, a `put` keeps the mount (parked)
+//!   and the settler leaves it;
+//! - **the template's read-only mount**, for a parent that is a plain init
+//!   layer (its device holds its template's tree and nothing else, see
+//!   the parent module's `plain_inits`);
+//! - else **a private read-only snapshot**, mounted (`ro,nosuid,nodev`, no
+//!   journal replay) under `ROOT/graphdriver/stream/`: a point in time of
+//!   a layer something may write (a running container, paused by
+//!   Docker's commit or not). A snapshot of an active layer flushes its
+//!   filesystem and suspends its device, which is why it comes last.
+//!
+//! Whichever tree is read, the walk reads it from descriptors with
+//! `O_NOFOLLOW` ([`thinlayer_image::export`]): a tree changed under it
+//! fails the Diff, and never makes it read outside the tree.
 //!
 //! The snapshots are the driver's own layers (`docker-.stream-N`: no
 //! Docker id starts with a dot) and the mounts live under the driver's own
@@ -25,11 +44,13 @@
 //! scratch, frozen copies) is what a stream reads. A restarted plugin
 //! removes what a crash left ([`ThinDriver::sweep_streams`]).
 //!
-//! What must never happen: a lock held while a body streams; a stream
-//! reading a live tree (a Diff reads its own snapshots); a Remove of a
-//! layer a stream reads or writes (refused, saying so: the stream's
-//! snapshots are also its children); a Get, a child, a Diff or a second
-//! ApplyDiff of a layer being applied (refused: it is half-written).
+//! What must never happen: a lock held while a body streams; a Diff
+//! reading a layer something else may write while it reads (a second
+//! reference, an overlay: then it reads a snapshot); a mount a Diff reads
+//! unmounted under it; a Remove of a layer a stream reads or writes
+//! (refused, saying so: the stream's snapshots are also its children); a
+//! Get, a child, a Diff or a second ApplyDiff of a layer being applied
+//! (refused: it is half-written).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -71,6 +92,11 @@ impl Streams {
         Ok(())
     }
 
+    /// Whether a Diff reads layer `id` (or a tree of it) now.
+    pub(super) fn reads(&self, id: &str) -> bool {
+        self.reading.contains_key(id)
+    }
+
     /// Refuses `action` on layer `id` while any stream uses it.
     pub(super) fn unused(&self, id: &str, action: &str) -> Result<()> {
         self.not_applying(id, action)?;
@@ -97,7 +123,9 @@ struct StreamMount {
 #[must_use = "a Diff holds snapshots and mounts until ThinDriver::end_diff"]
 pub struct DiffStream {
     id: String,
-    parent: Option<String>,
+    /// The layers it reads, counted in [`Streams`]: the layer, its parent,
+    /// a template read for the parent.
+    reads: Vec<String>,
     lower: PathBuf,
     upper: PathBuf,
     /// The parent's (if any), then the layer's.
@@ -227,7 +255,10 @@ impl ThinDriver {
         Self::check_parent(&mut store, id, parent)?;
         let mut s = DiffStream {
             id: id.to_owned(),
-            parent: parent.map(str::to_owned),
+            reads: std::iter::once(id)
+                .chain(parent)
+                .map(str::to_owned)
+                .collect(),
             lower: PathBuf::new(),
             upper: PathBuf::new(),
             mounts: Vec::new(),
@@ -235,32 +266,62 @@ impl ThinDriver {
         };
         let taken = (|| {
             s.lower = match parent {
-                Some(p) => {
-                    let m = self.snapshot_mount(&mut store, p)?;
-                    let tree = tree_in(&m.dir, p);
-                    s.mounts.push(m);
-                    tree?
-                }
+                Some(p) => match self.template_tree(&mut store, p)? {
+                    Some((tid, tree)) => {
+                        s.reads.push(tid);
+                        tree
+                    }
+                    None => self.snapshot_tree(&mut store, p, &mut s.mounts)?,
+                },
                 None => {
                     let d = self.new_stream_dir("empty")?;
                     s.empty = Some(d.clone());
                     d
                 }
             };
-            let m = self.snapshot_mount(&mut store, id)?;
-            let tree = tree_in(&m.dir, id);
-            s.mounts.push(m);
-            s.upper = tree?;
+            s.upper = match self.held_tree(id)? {
+                Some(tree) => tree,
+                None => self.snapshot_tree(&mut store, id, &mut s.mounts)?,
+            };
             Ok(())
         })();
         if let Err(e) = taken {
             Self::release_diff(&mut store, &s);
             return Err(e);
         }
-        for l in std::iter::once(id).chain(parent) {
-            *self.streams.reading.entry(l.to_owned()).or_insert(0) += 1;
+        for l in &s.reads {
+            *self.streams.reading.entry(l.clone()).or_insert(0) += 1;
         }
+        tracing::debug!(%id, lower = %s.lower.display(), upper = %s.upper.display(), "a Diff reads");
         Ok(s)
+    }
+
+    /// A private read-only snapshot of layer `id`, mounted (kept in
+    /// `mounts` for the release); returns its tree.
+    fn snapshot_tree(
+        &mut self,
+        store: &mut Store,
+        id: &str,
+        mounts: &mut Vec<StreamMount>,
+    ) -> Result<PathBuf> {
+        let m = self.snapshot_mount(store, id)?;
+        let tree = tree_in(&m.dir, id);
+        mounts.push(m);
+        tree
+    }
+
+    /// Layer `id`'s tree at its own mount, when Docker holds exactly one
+    /// reference to it and it is not an overlay (see the module's notes);
+    /// `None` otherwise.
+    fn held_tree(&self, id: &str) -> Result<Option<PathBuf>> {
+        if self.refs.get(id) != Some(&1) || self.overlaid(id)? {
+            return Ok(None);
+        }
+        let dir = self.mountpoint(id);
+        if !thinlayer_pool::mounts::is_mountpoint(&dir)? {
+            return Ok(None);
+        }
+        tree_in(&dir, id).map(Some)
     }
 
     /// Ends a Diff: its mounts go, its snapshots to the pool's trash (a
@@ -269,7 +330,7 @@ impl ThinDriver {
     /// sends its Create right after the Diff, and tearing two snapshots
     /// down here made it wait about 300 ms for the lock in the VM.
     pub fn end_diff(&mut self, s: DiffStream) {
-        for l in std::iter::once(s.id.as_str()).chain(s.parent.as_deref()) {
+        for l in &s.reads {
             if let Some(n) = self.streams.reading.get_mut(l) {
                 *n -= 1;
                 if *n == 0 {
