@@ -1094,7 +1094,7 @@ impl GraphDriver for ThinDriver {
 
     fn diff(&mut self, id: &str, parent: Option<&str>, out: &mut dyn Write) -> Result<String> {
         let s = self.begin_diff(id, parent)?;
-        let sent = s.run(out);
+        let sent = s.run(out, thinlayer_image::Hashing::Sha256);
         self.end_diff(s);
         Ok(sent?.diff_id)
     }

@@ -326,7 +326,7 @@ impl DockerPlugin {
         let id = req.id.clone();
         Ok(Box::new(move |out: &mut dyn Write| {
             let ran = Instant::now();
-            let sent = diff.run(out);
+            let sent = diff.run(out, thinlayer_image::Hashing::Skip);
             let run_ms = ms_since(ran);
             Box::new(move |p: &mut DockerPlugin| {
                 let ended = Instant::now();
@@ -334,7 +334,7 @@ impl DockerPlugin {
                 let end_ms = ms_since(ended);
                 match sent {
                     Ok(report) => {
-                        tracing::info!(%id, diff_id = %report.diff_id, "diff sent");
+                        tracing::info!(%id, entries = report.entries, bytes = report.bytes, "diff sent");
                         tracing::debug!(%id, begin_ms, run_ms, end_ms, "diff timings");
                         Ok(())
                     }

@@ -88,7 +88,7 @@ use tar::{EntryType, Header};
 use xattr::FileExt;
 
 use crate::{
-    at,
+    Hashing, at,
     error::{Error, IoContext, Result, human, is_no_space},
 };
 
@@ -137,6 +137,9 @@ pub struct ApplyOptions<'a> {
     /// The most uncompressed bytes the layer may expand to (the whole tar
     /// stream); more is [`Error::TooLarge`]. Default [`DEFAULT_MAX_BYTES`].
     pub max_bytes: u64,
+    /// Whether the stream is hashed into the report's diff_id (always, if
+    /// `expected_diff_id` is set). Default [`Hashing::Sha256`].
+    pub hashing: Hashing,
 }
 
 impl Default for ApplyOptions<'_> {
@@ -145,6 +148,7 @@ impl Default for ApplyOptions<'_> {
             expected_diff_id: None,
             progress: None,
             max_bytes: DEFAULT_MAX_BYTES,
+            hashing: Hashing::Sha256,
         }
     }
 }
@@ -152,7 +156,8 @@ impl Default for ApplyOptions<'_> {
 /// What [`apply_layer`] did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReport {
-    /// `sha256:<hex>` of the uncompressed tar stream.
+    /// `sha256:<hex>` of the uncompressed tar stream; empty when it was not
+    /// hashed ([`Hashing::Skip`]).
     pub diff_id: String,
     /// Tar entries applied, whiteouts included (PAX and GNU extension
     /// headers are not entries).
@@ -215,7 +220,12 @@ fn apply_stream(
     opts: &ApplyOptions,
     state: &RefCell<GuardState>,
 ) -> Result<ApplyReport> {
-    let reader = Guard::new(decompress(input)?, state, opts.max_bytes);
+    let hashing = if opts.expected_diff_id.is_some() {
+        Hashing::Sha256
+    } else {
+        opts.hashing
+    };
+    let reader = Guard::new(decompress(input)?, state, opts.max_bytes, hashing);
     let mut archive = tar::Archive::new(reader);
     let mut applier = Applier {
         root,
@@ -328,7 +338,8 @@ pub fn tar_content_size(input: impl Read) -> Result<u64> {
 pub fn tar_content_size_max(input: impl Read, max_bytes: u64) -> Result<u64> {
     let state = RefCell::new(GuardState::default());
     let result = (|| {
-        let mut archive = tar::Archive::new(Guard::new(decompress(input)?, &state, max_bytes));
+        let guard = Guard::new(decompress(input)?, &state, max_bytes, Hashing::Skip);
+        let mut archive = tar::Archive::new(guard);
         let mut total = 0u64;
         let entries = archive.entries().map_err(|source| Error::Corrupt {
             context: "reading the first header".into(),
@@ -407,25 +418,28 @@ struct GuardState {
 /// them into memory.
 struct Guard<'a, R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     state: &'a RefCell<GuardState>,
     max_bytes: u64,
     sniffer: Sniffer,
 }
 
 impl<'a, R> Guard<'a, R> {
-    fn new(inner: R, state: &'a RefCell<GuardState>, max_bytes: u64) -> Self {
+    fn new(inner: R, state: &'a RefCell<GuardState>, max_bytes: u64, hashing: Hashing) -> Self {
         Guard {
             inner,
-            hasher: Sha256::new(),
+            hasher: (hashing == Hashing::Sha256).then(Sha256::new),
             state,
             max_bytes,
             sniffer: Sniffer::default(),
         }
     }
 
+    /// `sha256:<hex>`, or empty if not hashed.
     fn diff_id(self) -> String {
-        format!("sha256:{}", hex::encode(self.hasher.finalize()))
+        self.hasher
+            .map(|h| format!("sha256:{}", hex::encode(h.finalize())))
+            .unwrap_or_default()
     }
 
     fn refuse(&self, error: Error) -> io::Error {
@@ -441,7 +455,9 @@ impl<R: Read> Read for Guard<'_, R> {
             return Err(io::Error::other(v.to_string()));
         }
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         let position = self.state.borrow().position + n as u64;
         self.state.borrow_mut().position = position;
         if position > self.max_bytes {

@@ -35,6 +35,7 @@ use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
 use crate::{
+    Hashing,
     diff::{ChangeKind, Trees, changes_of},
     error::{Error, IoContext, Result},
     tree::{Kind, split_dev},
@@ -43,7 +44,8 @@ use crate::{
 /// What [`write_layer`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportReport {
-    /// `sha256:<hex>` of the tar stream written.
+    /// `sha256:<hex>` of the tar stream written; empty when it was not
+    /// hashed ([`Hashing::Skip`]).
     pub diff_id: String,
     /// Tar entries written (files, directories, links, whiteouts...), not
     /// counting PAX extension headers.
@@ -51,6 +53,9 @@ pub struct ExportReport {
     /// File content bytes written.
     pub bytes: u64,
 }
+
+/// Bytes read from a file per system call while it is written out.
+const COPY_PIECE: usize = 256 << 10;
 
 enum Item {
     /// An entry of upper, by its relative path.
@@ -67,6 +72,18 @@ enum Item {
 /// read, a write to `out` that fails, a file that changes size while it is
 /// being written.
 pub fn write_layer(lower: &Path, upper: &Path, out: impl Write) -> Result<ExportReport> {
+    write_layer_with(lower, upper, out, Hashing::Sha256)
+}
+
+/// [`write_layer`], the stream hashed into the report's diff_id or not.
+///
+/// Errors: as [`write_layer`].
+pub fn write_layer_with(
+    lower: &Path,
+    upper: &Path,
+    out: impl Write,
+    hashing: Hashing,
+) -> Result<ExportReport> {
     let trees = Trees::walk(lower, upper)?;
     let changes = changes_of(&trees)?;
 
@@ -122,7 +139,7 @@ pub fn write_layer(lower: &Path, upper: &Path, out: impl Write) -> Result<Export
         items.insert(key, Item::Whiteout);
     }
 
-    let mut builder = tar::Builder::new(HashingWriter::new(out));
+    let mut builder = tar::Builder::new(HashingWriter::new(out, hashing));
     builder.mode(tar::HeaderMode::Complete);
     let mut report = ExportReport {
         diff_id: String::new(),
@@ -231,14 +248,19 @@ fn write_entry<W: Write>(
             header.set_entry_type(EntryType::Regular);
             header.set_size(meta.size());
             let file = trees.upper.open_file(rel)?;
-            let mut counted = CountingReader {
-                inner: file.take(meta.size()),
-                count: 0,
-            };
+            // Read in large pieces (the copy's own buffer is 8 KiB): one
+            // system call per piece.
+            let mut counted = io::BufReader::with_capacity(
+                COPY_PIECE,
+                CountingReader {
+                    inner: file.take(meta.size()),
+                    count: 0,
+                },
+            );
             builder
                 .append_data(&mut header, &tar_path, &mut counted)
                 .ctx("cannot write", rel)?;
-            if counted.count != meta.size() {
+            if counted.get_ref().count != meta.size() {
                 return Err(Error::Io {
                     context: "file changed size while being exported",
                     path,
@@ -305,29 +327,34 @@ impl<R: Read> Read for CountingReader<R> {
     }
 }
 
-/// Passes writes through and hashes them.
+/// Passes writes through and hashes them (unless told to skip).
 struct HashingWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
 }
 
 impl<W> HashingWriter<W> {
-    fn new(inner: W) -> Self {
+    fn new(inner: W, hashing: Hashing) -> Self {
         HashingWriter {
             inner,
-            hasher: Sha256::new(),
+            hasher: (hashing == Hashing::Sha256).then(Sha256::new),
         }
     }
 
+    /// `sha256:<hex>`, or empty if not hashed.
     fn diff_id(self) -> String {
-        format!("sha256:{}", hex::encode(self.hasher.finalize()))
+        self.hasher
+            .map(|h| format!("sha256:{}", hex::encode(h.finalize())))
+            .unwrap_or_default()
     }
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         Ok(n)
     }
 

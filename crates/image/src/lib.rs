@@ -20,11 +20,25 @@ mod error;
 pub mod export;
 pub mod tree;
 
+/// Whether a layer's tar stream is hashed into its diff_id as it passes.
+///
+/// A caller that records or checks the diff_id hashes; one that only moves
+/// the stream (Docker's graphdriver `Diff` and `ApplyDiff`: dockerd hashes
+/// the stream itself) skips it, which saves a SHA-256 pass over every byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hashing {
+    /// SHA-256 over the whole stream.
+    #[default]
+    Sha256,
+    /// No hash: the report's `diff_id` is empty.
+    Skip,
+}
+
 pub use apply::{
     ApplyOptions, ApplyReport, DEFAULT_MAX_BYTES, apply_layer, tar_content_size,
     tar_content_size_max, xattr_allowed,
 };
 pub use diff::{Change, ChangeKind, changes};
 pub use error::{Error, Result};
-pub use export::{ExportReport, write_layer};
+pub use export::{ExportReport, write_layer, write_layer_with};
 pub use tree::{EntryDigest, Kind, Manifest, differences, manifest};

@@ -11,7 +11,8 @@ use std::{
 use common::*;
 use nix::sys::stat::SFlag;
 use thinlayer_image::{
-    ApplyOptions, Change, ChangeKind, apply_layer, changes, differences, manifest, write_layer,
+    ApplyOptions, Change, ChangeKind, Hashing, apply_layer, changes, differences, manifest,
+    write_layer, write_layer_with,
 };
 
 /// The parent layer's tree.
@@ -160,6 +161,30 @@ fn export_then_apply_gives_the_upper_tree() {
     assert_eq!(applied.entries, exported.entries);
     assert_eq!(applied.bytes, exported.bytes);
     assert_same_tree(&copy, &upper);
+    // Unhashed (Docker's Diff and ApplyDiff): the same bytes, an empty
+    // diff_id on both sides, the same tree; a diff_id asked for is hashed.
+    let mut unhashed = Vec::new();
+    let quiet = write_layer_with(&lower, &upper, &mut unhashed, Hashing::Skip).unwrap();
+    assert!(unhashed == tar && quiet.diff_id.is_empty() && quiet.entries == exported.entries);
+    let skip = ApplyOptions {
+        hashing: Hashing::Skip,
+        ..Default::default()
+    };
+    let copy2 = t.sub("copy2");
+    build_lower(&copy2);
+    let applied = apply_layer(&copy2, &tar[..], &skip).unwrap();
+    assert!(applied.diff_id.is_empty() && applied.bytes == exported.bytes);
+    assert_same_tree(&copy2, &upper);
+    let checked = ApplyOptions {
+        expected_diff_id: Some(exported.diff_id.clone()),
+        ..skip
+    };
+    let copy3 = t.sub("copy3");
+    build_lower(&copy3);
+    assert_eq!(
+        apply_layer(&copy3, &tar[..], &checked).unwrap().diff_id,
+        exported.diff_id
+    );
     // The check itself can fail: lower is not upper.
     assert!(!differences(&manifest(&lower).unwrap(), &manifest(&upper).unwrap(), 5).is_empty());
 

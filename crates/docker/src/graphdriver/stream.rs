@@ -60,7 +60,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use thinlayer_image::{apply, export};
+use thinlayer_image::{Hashing, apply, export};
 use thinlayer_pool::{MountUse, Owner, Trim};
 use thinlayer_store::Store;
 
@@ -136,12 +136,13 @@ pub struct DiffStream {
 
 impl DiffStream {
     /// Writes the layer's changes against its parent as a layer tar to
-    /// `out`; needs no lock.
+    /// `out`, hashed into the report's diff_id or not (Docker hashes the
+    /// stream it reads itself); needs no lock.
     ///
     /// # Errors
-    /// Read errors of the snapshots; write errors (the reader went away).
-    pub fn run(&self, out: &mut dyn Write) -> Result<export::ExportReport> {
-        export::write_layer(&self.lower, &self.upper, out)
+    /// Read errors of the trees; write errors (the reader went away).
+    pub fn run(&self, out: &mut dyn Write, hashing: Hashing) -> Result<export::ExportReport> {
+        export::write_layer_with(&self.lower, &self.upper, out, hashing)
             .map_err(|e| Error::Store(thinlayer_store::Error::Image(e)))
     }
 }
@@ -158,12 +159,18 @@ pub struct ApplyStream {
 }
 
 impl ApplyStream {
-    /// Applies the layer tar `body` into the layer; needs no lock.
+    /// Applies the layer tar `body` into the layer; needs no lock. The
+    /// stream is not hashed: Docker hashes what it sends itself, and
+    /// ApplyDiff answers a size only.
     ///
     /// # Errors
     /// A hostile or broken tar, read errors of `body`, a full pool.
     pub fn run(&self, body: &mut dyn Read) -> Result<apply::ApplyReport, thinlayer_image::Error> {
-        apply::apply_layer(&self.tree, body, &apply::ApplyOptions::default())
+        let opts = apply::ApplyOptions {
+            hashing: Hashing::Skip,
+            ..apply::ApplyOptions::default()
+        };
+        apply::apply_layer(&self.tree, body, &opts)
     }
 }
 
