@@ -24,7 +24,10 @@
 //!   layer before its Diff, and nothing else holds it (a running
 //!   container's layer has two references, its start's and the
 //!   commit's). While the Diff reads it, a `put` keeps the mount (parked)
-//!   and the settler leaves it;
+//!   and the settler leaves it. A `get` for a start of that container
+//!   while its commit streams is the race Docker's own drivers have, which
+//!   read the live tree every time: the walk then fails as changed, or
+//!   reads files as they were being written;
 //! - **the template's read-only mount**, for a parent that is a plain init
 //!   layer (its device holds its template's tree and nothing else, see
 //!   the parent module's `plain_inits`);
