@@ -293,7 +293,7 @@ impl DockerPlugin {
                     .graph
                     .end_apply(apply, applied)
                     .map(|size| to_json(&SizeAnswer { size }));
-                tracing::debug!(%id, begin_ms, run_ms, end_ms = ms_since(ended), "diff applied");
+                tracing::debug!(%id, begin_ms, run_ms, end_ms = ms_since(ended), "apply timings");
                 answer("/GraphDriver.ApplyDiff", &id, result)
             })
         }))
