@@ -5,8 +5,10 @@
 //! - The socket's directory is root's, 0700 (0750 and group GROUP with
 //!   `--socket-group GROUP`); a looser one is tightened, one another user
 //!   owns or every user may write (`/tmp`) is refused.
-//! - The socket is bound under umask 077 and then set 0600 (0660, group
-//!   GROUP): it is never wider than that, not even for an instant.
+//! - The socket is bound under umask 077 at a temporary name beside its
+//!   path, set 0600 (0660, group GROUP), then renamed onto its path (never
+//!   over anything there): it is never wider than that, not even for an
+//!   instant, and a client that waits for the path finds it as it stays.
 //! - What is at the socket path is removed only when it is a socket and no
 //!   server answers on it (connect fails with `ECONNREFUSED`). A regular
 //!   file, a directory or a symlink there is never deleted: the bind fails
@@ -34,6 +36,8 @@ use std::{
 };
 
 use nix::{
+    errno::Errno,
+    fcntl::{AT_FDCWD, RenameFlags, renameat2},
     sys::{
         resource::{Resource, getrlimit, setrlimit},
         socket::{getsockopt, sockopt::PeerCredentials},
@@ -225,25 +229,52 @@ pub fn bind(path: &Path, access: &Access) -> Result<(UnixListener, SocketFile)> 
     };
     prepare_dir(dir, access)?;
     clear_stale(path)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.binding", std::process::id()));
+    clear_stale(&tmp)?;
     // 0777 & !077: the socket is born 0700 (root only), then set to its mode.
     let old = umask(Mode::from_bits_truncate(0o077));
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&tmp);
     umask(old);
-    let listener = bound.ctx(|| format!("bind {}", path.display()))?;
-    let meta = fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
-    let file = SocketFile {
-        path: path.to_owned(),
+    let listener = bound.ctx(|| format!("bind {}", tmp.display()))?;
+    let meta = fs::symlink_metadata(&tmp).ctx(|| format!("stat {}", tmp.display()))?;
+    // Removes the temporary name if what follows fails.
+    let mut file = SocketFile {
+        path: tmp.clone(),
         dev: meta.dev(),
         ino: meta.ino(),
     };
     if let Some(g) = access.group {
-        chown(path, None, Some(g)).map_err(|e| Error::Io {
-            context: format!("give {} to group {g}", path.display()),
+        chown(&tmp, None, Some(g)).map_err(|e| Error::Io {
+            context: format!("give {} to group {g}", tmp.display()),
             source: e.into(),
         })?;
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(access.socket_mode()))
-        .ctx(|| format!("chmod {}", path.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(access.socket_mode()))
+        .ctx(|| format!("chmod {}", tmp.display()))?;
+    match renameat2(
+        AT_FDCWD,
+        &tmp,
+        AT_FDCWD,
+        path,
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => file.path = path.to_owned(),
+        Err(Errno::EEXIST) => {
+            return Err(Error::Busy {
+                what: format!("socket {}", path.display()),
+                detail: "something was made there while the server started; move it away or \
+                         pass another --socket PATH"
+                    .into(),
+            });
+        }
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("rename {} to {}", tmp.display(), path.display()),
+                source: e.into(),
+            });
+        }
+    }
     Ok((listener, file))
 }
 
@@ -444,6 +475,14 @@ mod tests {
         let (live, file) = bind(&sock, &access).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&sock), 0o600);
+        // Bound at a temporary name, renamed onto the path: nothing else
+        // is left, and the listener answers at the path.
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["s.sock"]);
+        assert!(UnixStream::connect(&sock).is_ok());
         // A live server answers: refused, exit 4, nothing removed.
         let e = bind(&sock, &access).unwrap_err();
         assert!(matches!(e, Error::Busy { .. }), "{e}");
