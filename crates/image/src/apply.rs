@@ -83,12 +83,11 @@ use nix::{
     unistd::{Gid, Uid, fchown, fchownat, linkat, symlinkat},
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 use xattr::FileExt;
 
 use crate::{
-    Hashing, at,
+    Hashing, StreamHash, at,
     error::{Error, IoContext, Result, human, is_no_space},
 };
 
@@ -418,7 +417,7 @@ struct GuardState {
 /// them into memory.
 struct Guard<'a, R> {
     inner: R,
-    hasher: Option<Sha256>,
+    hasher: StreamHash,
     state: &'a RefCell<GuardState>,
     max_bytes: u64,
     sniffer: Sniffer,
@@ -428,18 +427,15 @@ impl<'a, R> Guard<'a, R> {
     fn new(inner: R, state: &'a RefCell<GuardState>, max_bytes: u64, hashing: Hashing) -> Self {
         Guard {
             inner,
-            hasher: (hashing == Hashing::Sha256).then(Sha256::new),
+            hasher: StreamHash::new(hashing),
             state,
             max_bytes,
             sniffer: Sniffer::default(),
         }
     }
 
-    /// `sha256:<hex>`, or empty if not hashed.
     fn diff_id(self) -> String {
-        self.hasher
-            .map(|h| format!("sha256:{}", hex::encode(h.finalize())))
-            .unwrap_or_default()
+        self.hasher.diff_id()
     }
 
     fn refuse(&self, error: Error) -> io::Error {
@@ -455,9 +451,7 @@ impl<R: Read> Read for Guard<'_, R> {
             return Err(io::Error::other(v.to_string()));
         }
         let n = self.inner.read(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
+        self.hasher.update(&buf[..n]);
         let position = self.state.borrow().position + n as u64;
         self.state.borrow_mut().position = position;
         if position > self.max_bytes {

@@ -31,11 +31,10 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
 
 use crate::{
-    Hashing,
+    Hashing, StreamHash,
     diff::{ChangeKind, Trees, changes_of},
     error::{Error, IoContext, Result},
     tree::{Kind, split_dev},
@@ -330,31 +329,26 @@ impl<R: Read> Read for CountingReader<R> {
 /// Passes writes through and hashes them (unless told to skip).
 struct HashingWriter<W> {
     inner: W,
-    hasher: Option<Sha256>,
+    hasher: StreamHash,
 }
 
 impl<W> HashingWriter<W> {
     fn new(inner: W, hashing: Hashing) -> Self {
         HashingWriter {
             inner,
-            hasher: (hashing == Hashing::Sha256).then(Sha256::new),
+            hasher: StreamHash::new(hashing),
         }
     }
 
-    /// `sha256:<hex>`, or empty if not hashed.
     fn diff_id(self) -> String {
-        self.hasher
-            .map(|h| format!("sha256:{}", hex::encode(h.finalize())))
-            .unwrap_or_default()
+        self.hasher.diff_id()
     }
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        if let Some(h) = &mut self.hasher {
-            h.update(&buf[..n]);
-        }
+        self.hasher.update(&buf[..n]);
         Ok(n)
     }
 

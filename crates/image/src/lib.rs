@@ -20,6 +20,8 @@ mod error;
 pub mod export;
 pub mod tree;
 
+use sha2::{Digest, Sha256};
+
 /// Whether a layer's tar stream is hashed into its diff_id as it passes.
 ///
 /// A caller that records or checks the diff_id hashes; one that only moves
@@ -32,6 +34,29 @@ pub enum Hashing {
     Sha256,
     /// No hash: the report's `diff_id` is empty.
     Skip,
+}
+
+/// The running hash of a stream as [`Hashing`] asks: what the export's
+/// writer and the apply's reader both keep.
+pub(crate) struct StreamHash(Option<Sha256>);
+
+impl StreamHash {
+    pub(crate) fn new(hashing: Hashing) -> StreamHash {
+        StreamHash((hashing == Hashing::Sha256).then(Sha256::new))
+    }
+
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
+        if let Some(h) = &mut self.0 {
+            h.update(bytes);
+        }
+    }
+
+    /// `sha256:<hex>`, or empty if not hashed.
+    pub(crate) fn diff_id(self) -> String {
+        self.0
+            .map(|h| format!("sha256:{}", hex::encode(h.finalize())))
+            .unwrap_or_default()
+    }
 }
 
 pub use apply::{
