@@ -1,8 +1,14 @@
 //! `thinlayer bench --docker`: a real dockerd with each of Docker's own
 //! storage drivers (`overlay2`, `vfs`, `devicemapper` in loop-lvm mode)
 //! and thinlayer's plugin (`thinlayer serve docker` on a fresh pool,
-//! `dockerd --experimental -s thinlayer`), one dockerd after another in
-//! one run, on the same image and the same operations.
+//! `dockerd --experimental -s thinlayer`), all four up at once in one run,
+//! on the same image and the same operations. The timed operations
+//! interleave: sample `i` of an operation runs once per driver, in an
+//! order that changes with `i` (a balanced Latin square), each on a quiet
+//! machine, so that a slow spell of the machine (a TCG guest has many)
+//! falls on every driver alike. Run one driver after another, the last
+//! one ran a quarter of an hour after the first, and the first driver's
+//! figures moved by up to 0.4x between two runs.
 //!
 //! Protocol, per driver: a fresh ext4 (a sparse file on the work
 //! directory's tmpfs behind a loop device, mounted without `discard`)
@@ -10,17 +16,22 @@
 //! `/var/lib/docker` and `/var/lib/thinlayer` on a host's root filesystem
 //! would; dockerd runs with the flags of a guest without networking
 //! (`--bridge=none --iptables=false --ip-forward=false --ip-masq=false
-//! --userland-proxy=false`), its own exec root and API socket. Then, with
-//! the fixture `other-docker.tar` (2 layers, busybox; `demo-docker.tar`
-//! cannot be loaded by overlay2: its top layer hard-links a file of the
-//! layer below, which no tar of Docker's own holds and overlay2's
-//! ApplyDiff, applying into the layer's directory alone, refuses):
+//! --userland-proxy=false`), its own exec root, API socket and containerd
+//! namespaces. Then, with the fixture `other-docker.tar` (2 layers,
+//! busybox; `demo-docker.tar` cannot be loaded by overlay2: its top layer
+//! hard-links a file of the layer below, which no tar of Docker's own
+//! holds and overlay2's ApplyDiff, applying into the layer's directory
+//! alone, refuses):
 //!
 //! - `docker load` of it, `docker rmi` between samples (every layer new);
 //! - one untimed `docker run --rm` (dockerd starts its shims), then
 //!   `docker run --rm IMAGE true`;
 //! - `docker create` (of `sh -c 'echo x > /tl-bench'`), `docker start`,
 //!   `docker wait` (untimed), `docker commit`, `docker rm`;
+//!
+//! (those three interleaved across the drivers), then one driver after
+//! another, with the others idle:
+//!
 //! - space per trivial container: containers that ran `true` and were
 //!   left, the driver's own accounting and the host filesystem's;
 //! - an image with a 256 MiB file (`docker load` of the fixture's layers
@@ -88,6 +99,13 @@ const LAYERS: usize = 2;
 const BIG_IMAGE: &str = "tl-bench:big";
 const BIG: u64 = 256 << 20;
 const KIB4: u64 = 4096;
+
+/// Before each driver's sample of an interleaved operation: at most 15 %
+/// of the CPUs busy over a quarter of a second (idle dockerds and
+/// containerds take a few), waited for 5 s at most.
+const QUIET_WINDOW: Duration = Duration::from_millis(250);
+const QUIET_BUSY: f64 = 0.15;
+const QUIET_LIMIT: Duration = Duration::from_secs(5);
 
 /// Where dockerd finds the plugin named `thinlayer`.
 const PLUGIN_SOCKET: &str = "/run/docker/plugins/thinlayer.sock";
@@ -196,6 +214,12 @@ pub(crate) fn thinlayer_exe(flag: &str) -> Result<PathBuf> {
 /// Runs the docker workload for every driver, adds its samples, phases
 /// and notes to `report` and recomputes the stats.
 ///
+/// Every driver's dockerd is up for the whole run, so that the timed
+/// operations interleave: sample `i` of an operation runs it once per
+/// driver, in an order that changes with `i` (see [`sample_order`]). A slow
+/// spell of the machine then falls on every driver alike, not on the one
+/// that ran in it.
+///
 /// # Errors
 /// Missing tools or fixture; every driver failing (one failing is a note).
 pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()> {
@@ -211,48 +235,81 @@ pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()>
             return Err(e);
         }
     };
-    let mut failed = Vec::new();
     let version = Command::new(&tools.dockerd)
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    let at = || started.elapsed().as_secs_f64();
+    let mut phases = Vec::new();
+
+    let t = Instant::now();
+    let mut rigs: Vec<Rig> = Vec::new();
     for driver in DRIVERS {
-        let t = Instant::now();
-        eprintln!(
-            "bench: docker, driver {driver} (at {:.0} s)",
-            started.elapsed().as_secs_f64()
-        );
-        let mut m = Meas {
-            driver,
-            samples: Vec::new(),
-            notes: Vec::new(),
-        };
-        let r = one_driver(&mut m, &tools, &base, &big, p);
-        report.samples.extend(m.samples);
-        report.notes.extend(m.notes);
-        report
-            .phases
-            .push((format!("docker: {driver}"), t.elapsed().as_secs_f64()));
-        if let Err(e) = r {
-            let msg = format!("docker {driver}: not measured past this error: {e}");
-            eprintln!("bench: {msg}");
-            report.notes.push(msg.clone());
-            failed.push(msg);
+        eprintln!("bench: docker, starting driver {driver} (at {:.0} s)", at());
+        let mut rig = Rig::new(driver, &base);
+        if let Err(e) = rig.up(&tools) {
+            rig.fail(e);
         }
+        rigs.push(rig);
     }
+    phases.push(("docker: every dockerd started".to_owned(), t));
+
+    let t = Instant::now();
+    eprintln!(
+        "bench: docker, timed operations interleaved (at {:.0} s)",
+        at()
+    );
+    interleaved(&mut rigs, &tools, p);
+    phases.push(("docker: interleaved operations".to_owned(), t));
+
+    for rig in &mut rigs {
+        let t = Instant::now();
+        if rig.failed.is_none() {
+            eprintln!(
+                "bench: docker, driver {} alone (at {:.0} s)",
+                rig.m.driver,
+                at()
+            );
+            if let Err(e) = alone(rig, p, &big) {
+                rig.fail(e);
+            }
+        }
+        if let Err(e) = rig.down() {
+            rig.fail(e);
+        }
+        phases.push((format!("docker: {} alone, and down", rig.m.driver), t));
+    }
+    report.phases.extend(
+        phases
+            .into_iter()
+            .map(|(what, t)| (what, t.elapsed().as_secs_f64())),
+    );
+
     sys::keep_logs(&base, &opts.out.join("logs/docker"));
     let _ = fs::remove_dir_all(&base);
+    let failed: Vec<String> = rigs.iter().filter_map(|r| r.failed.clone()).collect();
+    for rig in rigs {
+        report.samples.extend(rig.m.samples);
+        report.notes.extend(rig.m.notes);
+    }
     report.notes.push(format!(
-        "docker: {version}, one dockerd after another (--experimental --bridge=none \
-         --iptables=false --ip-forward=false --ip-masq=false --userland-proxy=false), each on \
-         a fresh ext4 (sparse file, loop) holding its data root (and thinlayer's pool root); \
-         image {IMAGE} ({FIXTURE}, {LAYERS} layers); medians of {n}; every time is a docker CLI call \
-         from spawn to exit. Allocated: thinlayer and devicemapper pool blocks (64 KiB each), \
-         overlay2 and vfs bytes under the driver's directory (du -x: overlay2's upper dirs); \
-         host bytes: the ext4's use; returned on rm: once the use stops falling (3 s unchanged, \
-         60 s at most), so space given back after the answer counts. The first write goes \
-         through /proc/PID/root of a running container, caches dropped first",
+        "docker: {version}, one dockerd per driver, all up at once (--experimental --bridge=none \
+         --iptables=false --ip-forward=false --ip-masq=false --userland-proxy=false, a containerd \
+         namespace each), each on a fresh ext4 (sparse file, loop) holding its data root (and \
+         thinlayer's pool root); image {IMAGE} ({FIXTURE}, {LAYERS} layers); medians of {n}; every \
+         time is a docker CLI call from spawn to exit. Load, run --rm, create, start, commit and rm \
+         are interleaved: sample i of each runs once per driver, in row i of a balanced Latin \
+         square (each driver in each place, and after each other driver, once per 4 samples), \
+         each once the machine is quiet (at most 15 % of CPU time busy over 250 ms, 5 s at \
+         most), so that the work a driver's daemons do after answering falls on no other \
+         driver's calls. \
+         Space, the first write and the 256 MiB commit run one driver after another. Allocated: \
+         thinlayer and devicemapper pool blocks (64 KiB each), overlay2 and vfs bytes under the \
+         driver's directory (du -x: overlay2's upper dirs); host bytes: the ext4's use; returned \
+         on rm: once the use stops falling (3 s unchanged, 60 s at most), so space given back \
+         after the answer counts. The first write goes through /proc/PID/root of a running \
+         container, caches dropped first",
         n = p.docker_samples
     ));
     report.compute_stats();
@@ -359,48 +416,6 @@ impl Meas {
             value,
         });
     }
-}
-
-/// Builds the driver's ext4 (and pool), starts dockerd, measures, and
-/// takes everything down again, also on error.
-fn one_driver(m: &mut Meas, tools: &Tools, base: &Path, big: &Big, p: &Params) -> Result<()> {
-    let dir = sys::mkdir(&base.join(m.driver))?;
-    let disk = Ext4::new(&dir)?;
-    let data_root = disk.fs.join("docker");
-    let mut result = (|| {
-        let mut plugin = match m.driver {
-            "thinlayer" => Some(Plugin::start(
-                &tools.exe,
-                &disk.fs.join("thinlayer"),
-                &dir,
-                "docker",
-                Path::new(PLUGIN_SOCKET),
-            )?),
-            _ => None,
-        };
-        let r = (|| {
-            let mut extra = Vec::new();
-            if m.driver == "devicemapper" {
-                devicemapper_needs()?;
-                if !Path::new("/run/udev/control").exists() {
-                    // No udevd: libdevmapper makes the nodes itself.
-                    extra.push("--storage-opt=dm.override_udev_sync_check=true");
-                }
-            }
-            let mut d = Dockerd::start(tools, m.driver, &data_root, &dir, &extra)?;
-            let r = measure(m, &d, plugin.as_ref(), tools, &disk, big, p);
-            let r = r.map_err(|e| d.daemon.with_log(e, plugin.as_ref()));
-            r.and(d.daemon.stop())
-        })();
-        let r = r.and(sweep_mounts(&disk.fs));
-        match plugin.as_mut() {
-            Some(pl) => r.and(pl.stop_and_destroy()),
-            None => r,
-        }
-    })();
-    result = result.and(sweep_dm(&data_root.join("devicemapper")));
-    result = result.and(sweep_loops(&disk.fs));
-    result.and(disk.teardown())
 }
 
 /// What Docker's devicemapper driver runs besides dockerd: util-linux's
@@ -560,58 +575,203 @@ fn host_used(fs: &Path) -> Result<u64> {
     sys::fs_used(fs)
 }
 
-/// The workload proper, on a running dockerd.
-fn measure(
-    m: &mut Meas,
-    d: &Dockerd,
-    plugin: Option<&Plugin>,
-    tools: &Tools,
-    disk: &Ext4,
-    big: &Big,
-    p: &Params,
-) -> Result<()> {
+/// One driver of the run, up from the first operation to its last: its
+/// disk, its plugin (thinlayer's), its dockerd and where its space is read.
+/// A driver that fails stops there, with its error as a note; the others go
+/// on.
+struct Rig {
+    m: Meas,
+    dir: PathBuf,
+    disk: Option<Ext4>,
+    plugin: Option<Plugin>,
+    d: Option<Dockerd>,
+    meter: Option<Meter>,
+    /// The pool block size of its accounting, if it counts blocks.
+    block: Option<u64>,
+    /// Why it stopped being measured.
+    failed: Option<String>,
+}
+
+impl Rig {
+    fn new(driver: &'static str, base: &Path) -> Rig {
+        Rig {
+            m: Meas {
+                driver,
+                samples: Vec::new(),
+                notes: Vec::new(),
+            },
+            dir: base.join(driver),
+            disk: None,
+            plugin: None,
+            d: None,
+            meter: None,
+            block: None,
+            failed: None,
+        }
+    }
+
+    /// Builds its ext4 (and pool), starts its plugin and dockerd, checks
+    /// the driver dockerd runs and notes its status.
+    fn up(&mut self, tools: &Tools) -> Result<()> {
+        let driver = self.m.driver;
+        sys::mkdir(&self.dir)?;
+        let disk = self.disk.insert(Ext4::new(&self.dir)?);
+        let data_root = disk.fs.join("docker");
+        let pool_root = disk.fs.join("thinlayer");
+        if driver == "thinlayer" {
+            self.plugin = Some(Plugin::start(
+                &tools.exe,
+                &pool_root,
+                &self.dir,
+                "docker",
+                Path::new(PLUGIN_SOCKET),
+            )?);
+        }
+        // Its own containerd namespaces: with a containerd of the host
+        // running, every dockerd would share it.
+        let namespace = format!("--containerd-namespace=tl-bench-{driver}");
+        let plugins = format!("--containerd-plugins-namespace=tl-bench-{driver}-plugins");
+        let mut extra = vec![namespace.as_str(), plugins.as_str()];
+        if driver == "devicemapper" {
+            devicemapper_needs()?;
+            if !Path::new("/run/udev/control").exists() {
+                // No udevd: libdevmapper makes the nodes itself.
+                extra.push("--storage-opt=dm.override_udev_sync_check=true");
+            }
+        }
+        let d = self.d.insert(Dockerd::start(
+            tools, driver, &data_root, &self.dir, &extra,
+        )?);
+        let meter = (|| {
+            let running = d.ok(&["info", "--format", "{{.Driver}}"])?;
+            if running != driver {
+                return Err(Error::Parse(format!(
+                    "dockerd -s {driver} runs driver {running}"
+                )));
+            }
+            let status = d.ok(&["info", "--format", "{{json .DriverStatus}}"])?;
+            // null for a driver without any (vfs).
+            let pairs: Vec<Vec<String>> = serde_json::from_str::<Option<_>>(&status)
+                .map_err(|e| Error::Parse(format!("docker info DriverStatus: {e}: {status}")))?
+                .unwrap_or_default();
+            let shown: Vec<String> = pairs.iter().map(|kv| kv.join(": ")).collect();
+            self.m.notes.push(format!(
+                "docker {driver}: docker info: {}",
+                if shown.is_empty() {
+                    "(no driver status)".into()
+                } else {
+                    shown.join("; ")
+                }
+            ));
+            Ok(match driver {
+                "thinlayer" => Meter::Thinlayer(tools.exe.clone(), pool_root.clone()),
+                "devicemapper" => Meter::Pool(
+                    pairs
+                        .iter()
+                        .find(|kv| kv.first().is_some_and(|k| k == "Pool Name"))
+                        .and_then(|kv| kv.get(1).cloned())
+                        .ok_or_else(|| {
+                            Error::Parse(format!("docker info names no pool: {status}"))
+                        })?,
+                ),
+                other => Meter::Du(d.data_root.join(other)),
+            })
+        })()?;
+        self.block = block_of(&meter)?;
+        self.meter = Some(meter);
+        Ok(())
+    }
+
+    /// Stops measuring it: `e` (with its daemon's log) becomes a note.
+    fn fail(&mut self, e: Error) {
+        let e = match &self.d {
+            Some(d) => d.daemon.with_log(e, self.plugin.as_ref()),
+            None => e,
+        };
+        let msg = format!(
+            "docker {}: not measured past this error: {e}",
+            self.m.driver
+        );
+        eprintln!("bench: {msg}");
+        self.m.notes.push(msg.clone());
+        if self.failed.is_none() {
+            self.failed = Some(msg);
+        }
+    }
+
+    /// Takes everything it started down, also what it left: dockerd,
+    /// mounts, the plugin and its pool, dm and loop devices, the ext4.
+    fn down(&mut self) -> Result<()> {
+        let mut r = match self.d.take() {
+            Some(mut d) => d.daemon.stop(),
+            None => Ok(()),
+        };
+        let Some(disk) = self.disk.take() else {
+            return r;
+        };
+        r = r.and(sweep_mounts(&disk.fs));
+        if let Some(mut pl) = self.plugin.take() {
+            r = r.and(pl.stop_and_destroy());
+        }
+        r = r.and(sweep_dm(&disk.fs.join("docker").join("devicemapper")));
+        r = r.and(sweep_loops(&disk.fs));
+        r.and(disk.teardown())
+    }
+}
+
+/// Runs `op` for each of `n` samples once per driver still measured, in
+/// the order [`sample_order`] gives for the sample's index, each on a quiet
+/// machine (see [`sys::quiet`]; the wait is sample `quiet-wait-ms`): the
+/// work one driver's daemons do after answering falls on no other
+/// driver's calls.
+fn rounds(
+    rigs: &mut [Rig],
+    n: usize,
+    mut op: impl FnMut(&mut Meas, &Dockerd, &Meter, usize) -> Result<()>,
+) {
+    for i in 0..n {
+        for r in sample_order(rigs.len(), i) {
+            let rig = &mut rigs[r];
+            if rig.failed.is_some() {
+                continue;
+            }
+            let (d, meter) = match (&rig.d, &rig.meter) {
+                (Some(d), Some(m)) => (d, m),
+                _ => continue,
+            };
+            let waited = sys::quiet(QUIET_WINDOW, QUIET_BUSY, QUIET_LIMIT)
+                .map(|w| rig.m.add("quiet-wait-ms", w.as_secs_f64() * 1e3));
+            if let Err(e) = waited.and_then(|()| op(&mut rig.m, d, meter, i)) {
+                rig.fail(e);
+            }
+        }
+    }
+}
+
+/// The order of `k` drivers in sample `i`: row `i % k` of a balanced
+/// Latin square (Williams'), so that over `k` samples each driver runs
+/// once in each place and, for an even `k`, right after each other driver
+/// once. Turning one order alone would put each driver after the same one
+/// every time, and what that one leaves running would fall on it alone.
+fn sample_order(k: usize, i: usize) -> impl Iterator<Item = usize> {
+    // First row 0, 1, k-1, 2, k-2, ...; row i adds i to each.
+    (0..k).map(move |j| {
+        let first = match j {
+            0 => 0,
+            j if j % 2 == 1 => j.div_ceil(2),
+            j => k - j / 2,
+        };
+        (first + i) % k
+    })
+}
+
+/// The timed operations, interleaved across the drivers (see [`run`]).
+fn interleaved(rigs: &mut [Rig], tools: &Tools, p: &Params) {
     let n = p.docker_samples;
     let fixture = tools.fixture.to_string_lossy().into_owned();
-    let driver = d.ok(&["info", "--format", "{{.Driver}}"])?;
-    if driver != m.driver {
-        return Err(Error::Parse(format!(
-            "dockerd -s {} runs driver {driver}",
-            m.driver
-        )));
-    }
-    let status = d.ok(&["info", "--format", "{{json .DriverStatus}}"])?;
-    // null for a driver without any (vfs).
-    let pairs: Vec<Vec<String>> = serde_json::from_str::<Option<_>>(&status)
-        .map_err(|e| Error::Parse(format!("docker info DriverStatus: {e}: {status}")))?
-        .unwrap_or_default();
-    let shown: Vec<String> = pairs.iter().map(|kv| kv.join(": ")).collect();
-    m.notes.push(format!(
-        "docker {}: docker info: {}",
-        m.driver,
-        if shown.is_empty() {
-            "(no driver status)".into()
-        } else {
-            shown.join("; ")
-        }
-    ));
-    let meter = match m.driver {
-        "thinlayer" => Meter::Thinlayer(
-            tools.exe.clone(),
-            plugin.expect("thinlayer runs with its plugin").root.clone(),
-        ),
-        "devicemapper" => Meter::Pool(
-            pairs
-                .iter()
-                .find(|kv| kv.first().is_some_and(|k| k == "Pool Name"))
-                .and_then(|kv| kv.get(1).cloned())
-                .ok_or_else(|| Error::Parse(format!("docker info names no pool: {status}")))?,
-        ),
-        other => Meter::Du(d.data_root.join(other)),
-    };
-    let block = block_of(&meter)?;
 
     // docker load: every layer new each time.
-    for i in 0..n {
+    rounds(rigs, n, |m, d, meter, i| {
         let used0 = meter.used()?;
         let ms = d.timed(&["load", "-i", &fixture])?;
         m.add("load-ms", ms);
@@ -619,17 +779,21 @@ fn measure(
         if i + 1 < n {
             d.ok(&["rmi", IMAGE])?;
         }
-    }
+        Ok(())
+    });
 
     // run --rm, after one that starts what dockerd starts lazily.
-    d.ok(&["run", "--rm", IMAGE, "true"])?;
-    for _ in 0..n {
+    rounds(rigs, 1, |_, d, _, _| {
+        d.ok(&["run", "--rm", IMAGE, "true"]).map(|_| ())
+    });
+    rounds(rigs, n, |m, d, _, _| {
         let ms = d.timed(&["run", "--rm", IMAGE, "true"])?;
         m.add("run-rm-ms", ms);
-    }
+        Ok(())
+    });
 
     // create, start, commit, rm.
-    for i in 0..n {
+    rounds(rigs, n, |m, d, _, i| {
         let name = format!("tl-c{i}");
         let create = d.timed(&[
             "create",
@@ -650,8 +814,27 @@ fn measure(
         m.add("create-start-ms", create + start);
         m.add("commit-ms", commit);
         m.add("rm-ms", rm);
-    }
+        Ok(())
+    });
+}
 
+/// What one driver runs with the others idle: space per trivial
+/// container, the first write into a large file, and the commit of one.
+fn alone(rig: &mut Rig, p: &Params, big: &Big) -> Result<()> {
+    let Rig {
+        m,
+        d: Some(d),
+        meter: Some(meter),
+        disk: Some(disk),
+        plugin,
+        block,
+        ..
+    } = rig
+    else {
+        unreachable!("a driver is measured only once up");
+    };
+    let (d, meter, disk, block) = (&*d, &*meter, &*disk, *block);
+    let n = p.docker_samples;
     // Space per trivial container.
     let k = p.trivial_containers;
     let (used0, host0) = (meter.used()?, host_used(&disk.fs)?);
@@ -734,7 +917,7 @@ fn measure(
         Err(e) => m.notes.push(format!(
             "docker {}: docker commit of a container holding a new 256 MiB file failed: {}",
             m.driver,
-            d.daemon.with_log(e, plugin)
+            d.daemon.with_log(e, plugin.as_ref())
         )),
     }
     Ok(())
@@ -1838,6 +2021,34 @@ mod tests {
         let mut t = String::new();
         table(&report(&[]), &mut t);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn each_driver_runs_once_per_sample_in_each_place_and_after_each_other() {
+        let k = DRIVERS.len();
+        let orders: Vec<Vec<usize>> = (0..k).map(|i| sample_order(k, i).collect()).collect();
+        for order in &orders {
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..k).collect::<Vec<_>>(), "{order:?}");
+        }
+        for place in 0..k {
+            let mut at: Vec<usize> = orders.iter().map(|o| o[place]).collect();
+            at.sort_unstable();
+            assert_eq!(at, (0..k).collect::<Vec<_>>(), "place {place}: {orders:?}");
+        }
+        let mut follows = HashSet::new();
+        for order in &orders {
+            for w in order.windows(2) {
+                assert!(follows.insert((w[0], w[1])), "{w:?} twice: {orders:?}");
+            }
+        }
+        assert_eq!(
+            follows.len(),
+            k * (k - 1),
+            "every driver after every other: {orders:?}"
+        );
+        assert_eq!(orders[0], [0, 1, 3, 2]);
     }
 
     #[test]

@@ -112,7 +112,8 @@ pub struct Params {
     pub device_size: u64,
     /// Virtual size of each thin device, bytes.
     pub thin_size: u64,
-    /// Samples per figure of the docker workload (`--docker`).
+    /// Samples per figure of the docker workload (`--docker`): a multiple
+    /// of its four drivers, so that its interleaved order is balanced.
     pub docker_samples: usize,
     /// Snapshot populations of the containerd workload (`--containerd`).
     pub containerd_populations: Vec<usize>,
@@ -143,7 +144,7 @@ impl Params {
                 trivial_containers: 10,
                 device_size: 4 << 30,
                 thin_size: 2 << 30,
-                docker_samples: 5,
+                docker_samples: 8,
                 containerd_populations: vec![10, 100],
                 containerd_samples: 10,
                 ctr_run_samples: 5,
@@ -163,7 +164,7 @@ impl Params {
                 trivial_containers: 20,
                 device_size: 16 << 30,
                 thin_size: 4 << 30,
-                docker_samples: 15,
+                docker_samples: 16,
                 containerd_populations: vec![10, 100, 1000],
                 containerd_samples: 30,
                 ctr_run_samples: 5,

@@ -8,7 +8,7 @@ use std::{
     os::unix::fs::{FileTypeExt, MetadataExt},
     path::{Path, PathBuf},
     process::Command,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use nix::mount::{MntFlags, MsFlags};
@@ -60,6 +60,45 @@ pub fn syncfs(path: &Path) -> Result<()> {
 pub fn drop_caches() -> Result<()> {
     nix::unistd::sync();
     fs::write("/proc/sys/vm/drop_caches", "3").ctx(|| "drop caches".into())
+}
+
+/// The machine's CPU time so far, in ticks: busy (all but idle) and all.
+fn cpu_ticks() -> Result<(u64, u64)> {
+    use procfs::CurrentSI;
+    let t = procfs::KernelStats::current()
+        .map_err(|e| Error::Parse(format!("/proc/stat: {e}")))?
+        .total;
+    let idle = t.idle;
+    let all = t.user
+        + t.nice
+        + t.system
+        + idle
+        + t.iowait.unwrap_or(0)
+        + t.irq.unwrap_or(0)
+        + t.softirq.unwrap_or(0)
+        + t.steal.unwrap_or(0);
+    Ok((all - idle, all))
+}
+
+/// Waits until the machine is quiet: over a window of `window`, at most
+/// `busy` (0 to 1) of all CPUs' time spent on anything (I/O waits count,
+/// as work in flight), or until `limit` has passed. What a daemon left to
+/// do in the background after it answered then falls on no later timed
+/// call, its own or another's. Returns how long it waited.
+///
+/// # Errors
+/// `/proc/stat` unreadable.
+pub fn quiet(window: Duration, busy: f64, limit: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let (b0, a0) = cpu_ticks()?;
+        std::thread::sleep(window);
+        let (b1, a1) = cpu_ticks()?;
+        let ratio = (b1 - b0) as f64 / (a1 - a0).max(1) as f64;
+        if ratio <= busy || start.elapsed() >= limit {
+            return Ok(start.elapsed());
+        }
+    }
 }
 
 /// `Cached:` of `/proc/meminfo`, in bytes.
