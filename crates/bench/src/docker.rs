@@ -719,11 +719,18 @@ impl Rig {
     }
 }
 
+/// Waits until the machine is quiet (see [`sys::quiet`]) before a timed
+/// call: what the last call left running, of this driver or another,
+/// falls on no timed one. The wait is sample `quiet-wait-ms`.
+fn quiet(m: &mut Meas) -> Result<()> {
+    let waited = sys::quiet(QUIET_WINDOW, QUIET_BUSY, QUIET_LIMIT)?;
+    m.add("quiet-wait-ms", waited.as_secs_f64() * 1e3);
+    Ok(())
+}
+
 /// Runs `op` for each of `n` samples once per driver still measured, in
-/// the order [`sample_order`] gives for the sample's index, each on a quiet
-/// machine (see [`sys::quiet`]; the wait is sample `quiet-wait-ms`): the
-/// work one driver's daemons do after answering falls on no other
-/// driver's calls.
+/// the order [`sample_order`] gives for the sample's index, each started
+/// on a quiet machine ([`quiet`]).
 fn rounds(
     rigs: &mut [Rig],
     n: usize,
@@ -739,9 +746,7 @@ fn rounds(
                 (Some(d), Some(m)) => (d, m),
                 _ => continue,
             };
-            let waited = sys::quiet(QUIET_WINDOW, QUIET_BUSY, QUIET_LIMIT)
-                .map(|w| rig.m.add("quiet-wait-ms", w.as_secs_f64() * 1e3));
-            if let Err(e) = waited.and_then(|()| op(&mut rig.m, d, meter, i)) {
+            if let Err(e) = quiet(&mut rig.m).and_then(|()| op(&mut rig.m, d, meter, i)) {
                 rig.fail(e);
             }
         }
@@ -804,9 +809,12 @@ fn interleaved(rigs: &mut [Rig], tools: &Tools, p: &Params) {
             "-c",
             "echo x > /tl-bench",
         ])?;
+        quiet(m)?;
         let start = d.timed(&["start", &name])?;
         d.ok(&["wait", &name])?;
+        quiet(m)?;
         let commit = d.timed(&["commit", &name, &format!("tl-bench:c{i}")])?;
+        quiet(m)?;
         let rm = d.timed(&["rm", &name])?;
         d.ok(&["rmi", &format!("tl-bench:c{i}")])?;
         m.add("create-ms", create);
