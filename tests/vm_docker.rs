@@ -19,7 +19,8 @@ use std::{
 };
 
 use common::docker::{
-    Dockerd, docker_layers, finish_clean, fixture, init_templates, plugin, require_docker,
+    Dockerd, docker_layers, docker_layers_settled, finish_clean, fixture, init_templates, plugin,
+    require_docker,
 };
 use serde_json::Value;
 
@@ -168,10 +169,11 @@ fn vm_docker_runs_on_thin_snapshots() {
             d.ok(&["run", "--rm", "demo:committed", "cat", "/hello.txt"]),
             "written"
         );
+        let layers = docker_layers_settled(s, 6);
         assert_eq!(
-            docker_layers(s).len(),
+            layers.len(),
             6,
-            "3 image layers, the commit's, the container's two"
+            "3 image layers, the commit's, the container's two: {layers:?}"
         );
         // The containers on the image taught the plugin its init layer.
         assert!(
@@ -248,7 +250,8 @@ fn vm_docker_runs_on_thin_snapshots() {
         // rm and rmi give the pool's blocks back.
         d.ok(&["rm", "writer"]);
         d.ok(&["rmi", "demo:committed"]);
-        assert_eq!(docker_layers(s).len(), 3, "{:?}", docker_layers(s));
+        let layers = docker_layers_settled(s, 3);
+        assert_eq!(layers.len(), 3, "{layers:?}");
         // The kernel work of a removal runs once requests pause: the
         // blocks come back then, with no request asking for them.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::docker::{Dockerd, docker_layers, finish_clean, fixture, plugin, require_docker};
+use common::docker::{
+    Dockerd, docker_layers, docker_layers_settled, finish_clean, fixture, plugin, require_docker,
+};
 use common::{Pool, vm_test};
 
 /// A 64 MiB file of a known pattern (64 blocks of 1 MiB, each 65,536
@@ -60,12 +62,8 @@ fn vm_docker_commit_of_a_large_change() {
         // rm and rmi clean up: only the image's layers are left, no stream's.
         d.ok(&["rm", "user", "big"]);
         d.ok(&["rmi", "demo:big", "demo:big2"]);
-        assert_eq!(
-            docker_layers(s).len(),
-            image_layers,
-            "{:?}",
-            docker_layers(s)
-        );
+        let layers = docker_layers_settled(s, image_layers);
+        assert_eq!(layers.len(), image_layers, "{layers:?}");
         finish_clean(s, &mut d, &mut p, &devices_before);
     });
 }

@@ -224,12 +224,31 @@ pub fn init_templates(s: &Scratch) -> Vec<Value> {
     all
 }
 
+/// [`docker_layers`] once the plugin has taken the layers Docker removed
+/// out of the pool (it answers a Remove first and does that as soon as
+/// requests pause): polled for up to 10 s until there are `want`.
+pub fn docker_layers_settled(s: &Scratch, want: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let layers = docker_layers(s);
+        if layers.len() == want || Instant::now() > deadline {
+            return layers;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The end of a Docker test: the image removed, no graphdriver layer left,
 /// dockerd and the plugin stopped, no thin device beyond `devices_before`,
 /// and `pool check` clean.
 pub fn finish_clean(s: &Scratch, d: &mut Dockerd, p: &mut Served, devices_before: &[String]) {
     d.ok(&["rmi", "demo:docker"]);
-    let left = graphdriver_layers(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = graphdriver_layers(s);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        left = graphdriver_layers(s);
+    }
     assert!(
         left.is_empty(),
         "init templates go with their images: {left:?}"

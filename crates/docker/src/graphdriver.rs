@@ -54,9 +54,18 @@
 //!
 //! - Kernel work no answer needs waits until requests pause (the
 //!   server's settler calls [`ThinDriver::settle_step`]): a `put` unmounts
-//!   and leaves the device up, a `remove` takes the layer's record away
-//!   and puts its thin id in the pool's trash (see the pool's
-//!   `set_teardown_later`). Each step then tears one idle device down or
+//!   and leaves the device up; a `remove` checks, takes the filesystem out
+//!   of the tree and answers, and the layer's records leave the pool
+//!   (its thin id in the pool's trash, see the pool's `set_teardown_later`)
+//!   at the settler's first step, or first thing in the next call other
+//!   than a `remove` or `put`, whichever comes first: so no call ever
+//!   sees a removed layer, and a `docker rm` waits for none of the
+//!   durable record writes (three fsyncs per layer). The list of removals
+//!   not finished is a record too (`ROOT/graphdriver/removing.rec`,
+//!   atomic, not durable): a restarted plugin finishes them; a host crash
+//!   in the moment between may leave a removed layer whole in the pool,
+//!   where `thinlayer layer rm` removes it. Each step then finishes one
+//!   removal, tears one idle device down or
 //!   reclaims one trashed thin id (discard, device, thin id), so a request
 //!   arriving meanwhile waits one step at most; `cleanup` (Docker's
 //!   shutdown) and the next start finish whatever is left. A device a
@@ -144,6 +153,16 @@ struct MountRefs(BTreeMap<String, u64>);
 impl Record for MountRefs {
     const KIND: &'static str = "graphdriver-mounts";
 }
+
+/// Docker layers removed but not yet taken out of the pool, oldest first
+/// (`ROOT/graphdriver/removing.rec`): a restarted plugin finishes them.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct Removing(Vec<String>);
+
+impl Record for Removing {
+    const KIND: &'static str = "graphdriver-removing";
+}
 const ASKER: &str = "Docker graphdriver";
 
 /// Docker's graphdriver interface, in Rust.
@@ -193,6 +212,9 @@ pub struct ThinDriver {
     /// Removed layers' filesystems, out of the mount tree, whose unmounts
     /// the settler finishes (before it reclaims their thin ids).
     dead: Vec<thinlayer_pool::mounts::Detached>,
+    /// Layers `remove` answered for whose records the settler (or the
+    /// next other call) takes out of the pool, oldest first.
+    removing: Vec<String>,
     /// Image layers containers were lately created on, and when: the
     /// settler keeps one mounted spare of each (see [`SPARE_IDLE`]).
     demand: BTreeMap<String, std::time::Instant>,
@@ -270,6 +292,10 @@ fn refs_path(root: &Path) -> PathBuf {
     root.join("graphdriver").join("mounts.rec")
 }
 
+fn removing_path(root: &Path) -> PathBuf {
+    root.join("graphdriver").join("removing.rec")
+}
+
 impl ThinDriver {
     /// A driver over the pool under `root` (created with `pool create`),
     /// with the references a previous run left (those whose mount is gone
@@ -290,6 +316,7 @@ impl ThinDriver {
             idle: std::collections::BTreeSet::new(),
             demand: BTreeMap::new(),
             dead: Vec::new(),
+            removing: Vec::new(),
             parked: BTreeMap::new(),
             premount: None,
             learn: BTreeMap::new(),
@@ -326,6 +353,12 @@ impl ThinDriver {
                     .umount_with(&dir.to_string_lossy(), Trim::Skip)?;
             }
         }
+        // Removals a previous run answered and did not finish (a damaged
+        // record, after a host crash, leaves those layers: `thinlayer layer
+        // ls` shows them, `thinlayer layer rm` removes them).
+        let Removing(left) = record::read_volatile(&removing_path(root), Removing::KIND, true)?;
+        driver.removing = left;
+        driver.finish_removals_in(&mut store);
         // What a previous run left for its settler: every unmounted
         // layer's device, then the trash.
         for l in store.pool().layer_records()? {
@@ -355,7 +388,11 @@ impl ThinDriver {
             return true;
         }
         let step = self.store().and_then(|mut store| {
-            if let Some(id) = self.idle.pop_first() {
+            if !self.removing.is_empty() {
+                let id = self.removing.remove(0);
+                self.finish_removal_logged(&mut store, &id);
+                self.save_removing();
+            } else if let Some(id) = self.idle.pop_first() {
                 if !self.refs.contains_key(&id) && !self.parked.contains_key(&id) {
                     match store.pool().deactivate_layer(&pool_id(&id)) {
                         Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
@@ -390,7 +427,8 @@ impl ThinDriver {
                 self.parked.remove(&id);
                 self.unmount(&mut store, &id, Trim::Skip)?;
             }
-            Ok(!self.idle.is_empty()
+            Ok(!self.removing.is_empty()
+                || !self.idle.is_empty()
                 || !store.pool().record().trash.is_empty()
                 || !self.learn.is_empty()
                 || self.spare_wanted(&mut store).is_some()
@@ -449,6 +487,7 @@ impl ThinDriver {
     /// # Errors
     /// Pool errors (the templates not yet removed stay, and are used).
     pub fn forget_templates(&mut self) -> Result<usize> {
+        self.finish_removals()?;
         let mut store = self.store()?;
         let mut gone = 0;
         for l in store.pool().layer_records()? {
@@ -600,6 +639,81 @@ impl ThinDriver {
         )?)
     }
 
+    /// Saves the removals not finished, not durably (see
+    /// [`ThinDriver::finish_removals`]); a failure is logged: the settler
+    /// finishes them all the same unless the plugin stops first.
+    fn save_removing(&self) {
+        if let Err(e) =
+            record::write_volatile(&removing_path(&self.root), Removing::KIND, &self.removing)
+        {
+            tracing::warn!(error = %e, "the list of removals not finished is not saved");
+        }
+    }
+
+    /// Whether layer `id` (a Docker id, or a pool id) was removed and is
+    /// not yet out of the pool.
+    fn is_removing(&self, id: &str) -> bool {
+        let id = id.strip_prefix(ID_PREFIX).unwrap_or(id);
+        self.removing.iter().any(|r| r == id)
+    }
+
+    /// Takes every layer `remove` answered for out of the pool now, so the
+    /// call that comes next sees the pool as Docker does. Every call but
+    /// `remove` and `put` does this first; the settler does it as soon as
+    /// requests pause, so it is seldom left to one.
+    ///
+    /// # Errors
+    /// The pool's open errors (the removals stay listed).
+    pub fn finish_removals(&mut self) -> Result<()> {
+        if self.removing.is_empty() {
+            return Ok(());
+        }
+        let mut store = self.store()?;
+        self.finish_removals_in(&mut store);
+        Ok(())
+    }
+
+    fn finish_removals_in(&mut self, store: &mut Store) {
+        if self.removing.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut self.removing) {
+            self.finish_removal_logged(store, &id);
+        }
+        self.save_removing();
+    }
+
+    /// Takes removed layer `id` (and its image's init template) out of the
+    /// pool: records now, kernel work in the trash. A failure is logged
+    /// with what to do: Docker was answered already.
+    fn finish_removal_logged(&mut self, store: &mut Store, id: &str) {
+        let t = std::time::Instant::now();
+        store.pool().set_teardown_later(true);
+        let done = (|| -> Result<()> {
+            let template = template_of(id);
+            if has_template(store, id) {
+                self.unmount(store, &template, Trim::Skip)?;
+                store.pool().remove_layer(&pool_id(&template))?;
+            }
+            match store.pool().remove_layer(&pool_id(id)) {
+                Ok(()) | Err(thinlayer_pool::Error::UnknownLayer(_)) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })();
+        match done {
+            Ok(()) => tracing::debug!(
+                %id,
+                ms = t.elapsed().as_secs_f64() * 1000.0,
+                "removal finished"
+            ),
+            Err(e) => tracing::warn!(
+                %id,
+                error = %e,
+                "a removed layer is still in the pool; `thinlayer layer rm {ID_PREFIX}{id}` removes it"
+            ),
+        }
+    }
+
     /// Layer `id`'s pool record, checked to be the driver's.
     fn own(
         store: &mut Store,
@@ -650,6 +764,7 @@ impl ThinDriver {
         parent: Option<&str>,
         size: Option<Bytes>,
     ) -> Result<()> {
+        self.finish_removals()?;
         if let Some(p) = parent {
             self.streams.not_applying(p, "build on")?;
         }
@@ -772,6 +887,7 @@ impl ThinDriver {
     /// # Errors
     /// An unknown or foreign layer.
     pub fn metadata(&mut self, id: &str) -> Result<Vec<(String, String)>> {
+        self.finish_removals()?;
         let mut store = self.store()?;
         let layer = Self::own(&mut store, id, "describe")?;
         let size = layer.size_in(store.pool().record());
@@ -897,10 +1013,15 @@ impl GraphDriver for ThinDriver {
         self.streams.unused(&template_of(id), "remove")?;
         let mut store = self.store()?;
         let pid = pool_id(id);
+        if self.is_removing(id) {
+            return Err(Error::Invalid(format!(
+                "layer `{id}` was removed already; Docker asked twice"
+            )));
+        }
         Self::own(&mut store, id, "remove")?;
         let mut children = store.pool().children_of(&pid)?;
         let template = pool_id(&template_of(id));
-        children.retain(|c| *c != template);
+        children.retain(|c| *c != template && !self.is_removing(c));
         if !children.is_empty() {
             let names: Vec<&str> = children
                 .iter()
@@ -920,23 +1041,26 @@ impl GraphDriver for ThinDriver {
         if self.refs.remove(id).is_some() {
             self.save_refs()?;
         }
-        // The image's init template goes first (its spares with it): it is
-        // the driver's, and nothing but this layer's next containers use it.
-        if has_template(&mut store, id) {
-            self.unmount(&mut store, &template_of(id), Trim::Skip)?;
-            store.pool().remove_layer(&template)?;
-        }
-        store.pool().remove_layer(&pid)?;
+        // A mount elsewhere (a bind of it) keeps the layer: refused now,
+        // while Docker can still be told.
+        store.pool().ensure_unmounted(&pid)?;
         self.fresh_inits.remove(id);
         self.plain_inits.remove(id);
         self.idle.remove(id);
         self.demand.remove(id);
         self.demand.remove(&template_of(id));
         self.learn.remove(id);
+        // Nothing uses it now: its records (and its image's init template,
+        // with the template's spares) leave the pool when requests pause,
+        // or before the next call, whichever comes first; the answer does
+        // not wait for their durable writes.
+        self.removing.push(id.to_owned());
+        self.save_removing();
         Ok(())
     }
 
     fn get(&mut self, id: &str) -> Result<PathBuf> {
+        self.finish_removals()?;
         // What is got may be written: no longer just its template.
         self.plain_inits.remove(id);
         if let Some(refs) = self.refs.get_mut(id) {
@@ -987,6 +1111,7 @@ impl GraphDriver for ThinDriver {
     }
 
     fn exists(&mut self, id: &str) -> Result<bool> {
+        self.finish_removals()?;
         let mut store = self.store()?;
         Ok(match store.pool().layer(&pool_id(id)) {
             Ok(l) => l.owner == Owner::Graphdriver,
@@ -998,6 +1123,7 @@ impl GraphDriver for ThinDriver {
     }
 
     fn status(&mut self) -> Result<Vec<(String, String)>> {
+        self.finish_removals()?;
         let mut store = self.store()?;
         let ours = store
             .pool()
@@ -1048,6 +1174,7 @@ impl GraphDriver for ThinDriver {
     }
 
     fn cleanup(&mut self) -> Result<()> {
+        self.finish_removals()?;
         // Removed layers' filesystems finish their unmounts first: their
         // devices go in the reclaim below.
         self.dead.clear();
@@ -1100,6 +1227,7 @@ impl GraphDriver for ThinDriver {
     }
 
     fn changes(&mut self, id: &str, parent: Option<&str>) -> Result<Vec<Change>> {
+        self.finish_removals()?;
         self.streams.not_applying(id, "list the changes of")?;
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;
@@ -1113,6 +1241,7 @@ impl GraphDriver for ThinDriver {
     }
 
     fn diff_size(&mut self, id: &str, parent: Option<&str>) -> Result<u64> {
+        self.finish_removals()?;
         self.streams.not_applying(id, "size")?;
         let mut store = self.store()?;
         Self::check_parent(&mut store, id, parent)?;

@@ -257,6 +257,7 @@ impl ThinDriver {
     /// An unknown or foreign layer, a wrong parent, a layer being applied;
     /// pool errors (nothing is left behind).
     pub fn begin_diff(&mut self, id: &str, parent: Option<&str>) -> Result<DiffStream> {
+        self.finish_removals()?;
         self.streams.not_applying(id, "diff")?;
         if let Some(p) = parent {
             self.streams.not_applying(p, "diff against")?;
@@ -378,6 +379,7 @@ impl ThinDriver {
     /// An unknown or foreign layer, a wrong parent, a layer mounted or used
     /// by a stream; pool errors (nothing is left behind).
     pub fn begin_apply(&mut self, id: &str, parent: Option<&str>) -> Result<ApplyStream> {
+        self.finish_removals()?;
         self.streams.unused(id, "apply into")?;
         if let Some(p) = parent {
             self.streams.not_applying(p, "apply on")?;

@@ -459,26 +459,9 @@ impl Pool {
         // recover() ran above: the pool is settled.
         self.require_active()?;
         let name = self.name(Role::Thin(layer.thin_id));
-        let mounted = self.kernel()?.mounted(&name)?;
-        let dev = mounted.as_ref().map(|(dev, _)| *dev);
-        if let Some((dev, mut points)) = mounted {
-            // A mount kept from the spare it took is nobody's work.
-            let premount = if points.is_empty() {
-                None
-            } else {
-                self.premount_of(layer.thin_id, dev)?
-            };
-            points.retain(|p| Some(p) != premount.as_ref());
-            if !points.is_empty() {
-                return Err(Error::Mounted {
-                    what: format!("layer `{id}`"),
-                    mountpoints: points,
-                    hint: id.to_owned(),
-                });
-            }
-            if premount.is_some() {
-                self.release_spare_mount(layer.thin_id)?;
-            }
+        let (dev, premount) = self.mounted_for_removal(&layer)?;
+        if premount {
+            self.release_spare_mount(layer.thin_id)?;
         }
         if self.teardown_later {
             return self.remove_later(&layer);
@@ -522,6 +505,44 @@ impl Pool {
         fault::point("layer_rm.after_record_removal");
         self.commit()?;
         Ok(Removal::Removed)
+    }
+
+    /// Refuses, as [`Error::Mounted`], while layer `id`'s device is
+    /// mounted anywhere but where the spare it took was (nobody's work):
+    /// what a removal checks first, for a caller that removes later.
+    ///
+    /// # Errors
+    /// [`Error::Mounted`], [`Error::UnknownLayer`], kernel errors.
+    pub fn ensure_unmounted(&mut self, id: &str) -> Result<()> {
+        let layer = self.layer(id)?;
+        self.mounted_for_removal(&layer).map(|_| ())
+    }
+
+    /// `layer`'s device if it is up, and whether it is mounted where its
+    /// spare was; [`Error::Mounted`] if mounted anywhere else.
+    fn mounted_for_removal(
+        &mut self,
+        layer: &LayerRecord,
+    ) -> Result<(Option<devicemapper::Device>, bool)> {
+        let name = self.name(Role::Thin(layer.thin_id));
+        let Some((dev, mut points)) = self.kernel()?.mounted(&name)? else {
+            return Ok((None, false));
+        };
+        // A mount kept from the spare it took is nobody's work.
+        let premount = if points.is_empty() {
+            None
+        } else {
+            self.premount_of(layer.thin_id, dev)?
+        };
+        points.retain(|p| Some(p) != premount.as_ref());
+        if !points.is_empty() {
+            return Err(Error::Mounted {
+                what: format!("layer `{}`", layer.id),
+                mountpoints: points,
+                hint: layer.id.clone(),
+            });
+        }
+        Ok((Some(dev), premount.is_some()))
     }
 
     /// Removal under `teardown_later`: the record now, the kernel work at
