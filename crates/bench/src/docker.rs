@@ -101,9 +101,11 @@ const BIG: u64 = 256 << 20;
 const KIB4: u64 = 4096;
 
 /// Before each driver's sample of an interleaved operation: at most 15 %
-/// of the CPUs busy over a quarter of a second (idle dockerds and
-/// containerds take a few), waited for 5 s at most.
-const QUIET_WINDOW: Duration = Duration::from_millis(250);
+/// of the CPUs busy over 400 ms (idle dockerds and containerds take a
+/// few), waited for 5 s at most. The window is longer than the pause
+/// thinlayer's plugin waits for before its deferred work (250 ms), so a
+/// quiet window is one that work has already started in, or finished.
+const QUIET_WINDOW: Duration = Duration::from_millis(400);
 const QUIET_BUSY: f64 = 0.15;
 const QUIET_LIMIT: Duration = Duration::from_secs(5);
 

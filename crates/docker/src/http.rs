@@ -506,8 +506,12 @@ struct Activity {
 }
 
 /// How long no request may have started before the settler runs the
-/// handler's [`Handler::idle`] work.
-const SETTLE_AFTER: Duration = Duration::from_millis(50);
+/// handler's [`Handler::idle`] work: longer than dockerd's own gaps
+/// between the requests of one `docker create` or `docker rm` (up to
+/// 100-odd ms in the TCG guest), so its steps start after such an
+/// operation, not in the middle of it (the containerd snapshotter's jobs
+/// wait as long).
+const SETTLE_AFTER: Duration = Duration::from_millis(250);
 
 /// How often the settler looks for idle work when no request comes (work
 /// that falls due with time: a kept mount or spare idle too long).
