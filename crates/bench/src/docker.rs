@@ -465,8 +465,12 @@ impl Meter {
 
     /// Bytes in use once they stop falling: a driver that gives space back
     /// after it answers (thinlayer's settler, devicemapper's deferred
-    /// deletion) is measured when done. Unchanged for 3 s, or 60 s at most.
+    /// deletion) is measured when done. The machine quiet first (the
+    /// settler's steps before its reclaims, such as removals finished and
+    /// devices torn down, change no count), then unchanged for 3 s; 60 s
+    /// at most each.
     fn used_when_settled(&self) -> Result<u64> {
+        sys::quiet(QUIET_WINDOW, QUIET_BUSY, std::time::Duration::from_secs(60))?;
         let start = std::time::Instant::now();
         let mut last = self.used()?;
         let mut unchanged = 0;
