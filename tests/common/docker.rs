@@ -228,11 +228,17 @@ pub fn init_templates(s: &Scratch) -> Vec<Value> {
 /// out of the pool (it answers a Remove first and does that as soon as
 /// requests pause): polled for up to 10 s until there are `want`.
 pub fn docker_layers_settled(s: &Scratch, want: usize) -> Vec<Value> {
+    settled(|| docker_layers(s), want)
+}
+
+/// `list()` once it has `want` entries, polled for up to 10 s (the last
+/// listing if it never does).
+fn settled(list: impl Fn() -> Vec<Value>, want: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let layers = docker_layers(s);
-        if layers.len() == want || Instant::now() > deadline {
-            return layers;
+        let got = list();
+        if got.len() == want || Instant::now() > deadline {
+            return got;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -243,12 +249,7 @@ pub fn docker_layers_settled(s: &Scratch, want: usize) -> Vec<Value> {
 /// and `pool check` clean.
 pub fn finish_clean(s: &Scratch, d: &mut Dockerd, p: &mut Served, devices_before: &[String]) {
     d.ok(&["rmi", "demo:docker"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut left = graphdriver_layers(s);
-    while !left.is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        left = graphdriver_layers(s);
-    }
+    let left = settled(|| graphdriver_layers(s), 0);
     assert!(
         left.is_empty(),
         "init templates go with their images: {left:?}"

@@ -358,7 +358,7 @@ impl ThinDriver {
         // ls` shows them, `thinlayer layer rm` removes them).
         let Removing(left) = record::read_volatile(&removing_path(root), Removing::KIND, true)?;
         driver.removing = left;
-        driver.finish_removals_in(&mut store);
+        driver.finish_removals_in(&mut store, usize::MAX);
         // What a previous run left for its settler: every unmounted
         // layer's device, then the trash.
         for l in store.pool().layer_records()? {
@@ -389,9 +389,7 @@ impl ThinDriver {
         }
         let step = self.store().and_then(|mut store| {
             if !self.removing.is_empty() {
-                let id = self.removing.remove(0);
-                self.finish_removal_logged(&mut store, &id);
-                self.save_removing();
+                self.finish_removals_in(&mut store, 1);
             } else if let Some(id) = self.idle.pop_first() {
                 if !self.refs.contains_key(&id) && !self.parked.contains_key(&id) {
                     match store.pool().deactivate_layer(&pool_id(&id)) {
@@ -669,15 +667,18 @@ impl ThinDriver {
             return Ok(());
         }
         let mut store = self.store()?;
-        self.finish_removals_in(&mut store);
+        self.finish_removals_in(&mut store, usize::MAX);
         Ok(())
     }
 
-    fn finish_removals_in(&mut self, store: &mut Store) {
+    /// Finishes the `max` oldest removals not finished (if any), and saves
+    /// the list.
+    fn finish_removals_in(&mut self, store: &mut Store, max: usize) {
         if self.removing.is_empty() {
             return;
         }
-        for id in std::mem::take(&mut self.removing) {
+        let n = max.min(self.removing.len());
+        for id in self.removing.drain(..n).collect::<Vec<_>>() {
             self.finish_removal_logged(store, &id);
         }
         self.save_removing();
@@ -1011,14 +1012,14 @@ impl GraphDriver for ThinDriver {
         self.streams.unused(id, "remove")?;
         // Its init template goes with it: not while a Diff reads that.
         self.streams.unused(&template_of(id), "remove")?;
-        let mut store = self.store()?;
-        let pid = pool_id(id);
         if self.is_removing(id) {
             return Err(Error::Invalid(format!(
                 "layer `{id}` was removed already; Docker asked twice"
             )));
         }
-        Self::own(&mut store, id, "remove")?;
+        let mut store = self.store()?;
+        let pid = pool_id(id);
+        let layer = Self::own(&mut store, id, "remove")?;
         let mut children = store.pool().children_of(&pid)?;
         let template = pool_id(&template_of(id));
         children.retain(|c| *c != template && !self.is_removing(c));
@@ -1043,7 +1044,7 @@ impl GraphDriver for ThinDriver {
         }
         // A mount elsewhere (a bind of it) keeps the layer: refused now,
         // while Docker can still be told.
-        store.pool().ensure_unmounted(&pid)?;
+        store.pool().ensure_unmounted(&layer)?;
         self.fresh_inits.remove(id);
         self.plain_inits.remove(id);
         self.idle.remove(id);

@@ -507,15 +507,14 @@ impl Pool {
         Ok(Removal::Removed)
     }
 
-    /// Refuses, as [`Error::Mounted`], while layer `id`'s device is
-    /// mounted anywhere but where the spare it took was (nobody's work):
-    /// what a removal checks first, for a caller that removes later.
+    /// Refuses, as [`Error::Mounted`], while `layer`'s device is mounted
+    /// anywhere but where the spare it took was (nobody's work): what a
+    /// removal checks first, for a caller that removes later.
     ///
     /// # Errors
-    /// [`Error::Mounted`], [`Error::UnknownLayer`], kernel errors.
-    pub fn ensure_unmounted(&mut self, id: &str) -> Result<()> {
-        let layer = self.layer(id)?;
-        self.mounted_for_removal(&layer).map(|_| ())
+    /// [`Error::Mounted`], kernel errors.
+    pub fn ensure_unmounted(&mut self, layer: &LayerRecord) -> Result<()> {
+        self.mounted_for_removal(layer).map(|_| ())
     }
 
     /// `layer`'s device if it is up, and whether it is mounted where its
