@@ -60,7 +60,11 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     fs,
-    os::unix::fs::{FileExt, MetadataExt},
+    io::{Read as _, Write as _},
+    os::unix::{
+        fs::{FileExt, MetadataExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::mpsc::{self, RecvTimeoutError},
@@ -302,17 +306,23 @@ pub(crate) fn run(report: &mut Report, opts: &Options, p: &Params) -> Result<()>
          thinlayer's pool root); image {IMAGE} ({FIXTURE}, {LAYERS} layers); medians of {n}; every \
          time is a docker CLI call from spawn to exit. Load, run --rm, create, start, commit and rm \
          are interleaved: sample i of each runs once per driver, in row i of a balanced Latin \
-         square (each driver in each place, and after each other driver, once per 4 samples), \
-         each once the machine is quiet (at most 15 % of CPU time busy over 250 ms, 5 s at \
-         most), so that the work a driver's daemons do after answering falls on no other \
+         square (each driver in each place, and after each other driver, once per {k} samples), \
+         each once the machine is quiet (at most {busy} % of CPU time busy over {window} ms, \
+         {limit} s at most), so that the work a driver's daemons do after answering falls on no other \
          driver's calls. \
          Space, the first write and the 256 MiB commit run one driver after another. Allocated: \
          thinlayer and devicemapper pool blocks (64 KiB each), overlay2 and vfs bytes under the \
          driver's directory (du -x: overlay2's upper dirs); host bytes: the ext4's use; returned \
          on rm: once the use stops falling (3 s unchanged, 60 s at most), so space given back \
          after the answer counts. The first write goes through /proc/PID/root of a running \
-         container, caches dropped first",
-        n = p.docker_samples
+         container, caches dropped first. Create and rm again as API requests alone (no \
+         docker CLI; a container never started), after the same quiet gate: the daemon's and \
+         the driver's part of them",
+        n = p.docker_samples,
+        k = DRIVERS.len(),
+        busy = QUIET_BUSY * 100.0,
+        window = QUIET_WINDOW.as_millis(),
+        limit = QUIET_LIMIT.as_secs()
     ));
     report.compute_stats();
     report.wall_seconds += started.elapsed().as_secs_f64();
@@ -823,6 +833,20 @@ fn interleaved(rigs: &mut [Rig], tools: &Tools, p: &Params) {
         quiet(m)?;
         let rm = d.timed(&["rm", &name])?;
         d.ok(&["rmi", &format!("tl-bench:c{i}")])?;
+        // The same create and rm (of a container never started) as API
+        // requests alone: the daemon's and the driver's part.
+        let api = format!("tl-a{i}");
+        let config = serde_json::json!({"Image": IMAGE, "Cmd": ["sh", "-c", "echo x > /tl-bench"]});
+        quiet(m)?;
+        let create_api = d.api_timed(
+            "POST",
+            &format!("/containers/create?name={api}"),
+            Some(&config),
+        )?;
+        quiet(m)?;
+        let rm_api = d.api_timed("DELETE", &format!("/containers/{api}"), None)?;
+        m.add("create-api-ms", create_api);
+        m.add("rm-api-ms", rm_api);
         m.add("create-ms", create);
         m.add("start-ms", start);
         m.add("create-start-ms", create + start);
@@ -1164,6 +1188,8 @@ struct Dockerd {
     daemon: Daemon,
     docker: PathBuf,
     host: String,
+    /// Its API socket (what `host` names).
+    socket: PathBuf,
     data_root: PathBuf,
 }
 
@@ -1191,6 +1217,7 @@ impl Dockerd {
             version,
         )?;
         Ok(Dockerd {
+            socket: daemon.run_dir.join("docker.sock"),
             daemon,
             docker: tools.docker.clone(),
             host,
@@ -1216,6 +1243,40 @@ impl Dockerd {
         let t = Instant::now();
         cli(&mut c)?;
         Ok(ms_since(t))
+    }
+
+    /// Times one request of Docker's API (`method`, `path` under the API
+    /// version, a JSON `body`) sent to dockerd's socket with no CLI: what
+    /// dockerd and its storage driver take, without the docker CLI's own
+    /// start, which is most of a short command's time and in the guest its
+    /// most variable part.
+    fn api_timed(&self, method: &str, path: &str, body: Option<&Value>) -> Result<f64> {
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let request = format!(
+            "{method} /v1.41{path} HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let what = || format!("{method} {path} on {}", self.socket.display());
+        let t = Instant::now();
+        let mut stream = UnixStream::connect(&self.socket).ctx(what)?;
+        stream.set_read_timeout(Some(LIMIT)).ctx(what)?;
+        stream.write_all(request.as_bytes()).ctx(what)?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).ctx(what)?;
+        let ms = ms_since(t);
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.split_whitespace().nth(1).unwrap_or("none");
+        if !status.starts_with('2') {
+            return Err(Error::Tool {
+                command: what(),
+                detail: format!(
+                    "dockerd answered {status}: {}",
+                    answer.lines().last().unwrap_or("")
+                ),
+            });
+        }
+        Ok(ms)
     }
 }
 
@@ -1461,13 +1522,15 @@ pub(crate) fn sweep_loops(fs_dir: &Path) -> Result<()> {
 // The table and the plots.
 
 /// Rows of the table: label, metric, bytes (else ms).
-const ROWS: [(&str, &str, bool); 18] = [
+const ROWS: [(&str, &str, bool); 20] = [
     ("docker run --rm IMG true ms", "run-rm-ms", false),
     ("docker create ms", "create-ms", false),
     ("docker start ms", "start-ms", false),
     ("create + start ms", "create-start-ms", false),
     ("docker commit ms", "commit-ms", false),
     ("docker rm ms", "rm-ms", false),
+    ("create, API alone ms", "create-api-ms", false),
+    ("rm, API alone ms", "rm-api-ms", false),
     ("docker load (2 layers) ms", "load-ms", false),
     ("docker load: allocated", "load-alloc-bytes", true),
     ("load of a 256M layer ms", "load-256M-ms", false),
@@ -1582,6 +1645,18 @@ pub(crate) fn table(r: &Report, t: &mut String) {
         };
         let _ = writeln!(t, "    {what:<44} {got:>8}  {verdict}");
     }
+    let api = |metric| {
+        show_ratio(ratio(
+            median(r, "thinlayer", metric),
+            median(r, "overlay2", metric),
+        ))
+    };
+    let _ = writeln!(
+        t,
+        "  without the CLI's start (API requests alone, not the targets): create {}, rm {} of overlay2",
+        api("create-api-ms"),
+        api("rm-api-ms")
+    );
 }
 
 /// Issue 13's targets: what, the figure, its limit, its unit.

@@ -518,9 +518,14 @@ const SETTLE_AFTER: Duration = Duration::from_millis(250);
 const RECHECK: Duration = Duration::from_secs(10);
 
 /// Runs the handler's urgent work as soon as a request that made some
-/// ends; then its idle work, one step at a time, whenever requests pause
-/// for [`SETTLE_AFTER`], until it says nothing is left (and again every
-/// [`RECHECK`]). A request arriving meanwhile waits for one step at most.
+/// ends; then, once requests pause for [`SETTLE_AFTER`], its idle work,
+/// step after step, until it says nothing is left (and again every
+/// [`RECHECK`]) or a request comes. A request arriving meanwhile waits
+/// for one step at most; the pause then counts again from its end.
+///
+/// The steps run back to back, not a pause apart: the work a burst of
+/// requests leaves is done in one stretch soon after it, instead of
+/// trickling into the caller's next commands.
 async fn settle<H: Handler>(served: Served<H>) {
     let a = &served.activity;
     loop {
@@ -532,17 +537,25 @@ async fn settle<H: Handler>(served: Served<H>) {
                 }
             }
             let seen = a.started.load(Ordering::Relaxed);
+            let quiet = || {
+                a.started.load(Ordering::Relaxed) == seen
+                    && a.in_flight.load(Ordering::Relaxed) == 0
+                    && !a.urgent.load(Ordering::Relaxed)
+            };
             // A request ending meanwhile may have left urgent work: at once
             // to it, then the pause counts from there.
             if tokio::time::timeout(SETTLE_AFTER, a.ended.notified())
                 .await
                 .is_ok()
-                || a.started.load(Ordering::Relaxed) != seen
-                || a.in_flight.load(Ordering::Relaxed) > 0
+                || !quiet()
             {
                 continue;
             }
-            if !step(&served, H::idle).await {
+            let mut more = step(&served, H::idle).await;
+            while more && quiet() {
+                more = step(&served, H::idle).await;
+            }
+            if !more {
                 break;
             }
         }
@@ -1184,6 +1197,90 @@ mod tests {
             let h = head(req).unwrap().unwrap();
             assert_eq!(h.path, "/Plugin.Activate", "{req:?}");
         }
+    }
+
+    /// Idle work of `left` steps, each noting when it ran (on tokio's
+    /// clock); at step `start_at`, a request starts (and ends at once).
+    struct Steps {
+        left: usize,
+        at: Vec<tokio::time::Instant>,
+        start_at: Option<usize>,
+        activity: Arc<Activity>,
+    }
+    impl Handler for Steps {
+        fn handle(&mut self, _: &str, _: &[u8]) -> Reply {
+            Reply::ok(json!({}))
+        }
+
+        fn idle(&mut self) -> bool {
+            if self.left == 0 {
+                return false;
+            }
+            self.at.push(tokio::time::Instant::now());
+            if self.start_at == Some(self.at.len()) {
+                let a = &self.activity;
+                a.started.fetch_add(1, Ordering::Relaxed);
+                a.ended.notify_one();
+            }
+            self.left -= 1;
+            self.left > 0
+        }
+    }
+
+    /// Runs the settler on `steps` after one request, for 10 s of tokio's
+    /// paused clock; returns when the request ended and when each step ran.
+    async fn settled(
+        left: usize,
+        start_at: Option<usize>,
+    ) -> (tokio::time::Instant, Vec<tokio::time::Instant>) {
+        let activity = Arc::new(Activity::default());
+        let steps = Steps {
+            left,
+            at: Vec::new(),
+            start_at,
+            activity: Arc::clone(&activity),
+        };
+        let served = Served {
+            handler: Arc::new(Mutex::new(steps)),
+            activity,
+        };
+        let settler = tokio::spawn(settle(served.clone()));
+        let ended = tokio::time::Instant::now();
+        served.activity.started.fetch_add(1, Ordering::Relaxed);
+        served.activity.ended.notify_one();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        settler.abort();
+        let steps = served.handler.lock().await;
+        assert_eq!(steps.left, 0, "every step ran");
+        (ended, steps.at.clone())
+    }
+
+    /// The idle work waits for one pause after the last request, then runs
+    /// step after step (no pause between them), so it is done soon after.
+    #[tokio::test(start_paused = true)]
+    async fn idle_steps_run_back_to_back_after_a_pause() {
+        let (ended, at) = settled(5, None).await;
+        assert!(
+            at[0] - ended >= SETTLE_AFTER,
+            "the first step waits for the pause"
+        );
+        assert!(
+            at[4] - at[0] < SETTLE_AFTER,
+            "the rest follow at once: {at:?}"
+        );
+    }
+
+    /// A request that starts between two steps stops them: the next waits
+    /// for a pause after it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_between_steps_pauses_the_rest() {
+        let (_, at) = settled(4, Some(2)).await;
+        assert!(at[1] - at[0] < SETTLE_AFTER, "{at:?}");
+        assert!(
+            at[2] - at[1] >= SETTLE_AFTER,
+            "a pause after the request: {at:?}"
+        );
+        assert!(at[3] - at[2] < SETTLE_AFTER, "{at:?}");
     }
 
     struct Echo;
