@@ -27,7 +27,12 @@
 //! - one untimed `docker run --rm` (dockerd starts its shims), then
 //!   `docker run --rm IMAGE true`;
 //! - `docker create` (of `sh -c 'echo x > /tl-bench'`), `docker start`,
-//!   `docker wait` (untimed), `docker commit`, `docker rm`;
+//!   `docker wait` (untimed), `docker commit`, `docker rm`; then the same
+//!   create and rm of one more container (never started) as single
+//!   requests of Docker's API to dockerd's socket, with no CLI process:
+//!   the daemon's and the driver's part of them, without the CLI's own
+//!   start (in the TCG guest most of a short command, and its most
+//!   variable part);
 //!
 //! (those three interleaved across the drivers), then one driver after
 //! another, with the others idle:
@@ -49,8 +54,8 @@
 //! driver's directory for overlay2 (its upper directories) and vfs. Host
 //! bytes are the ext4's (`statvfs` after `syncfs`).
 //!
-//! Every figure is a CLI call timed from spawn to exit, as a user sees it;
-//! none is asserted. A driver that fails is reported (a note with the
+//! Every other figure is a CLI call timed from spawn to exit, as a user
+//! sees it; none is asserted. A driver that fails is reported (a note with the
 //! error and dockerd's log) and the others still run.
 //!
 //! What must never happen: a dockerd, plugin, mount, dm device or loop
