@@ -103,6 +103,8 @@ pub(crate) const DRIVERS: [&str; 4] = ["overlay2", "vfs", "devicemapper", "thinl
 /// The image every operation uses (`tests/fixtures/make-images`).
 const FIXTURE: &str = "other-docker.tar";
 const IMAGE: &str = "other:1";
+/// What the timed create's container runs (it never starts for the API's).
+const CMD: [&str; 3] = ["sh", "-c", "echo x > /tl-bench"];
 const LAYERS: usize = 2;
 /// The image with the large file, and that file's size.
 const BIG_IMAGE: &str = "tl-bench:big";
@@ -485,12 +487,12 @@ impl Meter {
     /// devices torn down, change no count), then unchanged for 3 s; 60 s
     /// at most each.
     fn used_when_settled(&self) -> Result<u64> {
-        sys::quiet(QUIET_WINDOW, QUIET_BUSY, std::time::Duration::from_secs(60))?;
-        let start = std::time::Instant::now();
+        sys::quiet(QUIET_WINDOW, QUIET_BUSY, Duration::from_secs(60))?;
+        let start = Instant::now();
         let mut last = self.used()?;
         let mut unchanged = 0;
-        while unchanged < 3 && start.elapsed() < std::time::Duration::from_secs(60) {
-            std::thread::sleep(std::time::Duration::from_secs(1));
+        while unchanged < 3 && start.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_secs(1));
             let now = self.used()?;
             if now == last {
                 unchanged += 1;
@@ -821,15 +823,9 @@ fn interleaved(rigs: &mut [Rig], tools: &Tools, p: &Params) {
     // create, start, commit, rm.
     rounds(rigs, n, |m, d, _, i| {
         let name = format!("tl-c{i}");
-        let create = d.timed(&[
-            "create",
-            "--name",
-            &name,
-            IMAGE,
-            "sh",
-            "-c",
-            "echo x > /tl-bench",
-        ])?;
+        let mut args = vec!["create", "--name", &name, IMAGE];
+        args.extend(CMD);
+        let create = d.timed(&args)?;
         quiet(m)?;
         let start = d.timed(&["start", &name])?;
         d.ok(&["wait", &name])?;
@@ -841,7 +837,7 @@ fn interleaved(rigs: &mut [Rig], tools: &Tools, p: &Params) {
         // The same create and rm (of a container never started) as API
         // requests alone: the daemon's and the driver's part.
         let api = format!("tl-a{i}");
-        let config = serde_json::json!({"Image": IMAGE, "Cmd": ["sh", "-c", "echo x > /tl-bench"]});
+        let config = serde_json::json!({"Image": IMAGE, "Cmd": CMD});
         quiet(m)?;
         let create_api = d.api_timed(
             "POST",
@@ -1047,9 +1043,14 @@ pub(crate) fn terminate(child: &mut Child, what: &str, log: &Path) -> Result<()>
     }
 }
 
+/// The API socket of a dockerd whose exec root is `exec_root`.
+fn dockerd_socket(exec_root: &Path) -> PathBuf {
+    exec_root.join("docker.sock")
+}
+
 /// The API socket address of a dockerd whose exec root is `exec_root`.
 pub fn dockerd_host(exec_root: &Path) -> String {
-    format!("unix://{}/docker.sock", exec_root.display())
+    format!("unix://{}", dockerd_socket(exec_root).display())
 }
 
 /// The command line of a private dockerd: storage driver `driver`, its own
@@ -1211,6 +1212,7 @@ impl Dockerd {
         let _ = fs::remove_dir_all(&exec_root);
         sys::mkdir(data_root)?;
         let host = dockerd_host(&exec_root);
+        let socket = dockerd_socket(&exec_root);
         let cmd = dockerd_command(&tools.dockerd, driver, data_root, &exec_root, extra);
         let version = || cli(Command::new(&tools.docker).args(["-H", &host, "version"])).is_ok();
         let daemon = Daemon::start(
@@ -1222,7 +1224,7 @@ impl Dockerd {
             version,
         )?;
         Ok(Dockerd {
-            socket: daemon.run_dir.join("docker.sock"),
+            socket,
             daemon,
             docker: tools.docker.clone(),
             host,
@@ -1650,24 +1652,22 @@ pub(crate) fn table(r: &Report, t: &mut String) {
         };
         let _ = writeln!(t, "    {what:<44} {got:>8}  {verdict}");
     }
-    let api = |metric| {
-        show_ratio(ratio(
-            median(r, "thinlayer", metric),
-            median(r, "overlay2", metric),
-        ))
-    };
     let _ = writeln!(
         t,
         "  without the CLI's start (API requests alone, not the targets): create {}, rm {} of overlay2",
-        api("create-api-ms"),
-        api("rm-api-ms")
+        show_ratio(tl_over(r, "overlay2", "create-api-ms")),
+        show_ratio(tl_over(r, "overlay2", "rm-api-ms"))
     );
+}
+
+/// thinlayer's median of `metric` over driver `to`'s.
+fn tl_over(r: &Report, to: &str, metric: &str) -> Option<f64> {
+    ratio(median(r, "thinlayer", metric), median(r, to, metric))
 }
 
 /// Issue 13's targets: what, the figure, its limit, its unit.
 fn targets(r: &Report) -> Vec<(&'static str, Option<f64>, f64, &'static str)> {
-    let tl_over =
-        |to: &str, metric: &str| ratio(median(r, "thinlayer", metric), median(r, to, metric));
+    let tl_over = |to: &str, metric: &str| tl_over(r, to, metric);
     vec![
         (
             "docker create <= 1.1x overlay2",
