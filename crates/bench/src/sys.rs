@@ -12,6 +12,7 @@ use std::{
 };
 
 use nix::mount::{MntFlags, MsFlags};
+use thinlayer_pool::load::CpuTicks;
 
 use crate::error::{Error, IoContext, Result};
 
@@ -52,6 +53,11 @@ pub fn syncfs(path: &Path) -> Result<()> {
         .ctx(|| format!("syncfs {}", path.display()))
 }
 
+/// The machine's CPU time so far.
+fn ticks() -> Result<CpuTicks> {
+    CpuTicks::now().ok_or_else(|| Error::Parse("/proc/stat is unreadable".into()))
+}
+
 /// Writes dirty pages everywhere and drops the page cache, dentries and
 /// inodes, for cold figures.
 ///
@@ -60,24 +66,6 @@ pub fn syncfs(path: &Path) -> Result<()> {
 pub fn drop_caches() -> Result<()> {
     nix::unistd::sync();
     fs::write("/proc/sys/vm/drop_caches", "3").ctx(|| "drop caches".into())
-}
-
-/// The machine's CPU time so far, in ticks: busy (all but idle) and all.
-fn cpu_ticks() -> Result<(u64, u64)> {
-    use procfs::CurrentSI;
-    let t = procfs::KernelStats::current()
-        .map_err(|e| Error::Parse(format!("/proc/stat: {e}")))?
-        .total;
-    let idle = t.idle;
-    let all = t.user
-        + t.nice
-        + t.system
-        + idle
-        + t.iowait.unwrap_or(0)
-        + t.irq.unwrap_or(0)
-        + t.softirq.unwrap_or(0)
-        + t.steal.unwrap_or(0);
-    Ok((all - idle, all))
 }
 
 /// Waits until the machine is quiet: over a window of `window`, at most
@@ -91,11 +79,9 @@ fn cpu_ticks() -> Result<(u64, u64)> {
 pub fn quiet(window: Duration, busy: f64, limit: Duration) -> Result<Duration> {
     let start = Instant::now();
     loop {
-        let (b0, a0) = cpu_ticks()?;
+        let t0 = ticks()?;
         std::thread::sleep(window);
-        let (b1, a1) = cpu_ticks()?;
-        let ratio = (b1 - b0) as f64 / (a1 - a0).max(1) as f64;
-        if ratio <= busy || start.elapsed() >= limit {
+        if t0.busy_until(&ticks()?) <= busy || start.elapsed() >= limit {
             return Ok(start.elapsed());
         }
     }

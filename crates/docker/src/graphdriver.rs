@@ -128,7 +128,10 @@ use std::{
 use thinlayer_pool::{Bytes, LockMode, MountUse, Owner, Record, Trim, record};
 use thinlayer_store::Store;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    http::Left,
+};
 
 mod initlayer;
 pub mod stream;
@@ -231,6 +234,9 @@ pub struct ThinDriver {
     /// Init layers made as snapshots of their image's template and not
     /// got yet: the first `get` overlays them (see [`initlayer`]).
     fresh_inits: std::collections::BTreeSet<String>,
+    /// Since when preparatory work has waited for a quieter machine (see
+    /// [`ThinDriver::settle_step_when`]).
+    prepare_waited: Option<std::time::Instant>,
     /// Init layers whose device holds their template's tree and nothing
     /// else (their overlay's `put` wrote nothing, and they were not got
     /// since): the container layer on one is a snapshot of the template,
@@ -247,6 +253,11 @@ pub const PARK_MAX: usize = 64;
 
 /// How long an image layer no container was created on keeps its spare.
 pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long the settler's preparatory work (templates, spares) waits for
+/// a quieter machine at most: on a host that is always busy, it is done
+/// this late. Longer than a container's start in the TCG guest (1-3 s).
+pub const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Docker's suffix of a container's init layer, made on the image's top
 /// layer by every `docker create`.
@@ -322,6 +333,7 @@ impl ThinDriver {
             learn: BTreeMap::new(),
             park_idle: PARK_IDLE,
             fresh_inits: std::collections::BTreeSet::new(),
+            prepare_waited: None,
             plain_inits: std::collections::BTreeSet::new(),
         };
         driver.sweep_streams(&mut store)?;
@@ -370,14 +382,27 @@ impl ThinDriver {
         Ok(driver)
     }
 
+    /// One step of the work answers left for later, as if the machine
+    /// were quiet (see [`ThinDriver::settle_step_when`]); returns whether
+    /// more is left.
+    pub fn settle_step(&mut self) -> bool {
+        self.settle_step_when(false) != Left::Nothing
+    }
+
     /// One step of the work answers left for later: one removed layer's
     /// unmount finished, else one idle device torn down, else one trashed
     /// thin id reclaimed, else one image layer's init template made, else
     /// one image layer's mounted spare made (or, idle past [`SPARE_IDLE`],
-    /// dropped). Returns whether more is left. A failure is logged and the
-    /// work dropped from this run's list (the next start or `thinlayer pool
-    /// reclaim` finishes it).
-    pub fn settle_step(&mut self) -> bool {
+    /// dropped), else one parked mount unmounted. A failure is logged and
+    /// the work dropped from this run's list (the next start or `thinlayer
+    /// pool reclaim` finishes it).
+    ///
+    /// The template and the spares only prepare for requests to come, so
+    /// while other processes keep the machine `busy` (a container
+    /// starting: they would take CPU time from it) they wait, for
+    /// [`PREPARE_WAIT`] at most: [`Left::WhenQuiet`]. Removals and
+    /// reclaims, which give space back, never wait.
+    pub fn settle_step_when(&mut self, busy: bool) -> Left {
         let t = std::time::Instant::now();
         if let Some(fs) = self.dead.pop() {
             // First, and with no store opened (it needs no record or
@@ -385,8 +410,9 @@ impl ThinDriver {
             // its thin id is still in the trash.
             drop(fs);
             tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
-            return true;
+            return Left::More;
         }
+        let mut waits = false;
         let step = self.store().and_then(|mut store| {
             if !self.removing.is_empty() {
                 self.finish_removals_in(&mut store, 1);
@@ -399,44 +425,70 @@ impl ThinDriver {
                 }
             } else if !store.pool().record().trash.is_empty() {
                 store.pool().reclaim_some(1)?;
+            } else if (!self.learn.is_empty() || self.spare_wanted(&mut store).is_some())
+                && busy
+                && self.prepare_waits()
+            {
+                waits = true;
+                return Ok(Left::WhenQuiet);
             } else if let Some((image, init)) = self.learn.pop_first() {
+                self.prepare_waited = None;
                 self.make_template(&mut store, &image, &init);
-            } else if let Some(Wanted { id, count, mounted }) = self.spare_wanted(&mut store) {
-                tracing::debug!(%id, count, mounted, "keeping a layer's spares");
-                let pid = pool_id(&id);
-                if count == 0 {
-                    self.demand.remove(&id);
-                }
-                let kept = if mounted {
-                    store
-                        .pool()
-                        .provision_mounted(Some(&pid), count)
-                        .map(|_| ())
-                } else {
-                    store.pool().provision(Some(&pid), count).map(|_| ())
-                };
-                if let Err(e) = kept {
-                    // Gone, or in use (a spare must stay what its parent
-                    // is): no spare for it until a container asks again.
-                    tracing::debug!(%id, error = %e, "no spare kept");
-                    self.demand.remove(&id);
-                }
+            } else if let Some(wanted) = self.spare_wanted(&mut store) {
+                self.prepare_waited = None;
+                self.keep_spares(&mut store, wanted);
             } else if let Some(id) = self.parked_due() {
                 self.parked.remove(&id);
                 self.unmount(&mut store, &id, Trim::Skip)?;
             }
-            Ok(!self.removing.is_empty()
+            let more = !self.removing.is_empty()
                 || !self.idle.is_empty()
                 || !store.pool().record().trash.is_empty()
                 || !self.learn.is_empty()
                 || self.spare_wanted(&mut store).is_some()
-                || self.parked_due().is_some())
+                || self.parked_due().is_some();
+            Ok(if more { Left::More } else { Left::Nothing })
         });
-        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+        if !waits {
+            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+        }
         step.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "deferred kernel work failed; the next start or `thinlayer pool reclaim` finishes it");
-            false
+            Left::Nothing
         })
+    }
+
+    /// Whether preparatory work may wait for a quieter machine still: it
+    /// has waited less than [`PREPARE_WAIT`] (counted from now on the
+    /// first ask).
+    fn prepare_waits(&mut self) -> bool {
+        let since = *self
+            .prepare_waited
+            .get_or_insert_with(std::time::Instant::now);
+        since.elapsed() < PREPARE_WAIT
+    }
+
+    /// Keeps image layer or template `id`'s spares as `wanted` says.
+    fn keep_spares(&mut self, store: &mut Store, Wanted { id, count, mounted }: Wanted) {
+        tracing::debug!(%id, count, mounted, "keeping a layer's spares");
+        let pid = pool_id(&id);
+        if count == 0 {
+            self.demand.remove(&id);
+        }
+        let kept = if mounted {
+            store
+                .pool()
+                .provision_mounted(Some(&pid), count)
+                .map(|_| ())
+        } else {
+            store.pool().provision(Some(&pid), count).map(|_| ())
+        };
+        if let Err(e) = kept {
+            // Gone, or in use (a spare must stay what its parent
+            // is): no spare for it until a container asks again.
+            tracing::debug!(%id, error = %e, "no spare kept");
+            self.demand.remove(&id);
+        }
     }
 
     /// Makes image layer `image`'s init template from `init`, the init

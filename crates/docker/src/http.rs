@@ -65,7 +65,10 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use thinlayer_pool::socket::{Access, accept_error_is_transient};
+use thinlayer_pool::{
+    load::CpuTicks,
+    socket::{Access, accept_error_is_transient},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
@@ -171,11 +174,15 @@ pub trait Handler: Send + 'static {
     fn handle(&mut self, path: &str, body: &[u8]) -> Reply;
 
     /// One step of work the answers left for later (a device to tear
-    /// down, a removal's kernel work), run between requests once they
-    /// pause; returns whether more is left. Errors are the handler's to
-    /// log: the work stays for the next step or the next start.
-    fn idle(&mut self) -> bool {
-        false
+    /// down, a removal's kernel work, a spare made ahead of demand), run
+    /// between requests once they pause; says what is left. `busy`: other
+    /// processes kept the machine's CPUs busy over the pause (more than
+    /// [`BUSY`] of them), so work that only prepares for later requests
+    /// may wait ([`Left::WhenQuiet`]). Errors are the handler's to log:
+    /// the work stays for the next step or the next start.
+    fn idle(&mut self, busy: bool) -> Left {
+        let _ = busy;
+        Left::Nothing
     }
 
     /// Whether an answer left work due at once (see [`Handler::urgent`]).
@@ -495,6 +502,18 @@ impl<H> Clone for Served<H> {
     }
 }
 
+/// What a step of [`Handler::idle`] work left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// Nothing: the settler waits for the next request's end.
+    Nothing,
+    /// More steps, run at once while no request comes.
+    More,
+    /// Only work that waits for a quieter machine: the settler looks
+    /// again every [`RETRY`], while no request comes.
+    WhenQuiet,
+}
+
 /// Requests started and running, a wake-up when one ends, and whether
 /// one left work due at once.
 #[derive(Default)]
@@ -517,6 +536,16 @@ const SETTLE_AFTER: Duration = Duration::from_millis(250);
 /// that falls due with time: a kept mount or spare idle too long).
 const RECHECK: Duration = Duration::from_secs(10);
 
+/// How often the settler measures the machine again while its work waits
+/// for a quieter one ([`Left::WhenQuiet`]).
+const RETRY: Duration = Duration::from_millis(100);
+
+/// The share of all CPUs' time that other processes may take over a
+/// pause for it to count as quiet ([`Handler::idle`]'s `busy`). An idle
+/// dockerd and containerd take a few percent; a container starting takes
+/// most of a small machine.
+pub const BUSY: f64 = 0.3;
+
 /// Runs the handler's urgent work as soon as a request that made some
 /// ends; then, once requests pause for [`SETTLE_AFTER`], its idle work,
 /// step after step, until it says nothing is left (and again every
@@ -525,7 +554,11 @@ const RECHECK: Duration = Duration::from_secs(10);
 ///
 /// The steps run back to back, not a pause apart: the work a burst of
 /// requests leaves is done in one stretch soon after it, instead of
-/// trickling into the caller's next commands.
+/// trickling into the caller's next commands. Each is told whether other
+/// processes kept the machine busy over the pause (or, while its work
+/// waits for a quieter machine, over the last [`RETRY`]): measured only
+/// while the settler itself did nothing, so its own kernel work (loop
+/// and journal threads) never counts as someone else's.
 async fn settle<H: Handler>(served: Served<H>) {
     let a = &served.activity;
     loop {
@@ -544,22 +577,52 @@ async fn settle<H: Handler>(served: Served<H>) {
             };
             // A request ending meanwhile may have left urgent work: at once
             // to it, then the pause counts from there.
-            if tokio::time::timeout(SETTLE_AFTER, a.ended.notified())
-                .await
-                .is_ok()
-                || !quiet()
-            {
+            let Some(busy) = paused(a, SETTLE_AFTER).await.filter(|_| quiet()) else {
                 continue;
+            };
+            let mut left = idle_step(&served, busy).await;
+            loop {
+                match left {
+                    Left::More if quiet() => left = idle_step(&served, busy).await,
+                    Left::WhenQuiet if quiet() => match paused(a, RETRY).await {
+                        Some(busy) if quiet() => left = idle_step(&served, busy).await,
+                        _ => break,
+                    },
+                    _ => break,
+                }
             }
-            let mut more = step(&served, H::idle).await;
-            while more && quiet() {
-                more = step(&served, H::idle).await;
-            }
-            if !more {
+            if left == Left::Nothing {
                 break;
             }
         }
     }
+}
+
+/// Waits `pause` unless a request ends first (then `None`); returns
+/// whether other processes kept the machine busy meanwhile.
+async fn paused(a: &Activity, pause: Duration) -> Option<bool> {
+    let before = CpuTicks::now();
+    if tokio::time::timeout(pause, a.ended.notified())
+        .await
+        .is_ok()
+    {
+        return None;
+    }
+    let busy = before
+        .zip(CpuTicks::now())
+        .is_some_and(|(b, n)| b.others_busy_until(&n) > BUSY);
+    Some(busy)
+}
+
+/// One step of the handler's idle work; what it left.
+async fn idle_step<H: Handler>(served: &Served<H>, busy: bool) -> Left {
+    let mut guard = Arc::clone(&served.handler).lock_owned().await;
+    tokio::task::spawn_blocking(move || guard.idle(busy))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the deferred work failed");
+            Left::Nothing
+        })
 }
 
 /// Runs one step of the handler's deferred work (`work`: its urgent or
@@ -1200,10 +1263,15 @@ mod tests {
     }
 
     /// Idle work of `left` steps, each noting when it ran (on tokio's
-    /// clock); at step `start_at`, a request starts (and ends at once).
+    /// clock), after `wait` calls that answer it waits for a quieter
+    /// machine (each noting when it was asked); at step `start_at`, a
+    /// request starts (and ends at once).
+    #[derive(Default)]
     struct Steps {
         left: usize,
+        wait: usize,
         at: Vec<tokio::time::Instant>,
+        asked: Vec<tokio::time::Instant>,
         start_at: Option<usize>,
         activity: Arc<Activity>,
     }
@@ -1212,9 +1280,14 @@ mod tests {
             Reply::ok(json!({}))
         }
 
-        fn idle(&mut self) -> bool {
+        fn idle(&mut self, _: bool) -> Left {
+            if self.wait > 0 {
+                self.wait -= 1;
+                self.asked.push(tokio::time::Instant::now());
+                return Left::WhenQuiet;
+            }
             if self.left == 0 {
-                return false;
+                return Left::Nothing;
             }
             self.at.push(tokio::time::Instant::now());
             if self.start_at == Some(self.at.len()) {
@@ -1223,22 +1296,22 @@ mod tests {
                 a.ended.notify_one();
             }
             self.left -= 1;
-            self.left > 0
+            if self.left > 0 {
+                Left::More
+            } else {
+                Left::Nothing
+            }
         }
     }
 
     /// Runs the settler on `steps` after one request, for 10 s of tokio's
-    /// paused clock; returns when the request ended and when each step ran.
-    async fn settled(
-        left: usize,
-        start_at: Option<usize>,
-    ) -> (tokio::time::Instant, Vec<tokio::time::Instant>) {
+    /// paused clock; returns when the request ended, and the steps as they
+    /// were left.
+    async fn settled(steps: Steps) -> (tokio::time::Instant, Steps) {
         let activity = Arc::new(Activity::default());
         let steps = Steps {
-            left,
-            at: Vec::new(),
-            start_at,
             activity: Arc::clone(&activity),
+            ..steps
         };
         let served = Served {
             handler: Arc::new(Mutex::new(steps)),
@@ -1250,16 +1323,20 @@ mod tests {
         served.activity.ended.notify_one();
         tokio::time::sleep(Duration::from_secs(10)).await;
         settler.abort();
-        let steps = served.handler.lock().await;
+        let mut steps = served.handler.lock().await;
         assert_eq!(steps.left, 0, "every step ran");
-        (ended, steps.at.clone())
+        (ended, std::mem::take(&mut *steps))
     }
 
     /// The idle work waits for one pause after the last request, then runs
     /// step after step (no pause between them), so it is done soon after.
     #[tokio::test(start_paused = true)]
     async fn idle_steps_run_back_to_back_after_a_pause() {
-        let (ended, at) = settled(5, None).await;
+        let (ended, Steps { at, .. }) = settled(Steps {
+            left: 5,
+            ..Steps::default()
+        })
+        .await;
         assert!(
             at[0] - ended >= SETTLE_AFTER,
             "the first step waits for the pause"
@@ -1274,7 +1351,12 @@ mod tests {
     /// for a pause after it again.
     #[tokio::test(start_paused = true)]
     async fn a_request_between_steps_pauses_the_rest() {
-        let (_, at) = settled(4, Some(2)).await;
+        let (_, Steps { at, .. }) = settled(Steps {
+            left: 4,
+            start_at: Some(2),
+            ..Steps::default()
+        })
+        .await;
         assert!(at[1] - at[0] < SETTLE_AFTER, "{at:?}");
         assert!(
             at[2] - at[1] >= SETTLE_AFTER,
@@ -1283,6 +1365,25 @@ mod tests {
         assert!(at[3] - at[2] < SETTLE_AFTER, "{at:?}");
     }
 
+    /// Work that waits for a quieter machine is asked again every
+    /// `RETRY`, not back to back, and runs once the handler lets it.
+    #[tokio::test(start_paused = true)]
+    async fn work_waiting_for_a_quiet_machine_is_asked_again_later() {
+        let (ended, Steps { at, asked, .. }) = settled(Steps {
+            left: 2,
+            wait: 3,
+            ..Steps::default()
+        })
+        .await;
+        assert_eq!(asked.len(), 3);
+        assert!(asked[0] - ended >= SETTLE_AFTER, "{asked:?}");
+        for pair in asked.windows(2) {
+            assert!(pair[1] - pair[0] >= RETRY, "{asked:?}");
+            assert!(pair[1] - pair[0] < SETTLE_AFTER, "{asked:?}");
+        }
+        assert!(at[0] - asked[2] >= RETRY, "{at:?} after {asked:?}");
+        assert!(at[1] - at[0] < RETRY, "then back to back: {at:?}");
+    }
     struct Echo;
     impl Handler for Echo {
         fn route(path: &str) -> Route {

@@ -44,7 +44,7 @@ use thinlayer_pool::{Bytes, socket::Access};
 use crate::{
     error::{Error, Result},
     graphdriver::{GraphDriver, ThinDriver},
-    http::{self, Download, Handler, Limits, Reply, Route, Upload},
+    http::{self, Download, Handler, Left, Limits, Reply, Route, Upload},
     protocol::{
         self, ActivateAnswer, ErrAnswer, NoArgs,
         graph::{
@@ -369,8 +369,8 @@ impl Handler for DockerPlugin {
         DockerPlugin::download(self, path, body)
     }
 
-    fn idle(&mut self) -> bool {
-        self.graph.settle_step()
+    fn idle(&mut self, busy: bool) -> Left {
+        self.graph.settle_step_when(busy)
     }
 
     fn has_urgent(&self) -> bool {

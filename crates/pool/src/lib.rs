@@ -22,6 +22,7 @@ pub mod fault;
 mod fstype;
 pub mod holders;
 pub mod kernel;
+pub mod load;
 pub mod lock;
 pub mod loopback;
 pub mod mountinfo;
