@@ -100,7 +100,9 @@
 //!   else, so the container's layer made on it next is a snapshot of the
 //!   template instead (recorded as the init layer's child). The template
 //!   (mounted read-only: nothing writes it) keeps two spares, which the
-//!   settler makes again while requests pause: one an init layer takes
+//!   settler makes again while requests pause (on a machine other
+//!   processes keep busy, once it is quieter, or after [`PREPARE_WAIT`];
+//!   see [`ThinDriver::settle_step_when`]): one an init layer takes
 //!   (no kernel snapshot in its create), and one kept mounted that the
 //!   container's layer takes (none in its create, and its `get` moves a
 //!   mount).
