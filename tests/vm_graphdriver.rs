@@ -8,7 +8,7 @@ use common::{Pool, dm_devices, vm_test};
 
 use std::{fs, path::Path};
 
-use thinlayer_docker::{GraphDriver, ThinDriver, graphdriver::PREPARE_WAIT, http::Left};
+use thinlayer_docker::{GraphDriver, ThinDriver, graphdriver::QUIET_WAIT, http::Left};
 use thinlayer_image::{ChangeKind, Hashing, tree};
 
 /// Whether the layer whose tree `get` returned (`MNT/ID/rootfs`) is
@@ -141,32 +141,23 @@ fn vm_graphdriver_conformance() {
         assert!(is_mount(&c1), "parked for the start");
         // The settler makes `app`'s init template from `c1-init`: Docker
         // had finished it, since a container layer was made on it. While
-        // other processes keep the machine busy, that preparatory work
-        // waits (the device `put` left up is torn down meanwhile), for
-        // `PREPARE_WAIT` at most.
-        let mut left = Left::More;
-        for _ in 0..20 {
-            left = d.settle_step_when(true);
-            if left != Left::More {
-                break;
-            }
-        }
+        // other processes keep the machine busy, that work (and tearing
+        // down the device `put` left up) waits, `QUIET_WAIT` at most
+        // before each step.
         assert_eq!(
-            left,
-            Left::WhenQuiet,
-            "the template waits on a busy machine"
-        );
-        assert!(!d.exists("app-init-template").unwrap());
-        std::thread::sleep(PREPARE_WAIT);
-        assert_ne!(
             d.settle_step_when(true),
             Left::WhenQuiet,
-            "it waited long enough"
+            "tidying waits on a busy machine"
         );
-        assert!(
-            d.exists("app-init-template").unwrap(),
-            "made on a busy machine"
+        assert_eq!(d.settle_step_when(true), Left::WhenQuiet);
+        assert!(!d.exists("app-init-template").unwrap());
+        std::thread::sleep(QUIET_WAIT);
+        assert_eq!(
+            d.settle_step_when(true),
+            Left::More,
+            "one step once it waited long enough"
         );
+        assert_eq!(d.settle_step_when(true), Left::WhenQuiet, "the next waits");
         while d.settle_step() {}
         assert!(d.exists("app-init-template").unwrap() && is_mount(&c1));
         // A restarted driver unmounts what a previous run parked.

@@ -101,7 +101,7 @@
 //!   template instead (recorded as the init layer's child). The template
 //!   (mounted read-only: nothing writes it) keeps two spares, which the
 //!   settler makes again while requests pause (on a machine other
-//!   processes keep busy, once it is quieter, or after [`PREPARE_WAIT`];
+//!   processes keep busy, once it is quieter, or after [`QUIET_WAIT`];
 //!   see [`ThinDriver::settle_step_when`]): one an init layer takes
 //!   (no kernel snapshot in its create), and one kept mounted that the
 //!   container's layer takes (none in its create, and its `get` moves a
@@ -236,9 +236,9 @@ pub struct ThinDriver {
     /// Init layers made as snapshots of their image's template and not
     /// got yet: the first `get` overlays them (see [`initlayer`]).
     fresh_inits: std::collections::BTreeSet<String>,
-    /// Since when preparatory work has waited for a quieter machine (see
-    /// [`ThinDriver::settle_step_when`]).
-    prepare_waited: Option<std::time::Instant>,
+    /// Since when the work that can wait has waited for a quieter
+    /// machine (see [`ThinDriver::settle_step_when`]).
+    waited_since: Option<std::time::Instant>,
     /// Init layers whose device holds their template's tree and nothing
     /// else (their overlay's `put` wrote nothing, and they were not got
     /// since): the container layer on one is a snapshot of the template,
@@ -256,10 +256,11 @@ pub const PARK_MAX: usize = 64;
 /// How long an image layer no container was created on keeps its spare.
 pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// How long the settler's preparatory work (templates, spares) waits for
-/// a quieter machine at most: on a host that is always busy, it is done
-/// this late. Longer than a container's start in the TCG guest (1-3 s).
-pub const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long the settler's work that can wait (idle devices, templates,
+/// spares, parked mounts) waits for a quieter machine at most, before
+/// each step: on a host that is always busy it trickles, one step every
+/// this long. Longer than a container's start in the TCG guest (1-3 s).
+pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Docker's suffix of a container's init layer, made on the image's top
 /// layer by every `docker create`.
@@ -335,7 +336,7 @@ impl ThinDriver {
             learn: BTreeMap::new(),
             park_idle: PARK_IDLE,
             fresh_inits: std::collections::BTreeSet::new(),
-            prepare_waited: None,
+            waited_since: None,
             plain_inits: std::collections::BTreeSet::new(),
         };
         driver.sweep_streams(&mut store)?;
@@ -392,18 +393,17 @@ impl ThinDriver {
     }
 
     /// One step of the work answers left for later: one removed layer's
-    /// unmount finished, else one idle device torn down, else one trashed
-    /// thin id reclaimed, else one image layer's init template made, else
-    /// one image layer's mounted spare made (or, idle past [`SPARE_IDLE`],
-    /// dropped), else one parked mount unmounted. A failure is logged and
-    /// the work dropped from this run's list (the next start or `thinlayer
-    /// pool reclaim` finishes it).
+    /// unmount finished, else one removal's records taken out of the pool,
+    /// else one trashed thin id reclaimed; else one idle device torn down,
+    /// else one image layer's init template made, else one image layer's
+    /// spares made (or, idle past [`SPARE_IDLE`], dropped), else one parked
+    /// mount unmounted. A failure is logged and the work dropped from this
+    /// run's list (the next start or `thinlayer pool reclaim` finishes it).
     ///
-    /// The template and the spares only prepare for requests to come, so
-    /// while other processes keep the machine `busy` (a container
-    /// starting: they would take CPU time from it) they wait, for
-    /// [`PREPARE_WAIT`] at most: [`Left::WhenQuiet`]. Removals and
-    /// reclaims, which give space back, never wait.
+    /// The work after the reclaims neither answers a request nor gives
+    /// space back, so while other processes keep the machine `busy` (a
+    /// container starting: it would take CPU time from them) it waits,
+    /// [`QUIET_WAIT`] at most before each step: [`Left::WhenQuiet`].
     pub fn settle_step_when(&mut self, busy: bool) -> Left {
         let t = std::time::Instant::now();
         if let Some(fs) = self.dead.pop() {
@@ -418,37 +418,18 @@ impl ThinDriver {
         let step = self.store().and_then(|mut store| {
             if !self.removing.is_empty() {
                 self.finish_removals_in(&mut store, 1);
-            } else if let Some(id) = self.idle.pop_first() {
-                if !self.refs.contains_key(&id) && !self.parked.contains_key(&id) {
-                    match store.pool().deactivate_layer(&pool_id(&id)) {
-                        Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
             } else if !store.pool().record().trash.is_empty() {
                 store.pool().reclaim_some(1)?;
-            } else if (!self.learn.is_empty() || self.spare_wanted(&mut store).is_some())
-                && busy
-                && self.prepare_waits()
-            {
+            } else if busy && self.can_wait(&mut store) && self.still_waits() {
                 waits = true;
                 return Ok(Left::WhenQuiet);
-            } else if let Some((image, init)) = self.learn.pop_first() {
-                self.prepare_waited = None;
-                self.make_template(&mut store, &image, &init);
-            } else if let Some(wanted) = self.spare_wanted(&mut store) {
-                self.prepare_waited = None;
-                self.keep_spares(&mut store, wanted);
-            } else if let Some(id) = self.parked_due() {
-                self.parked.remove(&id);
-                self.unmount(&mut store, &id, Trim::Skip)?;
+            } else {
+                self.waited_since = None;
+                self.tidy_step(&mut store)?;
             }
             let more = !self.removing.is_empty()
-                || !self.idle.is_empty()
                 || !store.pool().record().trash.is_empty()
-                || !self.learn.is_empty()
-                || self.spare_wanted(&mut store).is_some()
-                || self.parked_due().is_some();
+                || self.can_wait(&mut store);
             Ok(if more { Left::More } else { Left::Nothing })
         });
         if !waits {
@@ -460,14 +441,46 @@ impl ThinDriver {
         })
     }
 
-    /// Whether preparatory work may wait for a quieter machine still: it
-    /// has waited less than [`PREPARE_WAIT`] (counted from now on the
-    /// first ask).
-    fn prepare_waits(&mut self) -> bool {
+    /// Whether there is work that can wait for a quieter machine (see
+    /// [`ThinDriver::settle_step_when`]).
+    fn can_wait(&self, store: &mut Store) -> bool {
+        !self.idle.is_empty()
+            || !self.learn.is_empty()
+            || self.spare_wanted(store).is_some()
+            || self.parked_due().is_some()
+    }
+
+    /// One step of the work that can wait, if there is any.
+    ///
+    /// # Errors
+    /// Pool errors.
+    fn tidy_step(&mut self, store: &mut Store) -> Result<()> {
+        if let Some(id) = self.idle.pop_first() {
+            if !self.refs.contains_key(&id) && !self.parked.contains_key(&id) {
+                match store.pool().deactivate_layer(&pool_id(&id)) {
+                    Ok(_) | Err(thinlayer_pool::Error::UnknownLayer(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        } else if let Some((image, init)) = self.learn.pop_first() {
+            self.make_template(store, &image, &init);
+        } else if let Some(wanted) = self.spare_wanted(store) {
+            self.keep_spares(store, wanted);
+        } else if let Some(id) = self.parked_due() {
+            self.parked.remove(&id);
+            self.unmount(store, &id, Trim::Skip)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the work that can wait may wait for a quieter machine
+    /// still: less than [`QUIET_WAIT`] since it first did (counted from
+    /// now on the first ask).
+    fn still_waits(&mut self) -> bool {
         let since = *self
-            .prepare_waited
+            .waited_since
             .get_or_insert_with(std::time::Instant::now);
-        since.elapsed() < PREPARE_WAIT
+        since.elapsed() < QUIET_WAIT
     }
 
     /// Keeps image layer or template `id`'s spares as `wanted` says.
