@@ -19,8 +19,8 @@ use std::{
 };
 
 use common::docker::{
-    Dockerd, docker_layers, docker_layers_settled, finish_clean, fixture, init_templates, plugin,
-    require_docker,
+    Dockerd, docker_layers, docker_layers_settled, finish_clean, fixture, init_templates,
+    init_templates_made, plugin, require_docker,
 };
 use serde_json::Value;
 
@@ -177,7 +177,7 @@ fn vm_docker_runs_on_thin_snapshots() {
         );
         // The containers on the image taught the plugin its init layer.
         assert!(
-            !init_templates(s).is_empty(),
+            !init_templates_made(s).is_empty(),
             "{:?}",
             s.json(&["layer", "ls"])
         );

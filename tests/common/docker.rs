@@ -228,16 +228,23 @@ pub fn init_templates(s: &Scratch) -> Vec<Value> {
 /// out of the pool (it answers a Remove first and does that as soon as
 /// requests pause): polled for up to 10 s until there are `want`.
 pub fn docker_layers_settled(s: &Scratch, want: usize) -> Vec<Value> {
-    settled(|| docker_layers(s), want)
+    settled(|| docker_layers(s), |got| got.len() == want)
 }
 
-/// `list()` once it has `want` entries, polled for up to 10 s (the last
+/// [`init_templates`] once there is one: the plugin makes a template when
+/// requests pause and the machine is quiet (or 3 s after), so polled for
+/// up to 10 s.
+pub fn init_templates_made(s: &Scratch) -> Vec<Value> {
+    settled(|| init_templates(s), |got| !got.is_empty())
+}
+
+/// `list()` once `done` says so of it, polled for up to 10 s (the last
 /// listing if it never does).
-fn settled(list: impl Fn() -> Vec<Value>, want: usize) -> Vec<Value> {
+fn settled(list: impl Fn() -> Vec<Value>, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = list();
-        if got.len() == want || Instant::now() > deadline {
+        if done(&got) || Instant::now() > deadline {
             return got;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -249,7 +256,7 @@ fn settled(list: impl Fn() -> Vec<Value>, want: usize) -> Vec<Value> {
 /// and `pool check` clean.
 pub fn finish_clean(s: &Scratch, d: &mut Dockerd, p: &mut Served, devices_before: &[String]) {
     d.ok(&["rmi", "demo:docker"]);
-    let left = settled(|| graphdriver_layers(s), 0);
+    let left = settled(|| graphdriver_layers(s), <[Value]>::is_empty);
     assert!(
         left.is_empty(),
         "init templates go with their images: {left:?}"

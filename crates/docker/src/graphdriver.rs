@@ -256,8 +256,8 @@ pub const PARK_MAX: usize = 64;
 /// How long an image layer no container was created on keeps its spare.
 pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// How long the settler's work that can wait (idle devices, templates,
-/// spares, parked mounts) waits for a quieter machine at most, before
+/// How long the settler's work that can wait (idle devices, spares,
+/// parked mounts) waits for a quieter machine at most, before
 /// each step: on a host that is always busy it trickles, one step every
 /// this long. Longer than a container's start in the TCG guest (1-3 s).
 pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -394,16 +394,19 @@ impl ThinDriver {
 
     /// One step of the work answers left for later: one removed layer's
     /// unmount finished, else one removal's records taken out of the pool,
-    /// else one trashed thin id reclaimed; else one idle device torn down,
-    /// else one image layer's init template made, else one image layer's
-    /// spares made (or, idle past [`SPARE_IDLE`], dropped), else one parked
-    /// mount unmounted. A failure is logged and the work dropped from this
-    /// run's list (the next start or `thinlayer pool reclaim` finishes it).
+    /// else one trashed thin id reclaimed, else one image layer's init
+    /// template made; else one idle device torn down, else one image
+    /// layer's spares made (or, idle past [`SPARE_IDLE`], dropped), else
+    /// one parked mount unmounted. A failure is logged and the work dropped
+    /// from this run's list (the next start or `thinlayer pool reclaim`
+    /// finishes it).
     ///
-    /// The work after the reclaims neither answers a request nor gives
+    /// The work after the template neither answers a request nor gives
     /// space back, so while other processes keep the machine `busy` (a
     /// container starting: it would take CPU time from them) it waits,
-    /// [`QUIET_WAIT`] at most before each step: [`Left::WhenQuiet`].
+    /// [`QUIET_WAIT`] at most before each step: [`Left::WhenQuiet`]. A
+    /// template never waits: it is made from a container's init layer,
+    /// which a `docker run --rm` removes as soon as the container exits.
     pub fn settle_step_when(&mut self, busy: bool) -> Left {
         let t = std::time::Instant::now();
         if let Some(fs) = self.dead.pop() {
@@ -420,6 +423,8 @@ impl ThinDriver {
                 self.finish_removals_in(&mut store, 1);
             } else if !store.pool().record().trash.is_empty() {
                 store.pool().reclaim_some(1)?;
+            } else if let Some((image, init)) = self.learn.pop_first() {
+                self.make_template(&mut store, &image, &init);
             } else if busy && self.can_wait(&mut store) && self.still_waits() {
                 waits = true;
                 return Ok(Left::WhenQuiet);
@@ -429,6 +434,7 @@ impl ThinDriver {
             }
             let more = !self.removing.is_empty()
                 || !store.pool().record().trash.is_empty()
+                || !self.learn.is_empty()
                 || self.can_wait(&mut store);
             Ok(if more { Left::More } else { Left::Nothing })
         });
@@ -444,10 +450,7 @@ impl ThinDriver {
     /// Whether there is work that can wait for a quieter machine (see
     /// [`ThinDriver::settle_step_when`]).
     fn can_wait(&self, store: &mut Store) -> bool {
-        !self.idle.is_empty()
-            || !self.learn.is_empty()
-            || self.spare_wanted(store).is_some()
-            || self.parked_due().is_some()
+        !self.idle.is_empty() || self.spare_wanted(store).is_some() || self.parked_due().is_some()
     }
 
     /// One step of the work that can wait, if there is any.
@@ -462,8 +465,6 @@ impl ThinDriver {
                     Err(e) => return Err(e.into()),
                 }
             }
-        } else if let Some((image, init)) = self.learn.pop_first() {
-            self.make_template(store, &image, &init);
         } else if let Some(wanted) = self.spare_wanted(store) {
             self.keep_spares(store, wanted);
         } else if let Some(id) = self.parked_due() {
