@@ -417,7 +417,6 @@ impl ThinDriver {
             tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
             return Left::More;
         }
-        let mut waits = false;
         let step = self.store().and_then(|mut store| {
             if !self.removing.is_empty() {
                 self.finish_removals_in(&mut store, 1);
@@ -426,7 +425,6 @@ impl ThinDriver {
             } else if let Some((image, init)) = self.learn.pop_first() {
                 self.make_template(&mut store, &image, &init);
             } else if busy && self.can_wait(&mut store) && self.still_waits() {
-                waits = true;
                 return Ok(Left::WhenQuiet);
             } else {
                 self.waited_since = None;
@@ -438,7 +436,7 @@ impl ThinDriver {
                 || self.can_wait(&mut store);
             Ok(if more { Left::More } else { Left::Nothing })
         });
-        if !waits {
+        if !matches!(step, Ok(Left::WhenQuiet)) {
             tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
         }
         step.unwrap_or_else(|e| {

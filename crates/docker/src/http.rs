@@ -565,7 +565,7 @@ async fn settle<H: Handler>(served: Served<H>) {
         let _ = tokio::time::timeout(RECHECK, a.ended.notified()).await;
         loop {
             while a.urgent.swap(false, Ordering::Relaxed) {
-                if step(&served, H::urgent).await {
+                if step(&served, H::urgent, false).await {
                     a.urgent.store(true, Ordering::Relaxed);
                 }
             }
@@ -614,28 +614,26 @@ async fn paused(a: &Activity, pause: Duration) -> Option<bool> {
     Some(busy)
 }
 
-/// One step of the handler's idle work; what it left.
-async fn idle_step<H: Handler>(served: &Served<H>, busy: bool) -> Left {
+/// Runs one step of the handler's deferred work (`work`: its urgent or
+/// idle work) on a blocking thread; returns what it says is left, or
+/// `failed` when it panicked.
+async fn step<H: Handler, T: Send + 'static>(
+    served: &Served<H>,
+    work: impl FnOnce(&mut H) -> T + Send + 'static,
+    failed: T,
+) -> T {
     let mut guard = Arc::clone(&served.handler).lock_owned().await;
-    tokio::task::spawn_blocking(move || guard.idle(busy))
+    tokio::task::spawn_blocking(move || work(&mut guard))
         .await
         .unwrap_or_else(|e| {
             tracing::error!(error = %e, "the deferred work failed");
-            Left::Nothing
+            failed
         })
 }
 
-/// Runs one step of the handler's deferred work (`work`: its urgent or
-/// idle work) on a blocking thread; returns whether more is left.
-async fn step<H: Handler>(served: &Served<H>, work: fn(&mut H) -> bool) -> bool {
-    let mut guard = Arc::clone(&served.handler).lock_owned().await;
-    match tokio::task::spawn_blocking(move || work(&mut guard)).await {
-        Ok(more) => more,
-        Err(e) => {
-            tracing::error!(error = %e, "the deferred work failed");
-            false
-        }
-    }
+/// One step of the handler's idle work; what it left.
+async fn idle_step<H: Handler>(served: &Served<H>, busy: bool) -> Left {
+    step(served, move |h: &mut H| h.idle(busy), Left::Nothing).await
 }
 
 fn panicked(e: &tokio::task::JoinError) -> Reply {
@@ -1384,6 +1382,7 @@ mod tests {
         assert!(at[0] - asked[2] >= RETRY, "{at:?} after {asked:?}");
         assert!(at[1] - at[0] < RETRY, "then back to back: {at:?}");
     }
+
     struct Echo;
     impl Handler for Echo {
         fn route(path: &str) -> Route {
