@@ -6,7 +6,7 @@ mod common;
 
 use common::{Pool, dm_devices, vm_test};
 
-use std::{fs, path::Path};
+use std::{fs, os::fd::AsFd, path::Path};
 
 use thinlayer_docker::{GraphDriver, ThinDriver, graphdriver::QUIET_WAIT, http::Left};
 use thinlayer_image::{ChangeKind, Hashing, tree};
@@ -222,6 +222,8 @@ fn vm_graphdriver_conformance() {
             .into_iter()
             .find(|n| n.ends_with(&format!("-thin-{thin}")))
             .expect("a parked layer's device is up");
+        // What its container read (see the template's spare below).
+        assert_eq!(fs::read(c1.join("etc/os")).unwrap(), b"base\n");
         let before = s.used_data_blocks();
         // A remove takes a parked layer's filesystem out of the tree at
         // once; the settler's first step finishes the unmount, shut down
@@ -267,6 +269,21 @@ fn vm_graphdriver_conformance() {
         let kept = spares(s);
         assert_eq!(kept.as_array().map(Vec::len), Some(2), "{kept}");
         assert_eq!(s.spare_mounts().len(), 1, "{kept}");
+        // What c1's container read was learned as c1 went, and the spare
+        // mounted for the next container's layer has read it ahead: it is
+        // in the spare's page cache; `big`, which no container read, is
+        // not.
+        let mut cached = thinlayer_image::HotSet::default();
+        {
+            // Closed at once: the spare becomes a container's layer next.
+            let spare = fs::File::open(&s.spare_mounts()[0]).unwrap();
+            cached
+                .learn(spare.as_fd(), thinlayer_image::Limits::default())
+                .unwrap();
+        }
+        let cached: Vec<&Path> = cached.paths().collect();
+        assert!(cached.contains(&Path::new("rootfs/etc/os")), "{cached:?}");
+        assert!(!cached.contains(&Path::new("rootfs/big")), "{cached:?}");
         for init in ["c2-init", "c3-init"] {
             let before = s.used_data_blocks();
             // A snapshot of the template, got through an overlay on it:

@@ -38,7 +38,9 @@
 //!   and the shutdown's own forced journal write is off the request path.
 //!   That step comes before any reclaim: the device is open until then. A
 //!   process still working in it is found before anything is detached,
-//!   and the remove refused with nothing changed.
+//!   and the remove refused with nothing changed. Before it lets go of a
+//!   container's layer, that step notes what of its files is in the page
+//!   cache, and the image's next spares are read through that ([`warm`]).
 //!   The mount a container's layer needs first is made before Docker asks:
 //!   right after the create of a layer on its container's init layer
 //!   (`ID` on `ID-init`), as urgent work the server runs at once, so it
@@ -137,6 +139,7 @@ use crate::{
 
 mod initlayer;
 pub mod stream;
+mod warm;
 
 pub use stream::{ApplyStream, DiffStream};
 
@@ -216,7 +219,9 @@ pub struct ThinDriver {
     idle: std::collections::BTreeSet<String>,
     /// Removed layers' filesystems, out of the mount tree, whose unmounts
     /// the settler finishes (before it reclaims their thin ids).
-    dead: Vec<thinlayer_pool::mounts::Detached>,
+    /// Each with the image whose hot set it teaches before it goes
+    /// (see [`warm`]).
+    dead: Vec<(thinlayer_pool::mounts::Detached, Option<warm::Teacher>)>,
     /// Layers `remove` answered for whose records the settler (or the
     /// next other call) takes out of the pool, oldest first.
     removing: Vec<String>,
@@ -244,6 +249,8 @@ pub struct ThinDriver {
     /// since): the container layer on one is a snapshot of the template,
     /// the same tree, which keeps a mounted spare for it.
     plain_inits: std::collections::BTreeSet<String>,
+    /// What containers of each image read at start (see [`warm`]).
+    hot: warm::HotSets,
 }
 
 /// How long a layer's mount is kept after its last `put`.
@@ -338,6 +345,7 @@ impl ThinDriver {
             fresh_inits: std::collections::BTreeSet::new(),
             waited_since: None,
             plain_inits: std::collections::BTreeSet::new(),
+            hot: warm::HotSets::new(),
         };
         driver.sweep_streams(&mut store)?;
         drop(store);
@@ -393,11 +401,13 @@ impl ThinDriver {
     }
 
     /// One step of the work answers left for later: one removed layer's
-    /// unmount finished, else one removal's records taken out of the pool,
-    /// else one trashed thin id reclaimed, else one image layer's init
-    /// template made; else one idle device torn down, else one image
-    /// layer's spares made (or, idle past [`SPARE_IDLE`], dropped), else
-    /// one parked mount unmounted. A failure is logged and the work dropped
+    /// unmount finished (what its container read learned first, see
+    /// [`warm`]), else one removal's records taken out of the pool, else
+    /// one trashed thin id reclaimed, else one image layer's init
+    /// template made; else one idle device torn down, else one mounted
+    /// spare read through its image's hot set, else one image layer's
+    /// spares made (or, idle past [`SPARE_IDLE`], dropped), else one
+    /// parked mount unmounted. A failure is logged and the work dropped
     /// from this run's list (the next start or `thinlayer pool reclaim`
     /// finishes it).
     ///
@@ -409,10 +419,14 @@ impl ThinDriver {
     /// which a `docker run --rm` removes as soon as the container exits.
     pub fn settle_step_when(&mut self, busy: bool) -> Left {
         let t = std::time::Instant::now();
-        if let Some(fs) = self.dead.pop() {
+        if let Some((fs, teaches)) = self.dead.pop() {
             // First, and with no store opened (it needs no record or
             // lock): its device is reclaimed only once this is done, and
-            // its thin id is still in the trash.
+            // its thin id is still in the trash. What its container read
+            // is learned before it goes.
+            if let Some(teacher) = teaches {
+                self.learn_hot(&teacher, &fs);
+            }
             drop(fs);
             tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
             return Left::More;
@@ -448,7 +462,10 @@ impl ThinDriver {
     /// Whether there is work that can wait for a quieter machine (see
     /// [`ThinDriver::settle_step_when`]).
     fn can_wait(&self, store: &mut Store) -> bool {
-        !self.idle.is_empty() || self.spare_wanted(store).is_some() || self.parked_due().is_some()
+        !self.idle.is_empty()
+            || self.cold_spare(store).is_some()
+            || self.spare_wanted(store).is_some()
+            || self.parked_due().is_some()
     }
 
     /// One step of the work that can wait, if there is any.
@@ -463,6 +480,8 @@ impl ThinDriver {
                     Err(e) => return Err(e.into()),
                 }
             }
+        } else if let Some((image, thin_id)) = self.cold_spare(store) {
+            self.warm_spare(store, &image, thin_id);
         } else if let Some(wanted) = self.spare_wanted(store) {
             self.keep_spares(store, wanted);
         } else if let Some(id) = self.parked_due() {
@@ -994,7 +1013,8 @@ impl ThinDriver {
             store.pool().umount_with(&dir.to_string_lossy(), trim)?;
             // A removal's filesystem is out of the tree; the settler
             // finishes its unmount.
-            self.dead.extend(store.pool().take_detached());
+            self.dead
+                .extend(store.pool().take_detached().into_iter().map(|d| (d, None)));
         }
         Ok(())
     }
@@ -1103,7 +1123,12 @@ impl GraphDriver for ThinDriver {
         // (or one parked) goes with it, unless a process still works in it
         // (then Busy), and without writing back what is deleted next.
         store.pool().set_teardown_later(true);
+        let teaches = self.teaches(&mut store, &layer);
+        let before = self.dead.len();
         self.unmount(&mut store, id, Trim::Discard)?;
+        if let Some(dead) = self.dead.get_mut(before) {
+            dead.1 = teaches;
+        }
         self.parked.remove(id);
         if self.refs.remove(id).is_some() {
             self.save_refs()?;
@@ -1117,6 +1142,7 @@ impl GraphDriver for ThinDriver {
         self.demand.remove(id);
         self.demand.remove(&template_of(id));
         self.learn.remove(id);
+        self.hot.remove(id);
         // Nothing uses it now: its records (and its image's init template,
         // with the template's spares) leave the pool when requests pause,
         // or before the next call, whichever comes first; the answer does

@@ -18,6 +18,7 @@ mod at;
 pub mod diff;
 mod error;
 pub mod export;
+pub mod hot;
 pub mod tree;
 
 use sha2::{Digest, Sha256};
@@ -66,4 +67,5 @@ pub use apply::{
 pub use diff::{Change, ChangeKind, changes};
 pub use error::{Error, Result};
 pub use export::{ExportReport, write_layer, write_layer_with};
+pub use hot::{HotSet, Learned, Limits, Warmed};
 pub use tree::{EntryDigest, Kind, Manifest, differences, manifest};

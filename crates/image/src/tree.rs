@@ -561,16 +561,16 @@ pub fn differences(a: &Manifest, b: &Manifest, limit: usize) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{fs, os::unix::fs::symlink};
 
     use super::*;
 
     /// A fresh directory under the temp dir, removed on drop.
-    struct Scratch(PathBuf);
+    pub(crate) struct Scratch(pub(crate) PathBuf);
 
     impl Scratch {
-        fn new(name: &str) -> Scratch {
+        pub(crate) fn new(name: &str) -> Scratch {
             let path = std::env::temp_dir().join(format!(
                 "thinlayer-image-unit-{name}-{}",
                 std::process::id()

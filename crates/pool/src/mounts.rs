@@ -254,6 +254,16 @@ pub struct Detached {
     dir: PathBuf,
 }
 
+impl Detached {
+    /// The filesystem's root directory, open, for reading it before it
+    /// goes (nothing may stay open once it is dropped: the device is
+    /// removed next).
+    pub fn root(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.root.as_fd()
+    }
+}
+
 impl Drop for Detached {
     fn drop(&mut self) {
         if let Err(e) = shutdown(&self.root) {
