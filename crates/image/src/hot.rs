@@ -309,13 +309,17 @@ fn open_below(top: BorrowedFd<'_>, path: &Path) -> Option<File> {
     open_file(held.as_ref().map_or(top, |h| h.as_fd()), file).ok()
 }
 
+/// How much of one file [`resident`] looks at: a large (or sparse) file's
+/// first GiB (a map of 256 Ki pages).
+const LOOKED_AT: u64 = 1 << 30;
+
 /// The runs of `f`'s pages in the page cache, as byte ranges (the last
-/// one cut at the file's end).
+/// one cut at the file's end), within its first [`LOOKED_AT`] bytes.
 fn resident(f: &File, page: u64) -> Vec<(u64, u64)> {
     let Ok(meta) = f.metadata() else {
         return Vec::new();
     };
-    let size = meta.len();
+    let size = meta.len().min(LOOKED_AT);
     let Some(map) = Mapping::new(f, size) else {
         return Vec::new();
     };
