@@ -1123,11 +1123,12 @@ impl GraphDriver for ThinDriver {
         // (or one parked) goes with it, unless a process still works in it
         // (then Busy), and without writing back what is deleted next.
         store.pool().set_teardown_later(true);
-        let teaches = self.teaches(&mut store, &layer);
         let before = self.dead.len();
         self.unmount(&mut store, id, Trim::Discard)?;
-        if let Some(dead) = self.dead.get_mut(before) {
-            dead.1 = teaches;
+        // Only a filesystem detached here can teach (the image is found
+        // from the init layer's record: no read for a layer not mounted).
+        if self.dead.len() > before {
+            self.dead[before].1 = self.teaches(&mut store, &layer);
         }
         self.parked.remove(id);
         if self.refs.remove(id).is_some() {
