@@ -97,21 +97,24 @@
 //!   `put` compares what it left with the template and, the same, writes
 //!   nothing: no pool block, no journal, no flush (3 pool blocks for the
 //!   first init layer, 0 for the next in `tests/vm_graphdriver.rs`).
-//!   Anything else is written into the layer's device as Docker would
-//!   have. Such an init layer then holds the template's tree and nothing
-//!   else, so the container's layer made on it next is a snapshot of the
-//!   template instead (recorded as the init layer's child). The template
-//!   (mounted read-only: nothing writes it) keeps two spares, which the
-//!   settler makes again while requests pause (on a machine other
-//!   processes keep busy, once it is quieter, or after [`QUIET_WAIT`];
-//!   see [`ThinDriver::settle_step_when`]): one an init layer takes
-//!   (no kernel snapshot in its create), and one kept mounted that the
-//!   container's layer takes (none in its create, and its `get` moves a
-//!   mount).
+//!   Anything else is written into a device of the layer's own, as Docker
+//!   would have. Until then such an init layer **shares its template**: it
+//!   has no device and no pool layer, only a record of the driver's
+//!   (`ROOT/graphdriver/inits/ID`, one durable write: no intent, no spare
+//!   taken, no kernel work), and the container's layer made on it next is
+//!   a snapshot of the template, recorded as the template's child (a
+//!   `Changes` against the init layer is one against the template). The
+//!   template (mounted read-only: nothing writes it) keeps one spare
+//!   mounted, which the settler makes again while requests pause (on a
+//!   machine other processes keep busy, once it is quieter, or after
+//!   [`QUIET_WAIT`]; see [`ThinDriver::settle_step_when`]): the
+//!   container's layer takes it (no kernel snapshot in its create, and
+//!   its `get` moves a mount).
 //!   The template is removed with its image layer, just before it.
-//!   Docker's `Init` (each dockerd start) removes the templates: the next
-//!   dockerd, perhaps another version with other init files, teaches them
-//!   again.
+//!   Docker's `Init` (each dockerd start) removes the templates no init
+//!   layer shares and no container's layer stands on: the next dockerd,
+//!   perhaps another version with other init files, teaches them again
+//!   (a kept one is compared with at each `put` all the same).
 //!
 //! - `diff` and `apply_diff` stream with no lock held ([`stream`]): each
 //!   takes what its stream needs under the locks, streams, and settles
@@ -238,17 +241,12 @@ pub struct ThinDriver {
     learn: BTreeMap<String, String>,
     /// How long a parked mount is kept ([`PARK_IDLE`] unless set).
     park_idle: std::time::Duration,
-    /// Init layers made as snapshots of their image's template and not
-    /// got yet: the first `get` overlays them (see [`initlayer`]).
-    fresh_inits: std::collections::BTreeSet<String>,
+    /// Init layers that share their image's template, each with its
+    /// image (see [`initlayer`]).
+    shared_inits: BTreeMap<String, String>,
     /// Since when the work that can wait has waited for a quieter
     /// machine (see [`ThinDriver::settle_step_when`]).
     waited_since: Option<std::time::Instant>,
-    /// Init layers whose device holds their template's tree and nothing
-    /// else (their overlay's `put` wrote nothing, and they were not got
-    /// since): the container layer on one is a snapshot of the template,
-    /// the same tree, which keeps a mounted spare for it.
-    plain_inits: std::collections::BTreeSet<String>,
     /// What containers of each image read at start (see [`warm`]).
     hot: warm::HotSets,
 }
@@ -342,12 +340,12 @@ impl ThinDriver {
             premount: None,
             learn: BTreeMap::new(),
             park_idle: PARK_IDLE,
-            fresh_inits: std::collections::BTreeSet::new(),
+            shared_inits: BTreeMap::new(),
             waited_since: None,
-            plain_inits: std::collections::BTreeSet::new(),
             hot: warm::HotSets::new(),
         };
         driver.sweep_streams(&mut store)?;
+        driver.load_shared_inits(&mut store)?;
         drop(store);
         let mounted = driver.mounted_dirs()?;
         let MountRefs(refs) =
@@ -580,6 +578,15 @@ impl ThinDriver {
                     tracing::warn!(template = %tid, "an init template a Diff reads is kept");
                     continue;
                 }
+                // Init layers share it, or containers' layers are its
+                // snapshots: their trees are its tree.
+                let image = tid.strip_suffix(TEMPLATE_SUFFIX).unwrap_or(tid);
+                if self.shared_inits.values().any(|i| i == image)
+                    || !store.pool().children_of(&l.id)?.is_empty()
+                {
+                    tracing::debug!(template = %tid, "an init template in use is kept");
+                    continue;
+                }
                 // An overlay a crashed dockerd left on it keeps it (and it
                 // stays in use) until that init layer is put or removed.
                 if let Err(e) = self.unmount(&mut store, tid, Trim::Skip) {
@@ -592,11 +599,6 @@ impl ThinDriver {
             }
         }
         self.learn.clear();
-        // Init layers made from, or found the same as, a template gone:
-        // nothing takes their tree from a template again (a new one may
-        // differ).
-        self.fresh_inits.clear();
-        self.plain_inits.clear();
         Ok(gone)
     }
 
@@ -659,9 +661,8 @@ impl ThinDriver {
     /// The provision an image layer or template lately asked for needs
     /// next, if its spares are not what it wants: an image layer one
     /// mounted spare (for the init layer of a container made before its
-    /// template); a template one mounted (for a container's layer) and one
-    /// not (for an init layer, which is overlaid, never mounted itself);
-    /// none past [`SPARE_IDLE`].
+    /// template); a template one mounted (for a container's layer: an init
+    /// layer shares the template); none past [`SPARE_IDLE`].
     fn spare_wanted(&self, store: &mut Store) -> Option<Wanted> {
         self.demand.iter().find_map(|(id, at)| {
             let pid = pool_id(id);
@@ -681,7 +682,6 @@ impl ThinDriver {
             match (is_template(id), mounted, all) {
                 // Kept ones are mounted too: the one there becomes it.
                 (true, 0, _) => want(all.max(1), true),
-                (true, _, 0 | 1) => want(2, false),
                 (false, 1, 1) | (true, _, _) => None,
                 (false, _, _) => want(1, true),
             }
@@ -774,6 +774,10 @@ impl ThinDriver {
     /// with what to do: Docker was answered already.
     fn finish_removal_logged(&mut self, store: &mut Store, id: &str) {
         let t = std::time::Instant::now();
+        if self.shared_inits.contains_key(id) {
+            self.unshare_logged(id);
+            return;
+        }
         store.pool().set_teardown_later(true);
         let done = (|| -> Result<()> {
             let template = template_of(id);
@@ -818,14 +822,31 @@ impl ThinDriver {
         }
     }
 
-    /// Checks Docker's idea of `id`'s parent against the record.
-    fn check_parent(store: &mut Store, id: &str, parent: Option<&str>) -> Result<()> {
-        let layer = Self::own(store, id, "read")?;
-        let actual = layer
-            .parent
-            .as_deref()
-            .map(|p| p.strip_prefix(ID_PREFIX).unwrap_or(p));
-        if actual != parent {
+    /// Checks Docker's idea of `id`'s parent against the record. A
+    /// container's layer made on its init layer while that shared its
+    /// template is the template's child.
+    fn check_parent(&self, store: &mut Store, id: &str, parent: Option<&str>) -> Result<()> {
+        let actual = match self.shared_inits.get(id) {
+            Some(image) => Some(image.clone()),
+            None => Self::own(store, id, "read")?
+                .parent
+                .map(|p| p.strip_prefix(ID_PREFIX).unwrap_or(&p).to_owned()),
+        };
+        let actual = actual.as_deref();
+        let mut on_its_init = || -> Result<bool> {
+            let Some(init) = parent.filter(|p| p.strip_suffix(INIT_SUFFIX) == Some(id)) else {
+                return Ok(false);
+            };
+            let image = match self.shared_inits.get(init) {
+                Some(image) => image.clone(),
+                None => match Self::own(store, init, "read")?.parent {
+                    Some(p) => p.strip_prefix(ID_PREFIX).unwrap_or(&p).to_owned(),
+                    None => return Ok(false),
+                },
+            };
+            Ok(actual == Some(template_of(&image).as_str()))
+        };
+        if actual != parent && !on_its_init()? {
             return Err(Error::Invalid(format!(
                 "layer `{id}` has parent {}, not {}: its changes are only known against its own parent",
                 actual.map_or("none".to_owned(), |p| format!("`{p}`")),
@@ -853,12 +874,21 @@ impl ThinDriver {
         self.finish_removals()?;
         if let Some(p) = parent {
             self.streams.not_applying(p, "build on")?;
+            // A shared init layer's only child without a device of the
+            // parent's own is its container's layer.
+            if p.strip_suffix(INIT_SUFFIX) != Some(id) {
+                self.own_device(p)?;
+            }
         }
         let mut store = self.store()?;
         let pid = pool_id(id);
+        // A container's layer on its init layer that shares the template:
+        // a snapshot of the template, the same tree.
+        let on_shared = parent.and_then(|p| self.shared_inits.get(p)).cloned();
         let (parent_size, grandparent) = match parent {
             Some(p) => {
-                let pr = Self::own(&mut store, p, "build on")?;
+                let p = on_shared.as_ref().map_or(p.to_owned(), |i| template_of(i));
+                let pr = Self::own(&mut store, &p, "build on")?;
                 (pr.size_in(store.pool().record()), pr.parent)
             }
             None => (store.pool().record().base_size, None),
@@ -885,60 +915,47 @@ impl ThinDriver {
                 )));
             }
         }
-        if store.pool().layout().layer_record(&pid).exists() {
+        if store.pool().layout().layer_record(&pid).exists() || self.shared_inits.contains_key(id) {
             return Err(thinlayer_pool::Error::LayerExists(pid).into());
         }
-        let parent_pid = parent.map(pool_id);
         let init_on = parent.filter(|_| id.ends_with(INIT_SUFFIX));
-        let template = init_on
-            .filter(|p| has_template(&mut store, p))
-            .map(template_of);
-        // A container's layer on an init layer that holds just its
-        // image's template: a snapshot of the template (the same tree).
-        let plain_under = parent
-            .filter(|p| self.plain_inits.contains(*p))
-            .and(grandparent.as_deref())
-            .map(|image| image.strip_prefix(ID_PREFIX).unwrap_or(image))
-            .filter(|image| has_template(&mut store, image))
-            .map(template_of);
-        match (template.as_ref().or(plain_under.as_ref()), &parent_pid) {
-            // A container's init layer on an image that has an init
-            // template: a snapshot of that, which its first `get`
-            // overlays (Docker's init code then writes nothing to it).
-            // Either takes a spare the template keeps: an init layer one
-            // kept unmounted (it is never mounted itself), a container's
-            // layer one kept mounted if there is one (its `get` is then a
-            // move of that mount).
-            (Some(t), Some(ppid)) => {
-                let tpid = pool_id(t);
+        // A container's init layer on an image that has an init template:
+        // it shares the template, which its first `get` overlays (Docker's
+        // init code then writes nothing to it).
+        if let Some(image) = init_on.filter(|p| has_template(&mut store, p)) {
+            self.share_template(id, image)?;
+            self.demand
+                .insert(template_of(image), std::time::Instant::now());
+            return Ok(());
+        }
+        match &on_shared {
+            // It takes the spare the template keeps mounted (its `get` is
+            // then a move of that mount), or else any.
+            Some(image) => {
+                let t = template_of(image);
+                let tpid = pool_id(&t);
                 let pool = store.pool();
-                let mounted = pool.spares_kept(Some(&tpid), true);
-                let not_for_it = if template.is_some() {
-                    mounted
-                } else if mounted.is_empty() {
-                    Vec::new()
-                } else {
-                    pool.spares_kept(Some(&tpid), false)
-                };
-                pool.hold_spares(not_for_it);
-                store
-                    .pool()
-                    .create_layer_derived(Owner::Graphdriver, &pid, ppid, &tpid)?;
-                if template.is_some() {
-                    self.fresh_inits.insert(id.to_owned());
+                if !pool.spares_kept(Some(&tpid), true).is_empty() {
+                    let unmounted = pool.spares_kept(Some(&tpid), false);
+                    pool.hold_spares(unmounted);
                 }
-                self.demand.insert(t.clone(), std::time::Instant::now());
-            }
-            _ => {
                 store
                     .pool()
-                    .create_layer_for(Owner::Graphdriver, &pid, parent_pid.as_deref())?;
+                    .create_layer_for(Owner::Graphdriver, &pid, Some(&tpid))?;
+                self.demand.insert(t, std::time::Instant::now());
+            }
+            None => {
+                store.pool().create_layer_for(
+                    Owner::Graphdriver,
+                    &pid,
+                    parent.map(pool_id).as_deref(),
+                )?;
             }
         }
         // A container's init layer on an image without a template yet:
         // the next one takes a mounted spare of the image, so its `get`
-        // is one move of a mount (one made from a template is overlaid).
-        if let Some(p) = init_on.filter(|_| template.is_none()) {
+        // is one move of a mount.
+        if let Some(p) = init_on {
             self.demand.insert(p.to_owned(), std::time::Instant::now());
         }
         // A container's layer on its init layer: mounted at once, for the
@@ -946,7 +963,7 @@ impl ThinDriver {
         // the image's template if there is none yet.
         if parent.and_then(|p| p.strip_suffix(INIT_SUFFIX)) == Some(id) {
             self.premount = Some(id.to_owned());
-            if let (Some(init), Some(image)) = (parent, grandparent.as_deref()) {
+            if let (Some(init), Some(image), None) = (parent, grandparent.as_deref(), &on_shared) {
                 let image = image.strip_prefix(ID_PREFIX).unwrap_or(image);
                 if !has_template(&mut store, image) {
                     self.learn.insert(image.to_owned(), init.to_owned());
@@ -975,8 +992,15 @@ impl ThinDriver {
     pub fn metadata(&mut self, id: &str) -> Result<Vec<(String, String)>> {
         self.finish_removals()?;
         let mut store = self.store()?;
-        let layer = Self::own(&mut store, id, "describe")?;
+        // A shared init layer is described by its template (its parent is
+        // the image, as Docker made it).
+        let shared = self.shared_inits.get(id).cloned();
+        let described = shared.as_ref().map_or(id.to_owned(), |i| template_of(i));
+        let mut layer = Self::own(&mut store, &described, "describe")?;
         let size = layer.size_in(store.pool().record());
+        if let Some(image) = &shared {
+            layer.parent = Some(pool_id(image));
+        }
         let mut out = vec![
             ("PoolLayer".to_owned(), layer.id.clone()),
             ("ThinId".to_owned(), layer.thin_id.to_string()),
@@ -990,6 +1014,9 @@ impl ThinDriver {
                     .unwrap_or_default(),
             ),
         ];
+        if shared.is_some() {
+            out.push(("SharesTemplate".to_owned(), "true".to_owned()));
+        }
         if self.refs.contains_key(id) {
             out.push((
                 "MergedDir".to_owned(),
@@ -1104,21 +1131,17 @@ impl GraphDriver for ThinDriver {
             )));
         }
         let mut store = self.store()?;
-        let pid = pool_id(id);
-        let layer = Self::own(&mut store, id, "remove")?;
-        let mut children = store.pool().children_of(&pid)?;
-        let template = pool_id(&template_of(id));
-        children.retain(|c| *c != template && !self.is_removing(c));
+        let children = self.docker_children(&mut store, id)?;
         if !children.is_empty() {
-            let names: Vec<&str> = children
-                .iter()
-                .map(|c| c.strip_prefix(ID_PREFIX).unwrap_or(c))
-                .collect();
             return Err(Error::Invalid(format!(
                 "layer `{id}` has children ({}); remove them first",
-                names.join(", ")
+                children.join(", ")
             )));
         }
+        if self.shared_inits.contains_key(id) {
+            return self.remove_shared(id);
+        }
+        let layer = Self::own(&mut store, id, "remove")?;
         // Docker removes what it no longer uses; a mount it forgot to put
         // (or one parked) goes with it, unless a process still works in it
         // (then Busy), and without writing back what is deleted next.
@@ -1137,8 +1160,6 @@ impl GraphDriver for ThinDriver {
         // A mount elsewhere (a bind of it) keeps the layer: refused now,
         // while Docker can still be told.
         store.pool().ensure_unmounted(&layer)?;
-        self.fresh_inits.remove(id);
-        self.plain_inits.remove(id);
         self.idle.remove(id);
         self.demand.remove(id);
         self.demand.remove(&template_of(id));
@@ -1155,20 +1176,20 @@ impl GraphDriver for ThinDriver {
 
     fn get(&mut self, id: &str) -> Result<PathBuf> {
         self.finish_removals()?;
-        // What is got may be written: no longer just its template.
-        self.plain_inits.remove(id);
         if let Some(refs) = self.refs.get_mut(id) {
             *refs += 1;
             self.save_refs()?;
             return Ok(self.mountpoint(id).join(TREE));
         }
-        // An init layer made from its image's template: an overlay on it.
-        if self.fresh_inits.remove(id) {
+        // An init layer that shares its image's template: an overlay on
+        // it (else a device of its own, mounted).
+        if self.shared_inits.contains_key(id) {
             if let Some(tree) = self.get_overlay(id) {
                 self.refs.insert(id.to_owned(), 1);
                 self.save_refs()?;
                 return Ok(tree);
             }
+            self.own_device(id)?;
         }
         // A parked mount someone unmounted behind the driver's back is
         // made again.
@@ -1206,6 +1227,9 @@ impl GraphDriver for ThinDriver {
 
     fn exists(&mut self, id: &str) -> Result<bool> {
         self.finish_removals()?;
+        if self.shared_inits.contains_key(id) {
+            return Ok(true);
+        }
         let mut store = self.store()?;
         Ok(match store.pool().layer(&pool_id(id)) {
             Ok(l) => l.owner == Owner::Graphdriver,
@@ -1228,7 +1252,8 @@ impl GraphDriver for ThinDriver {
                     && !stream::is_stream_snapshot(&l.id)
                     && !is_template(&l.id)
             })
-            .count();
+            .count()
+            + self.shared_inits.len();
         let st = store.pool().status()?;
         let mut out = vec![
             ("Pool Root".into(), self.root.to_string_lossy().into_owned()),
@@ -1280,7 +1305,6 @@ impl GraphDriver for ThinDriver {
                 tracing::warn!(%id, error = %e, "cleanup: cannot unmount an overlay");
             }
         }
-        self.fresh_inits.clear();
         if let Err(e) = self.drop_overlay_root() {
             first_error.get_or_insert(e);
         }
@@ -1324,8 +1348,8 @@ impl GraphDriver for ThinDriver {
         self.finish_removals()?;
         self.streams.not_applying(id, "list the changes of")?;
         let mut store = self.store()?;
-        Self::check_parent(&mut store, id, parent)?;
-        Ok(store.subtree_changes(&pool_id(id), TREE)?)
+        self.check_parent(&mut store, id, parent)?;
+        Ok(store.subtree_changes(&self.pool_view(id), TREE)?)
     }
 
     fn apply_diff(&mut self, id: &str, parent: Option<&str>, diff: &mut dyn Read) -> Result<u64> {
@@ -1338,9 +1362,9 @@ impl GraphDriver for ThinDriver {
         self.finish_removals()?;
         self.streams.not_applying(id, "size")?;
         let mut store = self.store()?;
-        Self::check_parent(&mut store, id, parent)?;
+        self.check_parent(&mut store, id, parent)?;
         Ok(store
-            .export_subtree(&pool_id(id), TREE, &mut std::io::sink())?
+            .export_subtree(&self.pool_view(id), TREE, &mut std::io::sink())?
             .bytes)
     }
 }

@@ -1,38 +1,56 @@
-//! An init layer made from its image's init template, served through an
+//! An init layer that shares its image's init template, served through an
 //! overlay, so that Docker's init code writes nothing to the pool.
 //!
 //! Every `docker create` makes the container's init layer on the image,
 //! gets it, runs its init code (moby `daemon/initlayer`: it unlinks each of
 //! its files and makes it again, and makes its directories if missing),
-//! puts it, and makes the container's layer on it. An init layer made from
-//! the image's template (see the parent module) already holds all of that,
-//! so writing it again only copies pool blocks and commits a journal:
+//! puts it, and makes the container's layer on it. The image's template
+//! (see the parent module) already holds all of that, so writing it again
+//! would only copy pool blocks and commit a journal; and even a device of
+//! the init layer's own, a snapshot nothing writes, would cost an intent,
+//! a spare, and a removal later. So such an init layer shares the
+//! template:
 //!
-//! - its first `get` mounts an overlay at the layer's mount point: the
+//! - its create writes one record (`ROOT/graphdriver/inits/ID`, durable):
+//!   the init layer and its image. No pool layer, no device;
+//! - its `get` mounts an overlay at the layer's mount point: the
 //!   template, mounted read-only at its own mount point and kept for every
 //!   init layer of the image, is the lower directory; the upper and work
-//!   directories are on a private tmpfs (`ROOT/graphdriver/ovl`, 0700).
-//!   The layer's own device, a snapshot of the template, is not touched;
+//!   directories are on a private tmpfs (`ROOT/graphdriver/ovl`, 0700);
 //! - its last `put` compares what Docker left in the upper directory with
 //!   the template ([`upper_matches`]): names, types, permissions, owners,
 //!   contents, link targets, device numbers and extended attributes, not
-//!   times. When they are the same, the overlay goes and the layer's
-//!   device already holds what Docker made: nothing is written, no journal
-//!   is committed, no cache is flushed. Anything else (another dockerd's
-//!   init code, a user namespace map) is written into the layer's device
-//!   as Docker would have written it: the changes as a layer tar
-//!   (`thinlayer_image::write_layer`) applied to its mount, then the usual
-//!   unmount.
+//!   times. When they are the same, the overlay goes and the template
+//!   already holds what Docker made: nothing is written, no journal is
+//!   committed, no cache is flushed. Anything else (another dockerd's init
+//!   code, a user namespace map) gives the layer a device of its own, a
+//!   snapshot of the template ([`ThinDriver::own_device`]), into which it
+//!   is written as Docker would have written it: the changes as a layer
+//!   tar (`thinlayer_image::write_layer`) applied to its mount, then the
+//!   usual unmount;
+//! - the container's layer made on it is a snapshot of the template,
+//!   recorded as the template's child, so the pool keeps the template
+//!   while that stands on it; Docker's `Changes` and `Diff` of it against
+//!   the init layer are against the template's tree;
+//! - its remove drops the record (when requests pause, as removals do);
+//! - anything else that needs a device of its own (a `Diff` or
+//!   `ApplyDiff` of it, a child other than its container's layer) gives
+//!   it one first.
+//!
+//! A crash between the pool layer [`ThinDriver::own_device`] makes and the
+//! record's removal leaves both: the next start drops the record (the pool
+//! layer is the truth).
 //!
 //! Times are the one thing kept from the template rather than from this
 //! create: Docker's init files are empty placeholders, and it bind-mounts
 //! `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf` over them at start.
 //!
-//! What must never happen: an init layer whose device lacks what Docker
+//! What must never happen: an init layer whose tree lacks what Docker
 //! wrote (a difference the comparison misses is a difference kept, so
-//! anything it cannot read as the same counts as different), and a host
-//! path in the overlay's options that the kernel would split (a path with
-//! `,`, `:` or `\` is not overlaid: the layer is mounted as any other).
+//! anything it cannot read as the same counts as different); a template
+//! removed while an init layer shares it; and a host path in the
+//! overlay's options that the kernel would split (a path with `,`, `:`
+//! or `\` is not overlaid: the layer gets a device of its own).
 
 use std::{
     collections::BTreeMap,
@@ -44,11 +62,28 @@ use std::{
 };
 
 use nix::mount::MsFlags;
-use thinlayer_pool::MountUse;
+use thinlayer_pool::{MountUse, Owner, Record, record};
 use thinlayer_store::Store;
 
-use super::{ID_PREFIX, INIT_SUFFIX, TREE, ThinDriver, pool_id, template_of};
+use super::{ID_PREFIX, INIT_SUFFIX, TREE, ThinDriver, has_template, pool_id, template_of};
 use crate::error::{Error, Result};
+
+/// An init layer that shares its image's template
+/// (`ROOT/graphdriver/inits/ID`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SharedInit {
+    /// Docker's id of the image (its top layer).
+    image: String,
+}
+
+impl Record for SharedInit {
+    const KIND: &'static str = "graphdriver-init";
+}
+
+/// Where the records of shared init layers live.
+fn inits_dir(root: &Path) -> PathBuf {
+    root.join("graphdriver").join("inits")
+}
 
 /// The largest file compared by content; a larger one in the upper
 /// directory counts as a change (Docker's init files are empty).
@@ -151,6 +186,152 @@ fn template_above(layer: &thinlayer_pool::LayerRecord) -> String {
 }
 
 impl ThinDriver {
+    /// Reads the shared init layers' records (at start). A record whose
+    /// layer has a pool layer of its own (a crash in
+    /// [`ThinDriver::own_device`]) is removed.
+    ///
+    /// # Errors
+    /// A directory or record that cannot be read.
+    pub(super) fn load_shared_inits(&mut self, store: &mut Store) -> Result<()> {
+        let dir = inits_dir(&self.root);
+        record::create_dir(&dir)?;
+        record::sweep_temp(&dir)?;
+        let entries = fs::read_dir(&dir).map_err(|e| io_error(&dir, &e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(&dir, &e))?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            if store.pool().layout().layer_record(&pool_id(&id)).exists() {
+                record::remove(&entry.path())?;
+                continue;
+            }
+            let SharedInit { image } = record::read(&entry.path(), SharedInit::KIND)?;
+            if !has_template(store, &image) {
+                tracing::warn!(%id, %image, "an init layer shares a template that is gone: its Get fails; remove its container");
+            }
+            self.shared_inits.insert(id, image);
+        }
+        Ok(())
+    }
+
+    /// Makes init layer `id` on `image` (the caller saw its template)
+    /// one that shares the template: its record, written durably.
+    ///
+    /// # Errors
+    /// A bad id; record write errors (nothing kept).
+    pub(super) fn share_template(&mut self, id: &str, image: &str) -> Result<()> {
+        thinlayer_pool::names::check_id("layer", &pool_id(id))?;
+        let path = inits_dir(&self.root).join(id);
+        record::write(
+            &path,
+            SharedInit::KIND,
+            &SharedInit {
+                image: image.to_owned(),
+            },
+        )?;
+        self.shared_inits.insert(id.to_owned(), image.to_owned());
+        Ok(())
+    }
+
+    /// Gives shared init layer `id` a device of its own: a pool layer on
+    /// its image, a snapshot of the template (a spare of it if there is
+    /// one), then drops its record. A no-op for any other layer.
+    ///
+    /// # Errors
+    /// Pool errors (it still shares the template then).
+    pub(super) fn own_device(&mut self, id: &str) -> Result<()> {
+        let Some(image) = self.shared_inits.get(id).cloned() else {
+            return Ok(());
+        };
+        self.streams.unused(id, "give a device of its own to")?;
+        let mut store = self.store()?;
+        store.pool().create_layer_derived(
+            Owner::Graphdriver,
+            &pool_id(id),
+            &pool_id(&image),
+            &pool_id(&template_of(&image)),
+        )?;
+        tracing::debug!(%id, %image, "an init layer no longer shares its template");
+        self.unshare_logged(id);
+        Ok(())
+    }
+
+    /// Drops shared init layer `id`'s record; a failure is logged (the
+    /// next start drops a record whose layer has a pool layer, and
+    /// `Remove` is asked again for one Docker still knows).
+    pub(super) fn unshare_logged(&mut self, id: &str) {
+        self.shared_inits.remove(id);
+        if let Err(e) = record::remove(&inits_dir(&self.root).join(id)) {
+            tracing::warn!(%id, error = %e, "a shared init layer's record is not removed");
+        }
+    }
+
+    /// Removes shared init layer `id` (its children checked): its overlay
+    /// goes now, unless a process works in it (refused), its record when
+    /// requests pause.
+    ///
+    /// # Errors
+    /// An overlay still in use.
+    pub(super) fn remove_shared(&mut self, id: &str) -> Result<()> {
+        self.drop_overlay(id)?;
+        self.parked.remove(id);
+        if self.refs.remove(id).is_some() {
+            self.save_refs()?;
+        }
+        self.removing.push(id.to_owned());
+        self.save_removing();
+        Ok(())
+    }
+
+    /// Docker's children of layer `id` (Docker's ids, sorted): the pool's
+    /// (less its template, a container's layer made on its init layer
+    /// while that shared the template, and removals not finished), and the
+    /// init layers that share its template; for a shared init layer, its
+    /// container's layer.
+    pub(super) fn docker_children(&self, store: &mut Store, id: &str) -> Result<Vec<String>> {
+        let mut out: Vec<String> = self
+            .shared_inits
+            .iter()
+            .filter(|(init, image)| *image == id && !self.is_removing(init))
+            .map(|(init, _)| init.clone())
+            .collect();
+        if self.shared_inits.contains_key(id) {
+            if let Some(ctr) = id.strip_suffix(INIT_SUFFIX) {
+                if store.pool().layout().layer_record(&pool_id(ctr)).exists()
+                    && !self.is_removing(ctr)
+                {
+                    out.push(ctr.to_owned());
+                }
+            }
+        } else {
+            let template = pool_id(&template_of(id));
+            for c in store.pool().children_of(&pool_id(id))? {
+                if c != template && !self.is_removing(&c) {
+                    out.push(c.strip_prefix(ID_PREFIX).unwrap_or(&c).to_owned());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The pool layer that holds layer `id`'s tree: a shared init
+    /// layer's template, else its own.
+    pub(super) fn pool_view(&self, id: &str) -> String {
+        match self.shared_inits.get(id) {
+            Some(image) => pool_id(&template_of(image)),
+            None => pool_id(id),
+        }
+    }
+
+    /// The template overlaid init layer `id` is compared with: its
+    /// image's.
+    fn template_for(&self, store: &mut Store, id: &str) -> Result<String> {
+        Ok(match self.shared_inits.get(id) {
+            Some(image) => template_of(image),
+            None => template_above(&Self::own(store, id, "put")?),
+        })
+    }
+
     /// Whether layer `id` is an init layer served through an overlay (only
     /// an init layer can be: other layers' `put` and `remove` skip the
     /// `statfs`).
@@ -186,22 +367,18 @@ impl ThinDriver {
         Ok(dir)
     }
 
-    /// For a plain init layer `id` (its device holds its template's tree
-    /// and nothing else), the template's id and its tree, read-only at
-    /// its mount point (mounted if it is not); `None` for any other layer
-    /// or a template gone.
+    /// For an init layer `id` that shares its template, the template's
+    /// id and its tree, read-only at its mount point (mounted if it is
+    /// not); `None` for any other layer.
     pub(super) fn template_tree(
         &self,
         store: &mut Store,
         id: &str,
     ) -> Result<Option<(String, PathBuf)>> {
-        if !self.plain_inits.contains(id) {
+        let Some(image) = self.shared_inits.get(id) else {
             return Ok(None);
-        }
-        let tid = template_above(&Self::own(store, id, "diff against")?);
-        if !store.pool().layout().layer_record(&pool_id(&tid)).exists() {
-            return Ok(None);
-        }
+        };
+        let tid = template_of(image);
         let dir = self.mount_template(store, &tid)?;
         let tree = dir.join(TREE);
         Ok(fs::symlink_metadata(&tree)
@@ -211,7 +388,7 @@ impl ThinDriver {
 
     /// Init layer `id`'s tree through an overlay on its image's template
     /// (see the module's notes); `None` when it cannot be had (logged: the
-    /// caller mounts the layer as any other, which holds the same tree).
+    /// caller gives it a device of its own, which holds the same tree).
     pub(super) fn get_overlay(&mut self, id: &str) -> Option<PathBuf> {
         let t = std::time::Instant::now();
         match self.mount_overlay(id) {
@@ -230,7 +407,7 @@ impl ThinDriver {
     fn mount_overlay(&mut self, id: &str) -> Result<PathBuf> {
         let lower = {
             let mut store = self.store()?;
-            let tid = template_above(&Self::own(&mut store, id, "mount")?);
+            let tid = self.template_for(&mut store, id)?;
             self.mount_template(&mut store, &tid)?
         };
         let own = self.overlays_ready()?.join(id);
@@ -281,7 +458,7 @@ impl ThinDriver {
         }
         let t = std::time::Instant::now();
         let own = self.overlay_root().join(id);
-        let tid = template_above(&Self::own(&mut self.store()?, id, "put")?);
+        let tid = self.template_for(&mut self.store()?, id)?;
         let lower = self.mountpoint(&tid);
         let same = upper_matches(&own.join("upper"), &lower).unwrap_or_else(|e| {
             tracing::debug!(%id, error = %e, "cannot compare an init layer with its template");
@@ -290,10 +467,11 @@ impl ThinDriver {
         if same {
             thinlayer_pool::mounts::umount(&dir)?;
             let _ = fs::remove_dir_all(&own);
-            // Its device is up if it took a spare the template kept: the
-            // settler takes it down.
-            self.idle.insert(id.to_owned());
-            self.plain_inits.insert(id.to_owned());
+            // A device of its own (a start found one) is up if it took a
+            // spare the template kept: the settler takes it down.
+            if !self.shared_inits.contains_key(id) {
+                self.idle.insert(id.to_owned());
+            }
             tracing::debug!(%id, ms = t.elapsed().as_secs_f64() * 1000.0, "an init layer as its template: nothing written");
             return Ok(true);
         }
@@ -302,6 +480,7 @@ impl ThinDriver {
         let written = write_changes(&lower.join(TREE), &dir.join(TREE), &changes);
         thinlayer_pool::mounts::umount(&dir)?;
         let applied = written.and_then(|()| {
+            self.own_device(id)?;
             let tree = self.mount_tree(id)?;
             let input = fs::File::open(&changes).map_err(|e| io_error(&changes, &e))?;
             thinlayer_image::apply_layer(&tree, BufReader::new(input), &Default::default())

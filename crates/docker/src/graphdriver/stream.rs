@@ -28,9 +28,8 @@
 //!   while its commit streams is the race Docker's own drivers have, which
 //!   read the live tree every time: the walk then fails as changed, or
 //!   reads files as they were being written;
-//! - **the template's read-only mount**, for a parent that is a plain init
-//!   layer (its device holds its template's tree and nothing else, see
-//!   the parent module's `plain_inits`);
+//! - **the template's read-only mount**, for a parent that is an init
+//!   layer sharing its template (see the parent module's notes);
 //! - else **a private read-only snapshot**, mounted (`ro,nosuid,nodev`, no
 //!   journal replay) under `ROOT/graphdriver/stream/`: a point in time of
 //!   a layer something may write (a running container, paused by
@@ -262,8 +261,10 @@ impl ThinDriver {
         if let Some(p) = parent {
             self.streams.not_applying(p, "diff against")?;
         }
+        // A shared init layer's own Diff reads a device of its own.
+        self.own_device(id)?;
         let mut store = self.store()?;
-        Self::check_parent(&mut store, id, parent)?;
+        self.check_parent(&mut store, id, parent)?;
         let mut s = DiffStream {
             id: id.to_owned(),
             reads: std::iter::once(id)
@@ -384,8 +385,9 @@ impl ThinDriver {
         if let Some(p) = parent {
             self.streams.not_applying(p, "apply on")?;
         }
+        self.own_device(id)?;
         let mut store = self.store()?;
-        Self::check_parent(&mut store, id, parent)?;
+        self.check_parent(&mut store, id, parent)?;
         if self.refs.contains_key(id) {
             return Err(Error::Invalid(format!(
                 "layer `{id}` is mounted (Get without Put): a layer is applied before anything uses it"
