@@ -324,11 +324,11 @@ impl ThinDriver {
     }
 
     /// The template overlaid init layer `id` is compared with: its
-    /// image's.
-    fn template_for(&self, store: &mut Store, id: &str) -> Result<String> {
+    /// image's (a record read only for one with a device of its own).
+    fn template_for(&self, id: &str) -> Result<String> {
         Ok(match self.shared_inits.get(id) {
             Some(image) => template_of(image),
-            None => template_above(&Self::own(store, id, "put")?),
+            None => template_above(&Self::own(&mut self.store()?, id, "put")?),
         })
     }
 
@@ -405,11 +405,12 @@ impl ThinDriver {
     }
 
     fn mount_overlay(&mut self, id: &str) -> Result<PathBuf> {
-        let lower = {
-            let mut store = self.store()?;
-            let tid = self.template_for(&mut store, id)?;
-            self.mount_template(&mut store, &tid)?
-        };
+        let tid = self.template_for(id)?;
+        let mut lower = self.mountpoint(&tid);
+        // Kept mounted: the pool is opened only to mount it again.
+        if !thinlayer_pool::mounts::is_mountpoint(&lower)? {
+            lower = self.mount_template(&mut self.store()?, &tid)?;
+        }
         let own = self.overlays_ready()?.join(id);
         let (upper, work) = (own.join("upper"), own.join("work"));
         let _ = fs::remove_dir_all(&own);
@@ -458,7 +459,7 @@ impl ThinDriver {
         }
         let t = std::time::Instant::now();
         let own = self.overlay_root().join(id);
-        let tid = self.template_for(&mut self.store()?, id)?;
+        let tid = self.template_for(id)?;
         let lower = self.mountpoint(&tid);
         let same = upper_matches(&own.join("upper"), &lower).unwrap_or_else(|e| {
             tracing::debug!(%id, error = %e, "cannot compare an init layer with its template");
