@@ -282,11 +282,10 @@ impl ThinDriver {
         Ok(())
     }
 
-    /// Docker's children of layer `id` (Docker's ids, sorted): the pool's
-    /// (less its template, a container's layer made on its init layer
-    /// while that shared the template, and removals not finished), and the
-    /// init layers that share its template; for a shared init layer, its
-    /// container's layer.
+    /// Docker's children of layer `id` (Docker's ids, sorted), removals
+    /// not finished left out: the pool's but its template, and the init
+    /// layers that share that; for a shared init layer, its container's
+    /// layer (in the pool a child of the template).
     pub(super) fn docker_children(&self, store: &mut Store, id: &str) -> Result<Vec<String>> {
         let mut out: Vec<String> = self
             .shared_inits
