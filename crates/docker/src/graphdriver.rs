@@ -302,6 +302,11 @@ struct Wanted {
     mounted: bool,
 }
 
+/// Docker's id of the driver's pool layer `pid`.
+fn docker_id(pid: &str) -> &str {
+    pid.strip_prefix(ID_PREFIX).unwrap_or(pid)
+}
+
 /// The pool layer id of Docker layer `id`.
 pub fn pool_id(id: &str) -> String {
     format!("{ID_PREFIX}{id}")
@@ -804,6 +809,17 @@ impl ThinDriver {
         }
     }
 
+    /// The image init layer `init` was made on: a shared one's, else its
+    /// record's parent (`None` for a layer without one).
+    fn image_under(&self, store: &mut Store, init: &str) -> Result<Option<String>> {
+        Ok(match self.shared_inits.get(init) {
+            Some(image) => Some(image.clone()),
+            None => Self::own(store, init, "read")?
+                .parent
+                .map(|p| docker_id(&p).to_owned()),
+        })
+    }
+
     /// Layer `id`'s pool record, checked to be the driver's.
     fn own(
         store: &mut Store,
@@ -830,21 +846,16 @@ impl ThinDriver {
             Some(image) => Some(image.clone()),
             None => Self::own(store, id, "read")?
                 .parent
-                .map(|p| p.strip_prefix(ID_PREFIX).unwrap_or(&p).to_owned()),
+                .map(|p| docker_id(&p).to_owned()),
         };
         let actual = actual.as_deref();
         let mut on_its_init = || -> Result<bool> {
             let Some(init) = parent.filter(|p| p.strip_suffix(INIT_SUFFIX) == Some(id)) else {
                 return Ok(false);
             };
-            let image = match self.shared_inits.get(init) {
-                Some(image) => image.clone(),
-                None => match Self::own(store, init, "read")?.parent {
-                    Some(p) => p.strip_prefix(ID_PREFIX).unwrap_or(&p).to_owned(),
-                    None => return Ok(false),
-                },
-            };
-            Ok(actual == Some(template_of(&image).as_str()))
+            Ok(self
+                .image_under(store, init)?
+                .is_some_and(|image| actual == Some(template_of(&image).as_str())))
         };
         if actual != parent && !on_its_init()? {
             return Err(Error::Invalid(format!(

@@ -65,7 +65,9 @@ use nix::mount::MsFlags;
 use thinlayer_pool::{MountUse, Owner, Record, record};
 use thinlayer_store::Store;
 
-use super::{ID_PREFIX, INIT_SUFFIX, TREE, ThinDriver, has_template, pool_id, template_of};
+use super::{
+    ID_PREFIX, INIT_SUFFIX, TREE, ThinDriver, docker_id, has_template, pool_id, template_of,
+};
 use crate::error::{Error, Result};
 
 /// An init layer that shares its image's template
@@ -305,7 +307,7 @@ impl ThinDriver {
             let template = pool_id(&template_of(id));
             for c in store.pool().children_of(&pool_id(id))? {
                 if c != template && !self.is_removing(&c) {
-                    out.push(c.strip_prefix(ID_PREFIX).unwrap_or(&c).to_owned());
+                    out.push(docker_id(&c).to_owned());
                 }
             }
         }

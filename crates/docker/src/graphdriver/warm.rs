@@ -25,7 +25,7 @@ use thinlayer_image::{HotSet, Limits};
 use thinlayer_pool::{LayerRecord, mounts::Detached};
 use thinlayer_store::Store;
 
-use super::{ID_PREFIX, INIT_SUFFIX, TEMPLATE_SUFFIX, ThinDriver, pool_id, template_of};
+use super::{INIT_SUFFIX, TEMPLATE_SUFFIX, ThinDriver, docker_id, pool_id, template_of};
 
 /// How many removed container layers of an image teach its hot set.
 pub const TEACHERS: u32 = 3;
@@ -58,14 +58,12 @@ impl ThinDriver {
     /// removed, should teach: its init layer's parent, while fewer than
     /// [`TEACHERS`] did.
     pub(super) fn teaches(&self, store: &mut Store, layer: &LayerRecord) -> Option<Teacher> {
-        let parent = layer.parent.as_deref()?;
-        let parent = parent.strip_prefix(ID_PREFIX).unwrap_or(parent);
+        let parent = docker_id(layer.parent.as_deref()?);
         let image = if let Some(image) = parent.strip_suffix(TEMPLATE_SUFFIX) {
             // Made on an init layer that shared the template.
             image.to_owned()
         } else if parent.ends_with(INIT_SUFFIX) {
-            let image = store.pool().layer(&pool_id(parent)).ok()?.parent?;
-            image.strip_prefix(ID_PREFIX).unwrap_or(&image).to_owned()
+            self.image_under(store, parent).ok()??
         } else {
             return None;
         };
