@@ -264,8 +264,11 @@ pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 /// How long the settler's work that can wait (idle devices, spares,
 /// parked mounts) waits for a quieter machine at most, before
 /// each step: on a host that is always busy it trickles, one step every
-/// this long. Longer than a container's start in the TCG guest (1-3 s).
-pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// this long. Longer than a container's start in the TCG guest: from its
+/// layer's `get` to its `put`, a `docker run --rm IMAGE true` took
+/// 2.4-4.8 s there, so 3 s let a spare be made in the middle of one
+/// (while runc started the container: 4-6 % of its time).
+pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Docker's suffix of a container's init layer, made on the image's top
 /// layer by every `docker create`.
