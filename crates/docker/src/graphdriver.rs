@@ -266,8 +266,9 @@ pub const SPARE_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 /// each step: on a host that is always busy it trickles, one step every
 /// this long. Longer than a container's start in the TCG guest: from its
 /// layer's `get` to its `put`, a `docker run --rm IMAGE true` took
-/// 2.4-4.8 s there, so 3 s let a spare be made in the middle of one
-/// (while runc started the container: 4-6 % of its time).
+/// 2.4-4.8 s there, so 3 s let a spare be made and read ahead in the
+/// middle of one (165-335 ms of kernel and read work while runc started
+/// the container).
 pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Docker's suffix of a container's init layer, made on the image's top
