@@ -813,12 +813,12 @@ impl ThinDriver {
         }
     }
 
-    /// The image init layer `init` was made on: a shared one's, else its
-    /// record's parent (`None` for a layer without one).
-    fn image_under(&self, store: &mut Store, init: &str) -> Result<Option<String>> {
-        Ok(match self.shared_inits.get(init) {
+    /// Layer `id`'s parent as Docker made it: a shared init layer's image,
+    /// else its record's parent (`None` for a base layer).
+    fn docker_parent(&self, store: &mut Store, id: &str) -> Result<Option<String>> {
+        Ok(match self.shared_inits.get(id) {
             Some(image) => Some(image.clone()),
-            None => Self::own(store, init, "read")?
+            None => Self::own(store, id, "read")?
                 .parent
                 .map(|p| docker_id(&p).to_owned()),
         })
@@ -846,19 +846,14 @@ impl ThinDriver {
     /// container's layer made on its init layer while that shared its
     /// template is the template's child.
     fn check_parent(&self, store: &mut Store, id: &str, parent: Option<&str>) -> Result<()> {
-        let actual = match self.shared_inits.get(id) {
-            Some(image) => Some(image.clone()),
-            None => Self::own(store, id, "read")?
-                .parent
-                .map(|p| docker_id(&p).to_owned()),
-        };
+        let actual = self.docker_parent(store, id)?;
         let actual = actual.as_deref();
         let mut on_its_init = || -> Result<bool> {
             let Some(init) = parent.filter(|p| p.strip_suffix(INIT_SUFFIX) == Some(id)) else {
                 return Ok(false);
             };
             Ok(self
-                .image_under(store, init)?
+                .docker_parent(store, init)?
                 .is_some_and(|image| actual == Some(template_of(&image).as_str())))
         };
         if actual != parent && !on_its_init()? {

@@ -63,7 +63,7 @@ impl ThinDriver {
             // Made on an init layer that shared the template.
             image.to_owned()
         } else if parent.ends_with(INIT_SUFFIX) {
-            self.image_under(store, parent).ok()??
+            self.docker_parent(store, parent).ok()??
         } else {
             return None;
         };
