@@ -20,7 +20,7 @@ use std::{
 
 use common::docker::{
     Dockerd, docker_layers, docker_layers_settled, finish_clean, fixture, init_templates,
-    init_templates_made, plugin, require_docker,
+    init_templates_made, mounted_spares, mounted_spares_made, plugin, require_docker,
 };
 use serde_json::Value;
 
@@ -124,6 +124,14 @@ fn vm_docker_runs_on_thin_snapshots() {
                 .filter(|l| *l == "lost+found")
                 .count(),
             0
+        );
+        // Measured as the plugin leaves the image between containers: its
+        // template keeps a mounted spare, whose filesystem wrote its
+        // superblock when mounted (a block of its own).
+        let spares_image = mounted_spares_made(s);
+        assert!(
+            !spares_image.is_empty(),
+            "no mounted spare kept for the next container"
         );
         let used_image = s.used_data_blocks();
         // A container size below the base device's is refused, saying so.
@@ -280,7 +288,17 @@ fn vm_docker_runs_on_thin_snapshots() {
             "removed layers still in the trash 60 s after rm/rmi"
         );
         let used_after = s.used_data_blocks();
-        println!("data blocks: {used_image} with the image, {used_after} after rm and rmi");
+        let spares_after = mounted_spares(s);
+        println!(
+            "data blocks: {used_image} with the image ({} mounted spares), {used_after} after rm \
+             and rmi ({})",
+            spares_image.len(),
+            spares_after.len()
+        );
+        assert!(
+            spares_after.len() <= spares_image.len(),
+            "more mounted spares after rm/rmi than before: {spares_after:?}, {spares_image:?}"
+        );
         assert!(
             used_after <= used_image,
             "{used_after} blocks used after rm/rmi, {used_image} before"

@@ -228,20 +228,46 @@ pub fn init_templates(s: &Scratch) -> Vec<Value> {
 /// out of the pool (it answers a Remove first and does that as soon as
 /// requests pause): polled for up to 10 s until there are `want`.
 pub fn docker_layers_settled(s: &Scratch, want: usize) -> Vec<Value> {
-    settled(|| docker_layers(s), |got| got.len() == want)
+    settled(|| docker_layers(s), |got| got.len() == want, 10)
 }
 
-/// [`init_templates`] once there is one: the plugin makes a template when
-/// requests pause and the machine is quiet (or 3 s after), so polled for
-/// up to 10 s.
+/// [`init_templates`] once there is one: the plugin makes a template as
+/// soon as requests pause, so polled for up to 10 s.
 pub fn init_templates_made(s: &Scratch) -> Vec<Value> {
-    settled(|| init_templates(s), |got| !got.is_empty())
+    settled(|| init_templates(s), |got| !got.is_empty(), 10)
 }
 
-/// `list()` once `done` says so of it, polled for up to 10 s (the last
+/// The pool's spares whose filesystem is mounted now.
+pub fn mounted_spares(s: &Scratch) -> Vec<Value> {
+    let status = s.json(&["pool", "status"]);
+    let mut spares = status["spares"].as_array().cloned().unwrap_or_default();
+    spares.retain(|sp| sp["mounted"] == true);
+    let mounts = status["spare_cost"]["mounts"].as_u64().unwrap();
+    if mounts == spares.len() as u64 {
+        spares
+    } else {
+        // Asked for, not made yet.
+        Vec::new()
+    }
+}
+
+/// [`mounted_spares`] once there is one: the plugin keeps a mounted spare
+/// for the next container on an image it ran, made as soon as requests
+/// pause on a quiet machine, or [`thinlayer_docker::graphdriver::QUIET_WAIT`] after on
+/// a busy one (and the other waiting steps may go first), so polled for
+/// up to 60 s.
+pub fn mounted_spares_made(s: &Scratch) -> Vec<Value> {
+    settled(|| mounted_spares(s), |got| !got.is_empty(), 60)
+}
+
+/// `list()` once `done` says so of it, polled for up to `secs` (the last
 /// listing if it never does).
-fn settled(list: impl Fn() -> Vec<Value>, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+fn settled(
+    list: impl Fn() -> Vec<Value>,
+    done: impl Fn(&[Value]) -> bool,
+    secs: u64,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let got = list();
         if done(&got) || Instant::now() > deadline {
@@ -256,7 +282,7 @@ fn settled(list: impl Fn() -> Vec<Value>, done: impl Fn(&[Value]) -> bool) -> Ve
 /// and `pool check` clean.
 pub fn finish_clean(s: &Scratch, d: &mut Dockerd, p: &mut Served, devices_before: &[String]) {
     d.ok(&["rmi", "demo:docker"]);
-    let left = settled(|| graphdriver_layers(s), <[Value]>::is_empty);
+    let left = settled(|| graphdriver_layers(s), <[Value]>::is_empty, 10);
     assert!(
         left.is_empty(),
         "init templates go with their images: {left:?}"
