@@ -438,6 +438,33 @@ fn vm_graphdriver_conformance() {
         let c2 = d.get("c2").unwrap();
         assert!(c2.join(".dockerenv").exists() && c2.join("etc/os").exists());
         d.put("c2").unwrap();
+        // A shared init layer's record is not written durably: a host
+        // crash may lose it (c3-init) or tear it (c2-init). The next start
+        // writes both again from their containers' layers; c5-init, whose
+        // container's layer was never made, keeps its record.
+        drop(d);
+        let inits = s.root.join("graphdriver/inits");
+        fs::remove_file(inits.join("c3-init")).unwrap();
+        fs::write(
+            inits.join("c2-init"),
+            "thinlayer-record 1 graphdriver-init len=40",
+        )
+        .unwrap();
+        d = ThinDriver::new(&s.root).unwrap();
+        for init in ["c2-init", "c3-init", "c5-init"] {
+            assert!(d.exists(init).unwrap(), "{init} after a host crash");
+            assert!(
+                d.metadata(init)
+                    .unwrap()
+                    .contains(&("SharesTemplate".to_owned(), "true".to_owned())),
+                "{init} shares the template again"
+            );
+        }
+        assert_eq!(
+            d.changes("c3", Some("c3-init")).unwrap().len(),
+            1,
+            "c3 against its restored init layer: its own file"
+        );
         let refused = d.remove("app").unwrap_err().to_string();
         assert!(
             refused.contains("c2-init, c3-init, c4-init") && !refused.contains("template"),

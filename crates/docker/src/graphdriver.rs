@@ -389,6 +389,7 @@ impl ThinDriver {
         let Removing(left) = record::read_volatile(&removing_path(root), Removing::KIND, true)?;
         driver.removing = left;
         driver.finish_removals_in(&mut store, usize::MAX);
+        driver.restore_shared_inits(&mut store)?;
         // What a previous run left for its settler: every unmounted
         // layer's device, then the trash.
         for l in store.pool().layer_records()? {

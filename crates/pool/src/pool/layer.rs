@@ -350,9 +350,12 @@ impl Pool {
             }
             Source::Fresh { size, fs } => (None, None, Some(size), Some(fs)),
         };
+        let read_at = ms(t0);
         // recover() ran above: the pool is settled.
         let pool_dev = self.require_active()?;
+        let active_at = ms(t0);
         self.check_space()?;
+        let space_at = ms(t0);
 
         // A spare provisioned ahead of demand is this very snapshot, made.
         let spare = match source {
@@ -411,6 +414,9 @@ impl Pool {
         tracing::debug!(
             %id,
             spare = spare.is_some(),
+            read_at,
+            active_at,
+            space_at,
             intent_at,
             kernel_at,
             record_at,
