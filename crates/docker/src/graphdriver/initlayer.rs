@@ -277,7 +277,9 @@ impl ThinDriver {
             let Some(image) = template.strip_suffix(TEMPLATE_SUFFIX) else {
                 continue;
             };
-            if l.owner != Owner::Graphdriver {
+            // A layer being taken out of the pool may have outlived its
+            // init layer's removal.
+            if l.owner != Owner::Graphdriver || l.removing {
                 continue;
             }
             let init = format!("{}{INIT_SUFFIX}", docker_id(&l.id));
