@@ -389,10 +389,11 @@ impl ThinDriver {
         let Removing(left) = record::read_volatile(&removing_path(root), Removing::KIND, true)?;
         driver.removing = left;
         driver.finish_removals_in(&mut store, usize::MAX);
-        driver.restore_shared_inits(&mut store)?;
+        let layers = store.pool().layer_records()?;
+        driver.restore_shared_inits(&layers)?;
         // What a previous run left for its settler: every unmounted
         // layer's device, then the trash.
-        for l in store.pool().layer_records()? {
+        for l in layers {
             if l.owner == Owner::Graphdriver {
                 store.pool().deactivate_layer(&l.id)?;
             }

@@ -267,10 +267,15 @@ impl ThinDriver {
     /// `ID-init`, which cannot be removed while that layer stands. Run at
     /// start, after the removals a previous run left are finished.
     ///
+    /// `layers` are the pool's layer records.
+    ///
     /// # Errors
-    /// Pool record reads; record write errors.
-    pub(super) fn restore_shared_inits(&mut self, store: &mut Store) -> Result<()> {
-        for l in store.pool().layer_records()? {
+    /// Record write errors.
+    pub(super) fn restore_shared_inits(
+        &mut self,
+        layers: &[thinlayer_pool::LayerRecord],
+    ) -> Result<()> {
+        for l in layers {
             let Some(template) = l.parent.as_deref().map(docker_id) else {
                 continue;
             };
@@ -283,9 +288,8 @@ impl ThinDriver {
                 continue;
             }
             let init = format!("{}{INIT_SUFFIX}", docker_id(&l.id));
-            if self.shared_inits.contains_key(&init)
-                || store.pool().layout().layer_record(&pool_id(&init)).exists()
-            {
+            let own = pool_id(&init);
+            if self.shared_inits.contains_key(&init) || layers.iter().any(|o| o.id == own) {
                 continue;
             }
             tracing::warn!(%init, %image, "a shared init layer's record lost in a host crash is written again from its container's layer");
