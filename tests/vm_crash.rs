@@ -198,10 +198,8 @@ fn kernel_state(s: &Scratch) -> (Vec<String>, Vec<PathBuf>) {
     (dms, loops)
 }
 
-/// `pool check` is clean, the metadata's thin ids are exactly the records',
-/// and the kernel holds exactly the pool's three devices and two loops
-/// (active) or nothing (inactive).
-/// Nothing pending, no spare and nothing in the trash.
+/// Nothing pending, no spare, no marker of a taken spare left, and
+/// nothing in the trash.
 fn assert_settled(s: &Scratch, why: &str) {
     let st = s.json(&["pool", "status"]);
     assert_eq!(st["spares"], serde_json::json!([]), "{why}: spares left");
@@ -221,6 +219,13 @@ fn assert_settled(s: &Scratch, why: &str) {
     }
     assert_eq!(st["trash"], serde_json::json!([]), "{why}: trash left");
     assert_eq!(st["pending"], Value::Null, "{why}: still pending");
+    let markers: Vec<_> = fs::read_dir(s.root.join("layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "taken"))
+        .collect();
+    assert!(markers.is_empty(), "{why}: markers left: {markers:?}");
 }
 
 fn assert_consistent(s: &Scratch, active: bool, why: &str) {
@@ -565,14 +570,18 @@ fn walk_layer_verbs(s: &Scratch, on: &On, want: &Contents) -> usize {
         verify(s, want, p);
         eprintln!("walked {p} in {:.1} s", t.elapsed().as_secs_f64());
     }
-    // Taking a mounted spare: a create that aborts (walked above for a
-    // fresh snapshot, here again with a mounted spare, not counted twice)
-    // and a mount whose move aborts. The user's retry gets b's snapshot.
-    for (i, p) in points("layer_create.").into_iter().enumerate() {
+    // Taking a mounted spare: a create that aborts and a mount whose move
+    // aborts. The user's retry gets b's snapshot.
+    for (i, p) in points("layer_take.").into_iter().enumerate() {
         let t = Instant::now();
         let id = format!("t{i}");
         s.ok(&["layer", "provision", "b", "--mounted"]);
         crash(s, p, &["layer", "create", &id, "--parent", "b"]);
+        walked += 1;
+        // The pool record still lists the spare: taken once the layer's
+        // record is in place (its marker says so), else still a spare.
+        let taken = s.root.join("layers").join(format!("{id}.rec")).exists();
+        assert_eq!(spares_listed(s), usize::from(!taken), "{p}: taken {taken}");
         code_in(s, &["layer", "create", &id, "--parent", "b"], &[0, 4], p);
         code_in(s, &["pool", "recover"], &[0], p);
         let d = s.dir(&id);

@@ -75,6 +75,8 @@ const CREATE_POINTS: [&str; 3] = [
     "layer_create.after_snapshot",
     "layer_create.after_record",
 ];
+/// A create that takes a listed spare has no intent: its own points.
+const TAKE_POINTS: [&str; 2] = ["layer_take.after_link", "layer_take.after_record"];
 const REMOVE_POINTS: [&str; 4] = [
     "layer_rm.after_device_removal",
     "layer_rm.after_intent",
@@ -278,7 +280,12 @@ impl Run<'_> {
             if let Some(p) = &parent {
                 a.extend(["--parent".into(), p.clone()]);
             }
-            (a, id, *self.rng.pick(&CREATE_POINTS).unwrap(), parent)
+            let takes = parent
+                .as_ref()
+                .and_then(|p| self.spares.get(p))
+                .is_some_and(|sp| sp.count > 0);
+            let points: &[&str] = if takes { &TAKE_POINTS } else { &CREATE_POINTS };
+            (a, id, *self.rng.pick(points).unwrap(), parent)
         };
         let out = Command::new(common::bin())
             .arg("--root")

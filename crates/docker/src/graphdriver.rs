@@ -225,6 +225,10 @@ pub struct ThinDriver {
     /// Each with the image whose hot set it teaches before it goes
     /// (see [`warm`]).
     dead: Vec<(thinlayer_pool::mounts::Detached, Option<warm::Teacher>)>,
+    /// Init layers whose overlay their last `put` left mounted (it held
+    /// what the template holds), for the settler to unmount (see
+    /// [`initlayer`]).
+    spent: std::collections::BTreeSet<String>,
     /// Layers `remove` answered for whose records the settler (or the
     /// next other call) takes out of the pool, oldest first.
     removing: Vec<String>,
@@ -344,6 +348,7 @@ impl ThinDriver {
             idle: std::collections::BTreeSet::new(),
             demand: BTreeMap::new(),
             dead: Vec::new(),
+            spent: std::collections::BTreeSet::new(),
             removing: Vec::new(),
             parked: BTreeMap::new(),
             premount: None,
@@ -411,7 +416,8 @@ impl ThinDriver {
 
     /// One step of the work answers left for later: one removed layer's
     /// unmount finished (what its container read learned first, see
-    /// [`warm`]), else one removal's records taken out of the pool, else
+    /// [`warm`]), else one init layer's overlay its last `put` left
+    /// mounted unmounted, else one removal's records taken out of the pool, else
     /// one trashed thin id reclaimed, else one image layer's init
     /// template made; else one idle device torn down, else one mounted
     /// spare read through its image's hot set, else one image layer's
@@ -437,6 +443,14 @@ impl ThinDriver {
                 self.learn_hot(&teacher, &fs);
             }
             drop(fs);
+            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+            return Left::More;
+        }
+        if let Some(id) = self.spent.pop_first() {
+            // Nor does this: an unmount, off the `put` that answered.
+            if let Err(e) = self.drop_overlay(&id) {
+                tracing::warn!(%id, error = %e, "an init layer's overlay is not unmounted; the next start unmounts it");
+            }
             tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
             return Left::More;
         }
@@ -1312,7 +1326,8 @@ impl GraphDriver for ThinDriver {
         let mut store = self.store()?;
         let mut first_error = None;
         // Overlays first: the templates' mounts under them are then free.
-        for id in self.refs.keys().cloned().collect::<Vec<_>>() {
+        let overlays = self.refs.keys().chain(&self.spent).cloned();
+        for id in overlays.collect::<Vec<_>>() {
             if let Err(e) = self.drop_overlay(&id) {
                 tracing::warn!(%id, error = %e, "cleanup: cannot unmount an overlay");
             }

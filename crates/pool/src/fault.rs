@@ -63,6 +63,9 @@ pub const ALL: &[&str] = &[
     "layer_create.after_intent",
     "layer_create.after_snapshot",
     "layer_create.after_record",
+    // layer create that takes a spare
+    "layer_take.after_link",
+    "layer_take.after_record",
     // layer rm
     "layer_rm.after_device_removal",
     "layer_rm.after_intent",

@@ -29,9 +29,12 @@
 //! - its last `put` compares what Docker left in the upper directory with
 //!   the template ([`upper_matches`]): names, types, permissions, owners,
 //!   contents, link targets, device numbers and extended attributes, not
-//!   times. When they are the same, the overlay goes and the template
-//!   already holds what Docker made: nothing is written, no journal is
-//!   committed, no cache is flushed. Anything else (another dockerd's init
+//!   times. When they are the same, the template already holds what
+//!   Docker made: nothing is written, no journal is committed, no cache
+//!   is flushed, and the overlay is left mounted for the settler to
+//!   unmount once requests pause (an unmount waits for the kernel's RCU
+//!   grace period); a `get` before that takes it again as it is, and its
+//!   `put` compares again. Anything else (another dockerd's init
 //!   code, a user namespace map) gives the layer a device of its own, a
 //!   snapshot of the template ([`ThinDriver::own_device`]), into which it
 //!   is written as Docker would have written it: the changes as a layer
@@ -309,6 +312,11 @@ impl ThinDriver {
             return Ok(());
         };
         self.streams.unused(id, "give a device of its own to")?;
+        // Its own device is mounted where a `put` may have left the
+        // overlay.
+        if self.spent.contains(id) {
+            self.drop_overlay(id)?;
+        }
         let mut store = self.store()?;
         store.pool().create_layer_derived(
             Owner::Graphdriver,
@@ -456,6 +464,11 @@ impl ThinDriver {
     /// caller gives it a device of its own, which holds the same tree).
     pub(super) fn get_overlay(&mut self, id: &str) -> Option<PathBuf> {
         let t = std::time::Instant::now();
+        // Still mounted since its last `put`: what it holds was compared
+        // with the template then, and is again at the next one.
+        if self.spent.remove(id) && self.overlaid(id).unwrap_or(false) {
+            return Some(self.mountpoint(id).join(TREE));
+        }
         match self.mount_overlay(id) {
             Ok(tree) => {
                 tracing::debug!(%id, ms = t.elapsed().as_secs_f64() * 1000.0, "an init layer overlaid on its template");
@@ -531,8 +544,10 @@ impl ThinDriver {
             false
         });
         if same {
-            thinlayer_pool::mounts::umount(&dir)?;
-            let _ = fs::remove_dir_all(&own);
+            // Nothing to write, and nothing to wait for: the settler
+            // unmounts it once requests pause (a `get` before that takes
+            // it again as it is).
+            self.spent.insert(id.to_owned());
             // A device of its own (a start found one) is up if it took a
             // spare the template kept: the settler takes it down.
             if !self.shared_inits.contains_key(id) {
@@ -561,6 +576,7 @@ impl ThinDriver {
 
     /// Unmounts layer `id`'s overlay if it has one (`false` if not).
     pub(super) fn drop_overlay(&mut self, id: &str) -> Result<bool> {
+        self.spent.remove(id);
         if !self.overlaid(id)? {
             return Ok(false);
         }

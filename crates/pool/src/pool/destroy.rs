@@ -116,6 +116,7 @@ impl Pool {
         for l in &layers {
             file::remove(&self.layout.layer_record(&l.id))?;
         }
+        super::txn::sweep_taken(&self.layout, &Default::default())?;
         file::remove(&self.layout.pool_record())?;
         if self.rec.backing.is_files() {
             for f in [self.layout.data_file(), self.layout.metadata_file()] {

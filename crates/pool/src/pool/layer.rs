@@ -367,22 +367,36 @@ impl Pool {
             .as_ref()
             .map_or(self.record().next_thin_id, |s| s.thin_id);
         kernel::ThinId::new(thin_id)?;
-        let begun = self.begin(Pending::CreateLayer {
+        let layer = LayerRecord {
             id: id.to_owned(),
             thin_id,
-            parent: parent.clone(),
+            parent,
+            created_unix: now_unix(),
             size,
             fs,
-        });
-        if let Err(e) = begun {
-            self.rec.spares.extend(spare);
-            return Err(e);
+            removing: false,
+            owner,
+        };
+        if let Some(spare) = spare {
+            // The spare is this very snapshot, made: its record, with the
+            // spare's marker, is the whole transaction (see `txn`).
+            self.take(&layer, spare)?;
+            self.index_added(id, layer.parent.as_deref());
+            fault::point("layer_take.after_record");
+            tracing::debug!(%id, spare = true, read_at, active_at, space_at, ms = ms(t0), "layer made");
+            return Ok(layer);
         }
+        self.begin(Pending::CreateLayer {
+            id: id.to_owned(),
+            thin_id,
+            parent: layer.parent.clone(),
+            size,
+            fs,
+        })?;
         fault::point("layer_create.after_intent");
         let intent_at = ms(t0);
 
         let made = match origin {
-            _ if spare.is_some() => Ok(()),
             Some(origin) => self.snapshot_thin(thin_id, origin),
             None => self.fresh_thin(pool_dev, thin_id, size, fs),
         };
@@ -394,16 +408,6 @@ impl Pool {
             self.commit()?;
             return Err(e);
         }
-        let layer = LayerRecord {
-            id: id.to_owned(),
-            thin_id,
-            parent,
-            created_unix: now_unix(),
-            size,
-            fs,
-            removing: false,
-            owner,
-        };
         // The commit point: a layer record naming the thin id (the kernel
         // committed its metadata before the message returned).
         layer.save(&self.layout().layer_record(id))?;
@@ -413,7 +417,7 @@ impl Pool {
         self.commit_lazily();
         tracing::debug!(
             %id,
-            spare = spare.is_some(),
+            spare = false,
             read_at,
             active_at,
             space_at,

@@ -105,6 +105,10 @@ pub struct Pool {
     /// Spares a caller is mounting without the lock
     /// ([`Pool::provision_one_mount_later`]): not handed out by this handle.
     held: BTreeSet<u32>,
+    /// Spares taken by a layer create that the pool record on disk still
+    /// lists (their markers say so; see [`txn`]): unlisted in `rec`, their
+    /// markers removed once `rec` is written.
+    taken: BTreeSet<u32>,
     _lock: RootLock,
 }
 
@@ -146,20 +150,21 @@ impl Drop for Pool {
 
 impl Pool {
     /// Takes the child index an earlier handle of this process left, if
-    /// it is still this pool's as the records stand.
+    /// it is still this pool's as the records stand; one that is not is
+    /// dropped (a generation this handle moves to next may have been
+    /// another state's: a write that failed after moving it).
     pub(crate) fn take_cached_children(&mut self) {
         if self.children.is_some() {
             return;
         }
-        let mut cache = cached_children();
-        let fits = cache.as_ref().is_some_and(|c| {
-            c.layers_gen == self.rec.layers_gen
-                && c.pool_id == self.rec.pool_id
-                && c.root == self.layout.root
-        });
-        if fits {
-            self.children = cache.take().map(|c| c.index);
-        }
+        let cached = cached_children().take();
+        self.children = cached
+            .filter(|c| {
+                c.layers_gen == self.rec.layers_gen
+                    && c.pool_id == self.rec.pool_id
+                    && c.root == self.layout.root
+            })
+            .map(|c| c.index);
     }
 
     /// Drops this process's cached child index (recovery changed records).
@@ -190,6 +195,7 @@ impl Pool {
             detached: Vec::new(),
             children: None,
             held: BTreeSet::new(),
+            taken: BTreeSet::new(),
             _lock: lock,
         }
     }
@@ -242,11 +248,15 @@ impl Pool {
             r => r?,
         };
         txn::settle_committed(&layout, &mut rec);
+        let taken = txn::settle_taken(&layout, &mut rec);
         if mode == LockMode::Exclusive && sweep {
             file::sweep_temp(root)?;
             file::sweep_temp(&layout.layers_dir())?;
+            txn::sweep_taken(&layout, &taken)?;
         }
-        Ok(Pool::new(layout, rec, None, lock))
+        let mut pool = Pool::new(layout, rec, None, lock);
+        pool.taken = taken;
+        Ok(pool)
     }
 
     /// The pool record as loaded.
@@ -306,8 +316,13 @@ impl Pool {
         names::dm_uuid(&self.rec.pool_id, role)
     }
 
-    pub(crate) fn write_record(&self) -> Result<()> {
-        self.rec.save(&self.layout.pool_record())
+    pub(crate) fn write_record(&mut self) -> Result<()> {
+        self.rec.save(&self.layout.pool_record())?;
+        // The record just written lists none of the spares taken.
+        for thin_id in std::mem::take(&mut self.taken) {
+            let _ = std::fs::remove_file(self.layout.taken_marker(thin_id));
+        }
+        Ok(())
     }
 
     /// The pool device's number if it is active.

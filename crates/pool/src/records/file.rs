@@ -86,6 +86,40 @@ pub fn read_volatile<T: DeserializeOwned + Default>(
 }
 
 fn write_as<T: Serialize>(path: &Path, kind: &str, value: &T, durable: bool) -> Result<()> {
+    let tmp = write_temp(path, kind, value, durable)?;
+    fs::rename(&tmp, path).ctx(|| format!("rename {} into place", tmp.display()))?;
+    if durable { sync_dir(path) } else { Ok(()) }
+}
+
+/// As [`write`], and with a second name, `link`, for the same record
+/// (a hard link, made before the record takes its place, in the same
+/// directory, so that the one fsync of the directory makes both names
+/// durable, and the link first: a journalling filesystem commits the two
+/// in that order). An old file at `link` is replaced. On an error neither
+/// name is left new.
+///
+/// # Errors
+/// I/O errors, with the path.
+pub fn write_linked<T: Serialize>(path: &Path, kind: &str, value: &T, link: &Path) -> Result<()> {
+    debug_assert_eq!(path.parent(), link.parent(), "one directory, one fsync");
+    let tmp = write_temp(path, kind, value, true)?;
+    let placed = remove(link)
+        .and_then(|()| fs::hard_link(&tmp, link).ctx(|| format!("link {}", link.display())))
+        .and_then(|()| {
+            crate::fault::point("layer_take.after_link");
+            fs::rename(&tmp, path).ctx(|| format!("rename {} into place", tmp.display()))
+        });
+    if let Err(e) = placed {
+        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(link);
+        return Err(e);
+    }
+    sync_dir(path)
+}
+
+/// Writes `value` as a record of `kind` to `path`'s temp file (fsynced
+/// when `durable`), and returns the temp file's path.
+fn write_temp<T: Serialize>(path: &Path, kind: &str, value: &T, durable: bool) -> Result<PathBuf> {
     let body = serde_json::to_vec_pretty(value).expect("records are plain data: serialisable");
     let header = format!(
         "{MAGIC} {FORMAT} {kind} len={} crc32={:08x}\n",
@@ -105,8 +139,7 @@ fn write_as<T: Serialize>(path: &Path, kind: &str, value: &T, durable: bool) -> 
         let _ = fs::remove_file(&tmp);
         return Err(e).ctx(|| format!("write {}", tmp.display()));
     }
-    fs::rename(&tmp, path).ctx(|| format!("rename {} into place", tmp.display()))?;
-    if durable { sync_dir(path) } else { Ok(()) }
+    Ok(tmp)
 }
 
 /// Loads a record of `kind` from `path`, checking magic, version, kind,

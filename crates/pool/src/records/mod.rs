@@ -375,6 +375,12 @@ impl Layout {
     pub fn layer_record(&self, id: &str) -> PathBuf {
         self.layers_dir().join(format!("{id}.rec"))
     }
+    /// `ROOT/layers/THIN_ID.taken`: the second name of the record of the
+    /// layer that took spare `thin_id`, until the pool record no longer
+    /// lists the spare (see `pool::txn`).
+    pub fn taken_marker(&self, thin_id: u32) -> PathBuf {
+        self.layers_dir().join(format!("{thin_id}.taken"))
+    }
     /// `ROOT/spares`: the mounts of mounted spares (a private tmpfs,
     /// 0700, root's; see `pool::spare`).
     pub fn spares_dir(&self) -> PathBuf {
