@@ -95,8 +95,8 @@ fn write_as<T: Serialize>(path: &Path, kind: &str, value: &T, durable: bool) -> 
 /// (a hard link, made before the record takes its place, in the same
 /// directory, so that the one fsync of the directory makes both names
 /// durable, and the link first: a journalling filesystem commits the two
-/// in that order). An old file at `link` is replaced. On an error neither
-/// name is left new.
+/// in that order). `path` is new; an old file at `link` is replaced. On
+/// an error neither name is left.
 ///
 /// # Errors
 /// I/O errors, with the path.
@@ -108,13 +108,15 @@ pub fn write_linked<T: Serialize>(path: &Path, kind: &str, value: &T, link: &Pat
         .and_then(|()| {
             crate::fault::point("layer_take.after_link");
             fs::rename(&tmp, path).ctx(|| format!("rename {} into place", tmp.display()))
-        });
+        })
+        .and_then(|()| sync_dir(path));
     if let Err(e) = placed {
-        let _ = fs::remove_file(&tmp);
-        let _ = fs::remove_file(link);
+        for name in [&tmp, path, link] {
+            let _ = fs::remove_file(name);
+        }
         return Err(e);
     }
-    sync_dir(path)
+    Ok(())
 }
 
 /// Writes `value` as a record of `kind` to `path`'s temp file (fsynced
@@ -435,6 +437,27 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         create_dir(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn a_linked_record_has_two_names_and_a_failed_one_leaves_neither() {
+        let d = tempdir("linked");
+        let (p, link) = (d.join("x.rec"), d.join("3.taken"));
+        // A stale second name is replaced.
+        fs::write(&link, b"stale").unwrap();
+        write_linked(&p, "sample", &sample(), &link).unwrap();
+        assert_eq!(read::<Sample>(&link, "sample").unwrap(), sample());
+        assert_eq!(
+            fs::metadata(&p).unwrap().ino(),
+            fs::metadata(&link).unwrap().ino()
+        );
+        // A second name that cannot be made: no record, no temp left.
+        let (q, dir) = (d.join("y.rec"), d.join("4.taken"));
+        fs::create_dir(&dir).unwrap();
+        assert!(write_linked(&q, "sample", &sample(), &dir).is_err());
+        assert!(!q.exists() && dir.is_dir());
+        assert_eq!(sweep_temp(&d).unwrap(), 0, "no temp left");
+        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
