@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::code(&e.into()));
         }
     };
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, cli::Command::Serve(_)));
     let json = cli.json;
     let code = match commands::run(cli) {
         Ok(out) => {
@@ -71,7 +71,11 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr at the level `verbose` (or `RUST_LOG`) asks for. A
+/// command's lines carry no time; a server's (`serving`) carry the seconds
+/// since it started, so that its steps can be placed against its clients'
+/// calls (the journal adds the wall clock).
+fn init_logging(verbose: u8, serving: bool) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -79,10 +83,14 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
-        .without_time()
-        .init();
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()));
+    if serving {
+        log.with_timer(tracing_subscriber::fmt::time::uptime())
+            .init();
+    } else {
+        log.without_time().init();
+    }
 }
