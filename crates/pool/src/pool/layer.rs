@@ -321,7 +321,8 @@ impl Pool {
     /// The one path that makes a thin device and its record, as a
     /// transaction: intent, kernel steps (for a fresh device the filesystem
     /// too, so a recorded device is always formatted), the layer record
-    /// (the commit point), the intent cleared.
+    /// (the commit point), the intent cleared; for a spare taken, its layer
+    /// record alone (see `txn`).
     fn make_layer(&mut self, id: &str, source: Source<'_>, owner: Owner) -> Result<LayerRecord> {
         names::check_id("layer", id)?;
         // Phase times for the debug log: where a create's time goes.
