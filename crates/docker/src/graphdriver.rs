@@ -1148,6 +1148,8 @@ impl GraphDriver for ThinDriver {
     }
 
     fn remove(&mut self, id: &str) -> Result<()> {
+        let t = std::time::Instant::now();
+        let at = || t.elapsed().as_secs_f64() * 1000.0;
         self.streams.unused(id, "remove")?;
         // Its init template goes with it: not while a Diff reads that.
         self.streams.unused(&template_of(id), "remove")?;
@@ -1157,6 +1159,7 @@ impl GraphDriver for ThinDriver {
             )));
         }
         let mut store = self.store()?;
+        let open_at = at();
         let children = self.docker_children(&mut store, id)?;
         if !children.is_empty() {
             return Err(Error::Invalid(format!(
@@ -1168,12 +1171,14 @@ impl GraphDriver for ThinDriver {
             return self.remove_shared(id);
         }
         let layer = Self::own(&mut store, id, "remove")?;
+        let read_at = at();
         // Docker removes what it no longer uses; a mount it forgot to put
         // (or one parked) goes with it, unless a process still works in it
         // (then Busy), and without writing back what is deleted next.
         store.pool().set_teardown_later(true);
         let before = self.dead.len();
         self.unmount(&mut store, id, Trim::Discard)?;
+        let detached_at = at();
         // Only a filesystem detached here can teach (the image is found
         // from the init layer's record: no read for a layer not mounted).
         if self.dead.len() > before {
@@ -1185,7 +1190,9 @@ impl GraphDriver for ThinDriver {
         }
         // A mount elsewhere (a bind of it) keeps the layer: refused now,
         // while Docker can still be told.
+        let check_at = at();
         store.pool().ensure_unmounted(&layer)?;
+        let checked_at = at();
         self.idle.remove(id);
         self.demand.remove(id);
         self.demand.remove(&template_of(id));
@@ -1197,6 +1204,7 @@ impl GraphDriver for ThinDriver {
         // not wait for their durable writes.
         self.removing.push(id.to_owned());
         self.save_removing();
+        tracing::debug!(%id, open_at, read_at, detached_at, check_at, checked_at, ms = at(), "layer removed");
         Ok(())
     }
 
