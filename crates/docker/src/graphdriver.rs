@@ -443,7 +443,7 @@ impl ThinDriver {
                 self.learn_hot(&teacher, &fs);
             }
             drop(fs);
-            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+            tracing::debug!(ms = crate::ms_since(t), "settled a step");
             return Left::More;
         }
         if let Some(id) = self.spent.pop_first() {
@@ -451,7 +451,7 @@ impl ThinDriver {
             if let Err(e) = self.drop_overlay(&id) {
                 tracing::warn!(%id, error = %e, "an init layer's overlay is not unmounted; the next start unmounts it");
             }
-            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+            tracing::debug!(ms = crate::ms_since(t), "settled a step");
             return Left::More;
         }
         let step = self.store().and_then(|mut store| {
@@ -474,7 +474,7 @@ impl ThinDriver {
             Ok(if more { Left::More } else { Left::Nothing })
         });
         if !matches!(step, Ok(Left::WhenQuiet)) {
-            tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "settled a step");
+            tracing::debug!(ms = crate::ms_since(t), "settled a step");
         }
         step.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "deferred kernel work failed; the next start or `thinlayer pool reclaim` finishes it");
@@ -659,10 +659,7 @@ impl ThinDriver {
         match self.mount_tree(&id) {
             Ok(_) => {
                 self.parked.insert(id, std::time::Instant::now());
-                tracing::debug!(
-                    ms = t.elapsed().as_secs_f64() * 1000.0,
-                    "mounted a layer ahead"
-                );
+                tracing::debug!(ms = crate::ms_since(t), "mounted a layer ahead");
             }
             Err(e) => tracing::debug!(%id, error = %e, "no mount made ahead of its get"),
         }
@@ -679,7 +676,7 @@ impl ThinDriver {
     fn store(&self) -> Result<Store> {
         let t = std::time::Instant::now();
         let store = Store::open_again(&self.root)?;
-        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1000.0, "pool root opened");
+        tracing::debug!(ms = crate::ms_since(t), "pool root opened");
         Ok(store)
     }
 
@@ -818,7 +815,7 @@ impl ThinDriver {
         match done {
             Ok(()) => tracing::debug!(
                 %id,
-                ms = t.elapsed().as_secs_f64() * 1000.0,
+                ms = crate::ms_since(t),
                 "removal finished"
             ),
             Err(e) => tracing::warn!(
@@ -1149,7 +1146,6 @@ impl GraphDriver for ThinDriver {
 
     fn remove(&mut self, id: &str) -> Result<()> {
         let t = std::time::Instant::now();
-        let at = || t.elapsed().as_secs_f64() * 1000.0;
         self.streams.unused(id, "remove")?;
         // Its init template goes with it: not while a Diff reads that.
         self.streams.unused(&template_of(id), "remove")?;
@@ -1159,7 +1155,7 @@ impl GraphDriver for ThinDriver {
             )));
         }
         let mut store = self.store()?;
-        let open_at = at();
+        let open_at = crate::ms_since(t);
         let children = self.docker_children(&mut store, id)?;
         if !children.is_empty() {
             return Err(Error::Invalid(format!(
@@ -1171,14 +1167,14 @@ impl GraphDriver for ThinDriver {
             return self.remove_shared(id);
         }
         let layer = Self::own(&mut store, id, "remove")?;
-        let read_at = at();
+        let read_at = crate::ms_since(t);
         // Docker removes what it no longer uses; a mount it forgot to put
         // (or one parked) goes with it, unless a process still works in it
         // (then Busy), and without writing back what is deleted next.
         store.pool().set_teardown_later(true);
         let before = self.dead.len();
         self.unmount(&mut store, id, Trim::Discard)?;
-        let detached_at = at();
+        let detached_at = crate::ms_since(t);
         // Only a filesystem detached here can teach (the image is found
         // from the init layer's record: no read for a layer not mounted).
         if self.dead.len() > before {
@@ -1190,9 +1186,8 @@ impl GraphDriver for ThinDriver {
         }
         // A mount elsewhere (a bind of it) keeps the layer: refused now,
         // while Docker can still be told.
-        let check_at = at();
         store.pool().ensure_unmounted(&layer)?;
-        let checked_at = at();
+        let checked_at = crate::ms_since(t);
         self.idle.remove(id);
         self.demand.remove(id);
         self.demand.remove(&template_of(id));
@@ -1204,7 +1199,7 @@ impl GraphDriver for ThinDriver {
         // not wait for their durable writes.
         self.removing.push(id.to_owned());
         self.save_removing();
-        tracing::debug!(%id, open_at, read_at, detached_at, check_at, checked_at, ms = at(), "layer removed");
+        tracing::debug!(%id, open_at, read_at, detached_at, checked_at, ms = crate::ms_since(t), "layer removed");
         Ok(())
     }
 

@@ -456,7 +456,7 @@ async fn run<H: Handler>(handler: &Served<H>, path: String, body: Vec<u8>) -> Re
         path = %shown,
         status = reply.status,
         waited_ms = waited.as_secs_f64() * 1000.0,
-        ms = started.elapsed().as_secs_f64() * 1000.0,
+        ms = crate::ms_since(started),
         "answered"
     );
     reply

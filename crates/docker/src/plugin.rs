@@ -45,6 +45,7 @@ use crate::{
     error::{Error, Result},
     graphdriver::{GraphDriver, ThinDriver},
     http::{self, Download, Handler, Left, Limits, Reply, Route, Upload},
+    ms_since,
     protocol::{
         self, ActivateAnswer, ErrAnswer, NoArgs,
         graph::{
@@ -497,11 +498,6 @@ pub fn serve(root: &Path, socket: &Path, access: &Access) -> Result<()> {
         "Docker's graphdriver and volume plugin protocols",
         || DockerPlugin::new(root),
     )
-}
-
-/// Milliseconds since `t`, for the debug log's timings.
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
 }
 
 #[cfg(test)]

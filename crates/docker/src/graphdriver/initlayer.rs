@@ -471,7 +471,7 @@ impl ThinDriver {
         }
         match self.mount_overlay(id) {
             Ok(tree) => {
-                tracing::debug!(%id, ms = t.elapsed().as_secs_f64() * 1000.0, "an init layer overlaid on its template");
+                tracing::debug!(%id, ms = crate::ms_since(t), "an init layer overlaid on its template");
                 Some(tree)
             }
             Err(e) => {
@@ -553,7 +553,7 @@ impl ThinDriver {
             if !self.shared_inits.contains_key(id) {
                 self.idle.insert(id.to_owned());
             }
-            tracing::debug!(%id, ms = t.elapsed().as_secs_f64() * 1000.0, "an init layer as its template: nothing written");
+            tracing::debug!(%id, ms = crate::ms_since(t), "an init layer as its template: nothing written");
             return Ok(true);
         }
         tracing::info!(%id, template = %tid, "an init layer differs from its template; writing the difference");

@@ -93,7 +93,7 @@ impl ThinDriver {
                     bytes = learned.bytes,
                     cut = learned.cut,
                     set_bytes = hot.set.bytes(),
-                    ms = t.elapsed().as_secs_f64() * 1000.0,
+                    ms = crate::ms_since(t),
                     "learned what a container read"
                 );
             }
@@ -136,7 +136,7 @@ impl ThinDriver {
                 thin_id,
                 files = w.files,
                 bytes = w.bytes,
-                ms = t.elapsed().as_secs_f64() * 1000.0,
+                ms = crate::ms_since(t),
                 "read a spare's hot files ahead"
             ),
             Err(e) => tracing::debug!(%image, thin_id, error = %e, "spare not read ahead"),
