@@ -16,10 +16,7 @@ use thinlayer_pool::load::CpuTicks;
 
 use crate::error::{Error, IoContext, Result};
 
-/// Milliseconds since `t`.
-pub fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
+pub use thinlayer_pool::timing::ms_since;
 
 /// Mounts `source` (of `fstype`) at `dir` with `data` options.
 ///

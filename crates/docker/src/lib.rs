@@ -22,7 +22,4 @@ pub mod volume;
 pub use error::{Error, Result};
 pub use graphdriver::{GraphDriver, ThinDriver};
 
-/// Milliseconds since `t`, for the debug log's timings.
-pub(crate) fn ms_since(t: std::time::Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
-}
+pub(crate) use thinlayer_pool::timing::ms_since;

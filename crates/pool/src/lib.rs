@@ -34,6 +34,7 @@ pub mod pool;
 pub mod records;
 pub mod socket;
 pub mod space;
+pub mod timing;
 pub mod units;
 
 pub use action::Action;

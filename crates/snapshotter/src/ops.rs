@@ -40,6 +40,7 @@ use std::{
 use containerd_snapshots::{Info, Usage, api::types::Mount};
 use thinlayer_pool::{
     FsType, LockMode, MountUse, Owner, Pool, Teardown, Trim, mounts::is_mountpoint,
+    timing::ms_since,
 };
 
 use crate::{
@@ -1058,11 +1059,6 @@ impl SnapshotOps {
             tracing::warn!(error = %e, "reclaim at shutdown failed; `thinlayer pool reclaim` finishes it");
         }
     }
-}
-
-/// Milliseconds since `t`, for log lines.
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
 }
 
 /// The pool under `root`, opened again for one request or step, with the

@@ -31,7 +31,10 @@ use std::{
 };
 
 use containerd_snapshots::{Info, Snapshotter, Usage, api::types::Mount, tonic};
-use thinlayer_pool::socket::{Access, accept_error_is_transient};
+use thinlayer_pool::{
+    socket::{Access, accept_error_is_transient},
+    timing::ms_since,
+};
 use tokio::{
     net::{UnixListener, UnixStream},
     time::Sleep,
@@ -176,7 +179,7 @@ impl Thinlayer {
         let result = tokio::task::spawn_blocking(move || f(&reads))
             .await
             .map_err(|e| Error::Transport(format!("request task failed: {e}")))?;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let ms = ms_since(started);
         match &result {
             Ok(_) => tracing::debug!(op, %key, ms, "ok (no wait)"),
             Err(e) => tracing::info!(op, %key, ms, error = %e, "failed"),
@@ -211,7 +214,7 @@ impl Thinlayer {
         .await
         .map_err(|e| Error::Transport(format!("request task failed: {e}")))?;
         let (result, waited) = out;
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let ms = ms_since(started);
         let waited_ms = waited.as_secs_f64() * 1000.0;
         match &result {
             Ok(_) if matches!(op, "stat" | "list") => {
@@ -359,7 +362,7 @@ async fn serve_async(root: &Path, socket: &Path, access: &Access, config: &Confi
         socket = %socket.display(),
         root = %root.display(),
         ?config,
-        ms = started.elapsed().as_secs_f64() * 1000.0,
+        ms = ms_since(started),
         "serving containerd snapshots"
     );
     let served = tonic::transport::Server::builder()

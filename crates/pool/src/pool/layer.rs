@@ -23,6 +23,7 @@ use crate::{
     fault, holders, kernel, mounts,
     names::{self, Role},
     records::{FsType, LayerRecord, Owner, Pending, Record, Trashed, file},
+    timing::ms_since,
     units::Bytes,
 };
 
@@ -327,7 +328,6 @@ impl Pool {
         names::check_id("layer", id)?;
         // Phase times for the debug log: where a create's time goes.
         let t0 = std::time::Instant::now();
-        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1000.0;
         // Settle an interrupted operation first: it may be this very layer.
         if self.pool_device()?.is_some() {
             self.recover()?;
@@ -351,12 +351,12 @@ impl Pool {
             }
             Source::Fresh { size, fs } => (None, None, Some(size), Some(fs)),
         };
-        let read_at = ms(t0);
+        let read_at = ms_since(t0);
         // recover() ran above: the pool is settled.
         let pool_dev = self.require_active()?;
-        let active_at = ms(t0);
+        let active_at = ms_since(t0);
         self.check_space()?;
-        let space_at = ms(t0);
+        let space_at = ms_since(t0);
 
         // A spare provisioned ahead of demand is this very snapshot, made.
         let spare = match source {
@@ -384,7 +384,7 @@ impl Pool {
             self.take(&layer, spare)?;
             self.index_added(id, layer.parent.as_deref());
             fault::point("layer_take.after_record");
-            tracing::debug!(%id, spare = true, read_at, active_at, space_at, ms = ms(t0), "layer made");
+            tracing::debug!(%id, spare = true, read_at, active_at, space_at, ms = ms_since(t0), "layer made");
             return Ok(layer);
         }
         self.begin(Pending::CreateLayer {
@@ -395,14 +395,14 @@ impl Pool {
             fs,
         })?;
         fault::point("layer_create.after_intent");
-        let intent_at = ms(t0);
+        let intent_at = ms_since(t0);
 
         let made = match origin {
             Some(origin) => self.snapshot_thin(thin_id, origin),
             None => self.fresh_thin(pool_dev, thin_id, size, fs),
         };
         fault::point("layer_create.after_snapshot");
-        let kernel_at = ms(t0);
+        let kernel_at = ms_since(t0);
         if let Err(e) = made {
             // The kernel refused: forget the intent. The thin id stays used
             // up; ids are never handed out twice.
@@ -414,7 +414,7 @@ impl Pool {
         layer.save(&self.layout().layer_record(id))?;
         self.index_added(id, layer.parent.as_deref());
         fault::point("layer_create.after_record");
-        let record_at = ms(t0);
+        let record_at = ms_since(t0);
         self.commit_lazily();
         tracing::debug!(
             %id,
@@ -425,7 +425,7 @@ impl Pool {
             intent_at,
             kernel_at,
             record_at,
-            ms = ms(t0),
+            ms = ms_since(t0),
             "layer made"
         );
         Ok(layer)
